@@ -1,0 +1,35 @@
+"""Folders that appear whole or not at all: written beside the target, renamed when complete."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+class atomic_folder:
+    """`with atomic_folder(target) as tmp:` writes into a temporary folder beside `target` and
+    renames it into place only when the block completes; on error nothing is left behind."""
+
+    def __init__(self, target: Path, replace: bool = False):
+        self.target, self.replace = Path(target), replace
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.target.exists() and self.replace:
+            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+            self.target.rename(old)
+            self.tmp.rename(self.target)
+            shutil.rmtree(old, ignore_errors=True)
+        elif self.target.exists():  # someone else (another rank, another run) finished first
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        else:
+            self.tmp.rename(self.target)

@@ -1,0 +1,148 @@
+"""Recipe sections -> the libraries' own objects: BitsAndBytesConfig, LoraConfig,
+TrainingArguments, GenerationConfig. Their keys are checked against the classes themselves."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+from qlora_cli.errors import UserError
+from qlora_cli.sections import GenerateOptions, check_keys, dataclass_annotations, signature_annotations
+
+
+def to_dtype(value: Any, where: str):
+    """`"bfloat16"` -> `torch.bfloat16`, with a recipe error for anything that is not a dtype."""
+    import torch
+
+    dtype = getattr(torch, value, None) if isinstance(value, str) else value
+    if not isinstance(dtype, torch.dtype):
+        raise UserError(f"`{value}` is not a torch dtype", where=where, fix="use bfloat16, float16 or float32")
+    return dtype
+
+
+def quantization_keys() -> dict[str, Any]:
+    from transformers import BitsAndBytesConfig
+
+    return signature_annotations(BitsAndBytesConfig.__init__)
+
+
+def lora_keys() -> dict[str, Any]:
+    from peft import LoraConfig
+
+    return dataclass_annotations(LoraConfig)
+
+
+def training_keys() -> dict[str, Any]:
+    from transformers import TrainingArguments
+
+    return dataclass_annotations(TrainingArguments)
+
+
+def generation_keys() -> dict[str, Any]:
+    """GenerationConfig is no dataclass: its fields are the attributes a default instance has."""
+    from transformers import GenerationConfig
+
+    return {name: typing.Any for name in vars(GenerationConfig()) if not name.startswith("_")}
+
+
+def build_bnb_config(quantization: dict | None, origins: dict[str, str] | None = None):
+    """`BitsAndBytesConfig` from the recipe's `quantization` section (None: no quantization)."""
+    if not quantization:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    origins = origins or {}
+    values = {
+        key: to_dtype(value, origins.get(f"quantization.{key}", f"quantization.{key}"))
+        if key.endswith(("_dtype", "_storage")) and isinstance(value, str) else value
+        for key, value in quantization.items()
+    }
+    return _construct(BitsAndBytesConfig, values, "quantization", origins)
+
+
+def build_lora_config(lora: dict | None, origins: dict[str, str] | None = None):
+    """`peft.LoraConfig` for a causal LM from the recipe's `lora` section."""
+    if lora is None:
+        return None
+    from peft import LoraConfig
+
+    return _construct(LoraConfig, {"task_type": "CAUSAL_LM", **lora}, "lora", origins or {})
+
+
+def build_training_arguments(training: dict, origins: dict[str, str] | None = None, **changes):
+    """`TrainingArguments` from the recipe's `training` section, with `changes` on top."""
+    from transformers import TrainingArguments
+
+    return _construct(TrainingArguments, {**training, **changes}, "training", origins or {})
+
+
+def split_generate(generate: dict) -> tuple[GenerateOptions, dict]:
+    """Our own `generate` keys, and the rest (the GenerationConfig fields)."""
+    ours = {f.name for f in dataclasses.fields(GenerateOptions)}
+    options = GenerateOptions(**{k: v for k, v in generate.items() if k in ours})
+    return options, {k: v for k, v in generate.items() if k not in ours}
+
+
+def build_generation_config(generate: dict, origins: dict[str, str] | None = None, **defaults):
+    """`GenerationConfig` from the recipe's `generate` section; `defaults` fill unset keys."""
+    from transformers import GenerationConfig
+
+    _, fields = split_generate(generate)
+    config = _construct(GenerationConfig, {**defaults, **fields}, "generate", origins or {})
+    try:
+        config.validate(strict=True)
+    except ValueError as err:
+        raise _library_error("generate", "GenerationConfig", err, fields, origins or {}) from None
+    return config
+
+
+def check_library_sections(config: dict, origins: dict[str, str]) -> list[UserError]:
+    """Every unknown key, wrong type and library objection in the four library sections."""
+    generate_ours = [f.name for f in dataclasses.fields(GenerateOptions)]
+    checks = [
+        ("quantization", quantization_keys, build_bnb_config, ()),
+        ("lora", lora_keys, build_lora_config, ()),
+        ("training", training_keys, _build_training_for_check, ()),
+        ("generate", generation_keys, build_generation_config, generate_ours),
+    ]
+    errors: list[UserError] = []
+    for section, keys, build, extra in checks:
+        values = config.get(section)
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            errors.append(UserError(f"`{section}` must be a mapping of keys", where=origins.get(section, section)))
+            continue
+        section_errors = check_keys(values, keys(), section, origins, extra_keys=extra)
+        if not section_errors:
+            try:
+                build(values, origins)
+            except UserError as err:
+                section_errors = getattr(err, "errors", [err])
+        errors += section_errors
+    return errors
+
+
+def _build_training_for_check(training: dict, origins: dict[str, str]):
+    import torch
+
+    # Validation is about the recipe, not this machine: a bf16 recipe written for a GPU must
+    # validate on a laptop too. `qlora train` checks the machine separately, before loading.
+    on_cpu = {} if torch.cuda.is_available() or "use_cpu" in training else {"use_cpu": True}
+    return build_training_arguments(training, origins, **on_cpu)
+
+
+def _construct(cls, values: dict, section: str, origins: dict[str, str]):
+    try:
+        return cls(**values)
+    except (ValueError, TypeError, NotImplementedError) as err:
+        raise _library_error(section, cls.__name__, err, values, origins) from None
+
+
+def _library_error(section: str, cls_name: str, err: Exception, values: dict, origins: dict[str, str]):
+    message = str(err).strip()
+    named = [key for key in values if key in message]
+    keys = ", ".join(f"`{section}.{key}`" for key in named) or f"`{section}`"
+    where = origins.get(f"{section}.{named[0]}", section) if named else section
+    return UserError(f"{cls_name} rejects {keys}: {message}", where=where)

@@ -1,0 +1,65 @@
+"""Every setting of a recipe, its value and where it came from: `qlora config explain`."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Iterator
+
+from qlora_cli.sections import DataSection, GenerateOptions, MergeSection, ModelSection
+
+
+def explain_recipe(recipe) -> list[tuple[str, Any, str]]:
+    """(dotted key, value, origin) for each leaf set by the recipe, then each default it inherits."""
+    rows = [(key, value, recipe.origins.get(key, "default (qlora)")) for key, value in _leaves(recipe.resolved)]
+    set_keys = {key for key, _, _ in rows}
+    for section, owner, defaults in _section_defaults(recipe):
+        rows += [
+            (f"{section}.{name}", value, f"default ({owner})")
+            for name, value in defaults.items() if f"{section}.{name}" not in set_keys
+        ]
+    return rows
+
+
+def _leaves(data: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    items = data.items() if isinstance(data, dict) else enumerate(data)
+    for key, value in items:
+        dotted = f"{prefix}{key}"
+        if isinstance(value, (dict, list)) and value:
+            yield from _leaves(value, f"{dotted}.")
+        else:
+            yield dotted, value
+
+
+def _section_defaults(recipe) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig, GenerationConfig, TrainingArguments
+
+    yield "model", "qlora", _dataclass_defaults(ModelSection)
+    yield "data", "qlora", _dataclass_defaults(DataSection)
+    yield "merge", "qlora", _dataclass_defaults(MergeSection)
+    if recipe.quantization:
+        yield "quantization", "BitsAndBytesConfig", _signature_defaults(BitsAndBytesConfig.__init__)
+    if recipe.lora is not None:
+        yield "lora", "LoraConfig", _dataclass_defaults(LoraConfig)
+    yield "training", "TrainingArguments", _dataclass_defaults(TrainingArguments)
+    yield "generate", "qlora", _dataclass_defaults(GenerateOptions)
+    generation = {k: v for k, v in vars(GenerationConfig()).items() if not k.startswith("_")}
+    yield "generate", "GenerationConfig", generation
+
+
+def _dataclass_defaults(cls) -> dict[str, Any]:
+    defaults = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+    return defaults
+
+
+def _signature_defaults(func) -> dict[str, Any]:
+    return {
+        p.name: p.default for p in inspect.signature(func).parameters.values()
+        if p.default is not inspect.Parameter.empty
+    }

@@ -1,0 +1,157 @@
+"""Recipe.model / quantization / lora -> tokenizer and (4-bit base + LoRA) model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from qlora_cli.atomic import atomic_folder
+from qlora_cli.builders import build_bnb_config, build_lora_config, to_dtype
+from qlora_cli.errors import UserError
+
+
+def cache_root() -> Path:
+    """Where built models and converted tokenizers are kept: $QLORA_CACHE or ~/.cache/qlora."""
+    return Path(os.environ.get("QLORA_CACHE") or Path.home() / ".cache" / "qlora")
+
+
+def tokenizer_spec(model_section) -> str:
+    """The tokenizer a recipe names: `model.tokenizer`, else the model's own."""
+    spec = model_section.tokenizer or model_section.name_or_path
+    if spec is None:
+        raise UserError("a model built with `model.init_from_config` needs `model.tokenizer`",
+                        where="model.tokenizer", fix="set model.tokenizer, e.g. mistral-common:v1")
+    return spec
+
+
+def load_recipe_tokenizer(recipe):
+    """The recipe's tokenizer, padding set (see `qlora_cli.tokenizer`)."""
+    from qlora_cli.tokenizer import load_tokenizer
+
+    model = recipe.model
+    return load_tokenizer(tokenizer_spec(model), revision=model.revision, trust_remote_code=model.trust_remote_code)
+
+
+def model_path(recipe) -> str:
+    """A path or hub id `from_pretrained` can load: `init_from_config` models are built first."""
+    if recipe.model.init_from_config is not None:
+        return str(build_init_model(recipe.model.init_from_config, load_recipe_tokenizer(recipe)))
+    return recipe.model.name_or_path
+
+
+def build_init_model(init_config: dict, tokenizer) -> Path:
+    """Build a randomly initialised model once and keep it as safetensors in the cache, keyed by
+    its config, so every later step (train, merge, generate) loads the same base weights."""
+    init_config = dict(init_config)
+    key = hashlib.sha256(json.dumps([init_config, len(tokenizer)], sort_keys=True).encode()).hexdigest()[:16]
+    target = cache_root() / "models" / f"{init_config.get('model_type', 'model')}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    seed = init_config.pop("seed", 0)
+    model_type = init_config.pop("model_type", None)
+    if model_type is None:
+        raise UserError("`model.init_from_config` needs `model_type`", where="model.init_from_config",
+                        fix="add model_type: mistral")
+    init_config.setdefault("vocab_size", len(tokenizer))
+    try:
+        config = AutoConfig.for_model(model_type, bos_token_id=tokenizer.bos_token_id,
+                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                      **init_config)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"cannot build a config from `model.init_from_config`: {err}",
+                        where="model.init_from_config") from None
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with atomic_folder(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+@dataclass
+class ModelSummary:
+    """What the user is told about a loaded model."""
+
+    trainable: int
+    total: int
+    footprint_bytes: int
+    quantization: str
+
+    def lines(self) -> list[str]:
+        share = 100 * self.trainable / max(self.total, 1)
+        return [
+            f"quantization: {self.quantization}",
+            f"parameters: {self.trainable:,} trainable of {self.total:,} ({share:.2f}%)",
+            f"memory footprint: {self.footprint_bytes / 2**20:,.1f} MiB",
+        ]
+
+
+def describe_quantization(quantization: dict | None) -> str:
+    if not quantization:
+        return "none (16/32-bit base weights)"
+    if quantization.get("load_in_4bit"):
+        double = " + double quantization" if quantization.get("bnb_4bit_use_double_quant") else ""
+        compute = quantization.get("bnb_4bit_compute_dtype", "float32")
+        return f"4-bit {quantization.get('bnb_4bit_quant_type', 'fp4')}{double}, compute in {compute}"
+    return "8-bit (LLM.int8)" if quantization.get("load_in_8bit") else "none"
+
+
+def load_base_model(recipe, *, quantized: bool = True, dtype=None, device_map=None):
+    """The base model as the recipe says: 4-bit / 8-bit through BitsAndBytesConfig, or not."""
+    from transformers import AutoModelForCausalLM
+
+    model = recipe.model
+    bnb = build_bnb_config(recipe.quantization, recipe.origins) if quantized else None
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            model_path(recipe),
+            quantization_config=bnb,
+            dtype=dtype or to_dtype(model.dtype, "model.dtype"),
+            attn_implementation=model.attn_implementation,
+            trust_remote_code=model.trust_remote_code,
+            revision=model.revision,
+            device_map=device_map,
+        )
+    except OSError as err:
+        raise UserError(f"cannot load model `{model.name_or_path}`: {err}", where="model.name_or_path",
+                        fix="give a local folder with config.json and safetensors weights, or a hub id "
+                            "(needs network)") from None
+
+
+def load_trainable_model(recipe, *, device_map=None):
+    """4-bit base prepared for k-bit training, wrapped with LoRA: a `PeftModel`."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    model = load_base_model(recipe, device_map=device_map)
+    checkpointing = bool(recipe.training.get("activation_checkpointing") or recipe.training.get("gradient_checkpointing"))
+    if recipe.quantization:
+        # Casts norms to fp32 and makes the (frozen) input embeddings pass gradients on, which
+        # gradient checkpointing needs to reach the LoRA weights of the first layer.
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = build_lora_config(recipe.lora, recipe.origins)
+    return get_peft_model(model, lora) if lora is not None else model
+
+
+def summarize_model(model, quantization: dict | None) -> ModelSummary:
+    """Trainable and total parameters (4-bit weights counted as their logical size)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(_logical_numel(p) for p in model.parameters())
+    return ModelSummary(trainable, total, model.get_memory_footprint(), describe_quantization(quantization))
+
+
+def _logical_numel(param) -> int:
+    # bitsandbytes packs two 4-bit weights per uint8 element.
+    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    return int(shape.numel()) if shape is not None else param.numel()

@@ -1,0 +1,300 @@
+"""Recipe files + overrides -> one resolved, validated `Recipe`.
+
+Recipes are YAML files merged in order with OmegaConf. A file may say `extends: X` or
+`extends: [X, Y]` (paths relative to it, or names on the search path); `a.b=value` overrides
+are YAML-typed and `~a.b` deletes a key. Every leaf remembers where it was set (file:line or
+`override`) so that errors and `qlora config explain` can point at it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from qlora_cli.errors import UserError
+
+SECTIONS = ("model", "quantization", "lora", "data", "training", "merge", "generate")
+RECIPE_PATH_VARIABLE = "QLORA_RECIPE_PATH"
+OVERRIDE = "override"
+
+# Keys whose relative values name files: looked up next to the recipe that sets them first,
+# so a shared recipe finds its data wherever it is run from; else left relative to the cwd.
+_FILE_KEYS = {"path"}
+_FILE_KEY_PARENTS = ("data.sources", "data.validation_sources")
+
+
+@dataclass
+class RawRecipe:
+    """Merged recipe before validation: the config, where each leaf came from, and the files."""
+
+    config: DictConfig
+    origins: dict[str, str] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+
+
+def recipe_search_path() -> list[Path]:
+    """Folders searched for recipe names: the package's own recipes, then $QLORA_RECIPE_PATH."""
+    folders = [_package_recipes()]
+    extra = os.environ.get(RECIPE_PATH_VARIABLE, "")
+    folders += [Path(p).expanduser() for p in extra.split(os.pathsep) if p]
+    return folders
+
+
+def _package_recipes() -> Path:
+    # Installed wheels carry the recipes inside the package; a source checkout keeps them at
+    # the repository root beside the package.
+    packaged = Path(str(resources.files("qlora_cli"))) / "recipes"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "recipes"
+
+
+def find_recipe(name: str, relative_to: Path | None = None) -> Path:
+    """Turn a recipe argument (a path, or a name on the search path) into an existing file."""
+    candidates = [Path(name).expanduser()]
+    if relative_to is not None:
+        candidates.insert(0, relative_to / name)
+    if not Path(name).is_absolute():
+        for folder in recipe_search_path():
+            candidates += [folder / name, folder / f"{name}.yaml", folder / f"{name}.yml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    searched = "\n".join(f"    {folder}" for folder in recipe_search_path())
+    raise UserError(
+        f"recipe `{name}` not found: it is neither a file nor a recipe name on the search path:\n{searched}",
+        fix=f"give a path to a YAML file, or add its folder to ${RECIPE_PATH_VARIABLE}",
+    )
+
+
+def load_raw_recipe(recipe_args: list[str], overrides: list[str]) -> RawRecipe:
+    """Merge the recipe files (with their `extends`) in order, then apply the overrides."""
+    if not recipe_args:
+        raise UserError("no recipe given", fix="name a recipe, e.g. `qlora config show tiny-mistral`")
+    raw = RawRecipe(OmegaConf.create({}))
+    for arg in recipe_args:
+        _merge_file(raw, find_recipe(arg), stack=[])
+    for override in overrides:
+        _apply_override(raw, override)
+    return raw
+
+
+def _merge_file(raw: RawRecipe, path: Path, stack: list[Path]) -> None:
+    if path in stack:
+        cycle = " -> ".join(str(p) for p in [*stack[stack.index(path):], path])
+        raise UserError(f"`extends` forms a cycle: {cycle}", fix="remove one of these `extends` entries")
+    text = _read_text(path)
+    config, lines = _parse_yaml(text, path)
+    extends = config.pop("extends", None)
+    for parent in [extends] if isinstance(extends, str) else list(extends or []):
+        if not isinstance(parent, str):
+            raise UserError("`extends` must be a recipe name or a list of them", where=_where(path, lines, "extends"))
+        _merge_file(raw, find_recipe(parent, relative_to=path.parent), [*stack, path])
+    _resolve_file_keys(config, path.parent)
+    _record_origins(raw.origins, config, lambda key: _where(path, lines, key))
+    raw.config = OmegaConf.merge(raw.config, config)
+    raw.files.append(path)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"recipe is not UTF-8 text ({err.reason})", where=str(path)) from None
+
+
+def _parse_yaml(text: str, path: Path) -> tuple[DictConfig, dict[str, int]]:
+    """The file's config, and the line of every key in it (dotted path -> 1-based line)."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        config = OmegaConf.create(text) if node is not None else OmegaConf.create({})
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"not valid YAML: {getattr(err, 'problem', err)}", where=where) from None
+    if not isinstance(config, DictConfig):
+        raise UserError("a recipe must be a mapping of sections (model:, lora:, ...)", where=str(path))
+    lines: dict[str, int] = {}
+    _collect_lines(node, "", lines)
+    return config, lines
+
+
+def _collect_lines(node: Any, prefix: str, lines: dict[str, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            lines[key] = key_node.start_mark.line + 1
+            _collect_lines(value_node, f"{key}.", lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            key = f"{prefix}{index}"
+            lines[key] = item.start_mark.line + 1
+            _collect_lines(item, f"{key}.", lines)
+
+
+def _where(path: Path, lines: dict[str, int], key: str) -> str:
+    while key and key not in lines:
+        key = key.rpartition(".")[0]
+    shown = display_path(path)
+    return f"{shown}:{lines[key]}" if key else shown
+
+
+def display_path(path: Path) -> str:
+    """A path as the user would type it: relative to the current folder when inside it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _resolve_file_keys(config: DictConfig, folder: Path) -> None:
+    for parent_key in _FILE_KEY_PARENTS:
+        entries = OmegaConf.select(config, parent_key, default=None)
+        if not isinstance(entries, ListConfig):
+            continue
+        for entry in entries:
+            if not isinstance(entry, DictConfig):
+                continue
+            for key in _FILE_KEYS & set(entry.keys()):
+                value = entry._get_node(key)._value()
+                if isinstance(value, str) and "${" not in value and not Path(value).is_absolute():
+                    beside = (folder / value).resolve()
+                    if beside.exists():
+                        entry[key] = str(beside)
+
+
+def _record_origins(origins: dict[str, str], config: Any, where_of) -> None:
+    """Point every leaf set by this layer at its origin; a list replaces the old one whole."""
+    for key, is_list in _walk(config):
+        if is_list:
+            for old in [k for k in origins if k.startswith(f"{key}.")]:
+                del origins[old]
+        else:
+            origins[key] = where_of(key)
+
+
+def _walk(config: Any, prefix: str = ""):
+    """Yield (dotted key, is_list) for each list node and each leaf of a config."""
+    items = config.items_ex(resolve=False) if isinstance(config, DictConfig) else enumerate(config)
+    for key, value in items:
+        dotted = f"{prefix}{key}"
+        if isinstance(value, ListConfig):
+            yield dotted, True
+            yield from _walk(value, f"{dotted}.")
+        elif isinstance(value, DictConfig) and len(value) > 0:
+            yield from _walk(value, f"{dotted}.")
+        else:
+            yield dotted, False
+
+
+def _apply_override(raw: RawRecipe, override: str) -> None:
+    if override.startswith("~"):
+        _delete_key(raw, override[1:].split("=", 1)[0])
+        return
+    key, sep, _ = override.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"override `{override}` is not KEY=VALUE", where=OVERRIDE, fix="write e.g. lora.r=8")
+    try:
+        layer = OmegaConf.from_dotlist([override])
+    except OmegaConfBaseException as err:
+        raise UserError(f"override `{override}` cannot be parsed: {err.msg}", where=OVERRIDE) from None
+    _record_origins(raw.origins, layer, lambda _key: OVERRIDE)
+    # Assign instead of merging so that a list or mapping given on the command line replaces
+    # the recipe's value rather than being blended into it.
+    OmegaConf.update(raw.config, key.strip(), OmegaConf.select(layer, key.strip()), merge=False, force_add=True)
+
+
+def _delete_key(raw: RawRecipe, key: str) -> None:
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(raw.config, parent_key) if parent_key else raw.config
+    if not isinstance(parent, DictConfig) or leaf not in parent:
+        raise UserError(f"cannot delete `{key}`: the recipe has no such key", where=OVERRIDE)
+    del parent[leaf]
+    for old in [k for k in raw.origins if k == key or k.startswith(f"{key}.")]:
+        del raw.origins[old]
+
+
+def resolve(raw: RawRecipe) -> dict[str, Any]:
+    """The merged config as plain Python data with every `${...}` interpolation resolved."""
+    try:
+        return OmegaConf.to_container(raw.config, resolve=True)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or ""
+        where = raw.origins.get(key, key or None)
+        raise UserError(f"interpolation failed for `{key}`: {err.msg}", where=where) from None
+
+
+def to_yaml(config: dict[str, Any]) -> str:
+    """YAML text that is a valid recipe again (`qlora config show r.yaml > resolved.yaml`)."""
+    return yaml.safe_dump(config, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+@dataclass
+class Recipe:
+    """A resolved, validated recipe: our typed sections plus the library sections as mappings."""
+
+    model: Any
+    data: Any
+    merge: Any
+    quantization: dict | None
+    lora: dict | None
+    training: dict
+    generate: dict
+    resolved: dict[str, Any]
+    origins: dict[str, str]
+    files: list[Path]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.training["output_dir"])
+
+    def to_yaml(self) -> str:
+        return to_yaml(self.resolved)
+
+
+def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
+    """Load, merge, resolve and validate a recipe; every problem is reported at once."""
+    from qlora_cli.builders import check_library_sections
+    from qlora_cli.errors import UserErrors
+    from qlora_cli.sections import DataSection, MergeSection, ModelSection, build_schema, suggest
+
+    raw = load_raw_recipe(list(recipe_args), list(overrides))
+    resolved = resolve(raw)
+    resolved.setdefault("training", {}).setdefault("output_dir", f"runs/{raw.files[-1].stem}")
+    errors = [
+        UserError(f"unknown section `{key}`{suggest(key, SECTIONS)}; a recipe has only {', '.join(SECTIONS)}",
+                  where=_section_origin(raw.origins, key))
+        for key in resolved if key not in SECTIONS
+    ]
+    typed = {}
+    for name, cls in (("model", ModelSection), ("data", DataSection), ("merge", MergeSection)):
+        try:
+            typed[name] = build_schema(cls, resolved.get(name), name, raw.origins)
+        except UserError as err:
+            errors += getattr(err, "errors", [err])
+    errors += check_library_sections(resolved, raw.origins)
+    if "model" in typed:
+        errors += _check_model_source(typed["model"])
+    if errors:
+        raise errors[0] if len(errors) == 1 else UserErrors(errors)
+    return Recipe(
+        **typed, quantization=resolved.get("quantization"), lora=resolved.get("lora"),
+        training=resolved["training"], generate=resolved.get("generate") or {},
+        resolved=resolved, origins=raw.origins, files=raw.files,
+    )
+
+
+def _section_origin(origins: dict[str, str], section: str) -> str:
+    return next((where for key, where in origins.items() if key.split(".")[0] == section), section)
+
+
+def _check_model_source(model) -> list[UserError]:
+    if (model.name_or_path is None) == (model.init_from_config is None):
+        return [UserError("the model needs exactly one of `model.name_or_path` and `model.init_from_config`",
+                          where="model", fix="set model.name_or_path to a path or hub id")]
+    return []

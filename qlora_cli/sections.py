@@ -1,0 +1,231 @@
+"""The seven recipe sections: our own typed schemas, and introspection of the library classes.
+
+`quantization`, `lora`, `training` and `generate` map onto `BitsAndBytesConfig`, `LoraConfig`,
+`TrainingArguments` and `GenerationConfig`: their keys are checked against those classes'
+own signatures and dataclass fields, never a copied list, so a field a library adds tomorrow
+works tomorrow. `model`, `data` and `merge` are ours and are described by the dataclasses below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from qlora_cli.errors import UserError, UserErrors
+
+
+@dataclass
+class ModelSection:
+    """Which base model and tokenizer to load, and how."""
+
+    name_or_path: str | None = None
+    init_from_config: dict | None = None  # kwargs of a transformers config (+ model_type, seed)
+    tokenizer: str | None = None  # path, hub id or mistral-common:v1/v3...; default: name_or_path
+    revision: str | None = None
+    dtype: str = "bfloat16"  # dtype of the weights that stay unquantized
+    attn_implementation: str | None = "sdpa"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataSource:
+    """One data file, folder or hub dataset, and how to read it."""
+
+    path: str
+    format: Literal["text", "alpaca", "chat", "completion"] = "text"
+    columns: dict[str, str] = field(default_factory=dict)  # our field name -> the file's column
+    split: str = "train"
+    limit: int | None = None
+    weight: float = 1.0
+
+
+@dataclass
+class DataSection:
+    """How raw examples become the tokens, labels and rows the model trains on."""
+
+    sources: list[DataSource] = field(default_factory=list)
+    validation_sources: list[DataSource] = field(default_factory=list)
+    template: str = "mistral"  # mistral | tokenizer | a Jinja chat template
+    train_on: Literal["responses", "all"] = "responses"
+    max_length: int = 2048
+    overlong: Literal["truncate", "drop", "error"] = "truncate"
+    packing: bool = True
+    val_size: float | int = 0
+    shuffle: bool = True
+    prepared_dir: str = "prepared"
+    num_proc: int | None = None
+
+
+@dataclass
+class MergeSection:
+    """Where and how `qlora merge` writes a standalone model."""
+
+    output_dir: str | None = None  # default: <training.output_dir>/merged
+    adapter: str | None = None  # default: <training.output_dir>/adapter
+    dtype: Literal["float16", "bfloat16", "float32"] = "bfloat16"
+    max_shard_size: str = "5GB"
+    base: Literal["original", "dequantized"] = "dequantized"
+
+
+@dataclass
+class GenerateOptions:
+    """`generate` keys of our own; every other key is a `GenerationConfig` field."""
+
+    batch_size: int = 8
+    quantized: bool = True
+    input: str | None = None
+    output: str | None = None
+    system_prompt: str | None = None
+
+
+# Names people bring from other tools, mapped to ours: difflib alone would answer `lora.rank`
+# with `rank_pattern`, not `r`.
+_ALIASES = {
+    "rank": "r", "lora_r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout",
+    "lr": "learning_rate", "epochs": "num_train_epochs", "num_epochs": "num_train_epochs",
+    "batch_size": "per_device_train_batch_size", "micro_batch_size": "per_device_train_batch_size",
+    "sequence_len": "max_length", "max_seq_length": "max_length", "seq_len": "max_length",
+}
+
+
+def suggest(key: str, valid: typing.Iterable[str]) -> str:
+    """` (did you mean `x`?)` for the nearest valid key, or nothing."""
+    valid = list(valid)
+    if _ALIASES.get(key) in valid:
+        return f" (did you mean `{_ALIASES[key]}`?)"
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    return f" (did you mean `{close[0]}`?)" if close else ""
+
+
+def matches_type(value: Any, annotation: Any) -> bool:
+    """Whether a YAML value fits a type annotation; unknown annotations are left to the library."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is typing.Any:
+        return True
+    if annotation is type(None) or annotation is None:
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(matches_type(value, a) for a in args)
+    if origin is Literal:
+        return value in args
+    if origin in (list, tuple, set):
+        return isinstance(value, list) and (not args or all(matches_type(v, args[0]) for v in value))
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if inspect.isclass(annotation) and issubclass(annotation, enum.Enum):
+        return value in {m.value for m in annotation} or isinstance(value, annotation)
+    return True
+
+
+def describe_type(annotation: Any) -> str:
+    """A short human name for an annotation: `int`, `'none' | 'all'`, `list of str | null`."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is type(None) or annotation is None:
+        return "null"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(describe_type(a) for a in args)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (list, tuple, set):
+        return f"list of {describe_type(args[0])}" if args else "list"
+    if inspect.isclass(annotation) and issubclass(annotation, enum.Enum):
+        return " | ".join(repr(m.value) for m in annotation)
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def check_keys(
+    values: dict, annotations: dict[str, Any], section: str, origins: dict[str, str], extra_keys=()
+) -> list[UserError]:
+    """Unknown keys (with the nearest valid one) and wrongly typed values of one section."""
+    errors = []
+    for key, value in values.items():
+        dotted = f"{section}.{key}"
+        if key not in annotations and key not in extra_keys:
+            errors.append(UserError(
+                f"unknown key `{dotted}`{suggest(key, [*annotations, *extra_keys])}",
+                where=origins.get(dotted, dotted),
+            ))
+        elif key in annotations and not matches_type(value, annotations[key]):
+            errors.append(UserError(
+                f"`{dotted}` is {value!r} ({type(value).__name__}); expected {describe_type(annotations[key])}",
+                where=origins.get(dotted, dotted),
+            ))
+    return errors
+
+
+def dataclass_annotations(cls) -> dict[str, Any]:
+    """Field name -> resolved type for a dataclass (ours or a library's)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, typing.Any) for f in dataclasses.fields(cls) if f.init}
+
+
+def signature_annotations(func) -> dict[str, Any]:
+    """Parameter name -> annotation for a callable (BitsAndBytesConfig takes **kwargs and only
+    logs what it ignores, so its signature is the list of keys it really understands)."""
+    params = inspect.signature(func).parameters.values()
+    kinds = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    return {
+        p.name: (typing.Any if p.annotation is inspect.Parameter.empty else p.annotation)
+        for p in params if p.name != "self" and p.kind not in kinds
+    }
+
+
+def build_schema(cls, values: dict | None, section: str, origins: dict[str, str]):
+    """One of our section dataclasses from its YAML mapping; raises every problem at once."""
+    values = dict(values or {})
+    annotations = dataclass_annotations(cls)
+    errors = check_keys(values, annotations, section, origins)
+    for key, annotation in annotations.items():
+        item_type = _listed_dataclass(annotation)
+        if item_type and isinstance(values.get(key), list):
+            values[key], item_errors = _build_list(item_type, values[key], f"{section}.{key}", origins)
+            errors += item_errors
+    missing = [f.name for f in dataclasses.fields(cls) if _is_required(f) and f.name not in values]
+    errors += [UserError(f"`{section}.{name}` is required", where=section) for name in missing]
+    if errors:
+        raise _one_or_many(errors)
+    return cls(**values)
+
+
+def _build_list(cls, items: list, prefix: str, origins: dict[str, str]):
+    built, errors = [], []
+    for index, item in enumerate(items):
+        key = f"{prefix}.{index}"
+        if not isinstance(item, dict):
+            errors.append(UserError(f"`{key}` must be a mapping like {{path: ..., format: ...}}",
+                                    where=origins.get(key, key)))
+            continue
+        try:
+            built.append(build_schema(cls, item, key, origins))
+        except UserError as err:
+            errors += getattr(err, "errors", [err])
+    return built, errors
+
+
+def _listed_dataclass(annotation) -> type | None:
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is list and args and dataclasses.is_dataclass(args[0]):
+        return args[0]
+    return None
+
+
+def _is_required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _one_or_many(errors: list[UserError]) -> UserError:
+    return errors[0] if len(errors) == 1 else UserErrors(errors)

@@ -1,0 +1,115 @@
+"""Load the tokenizer a recipe names: a local folder, a hub id, or one shipped with mistral-common."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from qlora_cli.errors import UserError
+
+MISTRAL_COMMON_PREFIX = "mistral-common:"
+
+# The SentencePiece files that mistral-common ships in mistral_common/data/, by the name a recipe uses.
+MISTRAL_COMMON_FILES = {
+    "v1": "tokenizer.model.v1",
+    "v2": "mistral_instruct_tokenizer_240216.model.v2",
+    "v3": "mistral_instruct_tokenizer_240323.model.v3",
+    "v7": "mistral_instruct_tokenizer_241114.model.v7",
+}
+
+
+def load_tokenizer(spec: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    """Return the fast (tokenizers-backed) tokenizer that `spec` names, with a pad token set."""
+    from transformers import AutoTokenizer
+
+    if spec.startswith(MISTRAL_COMMON_PREFIX):
+        folder = _converted_mistral_common(spec[len(MISTRAL_COMMON_PREFIX) :])
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    else:
+        _check_local_path(spec)
+        tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision, trust_remote_code=trust_remote_code)
+    set_pad_token(tokenizer)
+    return tokenizer
+
+
+def set_pad_token(tokenizer) -> None:
+    """Give a tokenizer without a pad token one: `<unk>` when the vocab has it, else EOS.
+
+    Mistral tokenizers have no pad token. Padding with EOS would make
+    DataCollatorForLanguageModeling mask every EOS in the labels (it masks pad ids), so the
+    model would never learn to stop; `<unk>` never occurs in real text, so masking it is harmless.
+    """
+    if tokenizer.pad_token is not None:
+        return
+    unk = tokenizer.unk_token
+    if unk is not None and tokenizer.convert_tokens_to_ids(unk) is not None:
+        tokenizer.pad_token = unk
+    else:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def describe_padding(tokenizer) -> str:
+    """Say which pad token the tokenizer uses, e.g. ``pad token set to <unk> (id 0)``."""
+    return f"pad token set to {tokenizer.pad_token} (id {tokenizer.pad_token_id})"
+
+
+def cache_root() -> Path:
+    """The folder where converted tokenizers (and other derived files) are kept."""
+    return Path(os.environ.get("QLORA_CACHE") or Path.home() / ".cache" / "qlora")
+
+
+def _check_local_path(spec: str) -> None:
+    # A hub id is "name" or "owner/name"; anything else must be an existing path, so a typo fails
+    # here with the key to fix instead of as a hub 404 or a network timeout.
+    is_hub_id = re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", spec) is not None
+    if not is_hub_id and not Path(spec).expanduser().exists():
+        raise UserError(
+            f"tokenizer path {spec!r} does not exist",
+            where="model.tokenizer",
+            fix=f"give an existing folder, a hub id, or one of {', '.join(_valid_names())}",
+        )
+
+
+def _valid_names() -> list[str]:
+    return [MISTRAL_COMMON_PREFIX + name for name in MISTRAL_COMMON_FILES]
+
+
+def _converted_mistral_common(name: str) -> Path:
+    """Convert a shipped SentencePiece file to an HF tokenizer once, and return the cached folder."""
+    if name not in MISTRAL_COMMON_FILES:
+        raise UserError(
+            f"unknown tokenizer {MISTRAL_COMMON_PREFIX}{name}",
+            where="model.tokenizer",
+            fix=f"use one of {', '.join(_valid_names())}",
+        )
+    target = cache_root() / "tokenizers" / f"mistral-common-{name}"
+    if not (target / "tokenizer.json").exists():
+        _convert_into(MISTRAL_COMMON_FILES[name], target)
+    return target
+
+
+def _convert_into(filename: str, target: Path) -> None:
+    import mistral_common
+    from transformers import LlamaTokenizer
+
+    source = Path(mistral_common.__file__).parent / "data" / filename
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside the target and renamed into place, so a crash never leaves half a tokenizer.
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        (work / "src").mkdir()
+        shutil.copyfile(source, work / "src" / "tokenizer.model")
+        # legacy=False: no spurious space after special tokens. add_bos_token: like the hub's
+        # Mistral tokenizers, tokenizer("text") starts with <s>.
+        tokenizer = LlamaTokenizer.from_pretrained(work / "src", legacy=False, add_bos_token=True)
+        tokenizer.save_pretrained(work / "hf")
+        try:
+            (work / "hf").rename(target)
+        except OSError:  # another process finished the same conversion first
+            if not (target / "tokenizer.json").exists():
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
