@@ -124,6 +124,31 @@ def config_validate(args: list[str] = RECIPE_ARGS) -> None:
     console.print(f"[green]ok[/]: {' + '.join(str(f) for f in recipe.files)} is a valid recipe", highlight=False)
 
 
+@app.command("prepare")
+@user_command
+def prepare(
+    args: list[str] = RECIPE_ARGS,
+    show: int = typer.Option(0, "--show", metavar="N", help="Print N prepared examples, trained tokens bright."),
+    force: bool = typer.Option(False, "--force", help="Prepare again even when a cached result matches."),
+) -> None:
+    """Tokenize, mask, pack and cache the recipe's data exactly as training will see it.
+
+    Example: qlora prepare recipes/tiny-mistral.yaml data.max_length=512 --show 2
+    """
+    from qlora_cli import render
+    from qlora_cli.model import load_recipe_tokenizer
+    from qlora_cli.prepare import prepare_dataset
+    from qlora_cli.recipe import load_recipe
+
+    recipes, overrides = split_arguments(args)
+    recipe = load_recipe(recipes, overrides)
+    tokenizer = load_recipe_tokenizer(recipe)
+    prepared = prepare_dataset(recipe, tokenizer, force=force)
+    render.prepare_summary(console, prepared)
+    if show:
+        render.show_examples(console, prepared.dataset["train"], tokenizer, show)
+
+
 def run() -> None:
     """Console-script entry point."""
     app()

@@ -36,19 +36,16 @@ def load_tokenizer(spec: str, *, revision: str | None = None, trust_remote_code:
 
 
 def set_pad_token(tokenizer) -> None:
-    """Give a tokenizer without a pad token one: `<unk>` when the vocab has it, else EOS.
+    """Pad with `<unk>` when the vocab has it, else EOS; keep any other pad token the tokenizer has.
 
-    Mistral tokenizers have no pad token. Padding with EOS would make
-    DataCollatorForLanguageModeling mask every EOS in the labels (it masks pad ids), so the
-    model would never learn to stop; `<unk>` never occurs in real text, so masking it is harmless.
+    Mistral tokenizers have no pad token, and fine-tunes often ship pad = EOS. But
+    DataCollatorForLanguageModeling masks every pad id in the labels, so padding with EOS would
+    mask every EOS and the model would never learn to stop; `<unk>` never occurs in real text.
     """
-    if tokenizer.pad_token is not None:
+    if tokenizer.pad_token is not None and tokenizer.pad_token != tokenizer.eos_token:
         return
     unk = tokenizer.unk_token
-    if unk is not None and tokenizer.convert_tokens_to_ids(unk) is not None:
-        tokenizer.pad_token = unk
-    else:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.pad_token = unk if unk is not None and unk in tokenizer.get_vocab() else tokenizer.eos_token
 
 
 def describe_padding(tokenizer) -> str:

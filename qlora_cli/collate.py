@@ -1,0 +1,76 @@
+"""Batches for the Trainer: pad to the longest row, and keep packed examples apart."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qlora_cli.packing import position_ids
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PackedCollator:
+    """Pads `input_ids`/`labels` to the longest row of the batch (never to `max_length`).
+
+    Rows holding several examples (`seq_lengths`) get position ids that restart at each example
+    and, for `sdpa`/`eager` attention, a 4-D block-diagonal causal mask: with those kernels
+    position ids alone do not stop a token attending to the previous example. Flash-attention
+    kernels read the boundaries from the position ids instead and take no mask.
+    """
+
+    pad_token_id: int
+    attn_implementation: str | None = "sdpa"
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, rows: list[dict]) -> dict:
+        import torch
+
+        width = max(len(row["input_ids"]) for row in rows)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        lengths = [row.get("seq_lengths") or [len(row["input_ids"])] for row in rows]
+        batch = {
+            "input_ids": torch.tensor([_pad(r["input_ids"], width, self.pad_token_id) for r in rows]),
+            "labels": torch.tensor([_pad(r["labels"], width, IGNORE_INDEX) for r in rows]),
+            "position_ids": torch.tensor([_pad(position_ids(ls), width, 0) for ls in lengths]),
+        }
+        if "flash" in (self.attn_implementation or ""):
+            return batch  # boundaries come from position_ids; pads sit after the last example
+        if all(len(ls) == 1 for ls in lengths):
+            real = [[1] * len(r["input_ids"]) for r in rows]
+            batch["attention_mask"] = torch.tensor([_pad(m, width, 0) for m in real])
+        else:
+            mask = block_causal_mask(lengths, width)
+            # sdpa takes a boolean mask as is; eager attention adds the mask to its scores.
+            batch["attention_mask"] = mask if self.attn_implementation != "eager" else _additive(mask)
+        return batch
+
+
+def block_causal_mask(lengths: list[list[int]], width: int):
+    """Boolean (batch, 1, width, width) mask: True where a token may attend (same example, earlier).
+
+    Padding rows attend to themselves only, so no row of the softmax is empty (which would give NaN).
+    """
+    import torch
+
+    masks = torch.zeros(len(lengths), 1, width, width, dtype=torch.bool)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    for b, seq_lengths in enumerate(lengths):
+        start = 0
+        for length in seq_lengths:
+            end = start + length
+            masks[b, 0, start:end, start:end] = causal[:length, :length]
+            start = end
+        masks[b, 0, start:, start:] = torch.eye(width - start, dtype=torch.bool)
+    return masks
+
+
+def _additive(mask):
+    import torch
+
+    return torch.zeros(mask.shape).masked_fill_(~mask, torch.finfo(torch.float32).min)
+
+
+def _pad(values: list[int], width: int, fill: int) -> list[int]:
+    return list(values) + [fill] * (width - len(values))

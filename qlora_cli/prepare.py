@@ -1,0 +1,226 @@
+"""Recipe.data + tokenizer -> the tokens, labels and packed rows the model trains on, cached.
+
+The result is a `datasets.DatasetDict` (`train`, and `validation` where there is one) with
+columns `input_ids`, `labels` and `seq_lengths` (the lengths of the examples packed into each
+row), saved in `data.prepared_dir/<fingerprint>`. The fingerprint covers the data section, the
+tokenizer and the bytes of every source, so a later `prepare` or `train` reuses it only when
+nothing that shapes the tokens has changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qlora_cli import __version__
+from qlora_cli.atomic import atomic_folder
+from qlora_cli.errors import UserError
+from qlora_cli.packing import pack_lengths
+from qlora_cli.sources import Example, read_source
+from qlora_cli.templates import IGNORE_INDEX, encode_chat, encode_text
+
+# Bump when the prepared format or the tokenization changes, so old caches are not reused.
+PREPARED_FORMAT = 1
+SUMMARY_FILE = "qlora_prepared.json"
+
+
+@dataclass
+class SourceCounts:
+    """What happened to the examples of one source."""
+
+    path: str
+    read: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped: int = 0
+
+
+@dataclass
+class PrepareSummary:
+    """The figures a user checks before spending GPU hours on the data."""
+
+    fingerprint: str
+    sources: list[SourceCounts] = field(default_factory=list)
+    examples: dict[str, int] = field(default_factory=dict)  # split -> examples
+    rows: dict[str, int] = field(default_factory=dict)  # split -> rows (after packing)
+    tokens: dict[str, int] = field(default_factory=dict)  # split -> real tokens
+    trained_tokens: dict[str, int] = field(default_factory=dict)  # split -> tokens with a label
+    length_percentiles: dict[str, int] = field(default_factory=dict)  # p50/p90/p99/max of examples
+    packing_efficiency: float | None = None  # real tokens / (rows x max_length)
+    max_length: int = 0
+
+    @property
+    def trained_fraction(self) -> float:
+        return sum(self.trained_tokens.values()) / max(sum(self.tokens.values()), 1)
+
+
+@dataclass
+class PreparedData:
+    """A prepared dataset on disk, loaded."""
+
+    path: Path
+    dataset: object  # datasets.DatasetDict
+    summary: PrepareSummary
+    reused: bool
+
+
+def prepare_dataset(recipe, tokenizer, *, force: bool = False) -> PreparedData:
+    """Prepare the recipe's data, or reuse the cached result with the same fingerprint."""
+    data = recipe.data
+    _check_data_section(data)
+    seed = int(recipe.training.get("seed", 42))
+    fingerprint = data_fingerprint(data, tokenizer, seed)
+    target = Path(data.prepared_dir) / fingerprint
+    if (target / SUMMARY_FILE).is_file() and not force:
+        return load_prepared(target, reused=True)
+    with atomic_folder(target, replace=True) as tmp:
+        dataset, summary = build_dataset(data, tokenizer, seed, fingerprint)
+        dataset.save_to_disk(str(tmp))
+        (tmp / SUMMARY_FILE).write_text(json.dumps(dataclasses.asdict(summary), indent=2))
+    return load_prepared(target, reused=False)
+
+
+def load_prepared(path: Path, reused: bool = True) -> PreparedData:
+    """A prepared dataset folder and its summary."""
+    from datasets import load_from_disk
+
+    raw = json.loads((path / SUMMARY_FILE).read_text())
+    raw["sources"] = [SourceCounts(**s) for s in raw["sources"]]
+    return PreparedData(path, load_from_disk(str(path)), PrepareSummary(**raw), reused)
+
+
+def _check_data_section(data) -> None:
+    if not data.sources:
+        raise UserError("the recipe has no data: `data.sources` is empty", where="data.sources",
+                        fix="add - {path: my.jsonl, format: chat}")
+    if data.max_length < 8:
+        raise UserError(f"`data.max_length` is {data.max_length}; it must be at least 8", where="data.max_length")
+    if data.val_size < 0 or (isinstance(data.val_size, float) and data.val_size >= 1):
+        raise UserError("`data.val_size` must be a fraction in [0, 1) or a count of examples",
+                        where="data.val_size")
+
+
+def data_fingerprint(data, tokenizer, seed: int) -> str:
+    """A hash of everything that shapes the prepared tokens."""
+    digest = hashlib.sha256()
+    section = {k: v for k, v in dataclasses.asdict(data).items() if k not in ("prepared_dir", "num_proc")}
+    digest.update(json.dumps([section, seed, PREPARED_FORMAT], sort_keys=True, default=str).encode())
+    digest.update(tokenizer.backend_tokenizer.to_str().encode())
+    digest.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id,
+                              getattr(tokenizer, "chat_template", None)], default=str).encode())
+    for source in [*data.sources, *data.validation_sources]:
+        _hash_path(digest, Path(source.path))
+    return digest.hexdigest()[:16]
+
+
+def _hash_path(digest, path: Path) -> None:
+    if path.is_file():
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    elif path.is_dir():
+        for child in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(str(child.relative_to(path)).encode())
+            _hash_path(digest, child)
+    else:
+        digest.update(str(path).encode())  # a hub id: its name (and the data section's split)
+
+
+def build_dataset(data, tokenizer, seed: int, fingerprint: str):
+    """Read, tokenize, truncate, split and pack; returns (DatasetDict, PrepareSummary)."""
+    from datasets import Dataset, DatasetDict
+
+    summary = PrepareSummary(fingerprint=fingerprint, max_length=data.max_length)
+    train = _encode_sources(data.sources, data, tokenizer, seed, summary)
+    validation = _encode_sources(data.validation_sources, data, tokenizer, seed, summary)
+    rng = random.Random(seed)
+    if data.shuffle:
+        rng.shuffle(train)
+    if data.val_size and not data.validation_sources:
+        count = data.val_size if isinstance(data.val_size, int) else round(data.val_size * len(train))
+        if count < 1 or count >= len(train):
+            raise UserError(f"`data.val_size` {data.val_size} leaves {count} of {len(train)} examples for "
+                            "validation", where="data.val_size", fix="use a larger fraction, or a count below "
+                            "the number of examples")
+        validation, train = train[:count], train[count:]
+    splits = {"train": train, "validation": validation} if validation else {"train": train}
+    rows = {}
+    for name, encoded in splits.items():
+        rows[name] = _to_rows(encoded, data, rng)
+        _count_split(summary, name, encoded, rows[name])
+    lengths = sorted(len(ids) for ids, _ in train)
+    summary.length_percentiles = {f"p{q}": lengths[min(len(lengths) - 1, len(lengths) * q // 100)] for q in (50, 90, 99)}
+    summary.length_percentiles["max"] = lengths[-1]
+    if data.packing:
+        summary.packing_efficiency = summary.tokens["train"] / (summary.rows["train"] * data.max_length)
+    return DatasetDict({name: Dataset.from_dict(columns) for name, columns in rows.items()}), summary
+
+
+def _encode_sources(sources, data, tokenizer, seed: int, summary: PrepareSummary) -> list[tuple[list, list]]:
+    encoded = []
+    for source in sources:
+        counts = SourceCounts(source.path)
+        examples = read_source(source, seed)
+        counts.read = len(examples)
+        for example in examples:
+            ids, labels = encode_example(example, data, tokenizer)
+            if len(ids) > data.max_length:
+                if data.overlong == "error":
+                    raise UserError(f"example has {len(ids)} tokens, more than data.max_length={data.max_length}",
+                                    where=example.where, fix="raise data.max_length, or set data.overlong: "
+                                    "truncate or drop")
+                if data.overlong == "drop":
+                    counts.dropped += 1
+                    continue
+                ids, labels = ids[: data.max_length], labels[: data.max_length]
+                counts.truncated += 1
+            if all(label == IGNORE_INDEX for label in labels):
+                counts.dropped += 1  # nothing left to learn from (the response was cut off)
+                continue
+            encoded.append((ids, labels))
+            counts.kept += 1
+        summary.sources.append(counts)
+    if sources and not encoded:
+        raise UserError("no examples left after filtering", where=sources[0].path,
+                        fix="raise data.max_length or set data.overlong: truncate")
+    return encoded
+
+
+def encode_example(example: Example, data, tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one example, formatted by the recipe's template."""
+    if example.text is not None:
+        return encode_text(example.text, tokenizer, data.train_on)
+    try:
+        return encode_chat(example.messages, tokenizer, data.template, data.train_on)
+    except UserError as err:
+        raise UserError(err.message, where=example.where, fix=err.fix) from None
+
+
+def _to_rows(encoded: list[tuple[list, list]], data, rng: random.Random) -> dict[str, list]:
+    if not data.packing:
+        return {"input_ids": [ids for ids, _ in encoded], "labels": [labels for _, labels in encoded],
+                "seq_lengths": [[len(ids)] for ids, _ in encoded]}
+    bins = pack_lengths([len(ids) for ids, _ in encoded], data.max_length)
+    rng.shuffle(bins)
+    columns = {"input_ids": [], "labels": [], "seq_lengths": []}
+    for members in bins:
+        ids = [t for i in members for t in encoded[i][0]]
+        # The first token of each example is never predicted from the example before it.
+        labels = [t for i in members for t in [IGNORE_INDEX, *encoded[i][1][1:]]]
+        columns["input_ids"].append(ids)
+        columns["labels"].append(labels)
+        columns["seq_lengths"].append([len(encoded[i][0]) for i in members])
+    return columns
+
+
+def _count_split(summary: PrepareSummary, name: str, encoded, rows: dict) -> None:
+    summary.examples[name] = len(encoded)
+    summary.rows[name] = len(rows["input_ids"])
+    summary.tokens[name] = sum(len(ids) for ids, _ in encoded)
+    summary.trained_tokens[name] = sum(
+        sum(label != IGNORE_INDEX for label in labels) for labels in rows["labels"]
+    )

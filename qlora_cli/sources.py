@@ -1,0 +1,235 @@
+"""Raw data sources -> examples in one of four shapes, each remembering its file and line.
+
+A source is a local file (jsonl, json, csv, parquet), a folder saved by `datasets`, or a hub
+dataset id. Every row is checked against its format here, so that a bad row is reported with
+its file and line before anything is tokenized.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qlora_cli.errors import UserError
+
+ROLES = ("system", "user", "assistant")
+
+# The fields each format reads; `columns:` in a source maps them to the file's own names.
+FORMAT_FIELDS = {
+    "text": ("text",),
+    "alpaca": ("instruction", "input", "output"),
+    "chat": ("messages",),
+    "completion": ("prompt", "completion"),
+}
+OPTIONAL_FIELDS = {"input"}
+
+
+@dataclass
+class Example:
+    """One example: either a `text` in the seed's [INST] format or a list of chat `messages`."""
+
+    where: str  # file:line (or file:row) it came from
+    text: str | None = None
+    messages: list[dict[str, str]] | None = None
+
+
+def read_source(source, seed: int) -> list[Example]:
+    """All examples of one source, in its format, after `limit` and `weight`."""
+    rows = _read_rows(source)
+    if source.limit is not None:
+        rows = rows[: source.limit]
+    examples = [to_example(row, where, source) for where, row in rows]
+    if not examples:
+        raise UserError(f"source `{source.path}` has no examples", where=source.path,
+                        fix="check the file, its `split`, and `limit`")
+    return apply_weight(examples, source.weight, random.Random(seed))
+
+
+def apply_weight(examples: list[Example], weight: float, rng: random.Random) -> list[Example]:
+    """Mix by weight: 0.5 keeps a random half, 2 repeats every example twice, 1.5 once and a half."""
+    whole, fraction = divmod(weight, 1)
+    extra = rng.sample(examples, round(fraction * len(examples)))
+    return examples * int(whole) + extra
+
+
+def _read_rows(source) -> list[tuple[str, Any]]:
+    path = Path(source.path)
+    if path.is_dir():
+        return _read_saved_dataset(path, source.split)
+    if path.is_file():
+        reader = _READERS.get(path.suffix.lower())
+        if reader is None:
+            raise UserError(f"cannot read `{path.suffix}` files", where=str(path),
+                            fix="use .jsonl, .json, .csv or .parquet, or a folder saved by datasets")
+        return reader(path)
+    if _looks_like_hub_id(source.path):
+        return _read_hub_dataset(source.path, source.split)
+    raise UserError(f"data source `{source.path}` does not exist", where=source.path,
+                    fix="fix `data.sources[].path` (relative paths are looked up beside the recipe, "
+                        "then in the current folder)")
+
+
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise UserError(f"not UTF-8 text (byte {err.start}: {err.reason})", where=f"{path}:{line}",
+                        fix="re-save the file as UTF-8") from None
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
+    rows = []
+    for number, line in enumerate(_decode(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"{path}:{number}", json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise UserError(f"malformed JSON: {err.msg} (column {err.colno})", where=f"{path}:{number}",
+                            fix="each line must be one JSON object") from None
+    return rows
+
+
+def _read_json(path: Path) -> list[tuple[str, Any]]:
+    try:
+        data = json.loads(_decode(path))
+    except json.JSONDecodeError as err:
+        raise UserError(f"malformed JSON: {err.msg}", where=f"{path}:{err.lineno}") from None
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))  # {"data": [...]} as many exports write it
+    if not isinstance(data, list):
+        raise UserError("a .json source must hold a list of objects", where=str(path),
+                        fix="write a JSON array, or use .jsonl with one object per line")
+    return [(f"{path}:row {i + 1}", row) for i, row in enumerate(data)]
+
+
+def _read_csv(path: Path) -> list[tuple[str, Any]]:
+    reader = csv.DictReader(io.StringIO(_decode(path), newline=""))
+    # DictReader counts the header as line 1, so row i (0-based) starts at line i + 2
+    # unless earlier fields held newlines; line_num after reading is exact.
+    rows = []
+    for row in reader:
+        rows.append((f"{path}:{reader.line_num}", dict(row)))
+    return rows
+
+
+def _read_parquet(path: Path) -> list[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        raise UserError(f"cannot read parquet: {err}", where=str(path)) from None
+    return [(f"{path}:row {i + 1}", row) for i, row in enumerate(table.to_pylist())]
+
+
+def _read_saved_dataset(path: Path, split: str) -> list[tuple[str, Any]]:
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        data = load_from_disk(str(path))
+    except FileNotFoundError:
+        raise UserError("folder is not a dataset saved by `datasets.save_to_disk`", where=str(path)) from None
+    if isinstance(data, DatasetDict):
+        if split not in data:
+            raise UserError(f"saved dataset has no split `{split}` (it has {', '.join(data)})", where=str(path),
+                            fix="set `split:` on this source")
+        data = data[split]
+    return [(f"{path}:row {i + 1}", row) for i, row in enumerate(data)]
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "." not in parts[1][-6:]
+
+
+def _read_hub_dataset(name: str, split: str) -> list[tuple[str, Any]]:
+    from datasets import load_dataset
+
+    try:
+        data = load_dataset(name, split=split)
+    except Exception as err:  # offline, unknown id, missing split: all the user's to fix
+        raise UserError(f"cannot load hub dataset `{name}` (split `{split}`): {err}", where=name,
+                        fix="check the id and the network, or give a local file") from None
+    return [(f"{name}:row {i + 1}", row) for i, row in enumerate(data)]
+
+
+_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+
+
+def to_example(row: Any, where: str, source) -> Example:
+    """Check one row against its source's format and turn it into an `Example`."""
+    if not isinstance(row, dict):
+        raise UserError(f"expected a JSON object, got {type(row).__name__}", where=where)
+    fields = {name: source.columns.get(name, name) for name in FORMAT_FIELDS[source.format]}
+    for name, column in fields.items():
+        if column not in row and name not in OPTIONAL_FIELDS:
+            have = ", ".join(sorted(map(str, row))) or "none"
+            raise UserError(f"row has no `{column}` field, which the `{source.format}` format needs "
+                            f"(the row has: {have})", where=where,
+                            fix=f"map it with `columns: {{{name}: <your field>}}` on this source")
+    value = {name: row.get(column) for name, column in fields.items()}
+    return _BUILDERS[source.format](value, where)
+
+
+def _text(value: dict, where: str) -> Example:
+    return Example(where, text=_string(value, "text", where))
+
+
+def _alpaca(value: dict, where: str) -> Example:
+    instruction = _string(value, "instruction", where)
+    extra = value.get("input") or ""
+    if not isinstance(extra, str):
+        raise UserError(f"`input` must be text, got {type(extra).__name__}", where=where)
+    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    return Example(where, messages=[{"role": "user", "content": prompt},
+                                    {"role": "assistant", "content": _string(value, "output", where)}])
+
+
+def _completion(value: dict, where: str) -> Example:
+    return Example(where, messages=[{"role": "user", "content": _string(value, "prompt", where)},
+                                    {"role": "assistant", "content": _string(value, "completion", where)}])
+
+
+def _chat(value: dict, where: str) -> Example:
+    messages = value["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise UserError("`messages` must be a non-empty list of {role, content} objects", where=where)
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise UserError(f"message {index + 1} needs `role` (one of {', '.join(ROLES)})", where=where)
+        if not isinstance(message.get("content"), str):
+            raise UserError(f"message {index + 1} needs `content` as text", where=where)
+    check_roles([m["role"] for m in messages], where)
+    return Example(where, messages=[{"role": m["role"], "content": m["content"]} for m in messages])
+
+
+def check_roles(roles: list[str], where: str) -> None:
+    """An optional system turn, then user and assistant alternating, ending with the assistant."""
+    turns = roles[1:] if roles and roles[0] == "system" else roles
+    expected = ["user", "assistant"] * ((len(turns) + 1) // 2)
+    if turns != expected[: len(turns)]:
+        raise UserError(f"roles out of order: {' -> '.join(roles)}; expected an optional system turn, "
+                        "then user and assistant alternating", where=where)
+    if not turns or turns[-1] != "assistant":
+        raise UserError("the conversation has no assistant turn to learn from at its end", where=where,
+                        fix="end each conversation with an assistant message")
+
+
+def _string(value: dict, name: str, where: str) -> str:
+    text = value[name]
+    if not isinstance(text, str):
+        raise UserError(f"`{name}` must be text, got {type(text).__name__}", where=where)
+    if not text.strip():
+        raise UserError(f"`{name}` is empty", where=where)
+    return text
+
+
+_BUILDERS = {"text": _text, "alpaca": _alpaca, "chat": _chat, "completion": _completion}

@@ -1,0 +1,329 @@
+"""Conversations and seed text to exact token ids and loss labels. Pure: no model, only a tokenizer.
+
+The default template, ``mistral``, reproduces mistral-common's reference encoder
+(``MistralTokenizer.v1/v2/v3/v7().encode_chat_completion``) token for token:
+
+- v1: ``[INST] {user} [/INST]`` is *text* (SentencePiece, with its dummy prefix space); a system
+  prompt goes before the FIRST user message, joined by a blank line; assistant text is kept as is.
+- v2/v3: ``[INST]``/``[/INST]`` are control tokens; a system prompt goes before the LAST user
+  message; assistant text is ``rstrip(" ")``-ed.
+- v7: as v3, but the system prompt stays in place between ``[SYSTEM_PROMPT]`` control tokens.
+
+Every piece of text is encoded on its own, as mistral-common does, and then concatenated; encoding
+one formatted string would lose the dummy prefix space after each control token.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+from qlora_cli.errors import UserError
+
+IGNORE_INDEX = -100  # the label that the loss skips
+TRAIN_ON = ("responses", "all")
+SPACE = "\u2581"  # SentencePiece's visible space, "▁"
+
+Segment = tuple[list[int], bool]  # token ids, and whether the loss trains on them
+
+
+# ---------------------------------------------------------------- public API
+
+
+def encode_chat(
+    messages: list[dict], tokenizer, template: str = "mistral", train_on: str = "responses"
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels of a conversation that ends with an assistant turn."""
+    _check_train_on(train_on)
+    _check_roles(messages, last="assistant")
+    if template == "mistral":
+        segments = _mistral_segments(messages, tokenizer)
+    else:
+        segments = _chat_template_segments(messages, tokenizer, _jinja(template, tokenizer))
+    return _ids_and_labels(segments, train_on)
+
+
+def encode_prompt(messages: list[dict], tokenizer, template: str = "mistral") -> list[int]:
+    """Token ids of a conversation that ends with a user turn, ready for the model to answer.
+
+    Equals the start of ``encode_chat(messages + [answer])`` up to where the answer begins.
+    """
+    _check_roles(messages, last="user")
+    if template == "mistral":
+        return [i for ids, _ in _mistral_segments(messages, tokenizer) for i in ids]
+    chat_template = _jinja(template, tokenizer)
+    return _tokenize(tokenizer, _render(tokenizer, messages, chat_template, generation_prompt=True))
+
+
+def encode_text(text: str, tokenizer, train_on: str = "responses") -> tuple[list[int], list[int]]:
+    """Token ids and labels of seed-format text: ``<s>[INST] question [/INST] answer </s>...``.
+
+    ``<s>``/``</s>`` become the BOS/EOS ids; BOS is added when missing and never doubled. The
+    whitespace around each question and answer is dropped, so ``[/INST] answer </s>`` encodes as
+    mistral-common's canonical ``[/INST] answer</s>`` for every version (v2+ rstrip answers anyway;
+    v1 would otherwise train a stray space before EOS). With ``responses``, each answer and its
+    ``</s>`` are trained; everything else is masked.
+    """
+    _check_train_on(train_on)
+    turns = _parse_turns(text)
+    if turns is None:
+        if train_on == "responses":
+            raise UserError(
+                "text does not follow '<s>[INST] question [/INST] answer</s>' (one or more turns)",
+                fix="write every turn in that form, use the chat format, or set data.train_on: all",
+            )
+        return _ids_and_labels(_plain_text_segments(text, tokenizer), train_on)
+    flavour = _mistral_flavour(tokenizer)
+    segments: list[Segment] = [([tokenizer.bos_token_id], False)]
+    for index, (bos, question, answer) in enumerate(turns):
+        if bos and index > 0:  # a <s> written before a later turn is kept, as the text asks
+            segments.append(([tokenizer.bos_token_id], False))
+        segments.append((_user_ids(tokenizer, flavour, question.strip()), False))
+        segments.append((_assistant_ids(tokenizer, flavour, answer.strip()), True))
+    return _ids_and_labels(segments, train_on)
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _check_train_on(train_on: str) -> None:
+    if train_on not in TRAIN_ON:
+        raise UserError(f"unknown train_on {train_on!r}", fix=f"use one of {', '.join(TRAIN_ON)}")
+
+
+def _check_roles(messages: list[dict], *, last: str) -> None:
+    """Roles alternate user/assistant after an optional leading system message, ending with `last`."""
+    if not messages:
+        raise UserError("the conversation has no messages")
+    for number, message in enumerate(messages, start=1):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise UserError(f"message {number} needs a 'role' and a string 'content'")
+    roles = [m["role"] for m in messages]
+    start = 1 if roles[0] == "system" else 0
+    for number, role in enumerate(roles[start:], start=start + 1):
+        expected = "user" if (number - start) % 2 == 1 else "assistant"
+        if role != expected:
+            raise UserError(
+                f"message {number} has role {role!r} where {expected!r} was expected",
+                fix="roles must alternate user, assistant, ... after an optional leading system message",
+            )
+    if len(roles) == start or roles[-1] != last:
+        article = "an" if last == "assistant" else "a"
+        raise UserError(f"the conversation must end with {article} {last} message, not {roles[-1]!r}")
+
+
+# ---------------------------------------------------------------- mistral-common's format
+
+
+def _mistral_flavour(tokenizer) -> str:
+    """v1, v2 (same as v3 for chat) or v7, told from the vocabulary rather than from a name."""
+    backend = tokenizer.backend_tokenizer
+    if backend.token_to_id("[SYSTEM_PROMPT]") is not None:
+        return "v7"
+    if backend.token_to_id("[INST]") is not None:
+        return "v2"
+    return "v1"
+
+
+def _mistral_segments(messages: list[dict], tokenizer) -> list[Segment]:
+    flavour = _mistral_flavour(tokenizer)
+    system = messages[0]["content"] if messages[0]["role"] == "system" else None
+    turns = messages[1:] if system is not None else messages
+    users = [i for i, m in enumerate(turns) if m["role"] == "user"]
+    # Where mistral-common puts a system prompt: v1 the first user message, v2/v3 the last.
+    system_at = users[0] if flavour == "v1" else users[-1]
+    segments: list[Segment] = [([tokenizer.bos_token_id], False)]
+    if system and flavour == "v7":
+        segments.append((_control_wrapped(tokenizer, "[SYSTEM_PROMPT]", system, "[/SYSTEM_PROMPT]"), False))
+    for i, message in enumerate(turns):
+        content = message["content"]
+        if message["role"] == "assistant":
+            segments.append((_assistant_ids(tokenizer, flavour, content), True))
+            continue
+        if system and flavour != "v7" and i == system_at:
+            content = f"{system}\n\n{content}"
+        segments.append((_user_ids(tokenizer, flavour, content), False))
+    return segments
+
+
+def _user_ids(tokenizer, flavour: str, content: str) -> list[int]:
+    if flavour == "v1":  # no control tokens: the markers are plain text, encoded with the content
+        return _text_ids(tokenizer, f"[INST] {content} [/INST]")
+    return _control_wrapped(tokenizer, "[INST]", content, "[/INST]")
+
+
+def _assistant_ids(tokenizer, flavour: str, content: str) -> list[int]:
+    if flavour != "v1":
+        content = content.rstrip(" ")  # mistral-common >= v2 drops trailing spaces of answers
+    return _text_ids(tokenizer, content) + [tokenizer.eos_token_id]
+
+
+def _control_wrapped(tokenizer, begin: str, content: str, end: str) -> list[int]:
+    backend = tokenizer.backend_tokenizer
+    return [backend.token_to_id(begin), *_text_ids(tokenizer, content), backend.token_to_id(end)]
+
+
+# ---------------------------------------------------------------- text exactly as SentencePiece
+
+
+def _text_ids(tokenizer, text: str) -> list[int]:
+    """Ids of `text` exactly as mistral-common's SentencePiece encode gives them (dummy prefix included).
+
+    The HF tokenizer cannot be trusted for this: its Metaspace pre-tokenizer skips the dummy prefix
+    when text starts with a space, it splits out special tokens written in the text, and its BPE
+    merges runs of spaces first where SentencePiece scores whitespace-only pieces lowest (-1e9) and
+    merges them last. So we run the BPE model on the text between runs of 2+ spaces, and join
+    those runs the way SentencePiece does. Tokenizers without "▁" are not SentencePiece: encode as is.
+    """
+    if not text:
+        return []
+    backend = tokenizer.backend_tokenizer
+    space_id = backend.token_to_id(SPACE)
+    if space_id is None:
+        return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+    ids: list[int] = []
+    for spaces, words in _SPACE_RUN_THEN_WORDS.findall(SPACE + text.replace(" ", SPACE)):
+        word_ids = [token.id for token in backend.model.tokenize(SPACE + words)] if words else [space_id]
+        if word_ids[0] == space_id:  # the run's last space did not join the word: it stays in the run
+            word_ids = word_ids[1:]
+        else:
+            spaces = spaces[:-1]
+        ids += _space_run_ids(backend, len(spaces)) + word_ids
+    return ids
+
+
+# A run of spaces, then text up to the next run of two or more (single spaces stay inside words:
+# no piece has a space inside it, so BPE cannot merge across them anyway).
+_SPACE_RUN_THEN_WORDS = re.compile(f"({SPACE}+)((?:[^{SPACE}]|{SPACE}(?!{SPACE}))*)")
+
+
+def _space_run_ids(backend, length: int) -> list[int]:
+    if length <= 1:
+        return [backend.token_to_id(SPACE)] * length
+    return [backend.token_to_id(SPACE * n) for n in _space_run_split(length, _space_piece_lengths(backend))]
+
+
+def _space_piece_lengths(backend) -> frozenset[int]:
+    lengths, n = set(), 1
+    while n <= 64:
+        if backend.token_to_id(SPACE * n) is not None:
+            lengths.add(n)
+        n += 1
+    return frozenset(lengths)
+
+
+@lru_cache(maxsize=4096)
+def _space_run_split(length: int, piece_lengths: frozenset[int]) -> tuple[int, ...]:
+    """Piece lengths SentencePiece's BPE makes of `length` spaces: all such pieces score the same,
+    so it repeatedly merges the leftmost adjacent pair whose join is a piece."""
+    pieces = [1] * length
+    while True:
+        for i in range(len(pieces) - 1):
+            if pieces[i] + pieces[i + 1] in piece_lengths:
+                pieces[i : i + 2] = [pieces[i] + pieces[i + 1]]
+                break
+        else:
+            return tuple(pieces)
+
+
+# ---------------------------------------------------------------- seed text format
+
+_TURN = re.compile(r"\s*(<s>)?\s*\[INST\](.*?)\[/INST\](.*?)</s>", re.S)
+
+
+def _parse_turns(text: str) -> list[tuple[str | None, str, str]] | None:
+    """(bos, question, answer) per turn, or None when the text is not all such turns."""
+    turns, pos = [], 0
+    while match := _TURN.match(text, pos):
+        if "<s>" in match.group(2) + match.group(3):
+            return None
+        turns.append(match.groups())
+        pos = match.end()
+    return turns if turns and not text[pos:].strip() else None
+
+
+def _plain_text_segments(text: str, tokenizer) -> list[Segment]:
+    """Any text: <s>/</s> become BOS/EOS, the rest is text; one BOS at the start, never two."""
+    body = text.strip()
+    body = body[len("<s>") :] if body.startswith("<s>") else body  # the BOS below stands for it
+    markers = {"<s>": tokenizer.bos_token_id, "</s>": tokenizer.eos_token_id}
+    ids: list[int] = [tokenizer.bos_token_id]
+    for piece in re.split(r"(<s>|</s>)", body):
+        if piece in markers:
+            ids.append(markers[piece])
+        elif piece.strip():
+            ids += _text_ids(tokenizer, piece.strip())
+    return [(ids, True)]
+
+
+# ---------------------------------------------------------------- Jinja chat templates
+
+
+def _jinja(template: str, tokenizer) -> str | None:
+    """The chat template to render with: None = the tokenizer's own, else the recipe's Jinja text."""
+    if template == "tokenizer":
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError(
+                "the tokenizer has no chat_template",
+                where="data.template",
+                fix="use template: mistral, or write a Jinja chat template in data.template",
+            )
+        return None
+    if "{" not in template:  # a bare word is a typo for a template name, not a Jinja template
+        raise UserError(
+            f"unknown template {template!r}",
+            where="data.template",
+            fix="use mistral, tokenizer, or a Jinja chat template",
+        )
+    return template
+
+
+def _render(tokenizer, messages: list[dict], chat_template: str | None, *, generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        messages, chat_template=chat_template, tokenize=False, add_generation_prompt=generation_prompt
+    )
+
+
+def _tokenize(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids  # templates write their own BOS
+
+
+def _chat_template_segments(messages: list[dict], tokenizer, chat_template: str | None) -> list[Segment]:
+    """Render, tokenize once, and find each answer by rendering the conversation up to it.
+
+    A Jinja template is opaque: the only way to know which characters belong to an answer is to
+    render the conversation before it (with the generation prompt) and up to it, and compare.
+    This needs a template that renders earlier turns the same whatever follows; one that moves
+    text around (e.g. a system prompt into the last user turn) cannot be masked this way.
+    """
+    full = _render(tokenizer, messages, chat_template, generation_prompt=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], chat_template, generation_prompt=True)
+        upto = _render(tokenizer, messages[: i + 1], chat_template, generation_prompt=False)
+        if not (full.startswith(upto) and upto.startswith(before)):
+            raise UserError(
+                "the chat template renders earlier turns differently as the conversation grows,"
+                " so the answers cannot be told apart from the prompts",
+                where="data.template",
+                fix="use template: mistral, or set data.train_on: all",
+            )
+        spans.append((len(before), len(upto)))
+    encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    segments = []
+    for token_id, (start, _) in zip(encoding.input_ids, encoding.offset_mapping):
+        segments.append(([token_id], any(a <= start < b for a, b in spans)))
+    return segments
+
+
+# ---------------------------------------------------------------- labels
+
+
+def _ids_and_labels(segments: list[Segment], train_on: str) -> tuple[list[int], list[int]]:
+    input_ids, labels = [], []
+    for ids, trained in segments:
+        input_ids += ids
+        labels += ids if trained or train_on == "all" else [IGNORE_INDEX] * len(ids)
+    return input_ids, labels
