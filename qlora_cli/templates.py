@@ -39,7 +39,8 @@ def encode_chat(
     if template == "mistral":
         segments = _mistral_segments(messages, tokenizer)
     else:
-        segments = _chat_template_segments(messages, tokenizer, _jinja(template, tokenizer))
+        chat_template = _jinja(template, tokenizer)
+        segments = _chat_template_segments(messages, tokenizer, chat_template, find_answers=train_on != "all")
     return _ids_and_labels(segments, train_on)
 
 
@@ -288,7 +289,9 @@ def _tokenize(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids  # templates write their own BOS
 
 
-def _chat_template_segments(messages: list[dict], tokenizer, chat_template: str | None) -> list[Segment]:
+def _chat_template_segments(
+    messages: list[dict], tokenizer, chat_template: str | None, *, find_answers: bool
+) -> list[Segment]:
     """Render, tokenize once, and find each answer by rendering the conversation up to it.
 
     A Jinja template is opaque: the only way to know which characters belong to an answer is to
@@ -299,7 +302,7 @@ def _chat_template_segments(messages: list[dict], tokenizer, chat_template: str 
     full = _render(tokenizer, messages, chat_template, generation_prompt=False)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or not find_answers:
             continue
         before = _render(tokenizer, messages[:i], chat_template, generation_prompt=True)
         upto = _render(tokenizer, messages[: i + 1], chat_template, generation_prompt=False)
