@@ -11,13 +11,14 @@ from qlora_cli.errors import UserError
 from qlora_cli.sections import GenerateOptions, check_keys, dataclass_annotations, signature_annotations
 
 
-def to_dtype(value: Any, where: str):
+def to_dtype(value: Any, where: str, key: str | None = None):
     """`"bfloat16"` -> `torch.bfloat16`, with a recipe error for anything that is not a dtype."""
     import torch
 
     dtype = getattr(torch, value, None) if isinstance(value, str) else value
     if not isinstance(dtype, torch.dtype):
-        raise UserError(f"`{value}` is not a torch dtype", where=where, fix="use bfloat16, float16 or float32")
+        named = f"`{key}` is {value!r}, which" if key else f"{value!r}"
+        raise UserError(f"{named} is not a torch dtype", where=where, fix="use bfloat16, float16 or float32")
     return dtype
 
 
@@ -54,7 +55,7 @@ def build_bnb_config(quantization: dict | None, origins: dict[str, str] | None =
 
     origins = origins or {}
     values = {
-        key: to_dtype(value, origins.get(f"quantization.{key}", f"quantization.{key}"))
+        key: to_dtype(value, origins.get(f"quantization.{key}", f"quantization.{key}"), f"quantization.{key}")
         if key.endswith(("_dtype", "_storage")) and isinstance(value, str) else value
         for key, value in quantization.items()
     }

@@ -7,8 +7,11 @@ answers at once.
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import warnings
 import traceback
+from pathlib import Path
 from typing import Callable
 
 import typer
@@ -69,6 +72,11 @@ def user_command(func: Callable) -> Callable:
 def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of internal errors.")) -> None:
     """Fine-tune Mistral-family models with QLoRA, driven by layered YAML recipes."""
     _state["debug"] = debug
+    # Our own displays replace the libraries' progress bars; peft calls a transformers alias
+    # that transformers itself deprecates, which no user can act on.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 @config_app.command("show")
@@ -147,6 +155,156 @@ def prepare(
     render.prepare_summary(console, prepared)
     if show:
         render.show_examples(console, prepared.dataset["train"], tokenizer, show)
+
+
+@app.command("train")
+@user_command
+def train(
+    args: list[str] = RECIPE_ARGS,
+    resume: bool = typer.Option(False, "--resume", help="Continue the run folder from its last complete checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run folder and start over."),
+) -> None:
+    """Train a LoRA adapter on a 4-bit base model as the recipe says.
+
+    Example: qlora train recipes/tiny-mistral.yaml training.learning_rate=1e-3
+    """
+    import shlex
+
+    from qlora_cli.progress import TrainReporter
+    from qlora_cli.recipe import load_recipe
+    from qlora_cli.train import train as train_run
+
+    recipes, overrides = split_arguments(args)
+    recipe = load_recipe(recipes, overrides)
+    result = train_run(recipe, resume=resume, overwrite=overwrite, reporter=TrainReporter(console))
+    if not TrainReporter(console).main:
+        raise typer.Exit(result.exit_code)
+    run = result.run
+    if result.stopped_by:
+        again = shlex.join(["qlora", "train", *args, "--resume"])
+        console.print(f"[yellow]stopped[/] at a checkpoint in {run.checkpoints}; loss plot: {run.plot}\n"
+                      f"resume with: {again}", highlight=False)
+        raise typer.Exit(result.exit_code)
+    shown = {k: round(v, 4) for k, v in result.metrics.items() if k in ("final_train_loss", "eval_loss", "eval_perplexity")}
+    console.print(f"[green]done[/]: {shown}\n"
+                  f"adapter:   {run.adapter}\nloss plot: {run.plot}\nrun record: {run.run_json}\n"
+                  f"next:      qlora merge {run.recipe}\n"
+                  f"           qlora generate {run.recipe} --prompt \"...\"", highlight=False)
+
+
+@app.command("merge")
+@user_command
+def merge(
+    args: list[str] = RECIPE_ARGS,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing merged folder."),
+) -> None:
+    """Merge the run's LoRA adapter into its base model and write a standalone model, verified.
+
+    Example: qlora merge runs/tiny-mistral merge.dtype=float32
+    """
+    from qlora_cli.merge import MergeVerificationFailed, merge as merge_run
+    from qlora_cli.recipe import load_recipe
+
+    recipes, overrides = split_arguments(args)
+    try:
+        result = merge_run(load_recipe(recipes, overrides), overwrite=overwrite)
+    except MergeVerificationFailed as err:
+        err_console.print(f"[bold red]merge failed verification:[/] {err}", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(f"merged into the {result.base} base; logits vs base + adapter: {result.merged_vs_unmerged}",
+                  highlight=False)
+    if result.merged_vs_quantized:
+        console.print(f"logits vs the 4-bit base + adapter as trained: {result.merged_vs_quantized}", highlight=False)
+    console.print(f"[green]done[/]: {result.output}\nnext: qlora generate {' '.join(args)} --model {result.output} "
+                  "--prompt \"...\"", highlight=False)
+
+
+@app.command("generate")
+@user_command
+def generate(
+    args: list[str] = RECIPE_ARGS,
+    prompt: str = typer.Option(None, "--prompt", help="One user message; the answer is streamed."),
+    input: Path = typer.Option(None, "--input", help="JSONL of {prompt} or {messages} records to answer."),
+    output: Path = typer.Option(None, "--output", help="JSONL to write: each input record plus `response`."),
+    interactive: bool = typer.Option(False, "--interactive", help="Chat in the terminal (/reset, /exit)."),
+    model: str = typer.Option(None, "--model", help="A merged folder or any model path / hub id instead of the run's adapter."),
+    resume: bool = typer.Option(False, "--resume", help="With --output: skip the records already answered."),
+) -> None:
+    """Answer prompts with the trained adapter (or --model), formatted exactly as in training.
+
+    Example: qlora generate runs/tiny-mistral/recipe.yaml --prompt "What is the capital of France?"
+    """
+    from qlora_cli.generate import check_prompt, load_generator, read_prompts
+    from qlora_cli.recipe import load_recipe
+
+    recipes, overrides = split_arguments(args)
+    recipe = load_recipe(recipes, overrides)
+    options_input = input or recipe.generate.get("input")
+    options_output = output or recipe.generate.get("output")
+    modes = sum([prompt is not None, options_input is not None, interactive])
+    if modes != 1:
+        raise UserError("choose one of --prompt TEXT, --input FILE (with --output FILE) and --interactive")
+    if prompt is not None:
+        check_prompt([{"role": "user", "content": prompt}], "--prompt")
+    records = read_prompts(Path(options_input)) if options_input else None
+    if records is not None and not options_output:
+        raise UserError("--input needs --output FILE (or generate.output in the recipe)")
+    generator = load_generator(recipe, model)
+    if prompt is not None:
+        _stream_answer(generator, [{"role": "user", "content": prompt}])
+    elif records is not None:
+        _answer_file(generator, records, Path(options_output), recipe, resume)
+    else:
+        _chat(generator)
+
+
+def _stream_answer(generator, messages: list[dict]) -> str:
+    pieces = []
+    for piece in generator.stream(messages):
+        pieces.append(piece)
+        console.print(piece, end="", highlight=False, markup=False, soft_wrap=True)
+    console.print()
+    return "".join(pieces).strip()
+
+
+def _answer_file(generator, records, output: Path, recipe, resume: bool) -> None:
+    from rich.progress import Progress
+
+    from qlora_cli.builders import split_generate
+    from qlora_cli.generate import answer_file
+
+    options, _ = split_generate(recipe.generate)
+    with Progress(console=err_console, disable=not err_console.is_terminal) as progress:
+        task = progress.add_task("generate", total=len(records))
+        if resume:
+            progress.update(task, completed=min(len(records), _lines(output)))
+        count = answer_file(generator, records, output, options.batch_size, resume,
+                            on_batch=lambda n: progress.advance(task, n))
+    console.print(f"[green]done[/]: {count} answers written to {output}", highlight=False)
+
+
+def _lines(path: Path) -> int:
+    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.exists() else 0
+
+
+def _chat(generator) -> None:
+    console.print("chat with the model; /reset starts over, /exit leaves", style="dim")
+    messages: list[dict] = []
+    while True:
+        try:
+            text = console.input("[bold]you>[/] ")
+        except EOFError:
+            return
+        if text.strip() == "/exit":
+            return
+        if text.strip() == "/reset":
+            messages = []
+            continue
+        if not text.strip():
+            continue
+        messages.append({"role": "user", "content": text})
+        console.print("[bold]model>[/] ", end="")
+        messages.append({"role": "assistant", "content": _stream_answer(generator, messages) or "..."})
 
 
 def run() -> None:

@@ -13,6 +13,9 @@ def explain_recipe(recipe) -> list[tuple[str, Any, str]]:
     """(dotted key, value, origin) for each leaf set by the recipe, then each default it inherits."""
     rows = [(key, value, recipe.origins.get(key, "default (qlora)")) for key, value in _leaves(recipe.resolved)]
     set_keys = {key for key, _, _ in rows}
+    # A default is shadowed by the key itself or by anything set inside it (`data.sources.0.path`
+    # replaces the default `data.sources: []`).
+    set_keys |= {key.rsplit(".", n)[0] for key in set_keys for n in range(1, key.count(".") + 1)}
     for section, owner, defaults in _section_defaults(recipe):
         rows += [
             (f"{section}.{name}", value, f"default ({owner})")
@@ -22,13 +25,18 @@ def explain_recipe(recipe) -> list[tuple[str, Any, str]]:
 
 
 def _leaves(data: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Each leaf; a list of plain values (`target_modules: [q_proj, v_proj]`) is one leaf."""
     items = data.items() if isinstance(data, dict) else enumerate(data)
     for key, value in items:
         dotted = f"{prefix}{key}"
-        if isinstance(value, (dict, list)) and value:
+        if isinstance(value, dict) and value or isinstance(value, list) and _has_containers(value):
             yield from _leaves(value, f"{dotted}.")
         else:
             yield dotted, value
+
+
+def _has_containers(items: list) -> bool:
+    return any(isinstance(item, (dict, list)) for item in items)
 
 
 def _section_defaults(recipe) -> Iterator[tuple[str, str, dict[str, Any]]]:

@@ -112,7 +112,7 @@ def load_base_model(recipe, *, quantized: bool = True, dtype=None, device_map=No
         return AutoModelForCausalLM.from_pretrained(
             model_path(recipe),
             quantization_config=bnb,
-            dtype=dtype or to_dtype(model.dtype, "model.dtype"),
+            dtype=dtype or to_dtype(model.dtype, recipe.origins.get("model.dtype", "model.dtype"), "model.dtype"),
             attn_implementation=model.attn_implementation,
             trust_remote_code=model.trust_remote_code,
             revision=model.revision,
@@ -122,6 +122,13 @@ def load_base_model(recipe, *, quantized: bool = True, dtype=None, device_map=No
         raise UserError(f"cannot load model `{model.name_or_path}`: {err}", where="model.name_or_path",
                         fix="give a local folder with config.json and safetensors weights, or a hub id "
                             "(needs network)") from None
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        # transformers refuses a model that ships its own Python code unless told to run it.
+        raise UserError(f"model `{model.name_or_path}` ships custom code, which qlora does not run unless "
+                        "the recipe allows it", where="model.trust_remote_code",
+                        fix="read that code, then set model.trust_remote_code: true") from None
 
 
 def load_trainable_model(recipe, *, device_map=None):

@@ -77,8 +77,9 @@ def prepare_dataset(recipe, tokenizer, *, force: bool = False) -> PreparedData:
     target = Path(data.prepared_dir) / fingerprint
     if (target / SUMMARY_FILE).is_file() and not force:
         return load_prepared(target, reused=True)
+    # Built before any folder is made, so a bad row leaves nothing at all under prepared_dir.
+    dataset, summary = build_dataset(data, tokenizer, seed, fingerprint)
     with atomic_folder(target, replace=True) as tmp:
-        dataset, summary = build_dataset(data, tokenizer, seed, fingerprint)
         dataset.save_to_disk(str(tmp))
         (tmp / SUMMARY_FILE).write_text(json.dumps(dataclasses.asdict(summary), indent=2))
     return load_prepared(target, reused=False)
@@ -168,7 +169,8 @@ def _encode_sources(sources, data, tokenizer, seed: int, summary: PrepareSummary
         counts.read = len(examples)
         for example in examples:
             ids, labels = encode_example(example, data, tokenizer)
-            if len(ids) > data.max_length:
+            truncated = len(ids) > data.max_length
+            if truncated:
                 if data.overlong == "error":
                     raise UserError(f"example has {len(ids)} tokens, more than data.max_length={data.max_length}",
                                     where=example.where, fix="raise data.max_length, or set data.overlong: "
@@ -177,10 +179,10 @@ def _encode_sources(sources, data, tokenizer, seed: int, summary: PrepareSummary
                     counts.dropped += 1
                     continue
                 ids, labels = ids[: data.max_length], labels[: data.max_length]
-                counts.truncated += 1
             if all(label == IGNORE_INDEX for label in labels):
                 counts.dropped += 1  # nothing left to learn from (the response was cut off)
                 continue
+            counts.truncated += truncated  # counted among the kept, never twice
             encoded.append((ids, labels))
             counts.kept += 1
         summary.sources.append(counts)
@@ -192,11 +194,11 @@ def _encode_sources(sources, data, tokenizer, seed: int, summary: PrepareSummary
 
 def encode_example(example: Example, data, tokenizer) -> tuple[list[int], list[int]]:
     """Token ids and labels of one example, formatted by the recipe's template."""
-    if example.text is not None:
-        return encode_text(example.text, tokenizer, data.train_on)
     try:
+        if example.text is not None:
+            return encode_text(example.text, tokenizer, data.train_on)
         return encode_chat(example.messages, tokenizer, data.template, data.train_on)
-    except UserError as err:
+    except UserError as err:  # templates know what is wrong, the example knows where
         raise UserError(err.message, where=example.where, fix=err.fix) from None
 
 

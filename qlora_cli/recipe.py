@@ -9,6 +9,7 @@ are YAML-typed and `~a.b` deletes a key. Every leaf remembers where it was set (
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -56,7 +57,7 @@ def _package_recipes() -> Path:
 
 def find_recipe(name: str, relative_to: Path | None = None) -> Path:
     """Turn a recipe argument (a path, or a name on the search path) into an existing file."""
-    candidates = [Path(name).expanduser()]
+    candidates = [Path(name).expanduser(), Path(name).expanduser() / "recipe.yaml"]  # a run folder
     if relative_to is not None:
         candidates.insert(0, relative_to / name)
     if not Path(name).is_absolute():
@@ -169,27 +170,22 @@ def _resolve_file_keys(config: DictConfig, folder: Path) -> None:
 
 
 def _record_origins(origins: dict[str, str], config: Any, where_of) -> None:
-    """Point every leaf set by this layer at its origin; a list replaces the old one whole."""
+    """Point every key set by this layer at its origin; a list replaces the old one whole."""
     for key, is_list in _walk(config):
         if is_list:
             for old in [k for k in origins if k.startswith(f"{key}.")]:
                 del origins[old]
-        else:
-            origins[key] = where_of(key)
+        origins[key] = where_of(key)
 
 
 def _walk(config: Any, prefix: str = ""):
-    """Yield (dotted key, is_list) for each list node and each leaf of a config."""
+    """Yield (dotted key, is_list) for every node of a config, each mapping before its keys."""
     items = config.items_ex(resolve=False) if isinstance(config, DictConfig) else enumerate(config)
     for key, value in items:
         dotted = f"{prefix}{key}"
-        if isinstance(value, ListConfig):
-            yield dotted, True
+        yield dotted, isinstance(value, ListConfig)
+        if isinstance(value, (DictConfig, ListConfig)):
             yield from _walk(value, f"{dotted}.")
-        elif isinstance(value, DictConfig) and len(value) > 0:
-            yield from _walk(value, f"{dotted}.")
-        else:
-            yield dotted, False
 
 
 def _apply_override(raw: RawRecipe, override: str) -> None:
@@ -206,7 +202,16 @@ def _apply_override(raw: RawRecipe, override: str) -> None:
     _record_origins(raw.origins, layer, lambda _key: OVERRIDE)
     # Assign instead of merging so that a list or mapping given on the command line replaces
     # the recipe's value rather than being blended into it.
-    OmegaConf.update(raw.config, key.strip(), OmegaConf.select(layer, key.strip()), merge=False, force_add=True)
+    OmegaConf.update(raw.config, key.strip(), _unresolved(layer, key.strip()), merge=False, force_add=True)
+
+
+def _unresolved(layer: DictConfig, key: str) -> Any:
+    # `${...}` in an override points into the whole recipe, not into the one-key layer parsed
+    # from it: take the value as written and let `resolve` interpolate it later.
+    value = OmegaConf.to_container(layer, resolve=False)
+    for part in key.split("."):
+        value = value[part]
+    return value
 
 
 def _delete_key(raw: RawRecipe, key: str) -> None:
@@ -231,7 +236,24 @@ def resolve(raw: RawRecipe) -> dict[str, Any]:
 
 def to_yaml(config: dict[str, Any]) -> str:
     """YAML text that is a valid recipe again (`qlora config show r.yaml > resolved.yaml`)."""
-    return yaml.safe_dump(config, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    return yaml.dump(config, Dumper=_RecipeDumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+class _RecipeDumper(yaml.SafeDumper):
+    """Quotes strings that OmegaConf would read back as numbers: PyYAML writes "1e-4" bare,
+    since YAML 1.1 wants a dot in a float, but OmegaConf reads 1e-4 as a float."""
+
+
+# Digits with an optional dot and exponent, or .inf/.nan: every float form OmegaConf accepts.
+_NUMBER_LIKE = re.compile(r"[-+]?(\d[\d_]*\.?[\d_]*|\.\d[\d_]*)([eE][-+]?\d+)?|[-+]?\.(inf|nan)", re.IGNORECASE)
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = '"' if _NUMBER_LIKE.fullmatch(value) else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_RecipeDumper.add_representer(str, _represent_str)
 
 
 @dataclass
@@ -268,7 +290,7 @@ def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
     resolved.setdefault("training", {}).setdefault("output_dir", f"runs/{raw.files[-1].stem}")
     errors = [
         UserError(f"unknown section `{key}`{suggest(key, SECTIONS)}; a recipe has only {', '.join(SECTIONS)}",
-                  where=_section_origin(raw.origins, key))
+                  where=raw.origins.get(key, key))
         for key in resolved if key not in SECTIONS
     ]
     typed = {}
@@ -279,7 +301,7 @@ def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
             errors += getattr(err, "errors", [err])
     errors += check_library_sections(resolved, raw.origins)
     if "model" in typed:
-        errors += _check_model_source(typed["model"])
+        errors += _check_model_source(typed["model"], raw.origins)
     if errors:
         raise errors[0] if len(errors) == 1 else UserErrors(errors)
     return Recipe(
@@ -289,12 +311,20 @@ def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
     )
 
 
-def _section_origin(origins: dict[str, str], section: str) -> str:
-    return next((where for key, where in origins.items() if key.split(".")[0] == section), section)
+def _check_model_source(model, origins: dict[str, str]) -> list[UserError]:
+    """What the loader would reject later: checked now, before any weight is read."""
+    from qlora_cli.builders import to_dtype
 
-
-def _check_model_source(model) -> list[UserError]:
+    errors = []
     if (model.name_or_path is None) == (model.init_from_config is None):
-        return [UserError("the model needs exactly one of `model.name_or_path` and `model.init_from_config`",
-                          where="model", fix="set model.name_or_path to a path or hub id")]
-    return []
+        errors.append(UserError("the model needs exactly one of `model.name_or_path` and `model.init_from_config`",
+                                where="model", fix="set model.name_or_path to a path or hub id"))
+    if model.init_from_config is not None and model.tokenizer is None:
+        errors.append(UserError("a model built with `model.init_from_config` needs `model.tokenizer`",
+                                where=origins.get("model.init_from_config", "model.init_from_config"),
+                                fix="set model.tokenizer, e.g. mistral-common:v1"))
+    try:
+        to_dtype(model.dtype, origins.get("model.dtype", "model.dtype"), "model.dtype")
+    except UserError as err:
+        errors.append(err)
+    return errors

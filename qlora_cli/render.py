@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from qlora_cli.templates import IGNORE_INDEX
@@ -14,7 +14,8 @@ def prepare_summary(console: Console, prepared) -> None:
     summary = prepared.summary
     state = "reused" if prepared.reused else "prepared"
     console.print(f"[bold]data[/] {state}: {prepared.path} (fingerprint {summary.fingerprint})", highlight=False)
-    table = Table("source", "read", "kept", "truncated", "dropped", box=None, pad_edge=False)
+    # A long path wraps rather than being cut to "…": the file name is what the user needs to see.
+    table = Table(Column("source", overflow="fold"), "read", "kept", "truncated", "dropped", box=None, pad_edge=False)
     for counts in summary.sources:
         table.add_row(counts.path, *(f"{n:,}" for n in (counts.read, counts.kept, counts.truncated, counts.dropped)))
     console.print(table)

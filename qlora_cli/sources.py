@@ -145,9 +145,14 @@ def _read_saved_dataset(path: Path, split: str) -> list[tuple[str, Any]]:
     return [(f"{path}:row {i + 1}", row) for i, row in enumerate(data)]
 
 
+# A missing `data/train.parquet` is a typo in a path, not a hub id to look up over the network.
+_FILE_SUFFIXES = {".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt", ".gz", ".zip", ".xlsx"}
+
+
 def _looks_like_hub_id(name: str) -> bool:
     parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "." not in parts[1][-6:]
+    return (len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+            and Path(name).suffix.lower() not in _FILE_SUFFIXES)
 
 
 def _read_hub_dataset(name: str, split: str) -> list[tuple[str, Any]]:

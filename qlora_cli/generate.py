@@ -1,0 +1,177 @@
+"""`qlora generate`: prompts -> answers from the trained adapter (or a merged / any model).
+
+Prompts are formatted with the recipe's template and tokenizer, exactly as training formatted
+the same instruction, so the model sees at inference what it learned from.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from qlora_cli.builders import build_generation_config, split_generate
+from qlora_cli.errors import UserError
+from qlora_cli.run_folder import RunFolder
+from qlora_cli.templates import encode_prompt
+
+
+@dataclass
+class Generator:
+    """A loaded model, its tokenizer and how to format and decode for it."""
+
+    model: object
+    tokenizer: object
+    template: str
+    generation_config: object
+    system_prompt: str | None = None
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation ending with a user turn, as training formatted it."""
+        if self.system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        return encode_prompt(messages, self.tokenizer, self.template)
+
+    def answer_batch(self, conversations: list[list[dict]]) -> list[str]:
+        """Answers to several conversations at once (left-padded batch)."""
+        import torch
+
+        prompts = [self.prompt_ids(messages) for messages in conversations]
+        width = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.model.device)
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.model.device)
+        with torch.no_grad():
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention,
+                                         generation_config=self.generation_config)
+        return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
+
+    def stream(self, messages: list[dict]) -> Iterator[str]:
+        """The answer to one conversation, piece by piece as it is generated."""
+        import threading
+
+        import torch
+        from transformers import TextIteratorStreamer
+
+        ids = torch.tensor([self.prompt_ids(messages)], device=self.model.device)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                      generation_config=self.generation_config)
+        thread = threading.Thread(target=self.model.generate, kwargs=kwargs, daemon=True)
+        thread.start()
+        yield from streamer
+        thread.join()
+
+
+def load_generator(recipe, model_path: str | None = None) -> Generator:
+    """The run's base + adapter (4-bit as in training unless generate.quantized=false), or `model_path`."""
+    from qlora_cli.model import load_recipe_tokenizer
+
+    options, _ = split_generate(recipe.generate)
+    tokenizer = load_recipe_tokenizer(recipe)
+    if model_path:
+        model = _load_plain_model(model_path)
+    else:
+        from qlora_cli.merge import check_adapter, load_adapter_model
+
+        adapter = Path(recipe.merge.adapter or RunFolder(recipe.run_dir).adapter)
+        check_adapter(adapter, recipe)
+        model = load_adapter_model(recipe, adapter, quantized=options.quantized)
+    config = build_generation_config(
+        recipe.generate, recipe.origins, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    return Generator(model.eval(), tokenizer, recipe.data.template, config, options.system_prompt)
+
+
+def _load_plain_model(path: str):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    except OSError as err:
+        raise UserError(f"cannot load model `{path}`: {err}", where="--model",
+                        fix="give a merged model folder, a model path or a hub id") from None
+
+
+@dataclass
+class PromptRecord:
+    """One line of a prompts file: the conversation to answer and the record to write back."""
+
+    where: str
+    messages: list[dict]
+    record: dict
+
+
+def read_prompts(path: Path) -> list[PromptRecord]:
+    """Lines of `prompt` (one user turn) or `messages` (ending with a user turn), checked."""
+    if not path.is_file():
+        raise UserError(f"prompts file {path} does not exist", where="--input")
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"malformed JSON: {err.msg} (column {err.colno})", where=where) from None
+        records.append(PromptRecord(where, _messages_of(record, where), record))
+    if not records:
+        raise UserError(f"prompts file {path} has no prompts", where="--input")
+    return records
+
+
+def _messages_of(record, where: str) -> list[dict]:
+    if not isinstance(record, dict):
+        raise UserError("each line must be a JSON object with `prompt` or `messages`", where=where)
+    if isinstance(record.get("prompt"), str):
+        messages = [{"role": "user", "content": record["prompt"]}]
+    elif isinstance(record.get("messages"), list):
+        messages = record["messages"]
+    else:
+        raise UserError(f"line needs `prompt` (text) or `messages` (a list); it has: {', '.join(record) or 'none'}",
+                        where=where)
+    check_prompt(messages, where)
+    return messages
+
+
+def check_prompt(messages: list[dict], where: str) -> None:
+    """A conversation ending with a non-empty user turn."""
+    if not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+        raise UserError("`messages` must be a list of {role, content} objects", where=where)
+    if messages[-1].get("role") != "user":
+        raise UserError("the conversation must end with a user turn to answer", where=where)
+    if not messages[-1]["content"].strip():
+        raise UserError("the prompt is empty", where=where, fix="write a question")
+
+
+def answer_file(generator: Generator, records: list[PromptRecord], output: Path, batch_size: int,
+                resume: bool = False, on_batch: Callable[[int], None] | None = None) -> int:
+    """Answer each record, appending `{...record, "response": ...}` lines to `output` as it goes.
+
+    Lines already in `output` are skipped with `resume`, so an interrupted run keeps its work.
+    Returns how many were answered now.
+    """
+    done = _count_lines(output) if resume else 0
+    if output.exists() and not resume:
+        raise UserError(f"output {output} already exists", where="--output",
+                        fix="add --resume to continue it, or choose another file")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    todo = records[done:]
+    with output.open("a", encoding="utf-8") as out:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            for item, response in zip(batch, generator.answer_batch([r.messages for r in batch])):
+                out.write(json.dumps({**item.record, "response": response}, ensure_ascii=False) + "\n")
+            out.flush()
+            if on_batch:
+                on_batch(len(batch))
+    return len(todo)
+
+
+def _count_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())

@@ -1,0 +1,200 @@
+"""`qlora merge`: base model + the run's LoRA adapter -> a standalone model folder.
+
+The adapter was trained against 4-bit weights. By default (`merge.base: dequantized`) it is
+merged into the base as training saw it — each quantized weight quantized and dequantized
+again — rather than into the original 16-bit weights, which the adapter never saw.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from qlora_cli.atomic import atomic_folder
+from qlora_cli.builders import to_dtype
+from qlora_cli.errors import UserError
+from qlora_cli.run_folder import RunFolder
+
+# Largest logit difference between the merged model and base + adapter (unmerged, same dtype)
+# that is still rounding: merging adds B @ A into weights stored in `dtype`.
+TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.1}
+PROBE_TEXT = "[INST] Explain what a LoRA adapter is. [/INST] A LoRA adapter is a small set of low-rank"
+
+
+class MergeVerificationFailed(Exception):
+    """The merged model does not reproduce base + adapter: a bug, not a user mistake (exit 1)."""
+
+
+@dataclass
+class LogitDifference:
+    max: float
+    mean: float
+
+    def __str__(self) -> str:
+        return f"max {self.max:.3g}, mean {self.mean:.3g}"
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    base: str
+    merged_vs_unmerged: LogitDifference
+    merged_vs_quantized: LogitDifference | None  # against the 4-bit model + adapter, as trained
+
+
+def merge(recipe, *, overwrite: bool = False) -> MergeResult:
+    """Merge the run's adapter into the base model and write `merge.output_dir`, verified."""
+    from qlora_cli.model import load_recipe_tokenizer
+
+    run = RunFolder(recipe.run_dir)
+    adapter = Path(recipe.merge.adapter or run.adapter)
+    output = Path(recipe.merge.output_dir or run.root / "merged")
+    check_adapter(adapter, recipe)
+    check_output(output, overwrite)
+    tokenizer = load_recipe_tokenizer(recipe)
+    model = load_adapter_model(recipe, adapter, quantized=False, dequantize=recipe.merge.base == "dequantized")
+    check_disk(output, model)
+    probe = tokenizer(PROBE_TEXT, return_tensors="pt").input_ids
+    unmerged = _logits(model, probe)
+    merged = model.merge_and_unload()
+    difference = logit_difference(_logits(merged, probe), unmerged)
+    if difference.max > TOLERANCE[recipe.merge.dtype]:
+        raise MergeVerificationFailed(
+            f"the merged model's logits differ from base + adapter by {difference} "
+            f"(tolerance {TOLERANCE[recipe.merge.dtype]} in {recipe.merge.dtype}); nothing was written")
+    quantized = _distance_from_training_view(recipe, adapter, merged, probe)
+    with atomic_folder(output, replace=overwrite) as tmp:
+        merged.save_pretrained(str(tmp), max_shard_size=recipe.merge.max_shard_size, safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "README.md").write_text(_model_card(recipe, adapter, difference, quantized))
+    return MergeResult(output, recipe.merge.base, difference, quantized)
+
+
+def check_adapter(adapter: Path, recipe) -> None:
+    """The adapter folder exists, is a peft adapter, and was trained on the recipe's base model."""
+    config_file = adapter / "adapter_config.json"
+    if not adapter.is_dir():
+        raise UserError(f"adapter folder {adapter} does not exist", where="merge.adapter",
+                        fix="train first (qlora train ...), or point merge.adapter at an adapter folder")
+    if not config_file.is_file():
+        raise UserError(f"{adapter} is not a LoRA adapter: it has no adapter_config.json", where="merge.adapter")
+    trained_on = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    expected = base_model_id(recipe)
+    if trained_on and expected and not _same_model(trained_on, expected):
+        raise UserError(f"the adapter was trained on `{trained_on}`, but the recipe's base model is `{expected}`",
+                        where=str(config_file), fix="use the recipe the adapter was trained with "
+                        "(its run folder's recipe.yaml)")
+
+
+def base_model_id(recipe) -> str | None:
+    """What peft records as the base model: a hub id or path, or the built model's cache folder."""
+    from qlora_cli.model import model_path
+
+    return recipe.model.name_or_path or model_path(recipe)
+
+
+def _same_model(a: str, b: str) -> bool:
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and not overwrite:
+        raise UserError(f"merge output {output} already exists", where="merge.output_dir",
+                        fix="add --overwrite, or set merge.output_dir")
+    parent = next(p for p in [output.parent, *output.parents] if p.exists())
+    probe = parent / f".qlora-write-test-{output.name}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError:
+        raise UserError(f"cannot write {output}: {parent} is not writable", where="merge.output_dir",
+                        fix="choose a folder you can write") from None
+
+
+def check_disk(output: Path, model) -> None:
+    """Refuse before writing when the shards cannot fit."""
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    parent = next(p for p in [output.parent, *output.parents] if p.exists())
+    free = shutil.disk_usage(parent).free
+    if need * 1.05 > free:
+        raise UserError(f"the merged model needs about {need / 2**30:.1f} GiB but {parent} has "
+                        f"{free / 2**30:.1f} GiB free", where="merge.output_dir",
+                        fix="free space, or set merge.output_dir to another disk")
+
+
+def load_adapter_model(recipe, adapter: Path, *, quantized: bool, dequantize: bool = False):
+    """Base model (4-bit, or in `merge.dtype`, optionally as 4-bit weights dequantized) + adapter."""
+    from peft import PeftModel
+
+    from qlora_cli.model import load_base_model
+
+    dtype = None if quantized else to_dtype(recipe.merge.dtype, "merge.dtype")
+    base = load_base_model(recipe, quantized=quantized, dtype=dtype)
+    if dequantize and recipe.quantization and recipe.quantization.get("load_in_4bit"):
+        round_trip_4bit(base, recipe.quantization)
+    return PeftModel.from_pretrained(base, str(adapter)).eval()
+
+
+def round_trip_4bit(model, quantization: dict) -> None:
+    """Replace each weight that training held in 4 bits with its quantized-then-dequantized value.
+
+    Exactly the weights transformers quantizes: every nn.Linear but the output head.
+    """
+    import torch
+    import bitsandbytes.functional as F
+
+    for name, module in model.named_modules():
+        if type(module) is not torch.nn.Linear or name.endswith("lm_head"):
+            continue
+        weight = module.weight.data
+        packed, state = F.quantize_4bit(
+            weight.float(), blocksize=64, quant_type=quantization.get("bnb_4bit_quant_type", "fp4"),
+            compress_statistics=bool(quantization.get("bnb_4bit_use_double_quant", False)),
+        )
+        module.weight.data = F.dequantize_4bit(packed, state).to(weight.dtype)
+
+
+def _logits(model, input_ids):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=input_ids.to(model.device)).logits.float().cpu()
+
+
+def logit_difference(a, b) -> LogitDifference:
+    difference = (a - b).abs()
+    return LogitDifference(difference.max().item(), difference.mean().item())
+
+
+def _distance_from_training_view(recipe, adapter: Path, merged, probe) -> LogitDifference | None:
+    """How far the merged model is from what was trained: the 4-bit base + adapter."""
+    if not recipe.quantization:
+        return None
+    reference = load_adapter_model(recipe, adapter, quantized=True)
+    difference = logit_difference(_logits(merged, probe), _logits(reference, probe))
+    del reference
+    return difference
+
+
+def _model_card(recipe, adapter: Path, difference: LogitDifference, quantized: LogitDifference | None) -> str:
+    base = base_model_id(recipe)
+    how = ("the base weights as training saw them (each 4-bit weight quantized and dequantized again)"
+           if recipe.merge.base == "dequantized" else "the original unquantized base weights")
+    versus = f"\n- logits against the 4-bit base + adapter it was trained as: {quantized}" if quantized else ""
+    return f"""---
+base_model: {base}
+tags: [qlora, merged]
+---
+
+# Merged model
+
+The LoRA adapter `{adapter}` merged into `{base}` with `qlora merge`, in {recipe.merge.dtype}.
+Merged into {how} (`merge.base: {recipe.merge.base}`).
+
+Verification on a probe batch:
+- logits against base + adapter unmerged: {difference}{versus}
+
+Load it with `AutoModelForCausalLM.from_pretrained("<this folder>")`.
+"""

@@ -1,0 +1,103 @@
+"""What the user sees while training: a live rich display on a terminal, plain lines otherwise.
+
+Only rank 0 shows anything.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import TrainerCallback
+
+
+class TrainingProgress(TrainerCallback):
+    """Step of total, epoch, loss, learning rate, tokens/s, elapsed and remaining; eval results."""
+
+    def __init__(self, console: Console, tokens_seen: Callable[[], int]):
+        self.console = console
+        self.tokens_seen = tokens_seen
+        self.live = console.is_terminal
+        self.progress: Progress | None = None
+        self.task = None
+        self.latest: dict = {}
+        self.started = time.monotonic()
+        self.tokens_at_start = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self.started, self.tokens_at_start = time.monotonic(), self.tokens_seen()
+        if self.live:
+            self.progress = Progress(
+                TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(), TextColumn("<"), TimeRemainingColumn(), console=self.console,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, info="")
+
+    def tokens_per_second(self) -> float:
+        return (self.tokens_seen() - self.tokens_at_start) / max(time.monotonic() - self.started, 1e-9)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step, info=self._info(state))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if "loss" in logs or "learning_rate" in logs:
+            self.latest.update(logs)
+        if any(key.startswith("eval_") for key in logs):
+            self._print_eval(state, logs)
+        elif not self.live and "loss" in logs:
+            self.console.print(f"step {state.global_step}/{state.max_steps} {self._info(state)}", highlight=False)
+
+    def _info(self, state) -> str:
+        parts = [f"epoch {state.epoch or 0:.2f}"]
+        if "loss" in self.latest:
+            parts.append(f"loss {self.latest['loss']:.4f}")
+        if "learning_rate" in self.latest:
+            parts.append(f"lr {self.latest['learning_rate']:.2e}")
+        parts.append(f"{self.tokens_per_second():,.0f} tok/s")
+        return "  ".join(parts)
+
+    def _print_eval(self, state, logs: dict) -> None:
+        loss = logs.get("eval_loss")
+        perplexity = f"  perplexity {math.exp(loss):.3f}" if loss is not None and loss < 50 else ""
+        text = f"eval at step {state.global_step}: loss {loss:.4f}{perplexity}" if loss is not None else str(logs)
+        (self.progress.console if self.progress else self.console).print(text, highlight=False)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step, info=self._info(state))
+            self.progress.stop()
+            self.progress = None
+
+
+class TrainReporter:
+    """What `qlora train` tells the user at the start; rank 0 only."""
+
+    def __init__(self, console: Console):
+        import os
+
+        self.console = console
+        self.main = int(os.environ.get("RANK", "0")) == 0
+
+    def data_ready(self, prepared) -> None:
+        from qlora_cli import render
+
+        if self.main:
+            render.prepare_summary(self.console, prepared)
+
+    def model_ready(self, summary, run) -> None:
+        if self.main:
+            for line in summary.lines():
+                self.console.print(line, highlight=False)
+            self.console.print(f"run folder: {run.root}", highlight=False)
+
+    def training_callback(self, tokens_seen: Callable[[], int]) -> TrainerCallback:
+        return TrainingProgress(self.console, tokens_seen)

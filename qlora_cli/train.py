@@ -1,0 +1,228 @@
+"""`qlora train`: the story of a run, top to bottom.
+
+check the recipe against this machine -> claim the run folder -> prepare (or reuse) the data ->
+load the 4-bit base with LoRA -> build the Trainer -> train (stoppable, resumable) -> save the
+adapter, run.json and loss.png.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from qlora_cli.atomic import atomic_folder
+from qlora_cli.errors import UserError, UserErrors
+from qlora_cli.run_folder import (
+    RunFolder, clear_run_folder, draw_loss_plot, library_versions, model_card, now, open_run_folder, write_json,
+)
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+@dataclass
+class TrainResult:
+    """How a run ended and where its files are."""
+
+    run: RunFolder
+    metrics: dict
+    stopped_by: int | None = None  # the signal that stopped it, if any
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES.get(self.stopped_by, 0) if self.stopped_by else 0
+
+
+def train(recipe, *, resume: bool = False, overwrite: bool = False, reporter=None) -> TrainResult:
+    """Train a LoRA adapter as the recipe says; `reporter` (from the CLI) shows progress."""
+    from accelerate import PartialState
+
+    from qlora_cli.model import load_recipe_tokenizer, load_trainable_model, summarize_model
+    from qlora_cli.prepare import prepare_dataset
+
+    state = PartialState()  # joins the process group under torchrun / accelerate launch
+    check_machine(recipe)
+    run = open_run_folder(recipe.run_dir, resume=resume, overwrite=overwrite)
+    tokenizer = load_recipe_tokenizer(recipe)
+    with state.main_process_first():  # rank 0 prepares the data; the others then load it
+        prepared = prepare_dataset(recipe, tokenizer)
+    check_data(recipe, prepared)
+    started = now()
+    if state.is_main_process:
+        if overwrite:
+            clear_run_folder(run)
+        run.root.mkdir(parents=True, exist_ok=True)
+        run.recipe.write_text(recipe.to_yaml())
+    state.wait_for_everyone()
+    if reporter:
+        reporter.data_ready(prepared)
+    model = load_trainable_model(recipe, device_map=_device_map(state))
+    summary = summarize_model(model, recipe.quantization)
+    if reporter:
+        reporter.model_ready(summary, run)
+    trainer, stopper = build_trainer(recipe, model, tokenizer, prepared, run, reporter)
+    stopper.install()
+    try:
+        output = trainer.train(resume_from_checkpoint=str(run.last_checkpoint()) if resume else None)
+    finally:
+        stopper.uninstall()
+    metrics = final_metrics(trainer, output.metrics, stopped=stopper.signal_number is not None)
+    if state.is_main_process:
+        if stopper.signal_number is None:
+            save_adapter(trainer, tokenizer, run, recipe, prepared, metrics)
+        draw_loss_plot(trainer.state.log_history, run.plot)
+        write_json(run.run_json, run_record(recipe, prepared, summary, metrics, started, stopper.signal_number))
+    state.wait_for_everyone()
+    return TrainResult(run, metrics, stopper.signal_number)
+
+
+def check_machine(recipe) -> None:
+    """Refuse, before any weight is loaded, what this machine cannot do."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    training, origins, errors = recipe.training, recipe.origins, []
+
+    def refuse(key: str, why: str, fix: str) -> None:
+        errors.append(UserError(why, where=origins.get(f"training.{key}", f"training.{key}"), fix=fix))
+
+    if training.get("bf16") and not training.get("use_cpu"):
+        refuse("bf16", "`training.bf16: true` needs a CUDA GPU, and this machine has none",
+               "set training.bf16=false to train in fp32 on the CPU")
+    if training.get("fp16"):
+        refuse("fp16", "`training.fp16: true` needs a CUDA GPU, and this machine has none",
+               "set training.fp16=false")
+    optim = str(training.get("optim", ""))
+    if "paged" in optim or "8bit" in optim:
+        refuse("optim", f"`training.optim: {optim}` needs a CUDA GPU (bitsandbytes paged/8-bit optimizer)",
+               "set training.optim=adamw_torch")
+    if errors:
+        raise errors[0] if len(errors) == 1 else UserErrors(errors)
+
+
+def check_data(recipe, prepared) -> None:
+    """Data problems the Trainer would only find later, or never."""
+    dataset, training = prepared.dataset, recipe.training
+    rows = len(dataset["train"])
+    batch = int(training.get("per_device_train_batch_size", 8))
+    if batch > rows:
+        raise UserError(f"`training.per_device_train_batch_size` is {batch} but the training set has only "
+                        f"{rows} rows", where=recipe.origins.get("training.per_device_train_batch_size"),
+                        fix=f"set training.per_device_train_batch_size={rows} or less, or add data")
+    wants_eval = str(training.get("eval_strategy", "no")) != "no" or training.get("load_best_model_at_end")
+    if wants_eval and "validation" not in dataset:
+        raise UserError("the recipe asks for evaluation but there is no validation split",
+                        where=recipe.origins.get("training.eval_strategy", "training.eval_strategy"),
+                        fix="set data.val_size (e.g. 0.1) or data.validation_sources")
+    if "validation" in dataset and len(dataset["validation"]) == 0:
+        raise UserError("the validation split is empty", where="data.validation_sources",
+                        fix="give validation sources with examples, or set data.val_size")
+
+
+def build_trainer(recipe, model, tokenizer, prepared, run: RunFolder, reporter=None):
+    """The Trainer for this run, and the callback that stops it cleanly on a signal."""
+    from qlora_cli.builders import build_training_arguments
+    from qlora_cli.trainer import CountingCollator, QloraTrainer, StopOnSignal
+
+    dataset = prepared.dataset
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run.logs))
+    args = build_training_arguments(recipe.training, recipe.origins, **_run_changes(recipe, run, dataset))
+    collator = CountingCollator(tokenizer.pad_token_id, recipe.model.attn_implementation)
+    stopper = StopOnSignal()
+    trainer = QloraTrainer(
+        model=model, args=args, train_dataset=dataset["train"], eval_dataset=dataset.get("validation"),
+        data_collator=collator, processing_class=tokenizer, callbacks=[stopper],
+    )
+    if reporter:
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # it prints raw dicts; the reporter shows progress
+        trainer.add_callback(reporter.training_callback(lambda: trainer.real_tokens_seen))
+    return trainer, stopper
+
+
+def _run_changes(recipe, run: RunFolder, dataset) -> dict:
+    """TrainingArguments that follow from the run folder and the data, not from the user."""
+    changes = {
+        "output_dir": str(run.checkpoints),
+        "disable_tqdm": True,  # our own progress display instead
+        "remove_unused_columns": False,  # `seq_lengths` must reach the collator
+        "label_names": ["labels"],
+    }
+    import torch
+
+    if not torch.cuda.is_available():
+        changes["dataloader_pin_memory"] = False  # pinning needs an accelerator
+    training = recipe.training
+    if "validation" in dataset and "eval_strategy" not in training:
+        # Evaluate when checkpoints are saved, so load_best_model_at_end can work.
+        changes["eval_strategy"] = training.get("save_strategy", "steps")
+        changes.setdefault("eval_steps", training.get("eval_steps") or training.get("save_steps"))
+    return changes
+
+
+def _device_map(state):
+    import torch
+
+    # Each rank holds the whole 4-bit model on its own GPU (DDP); on the CPU, no map at all.
+    return {"": state.local_process_index} if torch.cuda.is_available() else None
+
+
+def final_metrics(trainer, train_metrics: dict, stopped: bool) -> dict:
+    """Training metrics, plus validation loss and perplexity of the final adapter."""
+    metrics = {k: v for k, v in train_metrics.items() if isinstance(v, (int, float))}
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    if losses:
+        metrics["final_train_loss"] = losses[-1]
+    runtime = metrics.get("train_runtime") or 0
+    metrics["real_tokens"] = trainer.real_tokens_seen
+    metrics["tokens_per_second"] = trainer.real_tokens_seen / runtime if runtime else 0.0
+    if trainer.eval_dataset is not None and not stopped:
+        metrics.update(trainer.evaluate())
+    if "eval_loss" in metrics:
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
+    return metrics
+
+
+def save_adapter(trainer, tokenizer, run: RunFolder, recipe, prepared, metrics: dict) -> None:
+    """adapter/: LoRA weights (safetensors), tokenizer and model card, appearing whole."""
+    with atomic_folder(run.adapter, replace=True) as tmp:
+        trainer.model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        base = recipe.model.name_or_path or f"init_from_config ({recipe.model.init_from_config.get('model_type')})"
+        (tmp / "README.md").write_text(model_card(recipe.to_yaml(), _data_lines(prepared), metrics, base))
+
+
+def _data_lines(prepared) -> dict:
+    s = prepared.summary
+    return {
+        "fingerprint": s.fingerprint,
+        "examples": s.examples,
+        "tokens": s.tokens,
+        "trained share of tokens": f"{100 * s.trained_fraction:.1f}%",
+        "sources": ", ".join(Path(c.path).name for c in s.sources),
+    }
+
+
+def run_record(recipe, prepared, summary, metrics: dict, started: str, stopped_by: int | None) -> dict:
+    """run.json: everything needed to tell later how this run was made and how it went."""
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {
+        "command": sys.argv,
+        "started": started,
+        "ended": now(),
+        "status": f"stopped by {signal.Signals(stopped_by).name}" if stopped_by else "completed",
+        "versions": library_versions(),
+        "device": device,
+        "processes": int(os.environ.get("WORLD_SIZE", "1")),
+        "data_fingerprint": prepared.summary.fingerprint,
+        "parameters": {"trainable": summary.trainable, "total": summary.total},
+        "metrics": metrics,
+        "tokens_per_second": metrics.get("tokens_per_second"),
+    }

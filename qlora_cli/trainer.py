@@ -1,0 +1,119 @@
+"""The Hugging Face Trainer, with what a QLoRA run needs on top of it.
+
+- checkpoints are written to a staging folder and renamed into place when complete, so a
+  kill -9 at any moment leaves the previous checkpoint loadable;
+- SIGINT/SIGTERM finish the current step, save a checkpoint and stop (every rank at the same step);
+- real (non-pad) tokens are counted, for tokens per second.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+from pathlib import Path
+
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import rotate_checkpoints
+
+from qlora_cli.collate import PackedCollator
+
+TOKENS_KEY = "num_real_tokens"
+
+
+class QloraTrainer(Trainer):
+    """Trainer with atomic checkpoints and a count of the real tokens it trained on."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.real_tokens_seen = 0
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.real_tokens_seen += int(inputs.pop(TOKENS_KEY, 0))
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs.pop(TOKENS_KEY, None)
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
+    def _save_checkpoint(self, model, trial):
+        # Let the Trainer write the whole checkpoint into a staging folder, then rename it into
+        # place: `checkpoints/checkpoint-N` exists only once it is complete.
+        final_parent = Path(self.args.output_dir)
+        step = self.state.global_step
+        staging_parent = final_parent / f".staging-{step}"
+        self.args.output_dir = str(staging_parent)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = str(final_parent)
+        self.accelerator.wait_for_everyone()  # every rank has written its RNG state
+        best = self.state.best_global_step
+        if best:
+            self.state.best_model_checkpoint = str(final_parent / f"checkpoint-{best}")
+        if self.args.should_save:
+            staged = staging_parent / f"checkpoint-{step}"
+            self.state.save_to_json(str(staged / "trainer_state.json"))  # with the final paths
+            target = final_parent / f"checkpoint-{step}"
+            if target.exists():
+                shutil.rmtree(target)
+            staged.rename(target)
+            shutil.rmtree(staging_parent, ignore_errors=True)
+            rotate_checkpoints(output_dir=str(final_parent), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+
+class CountingCollator(PackedCollator):
+    """PackedCollator that also reports how many real tokens the batch holds."""
+
+    def __call__(self, rows: list[dict]) -> dict:
+        batch = super().__call__(rows)
+        batch[TOKENS_KEY] = sum(len(row["input_ids"]) for row in rows)
+        return batch
+
+
+class StopOnSignal(TrainerCallback):
+    """On SIGINT/SIGTERM: finish the step, save a checkpoint, stop training.
+
+    In a multi-process run the flag is reduced over all ranks at each step, so every rank
+    stops after the same step even when the signal reached them at different moments.
+    """
+
+    def __init__(self):
+        self.signal_number: int | None = None
+        self._previous = {}
+
+    def install(self) -> None:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            self._previous[number] = signal.signal(number, self._handle)
+
+    def uninstall(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _handle(self, number, frame) -> None:
+        if self.signal_number is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
+        self.signal_number = number
+
+    def on_step_end(self, args, state, control, **kwargs):
+        number = _reduce_max(self.signal_number or 0)
+        if number:
+            self.signal_number = number
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def _reduce_max(value: int) -> int:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    import torch
+
+    tensor = torch.tensor([value], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())

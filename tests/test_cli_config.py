@@ -1,0 +1,157 @@
+"""`qlora config show|explain|validate` through the real command: exit codes, messages without
+tracebacks, output that is a recipe again, and origins for every value."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from qlora_cli.cli import app
+from qlora_cli.recipe import load_recipe
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+SHIPPED = sorted(RECIPES.glob("*.yaml"))
+
+
+def qlora(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def line_of(path: Path, text: str) -> int:
+    """1-based line of the first line of `path` that starts with `text` (ignoring indentation)."""
+    return next(n for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip().startswith(text))
+
+
+def explain_rows(output: str) -> dict[str, tuple[str, str]]:
+    """key -> (value, origin) from the table: columns are at least two spaces apart."""
+    rows = {}
+    for line in output.splitlines()[1:]:
+        key, value, origin = re.split(r"\s{2,}", line.strip())
+        rows[key] = (value, origin)
+    return rows
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+ERRORS = {
+    "unknown key": (["tiny-mistral", "lora.rank=4"], "unknown key `lora.rank` (did you mean `r`?)"),
+    "wrong type": (["tiny-mistral", "lora.r=four"], "`lora.r` is 'four' (str); expected int"),
+    "library objection": (["tiny-mistral", "training.load_best_model_at_end=true"],
+                          "TrainingArguments rejects"),
+    "unknown section": (["tiny-mistral", "lorra.r=4"], "unknown section `lorra` (did you mean `lora`?)"),
+    "missing recipe": (["no-such-recipe"], "recipe `no-such-recipe` not found"),
+    "bad interpolation": (["tiny-mistral", "training.run_name=${nope}"], "interpolation failed"),
+    "bad dtype": (["tiny-mistral", "model.dtype=fp32"], "`model.dtype` is 'fp32', which is not a torch dtype"),
+    "delete a missing key": (["tiny-mistral", "~lora.rank"], "cannot delete `lora.rank`"),
+}
+
+
+@pytest.mark.parametrize("command", ["validate", "show", "explain"])
+@pytest.mark.parametrize("args, message", ERRORS.values(), ids=ERRORS.keys())
+def test_every_user_mistake_exits_2_with_a_message_and_no_traceback(workdir, command, args, message):
+    result = qlora("config", command, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and result.stderr.startswith("error:")
+    assert "Traceback" not in result.output and result.stdout == ""
+
+
+def test_recipe_file_errors_name_file_and_line_and_are_all_reported(workdir):
+    (workdir / "mine.yaml").write_text("extends: tiny-mistral\nlora:\n  rank: 4\ntraining:\n  lr: 1.0e-4\n")
+    result = qlora("config", "validate", "mine.yaml", "merge.dtype=int8")
+    assert result.exit_code == 2
+    assert "mine.yaml:3: unknown key `lora.rank` (did you mean `r`?)" in result.stderr
+    assert "mine.yaml:5: unknown key `training.lr` (did you mean `learning_rate`?)" in result.stderr
+    assert "override: `merge.dtype` is 'int8'" in result.stderr
+
+
+def test_an_extends_cycle_exits_2_naming_both_files(workdir):
+    (workdir / "a.yaml").write_text("extends: b.yaml\n")
+    (workdir / "b.yaml").write_text("extends: a.yaml\n")
+    result = qlora("config", "validate", "a.yaml")
+    assert result.exit_code == 2 and "cycle" in result.stderr
+    assert str(workdir / "a.yaml") in result.stderr and str(workdir / "b.yaml") in result.stderr
+
+
+def test_a_missing_recipe_lists_the_search_path(workdir, monkeypatch):
+    monkeypatch.setenv("QLORA_RECIPE_PATH", str(workdir / "team"))
+    result = qlora("config", "validate", "no-such-recipe")
+    assert result.exit_code == 2
+    assert str(RECIPES) in result.stderr and str(workdir / "team") in result.stderr
+
+
+def test_the_real_command_exits_2_without_a_traceback(workdir):
+    result = subprocess.run([sys.executable, "-m", "qlora_cli", "config", "validate", "tiny-mistral", "lora.rank=4"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "unknown key `lora.rank` (did you mean `r`?)" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_validate_exits_0_on_every_shipped_recipe(workdir, path):
+    by_path, by_name = qlora("config", "validate", str(path)), qlora("config", "validate", path.stem)
+    assert by_path.exit_code == 0, by_path.output
+    assert by_name.exit_code == 0, by_name.output
+    assert "valid recipe" in by_path.stdout
+
+
+def test_show_piped_is_a_recipe_that_loads_to_the_same_config(workdir):
+    overrides = ["lora.r=8", "training.learning_rate=1e-4", "lora.target_modules=[q_proj,v_proj]",
+                 "training.run_name='1e-4'"]
+    result = qlora("config", "show", "tiny-mistral", *overrides)
+    assert result.exit_code == 0, result.output
+    (workdir / "resolved.yaml").write_text(result.stdout)
+    again = load_recipe(["resolved.yaml"])
+    assert again.resolved == load_recipe(["tiny-mistral"], overrides).resolved
+    assert again.training["run_name"] == "1e-4"
+    assert qlora("config", "validate", "resolved.yaml").exit_code == 0
+
+
+def test_explain_gives_each_value_its_origin(workdir):
+    result = qlora("config", "explain", "tiny-mistral", "training.learning_rate=1e-4",
+                   "lora.target_modules=[q_proj,v_proj]")
+    assert result.exit_code == 0, result.output
+    rows = explain_rows(result.stdout)
+    tiny, base = RECIPES / "tiny-mistral.yaml", RECIPES / "mistral7b.yaml"
+    assert rows["lora.lora_dropout"] == ("0.0", f"{tiny}:{line_of(tiny, 'lora_dropout:')}")
+    assert rows["training.lr_scheduler_type"] == ("cosine", f"{base}:{line_of(base, 'lr_scheduler_type:')}")
+    assert rows["training.learning_rate"] == ("0.0001", "override")
+    assert rows["lora.target_modules"] == ("['q_proj', 'v_proj']", "override")
+    assert rows["training.adam_beta1"] == ("0.9", "default (TrainingArguments)")
+    assert rows["lora.use_dora"] == ("False", "default (LoraConfig)")
+    assert rows["data.overlong"] == ("truncate", "default (qlora)")
+
+
+def test_explain_lists_a_key_once_even_when_the_recipe_sets_what_is_inside_it(workdir):
+    result = qlora("config", "explain", "tiny-mistral")
+    keys = [line.split()[0] for line in result.stdout.splitlines()[1:]]
+    assert len(keys) == len(set(keys))
+    assert "model.init_from_config" not in keys and "model.init_from_config.hidden_size" in keys
+    assert "data.sources" not in keys and "data.sources.0.path" in keys
+
+
+def test_explain_shows_a_deleted_key_as_the_library_default(workdir):
+    rows = explain_rows(qlora("config", "explain", "tiny-mistral", "~training.seed").stdout)
+    assert rows["training.seed"] == ("42", "default (TrainingArguments)")
+
+
+def test_help_answers_without_importing_torch():
+    code = ("import sys\nfrom qlora_cli.cli import app\n"
+            "try:\n    app(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+            "try:\n    app(['config', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules)\n"
+            "print('HEAVY', heavy)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "COLUMNS": "120"})
+    assert result.returncode == 0, result.stderr
+    assert "config" in result.stdout and "HEAVY []" in result.stdout

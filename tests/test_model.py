@@ -1,0 +1,150 @@
+"""model.py: the tiny recipe loads as a 4-bit base with trainable LoRA on the CPU, its random base
+model is built once and reused, and custom model code never runs unless the recipe allows it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qlora_cli.errors import UserError
+from qlora_cli.model import build_init_model, load_base_model, load_recipe_tokenizer, summarize_model
+from qlora_cli.recipe import load_recipe
+
+from conftest import TINY_OVERRIDES
+
+
+def lora_pairs(model):
+    """(base Linear4bit, lora_A, lora_B) for every LoRA-wrapped layer."""
+    import bitsandbytes as bnb
+
+    return [
+        (module.base_layer, module.lora_A["default"], module.lora_B["default"])
+        for module in model.modules()
+        if hasattr(module, "lora_A") and isinstance(getattr(module, "base_layer", None), bnb.nn.Linear4bit)
+    ]
+
+
+def test_the_tiny_recipe_loads_with_4bit_linear_layers(tiny_model, tiny_recipe):
+    import bitsandbytes as bnb
+    from peft import PeftModel
+
+    assert isinstance(tiny_model, PeftModel)
+    layers = tiny_recipe.model.init_from_config["num_hidden_layers"]
+    quantized = [m for m in tiny_model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 7 * layers  # q, k, v, o, gate, up, down in each decoder layer
+    assert all(m.weight.dtype == torch.uint8 and m.weight.quant_state.quant_type == "nf4" for m in quantized)
+    assert all(m.compute_dtype == torch.float32 for m in quantized)
+
+
+def test_lora_wraps_every_linear_layer_and_only_lora_weights_train(tiny_model):
+    pairs = lora_pairs(tiny_model)
+    assert len(pairs) == 14  # target_modules: all-linear
+    for name, param in tiny_model.named_parameters():
+        assert param.requires_grad == ("lora_" in name), name
+
+
+def test_the_trainable_count_is_exactly_the_lora_shapes(tiny_model, tiny_recipe):
+    r = tiny_recipe.lora["r"]
+    pairs = lora_pairs(tiny_model)
+    assert all(a.weight.shape == (r, base.in_features) and b.weight.shape == (base.out_features, r)
+               for base, a, b in pairs)
+    expected = sum(r * (base.in_features + base.out_features) for base, _, _ in pairs)
+    summary = summarize_model(tiny_model, tiny_recipe.quantization)
+    assert summary.trainable == expected == 8192  # 2 layers x 4 x (4x(64+64) + 2x(64+32) + 3x(64+128))
+    assert summary.total == expected + 2 * 32000 * 64 + 2 * 36864 + 5 * 64  # 4-bit weights at logical size
+    assert summary.quantization == "4-bit nf4 + double quantization, compute in float32"
+
+
+def test_the_init_from_config_model_is_built_once_and_reused(tiny_model, tiny_recipe, qlora_cache):
+    tokenizer = load_recipe_tokenizer(tiny_recipe)
+    folder = build_init_model(tiny_recipe.model.init_from_config, tokenizer)
+    weights = folder / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert build_init_model(tiny_recipe.model.init_from_config, tokenizer) == folder
+    assert weights.stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in (qlora_cache / "models").iterdir()) == [folder.name]  # nothing half-written
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["hidden_size"], config["vocab_size"]) == (64, 32000)
+    # the trainable model was loaded from that folder, and a second load gets the same weights
+    assert tiny_model.base_model.model.config._name_or_path == str(folder)
+    again = load_base_model(tiny_recipe)
+    assert torch.equal(again.model.embed_tokens.weight, tiny_model.base_model.model.model.embed_tokens.weight)
+
+
+def test_a_different_init_config_builds_a_different_model(tiny_recipe):
+    tokenizer = load_recipe_tokenizer(tiny_recipe)
+    first = build_init_model(tiny_recipe.model.init_from_config, tokenizer)
+    other = build_init_model({**tiny_recipe.model.init_from_config, "seed": 1}, tokenizer)
+    assert other != first and (other / "model.safetensors").is_file()
+
+
+def test_init_from_config_without_model_type_is_a_recipe_error(tiny_recipe):
+    tokenizer = load_recipe_tokenizer(tiny_recipe)
+    init = {k: v for k, v in tiny_recipe.model.init_from_config.items() if k != "model_type"}
+    with pytest.raises(UserError, match="needs `model_type`"):
+        build_init_model(init, tokenizer)
+
+
+def test_the_tiny_recipe_uses_the_mistral_common_v1_tokenizer(tiny_recipe):
+    tokenizer = load_recipe_tokenizer(tiny_recipe)
+    assert tokenizer("[INST]", add_special_tokens=False).input_ids == [733, 16289, 28793]
+    assert tokenizer.pad_token == "<unk>" and tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+@pytest.fixture(scope="module")
+def custom_code_model(tmp_path_factory, tiny_recipe):
+    """A local model folder whose config asks to run its own Python file, which leaves a mark."""
+    folder = tmp_path_factory.mktemp("custom-code-model")
+    built = build_init_model(tiny_recipe.model.init_from_config, load_recipe_tokenizer(tiny_recipe))
+    config = json.loads((built / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "custom.CustomConfig", "AutoModelForCausalLM": "custom.CustomModel"}
+    config["model_type"] = "qlora-test-custom"
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").symlink_to(built / "model.safetensors")
+    (folder / "custom.py").write_text(
+        "from pathlib import Path\n"
+        "Path(__file__).with_name('ran').touch()\n"
+        "from transformers import MistralConfig, MistralForCausalLM\n"
+        "class CustomConfig(MistralConfig):\n    model_type = 'qlora-test-custom'\n"
+        "class CustomModel(MistralForCausalLM):\n    config_class = CustomConfig\n"
+    )
+    return folder
+
+
+def custom_code_recipe(folder, *overrides):
+    return load_recipe(["tiny-mistral"], [f"model.name_or_path={folder}", "~model.init_from_config",
+                                          "~quantization", *overrides])
+
+
+@pytest.fixture
+def modules_cache(tmp_path, monkeypatch):
+    """Where transformers copies a model's own code before running it (default: ~/.cache)."""
+    folder = tmp_path / "modules"
+    monkeypatch.setattr("transformers.dynamic_module_utils.HF_MODULES_CACHE", str(folder))
+    return folder
+
+
+def code_ran(folder) -> bool:
+    return folder.exists() and any(folder.rglob("ran"))
+
+
+def test_custom_model_code_does_not_run_unless_the_recipe_allows_it(custom_code_model, modules_cache):
+    recipe = custom_code_recipe(custom_code_model)
+    assert recipe.model.trust_remote_code is False
+    with pytest.raises(UserError, match="custom code") as excinfo:
+        load_base_model(recipe)
+    assert excinfo.value.where == "model.trust_remote_code"
+    assert not code_ran(modules_cache) and not code_ran(custom_code_model)
+
+
+def test_trust_remote_code_set_in_the_recipe_reaches_the_loader(custom_code_model, modules_cache):
+    recipe = custom_code_recipe(custom_code_model, "model.trust_remote_code=true")
+    model = load_base_model(recipe)
+    assert type(model).__name__ == "CustomModel" and code_ran(modules_cache)
+
+
+def test_tiny_overrides_keep_the_recipe_valid():
+    # The shrunken recipe the fixtures use must stay a recipe the validator accepts.
+    assert load_recipe(["tiny-mistral"], TINY_OVERRIDES).model.init_from_config["hidden_size"] == 64

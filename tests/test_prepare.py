@@ -1,0 +1,289 @@
+"""prepare.py: labels train exactly the answers, lengths are enforced and counted, splits and
+shuffles follow the recipe, and the cache is reused only when nothing that shapes tokens changed."""
+
+from __future__ import annotations
+
+import json
+import re
+import pytest
+from typer.testing import CliRunner
+
+from qlora_cli.cli import app
+from qlora_cli.errors import UserError
+from qlora_cli.prepare import build_dataset, data_fingerprint, prepare_dataset
+from qlora_cli.recipe import load_recipe
+from qlora_cli.templates import IGNORE_INDEX
+
+CHAT = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "Capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "And of Italy?"},
+    {"role": "assistant", "content": "Rome is the capital."},
+]
+
+
+def build(data_recipe, data: dict, tokenizer, seed: int = 42, **overrides):
+    """(DatasetDict, PrepareSummary) for a data section, unpacked unless it says otherwise."""
+    recipe = load_recipe([str(data_recipe({"packing": False, **data}))], [f"{k}={v}" for k, v in overrides.items()])
+    return build_dataset(recipe.data, tokenizer, seed, "test")
+
+
+def trained_runs(ids: list[int], labels: list[int]) -> list[list[int]]:
+    """The maximal runs of positions whose label is their own id (the tokens the loss trains)."""
+    runs, current = [], []
+    for token, label in zip(ids, labels):
+        if label == token:
+            current.append(token)
+        else:
+            assert label == IGNORE_INDEX, "a label is either the token's id or -100"
+            if current:
+                runs.append(current)
+            current = []
+    return runs + ([current] if current else [])
+
+
+def numbered_texts(count: int, answer_words: int = 1) -> list[dict]:
+    return [{"text": f"<s>[INST] question {i} [/INST] {' '.join(['answer'] * answer_words)} {i}</s>"}
+            for i in range(count)]
+
+
+# ---------------------------------------------------------------- labels
+
+
+def test_responses_train_each_answer_and_its_eos_and_nothing_else(data_recipe, write_jsonl, v1_tokenizer):
+    path = write_jsonl([{"messages": CHAT}])
+    dataset, _ = build(data_recipe, {"sources": [{"path": path, "format": "chat"}]}, v1_tokenizer)
+    row = dataset["train"][0]
+    runs = trained_runs(row["input_ids"], row["labels"])
+    eos = v1_tokenizer.eos_token_id
+    assert [v1_tokenizer.decode(run) for run in runs] == ["Paris.</s>", "Rome is the capital.</s>"]
+    assert all(run[-1] == eos for run in runs)
+    untrained = v1_tokenizer.decode([t for t, l in zip(row["input_ids"], row["labels"]) if l == IGNORE_INDEX])
+    assert "Answer briefly." in untrained and "Capital of France?" in untrained and "[/INST]" in untrained
+    assert row["input_ids"][0] == v1_tokenizer.bos_token_id and row["labels"][0] == IGNORE_INDEX
+
+
+@pytest.mark.parametrize("format, row", [
+    ("alpaca", {"instruction": "Translate", "input": "chat", "output": "cat"}),
+    ("completion", {"prompt": "Once upon", "completion": "a time"}),
+    ("text", {"text": "<s>[INST] Once upon [/INST] a time</s>"}),
+])
+def test_responses_train_only_the_answer_in_every_format(data_recipe, write_jsonl, v1_tokenizer, format, row):
+    dataset, _ = build(data_recipe, {"sources": [{"path": write_jsonl([row]), "format": format}]}, v1_tokenizer)
+    out = dataset["train"][0]
+    answer = {"alpaca": "cat", "completion": "a time", "text": "a time"}[format]
+    assert [v1_tokenizer.decode(r) for r in trained_runs(out["input_ids"], out["labels"])] == [f"{answer}</s>"]
+
+
+def test_train_on_all_trains_every_token(data_recipe, write_jsonl, v1_tokenizer):
+    path = write_jsonl([{"messages": CHAT}])
+    dataset, summary = build(data_recipe, {"sources": [{"path": path, "format": "chat"}], "train_on": "all"},
+                             v1_tokenizer)
+    row = dataset["train"][0]
+    assert row["labels"] == row["input_ids"]
+    assert summary.trained_tokens["train"] == summary.tokens["train"]
+
+
+def test_text_format_turns_s_markers_into_single_special_ids_and_never_doubles_bos(
+        data_recipe, write_jsonl, v1_tokenizer):
+    rows = [{"text": "<s>[INST] Hi [/INST] Hello</s>"}, {"text": "[INST] Hi [/INST] Hello</s>"},
+            {"text": "<s>[INST] Hi [/INST] Hello</s><s>[INST] Again [/INST] Bye</s>"}]
+    dataset, _ = build(data_recipe, {"sources": [{"path": write_jsonl(rows), "format": "text"}], "shuffle": False},
+                       v1_tokenizer)
+    bos, eos = v1_tokenizer.bos_token_id, v1_tokenizer.eos_token_id
+    with_bos, without_bos, two_turns = dataset["train"]["input_ids"]
+    assert with_bos == without_bos
+    assert with_bos[:2] != [bos, bos] and with_bos.count(bos) == 1 and with_bos[0] == bos
+    assert with_bos[-1] == eos and with_bos.count(eos) == 1
+    assert two_turns.count(bos) == 2 and two_turns.count(eos) == 2
+    pieces = v1_tokenizer.convert_ids_to_tokens(two_turns)
+    assert not any(p in pieces for p in ("<", "▁<", "s", ">")), "the markers are special ids, not text"
+
+
+def test_plain_text_with_train_on_all_gets_one_bos_and_eos_ids(data_recipe, write_jsonl, v1_tokenizer):
+    path = write_jsonl([{"text": "<s>Some prose about cats.</s>"}])
+    dataset, _ = build(data_recipe, {"sources": [{"path": path, "format": "text"}], "train_on": "all"}, v1_tokenizer)
+    ids = dataset["train"][0]["input_ids"]
+    assert ids[0] == v1_tokenizer.bos_token_id and ids[1] != v1_tokenizer.bos_token_id
+    assert ids[-1] == v1_tokenizer.eos_token_id
+    assert v1_tokenizer.decode(ids[1:-1]) == "Some prose about cats."
+
+
+# ---------------------------------------------------------------- max_length
+
+
+def _mixed_lengths(write_jsonl):
+    # 3 short examples; 2 long ones whose answer starts well before max_length; 1 whose answer starts after it
+    rows = numbered_texts(3) + numbered_texts(2, answer_words=40)
+    rows.append({"text": f"<s>[INST] {'long question ' * 30} [/INST] a</s>"})
+    return write_jsonl(rows)
+
+
+def test_overlong_truncate_cuts_to_max_length_and_counts(data_recipe, write_jsonl, v1_tokenizer):
+    source = {"path": _mixed_lengths(write_jsonl), "format": "text"}
+    dataset, summary = build(data_recipe, {"sources": [source], "max_length": 24, "overlong": "truncate"}, v1_tokenizer)
+    counts = summary.sources[0]
+    assert (counts.read, counts.kept, counts.truncated, counts.dropped) == (6, 5, 2, 1)
+    assert max(len(ids) for ids in dataset["train"]["input_ids"]) == 24
+    assert summary.examples["train"] == 5
+
+
+def test_overlong_drop_leaves_out_long_examples_and_counts(data_recipe, write_jsonl, v1_tokenizer):
+    source = {"path": _mixed_lengths(write_jsonl), "format": "text"}
+    dataset, summary = build(data_recipe, {"sources": [source], "max_length": 24, "overlong": "drop"}, v1_tokenizer)
+    counts = summary.sources[0]
+    assert (counts.read, counts.kept, counts.truncated, counts.dropped) == (6, 3, 0, 3)
+    assert len(dataset["train"]) == 3
+
+
+def test_overlong_error_names_the_example(data_recipe, write_jsonl, v1_tokenizer):
+    path = _mixed_lengths(write_jsonl)
+    with pytest.raises(UserError, match="more than data.max_length=24") as err:
+        build(data_recipe, {"sources": [{"path": path, "format": "text"}], "max_length": 24, "overlong": "error"},
+              v1_tokenizer)
+    assert err.value.where == f"{path}:4"
+
+
+def test_a_template_error_names_the_file_and_line(data_recipe, write_jsonl, v1_tokenizer):
+    path = write_jsonl(numbered_texts(2) + [{"text": "prose without turns"}])
+    with pytest.raises(UserError, match="does not follow") as err:
+        build(data_recipe, {"sources": [{"path": path, "format": "text"}]}, v1_tokenizer)
+    assert err.value.where == f"{path}:3"
+
+
+# ---------------------------------------------------------------- splits and order
+
+
+@pytest.mark.parametrize("val_size, expected", [(0.2, 4), (3, 3)])
+def test_val_size_as_fraction_or_count(data_recipe, write_jsonl, v1_tokenizer, val_size, expected):
+    source = {"path": write_jsonl(numbered_texts(20)), "format": "text"}
+    dataset, summary = build(data_recipe, {"sources": [source], "val_size": val_size}, v1_tokenizer)
+    assert summary.examples == {"train": 20 - expected, "validation": expected}
+    assert (len(dataset["train"]), len(dataset["validation"])) == (20 - expected, expected)
+    train = {tuple(ids) for ids in dataset["train"]["input_ids"]}
+    assert not train & {tuple(ids) for ids in dataset["validation"]["input_ids"]}
+
+
+def test_val_size_that_leaves_no_training_data_is_refused(data_recipe, write_jsonl, v1_tokenizer):
+    source = {"path": write_jsonl(numbered_texts(3)), "format": "text"}
+    with pytest.raises(UserError, match="val_size"):
+        build(data_recipe, {"sources": [source], "val_size": 3}, v1_tokenizer)
+
+
+def test_validation_sources_become_the_validation_split(data_recipe, write_jsonl, v1_tokenizer):
+    train, held_out = write_jsonl(numbered_texts(5), "train.jsonl"), write_jsonl(numbered_texts(2, 3), "val.jsonl")
+    dataset, summary = build(data_recipe, {"sources": [{"path": train, "format": "text"}],
+                                           "validation_sources": [{"path": held_out, "format": "text"}]}, v1_tokenizer)
+    assert summary.examples == {"train": 5, "validation": 2}
+    assert all("answer answer answer" in v1_tokenizer.decode(ids) for ids in dataset["validation"]["input_ids"])
+
+
+def _order(data_recipe, write_jsonl, tokenizer, seed, **data):
+    source = {"path": write_jsonl(numbered_texts(30)), "format": "text"}
+    dataset, _ = build(data_recipe, {"sources": [source], **data}, tokenizer, seed=seed)
+    return [tokenizer.decode(ids).split()[-1] for ids in dataset["train"]["input_ids"]]
+
+
+def test_shuffle_follows_the_seed_and_can_be_turned_off(data_recipe, write_jsonl, v1_tokenizer):
+    first = _order(data_recipe, write_jsonl, v1_tokenizer, 1)
+    assert first == _order(data_recipe, write_jsonl, v1_tokenizer, 1)
+    assert first != _order(data_recipe, write_jsonl, v1_tokenizer, 2)
+    assert sorted(first) == sorted(_order(data_recipe, write_jsonl, v1_tokenizer, 2))
+    assert _order(data_recipe, write_jsonl, v1_tokenizer, 1, shuffle=False) == [f"{i}</s>" for i in range(30)]
+
+
+def test_weight_mixes_sources(data_recipe, write_jsonl, v1_tokenizer):
+    a = write_jsonl(numbered_texts(10), "a.jsonl")
+    b = write_jsonl([{"text": f"<s>[INST] other {i} [/INST] b</s>"} for i in range(10)], "b.jsonl")
+    _, summary = build(data_recipe, {"sources": [{"path": a, "format": "text", "weight": 2.0},
+                                                 {"path": b, "format": "text", "weight": 0.3}]}, v1_tokenizer)
+    assert [(c.read, c.kept) for c in summary.sources] == [(20, 20), (3, 3)]
+    assert summary.examples["train"] == 23
+
+
+# ---------------------------------------------------------------- the cache
+
+
+def test_same_fingerprint_is_reused_and_says_so(data_recipe, write_jsonl, v1_tokenizer):
+    recipe = load_recipe([str(data_recipe({"sources": [{"path": write_jsonl(numbered_texts(4)), "format": "text"}]}))])
+    first = prepare_dataset(recipe, v1_tokenizer)
+    again = prepare_dataset(recipe, v1_tokenizer)
+    assert (first.reused, again.reused) == (False, True)
+    assert first.path == again.path and first.path.name == first.summary.fingerprint
+    assert again.dataset["train"]["input_ids"] == first.dataset["train"]["input_ids"]
+    assert prepare_dataset(recipe, v1_tokenizer, force=True).reused is False
+    assert [p.name for p in first.path.parent.iterdir()] == [first.path.name], "no temporary folder left"
+
+
+def test_fingerprint_changes_with_the_data_bytes_the_data_section_and_the_tokenizer(
+        data_recipe, write_jsonl, v1_tokenizer):
+    from qlora_cli.tokenizer import load_tokenizer
+
+    path = write_jsonl(numbered_texts(4))
+    recipe = load_recipe([str(data_recipe({"sources": [{"path": path, "format": "text"}]}))])
+    before = data_fingerprint(recipe.data, v1_tokenizer, 42)
+    assert data_fingerprint(recipe.data, v1_tokenizer, 42) == before
+    assert data_fingerprint(recipe.data, load_tokenizer("mistral-common:v3"), 42) != before
+    assert data_fingerprint(recipe.data, v1_tokenizer, 7) != before
+    for override in ("data.max_length=128", "data.train_on=all", "data.sources.0.limit=2"):
+        changed = load_recipe([str(data_recipe({"sources": [{"path": path, "format": "text"}]}))], [override])
+        assert data_fingerprint(changed.data, v1_tokenizer, 42) != before, override
+    moved = load_recipe([str(data_recipe({"sources": [{"path": path, "format": "text"}]}))],
+                        ["data.prepared_dir=elsewhere", "data.num_proc=2"])
+    assert data_fingerprint(moved.data, v1_tokenizer, 42) == before, "where it is cached does not shape tokens"
+    with path.open("a") as f:
+        f.write(json.dumps({"text": "<s>[INST] one more [/INST] row</s>"}) + "\n")
+    assert data_fingerprint(recipe.data, v1_tokenizer, 42) != before
+
+
+def test_a_changed_file_is_prepared_again(data_recipe, write_jsonl, v1_tokenizer):
+    path = write_jsonl(numbered_texts(4))
+    recipe = load_recipe([str(data_recipe({"sources": [{"path": path, "format": "text"}]}))])
+    first = prepare_dataset(recipe, v1_tokenizer)
+    write_jsonl(numbered_texts(6))
+    second = prepare_dataset(recipe, v1_tokenizer)
+    assert second.reused is False and second.path != first.path and second.summary.examples["train"] == 6
+
+
+def test_a_failed_prepare_leaves_no_folder(data_recipe, write_jsonl, v1_tokenizer, tmp_path):
+    path = write_jsonl(numbered_texts(2) + [{"text": 5}])
+    recipe = load_recipe([str(data_recipe({"sources": [{"path": path, "format": "text"}]}))])
+    with pytest.raises(UserError):
+        prepare_dataset(recipe, v1_tokenizer)
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_atomic_folder_appears_whole_or_not_at_all(tmp_path):
+    from qlora_cli.atomic import atomic_folder
+
+    target = tmp_path / "prepared" / "abc"
+    with pytest.raises(RuntimeError):
+        with atomic_folder(target, replace=True) as tmp:
+            (tmp / "half.arrow").write_text("x")
+            raise RuntimeError("disk full")
+    assert list((tmp_path / "prepared").iterdir()) == []
+    with atomic_folder(target, replace=True) as tmp:
+        (tmp / "whole.arrow").write_text("x")
+        assert not target.exists()
+    assert [p.name for p in (tmp_path / "prepared").iterdir()] == ["abc"]
+    assert [p.name for p in target.iterdir()] == ["whole.arrow"]
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_prepare_command_prints_the_summary_and_show_prints_the_example(data_recipe, write_jsonl):
+    rows = [{"text": "<s>[INST] What is the capital of France? [/INST] Paris.</s>"}]
+    rows += [{"text": f"<s>[INST] {'word ' * 300} [/INST] long</s>"}]
+    recipe = data_recipe({"sources": [{"path": write_jsonl(rows), "format": "text"}], "overlong": "drop"})
+    result = CliRunner().invoke(app, ["prepare", str(recipe), "--show", "1"])
+    assert result.exit_code == 0, result.output
+    output = result.stdout
+    assert "What is the capital of France? [/INST] Paris.</s>" in " ".join(output.split())
+    assert "example 1" in output and "example 2" not in output
+    assert "data prepared" in output and "train: 1 examples in 1 rows" in output
+    assert re.search(r"\s2\s+1\s+0\s+1\s", output), output  # read, kept, truncated, dropped
+    assert "data.jsonl" in output and "…" not in output, "a long source path wraps, never cut"
+    again = CliRunner().invoke(app, ["prepare", str(recipe)])
+    assert again.exit_code == 0 and "data reused" in again.stdout
