@@ -4,11 +4,14 @@ TrainingArguments, GenerationConfig. Their keys are checked against the classes 
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from typing import Any
 
 from qlora_cli.errors import UserError
-from qlora_cli.sections import GenerateOptions, check_keys, dataclass_annotations, signature_annotations
+from qlora_cli.sections import (
+    GenerateOptions, check_keys, dataclass_annotations, matches_type, signature_annotations,
+)
 
 
 def to_dtype(value: Any, where: str, key: str | None = None):
@@ -115,7 +118,9 @@ def check_library_sections(config: dict, origins: dict[str, str]) -> list[UserEr
         if not isinstance(values, dict):
             errors.append(UserError(f"`{section}` must be a mapping of keys", where=origins.get(section, section)))
             continue
-        section_errors = check_keys(values, keys(), section, origins, extra_keys=extra)
+        annotations = keys()
+        restore_yaml_no(values, annotations)
+        section_errors = check_keys(values, annotations, section, origins, extra_keys=extra)
         if not section_errors:
             try:
                 build(values, origins)
@@ -123,6 +128,14 @@ def check_library_sections(config: dict, origins: dict[str, str]) -> list[UserEr
                 section_errors = getattr(err, "errors", [err])
         errors += section_errors
     return errors
+
+
+def restore_yaml_no(values: dict, annotations: dict) -> None:
+    """YAML 1.1 reads a bare `no` as false; `save_strategy: no` means the string "no"."""
+    for key, value in values.items():
+        annotation = annotations.get(key)
+        if value is False and annotation and not matches_type(False, annotation) and matches_type("no", annotation):
+            values[key] = "no"
 
 
 def _build_training_for_check(training: dict, origins: dict[str, str]):
@@ -143,7 +156,8 @@ def _construct(cls, values: dict, section: str, origins: dict[str, str]):
 
 def _library_error(section: str, cls_name: str, err: Exception, values: dict, origins: dict[str, str]):
     message = str(err).strip()
-    named = [key for key in values if key in message]
+    # Whole words only: `seed` must not be blamed for a message about `data_seed`.
+    named = [key for key in values if re.search(rf"\b{re.escape(key)}\b", message)]
     keys = ", ".join(f"`{section}.{key}`" for key in named) or f"`{section}`"
     where = origins.get(f"{section}.{named[0]}", section) if named else section
     return UserError(f"{cls_name} rejects {keys}: {message}", where=where)

@@ -16,6 +16,7 @@ from typing import Callable
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from qlora_cli.errors import UserError
 
@@ -53,7 +54,7 @@ def user_command(func: Callable) -> Callable:
         try:
             return func(*args, **kwargs)
         except UserError as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, markup=True, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
@@ -61,7 +62,7 @@ def user_command(func: Callable) -> Callable:
             if _state["debug"]:
                 traceback.print_exc()
             else:
-                err_console.print(f"[bold red]internal error:[/] {type(err).__name__}: {err}\n"
+                err_console.print(f"[bold red]internal error:[/] {type(err).__name__}: {escape(str(err))}\n"
                                   "rerun with `qlora --debug ...` for the traceback", highlight=False)
             raise typer.Exit(1) from None
 
@@ -129,7 +130,10 @@ def config_validate(args: list[str] = RECIPE_ARGS) -> None:
 
     recipes, overrides = split_arguments(args)
     recipe = load_recipe(recipes, overrides)
-    console.print(f"[green]ok[/]: {' + '.join(str(f) for f in recipe.files)} is a valid recipe", highlight=False)
+    from qlora_cli.recipe import display_path
+
+    files = " + ".join(display_path(f) for f in recipe.files)
+    console.print(f"[green]ok[/]: {escape(files)} is a valid recipe", highlight=False, soft_wrap=True)
 
 
 @app.command("prepare")
@@ -163,12 +167,17 @@ def train(
     args: list[str] = RECIPE_ARGS,
     resume: bool = typer.Option(False, "--resume", help="Continue the run folder from its last complete checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run folder and start over."),
+    nproc: int = typer.Option(1, "--nproc", help="Train on N local processes (DDP through torchrun), e.g. one per GPU."),
 ) -> None:
     """Train a LoRA adapter on a 4-bit base model as the recipe says.
 
     Example: qlora train recipes/tiny-mistral.yaml training.learning_rate=1e-3
     """
     import shlex
+
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        flags = [flag for flag, on in (("--resume", resume), ("--overwrite", overwrite)) if on]
+        raise typer.Exit(launch_processes(nproc, ["train", *args, *flags]))
 
     from qlora_cli.progress import TrainReporter
     from qlora_cli.recipe import load_recipe
@@ -305,6 +314,16 @@ def _chat(generator) -> None:
         messages.append({"role": "user", "content": text})
         console.print("[bold]model>[/] ", end="")
         messages.append({"role": "assistant", "content": _stream_answer(generator, messages) or "..."})
+
+
+def launch_processes(nproc: int, command: list[str]) -> int:
+    """Run `python -m qlora_cli COMMAND` on `nproc` local processes with torchrun; its exit code."""
+    import subprocess
+
+    debug = ["--debug"] if _state["debug"] else []
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                "-m", "qlora_cli", *debug, *command]
+    return subprocess.call(launcher)
 
 
 def run() -> None:

@@ -133,7 +133,7 @@ def _hash_path(digest, path: Path) -> None:
 
 def build_dataset(data, tokenizer, seed: int, fingerprint: str):
     """Read, tokenize, truncate, split and pack; returns (DatasetDict, PrepareSummary)."""
-    from datasets import Dataset, DatasetDict
+    from datasets import DatasetDict
 
     summary = PrepareSummary(fingerprint=fingerprint, max_length=data.max_length)
     train = _encode_sources(data.sources, data, tokenizer, seed, summary)
@@ -158,7 +158,16 @@ def build_dataset(data, tokenizer, seed: int, fingerprint: str):
     summary.length_percentiles["max"] = lengths[-1]
     if data.packing:
         summary.packing_efficiency = summary.tokens["train"] / (summary.rows["train"] * data.max_length)
-    return DatasetDict({name: Dataset.from_dict(columns) for name, columns in rows.items()}), summary
+    return DatasetDict({name: _to_dataset(columns) for name, columns in rows.items()}), summary
+
+
+def _to_dataset(columns: dict[str, list]):
+    """A Dataset of int64 lists, built as Arrow arrays directly (twice as fast as `Dataset.from_dict`,
+    which infers the type row by row)."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    return Dataset(pa.table({name: pa.array(values, type=pa.list_(pa.int64())) for name, values in columns.items()}))
 
 
 def _encode_sources(sources, data, tokenizer, seed: int, summary: PrepareSummary) -> list[tuple[list, list]]:
@@ -167,8 +176,7 @@ def _encode_sources(sources, data, tokenizer, seed: int, summary: PrepareSummary
         counts = SourceCounts(source.path)
         examples = read_source(source, seed)
         counts.read = len(examples)
-        for example in examples:
-            ids, labels = encode_example(example, data, tokenizer)
+        for example, (ids, labels) in zip(examples, encode_examples(examples, data, tokenizer)):
             truncated = len(ids) > data.max_length
             if truncated:
                 if data.overlong == "error":
@@ -179,7 +187,7 @@ def _encode_sources(sources, data, tokenizer, seed: int, summary: PrepareSummary
                     counts.dropped += 1
                     continue
                 ids, labels = ids[: data.max_length], labels[: data.max_length]
-            if all(label == IGNORE_INDEX for label in labels):
+            if labels.count(IGNORE_INDEX) == len(labels):
                 counts.dropped += 1  # nothing left to learn from (the response was cut off)
                 continue
             counts.truncated += truncated  # counted among the kept, never twice
@@ -190,6 +198,29 @@ def _encode_sources(sources, data, tokenizer, seed: int, summary: PrepareSummary
         raise UserError("no examples left after filtering", where=sources[0].path,
                         fix="raise data.max_length or set data.overlong: truncate")
     return encoded
+
+
+def encode_examples(examples: list[Example], data, tokenizer):
+    """(ids, labels) of each example in order; in `data.num_proc` forked processes when it is > 1."""
+    if not data.num_proc or data.num_proc < 2 or len(examples) < 1000:
+        return [encode_example(example, data, tokenizer) for example in examples]
+    import multiprocessing
+
+    # Forked workers inherit the tokenizer instead of unpickling it per task; the first bad
+    # example (in order) still raises its UserError here, with its file and line.
+    with multiprocessing.get_context("fork").Pool(data.num_proc, _start_worker, (data, tokenizer)) as pool:
+        return list(pool.imap(_encode_in_worker, examples, chunksize=256))
+
+
+_worker: dict = {}
+
+
+def _start_worker(data, tokenizer) -> None:
+    _worker.update(data=data, tokenizer=tokenizer)
+
+
+def _encode_in_worker(example: Example) -> tuple[list[int], list[int]]:
+    return encode_example(example, _worker["data"], _worker["tokenizer"])
 
 
 def encode_example(example: Example, data, tokenizer) -> tuple[list[int], list[int]]:
@@ -210,9 +241,11 @@ def _to_rows(encoded: list[tuple[list, list]], data, rng: random.Random) -> dict
     rng.shuffle(bins)
     columns = {"input_ids": [], "labels": [], "seq_lengths": []}
     for members in bins:
-        ids = [t for i in members for t in encoded[i][0]]
-        # The first token of each example is never predicted from the example before it.
-        labels = [t for i in members for t in [IGNORE_INDEX, *encoded[i][1][1:]]]
+        ids, labels = [], []
+        for i in members:
+            ids += encoded[i][0]
+            # The first token of each example is never predicted from the example before it.
+            labels += [IGNORE_INDEX, *encoded[i][1][1:]]
         columns["input_ids"].append(ids)
         columns["labels"].append(labels)
         columns["seq_lengths"].append([len(encoded[i][0]) for i in members])
@@ -223,6 +256,4 @@ def _count_split(summary: PrepareSummary, name: str, encoded, rows: dict) -> Non
     summary.examples[name] = len(encoded)
     summary.rows[name] = len(rows["input_ids"])
     summary.tokens[name] = sum(len(ids) for ids, _ in encoded)
-    summary.trained_tokens[name] = sum(
-        sum(label != IGNORE_INDEX for label in labels) for labels in rows["labels"]
-    )
+    summary.trained_tokens[name] = sum(len(labels) - labels.count(IGNORE_INDEX) for labels in rows["labels"])

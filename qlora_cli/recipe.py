@@ -197,8 +197,10 @@ def _apply_override(raw: RawRecipe, override: str) -> None:
         raise UserError(f"override `{override}` is not KEY=VALUE", where=OVERRIDE, fix="write e.g. lora.r=8")
     try:
         layer = OmegaConf.from_dotlist([override])
-    except OmegaConfBaseException as err:
-        raise UserError(f"override `{override}` cannot be parsed: {err.msg}", where=OVERRIDE) from None
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
+        reason = getattr(err, "msg", None) or getattr(err, "problem", None) or str(err)
+        raise UserError(f"override `{override}` cannot be parsed: {reason}", where=OVERRIDE,
+                        fix="write KEY=VALUE with a YAML value, e.g. lora.target_modules=[q_proj,v_proj]") from None
     _record_origins(raw.origins, layer, lambda _key: OVERRIDE)
     # Assign instead of merging so that a list or mapping given on the command line replaces
     # the recipe's value rather than being blended into it.

@@ -59,3 +59,62 @@ def highlight_trained(ids: list[int], labels: list[int], tokenizer) -> Text:
             text.append(decoded[len(decoded_before):], style="bold green" if trained else "dim")
             decoded_before, start = decoded, end
     return text
+
+
+def plan_report(console: Console, plan) -> None:
+    """`qlora plan`: memory item by item against the device, time, data, disk, resume, verdict."""
+    gib = 2**30
+    console.rule(f"[bold]plan[/]: {plan.model}")
+    table = Table("memory per device", Column("GiB", justify="right"), "how", box=None, pad_edge=False)
+    for item in plan.memory:
+        table.add_row(item.name, f"{item.bytes / gib:.3f}", item.how)
+    table.add_row("[bold]total[/]", f"[bold]{plan.total / gib:.2f}[/]", f"device: {plan.device}")
+    console.print(table)
+    if plan.capacity is not None:
+        verdict = "[green]fits[/]" if plan.fits else "[bold red]does not fit[/]"
+        console.print(f"{verdict} in {plan.capacity / gib:.1f} GiB; largest batch at {plan.seq:,} tokens: "
+                      f"{plan.max_batch or 'none'}; longest rows at batch {plan.batch}: "
+                      f"{f'{plan.max_seq:,}' if plan.max_seq else 'none'} tokens", highlight=False)
+    else:
+        console.print("device memory unknown: no GPU here; pass --gpu-memory GiB to check the fit", highlight=False)
+    for change in plan.changes:
+        console.print(f"  change: {change}", highlight=False)
+    if plan.data:
+        _plan_data(console, plan)
+    if plan.durations:
+        table = Table("time", Column("duration", justify="right"), box=None, pad_edge=False)
+        for name, (fast, slow) in plan.durations.items():
+            table.add_row(name, f"{_duration(fast)} - {_duration(slow)}")
+        console.print(f"{plan.steps:,} optimizer steps ({plan.epochs:.3g} epochs), {plan.flops:.3g} FLOPs; "
+                      "duration assumes 45% to 25% of the GPU's dense bf16 peak (MFU)", highlight=False)
+        console.print(table)
+    disk = Table("disk", Column("GiB", justify="right"), "how", box=None, pad_edge=False)
+    for item in plan.disk:
+        disk.add_row(item.name, f"{item.bytes / gib:.3f}", item.how)
+    console.print(disk)
+    for where, free in plan.disk_free.items():
+        console.print(f"free under {where}: {free / gib:,.1f} GiB", highlight=False)
+    for line in plan.resume:
+        console.print(f"resume: {line}", highlight=False)
+    for warning in plan.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    for problem in plan.problems:
+        console.print(f"[bold red]will not work:[/] {problem}", highlight=False)
+    if plan.ok:
+        console.print("[green]ok[/]: the run should work", highlight=False)
+
+
+def _plan_data(console: Console, plan) -> None:
+    data = plan.data
+    splits = ", ".join(f"{name} {count:,}" for name, count in data.examples.items())
+    lengths = ", ".join(f"{k} {v:,}" for k, v in data.percentiles.items())
+    packing = f", packing efficiency {data.packing_efficiency:.1%}" if data.packing_efficiency is not None else ""
+    console.print(f"data: examples {splits}; tokens per example {lengths}; {data.trained_fraction:.1%} of tokens "
+                  f"carry a loss{packing}; {data.tokens_computed:,} tokens computed per epoch (padding included)",
+                  highlight=False)
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:,.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"

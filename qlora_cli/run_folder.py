@@ -132,6 +132,8 @@ def write_json(path: Path, data: dict) -> None:
 def draw_loss_plot(log_history: list[dict], target: Path) -> bool:
     """Training and validation loss and the learning rate against steps; False if nothing to draw."""
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+    if not train:  # a run shorter than logging_steps: its average loss at its last step
+        train = [(e["step"], e["train_loss"]) for e in log_history if "train_loss" in e]
     evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
     rates = [(e["step"], e["learning_rate"]) for e in log_history if "learning_rate" in e]
     if not (train or evals):

@@ -40,14 +40,17 @@ def train(recipe, *, resume: bool = False, overwrite: bool = False, reporter=Non
     """Train a LoRA adapter as the recipe says; `reporter` (from the CLI) shows progress."""
     from accelerate import PartialState
 
+    from qlora_cli.builders import build_training_arguments
     from qlora_cli.model import load_recipe_tokenizer, load_trainable_model, summarize_model
     from qlora_cli.prepare import prepare_dataset
 
-    state = PartialState()  # joins the process group under torchrun / accelerate launch
     check_machine(recipe)
     run = open_run_folder(recipe.run_dir, resume=resume, overwrite=overwrite)
+    # Building the arguments also joins the process group under torchrun / accelerate launch.
+    args = build_training_arguments(recipe.training, recipe.origins, **run_changes(recipe, run))
+    state = PartialState()
     tokenizer = load_recipe_tokenizer(recipe)
-    with state.main_process_first():  # rank 0 prepares the data; the others then load it
+    with args.main_process_first(local=False, desc="prepare data"):  # rank 0 prepares, the others load
         prepared = prepare_dataset(recipe, tokenizer)
     check_data(recipe, prepared)
     started = now()
@@ -59,11 +62,14 @@ def train(recipe, *, resume: bool = False, overwrite: bool = False, reporter=Non
     state.wait_for_everyone()
     if reporter:
         reporter.data_ready(prepared)
-    model = load_trainable_model(recipe, device_map=_device_map(state))
+    from transformers import set_seed
+
+    set_seed(args.seed)  # the LoRA weights' random init: the same for every rank and every run
+    model = load_trainable_model(recipe, device_map=_device_map(args))
     summary = summarize_model(model, recipe.quantization)
     if reporter:
         reporter.model_ready(summary, run)
-    trainer, stopper = build_trainer(recipe, model, tokenizer, prepared, run, reporter)
+    trainer, stopper = build_trainer(recipe, args, model, tokenizer, prepared, run, reporter)
     stopper.install()
     try:
         output = trainer.train(resume_from_checkpoint=str(run.last_checkpoint()) if resume else None)
@@ -123,14 +129,12 @@ def check_data(recipe, prepared) -> None:
                         fix="give validation sources with examples, or set data.val_size")
 
 
-def build_trainer(recipe, model, tokenizer, prepared, run: RunFolder, reporter=None):
+def build_trainer(recipe, args, model, tokenizer, prepared, run: RunFolder, reporter=None):
     """The Trainer for this run, and the callback that stops it cleanly on a signal."""
-    from qlora_cli.builders import build_training_arguments
     from qlora_cli.trainer import CountingCollator, QloraTrainer, StopOnSignal
 
     dataset = prepared.dataset
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run.logs))
-    args = build_training_arguments(recipe.training, recipe.origins, **_run_changes(recipe, run, dataset))
     collator = CountingCollator(tokenizer.pad_token_id, recipe.model.attn_implementation)
     stopper = StopOnSignal()
     trainer = QloraTrainer(
@@ -145,31 +149,36 @@ def build_trainer(recipe, model, tokenizer, prepared, run: RunFolder, reporter=N
     return trainer, stopper
 
 
-def _run_changes(recipe, run: RunFolder, dataset) -> dict:
+def run_changes(recipe, run: RunFolder) -> dict:
     """TrainingArguments that follow from the run folder and the data, not from the user."""
     changes = {
         "output_dir": str(run.checkpoints),
         "disable_tqdm": True,  # our own progress display instead
         "remove_unused_columns": False,  # `seq_lengths` must reach the collator
         "label_names": ["labels"],
+        # Every LoRA weight takes part in every step; the search DDP does otherwise costs time.
+        "ddp_find_unused_parameters": recipe.training.get("ddp_find_unused_parameters", False),
     }
     import torch
 
     if not torch.cuda.is_available():
+        # Without this, TrainingArguments does not set up gloo DDP for CPU processes.
+        changes["use_cpu"] = True
         changes["dataloader_pin_memory"] = False  # pinning needs an accelerator
     training = recipe.training
-    if "validation" in dataset and "eval_strategy" not in training:
+    has_validation = bool(recipe.data.val_size or recipe.data.validation_sources)
+    if has_validation and "eval_strategy" not in training:
         # Evaluate when checkpoints are saved, so load_best_model_at_end can work.
         changes["eval_strategy"] = training.get("save_strategy", "steps")
         changes.setdefault("eval_steps", training.get("eval_steps") or training.get("save_steps"))
     return changes
 
 
-def _device_map(state):
+def _device_map(args):
     import torch
 
     # Each rank holds the whole 4-bit model on its own GPU (DDP); on the CPU, no map at all.
-    return {"": state.local_process_index} if torch.cuda.is_available() else None
+    return {"": args.local_process_index} if torch.cuda.is_available() else None
 
 
 def final_metrics(trainer, train_metrics: dict, stopped: bool) -> dict:
@@ -179,13 +188,24 @@ def final_metrics(trainer, train_metrics: dict, stopped: bool) -> dict:
     if losses:
         metrics["final_train_loss"] = losses[-1]
     runtime = metrics.get("train_runtime") or 0
-    metrics["real_tokens"] = trainer.real_tokens_seen
-    metrics["tokens_per_second"] = trainer.real_tokens_seen / runtime if runtime else 0.0
+    metrics["real_tokens"] = _sum_over_ranks(trainer.real_tokens_seen)
+    metrics["tokens_per_second"] = metrics["real_tokens"] / runtime if runtime else 0.0
     if trainer.eval_dataset is not None and not stopped:
         metrics.update(trainer.evaluate())
     if "eval_loss" in metrics:
         metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
     return metrics
+
+
+def _sum_over_ranks(value: int) -> int:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(tensor)
+    return int(tensor.item())
 
 
 def save_adapter(trainer, tokenizer, run: RunFolder, recipe, prepared, metrics: dict) -> None:

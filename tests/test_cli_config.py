@@ -123,7 +123,8 @@ def test_explain_gives_each_value_its_origin(workdir):
     assert result.exit_code == 0, result.output
     rows = explain_rows(result.stdout)
     tiny, base = RECIPES / "tiny-mistral.yaml", RECIPES / "mistral7b.yaml"
-    assert rows["lora.lora_dropout"] == ("0.0", f"{tiny}:{line_of(tiny, 'lora_dropout:')}")
+    dropout = load_recipe(["tiny-mistral"]).lora["lora_dropout"]
+    assert rows["lora.lora_dropout"] == (str(dropout), f"{tiny}:{line_of(tiny, 'lora_dropout:')}")
     assert rows["training.lr_scheduler_type"] == ("cosine", f"{base}:{line_of(base, 'lr_scheduler_type:')}")
     assert rows["training.learning_rate"] == ("0.0001", "override")
     assert rows["lora.target_modules"] == ("['q_proj', 'v_proj']", "override")

@@ -61,8 +61,8 @@ def test_extends_by_name_finds_the_shipped_recipe_and_its_own_parents(tmp_path):
     mine = write(tmp_path, "mine.yaml", "extends: tiny-mistral\nlora:\n  r: 2\n")
     recipe = load_recipe([str(mine)])
     assert recipe.lora["r"] == 2  # mine
-    assert recipe.model.tokenizer == "mistral-common:v1"  # tiny-mistral
-    assert recipe.lora["bias"] == "none"  # mistral7b, which tiny-mistral extends
+    assert recipe.model.init_from_config is not None  # tiny-mistral
+    assert recipe.training["lr_scheduler_type"] == "cosine"  # mistral7b, which tiny-mistral extends
     assert recipe.files == [RECIPES / "mistral7b.yaml", RECIPES / "tiny-mistral.yaml", mine.resolve()]
 
 
@@ -282,7 +282,8 @@ def test_strings_that_look_like_numbers_stay_strings_when_written_out(tmp_path):
 def test_quantization_becomes_a_bitsandbytes_config_with_torch_dtypes():
     from transformers import BitsAndBytesConfig
 
-    recipe = load_recipe(["tiny-mistral"], ["quantization.bnb_4bit_quant_storage=bfloat16"])
+    recipe = load_recipe(["tiny-mistral"], ["quantization.bnb_4bit_quant_storage=bfloat16",
+                                            "quantization.bnb_4bit_compute_dtype=float32"])
     bnb = build_bnb_config(recipe.quantization, recipe.origins)
     assert isinstance(bnb, BitsAndBytesConfig)
     assert bnb.load_in_4bit and bnb.bnb_4bit_quant_type == "nf4" and bnb.bnb_4bit_use_double_quant
@@ -299,23 +300,26 @@ def test_an_unknown_bitsandbytes_key_is_caught_although_the_class_takes_kwargs()
 def test_lora_becomes_a_causal_lm_lora_config():
     from peft import LoraConfig, TaskType
 
-    recipe = load_recipe(["mistral7b"], ["lora.use_rslora=true"])
+    recipe = load_recipe(["mistral7b"], ["lora.use_rslora=true", "lora.r=12", "lora.lora_alpha=24",
+                                         "lora.lora_dropout=0.1", "lora.target_modules=[q_proj,v_proj]"])
     lora = build_lora_config(recipe.lora, recipe.origins)
     assert isinstance(lora, LoraConfig)
-    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (16, 32, 0.05)
-    assert set(lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (12, 24, 0.1)
+    assert set(lora.target_modules) == {"q_proj", "v_proj"}
     assert lora.use_rslora and lora.task_type == TaskType.CAUSAL_LM
 
 
 def test_training_becomes_training_arguments_with_the_recipe_values(tmp_path):
     from transformers import TrainingArguments
 
-    recipe = load_recipe(["tiny-mistral"], [f"training.output_dir={tmp_path / 'run'}"])
+    recipe = load_recipe(["tiny-mistral"], [f"training.output_dir={tmp_path / 'run'}", "training.learning_rate=3e-3",
+                                            "training.num_train_epochs=7", "training.per_device_train_batch_size=2"])
     args = build_training_arguments(recipe.training, recipe.origins, use_cpu=True)
     assert isinstance(args, TrainingArguments)
     assert args.output_dir == str(tmp_path / "run") and recipe.run_dir == tmp_path / "run"
-    assert (args.learning_rate, args.num_train_epochs, args.per_device_train_batch_size) == (3e-3, 30, 4)
-    assert args.lr_scheduler_type == "cosine" and args.seed == 42  # both from mistral7b
+    assert (args.learning_rate, args.num_train_epochs, args.per_device_train_batch_size) == (3e-3, 7, 2)
+    assert args.lr_scheduler_type == recipe.resolved["training"]["lr_scheduler_type"]  # set by mistral7b
+    assert args.use_cpu
 
 
 def test_a_recipe_without_output_dir_runs_in_a_folder_named_after_it(tmp_path):

@@ -1,0 +1,389 @@
+"""`qlora plan`: will this recipe fit, how long will it take, is the data sound -- before a weight loads.
+
+Reads only the model's config (a transformers config; `init_from_config` builds one with
+`AutoConfig.for_model`), the tokenizer and the prepared data (`prepare_dataset` is
+tokenizer-only and caches what `qlora train` will reuse). The arithmetic is in `plan_memory`.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qlora_cli.errors import UserError
+from qlora_cli.plan_memory import (
+    GiB, MemoryItem, ModelShape, Settings, dtype_bytes, flops_per_token, largest_fitting, lora_tensors, memory_items,
+    model_shape, optimizer_bytes,
+)
+from qlora_cli.templates import IGNORE_INDEX
+
+# Dense bf16 TFLOP/s (T4: fp16) from the vendors' data sheets.
+GPU_TFLOPS = {"A100": 312, "H100 SXM": 989, "H200": 989, "L4": 121, "A10G": 125, "RTX 4090": 165, "T4": 65}
+MFU_RANGE = (0.25, 0.45)
+SMALL_VALIDATION = 50
+
+
+@dataclass
+class DataReport:
+    examples: dict[str, int]
+    percentiles: dict[str, int]
+    trained_fraction: float
+    packing_efficiency: float | None
+    tokens_computed: int  # per epoch, padding included
+    mean_context: float  # tokens each token attends to, on average (causal, within its example)
+    row_width: int  # the widest row: the micro-batch width memory must hold
+    rows: int
+
+
+@dataclass
+class Plan:
+    """Everything `qlora plan` reports; `problems` non-empty means the run will not work (exit 2)."""
+
+    model: str
+    device: str
+    capacity: int | None  # bytes of one device, None when unknown
+    batch: int
+    seq: int
+    memory: list[MemoryItem]
+    max_batch: int | None = None
+    max_seq: int | None = None
+    changes: list[str] = field(default_factory=list)
+    data: DataReport | None = None
+    steps: int = 0
+    epochs: float = 0.0
+    flops: float = 0.0  # the whole run
+    durations: dict[str, tuple[float, float]] = field(default_factory=dict)  # GPU -> (fast, slow) seconds
+    disk: list[MemoryItem] = field(default_factory=list)
+    disk_free: dict[str, int] = field(default_factory=dict)
+    resume: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(item.bytes for item in self.memory)
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.capacity is None else self.total <= self.capacity
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def short_lines(self) -> list[str]:
+        """The few lines `qlora train` prints before it starts."""
+        against = "device memory unknown" if self.capacity is None else f"of {self.capacity / GiB:.1f} GiB"
+        verdict = {None: "", True: " - fits", False: " - DOES NOT FIT"}[self.fits]
+        lines = [f"plan: {self.total / GiB:.2f} GiB per device {against}{verdict} "
+                 f"(batch {self.batch} x {self.seq:,} tokens, {self.model})"]
+        if self.durations:
+            name, (fast, slow) = next(iter(self.durations.items()))
+            lines.append(f"plan: {self.steps:,} steps, {self.flops:.3g} FLOPs, {_hours(fast)}-{_hours(slow)} on {name} "
+                         f"at {MFU_RANGE[1]:.0%}-{MFU_RANGE[0]:.0%} MFU")
+        lines += [f"plan warning: {w}" for w in self.warnings]
+        lines += [f"plan problem: {p}" for p in self.problems]
+        return lines
+
+
+def plan_recipe(recipe, gpu_memory: float | None = None, gpus: int | None = None) -> Plan:
+    """Plan a run of `recipe` on `gpus` devices of `gpu_memory` GiB (detected when a GPU is present)."""
+    from qlora_cli.model import load_recipe_tokenizer
+    from qlora_cli.prepare import prepare_dataset
+
+    tokenizer = load_recipe_tokenizer(recipe)
+    shape = model_shape(load_model_config(recipe, tokenizer))
+    device, capacity, tflops = detect_device(gpu_memory)
+    settings = recipe_settings(recipe, shape, on_gpu=capacity is not None or device != "cpu")
+    prepared = prepare_dataset(recipe, tokenizer)
+    training, gpus = recipe.training, gpus or 1
+    batch = int(training.get("per_device_train_batch_size", 8))
+    data = describe_data(prepared, batch)
+    plan = Plan(model=recipe.model.name_or_path or f"init_from_config ({shape.layers} layers, {shape.hidden} wide)",
+                device=device, capacity=capacity, batch=batch, seq=data.row_width,
+                memory=memory_items(shape, settings, batch, data.row_width), data=data)
+    plan.warnings += data_warnings(recipe, prepared, tokenizer)
+    _check_training_data(recipe, prepared, plan)
+    _plan_fit(plan, shape, settings, recipe)
+    _plan_time(plan, shape, settings, recipe, gpus, tflops)
+    _plan_disk(plan, shape, settings, recipe, tokenizer)
+    plan.resume = describe_resume(recipe)
+    return plan
+
+
+def load_model_config(recipe, tokenizer):
+    """The transformers config of the recipe's model; never its weights."""
+    from transformers import AutoConfig
+
+    model = recipe.model
+    if model.init_from_config is not None:
+        kwargs = {k: v for k, v in model.init_from_config.items() if k not in ("seed", "model_type")}
+        kwargs.setdefault("vocab_size", len(tokenizer))  # as build_init_model does
+        return AutoConfig.for_model(model.init_from_config.get("model_type", "mistral"), **kwargs)
+    try:
+        return AutoConfig.from_pretrained(model.name_or_path, revision=model.revision,
+                                          trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read the config of `{model.name_or_path}`: {err}", where="model.name_or_path",
+                        fix="give a local folder with config.json, or a hub id (needs network)") from None
+
+
+def detect_device(gpu_memory: float | None) -> tuple[str, int | None, float | None]:
+    """(description, bytes per device, measured bf16 TFLOP/s) of this machine's GPU or --gpu-memory."""
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return props.name, props.total_memory, _measured_tflops(torch)
+    if gpu_memory is not None:
+        return f"--gpu-memory {gpu_memory:g} GiB", int(gpu_memory * GiB), None
+    return "unknown (no GPU here; give --gpu-memory GiB)", None, None
+
+
+def _measured_tflops(torch) -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    a @ a  # warm-up
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        a @ a
+    end.record()
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (start.elapsed_time(end) / 1000) / 1e12
+
+
+def recipe_settings(recipe, shape: ModelShape, on_gpu: bool = True) -> Settings:
+    """The recipe's choices that memory depends on, with LoRA targets resolved against the model."""
+    q, training = recipe.quantization or {}, recipe.training
+    quant = "none"
+    if q.get("load_in_4bit"):
+        quant = q.get("bnb_4bit_quant_type", "fp4")
+    elif q.get("load_in_8bit"):
+        quant = "int8"
+    mixed = training.get("bf16") or training.get("fp16")
+    attn = recipe.model.attn_implementation or "sdpa"
+    return Settings(
+        quant=quant, double_quant=bool(q.get("bnb_4bit_use_double_quant")), model_dtype=recipe.model.dtype,
+        skip_modules=tuple(q.get("llm_int8_skip_modules") or ()), lora_r=int((recipe.lora or {}).get("r", 8)),
+        lora_targets=lora_targets(recipe, shape), lora_dropout=float((recipe.lora or {}).get("lora_dropout", 0)),
+        use_dora=bool((recipe.lora or {}).get("use_dora")), optim=str(training.get("optim") or _default_optim()),
+        checkpointing=bool(training.get("activation_checkpointing") or training.get("gradient_checkpointing")),
+        autocast_bytes=2 if mixed else None, packed_mask=recipe.data.packing and "flash" not in attn,
+        eager_attention=attn == "eager", on_gpu=on_gpu,
+    )
+
+
+def _default_optim() -> str:
+    from transformers import TrainingArguments
+
+    return str(TrainingArguments.__dataclass_fields__["optim"].default)
+
+
+def lora_targets(recipe, shape: ModelShape) -> list[str]:
+    """Names of the Linear layers the recipe's LoRA wraps, matched by peft's own rule."""
+    if not recipe.lora:
+        return []
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from qlora_cli.builders import build_lora_config
+
+    config = build_lora_config(recipe.lora, recipe.origins)
+    if config.target_modules == "all-linear":  # every Linear but the output layer, as peft does
+        return [name for name, _, _ in shape.layer_linears]
+    return [name for name, _, _ in shape.linears if check_target_module_exists(config, name)]
+
+
+def describe_data(prepared, batch: int) -> DataReport:
+    """Lengths, padding and attention context of the prepared training split."""
+    summary, train = prepared.summary, prepared.dataset["train"]
+    seq_lengths = train["seq_lengths"]
+    widths = [sum(lengths) for lengths in seq_lengths]
+    examples = [length for lengths in seq_lengths for length in lengths]
+    # Each batch is padded to its widest row (Trainer order is random; the file order stands in).
+    computed = sum(batch * max(widths[i:i + batch]) for i in range(0, len(widths), batch))
+    context = sum(n * (n + 1) / 2 for n in examples) / max(sum(examples), 1)
+    return DataReport(dict(summary.examples), dict(summary.length_percentiles), summary.trained_fraction,
+                      summary.packing_efficiency, computed, context, max(widths), len(widths))
+
+
+def data_warnings(recipe, prepared, tokenizer) -> list[str]:
+    """What is legal but probably not what the user meant."""
+    summary, warnings = prepared.summary, []
+    if summary.trained_fraction < 0.05:
+        warnings.append(f"only {summary.trained_fraction:.1%} of tokens carry a loss: almost every label is masked")
+    unended = _responses_without_eos(prepared.dataset["train"], tokenizer.eos_token_id)
+    if unended:
+        warnings.append(f"{unended:.0%} of examples end their trained tokens without {tokenizer.eos_token}: "
+                        "the model will not learn to stop")
+    cut = sum(s.truncated for s in summary.sources)
+    if cut:
+        warnings.append(f"{cut:,} examples were cut at data.max_length={summary.max_length:,}")
+    validation = summary.examples.get("validation")
+    if validation is not None and validation < SMALL_VALIDATION:
+        warnings.append(f"the validation split has only {validation} examples (< {SMALL_VALIDATION}): its loss is noise")
+    differs = _template_differs(recipe.data, tokenizer)
+    if differs:
+        warnings.append(differs)
+    return warnings
+
+
+def _responses_without_eos(rows, eos_id: int, sample: int = 2000) -> float:
+    seen = unended = 0
+    for row in rows.select(range(min(len(rows), sample))):
+        start = 0
+        for length in row["seq_lengths"]:
+            trained = [t for t in row["labels"][start:start + length] if t != IGNORE_INDEX]
+            seen, unended, start = seen + 1, unended + bool(trained and trained[-1] != eos_id), start + length
+    return unended / max(seen, 1)
+
+
+def _template_differs(data, tokenizer) -> str | None:
+    from qlora_cli.templates import encode_chat
+
+    if data.template == "tokenizer" or not getattr(tokenizer, "chat_template", None):
+        return None
+    sample = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]
+    try:
+        ours = encode_chat(sample, tokenizer, data.template)[0]
+        theirs = encode_chat(sample, tokenizer, "tokenizer")[0]
+    except UserError:
+        return None
+    if ours == theirs:
+        return None
+    return (f"data.template {data.template if '{' not in data.template else '(Jinja)'} formats a conversation "
+            "differently from the tokenizer's own chat template: use the same format at inference")
+
+
+def _check_training_data(recipe, prepared, plan: Plan) -> None:
+    from qlora_cli.train import check_data
+
+    try:
+        check_data(recipe, prepared)
+    except UserError as err:
+        plan.problems.append(err.message)
+
+
+def _plan_fit(plan: Plan, shape: ModelShape, s: Settings, recipe) -> None:
+    """Largest batch and length that fit, and what to change when the recipe does not."""
+    if plan.capacity is None:
+        return
+
+    def total(batch: int, seq: int, settings: Settings = s) -> int:
+        return sum(item.bytes for item in memory_items(shape, settings, batch, seq))
+
+    plan.max_batch = largest_fitting(1024, lambda b: total(b, plan.seq) <= plan.capacity)
+    positions = max(plan.seq, shape.max_positions)
+    plan.max_seq = largest_fitting(positions, lambda n: total(plan.batch, n) <= plan.capacity)
+    if plan.fits:
+        return
+    gib = plan.capacity / GiB
+    plan.problems.append(f"needs {plan.total / GiB:.1f} GiB per device; the device has {gib:.1f} GiB")
+    plan.changes = _changes(plan, shape, s, recipe, total)
+
+
+def _changes(plan: Plan, shape: ModelShape, s: Settings, recipe, total) -> list[str]:
+    from dataclasses import replace
+
+    changes, accumulate = [], int(recipe.training.get("gradient_accumulation_steps", 1))
+    if not s.checkpointing:
+        s = replace(s, checkpointing=True)
+        changes.append(f"training.activation_checkpointing=true ({total(plan.batch, plan.seq, s) / GiB:.1f} GiB)")
+    if "8bit" not in s.optim and s.on_gpu:
+        changes.append("training.optim=paged_adamw_8bit (optimizer state 4x smaller)")
+    if not s.quantized:
+        changes.append("quantization.load_in_4bit=true quantization.bnb_4bit_quant_type=nf4")
+    batch = largest_fitting(plan.batch, lambda b: total(b, plan.seq, s) <= plan.capacity)
+    if batch:
+        steps = math.ceil(accumulate * plan.batch / batch)
+        changes.append(f"training.per_device_train_batch_size={batch} training.gradient_accumulation_steps={steps} "
+                       "(same effective batch)")
+    seq = largest_fitting(plan.seq, lambda n: total(1, n, s) <= plan.capacity)
+    if seq and not batch:
+        changes.append(f"training.per_device_train_batch_size=1 data.max_length={seq}")
+    if not seq:
+        fixed = sum(i.bytes for i in plan.memory if i.name.startswith(("base", "unquantized", "CUDA")))
+        changes.append(f"the weights alone take {fixed / GiB:.1f} GiB: use a larger GPU, or shard with FSDP")
+    return changes
+
+
+def _plan_time(plan: Plan, shape: ModelShape, s: Settings, recipe, gpus: int, measured: float | None) -> None:
+    training, data = recipe.training, plan.data
+    accumulate = int(training.get("gradient_accumulation_steps", 1))
+    per_epoch = max(1, math.ceil(math.ceil(data.rows / (plan.batch * gpus)) / accumulate))
+    max_steps = int(training.get("max_steps", -1) or -1)
+    epochs = max_steps / per_epoch if max_steps > 0 else float(training.get("num_train_epochs", 3))
+    plan.steps = max_steps if max_steps > 0 else math.ceil(per_epoch * epochs)
+    plan.epochs = epochs
+    plan.flops = flops_per_token(shape, s, data.mean_context) * data.tokens_computed * epochs
+    rates = {f"this GPU ({plan.device}, measured {measured:.0f} TFLOP/s)": measured} if measured else GPU_TFLOPS
+    for name, tflops in rates.items():
+        label = f"{gpus} x {name}" if gpus > 1 else name
+        seconds = plan.flops / (gpus * tflops * 1e12)
+        plan.durations[label] = (seconds / MFU_RANGE[1], seconds / MFU_RANGE[0])
+
+
+def _plan_disk(plan: Plan, shape: ModelShape, s: Settings, recipe, tokenizer) -> None:
+    training = recipe.training
+    tensors = lora_tensors(shape, s)
+    tokenizer_bytes = len(tokenizer.backend_tokenizer.to_str()) + 16_384
+    adapter = 4 * sum(tensors) + tokenizer_bytes
+    checkpoint = adapter + optimizer_bytes(s.optim, tensors) + 64 * 1024  # + rng, scheduler, trainer state
+    saves = {"no": 0, "epoch": math.ceil(plan.epochs)}.get(str(training.get("save_strategy", "steps")))
+    if saves is None:
+        saves = plan.steps // max(int(training.get("save_steps", 500) or 500), 1)
+    limit = training.get("save_total_limit")
+    kept = min(saves, int(limit) + 1) if limit else saves  # the Trainer writes a new one before rotating
+    merged_dir = Path(recipe.merge.output_dir or recipe.run_dir / "merged")
+    merged = shape.total_params * dtype_bytes(recipe.merge.dtype)
+    plan.disk = [MemoryItem("checkpoints", kept * checkpoint, f"{kept} kept x {checkpoint / 2**20:,.1f} MiB "
+                            "(adapter + optimizer state + rng)"),
+                 MemoryItem("adapter", adapter, f"{sum(tensors):,} fp32 params + tokenizer"),
+                 MemoryItem("merged model", merged, f"{shape.total_params:,} params in {recipe.merge.dtype}")]
+    run_free, merged_free = _free_bytes(recipe.run_dir), _free_bytes(merged_dir)
+    plan.disk_free = {str(recipe.run_dir): run_free, str(merged_dir): merged_free}
+    if kept * checkpoint + adapter > run_free:
+        plan.problems.append(f"the run needs {(kept * checkpoint + adapter) / GiB:.2f} GiB on disk; "
+                             f"{run_free / GiB:.2f} GiB free under {recipe.run_dir}")
+    if merged > merged_free:
+        plan.warnings.append(f"`qlora merge` will need {merged / GiB:.1f} GiB; {merged_free / GiB:.1f} GiB free "
+                             f"under {merged_dir}")
+
+
+def _free_bytes(path: Path) -> int:
+    existing = next((p for p in [path, *path.resolve().parents] if p.exists()), Path("."))
+    return shutil.disk_usage(existing).free
+
+
+def describe_resume(recipe) -> list[str]:
+    """Whether an existing run folder can be resumed, and what differs from its recipe."""
+    import yaml
+
+    from qlora_cli.run_folder import RunFolder
+
+    run = RunFolder(recipe.run_dir)
+    if not run.root.is_dir() or not any(run.root.iterdir()):
+        return []
+    last = run.last_checkpoint()
+    if last is None:
+        return [f"{run.root} exists without a complete checkpoint: --resume will refuse; --overwrite starts over"]
+    lines = [f"{run.root}: last complete checkpoint {last.name}; --resume continues from it"]
+    old = yaml.safe_load(run.recipe.read_text()) if run.recipe.is_file() else {}
+    differing = sorted(k for k in set(_flat(old)) | set(_flat(recipe.resolved)) if _flat(old).get(k) != _flat(recipe.resolved).get(k))
+    if differing:
+        lines.append(f"the recipe differs from the run's recipe.yaml in: {', '.join(differing[:8])}"
+                     + (f" and {len(differing) - 8} more" if len(differing) > 8 else ""))
+    else:
+        lines.append("the recipe matches the run's recipe.yaml")
+    return lines
+
+
+def _flat(config, prefix: str = "") -> dict:
+    if not isinstance(config, dict):
+        return {prefix.rstrip("."): config}
+    return {k: v for key, value in config.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"

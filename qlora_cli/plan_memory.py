@@ -1,0 +1,288 @@
+"""The arithmetic of `qlora plan`: bytes per device and FLOPs per token, from a model's shape.
+
+Every figure counts what this CLI's own loading path (`qlora_cli.model.load_trainable_model`)
+really allocates, checked against the tensors of a loaded tiny model in tests/test_plan.py:
+
+- bitsandbytes 4-bit: two weights per uint8, one absmax per 64-weight block (fp32; with
+  double quantization uint8, plus an fp32 absmax per 256 of those and a 256-entry fp32 code),
+  a 16-entry fp32 code and an fp32 offset per layer;
+- `prepare_model_for_kbit_training` casts every fp16/bf16 weight that is not 4-bit to fp32, so
+  under quantization embeddings, norms and lm_head are fp32, and so is the residual stream;
+- peft keeps LoRA weights in fp32 (`autocast_adapter_dtype`), hence fp32 gradients too;
+- activations are the tensors autograd saves per token (derived from Mistral's forward, see
+  `layer_activation_bytes`), the logits cost 12 bytes per token per vocabulary entry at the
+  start of the backward pass (fp32 log-probabilities saved by cross-entropy, their gradient and
+  the gradient of the logits).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+GiB = 2**30
+CUDA_CONTEXT_BYTES = int(0.75 * GiB)  # CUDA context + cuBLAS workspace: 0.5-1 GiB in practice
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Bytes of optimizer state per trainable parameter (TrainingArguments.optim names).
+_OPTIMIZER_BYTES = [
+    ("8bit", 2), ("lion", 4), ("sgd", 0), ("adafactor", 0), ("adagrad", 4), ("rmsprop", 4), ("adam", 8),
+]
+
+
+def dtype_bytes(name: str | None) -> int:
+    return _DTYPE_BYTES.get(str(name).replace("torch.", ""), 4)
+
+
+@dataclass
+class ModelShape:
+    """What memory and FLOPs depend on, read from a transformers config (no weights)."""
+
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    linears: list[tuple[str, int, int]]  # every nn.Linear in the model: (name, in, out)
+    other_params: dict[str, int]  # name -> numel of every parameter outside those Linears
+    buffer_bytes: int
+    output_linear: str = "lm_head"
+    max_positions: int = 0
+
+    @property
+    def layer_linears(self) -> list[tuple[str, int, int]]:
+        return [item for item in self.linears if item[0] != self.output_linear]
+
+    @property
+    def total_params(self) -> int:
+        return sum(i * o for _, i, o in self.linears) + sum(self.other_params.values())
+
+
+def model_shape(config) -> ModelShape:
+    """The shape of the model a transformers config describes, built on the meta device."""
+    import torch
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    linears = [(n, m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    in_linears = {f"{n}.weight" for n, _, _ in linears} | {f"{n}.bias" for n, _, _ in linears}
+    other = {n: p.numel() for n, p in model.named_parameters() if n not in in_linears}
+    output = model.get_output_embeddings()
+    output_name = next((n for n, m in model.named_modules() if m is output), "lm_head")
+    heads = config.num_attention_heads
+    return ModelShape(
+        vocab=config.vocab_size, hidden=config.hidden_size, intermediate=getattr(config, "intermediate_size", 0),
+        layers=config.num_hidden_layers, heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads, linears=linears,
+        other_params=other, buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
+        output_linear=output_name, max_positions=getattr(config, "max_position_embeddings", 0) or 0,
+    )
+
+
+@dataclass
+class Settings:
+    """The recipe's choices that memory depends on."""
+
+    quant: str = "none"  # nf4 | fp4 | int8 | none
+    double_quant: bool = False
+    model_dtype: str = "bfloat16"
+    skip_modules: tuple[str, ...] = ()
+    lora_r: int = 0
+    lora_targets: list[str] = field(default_factory=list)  # Linear names LoRA wraps
+    lora_dropout: float = 0.0
+    use_dora: bool = False
+    optim: str = "adamw_torch"
+    checkpointing: bool = False
+    autocast_bytes: int | None = None  # 2 under bf16/fp16 mixed precision
+    packed_mask: bool = False  # a (batch, 1, T, T) boolean mask reaches the attention
+    eager_attention: bool = False
+    on_gpu: bool = True
+
+    @property
+    def quantized(self) -> bool:
+        return self.quant != "none"
+
+    @property
+    def residual_bytes(self) -> int:
+        # Under quantization peft casts the embeddings to fp32, so the residual stream is fp32.
+        return 4 if self.quantized else dtype_bytes(self.model_dtype)
+
+    @property
+    def matmul_bytes(self) -> int:
+        return self.autocast_bytes or self.residual_bytes
+
+
+@dataclass
+class MemoryItem:
+    name: str
+    bytes: int
+    how: str = ""
+
+
+def quantized_linear_bytes(numel: int, out_features: int, quant: str, double_quant: bool) -> int:
+    """Bytes bitsandbytes keeps for one quantized Linear weight, quantization state included."""
+    if quant == "int8":
+        return numel + 4 * out_features  # int8 weights + one fp32 scale per output row (SCB)
+    blocks = math.ceil(numel / 64)
+    packed = math.ceil(numel / 2) + 16 * 4 + 4  # + 16-entry fp32 code + fp32 offset
+    if double_quant:
+        return packed + blocks + 4 * math.ceil(blocks / 256) + 256 * 4
+    return packed + 4 * blocks
+
+
+def weight_items(shape: ModelShape, s: Settings) -> list[MemoryItem]:
+    """Base weights as quantized, and what stays unquantized."""
+    kept_bytes = 4 if s.quantized else dtype_bytes(s.model_dtype)
+    quantized = [(n, i, o) for n, i, o in shape.layer_linears if not _skipped(n, s.skip_modules)] if s.quantized else []
+    quantized_names = {n for n, _, _ in quantized}
+    kept = sum(shape.other_params.values()) + sum(i * o for n, i, o in shape.linears if n not in quantized_names)
+    items = []
+    if quantized:
+        qbytes = sum(quantized_linear_bytes(i * o, o, s.quant, s.double_quant) for _, i, o in quantized)
+        label = "8-bit" if s.quant == "int8" else f"4-bit {s.quant}" + (" + double quant" if s.double_quant else "")
+        items.append(MemoryItem(f"base weights ({label})", qbytes, f"{sum(i * o for _, i, o in quantized):,} params"))
+    kept_how = f"{kept:,} params in {'fp32 (prepare_model_for_kbit_training upcasts them)' if s.quantized else s.model_dtype}"
+    items.append(MemoryItem("unquantized: embeddings, norms, lm_head", kept * kept_bytes + shape.buffer_bytes, kept_how))
+    return items
+
+
+def _skipped(name: str, skip: tuple[str, ...]) -> bool:
+    return any(name == m or name.endswith(f".{m}") or f".{m}." in f".{name}." for m in skip)
+
+
+def lora_tensors(shape: ModelShape, s: Settings) -> list[int]:
+    """numel of each trainable LoRA tensor (A, B, and DoRA's magnitude vector)."""
+    sizes = {n: (i, o) for n, i, o in shape.linears}
+    tensors = []
+    for name in s.lora_targets:
+        i, o = sizes[name]
+        tensors += [s.lora_r * i, s.lora_r * o] + ([o] if s.use_dora else [])
+    return tensors
+
+
+def optimizer_bytes(optim: str, tensors: list[int]) -> int:
+    """State bytes of TrainingArguments' optimizer over these trainable tensors."""
+    per_param = next((b for key, b in _OPTIMIZER_BYTES if key in optim), 8)
+    # torch's Adam/AdamW keep a scalar fp32 `step` tensor per parameter as well.
+    steps = 4 * len(tensors) if per_param == 8 and "torch" in optim else 0
+    return per_param * sum(tensors) + steps
+
+
+def layer_activation_bytes(shape: ModelShape, s: Settings, dropout: bool | None = None) -> int:
+    """Bytes autograd saves per token in one decoder layer (Mistral/Llama with LoRA).
+
+    Read off the forward pass: each RMSNorm saves its input and 1/rms; sdpa saves q, k, v, its
+    output (o_proj's input) and an fp32 logsumexp per head; SiLU saves the gate output and the
+    product saves both its factors; bitsandbytes' 4-bit matmul saves no input (the base weight
+    gets no gradient), but each LoRA A saves its input (shared by the modules that read the same
+    tensor, unless each has its own dropout) and each LoRA B its r-wide input.
+    """
+    res, mm = s.residual_bytes, s.matmul_bytes
+    attn = shape.heads * shape.head_dim
+    kv = shape.kv_heads * shape.head_dim
+    saved = 2 * (res * shape.hidden + 4)  # two norms: input + 1/rms
+    saved += mm * (2 * attn + 2 * kv) + 4 * shape.heads  # sdpa: q, k, v, out, logsumexp
+    saved += 3 * res * shape.intermediate  # SiLU input, SiLU output, up_proj output
+    saved += _lora_input_bytes(shape, s, s.lora_dropout > 0 if dropout is None else dropout)
+    return saved
+
+
+def _lora_input_bytes(shape: ModelShape, s: Settings, dropout: bool) -> int:
+    layer0 = [n for n in s.lora_targets if ".layers.0." in f".{n}."]
+    sizes = {n: i for n, i, _ in shape.linears}
+    total = s.lora_r * s.matmul_bytes * len(layer0)  # each LoRA B's input
+    if dropout:  # each module its own dropout output + a bool mask
+        return total + sum(sizes[n] * (s.matmul_bytes + 1) for n in layer0)
+    groups = {_input_group(n) for n in layer0} - {"o_proj"}  # o_proj reads sdpa's saved output
+    width = {"attn": shape.hidden, "mlp": shape.hidden, "down": shape.intermediate}
+    return total + sum(width.get(g, sizes.get(g, shape.hidden)) * s.matmul_bytes for g in groups)
+
+
+def _input_group(name: str) -> str:
+    leaf = name.rsplit(".", 1)[-1]
+    return {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "gate_proj": "mlp", "up_proj": "mlp",
+            "down_proj": "down", "o_proj": "o_proj"}.get(leaf, name)
+
+
+def activation_bytes(shape: ModelShape, s: Settings, batch: int, seq: int) -> int:
+    """Activations kept for the backward pass of one micro-batch, at their peak."""
+    tokens = batch * seq
+    layer = layer_activation_bytes(shape, s) * tokens
+    final_norm = (2 * s.residual_bytes * shape.hidden + 4) * tokens  # its input, 1/rms, lm_head's input
+    if s.checkpointing:
+        # Each layer keeps only its input; the backward pass recomputes one layer at a time.
+        kept = shape.layers * s.residual_bytes * shape.hidden * tokens + layer
+    else:
+        kept = shape.layers * layer
+    masks = batch * seq * seq if s.packed_mask else 0
+    if s.eager_attention:  # eager attention saves the softmax of the scores in every layer
+        masks += (1 if s.checkpointing else shape.layers) * batch * shape.heads * seq * seq * s.matmul_bytes * 2
+    return kept + final_norm + masks
+
+
+def logits_bytes(shape: ModelShape, batch: int, seq: int) -> int:
+    # At the start of backward: cross-entropy's saved fp32 log-probs, their gradient, and the
+    # logits' gradient -- three fp32 tensors of batch x seq x vocab.
+    return 12 * batch * seq * shape.vocab
+
+
+def temporary_bytes(shape: ModelShape, s: Settings, batch: int, seq: int) -> int:
+    """Short-lived buffers: a dequantized weight in the backward pass, a few hidden-size gradients."""
+    largest = max((i * o for _, i, o in shape.layer_linears), default=0)
+    dequantized = largest * s.matmul_bytes if s.quantized else 0
+    return dequantized + 4 * batch * seq * max(shape.hidden, shape.intermediate) * s.residual_bytes
+
+
+def memory_items(shape: ModelShape, s: Settings, batch: int, seq: int) -> list[MemoryItem]:
+    """Every item of one device's memory for one micro-batch of `batch` rows of `seq` tokens."""
+    tensors = lora_tensors(shape, s)
+    lora = 4 * sum(tensors)  # fp32
+    items = weight_items(shape, s)
+    items += [
+        MemoryItem("LoRA parameters", lora, f"{sum(tensors):,} params, r={s.lora_r}, {len(s.lora_targets)} modules, fp32"),
+        MemoryItem("LoRA gradients", lora, "fp32"),
+        MemoryItem(f"optimizer state ({s.optim})", optimizer_bytes(s.optim, tensors), _optim_how(s.optim)),
+        MemoryItem("activations", activation_bytes(shape, s, batch, seq),
+                   f"{batch} x {seq:,} tokens, checkpointing {'on' if s.checkpointing else 'off'}"),
+        MemoryItem("logits", logits_bytes(shape, batch, seq), f"3 fp32 copies of {batch} x {seq:,} x {shape.vocab:,}"),
+        MemoryItem("temporaries", temporary_bytes(shape, s, batch, seq), "dequantized weight, hidden-state gradients"),
+    ]
+    if s.on_gpu:
+        items.append(MemoryItem("CUDA context", CUDA_CONTEXT_BYTES, "0.5-1 GiB: context, cuBLAS workspace"))
+    return items
+
+
+def _optim_how(optim: str) -> str:
+    per_param = next((b for key, b in _OPTIMIZER_BYTES if key in optim), 8)
+    return f"{per_param} bytes/param" + (", paged: may spill to CPU" if "paged" in optim else "")
+
+
+def total_bytes(shape: ModelShape, s: Settings, batch: int, seq: int) -> int:
+    return sum(item.bytes for item in memory_items(shape, s, batch, seq))
+
+
+def largest_fitting(capacity: int, fits_at) -> int | None:
+    """The largest n in 1..capacity for which fits_at(n) holds (monotone), or None."""
+    if not fits_at(1):
+        return None
+    low, high = 1, capacity
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits_at(mid) else (low, mid - 1)
+    return low
+
+
+def flops_per_token(shape: ModelShape, s: Settings, mean_context: float) -> float:
+    """Training FLOPs per token: forward 2N, backward ~2N (no base-weight gradients), attention
+    4*L*heads*head_dim*context forward and twice that backward, and a second forward under
+    activation checkpointing."""
+    targets = set(s.lora_targets)
+    lora = s.lora_r * sum(i + o for name, i, o in shape.linears if name in targets)
+    n = sum(i * o for _, i, o in shape.linears) + lora
+    attention = 4 * shape.layers * shape.heads * shape.head_dim * mean_context
+    forward = 2 * n + attention
+    backward = 2 * n + 2 * attention
+    return forward + backward + (forward if s.checkpointing else 0)
