@@ -161,6 +161,47 @@ def prepare(
         render.show_examples(console, prepared.dataset["train"], tokenizer, show)
 
 
+@app.command("plan")
+@user_command
+def plan(
+    args: list[str] = RECIPE_ARGS,
+    gpu_memory: float = typer.Option(None, "--gpu-memory", metavar="GiB",
+                                     help="Memory of one GPU, for planning on a machine without it."),
+    gpus: int = typer.Option(1, "--gpus", metavar="N", help="GPUs in data parallel (each holds the whole model)."),
+) -> None:
+    """Will the run fit, how long will it take, is the data sound? Reads configs, tokenizer and data, no weights.
+
+    Exit 0 when the run should work, 2 when it will not (with the reasons and what to change).
+
+    Example: qlora plan recipes/mistral7b.yaml --gpu-memory 24
+    """
+    from qlora_cli import render
+    from qlora_cli.plan import plan_recipe
+    from qlora_cli.recipe import load_recipe
+
+    recipes, overrides = split_arguments(args)
+    result = plan_recipe(load_recipe(recipes, overrides), gpu_memory=gpu_memory, gpus=gpus)
+    render.plan_report(console, result)
+    if not result.ok:
+        raise typer.Exit(2)
+
+
+def _plan_before_training(recipe, force: bool, gpus: int) -> None:
+    """Print the short plan; refuse a run that cannot fit in GPU memory unless --force."""
+    if os.environ.get("RANK", "0") != "0" or os.environ.get("QLORA_PLANNED"):
+        return  # one process plans for all: rank 0, or the `--nproc` launcher before its ranks
+    from qlora_cli.plan import plan_recipe
+
+    result = plan_recipe(recipe, gpus=gpus)
+    for line in result.short_lines():
+        console.print(line, highlight=False, markup=False)
+    if result.fits is False and not force:
+        changes = "".join(f"\n    {change}" for change in result.changes)
+        raise UserError(f"this run needs {result.total / 2**30:.1f} GiB per GPU and the GPU has "
+                        f"{result.capacity / 2**30:.1f} GiB; what to change:{changes}",
+                        fix="apply a change above as KEY=VALUE, see `qlora plan`, or add --force to try anyway")
+
+
 @app.command("train")
 @user_command
 def train(
@@ -168,6 +209,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run folder from its last complete checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run folder and start over."),
     nproc: int = typer.Option(1, "--nproc", help="Train on N local processes (DDP through torchrun), e.g. one per GPU."),
+    force: bool = typer.Option(False, "--force", help="Train even when `qlora plan` says the run will not fit in GPU memory."),
 ) -> None:
     """Train a LoRA adapter on a 4-bit base model as the recipe says.
 
@@ -175,16 +217,18 @@ def train(
     """
     import shlex
 
-    if nproc > 1 and "LOCAL_RANK" not in os.environ:
-        flags = [flag for flag, on in (("--resume", resume), ("--overwrite", overwrite)) if on]
-        raise typer.Exit(launch_processes(nproc, ["train", *args, *flags]))
-
-    from qlora_cli.progress import TrainReporter
     from qlora_cli.recipe import load_recipe
-    from qlora_cli.train import train as train_run
 
     recipes, overrides = split_arguments(args)
     recipe = load_recipe(recipes, overrides)
+    _plan_before_training(recipe, force, gpus=nproc if nproc > 1 else int(os.environ.get("WORLD_SIZE", "1")))
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        flags = [flag for flag, on in (("--resume", resume), ("--overwrite", overwrite), ("--force", force)) if on]
+        raise typer.Exit(launch_processes(nproc, ["train", *args, *flags]))
+
+    from qlora_cli.progress import TrainReporter
+    from qlora_cli.train import train as train_run
+
     result = train_run(recipe, resume=resume, overwrite=overwrite, reporter=TrainReporter(console))
     if not TrainReporter(console).main:
         raise typer.Exit(result.exit_code)
@@ -323,7 +367,7 @@ def launch_processes(nproc: int, command: list[str]) -> int:
     debug = ["--debug"] if _state["debug"] else []
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                 "-m", "qlora_cli", *debug, *command]
-    return subprocess.call(launcher)
+    return subprocess.call(launcher, env={**os.environ, "QLORA_PLANNED": "1"})  # planned here already
 
 
 def run() -> None:

@@ -134,6 +134,7 @@ def load_base_model(recipe, *, quantized: bool = True, dtype=None, device_map=No
 def load_trainable_model(recipe, *, device_map=None):
     """4-bit base prepared for k-bit training, wrapped with LoRA: a `PeftModel`."""
     from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import set_seed
 
     model = load_base_model(recipe, device_map=device_map)
     checkpointing = bool(recipe.training.get("activation_checkpointing") or recipe.training.get("gradient_checkpointing"))
@@ -148,7 +149,12 @@ def load_trainable_model(recipe, *, device_map=None):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     lora = build_lora_config(recipe.lora, recipe.origins)
-    return get_peft_model(model, lora) if lora is not None else model
+    if lora is None:
+        return model
+    # Seed right before the LoRA weights' random init, so it is the same for every rank and
+    # every run, whether or not this process had to build the base model first.
+    set_seed(int(recipe.training.get("seed", 42)))
+    return get_peft_model(model, lora)
 
 
 def summarize_model(model, quantization: dict | None) -> ModelSummary:

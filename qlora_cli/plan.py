@@ -17,24 +17,11 @@ from qlora_cli.plan_memory import (
     GiB, MemoryItem, ModelShape, Settings, dtype_bytes, flops_per_token, largest_fitting, lora_tensors, memory_items,
     model_shape, optimizer_bytes,
 )
-from qlora_cli.templates import IGNORE_INDEX
+from qlora_cli.plan_data import DataReport, data_warnings, describe_data
 
 # Dense bf16 TFLOP/s (T4: fp16) from the vendors' data sheets.
 GPU_TFLOPS = {"A100": 312, "H100 SXM": 989, "H200": 989, "L4": 121, "A10G": 125, "RTX 4090": 165, "T4": 65}
 MFU_RANGE = (0.25, 0.45)
-SMALL_VALIDATION = 50
-
-
-@dataclass
-class DataReport:
-    examples: dict[str, int]
-    percentiles: dict[str, int]
-    trained_fraction: float
-    packing_efficiency: float | None
-    tokens_computed: int  # per epoch, padding included
-    mean_context: float  # tokens each token attends to, on average (causal, within its example)
-    row_width: int  # the widest row: the micro-batch width memory must hold
-    rows: int
 
 
 @dataclass
@@ -96,7 +83,7 @@ def plan_recipe(recipe, gpu_memory: float | None = None, gpus: int | None = None
     tokenizer = load_recipe_tokenizer(recipe)
     shape = model_shape(load_model_config(recipe, tokenizer))
     device, capacity, tflops = detect_device(gpu_memory)
-    settings = recipe_settings(recipe, shape, on_gpu=capacity is not None or device != "cpu")
+    settings = recipe_settings(recipe, shape, on_gpu=not recipe.training.get("use_cpu"))
     prepared = prepare_dataset(recipe, tokenizer)
     training, gpus = recipe.training, gpus or 1
     batch = int(training.get("per_device_train_batch_size", 8))
@@ -195,67 +182,6 @@ def lora_targets(recipe, shape: ModelShape) -> list[str]:
     return [name for name, _, _ in shape.linears if check_target_module_exists(config, name)]
 
 
-def describe_data(prepared, batch: int) -> DataReport:
-    """Lengths, padding and attention context of the prepared training split."""
-    summary, train = prepared.summary, prepared.dataset["train"]
-    seq_lengths = train["seq_lengths"]
-    widths = [sum(lengths) for lengths in seq_lengths]
-    examples = [length for lengths in seq_lengths for length in lengths]
-    # Each batch is padded to its widest row (Trainer order is random; the file order stands in).
-    computed = sum(batch * max(widths[i:i + batch]) for i in range(0, len(widths), batch))
-    context = sum(n * (n + 1) / 2 for n in examples) / max(sum(examples), 1)
-    return DataReport(dict(summary.examples), dict(summary.length_percentiles), summary.trained_fraction,
-                      summary.packing_efficiency, computed, context, max(widths), len(widths))
-
-
-def data_warnings(recipe, prepared, tokenizer) -> list[str]:
-    """What is legal but probably not what the user meant."""
-    summary, warnings = prepared.summary, []
-    if summary.trained_fraction < 0.05:
-        warnings.append(f"only {summary.trained_fraction:.1%} of tokens carry a loss: almost every label is masked")
-    unended = _responses_without_eos(prepared.dataset["train"], tokenizer.eos_token_id)
-    if unended:
-        warnings.append(f"{unended:.0%} of examples end their trained tokens without {tokenizer.eos_token}: "
-                        "the model will not learn to stop")
-    cut = sum(s.truncated for s in summary.sources)
-    if cut:
-        warnings.append(f"{cut:,} examples were cut at data.max_length={summary.max_length:,}")
-    validation = summary.examples.get("validation")
-    if validation is not None and validation < SMALL_VALIDATION:
-        warnings.append(f"the validation split has only {validation} examples (< {SMALL_VALIDATION}): its loss is noise")
-    differs = _template_differs(recipe.data, tokenizer)
-    if differs:
-        warnings.append(differs)
-    return warnings
-
-
-def _responses_without_eos(rows, eos_id: int, sample: int = 2000) -> float:
-    seen = unended = 0
-    for row in rows.select(range(min(len(rows), sample))):
-        start = 0
-        for length in row["seq_lengths"]:
-            trained = [t for t in row["labels"][start:start + length] if t != IGNORE_INDEX]
-            seen, unended, start = seen + 1, unended + bool(trained and trained[-1] != eos_id), start + length
-    return unended / max(seen, 1)
-
-
-def _template_differs(data, tokenizer) -> str | None:
-    from qlora_cli.templates import encode_chat
-
-    if data.template == "tokenizer" or not getattr(tokenizer, "chat_template", None):
-        return None
-    sample = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]
-    try:
-        ours = encode_chat(sample, tokenizer, data.template)[0]
-        theirs = encode_chat(sample, tokenizer, "tokenizer")[0]
-    except UserError:
-        return None
-    if ours == theirs:
-        return None
-    return (f"data.template {data.template if '{' not in data.template else '(Jinja)'} formats a conversation "
-            "differently from the tokenizer's own chat template: use the same format at inference")
-
-
 def _check_training_data(recipe, prepared, plan: Plan) -> None:
     from qlora_cli.train import check_data
 
@@ -304,7 +230,7 @@ def _changes(plan: Plan, shape: ModelShape, s: Settings, recipe, total) -> list[
         changes.append(f"training.per_device_train_batch_size=1 data.max_length={seq}")
     if not seq:
         fixed = sum(i.bytes for i in plan.memory if i.name.startswith(("base", "unquantized", "CUDA")))
-        changes.append(f"the weights alone take {fixed / GiB:.1f} GiB: use a larger GPU, or shard with FSDP")
+        changes.append(f"weights and CUDA context alone take {fixed / GiB:.1f} GiB: a larger GPU, or FSDP sharding")
     return changes
 
 

@@ -103,6 +103,9 @@ def clear_run_folder(run: RunFolder) -> None:
 
 def _check_writable(root: Path) -> None:
     parent = next((p for p in [root, *root.parents] if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise UserError(f"cannot make the run folder {root}: {parent} is a file, not a folder",
+                        where="training.output_dir", fix="choose another training.output_dir")
     if not os.access(parent, os.W_OK):
         raise UserError(f"cannot write the run folder {root}: {parent} is not writable",
                         where="training.output_dir", fix="choose a folder you can write")

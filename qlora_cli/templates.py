@@ -16,6 +16,7 @@ one formatted string would lose the dummy prefix space after each control token.
 from __future__ import annotations
 
 import re
+import weakref
 from functools import lru_cache
 
 from qlora_cli.errors import UserError
@@ -173,24 +174,52 @@ def _text_ids(tokenizer, text: str) -> list[int]:
     The HF tokenizer cannot be trusted for this: its Metaspace pre-tokenizer skips the dummy prefix
     when text starts with a space, it splits out special tokens written in the text, and its BPE
     merges runs of spaces first where SentencePiece scores whitespace-only pieces lowest (-1e9) and
-    merges them last. So we run the BPE model on the text between runs of 2+ spaces, and join
-    those runs the way SentencePiece does. Tokenizers without "▁" are not SentencePiece: encode as is.
+    merges them last. So we run the BPE model on each "▁word" alone (no piece has a "▁" inside a
+    word, so BPE never merges across one; each distinct word is encoded once and remembered) and
+    join runs of spaces the way SentencePiece does. Tokenizers without "▁" are not SentencePiece.
     """
     if not text:
         return []
     backend = tokenizer.backend_tokenizer
-    space_id = backend.token_to_id(SPACE)
-    if space_id is None:
+    words = _word_cache(tokenizer)
+    if words is None:
         return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
     ids: list[int] = []
-    for spaces, words in _SPACE_RUN_THEN_WORDS.findall(SPACE + text.replace(" ", SPACE)):
-        word_ids = [token.id for token in backend.model.tokenize(SPACE + words)] if words else [space_id]
-        if word_ids[0] == space_id:  # the run's last space did not join the word: it stays in the run
-            word_ids = word_ids[1:]
+    run = 0  # spaces before the current word, the dummy prefix included
+    for word in text.replace(" ", SPACE).split(SPACE):  # a "▁" in the text counts as a space, as in SentencePiece
+        run += 1
+        if not word:
+            continue
+        joined, word_ids = words.get(word) or _encode_word(backend, words, word)
+        if run == 1 and joined:  # most words: one space, joined to the word's first piece
+            ids += word_ids
         else:
-            spaces = spaces[:-1]
-        ids += _space_run_ids(backend, len(spaces)) + word_ids
+            ids += _space_run_ids(backend, run - joined) + word_ids
+        run = 0
+    if run:
+        ids += _space_run_ids(backend, run)
     return ids
+
+
+def _encode_word(backend, words: dict, word: str) -> tuple[bool, list[int]]:
+    """Whether SentencePiece joins a space to `word`'s first piece, and the word's ids after it."""
+    word_ids = [token.id for token in backend.model.tokenize(SPACE + word)]
+    joined = word_ids[0] != backend.token_to_id(SPACE)
+    words[word] = (joined, word_ids if joined else word_ids[1:])
+    return words[word]
+
+
+_WORD_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _word_cache(tokenizer) -> dict | None:
+    """A word -> ids memo for a SentencePiece BPE vocabulary; None when the text is not SentencePiece
+    or some piece has a "▁" inside it (then words could merge and must be encoded together)."""
+    if tokenizer not in _WORD_CACHES:
+        vocab = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=False)
+        spaced = SPACE in vocab and not any(SPACE in piece[1:] and piece.strip(SPACE) for piece in vocab)
+        _WORD_CACHES[tokenizer] = {} if spaced else None
+    return _WORD_CACHES[tokenizer]
 
 
 # A run of spaces, then text up to the next run of two or more (single spaces stay inside words:

@@ -1,8 +1,8 @@
 """`qlora train`: the story of a run, top to bottom.
 
-check the recipe against this machine -> claim the run folder -> prepare (or reuse) the data ->
-load the 4-bit base with LoRA -> build the Trainer -> train (stoppable, resumable) -> save the
-adapter, run.json and loss.png.
+check the recipe against this machine -> check the run folder is free -> prepare (or reuse) the
+data -> load the 4-bit base with LoRA -> claim the run folder -> build the Trainer -> train
+(stoppable, resumable) -> save the adapter, run.json and loss.png.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def train(recipe, *, resume: bool = False, overwrite: bool = False, reporter=Non
     from qlora_cli.prepare import prepare_dataset
 
     check_machine(recipe)
+    check_model_folder(recipe)
     run = open_run_folder(recipe.run_dir, resume=resume, overwrite=overwrite)
     # Building the arguments also joins the process group under torchrun / accelerate launch.
     args = build_training_arguments(recipe.training, recipe.origins, **run_changes(recipe, run))
@@ -54,19 +55,17 @@ def train(recipe, *, resume: bool = False, overwrite: bool = False, reporter=Non
         prepared = prepare_dataset(recipe, tokenizer)
     check_data(recipe, prepared)
     started = now()
+    if reporter:
+        reporter.data_ready(prepared)
+    model = load_trainable_model(recipe, device_map=_device_map(args))
+    summary = summarize_model(model, recipe.quantization)
+    # Only now that the model has loaded: a run that fails before training leaves no folder behind.
     if state.is_main_process:
         if overwrite:
             clear_run_folder(run)
         run.root.mkdir(parents=True, exist_ok=True)
         run.recipe.write_text(recipe.to_yaml())
     state.wait_for_everyone()
-    if reporter:
-        reporter.data_ready(prepared)
-    from transformers import set_seed
-
-    set_seed(args.seed)  # the LoRA weights' random init: the same for every rank and every run
-    model = load_trainable_model(recipe, device_map=_device_map(args))
-    summary = summarize_model(model, recipe.quantization)
     if reporter:
         reporter.model_ready(summary, run)
     trainer, stopper = build_trainer(recipe, args, model, tokenizer, prepared, run, reporter)
@@ -110,6 +109,17 @@ def check_machine(recipe) -> None:
         raise errors[0] if len(errors) == 1 else UserErrors(errors)
 
 
+def check_model_folder(recipe) -> None:
+    """A local model path that is not a model folder fails now, not after the data is prepared."""
+    name = recipe.model.name_or_path
+    path = Path(name).expanduser() if name else None
+    looks_local = path is not None and (path.is_absolute() or name.startswith((".", "~")) or path.exists())
+    if looks_local and not (path / "config.json").is_file():
+        raise UserError(f"`model.name_or_path` {name} is not a model folder: it has no config.json",
+                        where=recipe.origins.get("model.name_or_path", "model.name_or_path"),
+                        fix="give a local folder with config.json and safetensors weights, or a hub id")
+
+
 def check_data(recipe, prepared) -> None:
     """Data problems the Trainer would only find later, or never."""
     dataset, training = prepared.dataset, recipe.training
@@ -121,8 +131,9 @@ def check_data(recipe, prepared) -> None:
                         fix=f"set training.per_device_train_batch_size={rows} or less, or add data")
     wants_eval = str(training.get("eval_strategy", "no")) != "no" or training.get("load_best_model_at_end")
     if wants_eval and "validation" not in dataset:
-        raise UserError("the recipe asks for evaluation but there is no validation split",
-                        where=recipe.origins.get("training.eval_strategy", "training.eval_strategy"),
+        key = "eval_strategy" if str(training.get("eval_strategy", "no")) != "no" else "load_best_model_at_end"
+        raise UserError(f"`training.{key}` asks for evaluation but there is no validation split",
+                        where=recipe.origins.get(f"training.{key}", f"training.{key}"),
                         fix="set data.val_size (e.g. 0.1) or data.validation_sources")
     if "validation" in dataset and len(dataset["validation"]) == 0:
         raise UserError("the validation split is empty", where="data.validation_sources",
@@ -134,19 +145,29 @@ def build_trainer(recipe, args, model, tokenizer, prepared, run: RunFolder, repo
     from qlora_cli.trainer import CountingCollator, QloraTrainer, StopOnSignal
 
     dataset = prepared.dataset
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run.logs))
     collator = CountingCollator(tokenizer.pad_token_id, recipe.model.attn_implementation)
     stopper = StopOnSignal()
     trainer = QloraTrainer(
         model=model, args=args, train_dataset=dataset["train"], eval_dataset=dataset.get("validation"),
         data_collator=collator, processing_class=tokenizer, callbacks=[stopper],
     )
+    _log_to(trainer, run.logs)
     if reporter:
         from transformers import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # it prints raw dicts; the reporter shows progress
         trainer.add_callback(reporter.training_callback(lambda: trainer.real_tokens_seen))
     return trainer, stopper
+
+
+def _log_to(trainer, logs: Path) -> None:
+    """TensorBoard event files go to this run's logs/ (the callback would read an environment
+    variable, which an earlier run in the same process may have set)."""
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback):
+            callback.logging_dir = str(logs)
 
 
 def run_changes(recipe, run: RunFolder) -> dict:
@@ -184,6 +205,7 @@ def _device_map(args):
 def final_metrics(trainer, train_metrics: dict, stopped: bool) -> dict:
     """Training metrics, plus validation loss and perplexity of the final adapter."""
     metrics = {k: v for k, v in train_metrics.items() if isinstance(v, (int, float))}
+    metrics["steps"] = trainer.state.global_step
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     if losses:
         metrics["final_train_loss"] = losses[-1]

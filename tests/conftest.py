@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +104,111 @@ def data_recipe(tmp_path):
         return path
 
     return write
+
+
+# ---------------------------------------------------------------- runs (test_train, test_merge_generate, test_cli_end_to_end)
+
+# The installed console script, beside this Python (the venv's bin/).
+QLORA = shutil.which("qlora", path=str(Path(sys.executable).parent)) or "qlora"
+SAMPLE_DATA = Path(__file__).resolve().parent.parent / "sample_data.jsonl"
+
+# The tiny recipe at its own width (256), pinned here, trained until it repeats its training answers:
+# instructions are ~30 tokens, so 64-token rows give ~7 optimizer steps per epoch of 12 examples.
+ANSWERING_OVERRIDES = [
+    "model.init_from_config.hidden_size=256",
+    "model.init_from_config.intermediate_size=512",
+    "model.init_from_config.num_hidden_layers=2",
+    "model.init_from_config.num_attention_heads=4",
+    "model.init_from_config.num_key_value_heads=2",
+    "lora.target_modules=all-linear",
+    "lora.r=16",
+    "lora.lora_alpha=32",
+    "training.learning_rate=5e-3",
+    "data.max_length=64",
+    "training.num_train_epochs=6",
+]
+
+
+def qlora(*args) -> "click.testing.Result":
+    """Run the real `qlora` command in this process (faster than a subprocess: imports are warm)."""
+    from typer.testing import CliRunner
+
+    from qlora_cli.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def sample_pairs(count: int) -> list[tuple[str, str]]:
+    """(instruction, response) of the first `count` rows of sample_data.jsonl."""
+    pairs = []
+    for line in SAMPLE_DATA.read_text(encoding="utf-8").splitlines()[:count]:
+        question, answer = json.loads(line)["text"].split("[INST]", 1)[1].split("[/INST]", 1)
+        pairs.append((question.strip(), answer.replace("</s>", "").strip()))
+    return pairs
+
+
+def short_run(data: Path, output_dir: Path, prepared_dir: Path, *extra: str) -> list[str]:
+    """Overrides for a short run of the 64-wide tiny model: 12 steps on 12 examples, a checkpoint
+    every 2 steps, a log line every step."""
+    return [
+        *TINY_OVERRIDES,
+        f"data.sources=[{{path: {data}, format: text}}]",
+        f"data.prepared_dir={prepared_dir}",
+        f"training.output_dir={output_dir}",
+        "training.num_train_epochs=6",
+        "training.save_steps=2",
+        "training.logging_steps=1",
+        *extra,
+    ]
+
+
+@dataclass
+class TrainedRun:
+    """A finished `qlora train` run: its folder and the recipe arguments it was trained with."""
+
+    root: Path
+    args: list[str]
+    output: str
+    seconds: float = 0.0
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+
+@pytest.fixture(scope="session")
+def sample_subset(tmp_path_factory) -> Path:
+    """The first 12 rows of sample_data.jsonl, as a data file of their own."""
+    path = tmp_path_factory.mktemp("data") / "sample12.jsonl"
+    path.write_text("".join(SAMPLE_DATA.read_text(encoding="utf-8").splitlines(keepends=True)[:12]), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory) -> Path:
+    """One prepared-data cache for every run in the session (entries are keyed by fingerprint)."""
+    return tmp_path_factory.mktemp("prepared")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, sample_subset, prepared_dir, qlora_cache) -> TrainedRun:
+    """A short 64-wide run through `qlora train`, shared by the tests that only read it."""
+    root = tmp_path_factory.mktemp("trained") / "run"
+    args = ["tiny-mistral", *short_run(sample_subset, root, prepared_dir)]
+    result = qlora("train", *args)
+    assert result.exit_code == 0, result.output
+    return TrainedRun(root, args, result.output)
+
+
+@pytest.fixture(scope="session")
+def answering_run(tmp_path_factory, sample_subset, prepared_dir, qlora_cache) -> TrainedRun:
+    """The tiny recipe trained on 12 sample rows until it answers them, through the `qlora`
+    executable in a subprocess (the real command line, timed)."""
+    root = tmp_path_factory.mktemp("answering") / "run"
+    args = ["tiny-mistral", *ANSWERING_OVERRIDES, f"data.sources=[{{path: {sample_subset}, format: text}}]",
+            f"data.prepared_dir={prepared_dir}", f"training.output_dir={root}"]
+    started = time.monotonic()
+    done = subprocess.run([QLORA, "train", *args], capture_output=True, text=True, timeout=600)
+    seconds = time.monotonic() - started
+    assert done.returncode == 0, done.stdout + done.stderr
+    return TrainedRun(root, args, done.stdout + done.stderr, seconds)

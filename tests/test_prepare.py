@@ -287,3 +287,16 @@ def test_prepare_command_prints_the_summary_and_show_prints_the_example(data_rec
     assert "data.jsonl" in output and "…" not in output, "a long source path wraps, never cut"
     again = CliRunner().invoke(app, ["prepare", str(recipe)])
     assert again.exit_code == 0 and "data reused" in again.stdout
+
+
+def test_num_proc_gives_the_same_rows_and_the_same_error_location(data_recipe, write_jsonl, v1_tokenizer):
+    rows = numbered_texts(1200)
+    path = write_jsonl(rows)
+    serial, _ = build(data_recipe, {"sources": [{"path": path, "format": "text"}]}, v1_tokenizer)
+    parallel, _ = build(data_recipe, {"sources": [{"path": path, "format": "text"}], "num_proc": 2}, v1_tokenizer)
+    assert parallel["train"]["input_ids"] == serial["train"]["input_ids"]
+    assert parallel["train"]["labels"] == serial["train"]["labels"]
+    bad = write_jsonl(rows[:1100] + [{"text": "prose"}] + rows[1100:], "bad.jsonl")
+    with pytest.raises(UserError, match="does not follow") as err:
+        build(data_recipe, {"sources": [{"path": bad, "format": "text"}], "num_proc": 2}, v1_tokenizer)
+    assert err.value.where == f"{bad}:1101"

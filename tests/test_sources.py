@@ -218,8 +218,6 @@ def test_chat_message_with_an_unknown_role(tmp_path, data_recipe, write_jsonl):
     assert_user_error(data_recipe, tmp_path, {"path": path, "format": "chat"}, f"{path}:1", "message 1 needs `role`")
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py renders the message as rich markup: '[/INST]' in it raises "
-                   "MarkupError (exit 1); the lead escapes it with rich.markup.escape")
 def test_text_not_in_the_inst_format_names_its_line(tmp_path, data_recipe, write_jsonl):
     path = write_jsonl([{"text": "<s>[INST] a [/INST] b</s>"}, {"text": "just some prose"}])
     assert_user_error(data_recipe, tmp_path, {"path": path, "format": "text"}, f"{path}:2", "does not follow")

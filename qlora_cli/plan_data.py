@@ -1,0 +1,85 @@
+"""The data half of `qlora plan`: lengths, padding and attention context of the prepared data, and
+what in it is legal but probably not what the user meant."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qlora_cli.errors import UserError
+from qlora_cli.templates import IGNORE_INDEX
+
+SMALL_VALIDATION = 50  # fewer validation examples than this give a loss that is mostly noise
+
+
+@dataclass
+class DataReport:
+    examples: dict[str, int]
+    percentiles: dict[str, int]
+    trained_fraction: float
+    packing_efficiency: float | None
+    tokens_computed: int  # per epoch, padding included
+    mean_context: float  # tokens each token attends to, on average (causal, within its example)
+    row_width: int  # the widest row: the micro-batch width memory must hold
+    rows: int
+
+
+
+def describe_data(prepared, batch: int) -> DataReport:
+    """Lengths, padding and attention context of the prepared training split."""
+    summary, train = prepared.summary, prepared.dataset["train"]
+    seq_lengths = train["seq_lengths"]
+    widths = [sum(lengths) for lengths in seq_lengths]
+    examples = [length for lengths in seq_lengths for length in lengths]
+    # Each batch is padded to its widest row (Trainer order is random; the file order stands in).
+    computed = sum(batch * max(widths[i:i + batch]) for i in range(0, len(widths), batch))
+    context = sum(n * (n + 1) / 2 for n in examples) / max(sum(examples), 1)
+    return DataReport(dict(summary.examples), dict(summary.length_percentiles), summary.trained_fraction,
+                      summary.packing_efficiency, computed, context, max(widths), len(widths))
+
+
+def data_warnings(recipe, prepared, tokenizer) -> list[str]:
+    """What is legal but probably not what the user meant."""
+    summary, warnings = prepared.summary, []
+    if summary.trained_fraction < 0.05:
+        warnings.append(f"only {summary.trained_fraction:.1%} of tokens carry a loss: almost every label is masked")
+    unended = _responses_without_eos(prepared.dataset["train"], tokenizer.eos_token_id)
+    if unended:
+        warnings.append(f"{unended:.0%} of examples end their trained tokens without {tokenizer.eos_token}: "
+                        "the model will not learn to stop")
+    cut = sum(s.truncated for s in summary.sources)
+    if cut:
+        warnings.append(f"{cut:,} examples were cut at data.max_length={summary.max_length:,}")
+    validation = summary.examples.get("validation")
+    if validation is not None and validation < SMALL_VALIDATION:
+        warnings.append(f"the validation split has only {validation} examples (< {SMALL_VALIDATION}): its loss is noise")
+    differs = _template_differs(recipe.data, tokenizer)
+    if differs:
+        warnings.append(differs)
+    return warnings
+
+
+def _responses_without_eos(rows, eos_id: int, sample: int = 2000) -> float:
+    seen = unended = 0
+    for row in rows.select(range(min(len(rows), sample))):
+        start = 0
+        for length in row["seq_lengths"]:
+            trained = [t for t in row["labels"][start:start + length] if t != IGNORE_INDEX]
+            seen, unended, start = seen + 1, unended + bool(trained and trained[-1] != eos_id), start + length
+    return unended / max(seen, 1)
+
+
+def _template_differs(data, tokenizer) -> str | None:
+    from qlora_cli.templates import encode_chat
+
+    if data.template == "tokenizer" or not getattr(tokenizer, "chat_template", None):
+        return None
+    sample = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]
+    try:
+        ours = encode_chat(sample, tokenizer, data.template)[0]
+        theirs = encode_chat(sample, tokenizer, "tokenizer")[0]
+    except UserError:
+        return None
+    if ours == theirs:
+        return None
+    return (f"data.template {data.template if '{' not in data.template else '(Jinja)'} formats a conversation "
+            "differently from the tokenizer's own chat template: use the same format at inference")

@@ -1,0 +1,257 @@
+"""plan.py / plan_memory.py: the estimate against the tensors and the memory of a real tiny model,
+the 7B/13B/70B figures against published ones, and the verdicts `qlora plan` turns into exit codes.
+
+How memory is measured on the CPU (there is no torch.cuda here):
+- static entries: sum of numel * element_size over the loaded model's tensors (4-bit weights with
+  every tensor of their quant_state), over the LoRA gradients after a backward pass, and over the
+  state of a real torch AdamW after one step;
+- activations: `torch.autograd.graph.saved_tensors_hooks` sees every tensor autograd keeps for
+  the backward pass; summing the distinct storages saved inside the decoder (weights excluded)
+  is what the activation entry estimates;
+- peak: a `TorchDispatchMode` sees the output of every aten op of a training step (forward,
+  loss, backward, optimizer step); each new storage is counted until a weakref finalizer says it
+  was freed, which gives the live bytes at every moment and so their peak. Peak + the bytes that
+  existed before the step (weights, LoRA, optimizer state) is what a GPU's max_memory_allocated
+  would show, without the CUDA context (the estimate leaves it out for CPU settings).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from qlora_cli.plan import lora_targets, load_model_config, plan_recipe, recipe_settings
+from qlora_cli.plan_memory import GiB, Settings, activation_bytes, memory_items, model_shape
+from qlora_cli.recipe import load_recipe
+
+from conftest import TINY_OVERRIDES
+
+MISTRAL_7B = (  # Mistral-7B-v0.1's config.json
+    "model.init_from_config={model_type: mistral, hidden_size: 4096, intermediate_size: 14336, "
+    "num_hidden_layers: 32, num_attention_heads: 32, num_key_value_heads: 8, vocab_size: 32000, "
+    "max_position_embeddings: 32768, sliding_window: 4096, rms_norm_eps: 1e-5, tie_word_embeddings: false}"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny recipe, its own freshly loaded model (the optimizer step changes it) and its estimate."""
+    from qlora_cli.model import load_recipe_tokenizer, load_trainable_model
+
+    folder = tmp_path_factory.mktemp("plan")
+    recipe = load_recipe(["tiny-mistral"], [*TINY_OVERRIDES, f"training.output_dir={folder}/run",
+                                            f"data.prepared_dir={folder}/prepared"])
+    shape = model_shape(load_model_config(recipe, load_recipe_tokenizer(recipe)))
+    settings = recipe_settings(recipe, shape, on_gpu=False)
+    return recipe, load_trainable_model(recipe), shape, settings
+
+
+def estimate(shape, settings, batch=1, seq=64) -> dict[str, int]:
+    return {item.name.split(" (")[0]: item.bytes for item in memory_items(shape, settings, batch, seq)}
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def quant_state_tensors(param) -> list:
+    state = getattr(param, "quant_state", None)
+    if state is None:
+        return []
+    nested = getattr(state, "state2", None)
+    found = [getattr(state, "absmax", None), getattr(state, "code", None), getattr(state, "offset", None)]
+    found += [nested.absmax, nested.code] if nested is not None else []
+    return [t for t in found if isinstance(t, torch.Tensor)]
+
+
+def test_weight_and_lora_entries_equal_the_bytes_of_the_loaded_tensors(tiny):
+    _, model, shape, settings = tiny
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    weights = tensor_bytes(frozen) + tensor_bytes(model.buffers())
+    weights += sum(tensor_bytes(quant_state_tensors(p)) for p in frozen)
+    entries = estimate(shape, settings)
+    assert entries["base weights"] + entries["unquantized: embeddings, norms, lm_head"] == weights
+    assert entries["LoRA parameters"] == tensor_bytes(p for p in model.parameters() if p.requires_grad)
+
+
+def test_gradient_and_optimizer_entries_equal_a_real_adamw_step(tiny):
+    recipe, model, shape, settings = tiny
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    ids = torch.randint(0, shape.vocab, (1, 32))
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = tensor_bytes(p.grad for p in trainable)
+    optimizer.step()
+    state = tensor_bytes(t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor))
+    optimizer.zero_grad(set_to_none=True)
+    entries = estimate(shape, settings)
+    assert recipe.training["optim"] == "adamw_torch"
+    assert entries["LoRA gradients"] == grads
+    assert entries["optimizer state"] == state
+
+
+def saved_activation_bytes(model, ids) -> int:
+    """Distinct storages autograd saves inside the decoder (and the final norm), weights excluded."""
+    weights = {t.untyped_storage().data_ptr() for t in model.parameters()}
+    decoder, inside, saved = model.get_base_model().model, [False], {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if inside[0] and storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    decoder.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True))
+    handle = decoder.register_forward_hook(lambda *_: inside.__setitem__(0, False))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    handle.remove()
+    decoder._forward_pre_hooks.clear()
+    return sum(saved.values())
+
+
+SHAPES = [(1, 64), (2, 128), (4, 48)]
+
+
+@pytest.mark.parametrize("batch,seq", SHAPES)
+def test_activations_are_within_a_quarter_of_what_autograd_saves(tiny, batch, seq):
+    _, model, shape, settings = tiny
+    ids = torch.randint(0, shape.vocab, (batch, seq))
+    measured = saved_activation_bytes(model, ids)
+    # No attention mask reaches the model here (full rows), so none is estimated either.
+    estimated = activation_bytes(shape, Settings(**{**vars(settings), "packed_mask": False}), batch, seq)
+    assert abs(estimated - measured) <= 0.25 * measured, (estimated, measured)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Live bytes of the storages made by aten ops while active, and their peak (see the docstring)."""
+
+    def __init__(self, existing: set[int]):
+        super().__init__()
+        self.existing, self.live, self.current, self.peak = existing, {}, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
+                self._track(tensor.untyped_storage())
+        return out
+
+    def _track(self, storage) -> None:
+        key = storage.data_ptr()
+        if key in self.live or key in self.existing or storage.nbytes() == 0:
+            return
+        self.live[key] = storage.nbytes()
+        self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+
+@pytest.mark.parametrize("batch,seq", SHAPES)
+def test_the_total_is_within_a_quarter_of_the_measured_peak_of_a_training_step(tiny, batch, seq):
+    _, model, shape, settings = tiny
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-6)
+    ids = torch.randint(0, shape.vocab, (batch, seq))
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # the optimizer state exists from here on, as it does at every later step
+    before = [*model.parameters(), *model.buffers(), *(t for p in model.parameters() for t in quant_state_tensors(p)),
+              *(t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor))]
+    static = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in before}.values())
+    with LiveBytes({t.untyped_storage().data_ptr() for t in before}) as tracker:
+        step()
+    measured = static + tracker.peak
+    estimated = sum(item.bytes for item in memory_items(shape, Settings(**{**vars(settings), "packed_mask": False}),
+                                                        batch, seq))
+    assert abs(estimated - measured) <= 0.25 * measured, (estimated, measured)
+
+
+def published_shape(model_type: str, **config):
+    from transformers import AutoConfig
+
+    return model_shape(AutoConfig.for_model(model_type, **config))
+
+
+def test_mistral_7b_at_the_shipped_recipe_needs_about_16_gib(tmp_path):
+    from qlora_cli.model import load_recipe_tokenizer
+
+    recipe = load_recipe(["mistral7b"], [MISTRAL_7B, "model.name_or_path=null", "model.tokenizer=mistral-common:v1",
+                                         f"training.output_dir={tmp_path}/run"])
+    shape = model_shape(load_model_config(recipe, load_recipe_tokenizer(recipe)))
+    settings = recipe_settings(recipe, shape)
+    entries = estimate(shape, settings, batch=4, seq=2048)
+    assert shape.total_params == 7_241_732_096  # Mistral-7B-v0.1's published count
+    assert len(lora_targets(recipe, shape)) == 4 * 32
+    # NF4 + double quantization: 4 bits + 8-bit absmax per 64 + fp32 per 256 x 64 = 4.127 bits/param.
+    assert entries["base weights"] / 6_979_321_856 == pytest.approx(4.127 / 8, rel=1e-3)
+    assert 14 * GiB < sum(entries.values()) < 19 * GiB
+
+
+def test_65b_at_the_qlora_papers_settings_is_about_48_gb():
+    # LLaMA-65B, r=64 on every linear layer, paged 32-bit AdamW, checkpointing, 1 x 512 tokens.
+    shape = published_shape("llama", hidden_size=8192, intermediate_size=22016, num_hidden_layers=80,
+                            num_attention_heads=64, num_key_value_heads=64, vocab_size=32000)
+    settings = Settings(quant="nf4", double_quant=True, lora_r=64, lora_dropout=0.05, optim="paged_adamw_32bit",
+                        checkpointing=True, autocast_bytes=2,
+                        lora_targets=[n for n, _, _ in shape.layer_linears])
+    entries = estimate(shape, settings, batch=1, seq=512)
+    paged = entries["optimizer state"]  # paged state moves to CPU memory under pressure
+    assert 42 * GiB < sum(entries.values()) - paged < 48e9 < sum(entries.values()) + 1 * GiB
+
+
+@pytest.fixture
+def tiny_plan_recipe(tmp_path):
+    def make(*overrides):
+        return load_recipe(["tiny-mistral"], [*TINY_OVERRIDES, f"training.output_dir={tmp_path}/run",
+                                              f"data.prepared_dir={tmp_path}/prepared", *overrides])
+    return make
+
+
+def test_a_recipe_that_does_not_fit_is_refused_with_changes_that_would_fit(tiny_plan_recipe):
+    plan = plan_recipe(tiny_plan_recipe(), gpu_memory=0.8)
+    assert plan.fits is False and not plan.ok
+    assert "needs" in plan.problems[0] and plan.changes
+    assert any("activation_checkpointing=true" in change for change in plan.changes)
+    assert any(line.startswith("plan problem") for line in plan.short_lines())
+    roomy = plan_recipe(tiny_plan_recipe(), gpu_memory=8)
+    assert roomy.ok and roomy.fits and roomy.max_batch > 1 and roomy.steps == 80
+
+
+def test_without_a_gpu_or_gpu_memory_the_fit_is_unknown_but_time_and_data_are_reported(tiny_plan_recipe):
+    plan = plan_recipe(tiny_plan_recipe())
+    assert plan.capacity is None and plan.fits is None and plan.ok
+    assert set(plan.durations) >= {"A100", "H100 SXM", "T4"} and plan.flops > 0
+    assert plan.data.examples == {"train": 34} and 0 < plan.data.trained_fraction < 1
+    assert [item.name for item in plan.disk] == ["checkpoints", "adapter", "merged model"]
+
+
+def test_resume_reports_the_last_complete_checkpoint_and_what_changed(tiny_plan_recipe, tmp_path):
+    recipe = tiny_plan_recipe()
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-5"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    (tmp_path / "run" / "recipe.yaml").write_text(recipe.to_yaml().replace("learning_rate: 0.005", "learning_rate: 0.001"))
+    lines = plan_recipe(recipe).resume
+    assert "checkpoint-5" in lines[0]
+    assert "training.learning_rate" in lines[1]
+
+
+def test_responses_without_eos_and_a_small_validation_split_are_warned(data_recipe, write_jsonl):
+    rows = [{"text": f"plain text number {i} that never ends"} for i in range(60)]
+    path = data_recipe({"sources": [{"path": write_jsonl(rows), "format": "text"}], "train_on": "all", "val_size": 10})
+    recipe = load_recipe([str(path)], [*TINY_OVERRIDES, f"training.output_dir={path.parent}/run"])
+    warnings = " | ".join(plan_recipe(recipe).warnings)
+    assert "without </s>" in warnings
+    assert "only 10 examples" in warnings
