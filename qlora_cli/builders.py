@@ -118,8 +118,7 @@ def check_library_sections(config: dict, origins: dict[str, str]) -> list[UserEr
         if not isinstance(values, dict):
             errors.append(UserError(f"`{section}` must be a mapping of keys", where=origins.get(section, section)))
             continue
-        annotations = keys()
-        restore_yaml_no(values, annotations)
+        annotations = read_yaml_booleans(values, keys())
         section_errors = check_keys(values, annotations, section, origins, extra_keys=extra)
         if not section_errors:
             try:
@@ -130,12 +129,23 @@ def check_library_sections(config: dict, origins: dict[str, str]) -> list[UserEr
     return errors
 
 
-def restore_yaml_no(values: dict, annotations: dict) -> None:
-    """YAML 1.1 reads a bare `no` as false; `save_strategy: no` means the string "no"."""
+def read_yaml_booleans(values: dict, annotations: dict) -> dict:
+    """Booleans where a library field is annotated as text.
+
+    YAML 1.1 reads a bare `no` as false: `save_strategy: no` means the string "no". And a library
+    may take `true` where its annotation still says text (TrainingArguments' `fsdp: true`): such a
+    value is left for the library to judge, which names the key if it objects.
+    """
+    annotations = dict(annotations)
     for key, value in values.items():
         annotation = annotations.get(key)
-        if value is False and annotation and not matches_type(False, annotation) and matches_type("no", annotation):
+        if not isinstance(value, bool) or annotation is None or matches_type(value, annotation):
+            continue
+        if value is False and matches_type("no", annotation):
             values[key] = "no"
+        elif matches_type("text", annotation):
+            annotations[key] = typing.Any
+    return annotations
 
 
 def _build_training_for_check(training: dict, origins: dict[str, str]):
@@ -152,6 +162,9 @@ def _construct(cls, values: dict, section: str, origins: dict[str, str]):
         return cls(**values)
     except (ValueError, TypeError, NotImplementedError) as err:
         raise _library_error(section, cls.__name__, err, values, origins) from None
+    except ImportError as err:  # e.g. training.deepspeed without the deepspeed package
+        raise UserError(f"{cls.__name__} needs a package that is not installed: {err}", where=section,
+                        fix="pip install the package it names, or remove the key that asks for it") from None
 
 
 def _library_error(section: str, cls_name: str, err: Exception, values: dict, origins: dict[str, str]):

@@ -138,7 +138,8 @@ def load_trainable_model(recipe, *, device_map=None):
 
     model = load_base_model(recipe, device_map=device_map)
     checkpointing = bool(recipe.training.get("activation_checkpointing") or recipe.training.get("gradient_checkpointing"))
-    if recipe.quantization:
+    sharded = bool(recipe.training.get("fsdp"))
+    if recipe.quantization and not sharded:
         # Casts norms to fp32 and makes the (frozen) input embeddings pass gradients on, which
         # gradient checkpointing needs to reach the LoRA weights of the first layer.
         model = prepare_model_for_kbit_training(
@@ -154,7 +155,9 @@ def load_trainable_model(recipe, *, device_map=None):
     # Seed right before the LoRA weights' random init, so it is the same for every rank and
     # every run, whether or not this process had to build the base model first.
     set_seed(int(recipe.training.get("seed", 42)))
-    return get_peft_model(model, lora)
+    # FSDP shards a layer as one flat buffer of one dtype: keep LoRA weights in the model's dtype
+    # instead of peft's fp32 (and skip k-bit preparation above, which upcasts norms to fp32).
+    return get_peft_model(model, lora, autocast_adapter_dtype=not sharded)
 
 
 def summarize_model(model, quantization: dict | None) -> ModelSummary:

@@ -198,8 +198,9 @@ def run_changes(recipe, run: RunFolder) -> dict:
 def _device_map(args):
     import torch
 
-    # Each rank holds the whole 4-bit model on its own GPU (DDP); on the CPU, no map at all.
-    return {"": args.local_process_index} if torch.cuda.is_available() else None
+    # Each rank holds the whole 4-bit model on its own GPU (DDP); FSDP places the shards itself;
+    # on the CPU, no map at all.
+    return {"": args.local_process_index} if torch.cuda.is_available() and not args.fsdp else None
 
 
 def final_metrics(trainer, train_metrics: dict, stopped: bool) -> dict:
