@@ -31,6 +31,7 @@ class ModelSection:
     dtype: str = "bfloat16"  # dtype of the weights that stay unquantized
     attn_implementation: str | None = "sdpa"
     trust_remote_code: bool = False
+    chunked_loss: bool = True  # training loss in chunks of tokens, never the full-vocabulary logits
 
 
 @dataclass

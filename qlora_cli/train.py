@@ -150,6 +150,7 @@ def build_trainer(recipe, args, model, tokenizer, prepared, run: RunFolder, repo
     trainer = QloraTrainer(
         model=model, args=args, train_dataset=dataset["train"], eval_dataset=dataset.get("validation"),
         data_collator=collator, processing_class=tokenizer, callbacks=[stopper],
+        chunked_loss=recipe.model.chunked_loss,
     )
     _log_to(trainer, run.logs)
     if reporter:

@@ -3,7 +3,8 @@
 - checkpoints are written to a staging folder and renamed into place when complete, so a
   kill -9 at any moment leaves the previous checkpoint loadable;
 - SIGINT/SIGTERM finish the current step, save a checkpoint and stop (every rank at the same step);
-- real (non-pad) tokens are counted, for tokens per second.
+- real (non-pad) tokens are counted, for tokens per second;
+- the loss is computed in chunks of tokens, without full-vocabulary logits (`model.chunked_loss`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
 from qlora_cli.collate import PackedCollator
+from qlora_cli.loss import loss_in_chunks
 
 TOKENS_KEY = "num_real_tokens"
 
@@ -23,9 +25,14 @@ TOKENS_KEY = "num_real_tokens"
 class QloraTrainer(Trainer):
     """Trainer with atomic checkpoints and a count of the real tokens it trained on."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, chunked_loss: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.real_tokens_seen = 0
+        self.chunked_loss = chunked_loss  # `model.chunked_loss`: see qlora_cli/loss.py
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with loss_in_chunks(model, enabled=self.chunked_loss):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.real_tokens_seen += int(inputs.pop(TOKENS_KEY, 0))

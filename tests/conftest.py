@@ -129,13 +129,14 @@ ANSWERING_OVERRIDES = [
 ]
 
 
-def qlora(*args) -> "click.testing.Result":
-    """Run the real `qlora` command in this process (faster than a subprocess: imports are warm)."""
+def qlora(*args, input: str | None = None):
+    """Run the real `qlora` command in this process (faster than a subprocess: imports are warm);
+    `input` is its stdin. Returns click's `Result`."""
     from typer.testing import CliRunner
 
     from qlora_cli.cli import app
 
-    return CliRunner().invoke(app, [str(a) for a in args])
+    return CliRunner().invoke(app, [str(a) for a in args], input=input)
 
 
 def sample_pairs(count: int) -> list[tuple[str, str]]:
