@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import bisect
+from dataclasses import dataclass
+from itertools import chain
 
 
 def pack_lengths(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -30,3 +32,55 @@ def pack_lengths(lengths: list[int], capacity: int) -> list[list[int]]:
 def position_ids(seq_lengths: list[int]) -> list[int]:
     """Positions restart at 0 for each example of a packed row."""
     return [p for length in seq_lengths for p in range(length)]
+
+
+@dataclass
+class Rows:
+    """Training rows in flat int32 buffers, ready for Arrow without a Python list per row."""
+
+    input_ids: object  # numpy int32, every row's tokens one after the other
+    labels: object  # numpy int32, aligned with input_ids
+    row_offsets: object  # numpy int32, where each row starts (and the end)
+    seq_lengths: list[list[int]]  # the lengths of the examples in each row
+
+    def __len__(self) -> int:
+        return len(self.seq_lengths)
+
+    def table(self):
+        import pyarrow as pa
+
+        offsets = pa.array(self.row_offsets)
+        return pa.table({
+            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(self.input_ids)),
+            "labels": pa.ListArray.from_arrays(offsets, pa.array(self.labels)),
+            "seq_lengths": pa.array(self.seq_lengths, type=pa.list_(pa.int32())),
+        })
+
+
+def build_rows(encoded: list[tuple[list[int], list[int]]], max_length: int, packing: bool, rng, ignore_index: int) -> Rows:
+    """One row per example, or examples packed into rows of `max_length` (shuffled with `rng`).
+
+    Works on one flat numpy buffer: the examples' tokens are gathered into row order in a
+    single indexing step instead of concatenating Python lists row by row.
+    """
+    import numpy as np
+
+    count = len(encoded)
+    lengths = np.fromiter((len(ids) for ids, _ in encoded), np.int64, count)
+    starts = np.concatenate(([0], np.cumsum(lengths)))
+    total = int(starts[-1])
+    ids = np.fromiter(chain.from_iterable(ids for ids, _ in encoded), np.int32, total)
+    labels = np.fromiter(chain.from_iterable(labels for _, labels in encoded), np.int32, total)
+    if packing:
+        rows = pack_lengths(lengths.tolist(), max_length)
+        rng.shuffle(rows)
+        labels[starts[:-1]] = ignore_index  # an example's first token is never predicted from the one before
+    else:
+        rows = [[i] for i in range(count)]
+    order = np.fromiter(chain.from_iterable(rows), np.int64, count)
+    ordered = lengths[order]
+    new_starts = np.concatenate(([0], np.cumsum(ordered)))
+    gather = np.repeat(starts[order] - new_starts[:-1], ordered) + np.arange(total)
+    row_ends = np.cumsum([len(members) for members in rows])
+    row_offsets = new_starts[np.concatenate(([0], row_ends))].astype(np.int32)
+    return Rows(ids[gather], labels[gather], row_offsets, [lengths[members].tolist() for members in rows])

@@ -16,8 +16,9 @@ one formatted string would lose the dummy prefix space after each control token.
 from __future__ import annotations
 
 import re
-import weakref
+from dataclasses import dataclass
 from functools import lru_cache
+from itertools import chain
 
 from qlora_cli.errors import UserError
 
@@ -76,10 +77,10 @@ def encode_text(text: str, tokenizer, train_on: str = "responses") -> tuple[list
             )
         return _ids_and_labels(_plain_text_segments(text, tokenizer), train_on)
     flavour = _mistral_flavour(tokenizer)
-    segments: list[Segment] = [([tokenizer.bos_token_id], False)]
+    segments: list[Segment] = [([_vocabulary(tokenizer).bos], False)]
     for index, (bos, question, answer) in enumerate(turns):
         if bos and index > 0:  # a <s> written before a later turn is kept, as the text asks
-            segments.append(([tokenizer.bos_token_id], False))
+            segments.append(([_vocabulary(tokenizer).bos], False))
         segments.append((_user_ids(tokenizer, flavour, question.strip()), False))
         segments.append((_assistant_ids(tokenizer, flavour, answer.strip()), True))
     return _ids_and_labels(segments, train_on)
@@ -119,12 +120,36 @@ def _check_roles(messages: list[dict], *, last: str) -> None:
 
 def _mistral_flavour(tokenizer) -> str:
     """v1, v2 (same as v3 for chat) or v7, told from the vocabulary rather than from a name."""
-    backend = tokenizer.backend_tokenizer
-    if backend.token_to_id("[SYSTEM_PROMPT]") is not None:
-        return "v7"
-    if backend.token_to_id("[INST]") is not None:
-        return "v2"
-    return "v1"
+    return _vocabulary(tokenizer).flavour
+
+
+@dataclass
+class _Vocabulary:
+    """What the templates read of a tokenizer, looked up once: each read of an HF tokenizer's
+    attributes costs microseconds, which adds up over millions of messages."""
+
+    flavour: str
+    bos: int
+    eos: int
+    words: "_Words | None"  # None: not a SentencePiece BPE vocabulary whose words encode alone
+
+
+_VOCABULARIES: dict[int, tuple[object, _Vocabulary]] = {}
+
+
+def _vocabulary(tokenizer) -> _Vocabulary:
+    entry = _VOCABULARIES.get(id(tokenizer))
+    if entry is None or entry[0] is not tokenizer:  # a new tokenizer, maybe at a reused address
+        backend = tokenizer.backend_tokenizer
+        flavour = "v7" if backend.token_to_id("[SYSTEM_PROMPT]") is not None else \
+            "v2" if backend.token_to_id("[INST]") is not None else "v1"
+        vocab = backend.get_vocab(with_added_tokens=False)
+        # Words encode one by one only when no piece has a "▁" inside it (else words could merge).
+        spaced = SPACE in vocab and not any(SPACE in piece[1:] and piece.strip(SPACE) for piece in vocab)
+        entry = (tokenizer, _Vocabulary(flavour, tokenizer.bos_token_id, tokenizer.eos_token_id,
+                                        _Words() if spaced else None))
+        _VOCABULARIES[id(tokenizer)] = entry
+    return entry[1]
 
 
 def _mistral_segments(messages: list[dict], tokenizer) -> list[Segment]:
@@ -134,7 +159,7 @@ def _mistral_segments(messages: list[dict], tokenizer) -> list[Segment]:
     users = [i for i, m in enumerate(turns) if m["role"] == "user"]
     # Where mistral-common puts a system prompt: v1 the first user message, v2/v3 the last.
     system_at = users[0] if flavour == "v1" else users[-1]
-    segments: list[Segment] = [([tokenizer.bos_token_id], False)]
+    segments: list[Segment] = [([_vocabulary(tokenizer).bos], False)]
     if system and flavour == "v7":
         segments.append((_control_wrapped(tokenizer, "[SYSTEM_PROMPT]", system, "[/SYSTEM_PROMPT]"), False))
     for i, message in enumerate(turns):
@@ -157,7 +182,7 @@ def _user_ids(tokenizer, flavour: str, content: str) -> list[int]:
 def _assistant_ids(tokenizer, flavour: str, content: str) -> list[int]:
     if flavour != "v1":
         content = content.rstrip(" ")  # mistral-common >= v2 drops trailing spaces of answers
-    return _text_ids(tokenizer, content) + [tokenizer.eos_token_id]
+    return _text_ids(tokenizer, content) + [_vocabulary(tokenizer).eos]
 
 
 def _control_wrapped(tokenizer, begin: str, content: str, end: str) -> list[int]:
@@ -181,9 +206,15 @@ def _text_ids(tokenizer, text: str) -> list[int]:
     if not text:
         return []
     backend = tokenizer.backend_tokenizer
-    words = _word_cache(tokenizer)
+    words = _vocabulary(tokenizer).words
     if words is None:
         return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+    if "  " not in text and SPACE not in text and text[0] != " " and text[-1] != " ":
+        # The common case, at C speed: single spaces, each joined to the next word's first piece.
+        try:
+            return list(chain.from_iterable(map(words.joined.__getitem__, text.split(" "))))
+        except KeyError:  # a word not seen yet, or one that keeps its space apart: the full path
+            pass
     ids: list[int] = []
     run = 0  # spaces before the current word, the dummy prefix included
     for word in text.replace(" ", SPACE).split(SPACE):  # a "▁" in the text counts as a space, as in SentencePiece
@@ -206,20 +237,20 @@ def _encode_word(backend, words: dict, word: str) -> tuple[bool, list[int]]:
     word_ids = [token.id for token in backend.model.tokenize(SPACE + word)]
     joined = word_ids[0] != backend.token_to_id(SPACE)
     words[word] = (joined, word_ids if joined else word_ids[1:])
+    if joined:
+        words.joined[word] = word_ids
     return words[word]
 
 
-_WORD_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+class _Words(dict):
+    """word -> (joined, ids after the space) memo; `joined` maps the words whose single space
+    joins their first piece straight to their ids, which is all the common case needs."""
+
+    def __init__(self):
+        super().__init__()
+        self.joined: dict[str, list[int]] = {}
 
 
-def _word_cache(tokenizer) -> dict | None:
-    """A word -> ids memo for a SentencePiece BPE vocabulary; None when the text is not SentencePiece
-    or some piece has a "▁" inside it (then words could merge and must be encoded together)."""
-    if tokenizer not in _WORD_CACHES:
-        vocab = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=False)
-        spaced = SPACE in vocab and not any(SPACE in piece[1:] and piece.strip(SPACE) for piece in vocab)
-        _WORD_CACHES[tokenizer] = {} if spaced else None
-    return _WORD_CACHES[tokenizer]
 
 
 # A run of spaces, then text up to the next run of two or more (single spaces stay inside words:
@@ -276,8 +307,8 @@ def _plain_text_segments(text: str, tokenizer) -> list[Segment]:
     """Any text: <s>/</s> become BOS/EOS, the rest is text; one BOS at the start, never two."""
     body = text.strip()
     body = body[len("<s>") :] if body.startswith("<s>") else body  # the BOS below stands for it
-    markers = {"<s>": tokenizer.bos_token_id, "</s>": tokenizer.eos_token_id}
-    ids: list[int] = [tokenizer.bos_token_id]
+    markers = {"<s>": _vocabulary(tokenizer).bos, "</s>": _vocabulary(tokenizer).eos}
+    ids: list[int] = [_vocabulary(tokenizer).bos]
     for piece in re.split(r"(<s>|</s>)", body):
         if piece in markers:
             ids.append(markers[piece])
