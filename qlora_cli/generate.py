@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 from qlora_cli.builders import build_generation_config, split_generate
 from qlora_cli.errors import UserError
 from qlora_cli.run_folder import RunFolder
-from qlora_cli.templates import encode_prompt
+from qlora_cli.templates import check_roles, encode_prompt
 
 
 @dataclass
@@ -138,11 +138,11 @@ def _messages_of(record, where: str) -> list[dict]:
 
 
 def check_prompt(messages: list[dict], where: str) -> None:
-    """A conversation ending with a non-empty user turn."""
-    if not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
-        raise UserError("`messages` must be a list of {role, content} objects", where=where)
-    if messages[-1].get("role") != "user":
-        raise UserError("the conversation must end with a user turn to answer", where=where)
+    """A conversation ending with a non-empty user turn, in the order training used."""
+    try:
+        check_roles(messages, last="user")
+    except UserError as err:
+        raise UserError(err.message, where=where, fix=err.fix) from None
     if not messages[-1]["content"].strip():
         raise UserError("the prompt is empty", where=where, fix="write a question")
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_cli.errors import UserError
+from qlora_cli.templates import check_roles
 
 ROLES = ("system", "user", "assistant")
 
@@ -212,20 +213,11 @@ def _chat(value: dict, where: str) -> Example:
             raise UserError(f"message {index + 1} needs `role` (one of {', '.join(ROLES)})", where=where)
         if not isinstance(message.get("content"), str):
             raise UserError(f"message {index + 1} needs `content` as text", where=where)
-    check_roles([m["role"] for m in messages], where)
+    try:
+        check_roles(messages, last="assistant")
+    except UserError as err:  # the template knows what is wrong, the row knows where
+        raise UserError(err.message, where=where, fix=err.fix) from None
     return Example(where, messages=[{"role": m["role"], "content": m["content"]} for m in messages])
-
-
-def check_roles(roles: list[str], where: str) -> None:
-    """An optional system turn, then user and assistant alternating, ending with the assistant."""
-    turns = roles[1:] if roles and roles[0] == "system" else roles
-    expected = ["user", "assistant"] * ((len(turns) + 1) // 2)
-    if turns != expected[: len(turns)]:
-        raise UserError(f"roles out of order: {' -> '.join(roles)}; expected an optional system turn, "
-                        "then user and assistant alternating", where=where)
-    if not turns or turns[-1] != "assistant":
-        raise UserError("the conversation has no assistant turn to learn from at its end", where=where,
-                        fix="end each conversation with an assistant message")
 
 
 def _string(value: dict, name: str, where: str) -> str:

@@ -37,7 +37,7 @@ def encode_chat(
 ) -> tuple[list[int], list[int]]:
     """Token ids and labels of a conversation that ends with an assistant turn."""
     _check_train_on(train_on)
-    _check_roles(messages, last="assistant")
+    check_roles(messages, last="assistant")
     if template == "mistral":
         segments = _mistral_segments(messages, tokenizer)
     else:
@@ -51,7 +51,7 @@ def encode_prompt(messages: list[dict], tokenizer, template: str = "mistral") ->
 
     Equals the start of ``encode_chat(messages + [answer])`` up to where the answer begins.
     """
-    _check_roles(messages, last="user")
+    check_roles(messages, last="user")
     if template == "mistral":
         return [i for ids, _ in _mistral_segments(messages, tokenizer) for i in ids]
     chat_template = _jinja(template, tokenizer)
@@ -94,25 +94,27 @@ def _check_train_on(train_on: str) -> None:
         raise UserError(f"unknown train_on {train_on!r}", fix=f"use one of {', '.join(TRAIN_ON)}")
 
 
-def _check_roles(messages: list[dict], *, last: str) -> None:
+def check_roles(messages: list[dict], *, last: str) -> None:
     """Roles alternate user/assistant after an optional leading system message, ending with `last`."""
     if not messages:
         raise UserError("the conversation has no messages")
     for number, message in enumerate(messages, start=1):
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
             raise UserError(f"message {number} needs a 'role' and a string 'content'")
-    roles = [m["role"] for m in messages]
+    roles = [m.get("role") for m in messages]
     start = 1 if roles[0] == "system" else 0
     for number, role in enumerate(roles[start:], start=start + 1):
         expected = "user" if (number - start) % 2 == 1 else "assistant"
         if role != expected:
             raise UserError(
-                f"message {number} has role {role!r} where {expected!r} was expected",
+                f"roles out of order: {' -> '.join(map(str, roles))}; message {number} has role {role!r} "
+                f"where {expected!r} was expected",
                 fix="roles must alternate user, assistant, ... after an optional leading system message",
             )
     if len(roles) == start or roles[-1] != last:
-        article = "an" if last == "assistant" else "a"
-        raise UserError(f"the conversation must end with {article} {last} message, not {roles[-1]!r}")
+        article, purpose = ("an", "to learn from") if last == "assistant" else ("a", "to answer")
+        raise UserError(f"the conversation must end with {article} {last} message: it has no {last} turn "
+                        f"{purpose} at its end", fix=f"end each conversation with {article} {last} message")
 
 
 # ---------------------------------------------------------------- mistral-common's format
