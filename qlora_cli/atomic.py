@@ -33,3 +33,8 @@ class atomic_folder:
             shutil.rmtree(self.tmp, ignore_errors=True)
         else:
             self.tmp.rename(self.target)
+
+
+def cache_root() -> Path:
+    """Where built models and converted tokenizers are kept: $QLORA_CACHE or ~/.cache/qlora."""
+    return Path(os.environ.get("QLORA_CACHE") or Path.home() / ".cache" / "qlora")

@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora_cli.atomic import atomic_folder
+from qlora_cli.atomic import atomic_folder, cache_root
 from qlora_cli.builders import build_bnb_config, build_lora_config, to_dtype
 from qlora_cli.errors import UserError
-
-
-def cache_root() -> Path:
-    """Where built models and converted tokenizers are kept: $QLORA_CACHE or ~/.cache/qlora."""
-    return Path(os.environ.get("QLORA_CACHE") or Path.home() / ".cache" / "qlora")
 
 
 def tokenizer_spec(model_section) -> str:

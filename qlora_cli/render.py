@@ -48,7 +48,6 @@ def show_examples(console: Console, dataset, tokenizer, count: int) -> None:
 def highlight_trained(ids: list[int], labels: list[int], tokenizer) -> Text:
     """The decoded text with untrained spans dim and trained spans bold green."""
     text = Text()
-    start = 0
     decoded_before = ""
     for end in range(1, len(ids) + 1):
         trained = labels[end - 1] != IGNORE_INDEX
@@ -57,7 +56,7 @@ def highlight_trained(ids: list[int], labels: list[int], tokenizer) -> Text:
             # leading space SentencePiece folds into its first token.
             decoded = tokenizer.decode(ids[:end], skip_special_tokens=False)
             text.append(decoded[len(decoded_before):], style="bold green" if trained else "dim")
-            decoded_before, start = decoded, end
+            decoded_before = decoded
     return text
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
 
+from qlora_cli.atomic import atomic_folder, cache_root
 from qlora_cli.errors import UserError
 
 MISTRAL_COMMON_PREFIX = "mistral-common:"
@@ -53,11 +53,6 @@ def describe_padding(tokenizer) -> str:
     return f"pad token set to {tokenizer.pad_token} (id {tokenizer.pad_token_id})"
 
 
-def cache_root() -> Path:
-    """The folder where converted tokenizers (and other derived files) are kept."""
-    return Path(os.environ.get("QLORA_CACHE") or Path.home() / ".cache" / "qlora")
-
-
 def _check_local_path(spec: str) -> None:
     # A hub id is "name" or "owner/name"; anything else must be an existing path, so a typo fails
     # here with the key to fix instead of as a hub 404 or a network timeout.
@@ -93,20 +88,8 @@ def _convert_into(filename: str, target: Path) -> None:
     from transformers import LlamaTokenizer
 
     source = Path(mistral_common.__file__).parent / "data" / filename
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the target and renamed into place, so a crash never leaves half a tokenizer.
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        (work / "src").mkdir()
-        shutil.copyfile(source, work / "src" / "tokenizer.model")
+    with atomic_folder(target) as work, tempfile.TemporaryDirectory() as src:
+        shutil.copyfile(source, Path(src) / "tokenizer.model")
         # legacy=False: no spurious space after special tokens. add_bos_token: like the hub's
         # Mistral tokenizers, tokenizer("text") starts with <s>.
-        tokenizer = LlamaTokenizer.from_pretrained(work / "src", legacy=False, add_bos_token=True)
-        tokenizer.save_pretrained(work / "hf")
-        try:
-            (work / "hf").rename(target)
-        except OSError:  # another process finished the same conversion first
-            if not (target / "tokenizer.json").exists():
-                raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        LlamaTokenizer.from_pretrained(src, legacy=False, add_bos_token=True).save_pretrained(work)
