@@ -68,7 +68,7 @@ class Plan:
                  f"(batch {self.batch} x {self.seq:,} tokens, {self.model})"]
         if self.durations:
             name, (fast, slow) = next(iter(self.durations.items()))
-            lines.append(f"plan: {self.steps:,} steps, {self.flops:.3g} FLOPs, {_hours(fast)}-{_hours(slow)} on {name} "
+            lines.append(f"plan: {self.steps:,} steps, {self.flops:.3g} FLOPs, {format_duration(fast)}-{format_duration(slow)} on {name} "
                          f"at {MFU_RANGE[1]:.0%}-{MFU_RANGE[0]:.0%} MFU")
         lines += [f"plan warning: {w}" for w in self.warnings]
         lines += [f"plan problem: {p}" for p in self.problems]
@@ -258,7 +258,8 @@ def _plan_disk(plan: Plan, shape: ModelShape, s: Settings, recipe, tokenizer) ->
     checkpoint = adapter + optimizer_bytes(s.optim, tensors) + 64 * 1024  # + rng, scheduler, trainer state
     saves = {"no": 0, "epoch": math.ceil(plan.epochs)}.get(str(training.get("save_strategy", "steps")))
     if saves is None:
-        saves = plan.steps // max(int(training.get("save_steps", 500) or 500), 1)
+        # every save_steps, and once more at the last step (the Trainer always saves there)
+        saves = math.ceil(plan.steps / max(int(training.get("save_steps", 500) or 500), 1))
     limit = training.get("save_total_limit")
     kept = min(saves, int(limit) + 1) if limit else saves  # the Trainer writes a new one before rotating
     merged_dir = Path(recipe.merge.output_dir or recipe.run_dir / "merged")
@@ -311,5 +312,10 @@ def _flat(config, prefix: str = "") -> dict:
     return {k: v for key, value in config.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
 
 
-def _hours(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+def format_duration(seconds: float) -> str:
+    """`2.5 h`, `12.0 min`, `40 s`, or `under 1 s`."""
+    if seconds >= 3600:
+        return f"{seconds / 3600:,.1f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.0f} s" if seconds >= 1 else "under 1 s"

@@ -62,6 +62,8 @@ def highlight_trained(ids: list[int], labels: list[int], tokenizer) -> Text:
 
 def plan_report(console: Console, plan) -> None:
     """`qlora plan`: memory item by item against the device, time, data, disk, resume, verdict."""
+    from qlora_cli.plan import format_duration
+
     gib = 2**30
     console.rule(f"[bold]plan[/]: {plan.model}")
     table = Table("memory per device", Column("GiB", justify="right"), "how", box=None, pad_edge=False)
@@ -83,7 +85,7 @@ def plan_report(console: Console, plan) -> None:
     if plan.durations:
         table = Table("time", Column("duration", justify="right"), box=None, pad_edge=False)
         for name, (fast, slow) in plan.durations.items():
-            table.add_row(name, f"{_duration(fast)} - {_duration(slow)}")
+            table.add_row(name, f"{format_duration(fast)} - {format_duration(slow)}")
         console.print(f"{plan.steps:,} optimizer steps ({plan.epochs:.3g} epochs), {plan.flops:.3g} FLOPs; "
                       "duration assumes 45% to 25% of the GPU's dense bf16 peak (MFU)", highlight=False)
         console.print(table)
@@ -113,7 +115,3 @@ def _plan_data(console: Console, plan) -> None:
                   highlight=False)
 
 
-def _duration(seconds: float) -> str:
-    if seconds >= 3600:
-        return f"{seconds / 3600:,.1f} h"
-    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
