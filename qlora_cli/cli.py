@@ -30,8 +30,9 @@ app = typer.Typer(
 config_app = typer.Typer(help="Show, explain or validate a resolved recipe.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
-console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: long lines (paths, the commands we print to copy) are never broken by rich.
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 _state = {"debug": False}
 
 RECIPE_ARGS = typer.Argument(

@@ -1,0 +1,106 @@
+"""The `qlora` executable as a user runs it: the tiny recipe learns its sample answers within a
+minute, and a run stopped by SIGTERM leaves a checkpoint, says how to resume, and resumes to the
+same adapter as a run never stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import QLORA, sample_pairs, short_run
+
+CHECKPOINT_FILES = {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt",
+                    "rng_state.pth", "trainer_state.json"}
+
+
+def run_qlora(*args, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([QLORA, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_tiny_recipe_learns_its_sample_answers_within_a_minute(answering_run, tmp_path):
+    record = json.loads((answering_run.root / "run.json").read_text())
+    assert record["command"][1:] == ["train", *answering_run.args]  # the command line as typed
+    # The training itself; the process as a whole also imports torch and loads the data
+    # (measured: ~20 s of training and ~25 s in all on 2 shared cores).
+    assert record["metrics"]["train_runtime"] < 60
+    assert answering_run.seconds < 120
+
+    pairs = sample_pairs(12)
+    prompts, answers = tmp_path / "prompts.jsonl", tmp_path / "answers.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": q, "expected": a}) + "\n" for q, a in pairs))
+    done = run_qlora("generate", answering_run.root, "--input", prompts, "--output", answers)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert [row["prompt"] for row in rows] == [q for q, _ in pairs]
+    exact = [row for row in rows if row["response"] == row["expected"]]
+    assert len(exact) >= 0.9 * len(rows), [(row["expected"], row["response"]) for row in rows]
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory, sample_subset, prepared_dir):
+    """The shared short run's recipe in a subprocess, sent SIGTERM at its first step; what it left."""
+    root = tmp_path_factory.mktemp("stopped") / "run"
+    args = ["tiny-mistral", *short_run(sample_subset, root, prepared_dir)]
+    process = subprocess.Popen([QLORA, "train", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    output = []
+    for line in process.stdout:
+        output.append(line)
+        if line.startswith("step "):
+            process.send_signal(signal.SIGTERM)
+            break
+    output.append(process.communicate(timeout=300)[0])
+    return root, args, process.returncode, "".join(output)
+
+
+@pytest.fixture(scope="module")
+def resumed_run(stopped_run):
+    """The stopped run resumed with the command it printed."""
+    root, args, _, output = stopped_run
+    checkpoints = sorted(p.name for p in (root / "checkpoints").iterdir())
+    # The command is the last thing printed; a line wrapped by the console keeps its space.
+    command = output.split("resume with:", 1)[1].replace("\n", "").strip()
+    done = subprocess.run([QLORA, *shlex.split(command)[1:]], capture_output=True, text=True, timeout=300)
+    return root, checkpoints, command, done
+
+
+def test_sigterm_stops_at_a_complete_checkpoint_with_exit_143(stopped_run):
+    root, _, returncode, output = stopped_run
+    assert returncode == 143, output
+    assert "Traceback" not in output
+    record = json.loads((root / "run.json").read_text())
+    assert record["status"] == "stopped by SIGTERM"
+    stopped_at = record["metrics"]["steps"]
+    assert 1 <= stopped_at < 12, "stopped mid-training"
+    checkpoint = root / "checkpoints" / f"checkpoint-{stopped_at}"
+    assert CHECKPOINT_FILES <= {p.name for p in checkpoint.iterdir()}
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == stopped_at
+    assert (root / "loss.png").is_file()
+    assert not (root / "adapter").exists()  # a stopped run is not a finished adapter
+
+
+def test_a_stopped_run_prints_the_command_that_resumes_it(stopped_run):
+    _, args, _, output = stopped_run
+    assert shlex.join(["qlora", "train", *args, "--resume"]) in output
+
+
+def test_resume_after_sigterm_ends_with_the_adapter_of_an_uninterrupted_run(resumed_run, trained_run):
+    root, _, command, done = resumed_run
+    assert done.returncode == 0, done.stdout + done.stderr
+    record = json.loads((root / "run.json").read_text())
+    assert record["status"] == "completed" and record["metrics"]["steps"] == 12
+    assert record["command"][1:] == shlex.split(command)[1:]
+
+    # trained_run: the same recipe and seed, run to the end in one go.
+    resumed = load_file(str(root / "adapter" / "adapter_model.safetensors"))
+    uninterrupted = load_file(str(trained_run.adapter / "adapter_model.safetensors"))
+    assert resumed.keys() == uninterrupted.keys()
+    assert max((resumed[k] - uninterrupted[k]).abs().max().item() for k in resumed) <= 1e-5
+    assert any(not torch.equal(t, torch.zeros_like(t)) for k, t in resumed.items() if "lora_B" in k)

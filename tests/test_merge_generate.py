@@ -1,0 +1,266 @@
+"""`qlora merge` and `qlora generate` through the real command.
+
+Merging writes a standalone model that plain transformers loads and that answers like the
+adapter; generating formats prompts exactly as training did, answers files resumably, and
+refuses bad input with its file and line."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlora_cli.generate import Generator, load_generator
+from qlora_cli.model import load_recipe_tokenizer
+from qlora_cli.prepare import load_prepared
+from qlora_cli.recipe import load_recipe
+from qlora_cli.templates import IGNORE_INDEX
+
+from conftest import qlora, sample_pairs
+
+PAIRS = sample_pairs(12)
+
+
+def assert_user_error(result, *needles: str) -> None:
+    """Exit 2, a message naming each needle, and no traceback."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "internal error" not in result.output, result.output
+    flat = result.output.replace("\n", "")  # long paths may be wrapped by the console
+    for needle in needles:
+        assert needle in flat, f"{needle!r} not in:\n{result.output}"
+
+
+def write_prompts(path: Path, pairs=PAIRS) -> Path:
+    path.write_text("".join(json.dumps({"id": i, "prompt": q, "expected": a}) + "\n"
+                            for i, (q, a) in enumerate(pairs)))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def logit_distance(card: str) -> float:
+    """The largest logit difference to the 4-bit base + adapter that the merged model card reports."""
+    return float(re.search(r"4-bit base \+ adapter it was trained as: max (\S+),", card).group(1))
+
+
+@pytest.fixture(scope="module")
+def adapter_answers(answering_run, tmp_path_factory) -> list[dict]:
+    """The answering run's adapter (4-bit base, as trained) on its 12 training instructions."""
+    folder = tmp_path_factory.mktemp("adapter-answers")
+    output = folder / "answers.jsonl"
+    result = qlora("generate", answering_run.root, "--input", write_prompts(folder / "prompts.jsonl"),
+                   "--output", output)
+    assert result.exit_code == 0, result.output
+    return read_jsonl(output)
+
+
+@pytest.fixture(scope="module")
+def merged_answering(answering_run, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("merged") / "merged"
+    result = qlora("merge", answering_run.root, f"merge.output_dir={output}")
+    assert result.exit_code == 0, result.output
+    return output
+
+
+@pytest.fixture(scope="module")
+def merged_small(trained_run, tmp_path_factory) -> Path:
+    """The 64-wide run merged in ~1 MB shards (its embeddings and head are 8 MB each)."""
+    output = tmp_path_factory.mktemp("merged-small") / "merged"
+    result = qlora("merge", trained_run.root, f"merge.output_dir={output}", "merge.max_shard_size=1MB")
+    assert result.exit_code == 0, result.output
+    return output
+
+
+# ---------------------------------------------------------------- merge
+
+
+def test_merged_folder_holds_safetensors_shards_config_tokenizer_and_card(merged_small):
+    files = {p.name for p in merged_small.iterdir()}
+    index = json.loads((merged_small / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 3 and set(shards) <= files
+    assert all(re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name) for name in shards)
+    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md"} <= files
+    assert not [name for name in files if name.endswith((".bin", ".pt", ".pth"))]  # safetensors only
+    card = (merged_small / "README.md").read_text()
+    assert "merge.base: dequantized" in card and "quantized and dequantized again" in card
+
+
+def test_merged_model_loads_with_plain_transformers_and_answers_like_the_adapter(merged_answering, answering_run,
+                                                                                  adapter_answers):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(merged_answering)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(merged_answering))
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    generator = Generator(None, tokenizer, "mistral", None)
+    for row in adapter_answers[:4]:
+        ids = torch.tensor([generator.prompt_ids([{"role": "user", "content": row["prompt"]}])])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=40,
+                                 do_sample=False)
+        assert tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip() == row["response"]
+
+
+def test_generate_with_the_merged_model_agrees_with_the_adapter(merged_answering, answering_run, adapter_answers,
+                                                                tmp_path):
+    output = tmp_path / "merged-answers.jsonl"
+    result = qlora("generate", answering_run.root, "--model", merged_answering,
+                   "--input", write_prompts(tmp_path / "prompts.jsonl"), "--output", output)
+    assert result.exit_code == 0, result.output
+    assert [row["response"] for row in read_jsonl(output)] == [row["response"] for row in adapter_answers]
+
+
+def test_merge_into_the_original_weights_also_works_and_is_further_from_training(trained_run, merged_small,
+                                                                                 tmp_path):
+    output = tmp_path / "original"
+    result = qlora("merge", trained_run.root, f"merge.output_dir={output}", "merge.base=original")
+    assert result.exit_code == 0, result.output
+    card = (output / "README.md").read_text()
+    assert "merge.base: original" in card and "original unquantized base weights" in card
+    # The adapter was trained on the 4-bit weights: merged into them (dequantized) it reproduces the
+    # trained model to rounding; merged into the original weights it does not.
+    dequantized = logit_distance((merged_small / "README.md").read_text())
+    original = logit_distance(card)
+    assert dequantized < 1e-3 < original, (dequantized, original)
+
+
+@pytest.fixture
+def other_base_adapter(trained_run, tmp_path) -> Path:
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained_run.adapter, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "mistralai/Mistral-7B-v0.1"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    return adapter
+
+
+@pytest.mark.parametrize("adapter, message", [
+    ("missing", "does not exist"),
+    ("empty", "no adapter_config.json"),
+    ("other-base", "trained on `mistralai/Mistral-7B-v0.1`"),
+])
+def test_merge_refuses_a_wrong_adapter_with_exit_2(adapter, message, trained_run, other_base_adapter, tmp_path):
+    folder = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "other-base": other_base_adapter}[adapter]
+    (tmp_path / "empty").mkdir()
+    output = tmp_path / "merged"
+    result = qlora("merge", trained_run.root, f"merge.adapter={folder}", f"merge.output_dir={output}")
+    assert_user_error(result, message)
+    assert not output.exists()
+
+
+def test_merge_refuses_an_existing_output_unless_overwrite(trained_run, tmp_path):
+    output = tmp_path / "merged"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    result = qlora("merge", trained_run.root, f"merge.output_dir={output}")
+    assert_user_error(result, "already exists", "--overwrite")
+    assert [p.name for p in output.iterdir()] == ["keep.txt"]
+
+    result = qlora("merge", trained_run.root, f"merge.output_dir={output}", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert not (output / "keep.txt").exists() and (output / "config.json").is_file()
+
+
+# ---------------------------------------------------------------- generate
+
+
+def test_prompt_prints_the_answer(answering_run, adapter_answers):
+    question, answer = PAIRS[2]
+    result = qlora("generate", answering_run.root, "--prompt", question)
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1] == answer
+    assert answer == adapter_answers[2]["response"]  # alone or in a padded batch: the same answer
+
+
+def test_answers_file_keeps_each_record_and_adds_its_response(adapter_answers):
+    assert [{k: v for k, v in row.items() if k != "response"} for row in adapter_answers] == [
+        {"id": i, "prompt": q, "expected": a} for i, (q, a) in enumerate(PAIRS)]
+    assert all(row["response"] for row in adapter_answers)
+
+
+def test_resume_answers_only_the_lines_not_yet_written(answering_run, adapter_answers, tmp_path):
+    prompts = write_prompts(tmp_path / "prompts.jsonl", PAIRS[:4])
+    output = tmp_path / "answers.jsonl"
+    output.write_text("".join(json.dumps({**row, "response": "answered before"}) + "\n" for row in adapter_answers[:2]))
+
+    result = qlora("generate", answering_run.root, "--input", prompts, "--output", output)
+    assert_user_error(result, "already exists", "--resume")
+
+    result = qlora("generate", answering_run.root, "--input", prompts, "--output", output, "--resume")
+    assert result.exit_code == 0, result.output
+    responses = [row["response"] for row in read_jsonl(output)]
+    assert responses == ["answered before"] * 2 + [row["response"] for row in adapter_answers[2:4]]
+
+
+def test_prompt_ids_equal_the_prompt_part_of_the_prepared_training_examples(answering_run):
+    recipe = load_recipe([str(answering_run.root)])
+    record = json.loads((answering_run.root / "run.json").read_text())
+    train = load_prepared(Path(recipe.data.prepared_dir) / record["data_fingerprint"]).dataset["train"]
+    prompts = []
+    for row in train:  # packed rows: split them back into examples
+        start = 0
+        for length in row["seq_lengths"]:
+            ids, labels = row["input_ids"][start:start + length], row["labels"][start:start + length]
+            first_trained = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+            prompts.append(ids[:first_trained])
+            start += length
+    generator = Generator(None, load_recipe_tokenizer(recipe), recipe.data.template, None)
+    expected = [generator.prompt_ids([{"role": "user", "content": q}]) for q, _ in PAIRS]
+    assert sorted(prompts) == sorted(expected)
+
+
+@pytest.fixture(scope="module")
+def generator(answering_run):
+    return load_generator(load_recipe([str(answering_run.root)]))
+
+
+def test_greedy_generation_is_deterministic_and_stops_at_eos(generator):
+    question, answer = PAIRS[0]
+    ids = torch.tensor([generator.prompt_ids([{"role": "user", "content": question}])])
+    runs = []
+    for _ in range(2):
+        with torch.no_grad():
+            out = generator.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=64,
+                                           generation_config=generator.generation_config)
+        runs.append(out[0, ids.shape[1]:].tolist())
+    assert runs[0] == runs[1]
+    new = runs[0]
+    assert new[-1] == generator.tokenizer.eos_token_id and len(new) < 64  # stopped at EOS, not at the limit
+    assert new.count(generator.tokenizer.eos_token_id) == 1
+    assert generator.tokenizer.decode(new, skip_special_tokens=True).strip() == answer
+
+
+@pytest.mark.parametrize("lines, line_number, message", [
+    (['{"prompt": "fine"}', '{"prompt": "broken"'], 2, "malformed JSON"),
+    (['{"prompt": "fine"}', '{"question": "where is the prompt?"}'], 2, "needs `prompt`"),
+    (['{"prompt": "   "}'], 1, "the prompt is empty"),
+])
+def test_bad_prompt_files_exit_2_with_file_and_line(lines, line_number, message, answering_run, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(lines) + "\n")
+    output = tmp_path / "answers.jsonl"
+    result = qlora("generate", answering_run.root, "--input", prompts, "--output", output)
+    assert_user_error(result, f"{prompts}:{line_number}", message)
+    assert not output.exists()
+
+
+def test_a_missing_model_source_exits_2(answering_run, tmp_path):
+    result = qlora("generate", answering_run.root, "--model", tmp_path / "no-model", "--prompt", "Hi")
+    assert_user_error(result, "--model", "no-model")
+    result = qlora("generate", answering_run.root, f"training.output_dir={tmp_path / 'never-trained'}",
+                   "--prompt", "Hi")
+    assert_user_error(result, "never-trained", "does not exist")
+
+
+def test_interactive_answers_until_exit(answering_run):
+    question, answer = PAIRS[1]
+    result = qlora("generate", answering_run.root, "--interactive", input=f"{question}\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert answer in result.output

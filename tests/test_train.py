@@ -1,0 +1,265 @@
+"""`qlora train` through the real command on the 64-wide tiny model: what a run folder holds,
+refusing to overwrite, errors caught before any weight loads, and validation with the best
+checkpoint kept. (Stopping on a signal and resuming: test_cli_end_to_end.py.)"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora_cli.model import load_recipe_tokenizer
+from qlora_cli.prepare import load_prepared
+from qlora_cli.recipe import load_recipe
+
+from conftest import qlora, short_run
+
+CHECKPOINT_FILES = {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt",
+                    "rng_state.pth", "trainer_state.json"}
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `folder`: relative path -> (size, mtime in ns)."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def assert_user_error(result, *needles: str) -> None:
+    """Exit 2, a message naming each needle, and no traceback."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "internal error" not in result.output, result.output
+    for needle in needles:
+        assert needle in result.output, f"{needle!r} not in:\n{result.output}"
+
+
+# ---------------------------------------------------------------- the run folder
+
+
+def test_run_folder_keeps_the_resolved_recipe_which_runs_again_as_is(trained_run):
+    original = load_recipe([trained_run.args[0]], trained_run.args[1:])
+    again = load_recipe([str(trained_run.root / "recipe.yaml")])
+    assert again.resolved == original.resolved
+    assert load_recipe([str(trained_run.root)]).resolved == original.resolved  # the run folder names it too
+
+
+def test_run_json_records_how_the_run_was_made_and_how_it_went(trained_run, prepared_dir):
+    record = json.loads((trained_run.root / "run.json").read_text())
+    assert record["status"] == "completed"
+    assert datetime.fromisoformat(record["started"]) <= datetime.fromisoformat(record["ended"])
+    for library in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets"):
+        assert record["versions"][library] == metadata.version(library)
+    assert record["device"] == "cpu"
+    prepared = load_prepared(prepared_dir / record["data_fingerprint"])
+    assert prepared.summary.fingerprint == record["data_fingerprint"]
+
+    trainable = sum(t.numel() for t in adapter_weights(trained_run.adapter).values())
+    assert record["parameters"]["trainable"] == trainable
+    assert record["parameters"]["total"] > 10 * trainable
+
+    metrics = record["metrics"]
+    assert metrics["steps"] == 12
+    assert metrics["real_tokens"] == 6 * prepared.summary.tokens["train"]  # every real token, each epoch
+    assert record["tokens_per_second"] == metrics["tokens_per_second"]
+    assert metrics["tokens_per_second"] == pytest.approx(metrics["real_tokens"] / metrics["train_runtime"])
+    assert math.isfinite(metrics["final_train_loss"])
+
+
+def test_training_lowers_the_loss(trained_run):
+    state = json.loads((trained_run.root / "checkpoints" / "checkpoint-12" / "trainer_state.json").read_text())
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert len(losses) == 12  # logging_steps=1
+    assert sum(losses[-2:]) < sum(losses[:2]) - 1.0
+
+
+def test_checkpoints_are_complete_and_only_the_newest_are_kept(trained_run):
+    checkpoints = trained_run.root / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-10", "checkpoint-12"]  # save_total_limit 2
+    for step in (10, 12):
+        folder = checkpoints / f"checkpoint-{step}"
+        assert CHECKPOINT_FILES <= {p.name for p in folder.iterdir()}
+        assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == step
+    assert not any(p.name.startswith(".") for p in trained_run.root.rglob("*")), "staging leftovers"
+
+
+def test_adapter_loads_with_peft_and_holds_the_final_weights(trained_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter = trained_run.adapter
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(adapter))
+    loaded = {name: p for name, p in model.named_parameters() if "lora_" in name}
+    saved = adapter_weights(adapter)
+    assert len(loaded) == len(saved) > 0
+    assert any(t.abs().max() > 0 for name, t in saved.items() if "lora_B" in name)  # B starts at zero
+
+    final = adapter_weights(trained_run.root / "checkpoints" / "checkpoint-12")
+    assert saved.keys() == final.keys()
+    assert all(torch.equal(saved[k], final[k]) for k in saved)
+
+    text = "[INST] What is 7 times 8? [/INST] 7 times 8 is 56."
+    recipe_tokenizer = load_recipe_tokenizer(load_recipe([str(trained_run.root)]))
+    assert AutoTokenizer.from_pretrained(str(adapter))(text).input_ids == recipe_tokenizer(text).input_ids
+
+
+def test_adapter_card_holds_the_recipe_and_the_metrics(trained_run):
+    card = (trained_run.adapter / "README.md").read_text()
+    assert (trained_run.root / "recipe.yaml").read_text() in card
+    metrics = json.loads((trained_run.root / "run.json").read_text())["metrics"]
+    assert f"| final_train_loss | {metrics['final_train_loss']:.6g} |" in card
+
+
+def test_logs_hold_tensorboard_events_and_loss_png_is_drawn(trained_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list((trained_run.root / "logs").glob("events.out.tfevents.*"))
+    assert events
+    accumulator = EventAccumulator(str(trained_run.root / "logs"))
+    accumulator.Reload()
+    assert [event.step for event in accumulator.Scalars("train/loss")] == list(range(1, 13))
+    assert (trained_run.root / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- an existing run folder
+
+
+def test_an_existing_run_folder_is_refused_and_left_untouched(trained_run):
+    before = snapshot(trained_run.root)
+    result = qlora("train", *trained_run.args)
+    assert_user_error(result, "already exists", "--resume", "--overwrite")
+    assert snapshot(trained_run.root) == before
+
+
+def test_overwrite_starts_the_run_over(tmp_path, sample_subset, prepared_dir):
+    root = tmp_path / "run"
+    (root / "checkpoints" / "checkpoint-99").mkdir(parents=True)
+    (root / "notes.txt").write_text("an old run")
+    result = qlora("train", "tiny-mistral", *short_run(sample_subset, root, prepared_dir, "training.max_steps=2"),
+                   "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert not (root / "notes.txt").exists()
+    assert [p.name for p in (root / "checkpoints").iterdir()] == ["checkpoint-2"]
+    assert (root / "adapter" / "adapter_model.safetensors").is_file()
+    assert list((root / "logs").glob("events.out.tfevents.*"))  # its own logs, though not the first run here
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path, sample_subset, prepared_dir):
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / "recipe.yaml").write_text("{}\n")
+    result = qlora("train", "tiny-mistral", *short_run(sample_subset, root, prepared_dir), "--resume")
+    assert_user_error(result, "nothing to resume")
+
+
+# ---------------------------------------------------------------- mistakes caught before any weight loads
+
+EARLY_ERRORS = {
+    "bf16 on a CPU": (["training.bf16=true"], "training.bf16"),
+    "paged 8-bit optimizer on a CPU": (["training.optim=paged_adamw_8bit"], "training.optim"),
+    "fp16 on a CPU": (["training.fp16=true"], "training.fp16"),
+    "missing model folder": (["model.init_from_config=null", "model.name_or_path=/nonexistent"], "model.name_or_path"),
+    "missing tokenizer": (["model.tokenizer=/nonexistent-tokenizer"], "model.tokenizer"),
+    "evaluation without a validation split": (["training.eval_strategy=steps"], "training.eval_strategy"),
+    "batch larger than the training set": (["training.per_device_train_batch_size=64"],
+                                           "training.per_device_train_batch_size"),
+}
+
+
+@pytest.mark.parametrize("overrides, key", EARLY_ERRORS.values(), ids=EARLY_ERRORS.keys())
+def test_mistakes_exit_2_naming_the_key_before_the_model_loads(overrides, key, tmp_path, sample_subset,
+                                                                prepared_dir):
+    root = tmp_path / "run"
+    result = qlora("train", "tiny-mistral", *short_run(sample_subset, root, prepared_dir), *overrides)
+    assert_user_error(result, key)
+    assert "parameters:" not in result.output  # the model summary, printed once the weights have loaded
+    assert not root.exists()
+
+
+def test_a_model_that_fails_to_load_exits_2_and_leaves_no_run_folder(trained_run, tmp_path, sample_subset,
+                                                                      prepared_dir):
+    base = Path(json.loads((trained_run.adapter / "adapter_config.json").read_text())["base_model_name_or_path"])
+    model = tmp_path / "model"
+    model.mkdir()
+    shutil.copy(base / "config.json", model)  # a config, but no weights
+    root = tmp_path / "run"
+    result = qlora("train", "tiny-mistral", *short_run(sample_subset, root, prepared_dir),
+                   "model.init_from_config=null", f"model.name_or_path={model}")
+    assert_user_error(result, "cannot load model")
+    assert not root.exists()  # so the next attempt needs neither --resume nor --overwrite
+
+
+def test_an_output_folder_under_a_file_exits_2(tmp_path, sample_subset, prepared_dir):
+    (tmp_path / "afile").write_text("not a folder")
+    result = qlora("train", "tiny-mistral", *short_run(sample_subset, tmp_path / "afile" / "run", prepared_dir))
+    assert_user_error(result, "training.output_dir", "afile")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through any permission bits")
+def test_an_unwritable_output_folder_exits_2(tmp_path, sample_subset, prepared_dir):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        result = qlora("train", "tiny-mistral", *short_run(sample_subset, locked / "run", prepared_dir))
+    finally:
+        locked.chmod(0o700)
+    assert_user_error(result, "training.output_dir", "not writable")
+
+
+# ---------------------------------------------------------------- validation
+
+VALIDATION = ["data.val_size=2", "training.num_train_epochs=3", "training.eval_steps=2", "training.save_total_limit=1"]
+
+
+@pytest.fixture(scope="module")
+def validated_run(tmp_path_factory, sample_subset, prepared_dir):
+    """6 steps on 10 examples, evaluated on 2 every 2 steps, the best adapter kept at the end."""
+    root = tmp_path_factory.mktemp("validated") / "run"
+    result = qlora("train", "tiny-mistral", *short_run(
+        sample_subset, root, prepared_dir, *VALIDATION, "training.eval_strategy=steps",
+        "training.load_best_model_at_end=true"))
+    assert result.exit_code == 0, result.output
+    return root, result.output
+
+
+def test_validation_reports_eval_loss_and_keeps_the_best_adapter(validated_run):
+    root, output = validated_run
+    assert "eval at step 2: loss" in output
+    metrics = json.loads((root / "run.json").read_text())["metrics"]
+    assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
+
+    last = max((root / "checkpoints").iterdir(), key=lambda p: int(p.name.split("-")[1]))
+    state = json.loads((last / "trainer_state.json").read_text())
+    evals = [entry["eval_loss"] for entry in state["log_history"] if "eval_loss" in entry]
+    assert len(evals) == 3
+    best = Path(state["best_model_checkpoint"])
+    assert best.parent == root / "checkpoints" and best.is_dir()  # the final path, not the staging one
+    assert state["best_metric"] == pytest.approx(min(evals))
+    assert metrics["eval_loss"] == pytest.approx(min(evals), abs=1e-5)  # the final adapter is the best one
+    saved, best_weights = adapter_weights(root / "adapter"), adapter_weights(best)
+    assert all(torch.equal(saved[k], best_weights[k]) for k in saved)
+
+
+def test_evaluating_during_training_does_not_change_what_is_trained(validated_run, tmp_path, sample_subset,
+                                                                    prepared_dir):
+    root, _ = validated_run
+    plain = tmp_path / "run"
+    result = qlora("train", "tiny-mistral", *short_run(sample_subset, plain, prepared_dir, *VALIDATION,
+                                                       "training.eval_strategy=no"))
+    assert result.exit_code == 0, result.output
+    evaluated = adapter_weights(root / "checkpoints" / "checkpoint-6")
+    not_evaluated = adapter_weights(plain / "adapter")
+    assert max((evaluated[k] - not_evaluated[k]).abs().max().item() for k in evaluated) <= 1e-5
