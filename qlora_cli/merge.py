@@ -134,10 +134,6 @@ def load_adapter_model(recipe, adapter: Path, *, quantized: bool, dequantize: bo
     base = load_base_model(recipe, quantized=quantized, dtype=dtype)
     if dequantize and recipe.quantization and recipe.quantization.get("load_in_4bit"):
         round_trip_4bit(base, recipe.quantization)
-    if quantized:
-        from qlora_cli.trainer import disable_cpu_4bit_repacking
-
-        disable_cpu_4bit_repacking(base)  # compute as in training, in bnb_4bit_compute_dtype
     return PeftModel.from_pretrained(base, str(adapter)).eval()
 
 

@@ -103,7 +103,7 @@ def load_base_model(recipe, *, quantized: bool = True, dtype=None, device_map=No
     model = recipe.model
     bnb = build_bnb_config(recipe.quantization, recipe.origins) if quantized else None
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        loaded = AutoModelForCausalLM.from_pretrained(
             model_path(recipe),
             quantization_config=bnb,
             dtype=dtype or to_dtype(model.dtype, recipe.origins.get("model.dtype", "model.dtype"), "model.dtype"),
@@ -123,6 +123,21 @@ def load_base_model(recipe, *, quantized: bool = True, dtype=None, device_map=No
         raise UserError(f"model `{model.name_or_path}` ships custom code, which qlora does not run unless "
                         "the recipe allows it", where="model.trust_remote_code",
                         fix="read that code, then set model.trust_remote_code: true") from None
+    _keep_4bit_compute_dtype(loaded)
+    return loaded
+
+
+def _keep_4bit_compute_dtype(model) -> None:
+    """Keep bitsandbytes from repacking CPU 4-bit layers for its bf16 inference kernel.
+
+    It repacks a layer at its first no-grad forward in eval mode (an evaluation, a probe, a
+    generation) and keeps it so. That kernel computes in bf16 whatever `bnb_4bit_compute_dtype`
+    says, and passes no gradient to its input: every later training step would lose the gradient
+    through the frozen base layers below each LoRA.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_trainable_model(recipe, *, device_map=None):

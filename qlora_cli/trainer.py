@@ -28,7 +28,6 @@ class QloraTrainer(Trainer):
     def __init__(self, *args, chunked_loss: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.real_tokens_seen = 0
-        disable_cpu_4bit_repacking(self.model)
         self.chunked_loss = chunked_loss  # `model.chunked_loss`: see qlora_cli/loss.py
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -69,19 +68,6 @@ class QloraTrainer(Trainer):
             rotate_checkpoints(output_dir=str(final_parent), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
         self.accelerator.wait_for_everyone()
-
-
-def disable_cpu_4bit_repacking(model) -> None:
-    """Keep bitsandbytes from repacking CPU 4-bit layers for its bf16 inference kernel.
-
-    It repacks a layer at its first no-grad forward in eval mode (an evaluation) and keeps it so.
-    That kernel computes in bf16 whatever `bnb_4bit_compute_dtype` says, and passes no gradient
-    to its input: every later training step would lose the gradient through the frozen base
-    layers below each LoRA.
-    """
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
 
 
 class CountingCollator(PackedCollator):
