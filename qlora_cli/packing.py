@@ -57,8 +57,12 @@ class Rows:
         })
 
 
-def build_rows(encoded: list[tuple[list[int], list[int]]], max_length: int, packing: bool, rng, ignore_index: int) -> Rows:
+def build_rows(encoded: list[tuple[list[int], list[tuple[int, bool]]]], max_length: int, packing: bool, rng,
+               ignore_index: int) -> Rows:
     """One row per example, or examples packed into rows of `max_length` (shuffled with `rng`).
+
+    Each example is its token ids and the (length, trained) spans that cover them; labels are the
+    ids where trained, `ignore_index` elsewhere.
 
     Works on one flat numpy buffer: the examples' tokens are gathered into row order in a
     single indexing step instead of concatenating Python lists row by row.
@@ -70,7 +74,9 @@ def build_rows(encoded: list[tuple[list[int], list[int]]], max_length: int, pack
     starts = np.concatenate(([0], np.cumsum(lengths)))
     total = int(starts[-1])
     ids = np.fromiter(chain.from_iterable(ids for ids, _ in encoded), np.int32, total)
-    labels = np.fromiter(chain.from_iterable(labels for _, labels in encoded), np.int32, total)
+    span_lengths = np.fromiter((size for _, spans in encoded for size, _ in spans), np.int64)
+    span_trained = np.fromiter((trained for _, spans in encoded for _, trained in spans), bool)
+    labels = np.where(np.repeat(span_trained, span_lengths), ids, np.int32(ignore_index)).astype(np.int32)
     if packing:
         rows = pack_lengths(lengths.tolist(), max_length)
         rng.shuffle(rows)

@@ -14,17 +14,22 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
 from qlora_cli.atomic import atomic_folder
 from qlora_cli.errors import UserError
 from qlora_cli.packing import build_rows
 from qlora_cli.sources import Example, read_source
-from qlora_cli.templates import IGNORE_INDEX, encode_chat, encode_text
+from qlora_cli.templates import IGNORE_INDEX, chat_segments, text_segments
 
 # Bump when the prepared format or the tokenization changes, so old caches are not reused.
 PREPARED_FORMAT = 1
 SUMMARY_FILE = "qlora_prepared.json"
+
+# An encoded example: its token ids, and (length, trained) spans covering them in order. Labels
+# are made from the spans in one numpy step for the whole data set, not list by list.
+Encoded = tuple[list[int], list[tuple[int, bool]]]
 
 
 @dataclass
@@ -157,16 +162,18 @@ def build_dataset(data, tokenizer, seed: int, fingerprint: str):
     summary.length_percentiles["max"] = lengths[-1]
     if data.packing:
         summary.packing_efficiency = summary.tokens["train"] / (summary.rows["train"] * data.max_length)
-    return DatasetDict({name: Dataset(split_rows.table()) for name, split_rows in rows.items()}), summary
+    # Our own fingerprint names each split: datasets would otherwise hash the whole table again.
+    splits = {name: Dataset(split_rows.table(), fingerprint=f"{fingerprint}-{name}") for name, split_rows in rows.items()}
+    return DatasetDict(splits), summary
 
 
-def _encode_sources(sources, data, tokenizer, seed: int, summary: PrepareSummary) -> list[tuple[list, list]]:
+def _encode_sources(sources, data, tokenizer, seed: int, summary: PrepareSummary) -> list[Encoded]:
     encoded = []
     for source in sources:
         counts = SourceCounts(source.path)
         examples = read_source(source, seed)
         counts.read = len(examples)
-        for example, (ids, labels) in zip(examples, encode_examples(examples, data, tokenizer)):
+        for example, (ids, spans) in zip(examples, encode_examples(examples, data, tokenizer)):
             truncated = len(ids) > data.max_length
             if truncated:
                 if data.overlong == "error":
@@ -176,12 +183,12 @@ def _encode_sources(sources, data, tokenizer, seed: int, summary: PrepareSummary
                 if data.overlong == "drop":
                     counts.dropped += 1
                     continue
-                ids, labels = ids[: data.max_length], labels[: data.max_length]
-            if labels.count(IGNORE_INDEX) == len(labels):
+                ids, spans = ids[: data.max_length], _cut_spans(spans, data.max_length)
+            if not any(trained for _, trained in spans):
                 counts.dropped += 1  # nothing left to learn from (the response was cut off)
                 continue
             counts.truncated += truncated  # counted among the kept, never twice
-            encoded.append((ids, labels))
+            encoded.append((ids, spans))
             counts.kept += 1
         summary.sources.append(counts)
     if sources and not encoded:
@@ -190,8 +197,19 @@ def _encode_sources(sources, data, tokenizer, seed: int, summary: PrepareSummary
     return encoded
 
 
+def _cut_spans(spans: list[tuple[int, bool]], length: int) -> list[tuple[int, bool]]:
+    """The spans of the first `length` tokens."""
+    kept, room = [], length
+    for size, trained in spans:
+        if room <= 0:
+            break
+        kept.append((min(size, room), trained))
+        room -= size
+    return [(size, trained) for size, trained in kept if size]
+
+
 def encode_examples(examples: list[Example], data, tokenizer):
-    """(ids, labels) of each example in order; in `data.num_proc` forked processes when it is > 1."""
+    """Each example encoded, in order; in `data.num_proc` forked processes when it is > 1."""
     if not data.num_proc or data.num_proc < 2 or len(examples) < 1000:
         return [encode_example(example, data, tokenizer) for example in examples]
     import multiprocessing
@@ -209,18 +227,22 @@ def _start_worker(data, tokenizer) -> None:
     _worker.update(data=data, tokenizer=tokenizer)
 
 
-def _encode_in_worker(example: Example) -> tuple[list[int], list[int]]:
+def _encode_in_worker(example: Example) -> Encoded:
     return encode_example(example, _worker["data"], _worker["tokenizer"])
 
 
-def encode_example(example: Example, data, tokenizer) -> tuple[list[int], list[int]]:
-    """Token ids and labels of one example, formatted by the recipe's template."""
+def encode_example(example: Example, data, tokenizer) -> Encoded:
+    """Token ids of one example, formatted by the recipe's template, and its (length, trained) spans."""
     try:
         if example.text is not None:
-            return encode_text(example.text, tokenizer, data.train_on)
-        return encode_chat(example.messages, tokenizer, data.template, data.train_on)
+            segments = text_segments(example.text, tokenizer, data.train_on)
+        else:
+            segments = chat_segments(example.messages, tokenizer, data.template, data.train_on)
     except UserError as err:  # templates know what is wrong, the example knows where
         raise UserError(err.message, where=example.where, fix=err.fix) from None
+    everything = data.train_on == "all"
+    ids = list(chain.from_iterable(piece for piece, _ in segments))
+    return ids, [(len(piece), trained or everything) for piece, trained in segments]
 
 
 def _count_split(summary: PrepareSummary, name: str, encoded, rows) -> None:

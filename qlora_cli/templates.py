@@ -36,14 +36,19 @@ def encode_chat(
     messages: list[dict], tokenizer, template: str = "mistral", train_on: str = "responses"
 ) -> tuple[list[int], list[int]]:
     """Token ids and labels of a conversation that ends with an assistant turn."""
+    return _ids_and_labels(chat_segments(messages, tokenizer, template, train_on), train_on)
+
+
+def chat_segments(
+    messages: list[dict], tokenizer, template: str = "mistral", train_on: str = "responses"
+) -> list[Segment]:
+    """The conversation as (token ids, trained) pieces in order: what `encode_chat` labels."""
     _check_train_on(train_on)
     check_roles(messages, last="assistant")
     if template == "mistral":
-        segments = _mistral_segments(messages, tokenizer)
-    else:
-        chat_template = _jinja(template, tokenizer)
-        segments = _chat_template_segments(messages, tokenizer, chat_template, find_answers=train_on != "all")
-    return _ids_and_labels(segments, train_on)
+        return _mistral_segments(messages, tokenizer)
+    chat_template = _jinja(template, tokenizer)
+    return _chat_template_segments(messages, tokenizer, chat_template, find_answers=train_on != "all")
 
 
 def encode_prompt(messages: list[dict], tokenizer, template: str = "mistral") -> list[int]:
@@ -59,7 +64,12 @@ def encode_prompt(messages: list[dict], tokenizer, template: str = "mistral") ->
 
 
 def encode_text(text: str, tokenizer, train_on: str = "responses") -> tuple[list[int], list[int]]:
-    """Token ids and labels of seed-format text: ``<s>[INST] question [/INST] answer </s>...``.
+    """Token ids and labels of seed-format text: ``<s>[INST] question [/INST] answer </s>...``."""
+    return _ids_and_labels(text_segments(text, tokenizer, train_on), train_on)
+
+
+def text_segments(text: str, tokenizer, train_on: str = "responses") -> list[Segment]:
+    """Seed-format text as (token ids, trained) pieces in order: what `encode_text` labels.
 
     ``<s>``/``</s>`` become the BOS/EOS ids; BOS is added when missing and never doubled. The
     whitespace around each question and answer is dropped, so ``[/INST] answer </s>`` encodes as
@@ -75,7 +85,7 @@ def encode_text(text: str, tokenizer, train_on: str = "responses") -> tuple[list
                 "text does not follow '<s>[INST] question [/INST] answer</s>' (one or more turns)",
                 fix="write every turn in that form, use the chat format, or set data.train_on: all",
             )
-        return _ids_and_labels(_plain_text_segments(text, tokenizer), train_on)
+        return _plain_text_segments(text, tokenizer)
     flavour = _mistral_flavour(tokenizer)
     segments: list[Segment] = [([_vocabulary(tokenizer).bos], False)]
     for index, (bos, question, answer) in enumerate(turns):
@@ -83,7 +93,7 @@ def encode_text(text: str, tokenizer, train_on: str = "responses") -> tuple[list
             segments.append(([_vocabulary(tokenizer).bos], False))
         segments.append((_user_ids(tokenizer, flavour, question.strip()), False))
         segments.append((_assistant_ids(tokenizer, flavour, answer.strip()), True))
-    return _ids_and_labels(segments, train_on)
+    return segments
 
 
 # ---------------------------------------------------------------- checks
