@@ -158,7 +158,7 @@ def recipe_settings(recipe, shape: ModelShape, on_gpu: bool = True) -> Settings:
         use_dora=bool((recipe.lora or {}).get("use_dora")), optim=str(training.get("optim") or _default_optim()),
         checkpointing=bool(training.get("activation_checkpointing") or training.get("gradient_checkpointing")),
         autocast_bytes=2 if mixed else None, packed_mask=recipe.data.packing and "flash" not in attn,
-        eager_attention=attn == "eager", on_gpu=on_gpu,
+        eager_attention=attn == "eager", on_gpu=on_gpu, chunked_loss=recipe.model.chunked_loss,
     )
 
 

@@ -100,6 +100,7 @@ class Settings:
     packed_mask: bool = False  # a (batch, 1, T, T) boolean mask reaches the attention
     eager_attention: bool = False
     on_gpu: bool = True
+    chunked_loss: bool = False  # model.chunked_loss: logits never held whole
 
     @property
     def quantized(self) -> bool:
@@ -223,10 +224,18 @@ def activation_bytes(shape: ModelShape, s: Settings, batch: int, seq: int) -> in
     return kept + final_norm + masks
 
 
-def logits_bytes(shape: ModelShape, batch: int, seq: int) -> int:
+def logits_bytes(shape: ModelShape, s: Settings, batch: int, seq: int) -> int:
+    tokens = batch * seq
+    if s.chunked_loss:
+        # qlora_cli.loss: one chunk of fp32 logits at a time (turned into its own gradient in
+        # place), plus the gradient of the hidden states it hands back.
+        from qlora_cli.loss import CHUNK_ELEMENTS
+
+        chunk = min(tokens, max(1, CHUNK_ELEMENTS // shape.vocab))
+        return 4 * chunk * shape.vocab + 4 * tokens * shape.hidden
     # At the start of backward: cross-entropy's saved fp32 log-probs, their gradient, and the
     # logits' gradient -- three fp32 tensors of batch x seq x vocab.
-    return 12 * batch * seq * shape.vocab
+    return 12 * tokens * shape.vocab
 
 
 def temporary_bytes(shape: ModelShape, s: Settings, batch: int, seq: int) -> int:
@@ -247,7 +256,9 @@ def memory_items(shape: ModelShape, s: Settings, batch: int, seq: int) -> list[M
         MemoryItem(f"optimizer state ({s.optim})", optimizer_bytes(s.optim, tensors), _optim_how(s.optim)),
         MemoryItem("activations", activation_bytes(shape, s, batch, seq),
                    f"{batch} x {seq:,} tokens, checkpointing {'on' if s.checkpointing else 'off'}"),
-        MemoryItem("logits", logits_bytes(shape, batch, seq), f"3 fp32 copies of {batch} x {seq:,} x {shape.vocab:,}"),
+        MemoryItem("logits", logits_bytes(shape, s, batch, seq),
+                   "one fp32 chunk at a time (model.chunked_loss)" if s.chunked_loss
+                   else f"3 fp32 copies of {batch} x {seq:,} x {shape.vocab:,}"),
         MemoryItem("temporaries", temporary_bytes(shape, s, batch, seq), "dequantized weight, hidden-state gradients"),
     ]
     if s.on_gpu:

@@ -24,7 +24,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from qlora_cli.plan import lora_targets, load_model_config, plan_recipe, recipe_settings
+from qlora_cli.loss import loss_in_chunks
+from qlora_cli.plan import load_model_config, lora_targets, plan_recipe, recipe_settings
 from qlora_cli.plan_memory import GiB, Settings, activation_bytes, memory_items, model_shape
 from qlora_cli.recipe import load_recipe
 
@@ -161,8 +162,9 @@ def test_the_total_is_within_a_quarter_of_the_measured_peak_of_a_training_step(t
     optimizer = torch.optim.AdamW(trainable, lr=1e-6)
     ids = torch.randint(0, shape.vocab, (batch, seq))
 
-    def step():
-        model(input_ids=ids, labels=ids).loss.backward()
+    def step():  # as the Trainer runs it: with the recipe's chunked loss
+        with loss_in_chunks(model, enabled=settings.chunked_loss):
+            model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -184,7 +186,7 @@ def published_shape(model_type: str, **config):
     return model_shape(AutoConfig.for_model(model_type, **config))
 
 
-def test_mistral_7b_at_the_shipped_recipe_needs_about_16_gib(tmp_path):
+def test_mistral_7b_at_the_shipped_recipe_needs_about_14_gib(tmp_path):
     from qlora_cli.model import load_recipe_tokenizer
 
     recipe = load_recipe(["mistral7b"], [MISTRAL_7B, "model.name_or_path=null", "model.tokenizer=mistral-common:v1",
@@ -196,7 +198,7 @@ def test_mistral_7b_at_the_shipped_recipe_needs_about_16_gib(tmp_path):
     assert len(lora_targets(recipe, shape)) == 4 * 32
     # NF4 + double quantization: 4 bits + 8-bit absmax per 64 + fp32 per 256 x 64 = 4.127 bits/param.
     assert entries["base weights"] / 6_979_321_856 == pytest.approx(4.127 / 8, rel=1e-3)
-    assert 14 * GiB < sum(entries.values()) < 19 * GiB
+    assert 12 * GiB < sum(entries.values()) < 15 * GiB  # 13.6: the chunked loss holds no full logits
 
 
 def test_65b_at_the_qlora_papers_settings_is_about_48_gb():
@@ -220,7 +222,7 @@ def tiny_plan_recipe(tmp_path):
 
 
 def test_a_recipe_that_does_not_fit_is_refused_with_changes_that_would_fit(tiny_plan_recipe):
-    plan = plan_recipe(tiny_plan_recipe(), gpu_memory=0.8)
+    plan = plan_recipe(tiny_plan_recipe(), gpu_memory=0.5)  # the CUDA context alone takes 0.75
     assert plan.fits is False and not plan.ok
     assert "needs" in plan.problems[0] and plan.changes
     assert any("activation_checkpointing=true" in change for change in plan.changes)
