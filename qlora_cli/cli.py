@@ -76,8 +76,12 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of i
     _state["debug"] = debug
     # Our own displays replace the libraries' progress bars; peft calls a transformers alias
     # that transformers itself deprecates, which no user can act on.
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is imported
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # imported already (qlora called from Python): tell it directly
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
