@@ -18,6 +18,10 @@ class atomic_folder:
     def __enter__(self) -> Path:
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        # mkdtemp makes an owner-only folder; what we keep is shared as any new folder would be.
+        umask = os.umask(0)
+        os.umask(umask)
+        self.tmp.chmod(0o777 & ~umask)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -29,10 +33,13 @@ class atomic_folder:
             self.target.rename(old)
             self.tmp.rename(self.target)
             shutil.rmtree(old, ignore_errors=True)
-        elif self.target.exists():  # someone else (another rank, another run) finished first
-            shutil.rmtree(self.tmp, ignore_errors=True)
         else:
-            self.tmp.rename(self.target)
+            try:
+                self.tmp.rename(self.target)
+            except OSError:  # someone else (another rank, another run) finished the same folder first
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                if not self.target.is_dir():
+                    raise
 
 
 def cache_root() -> Path:

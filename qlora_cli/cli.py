@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
 import sys
-import warnings
 import traceback
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -215,31 +216,39 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run folder and start over."),
     nproc: int = typer.Option(1, "--nproc", help="Train on N local processes (DDP through torchrun), e.g. one per GPU."),
     force: bool = typer.Option(False, "--force", help="Train even when `qlora plan` says the run will not fit in GPU memory."),
+    plan_only: bool = typer.Option(False, "--plan-only", hidden=True, help="Only the pre-flight plan (for --nproc)."),
 ) -> None:
     """Train a LoRA adapter on a 4-bit base model as the recipe says.
 
     Example: qlora train recipes/tiny-mistral.yaml training.learning_rate=1e-3
     """
-    import shlex
-
     from qlora_cli.recipe import load_recipe
+    from qlora_cli.run_folder import open_run_folder
 
     recipes, overrides = split_arguments(args)
     recipe = load_recipe(recipes, overrides)
-    _plan_before_training(recipe, force, gpus=nproc if nproc > 1 else int(os.environ.get("WORLD_SIZE", "1")))
+    open_run_folder(recipe.run_dir, resume=resume, overwrite=overwrite)  # refuse before any work
+    flags = [flag for flag, on in (("--resume", resume), ("--overwrite", overwrite), ("--force", force)) if on]
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
-        flags = [flag for flag, on in (("--resume", resume), ("--overwrite", overwrite), ("--force", force)) if on]
-        raise typer.Exit(launch_processes(nproc, ["train", *args, *flags]))
+        # Plan in a process of its own: measuring the GPU would leave a CUDA context on GPU 0
+        # in this launcher for the whole run.
+        planned = _call_qlora(["train", *args, *flags, "--plan-only"])
+        raise typer.Exit(planned or launch_processes(nproc, ["train", *args, *flags]))
+    _plan_before_training(recipe, force, gpus=nproc if plan_only else int(os.environ.get("WORLD_SIZE", "1")))
+    if plan_only:
+        return
 
     from qlora_cli.progress import TrainReporter
     from qlora_cli.train import train as train_run
 
-    result = train_run(recipe, resume=resume, overwrite=overwrite, reporter=TrainReporter(console))
-    if not TrainReporter(console).main:
+    reporter = TrainReporter(console)
+    result = train_run(recipe, resume=resume, overwrite=overwrite, reporter=reporter)
+    if not reporter.main:
         raise typer.Exit(result.exit_code)
     run = result.run
     if result.stopped_by:
-        again = shlex.join(["qlora", "train", *args, "--resume"])
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        again = shlex.join(["qlora", "train", *args, "--resume", *([f"--nproc={processes}"] if processes > 1 else [])])
         console.print(f"[yellow]stopped[/] at a checkpoint in {run.checkpoints}; loss plot: {run.plot}\n"
                       f"resume with: {again}", highlight=False)
         raise typer.Exit(result.exit_code)
@@ -273,8 +282,8 @@ def merge(
                   highlight=False)
     if result.merged_vs_quantized:
         console.print(f"logits vs the 4-bit base + adapter as trained: {result.merged_vs_quantized}", highlight=False)
-    console.print(f"[green]done[/]: {result.output}\nnext: qlora generate {' '.join(args)} --model {result.output} "
-                  "--prompt \"...\"", highlight=False)
+    again = shlex.join(["qlora", "generate", *args, "--model", str(result.output), "--prompt", "..."])
+    console.print(f"[green]done[/]: {result.output}\nnext: {again}", highlight=False)
 
 
 @app.command("generate")
@@ -366,13 +375,42 @@ def _chat(generator) -> None:
 
 
 def launch_processes(nproc: int, command: list[str]) -> int:
-    """Run `python -m qlora_cli COMMAND` on `nproc` local processes with torchrun; its exit code."""
+    """Run `python -m qlora_cli COMMAND` on `nproc` local processes with torchrun; its exit code.
+
+    Ctrl-C reaches torchrun and its workers from the terminal, so this process ignores it and
+    waits for them to save and stop; a SIGTERM sent to this process is passed on to torchrun,
+    which passes it to the workers.
+    """
+    import signal
     import subprocess
 
-    debug = ["--debug"] if _state["debug"] else []
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                "-m", "qlora_cli", *debug, *command]
-    return subprocess.call(launcher, env={**os.environ, "QLORA_PLANNED": "1"})  # planned here already
+                "-m", "qlora_cli", *_debug_flag(), *command]
+    child = subprocess.Popen(launcher, env={**os.environ, "QLORA_PLANNED": "1"})  # planned already
+    forwarded = []
+
+    def forward(number, frame):
+        forwarded.append(number)
+        child.send_signal(number)
+
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, forward)}
+    try:
+        code = child.wait()
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    return 128 + forwarded[0] if forwarded else code
+
+
+def _call_qlora(command: list[str]) -> int:
+    import subprocess
+
+    return subprocess.call([sys.executable, "-m", "qlora_cli", *_debug_flag(), *command])
+
+
+def _debug_flag() -> list[str]:
+    return ["--debug"] if _state["debug"] else []
 
 
 def run() -> None:

@@ -6,6 +6,7 @@ Only rank 0 shows anything.
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Callable
 
@@ -26,6 +27,8 @@ class TrainingProgress(TrainerCallback):
         self.latest: dict = {}
         self.started = time.monotonic()
         self.tokens_at_start = 0
+        # Each rank counts its own tokens; run.json has the sum over all of them.
+        self.per_rank = " on rank 0" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -62,7 +65,7 @@ class TrainingProgress(TrainerCallback):
             parts.append(f"loss {self.latest['loss']:.4f}")
         if "learning_rate" in self.latest:
             parts.append(f"lr {self.latest['learning_rate']:.2e}")
-        parts.append(f"{self.tokens_per_second():,.0f} tok/s")
+        parts.append(f"{self.tokens_per_second():,.0f} tok/s{self.per_rank}")
         return "  ".join(parts)
 
     def _print_eval(self, state, logs: dict) -> None:
@@ -82,8 +85,6 @@ class TrainReporter:
     """What `qlora train` tells the user at the start; rank 0 only."""
 
     def __init__(self, console: Console):
-        import os
-
         self.console = console
         self.main = int(os.environ.get("RANK", "0")) == 0
 

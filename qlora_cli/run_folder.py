@@ -83,14 +83,14 @@ def open_run_folder(root: Path, *, resume: bool, overwrite: bool) -> RunFolder:
     run = RunFolder(Path(root))
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other", fix="choose one")
-    exists = run.root.exists() and any(run.root.iterdir())
+    _check_writable(run.root)
+    exists = run.root.is_dir() and any(run.root.iterdir())
     if exists and not (resume or overwrite):
         raise UserError(f"run folder {run.root} already exists", where="training.output_dir",
                         fix="add --resume to continue it, --overwrite to start over, or set training.output_dir")
     if resume and run.last_checkpoint() is None:
         raise UserError(f"nothing to resume: {run.root} has no complete checkpoint", where="training.output_dir",
                         fix="run without --resume")
-    _check_writable(run.root)
     return run
 
 

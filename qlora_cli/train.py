@@ -33,7 +33,7 @@ class TrainResult:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_CODES.get(self.stopped_by, 0) if self.stopped_by else 0
+        return EXIT_CODES.get(self.stopped_by, 0)
 
 
 def train(recipe, *, resume: bool = False, overwrite: bool = False, reporter=None) -> TrainResult:
@@ -192,7 +192,7 @@ def run_changes(recipe, run: RunFolder) -> dict:
     if has_validation and "eval_strategy" not in training:
         # Evaluate when checkpoints are saved, so load_best_model_at_end can work.
         changes["eval_strategy"] = training.get("save_strategy", "steps")
-        changes.setdefault("eval_steps", training.get("eval_steps") or training.get("save_steps"))
+        changes["eval_steps"] = training.get("eval_steps") or training.get("save_steps")
     return changes
 
 
@@ -206,30 +206,21 @@ def _device_map(args):
 
 def final_metrics(trainer, train_metrics: dict, stopped: bool) -> dict:
     """Training metrics, plus validation loss and perplexity of the final adapter."""
+    from qlora_cli.trainer import reduce_over_ranks
+
     metrics = {k: v for k, v in train_metrics.items() if isinstance(v, (int, float))}
     metrics["steps"] = trainer.state.global_step
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     if losses:
         metrics["final_train_loss"] = losses[-1]
     runtime = metrics.get("train_runtime") or 0
-    metrics["real_tokens"] = _sum_over_ranks(trainer.real_tokens_seen)
+    metrics["real_tokens"] = reduce_over_ranks(trainer.real_tokens_seen)
     metrics["tokens_per_second"] = metrics["real_tokens"] / runtime if runtime else 0.0
     if trainer.eval_dataset is not None and not stopped:
         metrics.update(trainer.evaluate())
     if "eval_loss" in metrics:
         metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
     return metrics
-
-
-def _sum_over_ranks(value: int) -> int:
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    tensor = torch.tensor([value], dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(tensor)
-    return int(tensor.item())
 
 
 def save_adapter(trainer, tokenizer, run: RunFolder, recipe, prepared, metrics: dict) -> None:

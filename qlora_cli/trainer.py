@@ -99,12 +99,13 @@ class StopOnSignal(TrainerCallback):
             signal.signal(number, handler)
 
     def _handle(self, number, frame) -> None:
-        if self.signal_number is not None:
+        if number == signal.SIGINT and self.signal_number == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
-        self.signal_number = number
+        # A SIGTERM after a Ctrl-C (torchrun passes one on) changes nothing: already stopping.
+        self.signal_number = self.signal_number or number
 
     def on_step_end(self, args, state, control, **kwargs):
-        number = _reduce_max(self.signal_number or 0)
+        number = reduce_over_ranks(self.signal_number or 0, op="max")
         if number:
             self.signal_number = number
             control.should_save = True
@@ -112,15 +113,14 @@ class StopOnSignal(TrainerCallback):
         return control
 
 
-def _reduce_max(value: int) -> int:
+def reduce_over_ranks(value: int, op: str = "sum") -> int:
+    """`value` summed (or its max) over all ranks of a multi-process run; itself otherwise."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return value
     import torch
 
-    tensor = torch.tensor([value], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        tensor = tensor.cuda()
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    tensor = torch.tensor([value], dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return int(tensor.item())

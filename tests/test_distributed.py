@@ -77,3 +77,33 @@ def test_only_rank_zero_writes_one_run_folder(runs):
     assert names == {"adapter", "loss.png", "recipe.yaml", "run.json"}  # report_to=none: no logs/
     assert not list(run.rglob("*rank*")) and not list(run.parent.glob(".*tmp*"))
     assert (run / "adapter" / "adapter_config.json").is_file()
+
+
+def test_sigterm_to_the_nproc_launcher_stops_every_rank_with_a_checkpoint(tmp_path):
+    import signal
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join((ROOT / "sample_data.jsonl").read_text().splitlines(keepends=True)[:16]))
+    run = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "qlora_cli", "train", "tiny-mistral", *TINY_OVERRIDES,
+        f"data.sources=[{{path: {data}, format: text}}]", f"data.prepared_dir={tmp_path / 'prepared'}",
+        f"training.output_dir={run}", "training.num_train_epochs=1000", "training.per_device_train_batch_size=1",
+        "training.logging_steps=1", "training.save_steps=100000", "training.report_to=none", "--nproc=2",
+    ]
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in launcher.stdout:  # wait until training runs on both ranks
+        lines.append(line)
+        if line.startswith("step "):
+            break
+    launcher.send_signal(signal.SIGTERM)
+    output = "".join(lines) + launcher.stdout.read()
+    assert launcher.wait(timeout=300) == 143, output[-3000:]
+    checkpoints = list((run / "checkpoints").glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.json").is_file()
+    assert json.loads((run / "run.json").read_text())["status"] == "stopped by SIGTERM"
+    assert "--resume --nproc=2" in output
+    assert not (run / "adapter").exists()
+    orphans = subprocess.run(["pgrep", "-f", str(run)], capture_output=True, text=True).stdout.split()
+    assert not orphans, "workers outlived the launcher"

@@ -270,6 +270,33 @@ def test_atomic_folder_appears_whole_or_not_at_all(tmp_path):
     assert [p.name for p in target.iterdir()] == ["whole.arrow"]
 
 
+def test_atomic_folder_is_as_readable_as_any_new_folder(tmp_path):
+    # A team shares prepared data, adapters and merged models: not owner-only like a temp folder.
+    import os
+
+    from qlora_cli.atomic import atomic_folder
+
+    previous = os.umask(0o022)
+    try:
+        with atomic_folder(tmp_path / "shared") as tmp:
+            (tmp / "x").write_text("x")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o755
+
+
+def test_atomic_folder_finished_first_by_another_process_is_kept(tmp_path):
+    from qlora_cli.atomic import atomic_folder
+
+    target = tmp_path / "cache" / "model"
+    with atomic_folder(target) as tmp:
+        (tmp / "mine").write_text("x")
+        target.mkdir(parents=True)  # another rank renamed its copy into place meanwhile
+        (target / "theirs").write_text("x")
+    assert [p.name for p in target.iterdir()] == ["theirs"]
+    assert [p.name for p in target.parent.iterdir()] == ["model"]  # our temporary folder is gone
+
+
 # ---------------------------------------------------------------- the command
 
 

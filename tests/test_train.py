@@ -207,6 +207,13 @@ def test_an_output_folder_under_a_file_exits_2(tmp_path, sample_subset, prepared
     assert_user_error(result, "training.output_dir", "afile")
 
 
+def test_an_output_folder_that_is_a_file_exits_2(tmp_path, sample_subset, prepared_dir):
+    (tmp_path / "afile").write_text("not a folder")
+    result = qlora("train", "tiny-mistral", *short_run(sample_subset, tmp_path / "afile", prepared_dir))
+    assert_user_error(result, "training.output_dir", "is a file")
+    assert (tmp_path / "afile").read_text() == "not a folder"
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through any permission bits")
 def test_an_unwritable_output_folder_exits_2(tmp_path, sample_subset, prepared_dir):
     locked = tmp_path / "locked"
