@@ -10,7 +10,7 @@ from typing import Any
 
 from qlora_cli.errors import UserError
 from qlora_cli.sections import (
-    GenerateOptions, check_keys, dataclass_annotations, matches_type, signature_annotations,
+    GenerateOptions, build_schema, check_keys, dataclass_annotations, matches_type, signature_annotations,
 )
 
 
@@ -43,11 +43,20 @@ def training_keys() -> dict[str, Any]:
     return dataclass_annotations(TrainingArguments)
 
 
-def generation_keys() -> dict[str, Any]:
+def generation_defaults() -> dict[str, Any]:
     """GenerationConfig is no dataclass: its fields are the attributes a default instance has."""
     from transformers import GenerationConfig
 
-    return {name: typing.Any for name in vars(GenerationConfig()) if not name.startswith("_")}
+    return {name: value for name, value in vars(GenerationConfig()).items() if not name.startswith("_")}
+
+
+def generation_keys() -> dict[str, Any]:
+    return {name: typing.Any for name in generation_defaults()}
+
+
+def checkpointing_on(training: dict) -> bool:
+    """Whether the recipe recomputes activations: our `activation_checkpointing` or the Trainer's name."""
+    return bool(training.get("activation_checkpointing") or training.get("gradient_checkpointing"))
 
 
 def build_bnb_config(quantization: dict | None, origins: dict[str, str] | None = None):
@@ -118,8 +127,10 @@ def check_library_sections(config: dict, origins: dict[str, str]) -> list[UserEr
         if not isinstance(values, dict):
             errors.append(UserError(f"`{section}` must be a mapping of keys", where=origins.get(section, section)))
             continue
-        annotations = read_yaml_booleans(values, keys())
+        annotations = normalize_yaml_booleans(values, keys())
         section_errors = check_keys(values, annotations, section, origins, extra_keys=extra)
+        if section == "generate":
+            section_errors += _check_generate_options(values, origins)
         if not section_errors:
             try:
                 build(values, origins)
@@ -129,8 +140,19 @@ def check_library_sections(config: dict, origins: dict[str, str]) -> list[UserEr
     return errors
 
 
-def read_yaml_booleans(values: dict, annotations: dict) -> dict:
-    """Booleans where a library field is annotated as text.
+def _check_generate_options(generate: dict, origins: dict[str, str]) -> list[UserError]:
+    """Types of our own `generate` keys, which GenerationConfig never sees."""
+    ours = {f.name for f in dataclasses.fields(GenerateOptions)}
+    try:
+        build_schema(GenerateOptions, {k: v for k, v in generate.items() if k in ours}, "generate", origins)
+    except UserError as err:
+        return getattr(err, "errors", [err])
+    return []
+
+
+def normalize_yaml_booleans(values: dict, annotations: dict) -> dict:
+    """Turn a YAML `no` read as false back into "no" in `values` (in place, so the recipe keeps
+    it), and return `annotations` loosened where a library takes a boolean for a text field.
 
     YAML 1.1 reads a bare `no` as false: `save_strategy: no` means the string "no". And a library
     may take `true` where its annotation still says text (TrainingArguments' `fsdp: true`): such a

@@ -301,7 +301,7 @@ def generate(
 
     Example: qlora generate runs/tiny-mistral/recipe.yaml --prompt "What is the capital of France?"
     """
-    from qlora_cli.generate import check_prompt, load_generator, read_prompts
+    from qlora_cli.generate import check_output, check_prompt, load_generator, read_prompts
     from qlora_cli.recipe import load_recipe
 
     recipes, overrides = split_arguments(args)
@@ -316,6 +316,8 @@ def generate(
     records = read_prompts(Path(options_input)) if options_input else None
     if records is not None and not options_output:
         raise UserError("--input needs --output FILE (or generate.output in the recipe)")
+    if records is not None:
+        check_output(Path(options_output), resume)  # before minutes of model loading
     generator = load_generator(recipe, model)
     if prompt is not None:
         _stream_answer(generator, [{"role": "user", "content": prompt}])
@@ -338,20 +340,16 @@ def _answer_file(generator, records, output: Path, recipe, resume: bool) -> None
     from rich.progress import Progress
 
     from qlora_cli.builders import split_generate
-    from qlora_cli.generate import answer_file
+    from qlora_cli.generate import answer_file, count_answered
 
     options, _ = split_generate(recipe.generate)
     with Progress(console=err_console, disable=not err_console.is_terminal) as progress:
         task = progress.add_task("generate", total=len(records))
         if resume:
-            progress.update(task, completed=min(len(records), _lines(output)))
+            progress.update(task, completed=min(len(records), count_answered(output)))
         count = answer_file(generator, records, output, options.batch_size, resume,
                             on_batch=lambda n: progress.advance(task, n))
     console.print(f"[green]done[/]: {count} answers written to {output}", highlight=False)
-
-
-def _lines(path: Path) -> int:
-    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.exists() else 0
 
 
 def _chat(generator) -> None:

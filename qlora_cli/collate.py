@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qlora_cli.packing import position_ids
-
-IGNORE_INDEX = -100
+from qlora_cli.templates import IGNORE_INDEX
 
 
 @dataclass

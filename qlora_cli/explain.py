@@ -41,7 +41,9 @@ def _has_containers(items: list) -> bool:
 
 def _section_defaults(recipe) -> Iterator[tuple[str, str, dict[str, Any]]]:
     from peft import LoraConfig
-    from transformers import BitsAndBytesConfig, GenerationConfig, TrainingArguments
+    from transformers import BitsAndBytesConfig, TrainingArguments
+
+    from qlora_cli.builders import generation_defaults
 
     yield "model", "qlora", _dataclass_defaults(ModelSection)
     yield "data", "qlora", _dataclass_defaults(DataSection)
@@ -52,8 +54,7 @@ def _section_defaults(recipe) -> Iterator[tuple[str, str, dict[str, Any]]]:
         yield "lora", "LoraConfig", _dataclass_defaults(LoraConfig)
     yield "training", "TrainingArguments", _dataclass_defaults(TrainingArguments)
     yield "generate", "qlora", _dataclass_defaults(GenerateOptions)
-    generation = {k: v for k, v in vars(GenerationConfig()).items() if not k.startswith("_")}
-    yield "generate", "GenerationConfig", generation
+    yield "generate", "GenerationConfig", generation_defaults()
 
 
 def _dataclass_defaults(cls) -> dict[str, Any]:

@@ -58,10 +58,21 @@ class Generator:
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
                       generation_config=self.generation_config)
-        thread = threading.Thread(target=self.model.generate, kwargs=kwargs, daemon=True)
+        failures = []
+
+        def generate() -> None:
+            try:
+                self.model.generate(**kwargs)
+            except BaseException as err:  # noqa: BLE001 - re-raised below, in the caller's thread
+                failures.append(err)
+                streamer.end()  # else the loop below waits forever for text that never comes
+
+        thread = threading.Thread(target=generate, daemon=True)
         thread.start()
         yield from streamer
         thread.join()
+        if failures:
+            raise failures[0]
 
 
 def load_generator(recipe, model_path: str | None = None) -> Generator:
@@ -154,10 +165,8 @@ def answer_file(generator: Generator, records: list[PromptRecord], output: Path,
     Lines already in `output` are skipped with `resume`, so an interrupted run keeps its work.
     Returns how many were answered now.
     """
-    done = _count_lines(output) if resume else 0
-    if output.exists() and not resume:
-        raise UserError(f"output {output} already exists", where="--output",
-                        fix="add --resume to continue it, or choose another file")
+    check_output(output, resume)
+    done = count_answered(output) if resume else 0
     output.parent.mkdir(parents=True, exist_ok=True)
     todo = records[done:]
     with output.open("a", encoding="utf-8") as out:
@@ -171,7 +180,33 @@ def answer_file(generator: Generator, records: list[PromptRecord], output: Path,
     return len(todo)
 
 
-def _count_lines(path: Path) -> int:
+def check_output(output: Path, resume: bool) -> None:
+    """Refuse to append to an existing answers file unless resuming it (callable before loading)."""
+    if output.exists() and not resume:
+        raise UserError(f"output {output} already exists", where="--output",
+                        fix="add --resume to continue it, or choose another file")
+
+
+def count_answered(path: Path) -> int:
+    """Complete answer lines in `path`, after cutting off a last line that a kill left unfinished."""
     if not path.exists():
         return 0
-    return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    lines = path.read_bytes().split(b"\n")
+    # After the last newline: empty, or a line cut short. A last line that ends in a newline
+    # but is not JSON was also interrupted (e.g. a disk that filled up mid-write).
+    kept = lines[:-1]
+    if kept and kept[-1].strip() and not _is_json(kept[-1]):
+        kept.pop()
+    size = sum(len(line) + 1 for line in kept)
+    if size != path.stat().st_size:
+        with path.open("r+b") as file:
+            file.truncate(size)
+    return sum(1 for line in kept if line.strip())
+
+
+def _is_json(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
+        return False
+    return True

@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import types
 
-IGNORE_INDEX = -100
+# templates is plain Python: importing it loads no torch
+from qlora_cli.templates import IGNORE_INDEX
+
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MiB in fp32 (512 tokens of a 32k vocabulary)
 
 

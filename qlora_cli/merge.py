@@ -103,7 +103,7 @@ def check_output(output: Path, overwrite: bool) -> None:
     if output.exists() and not overwrite:
         raise UserError(f"merge output {output} already exists", where="merge.output_dir",
                         fix="add --overwrite, or set merge.output_dir")
-    parent = next(p for p in [output.parent, *output.parents] if p.exists())
+    parent = nearest_existing(output.parent)
     probe = parent / f".qlora-write-test-{output.name}"
     try:
         probe.mkdir()
@@ -116,12 +116,17 @@ def check_output(output: Path, overwrite: bool) -> None:
 def check_disk(output: Path, model) -> None:
     """Refuse before writing when the shards cannot fit."""
     need = sum(p.numel() * p.element_size() for p in model.parameters())
-    parent = next(p for p in [output.parent, *output.parents] if p.exists())
+    parent = nearest_existing(output.parent)
     free = shutil.disk_usage(parent).free
     if need * 1.05 > free:
         raise UserError(f"the merged model needs about {need / 2**30:.1f} GiB but {parent} has "
                         f"{free / 2**30:.1f} GiB free", where="merge.output_dir",
                         fix="free space, or set merge.output_dir to another disk")
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path` if it exists, else its nearest existing parent: where a folder not yet made will go."""
+    return next(p for p in [path, *path.resolve().parents] if p.exists())
 
 
 def load_adapter_model(recipe, adapter: Path, *, quantized: bool, dequantize: bool = False):

@@ -8,17 +8,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_cli.atomic import atomic_folder, cache_root
-from qlora_cli.builders import build_bnb_config, build_lora_config, to_dtype
+from qlora_cli.builders import (
+    build_bnb_config,
+    build_lora_config,
+    checkpointing_on,
+    to_dtype,
+)
 from qlora_cli.errors import UserError
 
 
 def tokenizer_spec(model_section) -> str:
-    """The tokenizer a recipe names: `model.tokenizer`, else the model's own."""
-    spec = model_section.tokenizer or model_section.name_or_path
-    if spec is None:
-        raise UserError("a model built with `model.init_from_config` needs `model.tokenizer`",
-                        where="model.tokenizer", fix="set model.tokenizer, e.g. mistral-common:v1")
-    return spec
+    """The tokenizer a recipe names: `model.tokenizer`, else the model's own.
+
+    Never None: load_recipe refuses an `init_from_config` model without `model.tokenizer`."""
+    return model_section.tokenizer or model_section.name_or_path
 
 
 def load_recipe_tokenizer(recipe):
@@ -48,10 +51,7 @@ def build_init_model(init_config: dict, tokenizer) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     seed = init_config.pop("seed", 0)
-    model_type = init_config.pop("model_type", None)
-    if model_type is None:
-        raise UserError("`model.init_from_config` needs `model_type`", where="model.init_from_config",
-                        fix="add model_type: mistral")
+    model_type = init_config.pop("model_type")  # load_recipe made sure it is there
     init_config.setdefault("vocab_size", len(tokenizer))
     try:
         config = AutoConfig.for_model(model_type, bos_token_id=tokenizer.bos_token_id,
@@ -146,7 +146,7 @@ def load_trainable_model(recipe, *, device_map=None):
     from transformers import set_seed
 
     model = load_base_model(recipe, device_map=device_map)
-    checkpointing = bool(recipe.training.get("activation_checkpointing") or recipe.training.get("gradient_checkpointing"))
+    checkpointing = checkpointing_on(recipe.training)
     sharded = bool(recipe.training.get("fsdp"))
     if recipe.quantization and not sharded:
         # Casts norms to fp32 and makes the (frozen) input embeddings pass gradients on, which

@@ -12,6 +12,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qlora_cli.builders import checkpointing_on
 from qlora_cli.errors import UserError
 from qlora_cli.plan_memory import (
     GiB, MemoryItem, ModelShape, Settings, dtype_bytes, flops_per_token, largest_fitting, lora_tensors, memory_items,
@@ -108,7 +109,11 @@ def load_model_config(recipe, tokenizer):
     if model.init_from_config is not None:
         kwargs = {k: v for k, v in model.init_from_config.items() if k not in ("seed", "model_type")}
         kwargs.setdefault("vocab_size", len(tokenizer))  # as build_init_model does
-        return AutoConfig.for_model(model.init_from_config.get("model_type", "mistral"), **kwargs)
+        try:
+            return AutoConfig.for_model(model.init_from_config["model_type"], **kwargs)
+        except (ValueError, TypeError) as err:  # as build_init_model reports it
+            raise UserError(f"cannot build a config from `model.init_from_config`: {err}",
+                            where="model.init_from_config") from None
     try:
         return AutoConfig.from_pretrained(model.name_or_path, revision=model.revision,
                                           trust_remote_code=model.trust_remote_code)
@@ -156,7 +161,7 @@ def recipe_settings(recipe, shape: ModelShape, on_gpu: bool = True) -> Settings:
         skip_modules=tuple(q.get("llm_int8_skip_modules") or ()), lora_r=int((recipe.lora or {}).get("r", 8)),
         lora_targets=lora_targets(recipe, shape), lora_dropout=float((recipe.lora or {}).get("lora_dropout", 0)),
         use_dora=bool((recipe.lora or {}).get("use_dora")), optim=str(training.get("optim") or _default_optim()),
-        checkpointing=bool(training.get("activation_checkpointing") or training.get("gradient_checkpointing")),
+        checkpointing=checkpointing_on(training),
         autocast_bytes=2 if mixed else None, packed_mask=recipe.data.packing and "flash" not in attn,
         eager_attention=attn == "eager", on_gpu=on_gpu, chunked_loss=recipe.model.chunked_loss,
     )
@@ -279,8 +284,9 @@ def _plan_disk(plan: Plan, shape: ModelShape, s: Settings, recipe, tokenizer) ->
 
 
 def _free_bytes(path: Path) -> int:
-    existing = next((p for p in [path, *path.resolve().parents] if p.exists()), Path("."))
-    return shutil.disk_usage(existing).free
+    from qlora_cli.merge import nearest_existing
+
+    return shutil.disk_usage(nearest_existing(path)).free
 
 
 def describe_resume(recipe) -> list[str]:

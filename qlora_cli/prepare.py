@@ -102,11 +102,6 @@ def _check_data_section(data) -> None:
     if not data.sources:
         raise UserError("the recipe has no data: `data.sources` is empty", where="data.sources",
                         fix="add - {path: my.jsonl, format: chat}")
-    if data.max_length < 8:
-        raise UserError(f"`data.max_length` is {data.max_length}; it must be at least 8", where="data.max_length")
-    if data.val_size < 0 or (isinstance(data.val_size, float) and data.val_size >= 1):
-        raise UserError("`data.val_size` must be a fraction in [0, 1) or a count of examples",
-                        where="data.val_size")
 
 
 def data_fingerprint(data, tokenizer, seed: int) -> str:

@@ -289,7 +289,11 @@ def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
 
     raw = load_raw_recipe(list(recipe_args), list(overrides))
     resolved = resolve(raw)
-    resolved.setdefault("training", {}).setdefault("output_dir", f"runs/{raw.files[-1].stem}")
+    # `training: null` and `output_dir: null` mean "not set", like leaving the key out.
+    if resolved.get("training") is None:
+        resolved["training"] = {}
+    if isinstance(resolved["training"], dict) and resolved["training"].get("output_dir") is None:
+        resolved["training"]["output_dir"] = f"runs/{raw.files[-1].stem}"
     errors = [
         UserError(f"unknown section `{key}`{suggest(key, SECTIONS)}; a recipe has only {', '.join(SECTIONS)}",
                   where=raw.origins.get(key, key))
@@ -304,6 +308,8 @@ def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
     errors += check_library_sections(resolved, raw.origins)
     if "model" in typed:
         errors += _check_model_source(typed["model"], raw.origins)
+    if "data" in typed:
+        errors += _check_data_limits(typed["data"], raw.origins)
     if errors:
         raise errors[0] if len(errors) == 1 else UserErrors(errors)
     return Recipe(
@@ -325,8 +331,24 @@ def _check_model_source(model, origins: dict[str, str]) -> list[UserError]:
         errors.append(UserError("a model built with `model.init_from_config` needs `model.tokenizer`",
                                 where=origins.get("model.init_from_config", "model.init_from_config"),
                                 fix="set model.tokenizer, e.g. mistral-common:v1"))
+    if model.init_from_config is not None and model.init_from_config.get("model_type") is None:
+        errors.append(UserError("`model.init_from_config` needs `model_type`",
+                                where=origins.get("model.init_from_config", "model.init_from_config"),
+                                fix="add model_type: mistral"))
     try:
         to_dtype(model.dtype, origins.get("model.dtype", "model.dtype"), "model.dtype")
     except UserError as err:
         errors.append(err)
+    return errors
+
+
+def _check_data_limits(data, origins: dict[str, str]) -> list[UserError]:
+    """Values of the right type that preparing the data would still refuse."""
+    errors = []
+    if data.max_length < 8:
+        errors.append(UserError(f"`data.max_length` is {data.max_length}; it must be at least 8",
+                                where=origins.get("data.max_length", "data.max_length")))
+    if data.val_size < 0 or (isinstance(data.val_size, float) and data.val_size >= 1):
+        errors.append(UserError(f"`data.val_size` is {data.val_size}; it must be a fraction in [0, 1) or a count "
+                                "of examples", where=origins.get("data.val_size", "data.val_size")))
     return errors

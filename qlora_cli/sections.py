@@ -187,6 +187,8 @@ def signature_annotations(func) -> dict[str, Any]:
 
 def build_schema(cls, values: dict | None, section: str, origins: dict[str, str]):
     """One of our section dataclasses from its YAML mapping; raises every problem at once."""
+    if values is not None and not isinstance(values, dict):
+        raise UserError(f"`{section}` must be a mapping of keys, not {values!r}", where=origins.get(section, section))
     values = dict(values or {})
     annotations = dataclass_annotations(cls)
     errors = check_keys(values, annotations, section, origins)

@@ -16,6 +16,7 @@ one formatted string would lose the dummy prefix space after each control token.
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import chain
@@ -146,22 +147,24 @@ class _Vocabulary:
     words: "_Words | None"  # None: not a SentencePiece BPE vocabulary whose words encode alone
 
 
-_VOCABULARIES: dict[int, tuple[object, _Vocabulary]] = {}
+# Keyed by the tokenizer object itself (identity hash), held weakly: a tokenizer no one uses
+# any more takes its cache with it.
+_VOCABULARIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _vocabulary(tokenizer) -> _Vocabulary:
-    entry = _VOCABULARIES.get(id(tokenizer))
-    if entry is None or entry[0] is not tokenizer:  # a new tokenizer, maybe at a reused address
+    vocabulary = _VOCABULARIES.get(tokenizer)
+    if vocabulary is None:
         backend = tokenizer.backend_tokenizer
         flavour = "v7" if backend.token_to_id("[SYSTEM_PROMPT]") is not None else \
             "v2" if backend.token_to_id("[INST]") is not None else "v1"
         vocab = backend.get_vocab(with_added_tokens=False)
         # Words encode one by one only when no piece has a "▁" inside it (else words could merge).
         spaced = SPACE in vocab and not any(SPACE in piece[1:] and piece.strip(SPACE) for piece in vocab)
-        entry = (tokenizer, _Vocabulary(flavour, tokenizer.bos_token_id, tokenizer.eos_token_id,
-                                        _Words() if spaced else None))
-        _VOCABULARIES[id(tokenizer)] = entry
-    return entry[1]
+        vocabulary = _Vocabulary(flavour, tokenizer.bos_token_id, tokenizer.eos_token_id,
+                                 _Words() if spaced else None)
+        _VOCABULARIES[tokenizer] = vocabulary
+    return vocabulary
 
 
 def _mistral_segments(messages: list[dict], tokenizer) -> list[Segment]:
@@ -261,13 +264,6 @@ class _Words(dict):
     def __init__(self):
         super().__init__()
         self.joined: dict[str, list[int]] = {}
-
-
-
-
-# A run of spaces, then text up to the next run of two or more (single spaces stay inside words:
-# no piece has a space inside it, so BPE cannot merge across them anyway).
-_SPACE_RUN_THEN_WORDS = re.compile(f"({SPACE}+)((?:[^{SPACE}]|{SPACE}(?!{SPACE}))*)")
 
 
 def _space_run_ids(backend, length: int) -> list[int]:

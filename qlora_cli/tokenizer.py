@@ -30,7 +30,12 @@ def load_tokenizer(spec: str, *, revision: str | None = None, trust_remote_code:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     else:
         _check_local_path(spec)
-        tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision, trust_remote_code=trust_remote_code)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as err:  # a hub typo offline, a folder without tokenizer files
+            raise UserError(f"cannot load tokenizer `{spec}`: {err}", where="model.tokenizer",
+                            fix="give a folder with tokenizer files, a hub id (needs network), or one of "
+                                f"{', '.join(_valid_names())}") from None
     set_pad_token(tokenizer)
     return tokenizer
 

@@ -156,3 +156,43 @@ def test_help_answers_without_importing_torch():
                             env={**os.environ, "COLUMNS": "120"})
     assert result.returncode == 0, result.stderr
     assert "config" in result.stdout and "HEAVY []" in result.stdout
+
+
+@pytest.mark.parametrize("override, section", [("model=5", "model"), ("data=[1,2]", "data"), ("merge=x", "merge"),
+                                               ("training=[1]", "training"), ("generate=5", "generate")])
+def test_a_section_that_is_not_a_mapping_exits_2_naming_it(workdir, override, section):
+    result = qlora("config", "validate", "tiny-mistral", override)
+    assert result.exit_code == 2, result.output
+    assert f"`{section}` must be a mapping" in result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("override", ["training=null", "training.output_dir=null"])
+def test_a_null_training_section_or_output_dir_means_the_default_run_folder(workdir, override):
+    assert qlora("config", "validate", "tiny-mistral", override).exit_code == 0
+    assert load_recipe(["tiny-mistral"], [override]).run_dir == Path("runs/tiny-mistral")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("generate.batch_size=abc", "`generate.batch_size` is 'abc' (str); expected int"),
+    ("generate.quantized=maybe", "`generate.quantized` is 'maybe' (str); expected bool"),
+    ("generate.system_prompt=[a]", "`generate.system_prompt` is ['a'] (list); expected str | null"),
+])
+def test_our_own_generate_keys_are_type_checked_by_validate(workdir, override, message):
+    result = qlora("config", "validate", "tiny-mistral", override)
+    assert result.exit_code == 2, result.output
+    assert f"override: {message}" in result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.max_length=4", "`data.max_length` is 4; it must be at least 8"),
+    ("data.val_size=-1", "`data.val_size` is -1; it must be a fraction in [0, 1)"),
+    ("data.val_size=1.5", "`data.val_size` is 1.5; it must be a fraction in [0, 1)"),
+    ("~model.init_from_config.model_type", "`model.init_from_config` needs `model_type`"),
+])
+def test_validate_catches_what_prepare_and_model_building_would_refuse(workdir, override, message):
+    result = qlora("config", "validate", "tiny-mistral", override)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert "Traceback" not in result.output

@@ -264,3 +264,63 @@ def test_interactive_answers_until_exit(answering_run):
     result = qlora("generate", answering_run.root, "--interactive", input=f"{question}\n/exit\n")
     assert result.exit_code == 0, result.output
     assert answer in result.output
+
+
+class _EchoGenerator:
+    """Answers each conversation with its prompt: enough to drive `answer_file` without a model."""
+
+    def answer_batch(self, conversations):
+        return [messages[-1]["content"] for messages in conversations]
+
+
+def test_resume_drops_a_last_line_cut_short_by_a_kill_and_answers_it_again(tmp_path):
+    from qlora_cli.generate import answer_file, read_prompts
+
+    records = read_prompts(write_prompts(tmp_path / "prompts.jsonl", PAIRS[:4]))
+    output = tmp_path / "answers.jsonl"
+    whole = json.dumps({**records[0].record, "response": "before"}, ensure_ascii=False) + "\n"
+    output.write_bytes(whole.encode() + '{"id": 1, "prompt": "caf\u00e9'.encode()[:-1])  # cut inside a character
+    assert answer_file(_EchoGenerator(), records, output, batch_size=2, resume=True) == 3
+    rows = read_jsonl(output)
+    assert [row["id"] for row in rows] == [0, 1, 2, 3] and rows[0]["response"] == "before"
+
+
+def test_answer_file_refuses_an_existing_output_without_resume(tmp_path):
+    from qlora_cli.errors import UserError
+    from qlora_cli.generate import check_output
+
+    output = tmp_path / "answers.jsonl"
+    check_output(output, resume=False)
+    output.write_text("")
+    check_output(output, resume=True)
+    with pytest.raises(UserError, match="already exists") as error:
+        check_output(output, resume=False)
+    assert error.value.where == "--output"
+
+
+class _FailingModel:
+    device = torch.device("cpu")
+
+    def generate(self, **kwargs):
+        raise RuntimeError("CUDA out of memory (pretend)")
+
+
+def test_streaming_raises_the_models_error_instead_of_waiting_forever():
+    import threading
+
+    from qlora_cli.tokenizer import load_tokenizer
+
+    generator = Generator(_FailingModel(), load_tokenizer("mistral-common:v1"), "mistral", None)
+    raised = []
+
+    def consume():
+        try:
+            list(generator.stream([{"role": "user", "content": "Hi"}]))
+        except RuntimeError as err:
+            raised.append(err)
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "stream() hung after model.generate raised"
+    assert "out of memory" in str(raised[0])

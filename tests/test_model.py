@@ -81,11 +81,10 @@ def test_a_different_init_config_builds_a_different_model(tiny_recipe):
     assert other != first and (other / "model.safetensors").is_file()
 
 
-def test_init_from_config_without_model_type_is_a_recipe_error(tiny_recipe):
-    tokenizer = load_recipe_tokenizer(tiny_recipe)
-    init = {k: v for k, v in tiny_recipe.model.init_from_config.items() if k != "model_type"}
-    with pytest.raises(UserError, match="needs `model_type`"):
-        build_init_model(init, tokenizer)
+def test_init_from_config_without_model_type_is_a_recipe_error():
+    with pytest.raises(UserError, match="needs `model_type`") as error:
+        load_recipe(["tiny-mistral"], ["~model.init_from_config.model_type"])
+    assert "model.init_from_config" in str(error.value)
 
 
 def test_the_tiny_recipe_uses_the_mistral_common_v1_tokenizer(tiny_recipe):

@@ -293,3 +293,15 @@ def test_unknown_train_on_is_a_user_error(tokenizers):
     messages = chat("q", "a")
     with pytest.raises(UserError, match="train_on"):
         encode_chat(messages, tokenizers["v3"], train_on="prompts")
+
+
+def test_the_vocabulary_cache_does_not_keep_a_tokenizer_alive():
+    import gc
+    import weakref
+
+    tokenizer = load_tokenizer("mistral-common:v1")
+    encode_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], tokenizer, "mistral")
+    alive = weakref.ref(tokenizer)
+    del tokenizer
+    gc.collect()
+    assert alive() is None

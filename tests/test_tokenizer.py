@@ -78,3 +78,14 @@ def test_a_saved_pad_eos_is_replaced_by_unk_and_another_pad_is_kept(tmp_path):
     tokenizer.pad_token = "[control_14]"
     tokenizer.save_pretrained(tmp_path / "pad-control")
     assert load_tokenizer(str(tmp_path / "pad-control")).pad_token == "[control_14]"
+
+
+def test_a_folder_without_tokenizer_files_exits_2_naming_the_key(tmp_path, monkeypatch):
+    from conftest import qlora
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    result = qlora("prepare", "tiny-mistral", f"model.tokenizer={tmp_path / 'empty'}")
+    assert result.exit_code == 2, result.output
+    assert "model.tokenizer: cannot load tokenizer" in result.stderr
+    assert "Traceback" not in result.output
