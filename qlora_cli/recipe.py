@@ -67,9 +67,12 @@ def find_recipe(name: str, relative_to: Path | None = None) -> Path:
         if candidate.is_file():
             return candidate.resolve()
     searched = "\n".join(f"    {folder}" for folder in recipe_search_path())
+    fix = f"give a path to a YAML file, or add its folder to ${RECIPE_PATH_VARIABLE}"
+    if any(mark in name for mark in "{}[],"):  # the shell split an override at its spaces
+        fix = "quote an override that holds spaces as one argument: 'data.sources=[{path: my.jsonl}]'"
     raise UserError(
         f"recipe `{name}` not found: it is neither a file nor a recipe name on the search path:\n{searched}",
-        fix=f"give a path to a YAML file, or add its folder to ${RECIPE_PATH_VARIABLE}",
+        fix=fix,
     )
 
 
