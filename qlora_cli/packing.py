@@ -57,12 +57,12 @@ class Rows:
         })
 
 
-def build_rows(encoded: list[tuple[list[int], list[tuple[int, bool]]]], max_length: int, packing: bool, rng,
+def build_rows(encoded: list[tuple[object, list[tuple[int, bool]]]], max_length: int, packing: bool, rng,
                ignore_index: int) -> Rows:
     """One row per example, or examples packed into rows of `max_length` (shuffled with `rng`).
 
-    Each example is its token ids and the (length, trained) spans that cover them; labels are the
-    ids where trained, `ignore_index` elsewhere.
+    Each example is its token ids (an int32 `array`) and the (length, trained) spans that cover
+    them; labels are the ids where trained, `ignore_index` elsewhere.
 
     Works on one flat numpy buffer: the examples' tokens are gathered into row order in a
     single indexing step instead of concatenating Python lists row by row.
@@ -73,7 +73,7 @@ def build_rows(encoded: list[tuple[list[int], list[tuple[int, bool]]]], max_leng
     lengths = np.fromiter((len(ids) for ids, _ in encoded), np.int64, count)
     starts = np.concatenate(([0], np.cumsum(lengths)))
     total = int(starts[-1])
-    ids = np.fromiter(chain.from_iterable(ids for ids, _ in encoded), np.int32, total)
+    ids = np.frombuffer(b"".join(ids for ids, _ in encoded), np.int32)  # int32 arrays: no per-token work
     span_lengths = np.fromiter((size for _, spans in encoded for size, _ in spans), np.int64)
     span_trained = np.fromiter((trained for _, spans in encoded for _, trained in spans), bool)
     labels = np.where(np.repeat(span_trained, span_lengths), ids, np.int32(ignore_index)).astype(np.int32)

@@ -14,14 +14,13 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass, field
-from itertools import chain
 from pathlib import Path
 
 from qlora_cli.atomic import atomic_folder
 from qlora_cli.errors import UserError
 from qlora_cli.packing import build_rows
 from qlora_cli.sources import Example, read_source
-from qlora_cli.templates import IGNORE_INDEX, chat_segments, text_segments
+from qlora_cli.templates import IGNORE_INDEX, Ids, chat_segments, ids_of, text_segments
 
 # Bump when the prepared format or the tokenization changes, so old caches are not reused.
 PREPARED_FORMAT = 1
@@ -29,7 +28,7 @@ SUMMARY_FILE = "qlora_prepared.json"
 
 # An encoded example: its token ids, and (length, trained) spans covering them in order. Labels
 # are made from the spans in one numpy step for the whole data set, not list by list.
-Encoded = tuple[list[int], list[tuple[int, bool]]]
+Encoded = tuple[Ids, list[tuple[int, bool]]]
 
 
 @dataclass
@@ -236,7 +235,9 @@ def encode_example(example: Example, data, tokenizer) -> Encoded:
     except UserError as err:  # templates know what is wrong, the example knows where
         raise UserError(err.message, where=example.where, fix=err.fix) from None
     everything = data.train_on == "all"
-    ids = list(chain.from_iterable(piece for piece, _ in segments))
+    ids = ids_of()
+    for piece, _ in segments:
+        ids += piece
     return ids, [(len(piece), trained or everything) for piece, trained in segments]
 
 

@@ -16,10 +16,10 @@ one formatted string would lose the dummy prefix space after each control token.
 from __future__ import annotations
 
 import re
+from array import array
 import weakref
 from dataclasses import dataclass
 from functools import lru_cache
-from itertools import chain
 
 from qlora_cli.errors import UserError
 
@@ -27,7 +27,18 @@ IGNORE_INDEX = -100  # the label that the loss skips
 TRAIN_ON = ("responses", "all")
 SPACE = "\u2581"  # SentencePiece's visible space, "▁"
 
-Segment = tuple[list[int], bool]  # token ids, and whether the loss trains on them
+# Token ids travel as int32 arrays: a word's ids are joined as bytes (a memcpy) and handed to
+# numpy without a Python int per token, which is most of what preparing data costs.
+Ids = array
+Segment = tuple[Ids, bool]  # token ids, and whether the loss trains on them
+
+
+def ids_of(values=()) -> Ids:
+    """An int32 array of token ids."""
+    return array("i", values)
+
+
+assert ids_of().itemsize == 4, "array('i') must be 32-bit for numpy int32 views"
 
 
 # ---------------------------------------------------------------- public API
@@ -88,10 +99,10 @@ def text_segments(text: str, tokenizer, train_on: str = "responses") -> list[Seg
             )
         return _plain_text_segments(text, tokenizer)
     flavour = _mistral_flavour(tokenizer)
-    segments: list[Segment] = [([_vocabulary(tokenizer).bos], False)]
+    segments: list[Segment] = [(ids_of([_vocabulary(tokenizer).bos]), False)]
     for index, (bos, question, answer) in enumerate(turns):
         if bos and index > 0:  # a <s> written before a later turn is kept, as the text asks
-            segments.append(([_vocabulary(tokenizer).bos], False))
+            segments.append((ids_of([_vocabulary(tokenizer).bos]), False))
         segments.append((_user_ids(tokenizer, flavour, question.strip()), False))
         segments.append((_assistant_ids(tokenizer, flavour, answer.strip()), True))
     return segments
@@ -174,7 +185,7 @@ def _mistral_segments(messages: list[dict], tokenizer) -> list[Segment]:
     users = [i for i, m in enumerate(turns) if m["role"] == "user"]
     # Where mistral-common puts a system prompt: v1 the first user message, v2/v3 the last.
     system_at = users[0] if flavour == "v1" else users[-1]
-    segments: list[Segment] = [([_vocabulary(tokenizer).bos], False)]
+    segments: list[Segment] = [(ids_of([_vocabulary(tokenizer).bos]), False)]
     if system and flavour == "v7":
         segments.append((_control_wrapped(tokenizer, "[SYSTEM_PROMPT]", system, "[/SYSTEM_PROMPT]"), False))
     for i, message in enumerate(turns):
@@ -188,27 +199,29 @@ def _mistral_segments(messages: list[dict], tokenizer) -> list[Segment]:
     return segments
 
 
-def _user_ids(tokenizer, flavour: str, content: str) -> list[int]:
+def _user_ids(tokenizer, flavour: str, content: str) -> Ids:
     if flavour == "v1":  # no control tokens: the markers are plain text, encoded with the content
         return _text_ids(tokenizer, f"[INST] {content} [/INST]")
     return _control_wrapped(tokenizer, "[INST]", content, "[/INST]")
 
 
-def _assistant_ids(tokenizer, flavour: str, content: str) -> list[int]:
+def _assistant_ids(tokenizer, flavour: str, content: str) -> Ids:
     if flavour != "v1":
         content = content.rstrip(" ")  # mistral-common >= v2 drops trailing spaces of answers
-    return _text_ids(tokenizer, content) + [_vocabulary(tokenizer).eos]
+    ids = _text_ids(tokenizer, content)
+    ids.append(_vocabulary(tokenizer).eos)
+    return ids
 
 
-def _control_wrapped(tokenizer, begin: str, content: str, end: str) -> list[int]:
+def _control_wrapped(tokenizer, begin: str, content: str, end: str) -> Ids:
     backend = tokenizer.backend_tokenizer
-    return [backend.token_to_id(begin), *_text_ids(tokenizer, content), backend.token_to_id(end)]
+    return ids_of([backend.token_to_id(begin)]) + _text_ids(tokenizer, content) + ids_of([backend.token_to_id(end)])
 
 
 # ---------------------------------------------------------------- text exactly as SentencePiece
 
 
-def _text_ids(tokenizer, text: str) -> list[int]:
+def _text_ids(tokenizer, text: str) -> Ids:
     """Ids of `text` exactly as mistral-common's SentencePiece encode gives them (dummy prefix included).
 
     The HF tokenizer cannot be trusted for this: its Metaspace pre-tokenizer skips the dummy prefix
@@ -218,52 +231,52 @@ def _text_ids(tokenizer, text: str) -> list[int]:
     word, so BPE never merges across one; each distinct word is encoded once and remembered) and
     join runs of spaces the way SentencePiece does. Tokenizers without "▁" are not SentencePiece.
     """
+    ids = ids_of()
     if not text:
-        return []
+        return ids
     backend = tokenizer.backend_tokenizer
     words = _vocabulary(tokenizer).words
     if words is None:
-        return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+        return ids_of(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
     if "  " not in text and SPACE not in text and text[0] != " " and text[-1] != " ":
         # The common case, at C speed: single spaces, each joined to the next word's first piece.
         try:
-            return list(chain.from_iterable(map(words.joined.__getitem__, text.split(" "))))
+            ids.frombytes(b"".join(map(words.joined.__getitem__, text.split(" "))))
+            return ids
         except KeyError:  # a word not seen yet, or one that keeps its space apart: the full path
             pass
-    ids: list[int] = []
     run = 0  # spaces before the current word, the dummy prefix included
     for word in text.replace(" ", SPACE).split(SPACE):  # a "▁" in the text counts as a space, as in SentencePiece
         run += 1
         if not word:
             continue
         joined, word_ids = words.get(word) or _encode_word(backend, words, word)
-        if run == 1 and joined:  # most words: one space, joined to the word's first piece
-            ids += word_ids
-        else:
-            ids += _space_run_ids(backend, run - joined) + word_ids
+        if not (run == 1 and joined):  # most words: one space, joined to the word's first piece
+            ids.extend(_space_run_ids(backend, run - joined))
+        ids += word_ids
         run = 0
     if run:
-        ids += _space_run_ids(backend, run)
+        ids.extend(_space_run_ids(backend, run))
     return ids
 
 
-def _encode_word(backend, words: dict, word: str) -> tuple[bool, list[int]]:
+def _encode_word(backend, words: dict, word: str) -> tuple[bool, Ids]:
     """Whether SentencePiece joins a space to `word`'s first piece, and the word's ids after it."""
-    word_ids = [token.id for token in backend.model.tokenize(SPACE + word)]
+    word_ids = ids_of(token.id for token in backend.model.tokenize(SPACE + word))
     joined = word_ids[0] != backend.token_to_id(SPACE)
     words[word] = (joined, word_ids if joined else word_ids[1:])
     if joined:
-        words.joined[word] = word_ids
+        words.joined[word] = word_ids.tobytes()
     return words[word]
 
 
 class _Words(dict):
     """word -> (joined, ids after the space) memo; `joined` maps the words whose single space
-    joins their first piece straight to their ids, which is all the common case needs."""
+    joins their first piece straight to their ids as int32 bytes, all the common case needs."""
 
     def __init__(self):
         super().__init__()
-        self.joined: dict[str, list[int]] = {}
+        self.joined: dict[str, bytes] = {}
 
 
 def _space_run_ids(backend, length: int) -> list[int]:
@@ -316,7 +329,7 @@ def _plain_text_segments(text: str, tokenizer) -> list[Segment]:
     body = text.strip()
     body = body[len("<s>") :] if body.startswith("<s>") else body  # the BOS below stands for it
     markers = {"<s>": _vocabulary(tokenizer).bos, "</s>": _vocabulary(tokenizer).eos}
-    ids: list[int] = [_vocabulary(tokenizer).bos]
+    ids = ids_of([_vocabulary(tokenizer).bos])
     for piece in re.split(r"(<s>|</s>)", body):
         if piece in markers:
             ids.append(markers[piece])
@@ -385,7 +398,7 @@ def _chat_template_segments(
     encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     segments = []
     for token_id, (start, _) in zip(encoding.input_ids, encoding.offset_mapping):
-        segments.append(([token_id], any(a <= start < b for a, b in spans)))
+        segments.append((ids_of([token_id]), any(a <= start < b for a, b in spans)))
     return segments
 
 
@@ -395,6 +408,6 @@ def _chat_template_segments(
 def _ids_and_labels(segments: list[Segment], train_on: str) -> tuple[list[int], list[int]]:
     input_ids, labels = [], []
     for ids, trained in segments:
-        input_ids += ids
-        labels += ids if trained or train_on == "all" else [IGNORE_INDEX] * len(ids)
+        input_ids.extend(ids)
+        labels.extend(ids if trained or train_on == "all" else [IGNORE_INDEX] * len(ids))
     return input_ids, labels
