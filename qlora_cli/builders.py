@@ -135,7 +135,7 @@ def check_library_sections(config: dict, origins: dict[str, str]) -> list[UserEr
             try:
                 build(values, origins)
             except UserError as err:
-                section_errors = getattr(err, "errors", [err])
+                section_errors = err.errors
         errors += section_errors
     return errors
 
@@ -146,7 +146,7 @@ def _check_generate_options(generate: dict, origins: dict[str, str]) -> list[Use
     try:
         build_schema(GenerateOptions, {k: v for k, v in generate.items() if k in ours}, "generate", origins)
     except UserError as err:
-        return getattr(err, "errors", [err])
+        return err.errors
     return []
 
 

@@ -16,6 +16,11 @@ class UserError(Exception):
         self.where = where
         self.fix = fix
 
+    @property
+    def errors(self) -> list["UserError"]:
+        """The single mistakes this error stands for (itself, or those a `UserErrors` gathers)."""
+        return [self]
+
     def __str__(self) -> str:
         text = f"{self.where}: {self.message}" if self.where else self.message
         return f"{text}\n  fix: {self.fix}" if self.fix else text
@@ -25,8 +30,17 @@ class UserErrors(UserError):
     """Several user mistakes found in one pass, reported together so they are fixed in one round."""
 
     def __init__(self, errors: list[UserError]):
-        self.errors = errors
+        self._errors = errors
         super().__init__("\n".join(str(e) for e in errors))
+
+    @property
+    def errors(self) -> list[UserError]:
+        return self._errors
 
     def __str__(self) -> str:
         return "\n".join(f"- {e}" for e in self.errors)
+
+
+def combined(errors: list[UserError]) -> UserError:
+    """One error to raise for a non-empty list: the only one, or all of them together."""
+    return errors[0] if len(errors) == 1 else UserErrors(errors)

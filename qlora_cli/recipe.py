@@ -19,7 +19,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from qlora_cli.errors import UserError
+from qlora_cli.errors import UserError, combined
 
 SECTIONS = ("model", "quantization", "lora", "data", "training", "merge", "generate")
 RECIPE_PATH_VARIABLE = "QLORA_RECIPE_PATH"
@@ -287,7 +287,6 @@ class Recipe:
 def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
     """Load, merge, resolve and validate a recipe; every problem is reported at once."""
     from qlora_cli.builders import check_library_sections
-    from qlora_cli.errors import UserErrors
     from qlora_cli.sections import DataSection, MergeSection, ModelSection, build_schema, suggest
 
     raw = load_raw_recipe(list(recipe_args), list(overrides))
@@ -307,14 +306,14 @@ def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
         try:
             typed[name] = build_schema(cls, resolved.get(name), name, raw.origins)
         except UserError as err:
-            errors += getattr(err, "errors", [err])
+            errors += err.errors
     errors += check_library_sections(resolved, raw.origins)
     if "model" in typed:
         errors += _check_model_source(typed["model"], raw.origins)
     if "data" in typed:
         errors += _check_data_limits(typed["data"], raw.origins)
     if errors:
-        raise errors[0] if len(errors) == 1 else UserErrors(errors)
+        raise combined(errors)
     return Recipe(
         **typed, quantization=resolved.get("quantization"), lora=resolved.get("lora"),
         training=resolved["training"], generate=resolved.get("generate") or {},

@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from qlora_cli.errors import UserError, UserErrors
+from qlora_cli.errors import UserError, combined
 
 
 @dataclass
@@ -200,7 +200,7 @@ def build_schema(cls, values: dict | None, section: str, origins: dict[str, str]
     missing = [f.name for f in dataclasses.fields(cls) if _is_required(f) and f.name not in values]
     errors += [UserError(f"`{section}.{name}` is required", where=section) for name in missing]
     if errors:
-        raise _one_or_many(errors)
+        raise combined(errors)
     return cls(**values)
 
 
@@ -215,7 +215,7 @@ def _build_list(cls, items: list, prefix: str, origins: dict[str, str]):
         try:
             built.append(build_schema(cls, item, key, origins))
         except UserError as err:
-            errors += getattr(err, "errors", [err])
+            errors += err.errors
     return built, errors
 
 
@@ -229,6 +229,3 @@ def _listed_dataclass(annotation) -> type | None:
 def _is_required(f: dataclasses.Field) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
-
-def _one_or_many(errors: list[UserError]) -> UserError:
-    return errors[0] if len(errors) == 1 else UserErrors(errors)

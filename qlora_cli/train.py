@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_cli.atomic import atomic_folder
-from qlora_cli.errors import UserError, UserErrors
+from qlora_cli.errors import UserError, combined
 from qlora_cli.run_folder import (
     RunFolder, clear_run_folder, draw_loss_plot, library_versions, model_card, now, open_run_folder, write_json,
 )
@@ -106,7 +106,7 @@ def check_machine(recipe) -> None:
         refuse("optim", f"`training.optim: {optim}` needs a CUDA GPU (bitsandbytes paged/8-bit optimizer)",
                "set training.optim=adamw_torch")
     if errors:
-        raise errors[0] if len(errors) == 1 else UserErrors(errors)
+        raise combined(errors)
 
 
 def check_model_folder(recipe) -> None:
