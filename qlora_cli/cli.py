@@ -340,13 +340,11 @@ def _answer_file(generator, records, output: Path, recipe, resume: bool) -> None
     from rich.progress import Progress
 
     from qlora_cli.builders import split_generate
-    from qlora_cli.generate import answer_file, count_answered
+    from qlora_cli.generate import answer_file
 
     options, _ = split_generate(recipe.generate)
     with Progress(console=err_console, disable=not err_console.is_terminal) as progress:
         task = progress.add_task("generate", total=len(records))
-        if resume:
-            progress.update(task, completed=min(len(records), count_answered(output)))
         count = answer_file(generator, records, output, options.batch_size, resume,
                             on_batch=lambda n: progress.advance(task, n))
     console.print(f"[green]done[/]: {count} answers written to {output}", highlight=False)

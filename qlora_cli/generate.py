@@ -162,11 +162,13 @@ def answer_file(generator: Generator, records: list[PromptRecord], output: Path,
                 resume: bool = False, on_batch: Callable[[int], None] | None = None) -> int:
     """Answer each record, appending `{...record, "response": ...}` lines to `output` as it goes.
 
-    Lines already in `output` are skipped with `resume`, so an interrupted run keeps its work.
-    Returns how many were answered now.
+    Lines already in `output` are skipped with `resume`, so an interrupted run keeps its work;
+    `on_batch` hears of them first, then of each batch answered. Returns how many were answered now.
     """
     check_output(output, resume)
-    done = count_answered(output) if resume else 0
+    done = min(count_answered(output), len(records)) if resume else 0
+    if on_batch and done:
+        on_batch(done)
     output.parent.mkdir(parents=True, exist_ok=True)
     todo = records[done:]
     with output.open("a", encoding="utf-8") as out:
