@@ -23,7 +23,6 @@ class DataReport:
     rows: int
 
 
-
 def describe_data(prepared, batch: int) -> DataReport:
     """Lengths, padding and attention context of the prepared training split."""
     summary, train = prepared.summary, prepared.dataset["train"]
