@@ -157,9 +157,10 @@ def load_trainable_model(recipe, *, device_map=None):
     model = load_base_model(recipe, device_map=device_map)
     checkpointing = checkpointing_on(recipe.training)
     sharded = bool(recipe.training.get("fsdp"))
-    if recipe.quantization and not sharded:
-        # Casts norms to fp32 and makes the (frozen) input embeddings pass gradients on, which
-        # gradient checkpointing needs to reach the LoRA weights of the first layer.
+    if recipe.quantization and recipe.model.upcast_to_fp32 and not sharded:
+        # The QLoRA paper's preparation: every weight that is not 4-bit (embeddings, norms, lm_head)
+        # becomes fp32, and with the embeddings so does the residual stream. Off by default: the
+        # norms compute in fp32 anyway, and the fp32 residual doubles what checkpointing keeps.
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -174,7 +175,7 @@ def load_trainable_model(recipe, *, device_map=None):
     # every run, whether or not this process had to build the base model first.
     set_seed(int(recipe.training.get("seed", 42)))
     # FSDP shards a layer as one flat buffer of one dtype: keep LoRA weights in the model's dtype
-    # instead of peft's fp32 (and skip k-bit preparation above, which upcasts norms to fp32).
+    # instead of peft's fp32 (and never upcast the unquantized weights above).
     return get_peft_model(model, lora, autocast_adapter_dtype=not sharded)
 
 

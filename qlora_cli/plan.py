@@ -156,6 +156,7 @@ def recipe_settings(recipe, shape: ModelShape, on_gpu: bool = True) -> Settings:
         quant = "int8"
     mixed = training.get("bf16") or training.get("fp16")
     attn = recipe.model.attn_implementation or "sdpa"
+    sharded = bool(training.get("fsdp"))
     return Settings(
         quant=quant, double_quant=bool(q.get("bnb_4bit_use_double_quant")), model_dtype=recipe.model.dtype,
         skip_modules=tuple(q.get("llm_int8_skip_modules") or ()), lora_r=int((recipe.lora or {}).get("r", 8)),
@@ -164,6 +165,8 @@ def recipe_settings(recipe, shape: ModelShape, on_gpu: bool = True) -> Settings:
         checkpointing=checkpointing_on(training),
         autocast_bytes=2 if mixed else None, packed_mask=recipe.data.packing and "flash" not in attn,
         eager_attention=attn == "eager", on_gpu=on_gpu, chunked_loss=recipe.model.chunked_loss,
+        upcast=recipe.model.upcast_to_fp32 and not sharded,
+        lora_bytes=dtype_bytes(recipe.model.dtype) if sharded else 4,  # see load_trainable_model
     )
 
 

@@ -6,8 +6,8 @@ really allocates, checked against the tensors of a loaded tiny model in tests/te
 - bitsandbytes 4-bit: two weights per uint8, one absmax per 64-weight block (fp32; with
   double quantization uint8, plus an fp32 absmax per 256 of those and a 256-entry fp32 code),
   a 16-entry fp32 code and an fp32 offset per layer;
-- `prepare_model_for_kbit_training` casts every fp16/bf16 weight that is not 4-bit to fp32, so
-  under quantization embeddings, norms and lm_head are fp32, and so is the residual stream;
+- embeddings, norms and lm_head stay in `model.dtype`, and so does the residual stream; with
+  `model.upcast_to_fp32` (peft's `prepare_model_for_kbit_training`) they are fp32 under quantization;
 - peft keeps LoRA weights in fp32 (`autocast_adapter_dtype`), hence fp32 gradients too;
 - activations are the tensors autograd saves per token (derived from Mistral's forward, see
   `layer_activation_bytes`), the logits cost 12 bytes per token per vocabulary entry at the
@@ -101,6 +101,8 @@ class Settings:
     eager_attention: bool = False
     on_gpu: bool = True
     chunked_loss: bool = False  # model.chunked_loss: logits never held whole
+    upcast: bool = False  # model.upcast_to_fp32: unquantized weights and residual stream in fp32
+    lora_bytes: int = 4  # peft keeps LoRA weights in fp32 (in the model's dtype under FSDP)
 
     @property
     def quantized(self) -> bool:
@@ -108,8 +110,8 @@ class Settings:
 
     @property
     def residual_bytes(self) -> int:
-        # Under quantization peft casts the embeddings to fp32, so the residual stream is fp32.
-        return 4 if self.quantized else dtype_bytes(self.model_dtype)
+        """Bytes per element of the residual stream and of every unquantized weight (the embeddings' dtype)."""
+        return 4 if self.quantized and self.upcast else dtype_bytes(self.model_dtype)
 
     @property
     def matmul_bytes(self) -> int:
@@ -136,7 +138,6 @@ def quantized_linear_bytes(numel: int, out_features: int, quant: str, double_qua
 
 def weight_items(shape: ModelShape, s: Settings) -> list[MemoryItem]:
     """Base weights as quantized, and what stays unquantized."""
-    kept_bytes = 4 if s.quantized else dtype_bytes(s.model_dtype)
     quantized = [(n, i, o) for n, i, o in shape.layer_linears if not _skipped(n, s.skip_modules)] if s.quantized else []
     quantized_names = {n for n, _, _ in quantized}
     kept = sum(shape.other_params.values()) + sum(i * o for n, i, o in shape.linears if n not in quantized_names)
@@ -145,8 +146,8 @@ def weight_items(shape: ModelShape, s: Settings) -> list[MemoryItem]:
         qbytes = sum(quantized_linear_bytes(i * o, o, s.quant, s.double_quant) for _, i, o in quantized)
         label = "8-bit" if s.quant == "int8" else f"4-bit {s.quant}" + (" + double quant" if s.double_quant else "")
         items.append(MemoryItem(f"base weights ({label})", qbytes, f"{sum(i * o for _, i, o in quantized):,} params"))
-    kept_how = f"{kept:,} params in {'fp32 (prepare_model_for_kbit_training upcasts them)' if s.quantized else s.model_dtype}"
-    items.append(MemoryItem("unquantized: embeddings, norms, lm_head", kept * kept_bytes + shape.buffer_bytes, kept_how))
+    kept_how = f"{kept:,} params in {'fp32 (model.upcast_to_fp32)' if s.quantized and s.upcast else s.model_dtype}"
+    items.append(MemoryItem("unquantized: embeddings, norms, lm_head", kept * s.residual_bytes + shape.buffer_bytes, kept_how))
     return items
 
 
@@ -175,16 +176,15 @@ def optimizer_bytes(optim: str, tensors: list[int]) -> int:
 def layer_activation_bytes(shape: ModelShape, s: Settings, dropout: bool | None = None) -> int:
     """Bytes autograd saves per token in one decoder layer (Mistral/Llama with LoRA).
 
-    Read off the forward pass: each RMSNorm saves its input and 1/rms; sdpa saves q, k, v, its
-    output (o_proj's input) and an fp32 logsumexp per head; SiLU saves the gate output and the
-    product saves both its factors; bitsandbytes' 4-bit matmul saves no input (the base weight
-    gets no gradient), but each LoRA A saves its input (shared by the modules that read the same
-    tensor, unless each has its own dropout) and each LoRA B its r-wide input.
+    Read off the forward pass: each RMSNorm saves its input as fp32 and 1/rms; sdpa saves q, k,
+    v, its output (o_proj's input) and an fp32 logsumexp per head; SiLU saves the gate output and
+    the product saves both its factors; bitsandbytes' 4-bit matmul saves no input (the base
+    weight gets no gradient), but each LoRA A saves its input and each LoRA B its r-wide input.
     """
     res, mm = s.residual_bytes, s.matmul_bytes
     attn = shape.heads * shape.head_dim
     kv = shape.kv_heads * shape.head_dim
-    saved = 2 * (res * shape.hidden + 4)  # two norms: input + 1/rms
+    saved = 2 * (4 * shape.hidden + 4)  # two norms: input cast to fp32 + 1/rms
     saved += mm * (2 * attn + 2 * kv) + 4 * shape.heads  # sdpa: q, k, v, out, logsumexp
     saved += 3 * res * shape.intermediate  # SiLU input, SiLU output, up_proj output
     saved += _lora_input_bytes(shape, s, s.lora_dropout > 0 if dropout is None else dropout)
@@ -192,14 +192,23 @@ def layer_activation_bytes(shape: ModelShape, s: Settings, dropout: bool | None 
 
 
 def _lora_input_bytes(shape: ModelShape, s: Settings, dropout: bool) -> int:
+    """What the LoRA matmuls of one layer save per token.
+
+    peft casts a module's input to the LoRA weights' dtype and autocast casts it again to its own:
+    each cast makes the module its own copy. Without a cast (or dropout), the modules that read
+    one tensor (q/k/v, gate/up) save that same tensor.
+    """
     layer0 = [n for n in s.lora_targets if ".layers.0." in f".{n}."]
     sizes = {n: i for n, i, _ in shape.linears}
-    total = s.lora_r * s.matmul_bytes * len(layer0)  # each LoRA B's input
+    lora_in = s.autocast_bytes or s.lora_bytes  # the dtype LoRA A multiplies in
+    total = s.lora_r * lora_in * len(layer0)  # each LoRA B's input
     if dropout:  # each module its own dropout output + a bool mask
-        return total + sum(sizes[n] * (s.matmul_bytes + 1) for n in layer0)
+        return total + sum(sizes[n] * (lora_in + 1) for n in layer0)
+    if s.residual_bytes != s.lora_bytes or s.autocast_bytes not in (None, s.lora_bytes):
+        return total + sum(sizes[n] * lora_in for n in layer0)
     groups = {_input_group(n) for n in layer0} - {"o_proj"}  # o_proj reads sdpa's saved output
     width = {"attn": shape.hidden, "mlp": shape.hidden, "down": shape.intermediate}
-    return total + sum(width.get(g, sizes.get(g, shape.hidden)) * s.matmul_bytes for g in groups)
+    return total + sum(width.get(g, sizes.get(g, shape.hidden)) * lora_in for g in groups)
 
 
 def _input_group(name: str) -> str:
@@ -212,7 +221,7 @@ def activation_bytes(shape: ModelShape, s: Settings, batch: int, seq: int) -> in
     """Activations kept for the backward pass of one micro-batch, at their peak."""
     tokens = batch * seq
     layer = layer_activation_bytes(shape, s) * tokens
-    final_norm = (2 * s.residual_bytes * shape.hidden + 4) * tokens  # its input, 1/rms, lm_head's input
+    final_norm = ((4 + s.residual_bytes) * shape.hidden + 4) * tokens  # fp32 input, 1/rms, lm_head's input
     if s.checkpointing:
         # Each layer keeps only its input; the backward pass recomputes one layer at a time.
         kept = shape.layers * s.residual_bytes * shape.hidden * tokens + layer
@@ -228,11 +237,13 @@ def logits_bytes(shape: ModelShape, s: Settings, batch: int, seq: int) -> int:
     tokens = batch * seq
     if s.chunked_loss:
         # qlora_cli.loss: one chunk of fp32 logits at a time (turned into its own gradient in
-        # place), plus the gradient of the hidden states it hands back.
+        # place) next to its 16-bit form when the matmul is not fp32, plus the gradient of the
+        # hidden states it hands back.
         from qlora_cli.loss import CHUNK_ELEMENTS
 
         chunk = min(tokens, max(1, CHUNK_ELEMENTS // shape.vocab))
-        return 4 * chunk * shape.vocab + 4 * tokens * shape.hidden
+        per_logit = 4 + (s.matmul_bytes if s.matmul_bytes != 4 else 0)
+        return per_logit * chunk * shape.vocab + 4 * tokens * shape.hidden
     # At the start of backward: cross-entropy's saved fp32 log-probs, their gradient, and the
     # logits' gradient -- three fp32 tensors of batch x seq x vocab.
     return 12 * tokens * shape.vocab
@@ -248,11 +259,12 @@ def temporary_bytes(shape: ModelShape, s: Settings, batch: int, seq: int) -> int
 def memory_items(shape: ModelShape, s: Settings, batch: int, seq: int) -> list[MemoryItem]:
     """Every item of one device's memory for one micro-batch of `batch` rows of `seq` tokens."""
     tensors = lora_tensors(shape, s)
-    lora = 4 * sum(tensors)  # fp32
+    lora = s.lora_bytes * sum(tensors)
+    dtype = "fp32" if s.lora_bytes == 4 else s.model_dtype
     items = weight_items(shape, s)
     items += [
-        MemoryItem("LoRA parameters", lora, f"{sum(tensors):,} params, r={s.lora_r}, {len(s.lora_targets)} modules, fp32"),
-        MemoryItem("LoRA gradients", lora, "fp32"),
+        MemoryItem("LoRA parameters", lora, f"{sum(tensors):,} params, r={s.lora_r}, {len(s.lora_targets)} modules, {dtype}"),
+        MemoryItem("LoRA gradients", lora, dtype),
         MemoryItem(f"optimizer state ({s.optim})", optimizer_bytes(s.optim, tensors), _optim_how(s.optim)),
         MemoryItem("activations", activation_bytes(shape, s, batch, seq),
                    f"{batch} x {seq:,} tokens, checkpointing {'on' if s.checkpointing else 'off'}"),

@@ -57,6 +57,28 @@ def test_the_trainable_count_is_exactly_the_lora_shapes(tiny_model, tiny_recipe)
     assert summary.quantization == "4-bit nf4 + double quantization, compute in float32"
 
 
+@pytest.mark.parametrize("upcast", [False, True])
+def test_unquantized_weights_stay_in_model_dtype_unless_upcast_to_fp32(upcast):
+    from qlora_cli.model import load_trainable_model
+
+    recipe = load_recipe(["tiny-mistral"], [*TINY_OVERRIDES, "model.dtype=bfloat16",
+                                            "quantization.bnb_4bit_compute_dtype=bfloat16",
+                                            f"model.upcast_to_fp32={str(upcast).lower()}"])
+    model = load_trainable_model(recipe)
+    base = model.get_base_model()
+    kept = torch.float32 if upcast else torch.bfloat16
+    unquantized = [base.get_input_embeddings().weight, base.get_output_embeddings().weight, base.model.norm.weight,
+                   *(p for n, p in base.named_parameters() if "layernorm" in n)]
+    assert len(unquantized) == 3 + 2 * 2 and all(p.dtype == kept for p in unquantized)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)  # peft's fp32 LoRA
+    ids = torch.tensor([[1, 733, 16289, 28793, 2]])
+    hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    assert hidden[0].dtype == kept  # the residual stream
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
 def test_the_init_from_config_model_is_built_once_and_reused(tiny_model, tiny_recipe, qlora_cache):
     tokenizer = load_recipe_tokenizer(tiny_recipe)
     folder = build_init_model(tiny_recipe.model.init_from_config, tokenizer)
