@@ -17,7 +17,7 @@ same model, tokens, LoRA, quantization, optimizer and examples per step:
 All arms train on every token (`data.train_on: all`, as DataCollatorForLanguageModeling does),
 for the same number of optimizer steps (`--steps`) with the same schedule; packed rows hold
 several examples, so qlora takes round(batch / examples per row) rows per step to see the same
-number of examples per step.
+number of examples per step, in micro-batches no larger than the stock arms' (4 x 2,048 on gpu).
 Held-out loss is computed the same way for every arm (each held-out example alone, summed
 token NLL / tokens), on the adapter the arm produced. The last line is `speedup: X.XXx`:
 qlora over dynamic, in trained (non-pad) tokens per second.
@@ -50,7 +50,7 @@ CONFIGS = {
             "lr": 5e-3, "lora_r": 16, "optim": "adamw_torch", "checkpointing": False, "steps": 30},
     "gpu": {"model": MISTRAL_7B, "dtype": "bfloat16", "compute": "bfloat16", "bf16": True, "max_length": 2048,
             "batch": 16, "micro": 4, "lr": 2e-4, "lora_r": 16, "optim": "paged_adamw_8bit", "checkpointing": True,
-            "steps": 60},
+            "steps": 10},  # plain: 10 x 16 x 2,048 tokens; a device session has 15 minutes in all
 }
 N_7B = 7.24e9
 
@@ -86,7 +86,7 @@ def write_recipe(folder: Path, config: dict, args) -> Path:
     """The qlora arm's recipe; the stock arms read the same values from it."""
     import yaml
 
-    model = {"name_or_path": None, "init_from_config": config["model"], "tokenizer": "mistral-common:v1",
+    model = {"name_or_path": None, "init_from_config": config["model"], "tokenizer": args.tokenizer,
              "dtype": config["dtype"], "attn_implementation": "sdpa"}
     if args.model_dir:
         model.update(name_or_path=args.model_dir, init_from_config=None)
@@ -138,7 +138,9 @@ def prepare_everything(folder: Path, config: dict, args) -> dict:
                                                      f"data.sources.0.path={folder / 'heldout.jsonl'}"]), tokenizer)
     examples_per_row = packed.examples["train"] / packed.rows["train"]
     rows = max(1, round(config["batch"] / examples_per_row))
-    return {"recipe": str(recipe_path), "rows_per_step": rows, "examples_per_row": examples_per_row,
+    micro = min(rows, config["micro"])  # never more rows per micro-batch than the stock arms' examples
+    return {"recipe": str(recipe_path), "rows_per_step": rows, "micro_rows": micro,
+            "accumulation": max(1, round(rows / micro)), "examples_per_row": examples_per_row,
             "packing_efficiency": packed.packing_efficiency, "train_examples": unpacked.examples["train"],
             "train_tokens": unpacked.tokens["train"], "held_out": held_out,
             "p50": unpacked.length_percentiles["p50"], "max": unpacked.length_percentiles["max"]}
@@ -333,9 +335,10 @@ def run_qlora_arm(plan: dict, folder: Path, overrides: list[str]) -> dict:
     from qlora_cli.recipe import load_recipe
     from qlora_cli.train import train
 
-    recipe = load_recipe([plan["recipe"]], [f"training.per_device_train_batch_size={plan['rows_per_step']}",
-                                            "training.gradient_accumulation_steps=1", *overrides])
-    meter = StepMeter(1)
+    recipe = load_recipe([plan["recipe"]], [f"training.per_device_train_batch_size={plan['micro_rows']}",
+                                            f"training.gradient_accumulation_steps={plan['accumulation']}",
+                                            *overrides])
+    meter = StepMeter(int(recipe.training["gradient_accumulation_steps"]))
 
     class MeteredCollator(qlora_trainer.CountingCollator):  # counts what the real collator makes
         def __call__(self, rows):
@@ -346,9 +349,23 @@ def run_qlora_arm(plan: dict, folder: Path, overrides: list[str]) -> dict:
     qlora_trainer.CountingCollator = MeteredCollator  # train.build_trainer imports it at call time
     result = train(recipe, overwrite=True, reporter=_Reporter(meter))
     peak = peak_memory_bytes()
+    rows, seq = int(recipe.training["per_device_train_batch_size"]), recipe.data.max_length
     model = load_adapter_model(recipe, result.run.adapter, quantized=True)
     _, held = unpacked_rows(plan["recipe"], str(folder / "heldout.jsonl"))
-    return {**meter.summary(), "peak_bytes": peak, "held_out_loss": held_out_loss(model, held)}
+    return {**meter.summary(), "peak_bytes": peak, "held_out_loss": held_out_loss(model, held),
+            "plan": {"rows": rows, "seq": seq, "bytes": plan_estimate(recipe, rows, seq)}}
+
+
+def plan_estimate(recipe, rows: int, seq: int) -> int:
+    """What `qlora plan` says this arm's recipe needs per device at rows x seq tokens."""
+    import torch
+
+    from qlora_cli.model import load_recipe_tokenizer
+    from qlora_cli.plan import load_model_config, recipe_settings
+    from qlora_cli.plan_memory import model_shape, total_bytes
+
+    shape = model_shape(load_model_config(recipe, load_recipe_tokenizer(recipe)))
+    return total_bytes(shape, recipe_settings(recipe, shape, on_gpu=torch.cuda.is_available()), rows, seq)
 
 
 class _Reporter:
@@ -413,6 +430,11 @@ def render(results: dict, plan: dict, args, extra: list[str]) -> str:
     if before:
         lines.append(f"held-out loss before training: {before[0]:.4f}")
     lines += extra
+    if "plan" in results.get("qlora", {}):
+        q, estimate = results["qlora"], results["qlora"]["plan"]
+        measured = "torch.cuda.max_memory_reserved" if args.config == "gpu" else "peak RSS (the whole Python process)"
+        lines.append(f"qlora plan at {estimate['rows']} x {estimate['seq']:,}: {estimate['bytes'] / gib:.2f} GiB; "
+                     f"{measured}: {q['peak_bytes'] / gib:.2f} GiB (estimate/measured {estimate['bytes'] / q['peak_bytes']:.2f})")
     if "qlora" in results and "dynamic" in results:
         q, d = results["qlora"], results["dynamic"]
         lines.append(f"peak memory qlora/dynamic: {q['peak_bytes'] / d['peak_bytes']:.3f}; held-out loss qlora/dynamic: "
@@ -427,10 +449,12 @@ def main() -> None:
     parser.add_argument("--variant", choices=["spread", "packed"], default="spread",
                         help="packed: every example is max_length tokens long, for all arms")
     parser.add_argument("--examples", type=int, default=2000)
-    parser.add_argument("--steps", type=int, help="optimizer steps per arm (default: 30 cpu, 60 gpu)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per arm (default: 30 cpu, 10 gpu)")
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--qlora", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for the qlora arm")
     parser.add_argument("--model-dir", help="a saved base model to use instead of init_from_config")
+    parser.add_argument("--tokenizer", default="mistral-common:v1",
+                        help="model.tokenizer: a folder where mistral-common is not installed")
     parser.add_argument("--workdir", default=None, help="default: a fresh temporary folder")
     parser.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run one arm, print its JSON
     args = parser.parse_args()
@@ -455,7 +479,7 @@ def main() -> None:
     (folder / "plan.json").write_text(json.dumps(plan))
     print(f"data: {plan['train_examples']} train examples ({plan['train_tokens']:,} tokens, p50 {plan['p50']}, "
           f"max {plan['max']}), {plan['held_out']} held out; packing {100 * plan['packing_efficiency']:.1f}% full, "
-          f"{plan['examples_per_row']:.2f} examples/row -> qlora {plan['rows_per_step']} rows/step vs "
+          f"{plan['examples_per_row']:.2f} examples/row -> qlora {plan['micro_rows']} x {plan['accumulation']} rows/step vs "
           f"{config['batch']} examples/step", flush=True)
     results = {}
     for arm in args.arms.split(","):
