@@ -80,6 +80,8 @@ def plan_report(console: Console, plan) -> None:
         console.print("device memory unknown: no GPU here; pass --gpu-memory GiB to check the fit", highlight=False)
     for change in plan.changes:
         console.print(f"  change: {change}", highlight=False)
+    for change in plan.faster:
+        console.print(f"  faster: {change}", highlight=False)
     if plan.data:
         _plan_data(console, plan)
     if plan.durations:

@@ -245,6 +245,19 @@ def test_a_recipe_that_does_not_fit_is_refused_with_changes_that_would_fit(tiny_
     assert roomy.ok and roomy.fits and roomy.max_batch > 1 and roomy.steps == 80
 
 
+def test_a_run_that_also_fits_without_activation_checkpointing_is_told_so(tiny_plan_recipe):
+    checkpointed = tiny_plan_recipe("training.activation_checkpointing=true")
+    roomy = plan_recipe(checkpointed, gpu_memory=8)
+    assert roomy.fits and len(roomy.faster) == 1
+    assert "training.activation_checkpointing=false also fits" in roomy.faster[0]
+    assert "33% fewer FLOPs" in roomy.faster[0]  # 4N + attention instead of 6N + attention, attention small here
+    assert f"plan hint: {roomy.faster[0]}" in roomy.short_lines()
+    # Room for the checkpointed run only (the activations of every layer need more): no hint.
+    tight = plan_recipe(checkpointed, gpu_memory=(roomy.total + 1024) / GiB)
+    assert tight.fits and tight.faster == []
+    assert plan_recipe(tiny_plan_recipe(), gpu_memory=8).faster == []  # already off
+
+
 def test_without_a_gpu_or_gpu_memory_the_fit_is_unknown_but_time_and_data_are_reported(tiny_plan_recipe):
     plan = plan_recipe(tiny_plan_recipe())
     assert plan.capacity is None and plan.fits is None and plan.ok
