@@ -46,6 +46,7 @@ def train(recipe, *, resume: bool = False, overwrite: bool = False, reporter=Non
 
     check_machine(recipe)
     check_model_folder(recipe)
+    check_trainable(recipe)
     run = open_run_folder(recipe.run_dir, resume=resume, overwrite=overwrite)
     # Building the arguments also joins the process group under torchrun / accelerate launch.
     args = build_training_arguments(recipe.training, recipe.origins, **run_changes(recipe, run))
@@ -118,6 +119,16 @@ def check_model_folder(recipe) -> None:
         raise UserError(f"`model.name_or_path` {name} is not a model folder: it has no config.json",
                         where=recipe.origins.get("model.name_or_path", "model.name_or_path"),
                         fix="give a local folder with config.json and safetensors weights, or a hub id")
+
+
+def check_trainable(recipe) -> None:
+    """4-bit and 8-bit weights take no gradient: a quantized base trains only through LoRA."""
+    quantization = recipe.quantization or {}
+    if recipe.lora is None and (quantization.get("load_in_4bit") or quantization.get("load_in_8bit")):
+        raise UserError("the base model is quantized and there is no `lora` section: nothing could train",
+                        where=recipe.origins.get("lora", "lora"),
+                        fix="keep a lora section (e.g. lora.r=16 lora.target_modules=all-linear), "
+                            "or set quantization=null to train without quantizing")
 
 
 def check_data(recipe, prepared) -> None:

@@ -172,6 +172,7 @@ EARLY_ERRORS = {
     "fp16 on a CPU": (["training.fp16=true"], "training.fp16"),
     "missing model folder": (["model.init_from_config=null", "model.name_or_path=/nonexistent"], "model.name_or_path"),
     "missing tokenizer": (["model.tokenizer=/nonexistent-tokenizer"], "model.tokenizer"),
+    "a quantized base without LoRA": (["lora=null"], "lora"),
     "evaluation without a validation split": (["training.eval_strategy=steps"], "training.eval_strategy"),
     "batch larger than the training set": (["training.per_device_train_batch_size=64"],
                                            "training.per_device_train_batch_size"),
