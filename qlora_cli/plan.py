@@ -193,12 +193,13 @@ def lora_targets(recipe, shape: ModelShape) -> list[str]:
 
 
 def _check_training_data(recipe, prepared, plan: Plan) -> None:
-    from qlora_cli.train import check_data
+    from qlora_cli.train import check_data, check_trainable
 
-    try:
-        check_data(recipe, prepared)
-    except UserError as err:
-        plan.problems.append(err.message)
+    for check in (lambda: check_trainable(recipe), lambda: check_data(recipe, prepared)):
+        try:
+            check()
+        except UserError as err:
+            plan.problems.append(err.message)
 
 
 def _plan_fit(plan: Plan, shape: ModelShape, s: Settings, recipe) -> None:
@@ -213,26 +214,28 @@ def _plan_fit(plan: Plan, shape: ModelShape, s: Settings, recipe) -> None:
     positions = max(plan.seq, shape.max_positions)
     plan.max_seq = largest_fitting(positions, lambda n: total(plan.batch, n) <= plan.capacity)
     if plan.fits:
-        plan.faster = _faster(plan, shape, s, total)
+        plan.faster = _faster(plan, shape, s, recipe, total)
         return
     gib = plan.capacity / GiB
     plan.problems.append(f"needs {plan.total / GiB:.1f} GiB per device; the device has {gib:.1f} GiB")
     plan.changes = _changes(plan, shape, s, recipe, total)
 
 
-def _faster(plan: Plan, shape: ModelShape, s: Settings, total) -> list[str]:
+def _faster(plan: Plan, shape: ModelShape, s: Settings, recipe, total) -> list[str]:
     """Activation checkpointing recomputes every layer's forward pass; say so when the run fits without it."""
     from dataclasses import replace
 
     if not s.checkpointing:
         return []
+    keys = [k for k in ("activation_checkpointing", "gradient_checkpointing") if recipe.training.get(k)]
     plain = replace(s, checkpointing=False)
     need = total(plan.batch, plan.seq, plain)
     if need > plan.capacity:
         return []
     context = plan.data.mean_context if plan.data else plan.seq / 2
     saved = 1 - flops_per_token(shape, plain, context) / flops_per_token(shape, s, context)
-    return [f"training.activation_checkpointing=false also fits ({need / GiB:.1f} GiB of {plan.capacity / GiB:.1f}) "
+    change = " ".join(f"training.{key}=false" for key in keys)
+    return [f"{change} also fits ({need / GiB:.1f} GiB of {plan.capacity / GiB:.1f}) "
             f"and skips the second forward pass: {saved:.0%} fewer FLOPs per step"]
 
 
@@ -281,7 +284,7 @@ def _plan_disk(plan: Plan, shape: ModelShape, s: Settings, recipe, tokenizer) ->
     training = recipe.training
     tensors = lora_tensors(shape, s)
     tokenizer_bytes = len(tokenizer.backend_tokenizer.to_str()) + 16_384
-    adapter = 4 * sum(tensors) + tokenizer_bytes
+    adapter = s.lora_bytes * sum(tensors) + tokenizer_bytes
     checkpoint = adapter + optimizer_bytes(s.optim, tensors) + 64 * 1024  # + rng, scheduler, trainer state
     saves = {"no": 0, "epoch": math.ceil(plan.epochs)}.get(str(training.get("save_strategy", "steps")))
     if saves is None:
@@ -293,7 +296,7 @@ def _plan_disk(plan: Plan, shape: ModelShape, s: Settings, recipe, tokenizer) ->
     merged = shape.total_params * dtype_bytes(recipe.merge.dtype)
     plan.disk = [MemoryItem("checkpoints", kept * checkpoint, f"{kept} kept x {checkpoint / 2**20:,.1f} MiB "
                             "(adapter + optimizer state + rng)"),
-                 MemoryItem("adapter", adapter, f"{sum(tensors):,} fp32 params + tokenizer"),
+                 MemoryItem("adapter", adapter, f"{sum(tensors):,} params ({s.lora_bytes} bytes each) + tokenizer"),
                  MemoryItem("merged model", merged, f"{shape.total_params:,} params in {recipe.merge.dtype}")]
     run_free, merged_free = _free_bytes(recipe.run_dir), _free_bytes(merged_dir)
     plan.disk_free = {str(recipe.run_dir): run_free, str(merged_dir): merged_free}

@@ -8,7 +8,8 @@ really allocates, checked against the tensors of a loaded tiny model in tests/te
   a 16-entry fp32 code and an fp32 offset per layer;
 - embeddings, norms and lm_head stay in `model.dtype`, and so does the residual stream; with
   `model.upcast_to_fp32` (peft's `prepare_model_for_kbit_training`) they are fp32 under quantization;
-- peft keeps LoRA weights in fp32 (`autocast_adapter_dtype`), hence fp32 gradients too;
+- peft keeps LoRA weights in fp32 (`autocast_adapter_dtype`), hence fp32 gradients too (in
+  `model.dtype` under FSDP);
 - activations are the tensors autograd saves per token (derived from Mistral's forward, see
   `layer_activation_bytes`), the logits cost 12 bytes per token per vocabulary entry at the
   start of the backward pass (fp32 log-probabilities saved by cross-entropy, their gradient and
@@ -194,17 +195,21 @@ def layer_activation_bytes(shape: ModelShape, s: Settings, dropout: bool | None 
 def _lora_input_bytes(shape: ModelShape, s: Settings, dropout: bool) -> int:
     """What the LoRA matmuls of one layer save per token.
 
-    peft casts a module's input to the LoRA weights' dtype and autocast casts it again to its own:
+    peft casts a module's input to the LoRA weights' dtype (its bitsandbytes layers leave that to
+    CUDA autocast when it is on; CPU autocast they do not see), then autocast casts it to its own:
     each cast makes the module its own copy. Without a cast (or dropout), the modules that read
     one tensor (q/k/v, gate/up) save that same tensor.
     """
     layer0 = [n for n in s.lora_targets if ".layers.0." in f".{n}."]
     sizes = {n: i for n, i, _ in shape.linears}
-    lora_in = s.autocast_bytes or s.lora_bytes  # the dtype LoRA A multiplies in
+    cuda_autocast = s.autocast_bytes is not None and s.on_gpu
+    peft_casts = s.residual_bytes != s.lora_bytes and not (s.quantized and cuda_autocast)
+    reaching = s.lora_bytes if peft_casts else s.residual_bytes  # element size after peft's cast
+    lora_in = s.autocast_bytes or reaching  # ... and after autocast's: what LoRA A multiplies
     total = s.lora_r * lora_in * len(layer0)  # each LoRA B's input
     if dropout:  # each module its own dropout output + a bool mask
         return total + sum(sizes[n] * (lora_in + 1) for n in layer0)
-    if s.residual_bytes != s.lora_bytes or s.autocast_bytes not in (None, s.lora_bytes):
+    if peft_casts or lora_in != reaching:
         return total + sum(sizes[n] * lora_in for n in layer0)
     groups = {_input_group(n) for n in layer0} - {"o_proj"}  # o_proj reads sdpa's saved output
     width = {"attn": shape.hidden, "mlp": shape.hidden, "down": shape.intermediate}

@@ -32,7 +32,7 @@ class ModelSection:
     attn_implementation: str | None = "sdpa"
     trust_remote_code: bool = False
     chunked_loss: bool = True  # training loss in chunks of tokens, never the full-vocabulary logits
-    upcast_to_fp32: bool = False  # under quantization, cast embeddings, norms and lm_head to fp32 (peft's k-bit prep)
+    upcast_to_fp32: bool = False  # under quantization (not FSDP): embeddings, norms, lm_head in fp32 (peft's k-bit prep)
 
 
 @dataclass

@@ -127,13 +127,13 @@ SHAPES = [(1, 64), (2, 128), (4, 48)]
 
 
 @pytest.mark.parametrize("batch,seq", SHAPES)
-def test_activations_are_within_a_quarter_of_what_autograd_saves(tiny, batch, seq):
+def test_activations_are_within_a_tenth_of_what_autograd_saves(tiny, batch, seq):
     _, model, shape, settings = tiny
     ids = torch.randint(0, shape.vocab, (batch, seq))
     measured = saved_activation_bytes(model, ids)
     # No attention mask reaches the model here (full rows), so none is estimated either.
     estimated = activation_bytes(shape, Settings(**{**vars(settings), "packed_mask": False}), batch, seq)
-    assert abs(estimated - measured) <= 0.25 * measured, (estimated, measured)
+    assert abs(estimated - measured) <= 0.10 * measured, (estimated, measured)  # measured: 4-6% over
 
 
 class LiveBytes(TorchDispatchMode):
@@ -164,7 +164,7 @@ class LiveBytes(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("batch,seq", SHAPES)
-def test_the_total_is_within_a_quarter_of_the_measured_peak_of_a_training_step(tiny, batch, seq):
+def test_the_total_is_within_5_percent_of_the_measured_peak_of_a_training_step(tiny, batch, seq):
     _, model, shape, settings = tiny
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-6)
@@ -185,7 +185,7 @@ def test_the_total_is_within_a_quarter_of_the_measured_peak_of_a_training_step(t
     measured = static + tracker.peak
     estimated = sum(item.bytes for item in memory_items(shape, Settings(**{**vars(settings), "packed_mask": False}),
                                                         batch, seq))
-    assert abs(estimated - measured) <= 0.25 * measured, (estimated, measured)
+    assert abs(estimated - measured) <= 0.05 * measured, (estimated, measured)  # measured: 1.2-2.2% over
 
 
 def published_shape(model_type: str, **config):
@@ -256,6 +256,14 @@ def test_a_run_that_also_fits_without_activation_checkpointing_is_told_so(tiny_p
     tight = plan_recipe(checkpointed, gpu_memory=(roomy.total + 1024) / GiB)
     assert tight.fits and tight.faster == []
     assert plan_recipe(tiny_plan_recipe(), gpu_memory=8).faster == []  # already off
+    # The Trainer's own name for it is named back.
+    trainer_key = plan_recipe(tiny_plan_recipe("training.gradient_checkpointing=true"), gpu_memory=8)
+    assert trainer_key.faster[0].startswith("training.gradient_checkpointing=false also fits")
+
+
+def test_a_quantized_base_without_lora_is_a_problem_before_training(tiny_plan_recipe):
+    plan = plan_recipe(tiny_plan_recipe("lora=null"), gpu_memory=8)
+    assert not plan.ok and any("no `lora` section" in problem for problem in plan.problems)
 
 
 def test_without_a_gpu_or_gpu_memory_the_fit_is_unknown_but_time_and_data_are_reported(tiny_plan_recipe):
