@@ -13,11 +13,11 @@ cd "$(dirname "$0")/.."
 dest=.device-wheels
 rm -rf "$dest" && mkdir -p "$dest"
 version() { python -c "from importlib.metadata import version; print(version('$1'))"; }
-pip download -q --no-deps -d "$dest" "bitsandbytes==$(version bitsandbytes)" "datasets==$(version datasets)" \
-  "omegaconf==$(version omegaconf)" 'antlr4-python3-runtime==4.9.*' "dill==$(version dill)" \
-  "transformers==$(version transformers)" "peft==$(version peft)" 2>&1 | grep -v WARNING || true
-pip download -q --no-deps -d "$dest" --python-version 3.12 --only-binary=:all: \
-  "multiprocess==$(version multiprocess)" 2>&1 | grep -v WARNING || true
+download() { pip download -q --no-deps -d "$dest" "$@" > /tmp/device-prepare.log 2>&1 \
+  || { grep -v WARNING /tmp/device-prepare.log; echo "pip download $* failed"; exit 1; }; }
+download "bitsandbytes==$(version bitsandbytes)" "datasets==$(version datasets)" "omegaconf==$(version omegaconf)" \
+  'antlr4-python3-runtime==4.9.*' "dill==$(version dill)" "transformers==$(version transformers)" "peft==$(version peft)"
+download --python-version 3.12 --only-binary=:all: "multiprocess==$(version multiprocess)"
 python - "$dest/tokenizer-v1" <<'EOF'
 import sys
 

@@ -17,9 +17,11 @@ OUT=${OUT:-/tmp/device-out}
 CONFIG=${CONFIG:-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 QLORA_CACHE=/tmp/qlora-cache PYTHONPATH=$PWD
-if [ -d .device-wheels ] && ls .device-wheels/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation .device-wheels/*.whl .device-wheels/*.tar.gz \
-    2>&1 | grep -v -i warning | tail -5
+shopt -s nullglob
+packages=(.device-wheels/*.whl .device-wheels/*.tar.gz)
+if [ ${#packages[@]} -gt 0 ]; then
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation "${packages[@]}" > "$OUT/pip.txt" 2>&1 \
+    || { tail -20 "$OUT/pip.txt"; echo "installing .device-wheels failed: nothing else can run"; exit 1; }
 fi
 tokenizer=.device-wheels/tokenizer-v1
 [ -d "$tokenizer" ] || tokenizer=mistral-common:v1
@@ -51,7 +53,7 @@ step() {  # name, time limit, arguments of bench/train_speed.py
     return
   fi
   echo "== $name ($(date -u +%T), limit ${limit}s)"
-  timeout "$limit" python3 bench/train_speed.py --config "$CONFIG" --tokenizer "$tokenizer" --steps "$steps" "$@" 2>&1 \
+  timeout -k 20 "$limit" python3 bench/train_speed.py --config "$CONFIG" --tokenizer "$tokenizer" --steps "$steps" "$@" 2>&1 \
     | grep -v -e kernels-community -e "Saving the dataset" | tee "$OUT/$name.txt"
   echo "exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.txt"
 }

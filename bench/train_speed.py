@@ -16,8 +16,11 @@ same model, tokens, LoRA, quantization, optimizer and examples per step:
 
 All arms train on every token (`data.train_on: all`, as DataCollatorForLanguageModeling does),
 for the same number of optimizer steps (`--steps`) with the same schedule; packed rows hold
-several examples, so qlora takes round(batch / examples per row) rows per step to see the same
-number of examples per step, in micro-batches no larger than the stock arms' (4 x 2,048 on gpu).
+several examples, so qlora takes the number of rows per step nearest batch / examples per row, to
+see the same number of examples per step, in micro-batches no larger than the stock arms' (4 x
+2,048 on gpu). The stock arms prepare the model as peft documents (`prepare_model_for_kbit_training`:
+fp32 embeddings, norms and residual stream); qlora runs its own default (`model.upcast_to_fp32:
+false`), so in bf16 the comparison includes that lever too.
 Held-out loss is computed the same way for every arm (each held-out example alone, summed
 token NLL / tokens), on the adapter the arm produced. The last line is `speedup: X.XXx`:
 qlora over dynamic, in trained (non-pad) tokens per second.
@@ -137,13 +140,19 @@ def prepare_everything(folder: Path, config: dict, args) -> dict:
     prepare_dataset(load_recipe([str(recipe_path)], ["data.packing=false",
                                                      f"data.sources.0.path={folder / 'heldout.jsonl'}"]), tokenizer)
     examples_per_row = packed.examples["train"] / packed.rows["train"]
-    rows = max(1, round(config["batch"] / examples_per_row))
-    micro = min(rows, config["micro"])  # never more rows per micro-batch than the stock arms' examples
-    return {"recipe": str(recipe_path), "rows_per_step": rows, "micro_rows": micro,
-            "accumulation": max(1, round(rows / micro)), "examples_per_row": examples_per_row,
+    micro, accumulation = rows_per_step(config["batch"] / examples_per_row, config["micro"])
+    return {"recipe": str(recipe_path), "micro_rows": micro, "accumulation": accumulation,
+            "examples_per_row": examples_per_row,
             "packing_efficiency": packed.packing_efficiency, "train_examples": unpacked.examples["train"],
             "train_tokens": unpacked.tokens["train"], "held_out": held_out,
             "p50": unpacked.length_percentiles["p50"], "max": unpacked.length_percentiles["max"]}
+
+
+def rows_per_step(target: float, most: int) -> tuple[int, int]:
+    """(rows per micro-batch <= most, micro-batches per step) whose product is nearest `target`
+    rows: the same examples per step as the stock arms, in micro-batches no larger than theirs."""
+    pairs = [(m, a) for a in range(1, math.ceil(target) + 1) for m in range(1, most + 1)]
+    return min(pairs, key=lambda p: (abs(p[0] * p[1] - max(target, 1)), p[1]))
 
 
 def build_model_on_gpu(folder: Path, init: dict, tokenizer) -> Path:
