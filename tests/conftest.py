@@ -139,6 +139,16 @@ def qlora(*args, input: str | None = None):
     return CliRunner().invoke(app, [str(a) for a in args], input=input)
 
 
+def assert_user_error(result, *needles: str, wrapped: bool = False) -> None:
+    """Exit 2, a message naming each needle, and no traceback. `wrapped`: look for the needles with
+    the console's line breaks taken out (it may wrap a long path)."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "internal error" not in result.output, result.output
+    text = result.output.replace("\n", "") if wrapped else result.output
+    for needle in needles:
+        assert needle in text, f"{needle!r} not in:\n{result.output}"
+
+
 def sample_pairs(count: int) -> list[tuple[str, str]]:
     """(instruction, response) of the first `count` rows of sample_data.jsonl."""
     pairs = []

@@ -20,18 +20,9 @@ from qlora_cli.prepare import load_prepared
 from qlora_cli.recipe import load_recipe
 from qlora_cli.templates import IGNORE_INDEX
 
-from conftest import qlora, sample_pairs
+from conftest import assert_user_error, qlora, sample_pairs
 
 PAIRS = sample_pairs(12)
-
-
-def assert_user_error(result, *needles: str) -> None:
-    """Exit 2, a message naming each needle, and no traceback."""
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and "internal error" not in result.output, result.output
-    flat = result.output.replace("\n", "")  # long paths may be wrapped by the console
-    for needle in needles:
-        assert needle in flat, f"{needle!r} not in:\n{result.output}"
 
 
 def write_prompts(path: Path, pairs=PAIRS) -> Path:
@@ -151,7 +142,7 @@ def test_merge_refuses_a_wrong_adapter_with_exit_2(adapter, message, trained_run
     (tmp_path / "empty").mkdir()
     output = tmp_path / "merged"
     result = qlora("merge", trained_run.root, f"merge.adapter={folder}", f"merge.output_dir={output}")
-    assert_user_error(result, message)
+    assert_user_error(result, message, wrapped=True)
     assert not output.exists()
 
 
@@ -160,7 +151,7 @@ def test_merge_refuses_an_existing_output_unless_overwrite(trained_run, tmp_path
     output.mkdir()
     (output / "keep.txt").write_text("mine")
     result = qlora("merge", trained_run.root, f"merge.output_dir={output}")
-    assert_user_error(result, "already exists", "--overwrite")
+    assert_user_error(result, "already exists", "--overwrite", wrapped=True)
     assert [p.name for p in output.iterdir()] == ["keep.txt"]
 
     result = qlora("merge", trained_run.root, f"merge.output_dir={output}", "--overwrite")
@@ -191,7 +182,7 @@ def test_resume_answers_only_the_lines_not_yet_written(answering_run, adapter_an
     output.write_text("".join(json.dumps({**row, "response": "answered before"}) + "\n" for row in adapter_answers[:2]))
 
     result = qlora("generate", answering_run.root, "--input", prompts, "--output", output)
-    assert_user_error(result, "already exists", "--resume")
+    assert_user_error(result, "already exists", "--resume", wrapped=True)
 
     result = qlora("generate", answering_run.root, "--input", prompts, "--output", output, "--resume")
     assert result.exit_code == 0, result.output
@@ -247,16 +238,16 @@ def test_bad_prompt_files_exit_2_with_file_and_line(lines, line_number, message,
     prompts.write_text("\n".join(lines) + "\n")
     output = tmp_path / "answers.jsonl"
     result = qlora("generate", answering_run.root, "--input", prompts, "--output", output)
-    assert_user_error(result, f"{prompts}:{line_number}", message)
+    assert_user_error(result, f"{prompts}:{line_number}", message, wrapped=True)
     assert not output.exists()
 
 
 def test_a_missing_model_source_exits_2(answering_run, tmp_path):
     result = qlora("generate", answering_run.root, "--model", tmp_path / "no-model", "--prompt", "Hi")
-    assert_user_error(result, "--model", "no-model")
+    assert_user_error(result, "--model", "no-model", wrapped=True)
     result = qlora("generate", answering_run.root, f"training.output_dir={tmp_path / 'never-trained'}",
                    "--prompt", "Hi")
-    assert_user_error(result, "never-trained", "does not exist")
+    assert_user_error(result, "never-trained", "does not exist", wrapped=True)
 
 
 def test_interactive_answers_until_exit(answering_run):

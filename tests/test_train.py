@@ -20,7 +20,7 @@ from qlora_cli.model import load_recipe_tokenizer
 from qlora_cli.prepare import load_prepared
 from qlora_cli.recipe import load_recipe
 
-from conftest import qlora, short_run
+from conftest import assert_user_error, qlora, short_run
 
 CHECKPOINT_FILES = {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt",
                     "rng_state.pth", "trainer_state.json"}
@@ -34,14 +34,6 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 
 def adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "adapter_model.safetensors"))
-
-
-def assert_user_error(result, *needles: str) -> None:
-    """Exit 2, a message naming each needle, and no traceback."""
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and "internal error" not in result.output, result.output
-    for needle in needles:
-        assert needle in result.output, f"{needle!r} not in:\n{result.output}"
 
 
 # ---------------------------------------------------------------- the run folder
