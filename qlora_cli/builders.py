@@ -4,6 +4,7 @@ TrainingArguments, GenerationConfig. Their keys are checked against the classes 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import typing
 from typing import Any
@@ -116,7 +117,7 @@ def check_library_sections(config: dict, origins: dict[str, str]) -> list[UserEr
     checks = [
         ("quantization", quantization_keys, build_bnb_config, ()),
         ("lora", lora_keys, build_lora_config, ()),
-        ("training", training_keys, _build_training_for_check, ()),
+        ("training", training_keys, functools.partial(_build_training_for_check, data=config.get("data")), ()),
         ("generate", generation_keys, build_generation_config, generate_ours),
     ]
     errors: list[UserError] = []
@@ -170,13 +171,24 @@ def normalize_yaml_booleans(values: dict, annotations: dict) -> dict:
     return annotations
 
 
-def _build_training_for_check(training: dict, origins: dict[str, str]):
+def evaluation_changes(training: dict, has_validation: bool) -> dict:
+    """With validation data and no `eval_strategy`: evaluate whenever a checkpoint is saved, so
+    that `load_best_model_at_end` works."""
+    if not has_validation or "eval_strategy" in training:
+        return {}
+    return {"eval_strategy": training.get("save_strategy", "steps"),
+            "eval_steps": training.get("eval_steps") or training.get("save_steps")}
+
+
+def _build_training_for_check(training: dict, origins: dict[str, str], data: Any = None):
     import torch
 
     # Validation is about the recipe, not this machine: a bf16 recipe written for a GPU must
     # validate on a laptop too. `qlora train` checks the machine separately, before loading.
     on_cpu = {} if torch.cuda.is_available() or "use_cpu" in training else {"use_cpu": True}
-    return build_training_arguments(training, origins, **on_cpu)
+    data = data if isinstance(data, dict) else {}
+    implied = evaluation_changes(training, bool(data.get("val_size") or data.get("validation_sources")))
+    return build_training_arguments(training, origins, **on_cpu, **implied)
 
 
 def _construct(cls, values: dict, section: str, origins: dict[str, str]):
@@ -191,8 +203,17 @@ def _construct(cls, values: dict, section: str, origins: dict[str, str]):
 
 def _library_error(section: str, cls_name: str, err: Exception, values: dict, origins: dict[str, str]):
     message = str(err).strip()
-    # Whole words only: `seed` must not be blamed for a message about `data_seed`.
-    named = [key for key in values if re.search(rf"\b{re.escape(key)}\b", message)]
+    named = _keys_named(message, values)
     keys = ", ".join(f"`{section}.{key}`" for key in named) or f"`{section}`"
     where = origins.get(f"{section}.{named[0]}", section) if named else section
     return UserError(f"{cls_name} rejects {keys}: {message}", where=where)
+
+
+def _keys_named(message: str, values: dict) -> list[str]:
+    """The keys a library's message is about: named as whole words (`seed` must not be blamed for
+    `data_seed`), or else quoted only by their value ("bogus is not a valid SchedulerType")."""
+    def mentions(word: str) -> bool:
+        return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", message) is not None
+
+    return ([key for key in values if mentions(key)]
+            or [key for key, value in values.items() if isinstance(value, str) and len(value) > 2 and mentions(value)])

@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from qlora_cli.errors import UserError
+from qlora_cli.errors import UserError, combined
 
 app = typer.Typer(
     name="qlora",
@@ -171,9 +171,10 @@ def prepare(
 @user_command
 def plan(
     args: list[str] = RECIPE_ARGS,
-    gpu_memory: float = typer.Option(None, "--gpu-memory", metavar="GiB",
+    gpu_memory: float = typer.Option(None, "--gpu-memory", metavar="GiB", min=0.1,
                                      help="Memory of one GPU, for planning on a machine without it."),
-    gpus: int = typer.Option(1, "--gpus", metavar="N", help="GPUs in data parallel (each holds the whole model)."),
+    gpus: int = typer.Option(1, "--gpus", metavar="N", min=1,
+                             help="GPUs: in data parallel each holds the whole model; FSDP recipes shard it."),
 ) -> None:
     """Will the run fit, how long will it take, is the data sound? Reads configs, tokenizer and data, no weights.
 
@@ -197,8 +198,13 @@ def _plan_before_training(recipe, force: bool, gpus: int) -> None:
     if os.environ.get("RANK", "0") != "0" or os.environ.get("QLORA_PLANNED"):
         return  # one process plans for all: rank 0, or the `--nproc` launcher before its ranks
     from qlora_cli.plan import plan_recipe
+    from qlora_cli.train import check_machine, check_model_folder, check_trainable
 
+    for check in (check_machine, check_model_folder, check_trainable):  # quick: before the data is prepared
+        check(recipe)
     result = plan_recipe(recipe, gpus=gpus)
+    if result.errors:  # with the key and the fix, once (not again as a plan line)
+        raise combined(result.errors)
     for line in result.short_lines():
         console.print(line, highlight=False, markup=False)
     if result.fits is False and not force:
@@ -227,7 +233,7 @@ def train(
 
     recipes, overrides = split_arguments(args)
     recipe = load_recipe(recipes, overrides)
-    open_run_folder(recipe.run_dir, resume=resume, overwrite=overwrite)  # refuse before any work
+    open_run_folder(recipe, resume=resume, overwrite=overwrite)  # refuse before any work
     flags = [flag for flag, on in (("--resume", resume), ("--overwrite", overwrite), ("--force", force)) if on]
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
         # Plan in a process of its own: measuring the GPU would leave a CUDA context on GPU 0

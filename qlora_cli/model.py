@@ -125,6 +125,10 @@ def load_base_model(recipe, *, quantized: bool = True, dtype=None, device_map=No
         raise UserError(f"cannot load model `{model.name_or_path}`: {err}", where="model.name_or_path",
                         fix="give a local folder with config.json and safetensors weights, or a hub id "
                             "(needs network)") from None
+    except ImportError as err:  # e.g. flash_attention_2 without the flash-attn package
+        raise UserError(f"loading model `{model.name_or_path or 'init_from_config'}` needs a package that is not "
+                        f"installed: {err}", where="model.attn_implementation" if "ttention" in str(err) else "model",
+                        fix="pip install it, or change the recipe key that asks for it") from None
     except ValueError as err:
         if "trust_remote_code" not in str(err):
             raise
@@ -176,7 +180,14 @@ def load_trainable_model(recipe, *, device_map=None):
     set_seed(int(recipe.training.get("seed", 42)))
     # FSDP shards a layer as one flat buffer of one dtype: keep LoRA weights in the model's dtype
     # instead of peft's fp32 (and never upcast the unquantized weights above).
-    return get_peft_model(model, lora, autocast_adapter_dtype=not sharded)
+    try:
+        return get_peft_model(model, lora, autocast_adapter_dtype=not sharded)
+    except ValueError as err:
+        if "target" not in str(err).lower():
+            raise
+        raise UserError(f"`lora.target_modules` does not fit this model: {err}",
+                        where=recipe.origins.get("lora.target_modules", "lora.target_modules"),
+                        fix="name layers the model has, e.g. lora.target_modules=all-linear or [q_proj,v_proj]") from None
 
 
 def summarize_model(model, quantization: dict | None) -> ModelSummary:

@@ -29,6 +29,10 @@ OVERRIDE = "override"
 # so a shared recipe finds its data wherever it is run from; else left relative to the cwd.
 _FILE_KEYS = {"path"}
 _FILE_KEY_PARENTS = ("data.sources", "data.validation_sources")
+# Keys whose values name files or folders: a leading `~` is the user's home, as in a shell (which
+# leaves `key=~/x` alone). TrainingArguments expands it in output_dir; every path must agree.
+_HOME_KEYS = ("model.name_or_path", "model.tokenizer", "data.prepared_dir", "merge.output_dir", "merge.adapter",
+              "generate.input", "generate.output", "training.output_dir", "training.logging_dir")
 
 
 @dataclass
@@ -291,6 +295,7 @@ def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
 
     raw = load_raw_recipe(list(recipe_args), list(overrides))
     resolved = resolve(raw)
+    _expand_home(resolved)
     # `training: null` and `output_dir: null` mean "not set", like leaving the key out.
     if resolved.get("training") is None:
         resolved["training"] = {}
@@ -319,6 +324,15 @@ def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
         training=resolved["training"], generate=resolved.get("generate") or {},
         resolved=resolved, origins=raw.origins, files=raw.files,
     )
+
+
+def _expand_home(resolved: dict) -> None:
+    data = resolved.get("data") if isinstance(resolved.get("data"), dict) else {}
+    places = [(resolved.get(section), key) for section, key in (k.split(".") for k in _HOME_KEYS)]
+    places += [(source, "path") for name in _FILE_KEY_PARENTS for source in data.get(name.split(".")[1]) or []]
+    for mapping, key in places:
+        if isinstance(mapping, dict) and isinstance(mapping.get(key), str) and mapping[key].startswith("~"):
+            mapping[key] = os.path.expanduser(mapping[key])
 
 
 def _check_model_source(model, origins: dict[str, str]) -> list[UserError]:

@@ -75,12 +75,12 @@ def _readable_json(path: Path) -> bool:
         return False
 
 
-def open_run_folder(root: Path, *, resume: bool, overwrite: bool) -> RunFolder:
-    """Claim the run folder: a new one, an existing one to resume, or one to overwrite.
+def open_run_folder(recipe, *, resume: bool, overwrite: bool) -> RunFolder:
+    """Claim the run folder of `recipe`: a new one, an existing one to resume, or one to overwrite.
 
-    An existing run is never touched without a flag.
+    An existing run is never touched without a flag, and a folder that is not a run never at all.
     """
-    run = RunFolder(Path(root))
+    run = RunFolder(recipe.run_dir)
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other", fix="choose one")
     _check_writable(run.root)
@@ -88,10 +88,50 @@ def open_run_folder(root: Path, *, resume: bool, overwrite: bool) -> RunFolder:
     if exists and not (resume or overwrite):
         raise UserError(f"run folder {run.root} already exists", where="training.output_dir",
                         fix="add --resume to continue it, --overwrite to start over, or set training.output_dir")
+    if exists and overwrite and not any(p.exists() for p in (run.recipe, run.run_json, run.checkpoints)):
+        raise UserError(f"--overwrite would delete {run.root}, which is not a run folder (it has no recipe.yaml, "
+                        "run.json or checkpoints/)", where="training.output_dir",
+                        fix="set training.output_dir to a new folder, or empty that folder yourself")
     if resume and run.last_checkpoint() is None:
         raise UserError(f"nothing to resume: {run.root} has no complete checkpoint", where="training.output_dir",
                         fix="run without --resume")
+    if resume:
+        _check_same_weights(recipe, run)
     return run
+
+
+# What the checkpoint's weights depend on: resuming with any of these changed cannot load them.
+WEIGHT_KEYS = ("model.name_or_path", "model.revision", "model.init_from_config", "model.tokenizer",
+               "quantization", "lora")
+
+
+def weight_changes(recipe, run: RunFolder) -> list[str]:
+    """Keys that shape the weights and differ between `recipe` and the run's recipe.yaml."""
+    return [key for key in recipe_differences(recipe, run) if key.startswith(WEIGHT_KEYS)]
+
+
+def recipe_differences(recipe, run: RunFolder) -> list[str]:
+    """Every key (dotted) whose value differs between `recipe` and the run's recipe.yaml."""
+    import yaml
+
+    old = _flat(yaml.safe_load(run.recipe.read_text()) or {}) if run.recipe.is_file() else {}
+    new = _flat(recipe.resolved)
+    return sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+
+
+def _flat(config, prefix: str = "") -> dict:
+    if not isinstance(config, dict):
+        return {prefix.rstrip("."): config}
+    return {k: v for key, value in config.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
+def _check_same_weights(recipe, run: RunFolder) -> None:
+    changed = weight_changes(recipe, run)
+    if changed:
+        raise UserError(f"cannot resume {run.root}: the recipe changes {', '.join(changed)}, which its checkpoints' "
+                        "weights depend on", where=recipe.origins.get(changed[0], changed[0]),
+                        fix=f"resume with the run's own recipe (qlora train {run.recipe} --resume, adding only "
+                            "training.* overrides), or start a new run with another training.output_dir")
 
 
 def clear_run_folder(run: RunFolder) -> None:

@@ -7,8 +7,10 @@ data -> load the 4-bit base with LoRA -> claim the run folder -> build the Train
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import signal
 import sys
 from dataclasses import dataclass
@@ -47,7 +49,7 @@ def train(recipe, *, resume: bool = False, overwrite: bool = False, reporter=Non
     check_machine(recipe)
     check_model_folder(recipe)
     check_trainable(recipe)
-    run = open_run_folder(recipe.run_dir, resume=resume, overwrite=overwrite)
+    run = open_run_folder(recipe, resume=resume, overwrite=overwrite)
     # Building the arguments also joins the process group under torchrun / accelerate launch.
     args = build_training_arguments(recipe.training, recipe.origins, **run_changes(recipe, run))
     state = PartialState()
@@ -69,18 +71,29 @@ def train(recipe, *, resume: bool = False, overwrite: bool = False, reporter=Non
     state.wait_for_everyone()
     if reporter:
         reporter.model_ready(summary, run)
-    trainer, stopper = build_trainer(recipe, args, model, tokenizer, prepared, run, reporter)
-    stopper.install()
+    trainer, stopper = None, None
+    start_from = run.last_checkpoint() if resume else None
     try:
-        output = trainer.train(resume_from_checkpoint=str(run.last_checkpoint()) if resume else None)
+        trainer, stopper = build_trainer(recipe, args, model, tokenizer, prepared, run, reporter)
+        stopper.install()
+        output = trainer.train(resume_from_checkpoint=str(start_from) if start_from else None)
+    except BaseException as err:
+        if state.is_main_process and not resume and (trainer is None or trainer.state.global_step == 0):
+            shutil.rmtree(run.root, ignore_errors=True)  # nothing trained: the next try needs no flag
+        if isinstance(err, ImportError):  # an optional package the recipe asks for (optim, report_to, ...)
+            raise UserError(f"the run needs a package that is not installed: {err}",
+                            fix="pip install it, or change the recipe key that asks for it") from None
+        raise
     finally:
-        stopper.uninstall()
+        if stopper:
+            stopper.uninstall()
     metrics = final_metrics(trainer, output.metrics, stopped=stopper.signal_number is not None)
     if state.is_main_process:
         if stopper.signal_number is None:
             save_adapter(trainer, tokenizer, run, recipe, prepared, metrics)
         draw_loss_plot(trainer.state.log_history, run.plot)
-        write_json(run.run_json, run_record(recipe, prepared, summary, metrics, started, stopper.signal_number))
+        record = run_record(recipe, prepared, summary, metrics, started, stopper.signal_number)
+        write_json(run.run_json, record | (_resumed(run, start_from) if start_from else {}))
     state.wait_for_everyone()
     return TrainResult(run, metrics, stopper.signal_number)
 
@@ -89,25 +102,50 @@ def check_machine(recipe) -> None:
     """Refuse, before any weight is loaded, what this machine cannot do."""
     import torch
 
-    if torch.cuda.is_available():
-        return
     training, origins, errors = recipe.training, recipe.origins, []
+    no_gpu = not torch.cuda.is_available()
 
     def refuse(key: str, why: str, fix: str) -> None:
-        errors.append(UserError(why, where=origins.get(f"training.{key}", f"training.{key}"), fix=fix))
+        key = key if "." in key else f"training.{key}"
+        errors.append(UserError(why, where=origins.get(key, key), fix=fix))
 
-    if training.get("bf16") and not training.get("use_cpu"):
+    if no_gpu and training.get("bf16") and not training.get("use_cpu"):
         refuse("bf16", "`training.bf16: true` needs a CUDA GPU, and this machine has none",
                "set training.bf16=false to train in fp32 on the CPU")
-    if training.get("fp16"):
+    if no_gpu and training.get("fp16"):
         refuse("fp16", "`training.fp16: true` needs a CUDA GPU, and this machine has none",
                "set training.fp16=false")
     optim = str(training.get("optim", ""))
-    if "paged" in optim or "8bit" in optim:
+    if no_gpu and ("paged" in optim or "8bit" in optim):
         refuse("optim", f"`training.optim: {optim}` needs a CUDA GPU (bitsandbytes paged/8-bit optimizer)",
                "set training.optim=adamw_torch")
+    attention = recipe.model.attn_implementation or ""
+    if attention.startswith("flash_attention") and not _flash_attention_available(attention):
+        refuse("model.attn_implementation", f"`model.attn_implementation: {attention}` needs a CUDA GPU and the "
+               "flash-attn package; this machine lacks one or both",
+               "pip install flash-attn on a CUDA machine, or set model.attn_implementation=sdpa")
+    for name in _missing_integrations(training.get("report_to")):
+        refuse("report_to", f"`training.report_to` names {name}, which is not installed",
+               f"pip install {name}, or set training.report_to=tensorboard (or none)")
     if errors:
         raise combined(errors)
+
+
+def _missing_integrations(report_to) -> list[str]:
+    """Logging integrations the recipe asks for whose package is not installed."""
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK, get_available_reporting_integrations,
+    )
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    available = get_available_reporting_integrations()
+    return [name for name in names if name in INTEGRATION_TO_CALLBACK and name not in available]
+
+
+def _flash_attention_available(attention: str) -> bool:
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    return is_flash_attn_3_available() if attention.endswith("_3") else is_flash_attn_2_available()
 
 
 def check_model_folder(recipe) -> None:
@@ -122,13 +160,12 @@ def check_model_folder(recipe) -> None:
 
 
 def check_trainable(recipe) -> None:
-    """4-bit and 8-bit weights take no gradient: a quantized base trains only through LoRA."""
-    quantization = recipe.quantization or {}
-    if recipe.lora is None and (quantization.get("load_in_4bit") or quantization.get("load_in_8bit")):
-        raise UserError("the base model is quantized and there is no `lora` section: nothing could train",
+    """qlora trains LoRA adapters: without a `lora` section a quantized base could not train at
+    all, and a full fine-tune would leave weights that `merge` and `generate` do not read."""
+    if recipe.lora is None:
+        raise UserError("the recipe has no `lora` section, and qlora trains LoRA adapters",
                         where=recipe.origins.get("lora", "lora"),
-                        fix="keep a lora section (e.g. lora.r=16 lora.target_modules=all-linear), "
-                            "or set quantization=null to train without quantizing")
+                        fix="keep a lora section (e.g. lora.r=16 lora.target_modules=all-linear)")
 
 
 def check_data(recipe, prepared) -> None:
@@ -198,13 +235,10 @@ def run_changes(recipe, run: RunFolder) -> dict:
         # Without this, TrainingArguments does not set up gloo DDP for CPU processes.
         changes["use_cpu"] = True
         changes["dataloader_pin_memory"] = False  # pinning needs an accelerator
-    training = recipe.training
+    from qlora_cli.builders import evaluation_changes
+
     has_validation = bool(recipe.data.val_size or recipe.data.validation_sources)
-    if has_validation and "eval_strategy" not in training:
-        # Evaluate when checkpoints are saved, so load_best_model_at_end can work.
-        changes["eval_strategy"] = training.get("save_strategy", "steps")
-        changes["eval_steps"] = training.get("eval_steps") or training.get("save_steps")
-    return changes
+    return changes | evaluation_changes(recipe.training, has_validation)
 
 
 def _device_map(args):
@@ -228,10 +262,19 @@ def final_metrics(trainer, train_metrics: dict, stopped: bool) -> dict:
     metrics["real_tokens"] = reduce_over_ranks(trainer.real_tokens_seen)
     metrics["tokens_per_second"] = metrics["real_tokens"] / runtime if runtime else 0.0
     if trainer.eval_dataset is not None and not stopped:
-        metrics.update(trainer.evaluate())
+        metrics.update(_final_evaluation(trainer))
     if "eval_loss" in metrics:
         metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
     return metrics
+
+
+def _final_evaluation(trainer) -> dict:
+    """Validation metrics of the final adapter: the Trainer's own from the last step when that
+    step's weights are the adapter (no second pass over the validation set), else a new pass."""
+    last = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)
+    if last and last.get("step") == trainer.state.global_step and not trainer.args.load_best_model_at_end:
+        return {key: value for key, value in last.items() if key.startswith("eval_")}
+    return trainer.evaluate()
 
 
 def save_adapter(trainer, tokenizer, run: RunFolder, recipe, prepared, metrics: dict) -> None:
@@ -252,6 +295,15 @@ def _data_lines(prepared) -> dict:
         "trained share of tokens": f"{100 * s.trained_fraction:.1f}%",
         "sources": ", ".join(Path(c.path).name for c in s.sources),
     }
+
+
+def _resumed(run: RunFolder, checkpoint: Path) -> dict:
+    """What run.json keeps of the runs before a resume (its times and rates are this run's)."""
+    try:
+        earlier = json.loads(run.run_json.read_text())
+    except (OSError, ValueError):
+        earlier = {}
+    return {"resumed_from": checkpoint.name, "first_started": earlier.get("first_started", earlier.get("started"))}
 
 
 def run_record(recipe, prepared, summary, metrics: dict, started: str, stopped_by: int | None) -> dict:

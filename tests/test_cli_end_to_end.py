@@ -65,10 +65,11 @@ def resumed_run(stopped_run):
     """The stopped run resumed with the command it printed."""
     root, args, _, output = stopped_run
     checkpoints = sorted(p.name for p in (root / "checkpoints").iterdir())
+    stopped_record = json.loads((root / "run.json").read_text())
     # The command is the last thing printed; a line wrapped by the console keeps its space.
     command = output.split("resume with:", 1)[1].replace("\n", "").strip()
     done = subprocess.run([QLORA, *shlex.split(command)[1:]], capture_output=True, text=True, timeout=300)
-    return root, checkpoints, command, done
+    return root, checkpoints, command, done, stopped_record
 
 
 def test_sigterm_stops_at_a_complete_checkpoint_with_exit_143(stopped_run):
@@ -92,11 +93,13 @@ def test_a_stopped_run_prints_the_command_that_resumes_it(stopped_run):
 
 
 def test_resume_after_sigterm_ends_with_the_adapter_of_an_uninterrupted_run(resumed_run, trained_run):
-    root, _, command, done = resumed_run
+    root, _, command, done, stopped_record = resumed_run
     assert done.returncode == 0, done.stdout + done.stderr
     record = json.loads((root / "run.json").read_text())
     assert record["status"] == "completed" and record["metrics"]["steps"] == 12
     assert record["command"][1:] == shlex.split(command)[1:]
+    assert record["resumed_from"] == f"checkpoint-{stopped_record['metrics']['steps']}"
+    assert record["first_started"] == stopped_record["started"] <= record["started"]
 
     # trained_run: the same recipe and seed, run to the end in one go.
     resumed = load_file(str(root / "adapter" / "adapter_model.safetensors"))

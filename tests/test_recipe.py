@@ -218,8 +218,26 @@ def test_a_library_objection_is_a_recipe_error_naming_the_keys():
     (error,) = errors_of(excinfo)
     assert error.message.startswith("TrainingArguments rejects")
     assert "`training.load_best_model_at_end`" in error.message and "`training.save_strategy`" in error.message
-    # ... and the same keys pass once the strategies match
+    # ... and the same keys pass once the strategies match, or validation data implies evaluating at each save
     load_recipe(["tiny-mistral"], ["training.load_best_model_at_end=true", "training.eval_strategy=steps"])
+    load_recipe(["tiny-mistral"], ["training.load_best_model_at_end=true", "data.val_size=0.2"])
+
+
+def test_a_library_objection_quoting_only_a_value_names_its_key():
+    with pytest.raises(UserError) as excinfo:
+        load_recipe(["tiny-mistral"], ["training.lr_scheduler_type=bogus"])
+    (error,) = errors_of(excinfo)
+    assert "`training.lr_scheduler_type`" in error.message and error.where == "override"
+
+
+def test_a_leading_tilde_in_a_path_is_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    recipe = load_recipe(["tiny-mistral"], ["training.output_dir=~/runs/a", "merge.output_dir=~/merged",
+                                            "data.sources=[{path: ~/data.jsonl}]", "data.prepared_dir=~/prepared"])
+    assert recipe.run_dir == tmp_path / "runs" / "a"
+    assert recipe.merge.output_dir == str(tmp_path / "merged")
+    assert recipe.data.sources[0].path == str(tmp_path / "data.jsonl")
+    assert recipe.data.prepared_dir == str(tmp_path / "prepared")
 
 
 def test_a_dtype_that_is_not_a_torch_dtype_is_an_error_naming_the_key():

@@ -148,6 +148,22 @@ def test_overwrite_starts_the_run_over(tmp_path, sample_subset, prepared_dir):
     assert list((root / "logs").glob("events.out.tfevents.*"))  # its own logs, though not the first run here
 
 
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, sample_subset, prepared_dir):
+    (tmp_path / "my-runs" / "old-run").mkdir(parents=True)
+    (tmp_path / "my-runs" / "notes.txt").write_text("keep me")
+    result = qlora("train", "tiny-mistral", *short_run(sample_subset, tmp_path / "my-runs", prepared_dir),
+                   "--overwrite")
+    assert_user_error(result, "not a run folder", "training.output_dir")
+    assert (tmp_path / "my-runs" / "notes.txt").read_text() == "keep me"
+
+
+def test_resume_with_other_lora_weights_is_refused_and_the_run_left_untouched(trained_run):
+    before = snapshot(trained_run.root)
+    result = qlora("train", *trained_run.args, "lora.r=2", "--resume")
+    assert_user_error(result, "cannot resume", "lora.r", "--resume")
+    assert snapshot(trained_run.root) == before
+
+
 def test_resume_without_a_checkpoint_is_refused(tmp_path, sample_subset, prepared_dir):
     root = tmp_path / "run"
     root.mkdir()
@@ -165,6 +181,10 @@ EARLY_ERRORS = {
     "missing model folder": (["model.init_from_config=null", "model.name_or_path=/nonexistent"], "model.name_or_path"),
     "missing tokenizer": (["model.tokenizer=/nonexistent-tokenizer"], "model.tokenizer"),
     "a quantized base without LoRA": (["lora=null"], "lora"),
+    "a full fine-tune (no LoRA at all)": (["lora=null", "quantization=null"], "lora"),
+    "flash attention without flash-attn or a GPU": (["model.attn_implementation=flash_attention_2"],
+                                                    "model.attn_implementation"),
+    "a logging integration that is not installed": (["training.report_to=[tensorboard,wandb]"], "pip install wandb"),
     "evaluation without a validation split": (["training.eval_strategy=steps"], "training.eval_strategy"),
     "batch larger than the training set": (["training.per_device_train_batch_size=64"],
                                            "training.per_device_train_batch_size"),
@@ -191,6 +211,21 @@ def test_a_model_that_fails_to_load_exits_2_and_leaves_no_run_folder(trained_run
     result = qlora("train", "tiny-mistral", *short_run(sample_subset, root, prepared_dir),
                    "model.init_from_config=null", f"model.name_or_path={model}")
     assert_user_error(result, "cannot load model")
+    assert not root.exists()  # so the next attempt needs neither --resume nor --overwrite
+
+
+FAILING_AFTER_LOAD = {
+    "LoRA targets the model does not have": (["lora.target_modules=[nonexistent_proj]"], "lora.target_modules"),
+    "an optimizer whose package is not installed": (["training.optim=galore_adamw"], "not installed"),
+}
+
+
+@pytest.mark.parametrize("overrides, needle", FAILING_AFTER_LOAD.values(), ids=FAILING_AFTER_LOAD.keys())
+def test_a_run_that_fails_before_its_first_step_exits_2_and_leaves_no_run_folder(overrides, needle, tmp_path,
+                                                                                 sample_subset, prepared_dir):
+    root = tmp_path / "run"
+    result = qlora("train", "tiny-mistral", *short_run(sample_subset, root, prepared_dir), *overrides)
+    assert_user_error(result, needle)
     assert not root.exists()  # so the next attempt needs neither --resume nor --overwrite
 
 
@@ -251,6 +286,17 @@ def test_validation_reports_eval_loss_and_keeps_the_best_adapter(validated_run):
     assert metrics["eval_loss"] == pytest.approx(min(evals), abs=1e-5)  # the final adapter is the best one
     saved, best_weights = adapter_weights(root / "adapter"), adapter_weights(best)
     assert all(torch.equal(saved[k], best_weights[k]) for k in saved)
+
+
+def test_validation_data_alone_evaluates_at_each_save_and_the_last_step_once(tmp_path, sample_subset, prepared_dir):
+    root = tmp_path / "run"
+    result = qlora("train", "tiny-mistral", *short_run(sample_subset, root, prepared_dir, *VALIDATION))
+    assert result.exit_code == 0, result.output
+    assert [line.split(":")[0] for line in result.output.splitlines() if line.startswith("eval at step")] == [
+        "eval at step 2", "eval at step 4", "eval at step 6"]  # the final metrics reuse step 6's evaluation
+    state = json.loads((root / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
+    last_eval = [entry for entry in state["log_history"] if "eval_loss" in entry][-1]
+    assert json.loads((root / "run.json").read_text())["metrics"]["eval_loss"] == last_eval["eval_loss"]
 
 
 def test_evaluating_during_training_does_not_change_what_is_trained(validated_run, tmp_path, sample_subset,
