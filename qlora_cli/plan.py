@@ -49,6 +49,7 @@ class Plan:
     resume: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    errors: list[UserError] = field(default_factory=list)  # the problems `qlora train` checks for itself
 
     @property
     def total(self) -> int:
@@ -64,7 +65,7 @@ class Plan:
 
     def short_lines(self) -> list[str]:
         """The few lines `qlora train` prints before it starts."""
-        against = "device memory unknown" if self.capacity is None else f"of {self.capacity / GiB:.1f} GiB"
+        against = "(device memory unknown)" if self.capacity is None else f"of {self.capacity / GiB:.1f} GiB"
         verdict = {None: "", True: " - fits", False: " - DOES NOT FIT"}[self.fits]
         lines = [f"plan: {self.total / GiB:.2f} GiB per device {against}{verdict} "
                  f"(batch {self.batch} x {self.seq:,} tokens, {self.model})"]
@@ -86,7 +87,7 @@ def plan_recipe(recipe, gpu_memory: float | None = None, gpus: int | None = None
     tokenizer = load_recipe_tokenizer(recipe)
     shape = model_shape(load_model_config(recipe, tokenizer))
     device, capacity, tflops = detect_device(gpu_memory)
-    settings = recipe_settings(recipe, shape, on_gpu=not recipe.training.get("use_cpu"))
+    settings = recipe_settings(recipe, shape, on_gpu=not recipe.training.get("use_cpu"), gpus=gpus or 1)
     prepared = prepare_dataset(recipe, tokenizer)
     training, gpus = recipe.training, gpus or 1
     batch = int(training.get("per_device_train_batch_size", 8))
@@ -148,7 +149,7 @@ def _measured_tflops(torch) -> float:
     return 10 * 2 * 8192**3 / (start.elapsed_time(end) / 1000) / 1e12
 
 
-def recipe_settings(recipe, shape: ModelShape, on_gpu: bool = True) -> Settings:
+def recipe_settings(recipe, shape: ModelShape, on_gpu: bool = True, gpus: int = 1) -> Settings:
     """The recipe's choices that memory depends on, with LoRA targets resolved against the model."""
     q, training = recipe.quantization or {}, recipe.training
     quant = "none"
@@ -164,12 +165,19 @@ def recipe_settings(recipe, shape: ModelShape, on_gpu: bool = True) -> Settings:
         skip_modules=tuple(q.get("llm_int8_skip_modules") or ()), lora_r=int((recipe.lora or {}).get("r", 8)),
         lora_targets=lora_targets(recipe, shape), lora_dropout=float((recipe.lora or {}).get("lora_dropout", 0)),
         use_dora=bool((recipe.lora or {}).get("use_dora")), optim=str(training.get("optim") or _default_optim()),
-        checkpointing=checkpointing_on(training),
+        checkpointing=checkpointing_on(training) or (sharded and _fsdp_checkpointing(training)),
         autocast_bytes=2 if mixed else None, packed_mask=recipe.data.packing and "flash" not in attn,
         eager_attention=attn == "eager", on_gpu=on_gpu, chunked_loss=recipe.model.chunked_loss,
         upcast=recipe.model.upcast_to_fp32 and not sharded,
         lora_bytes=dtype_bytes(recipe.model.dtype) if sharded else 4,  # see load_trainable_model
+        shards=gpus if sharded else 1,
     )
+
+
+def _fsdp_checkpointing(training: dict) -> bool:
+    """FSDP's own activation checkpointing (`fsdp_config.activation_checkpointing`)."""
+    config = training.get("fsdp_config")
+    return isinstance(config, dict) and bool(config.get("activation_checkpointing"))
 
 
 def _default_optim() -> str:
@@ -200,6 +208,7 @@ def _check_training_data(recipe, prepared, plan: Plan) -> None:
             check()
         except UserError as err:
             plan.problems.append(err.message)
+            plan.errors.append(err)
 
 
 def _plan_fit(plan: Plan, shape: ModelShape, s: Settings, recipe) -> None:
@@ -228,6 +237,7 @@ def _faster(plan: Plan, shape: ModelShape, s: Settings, recipe, total) -> list[s
     if not s.checkpointing:
         return []
     keys = [k for k in ("activation_checkpointing", "gradient_checkpointing") if recipe.training.get(k)]
+    keys = keys or ["fsdp_config.activation_checkpointing"]
     plain = replace(s, checkpointing=False)
     need = total(plan.batch, plan.seq, plain)
     if need > plan.capacity:
@@ -243,24 +253,28 @@ def _changes(plan: Plan, shape: ModelShape, s: Settings, recipe, total) -> list[
     from dataclasses import replace
 
     changes, accumulate = [], int(recipe.training.get("gradient_accumulation_steps", 1))
+    sharded = bool(recipe.training.get("fsdp"))
     if not s.checkpointing:
         s = replace(s, checkpointing=True)
-        changes.append(f"training.activation_checkpointing=true ({total(plan.batch, plan.seq, s) / GiB:.1f} GiB)")
-    if "8bit" not in s.optim and s.on_gpu:
+        key = "training.fsdp_config.activation_checkpointing" if sharded else "training.activation_checkpointing"
+        changes.append(f"{key}=true ({total(plan.batch, plan.seq, s) / GiB:.1f} GiB)")
+    if "8bit" not in s.optim and s.on_gpu and not sharded:  # bitsandbytes' optimizers do not shard
         changes.append("training.optim=paged_adamw_8bit (optimizer state 4x smaller)")
     if not s.quantized:
         changes.append("quantization.load_in_4bit=true quantization.bnb_4bit_quant_type=nf4")
-    batch = largest_fitting(plan.batch, lambda b: total(b, plan.seq, s) <= plan.capacity)
-    if batch:
-        steps = math.ceil(accumulate * plan.batch / batch)
-        changes.append(f"training.per_device_train_batch_size={batch} training.gradient_accumulation_steps={steps} "
-                       "(same effective batch)")
+    rows = accumulate * plan.batch  # per optimizer step and device: keep it
+    fitting = largest_fitting(plan.batch, lambda b: total(b, plan.seq, s) <= plan.capacity)
+    batch = max((b for b in range(1, (fitting or 0) + 1) if rows % b == 0), default=None)
+    if batch and batch < plan.batch:
+        changes.append(f"training.per_device_train_batch_size={batch} "
+                       f"training.gradient_accumulation_steps={rows // batch} (same effective batch)")
     seq = largest_fitting(plan.seq, lambda n: total(1, n, s) <= plan.capacity)
     if seq and not batch:
         changes.append(f"training.per_device_train_batch_size=1 data.max_length={seq}")
     if not seq:
-        fixed = sum(i.bytes for i in plan.memory if i.name.startswith(("base", "unquantized", "CUDA")))
-        changes.append(f"weights and CUDA context alone take {fixed / GiB:.1f} GiB: a larger GPU, or FSDP sharding")
+        fixed = sum(i.bytes for i in plan.memory if i.name.startswith(("base", "unquantized", "CUDA", "FSDP")))
+        more = "more GPUs (--gpus / --nproc)" if sharded else "FSDP sharding (recipes/mistral7b-fsdp.yaml)"
+        changes.append(f"weights and CUDA context alone take {fixed / GiB:.1f} GiB: a larger GPU, or {more}")
     return changes
 
 
@@ -316,9 +330,7 @@ def _free_bytes(path: Path) -> int:
 
 def describe_resume(recipe) -> list[str]:
     """Whether an existing run folder can be resumed, and what differs from its recipe."""
-    import yaml
-
-    from qlora_cli.run_folder import RunFolder
+    from qlora_cli.run_folder import RunFolder, recipe_differences, weight_changes
 
     run = RunFolder(recipe.run_dir)
     if not run.root.is_dir() or not any(run.root.iterdir()):
@@ -326,21 +338,19 @@ def describe_resume(recipe) -> list[str]:
     last = run.last_checkpoint()
     if last is None:
         return [f"{run.root} exists without a complete checkpoint: --resume will refuse; --overwrite starts over"]
-    lines = [f"{run.root}: last complete checkpoint {last.name}; --resume continues from it"]
-    old = yaml.safe_load(run.recipe.read_text()) if run.recipe.is_file() else {}
-    differing = sorted(k for k in set(_flat(old)) | set(_flat(recipe.resolved)) if _flat(old).get(k) != _flat(recipe.resolved).get(k))
+    changed = weight_changes(recipe, run)
+    if changed:
+        lines = [f"{run.root}: last complete checkpoint {last.name}; --resume will refuse: the recipe changes "
+                 f"{', '.join(changed)}, which the checkpoint's weights depend on"]
+    else:
+        lines = [f"{run.root}: last complete checkpoint {last.name}; --resume continues from it"]
+    differing = recipe_differences(recipe, run)
     if differing:
         lines.append(f"the recipe differs from the run's recipe.yaml in: {', '.join(differing[:8])}"
                      + (f" and {len(differing) - 8} more" if len(differing) > 8 else ""))
     else:
         lines.append("the recipe matches the run's recipe.yaml")
     return lines
-
-
-def _flat(config, prefix: str = "") -> dict:
-    if not isinstance(config, dict):
-        return {prefix.rstrip("."): config}
-    return {k: v for key, value in config.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
 
 
 def format_duration(seconds: float) -> str:

@@ -104,6 +104,7 @@ class Settings:
     chunked_loss: bool = False  # model.chunked_loss: logits never held whole
     upcast: bool = False  # model.upcast_to_fp32: unquantized weights and residual stream in fp32
     lora_bytes: int = 4  # peft keeps LoRA weights in fp32 (in the model's dtype under FSDP)
+    shards: int = 1  # FSDP across this many GPUs: weights, LoRA, gradients and optimizer state divided
 
     @property
     def quantized(self) -> bool:
@@ -271,6 +272,10 @@ def memory_items(shape: ModelShape, s: Settings, batch: int, seq: int) -> list[M
         MemoryItem("LoRA parameters", lora, f"{sum(tensors):,} params, r={s.lora_r}, {len(s.lora_targets)} modules, {dtype}"),
         MemoryItem("LoRA gradients", lora, dtype),
         MemoryItem(f"optimizer state ({s.optim})", optimizer_bytes(s.optim, tensors), _optim_how(s.optim)),
+    ]
+    if s.shards > 1:
+        items = _sharded(items, shape, s)
+    items += [
         MemoryItem("activations", activation_bytes(shape, s, batch, seq),
                    f"{batch} x {seq:,} tokens, checkpointing {'on' if s.checkpointing else 'off'}"),
         MemoryItem("logits", logits_bytes(shape, s, batch, seq),
@@ -281,6 +286,20 @@ def memory_items(shape: ModelShape, s: Settings, batch: int, seq: int) -> list[M
     if s.on_gpu:
         items.append(MemoryItem("CUDA context", CUDA_CONTEXT_BYTES, "0.5-1 GiB: context, cuBLAS workspace"))
     return items
+
+
+def _sharded(items: list[MemoryItem], shape: ModelShape, s: Settings) -> list[MemoryItem]:
+    """FSDP keeps 1/shards of every weight, gradient and optimizer state on each GPU. It gathers
+    a decoder layer whole while computing it (two at a time, with the one it prefetches) and keeps
+    the root's weights (embeddings, lm_head, final norm) gathered through the step."""
+    weights = sum(item.bytes for item in items[:-3])  # weight_items: base and unquantized
+    lm_head = next((i * o for n, i, o in shape.linears if n == shape.output_linear), 0)
+    root = (sum(shape.other_params.values()) + lm_head) * s.residual_bytes  # (and the layers' norms: small)
+    per_layer = (weights - root) / max(shape.layers, 1)
+    kept = [MemoryItem(item.name, math.ceil(item.bytes / s.shards), f"{item.how}; 1/{s.shards} per GPU (FSDP)")
+            for item in items]
+    gathered = 2 * per_layer + root * (1 - 1 / s.shards)
+    return kept + [MemoryItem("FSDP gathered weights", math.ceil(gathered), "2 decoder layers and the root whole")]
 
 
 def _optim_how(optim: str) -> str:

@@ -261,6 +261,38 @@ def test_a_run_that_also_fits_without_activation_checkpointing_is_told_so(tiny_p
     assert trainer_key.faster[0].startswith("training.gradient_checkpointing=false also fits")
 
 
+def test_a_smaller_batch_suggested_keeps_the_effective_batch_exactly(tiny_plan_recipe):
+    recipe = tiny_plan_recipe("training.activation_checkpointing=true", "training.per_device_train_batch_size=4",
+                              "training.gradient_accumulation_steps=3")
+    roomy = plan_recipe(recipe, gpu_memory=8)
+    for capacity in range(roomy.total - 1, roomy.total - 64 * 2**20, -2**20):
+        plan = plan_recipe(recipe, gpu_memory=capacity / GiB)
+        batch_lines = [c for c in plan.changes if "per_device_train_batch_size" in c]
+        if plan.changes and batch_lines:
+            break
+    (line,) = batch_lines
+    batch, steps = (int(part.split("=")[1]) for part in line.split()[:2])
+    assert batch < 4 and batch * steps == 12
+
+
+def item(plan, name: str):
+    return next(i for i in plan.memory if i.name.startswith(name))
+
+
+def test_fsdp_shards_weights_over_the_gpus_and_counts_its_own_checkpointing(tiny_plan_recipe):
+    fsdp = tiny_plan_recipe("training.fsdp=true", "training.fsdp_config={activation_checkpointing: true}",
+                            "model.dtype=float32")
+    one, two = plan_recipe(fsdp, gpu_memory=8, gpus=1), plan_recipe(fsdp, gpu_memory=8, gpus=2)
+    plain = plan_recipe(tiny_plan_recipe("model.dtype=float32"), gpu_memory=8)
+    assert "checkpointing on" in item(one, "activations").how and "checkpointing off" in item(plain, "activations").how
+    assert item(one, "activations").bytes < item(plain, "activations").bytes
+    assert item(two, "base weights").bytes == pytest.approx(item(one, "base weights").bytes / 2, abs=1)
+    assert item(two, "optimizer state").bytes == pytest.approx(item(one, "optimizer state").bytes / 2, abs=1)
+    assert item(two, "FSDP gathered weights").bytes > 0 and two.total < one.total
+    tight = plan_recipe(fsdp, gpu_memory=0.5, gpus=2)
+    assert tight.changes and not any("paged" in change for change in tight.changes)  # they do not shard
+
+
 def test_a_quantized_base_without_lora_is_a_problem_before_training(tiny_plan_recipe):
     plan = plan_recipe(tiny_plan_recipe("lora=null"), gpu_memory=8)
     assert not plan.ok and any("no `lora` section" in problem for problem in plan.problems)
@@ -281,8 +313,10 @@ def test_resume_reports_the_last_complete_checkpoint_and_what_changed(tiny_plan_
     (checkpoint / "trainer_state.json").write_text("{}")
     (tmp_path / "run" / "recipe.yaml").write_text(recipe.to_yaml().replace("learning_rate: 0.005", "learning_rate: 0.001"))
     lines = plan_recipe(recipe).resume
-    assert "checkpoint-5" in lines[0]
+    assert "checkpoint-5" in lines[0] and "--resume continues" in lines[0]
     assert "training.learning_rate" in lines[1]
+    lines = plan_recipe(tiny_plan_recipe("lora.r=2")).resume
+    assert "--resume will refuse" in lines[0] and "lora.r" in lines[0]
 
 
 def test_responses_without_eos_and_a_small_validation_split_are_warned(data_recipe, write_jsonl):
