@@ -43,8 +43,9 @@ RECIPE_ARGS = typer.Argument(
 
 
 def split_arguments(args: list[str]) -> tuple[list[str], list[str]]:
-    """Recipes and overrides: an argument with `=` (or starting with `~`) is an override."""
-    overrides = [a for a in args if "=" in a or a.startswith("~")]
+    """Recipes and overrides: an argument with `=` (or a `~key` deletion) is an override; `~/x.yaml`
+    (quoted, so the shell left it) is a recipe in the home folder."""
+    overrides = [a for a in args if "=" in a or (a.startswith("~") and not a.startswith("~/"))]
     return [a for a in args if a not in overrides], overrides
 
 

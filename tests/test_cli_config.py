@@ -196,3 +196,12 @@ def test_validate_catches_what_prepare_and_model_building_would_refuse(workdir, 
     assert result.exit_code == 2, result.output
     assert message in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_a_quoted_recipe_path_in_the_home_folder_is_a_recipe_not_a_deletion(workdir, monkeypatch):
+    monkeypatch.setenv("HOME", str(workdir))
+    (workdir / "mine.yaml").write_text("extends: tiny-mistral\nlora:\n  r: 2\n")
+    result = qlora("config", "show", "~/mine.yaml", "~training.seed")
+    assert result.exit_code == 0, result.output
+    shown = load_recipe([str(workdir / "mine.yaml")], ["~training.seed"]).to_yaml()
+    assert result.output.strip() == shown.strip()
