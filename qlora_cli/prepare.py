@@ -21,9 +21,10 @@ from qlora_cli.errors import UserError
 from qlora_cli.packing import build_rows
 from qlora_cli.sources import Example, read_source
 from qlora_cli.templates import IGNORE_INDEX, Ids, chat_segments, ids_of, text_segments
+from qlora_cli.tokenizer import VERSION_KEY
 
 # Bump when the prepared format or the tokenization changes, so old caches are not reused.
-PREPARED_FORMAT = 1
+PREPARED_FORMAT = 2
 SUMMARY_FILE = "qlora_prepared.json"
 
 # An encoded example: its token ids, and (length, trained) spans covering them in order. Labels
@@ -109,8 +110,8 @@ def data_fingerprint(data, tokenizer, seed: int) -> str:
     section = {k: v for k, v in dataclasses.asdict(data).items() if k not in ("prepared_dir", "num_proc")}
     digest.update(json.dumps([section, seed, PREPARED_FORMAT], sort_keys=True, default=str).encode())
     digest.update(tokenizer.backend_tokenizer.to_str().encode())
-    digest.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id,
-                              getattr(tokenizer, "chat_template", None)], default=str).encode())
+    digest.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None),
+                              getattr(tokenizer, "init_kwargs", {}).get(VERSION_KEY)], default=str).encode())
     for source in [*data.sources, *data.validation_sources]:
         _hash_path(digest, Path(source.path))
     return digest.hexdigest()[:16]
