@@ -19,7 +19,7 @@ from pathlib import Path
 from qlora_cli.atomic import atomic_folder
 from qlora_cli.errors import UserError
 from qlora_cli.packing import build_rows
-from qlora_cli.sources import Example, read_source
+from qlora_cli.sources import Example, apply_weight, read_source
 from qlora_cli.templates import IGNORE_INDEX, Ids, chat_segments, ids_of, text_segments
 from qlora_cli.tokenizer import VERSION_KEY
 
@@ -135,18 +135,14 @@ def build_dataset(data, tokenizer, seed: int, fingerprint: str):
     from datasets import Dataset, DatasetDict
 
     summary = PrepareSummary(fingerprint=fingerprint, max_length=data.max_length)
-    train = _encode_sources(data.sources, data, tokenizer, seed, summary)
-    validation = _encode_sources(data.validation_sources, data, tokenizer, seed, summary)
     rng = random.Random(seed)
+    per_source = _encode_sources(data.sources, data, tokenizer, summary)
+    validation = _weighted(_encode_sources(data.validation_sources, data, tokenizer, summary), rng)
+    if data.val_size and not data.validation_sources:
+        validation = _split_off_validation(per_source, data, rng)
+    train = _weighted(per_source, rng)
     if data.shuffle:
         rng.shuffle(train)
-    if data.val_size and not data.validation_sources:
-        count = data.val_size if isinstance(data.val_size, int) else round(data.val_size * len(train))
-        if count < 1 or count >= len(train):
-            raise UserError(f"`data.val_size` {data.val_size} leaves {count} of {len(train)} examples for "
-                            "validation", where="data.val_size", fix="use a larger fraction, or a count below "
-                            "the number of examples")
-        validation, train = train[:count], train[count:]
     splits = {"train": train, "validation": validation} if validation else {"train": train}
     rows = {}
     for name, encoded in splits.items():
@@ -162,12 +158,50 @@ def build_dataset(data, tokenizer, seed: int, fingerprint: str):
     return DatasetDict(splits), summary
 
 
-def _encode_sources(sources, data, tokenizer, seed: int, summary: PrepareSummary) -> list[Encoded]:
-    encoded = []
+@dataclass
+class _SourceExamples:
+    """One source's encoded examples before its weight is applied."""
+
+    weight: float
+    counts: SourceCounts
+    encoded: list[Encoded]
+
+
+def _split_off_validation(per_source: list[_SourceExamples], data, rng: random.Random) -> list[Encoded]:
+    """Take the validation examples out of the sources before weights repeat any: a repeat in
+    both splits would make the eval loss measure memorisation."""
+    pool = [(source, example) for source in per_source for example in source.encoded]
+    count = data.val_size if isinstance(data.val_size, int) else round(data.val_size * len(pool))
+    if count < 1 or count >= len(pool):
+        raise UserError(f"`data.val_size` {data.val_size} leaves {count} of {len(pool)} examples for "
+                        "validation", where="data.val_size", fix="use a larger fraction, or a count below "
+                        "the number of examples")
+    if data.shuffle:
+        rng.shuffle(pool)
+    for source in per_source:
+        source.encoded = []
+    for source, example in pool[count:]:
+        source.encoded.append(example)
+    return [example for _, example in pool[:count]]
+
+
+def _weighted(per_source: list[_SourceExamples], rng: random.Random) -> list[Encoded]:
+    """Every source's examples, repeated or sampled by its weight; `kept` counts what it contributes."""
+    examples = []
+    for source in per_source:
+        weighted = apply_weight(source.encoded, source.weight, rng)
+        source.counts.kept += len(weighted) - len(source.encoded)
+        examples += weighted
+    return examples
+
+
+def _encode_sources(sources, data, tokenizer, summary: PrepareSummary) -> list[_SourceExamples]:
+    per_source = []
     for source in sources:
         counts = SourceCounts(source.path)
-        examples = read_source(source, seed)
+        examples = read_source(source)
         counts.read = len(examples)
+        encoded = []
         for example, (ids, spans) in zip(examples, encode_examples(examples, data, tokenizer)):
             truncated = len(ids) > data.max_length
             if truncated:
@@ -186,10 +220,11 @@ def _encode_sources(sources, data, tokenizer, seed: int, summary: PrepareSummary
             encoded.append((ids, spans))
             counts.kept += 1
         summary.sources.append(counts)
-    if sources and not encoded:
+        per_source.append(_SourceExamples(source.weight, counts, encoded))
+    if sources and not any(source.encoded for source in per_source):
         raise UserError("no examples left after filtering", where=sources[0].path,
                         fix="raise data.max_length or set data.overlong: truncate")
-    return encoded
+    return per_source
 
 
 def _cut_spans(spans: list[tuple[int, bool]], length: int) -> list[tuple[int, bool]]:

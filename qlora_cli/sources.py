@@ -39,8 +39,9 @@ class Example:
     messages: list[dict[str, str]] | None = None
 
 
-def read_source(source, seed: int) -> list[Example]:
-    """All examples of one source, in its format, after `limit` and `weight`."""
+def read_source(source) -> list[Example]:
+    """All examples of one source, in its format, after `limit`; `weight` is the caller's to apply
+    (after the validation split, so a repeated example never lands in both splits)."""
     rows = _read_rows(source)
     if source.limit is not None:
         rows = rows[: source.limit]
@@ -48,10 +49,10 @@ def read_source(source, seed: int) -> list[Example]:
     if not examples:
         raise UserError(f"source `{source.path}` has no examples", where=source.path,
                         fix="check the file, its `split`, and `limit`")
-    return apply_weight(examples, source.weight, random.Random(seed))
+    return examples
 
 
-def apply_weight(examples: list[Example], weight: float, rng: random.Random) -> list[Example]:
+def apply_weight(examples: list, weight: float, rng: random.Random) -> list:
     """Mix by weight: 0.5 keeps a random half, 2 repeats every example twice, 1.5 once and a half."""
     whole, fraction = divmod(weight, 1)
     extra = rng.sample(examples, round(fraction * len(examples)))

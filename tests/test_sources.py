@@ -32,7 +32,7 @@ ROWS = {
 
 
 def read(path, format: str, **options) -> list:
-    return read_source(DataSource(path=str(path), format=format, **options), seed=0)
+    return read_source(DataSource(path=str(path), format=format, **options))
 
 
 # ---------------------------------------------------------------- formats
@@ -145,7 +145,7 @@ def test_limit_keeps_the_first_rows(write_jsonl):
 
 @pytest.mark.parametrize("weight, count", [(0.5, 5), (1.0, 10), (2.0, 20), (1.5, 15)])
 def test_weight_scales_how_many_examples_a_source_contributes(write_jsonl, weight, count):
-    examples = read(_numbered(write_jsonl, 10), "text", weight=weight)
+    examples = apply_weight(read(_numbered(write_jsonl, 10), "text"), weight, random.Random(0))
     texts = [e.text for e in examples]
     assert len(texts) == count
     whole = int(weight)
