@@ -218,7 +218,8 @@ def _mistral_segments(messages: list[dict], tokenizer) -> list[Segment]:
                         fix=f"put the model's {TEKKEN_FILE} beside the tokenizer (its `version` decides), "
                             "or set data.template: tokenizer")
     segments: list[Segment] = [(ids_of([_vocabulary(tokenizer).bos]), False)]
-    if system and flavour == "v7":
+    # v7 keeps even an empty system prompt ([SYSTEM_PROMPT][/SYSTEM_PROMPT]); v1-v3 drop it.
+    if system is not None and flavour == "v7":
         segments.append((_control_wrapped(tokenizer, "[SYSTEM_PROMPT]", system, "[/SYSTEM_PROMPT]"), False))
     for i, message in enumerate(turns):
         content = message["content"]

@@ -110,8 +110,9 @@ def test_mistral_template_equals_mistral_common_on_random_conversations(version,
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_known_pitfalls_match_mistral_common(version, tokenizers, references):
-    # "[/INST] 4" vs "[/INST]4", a space before "</s>", a leading space, a system prompt.
+    # "[/INST] 4" vs "[/INST]4", a space before "</s>", a leading space, a system prompt, an empty one.
     for messages in [
+        [{"role": "system", "content": ""}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
         [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
         [{"role": "user", "content": " hi"}, {"role": "assistant", "content": "answer "}],
         [
