@@ -353,4 +353,19 @@ def _check_data_limits(data, origins: dict[str, str]) -> list[UserError]:
     if data.val_size < 0 or (isinstance(data.val_size, float) and data.val_size >= 1):
         errors.append(UserError(f"`data.val_size` is {data.val_size}; it must be a fraction in [0, 1) or a count "
                                 "of examples", where=origins.get("data.val_size", "data.val_size")))
+    return errors + _check_source_amounts(data, origins)
+
+
+def _check_source_amounts(data, origins: dict[str, str]) -> list[UserError]:
+    """A negative `limit` would slice rows off the end and a negative `weight` drop the source,
+    both silently; neither can mean what was intended."""
+    errors = []
+    for key in ("sources", "validation_sources"):
+        for index, source in enumerate(getattr(data, key)):
+            for name, fix in (("limit", "give the number of rows to read, or remove it to read them all"),
+                              ("weight", "use 1 to keep the source as is, 2 to repeat it, 0.5 to keep half")):
+                value, dotted = getattr(source, name), f"data.{key}.{index}.{name}"
+                if value is not None and value < 0:
+                    errors.append(UserError(f"`{dotted}` is {value}; it must be 0 or more",
+                                            where=origins.get(dotted, dotted), fix=fix))
     return errors

@@ -190,6 +190,9 @@ def test_our_own_generate_keys_are_type_checked_by_validate(workdir, override, m
     ("data.val_size=-1", "`data.val_size` is -1; it must be a fraction in [0, 1)"),
     ("data.val_size=1.5", "`data.val_size` is 1.5; it must be a fraction in [0, 1)"),
     ("~model.init_from_config.model_type", "`model.init_from_config` needs `model_type`"),
+    ("data.sources.0.limit=-1", "override: `data.sources.0.limit` is -1; it must be 0 or more"),
+    ("data.sources.0.weight=-0.5", "override: `data.sources.0.weight` is -0.5; it must be 0 or more"),
+    ("data.validation_sources=[{path: v.jsonl, weight: -1}]", "`data.validation_sources.0.weight` is -1"),
 ])
 def test_validate_catches_what_prepare_and_model_building_would_refuse(workdir, override, message):
     result = qlora("config", "validate", "tiny-mistral", override)
