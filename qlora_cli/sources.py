@@ -88,7 +88,9 @@ def _decode(path: Path) -> str:
 
 def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
     rows = []
-    for number, line in enumerate(_decode(path).splitlines(), start=1):
+    # JSON Lines ends a line at "\n" only: str.splitlines() would also split at U+2028, U+2029 or
+    # U+0085, which json.dumps(ensure_ascii=False) writes raw inside strings.
+    for number, line in enumerate(_decode(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -84,6 +84,16 @@ def _as_messages(examples) -> list:
     return [(e.text, e.messages) for e in examples]
 
 
+def test_jsonl_strings_may_hold_unicode_line_separators_and_lines_keep_their_numbers(tmp_path):
+    # json.dumps(ensure_ascii=False) writes U+2028, U+2029 and U+0085 raw: JSON Lines only ends at "\n".
+    path = tmp_path / "separators.jsonl"
+    rows = [{"prompt": f"first{mark}second", "completion": "ok"} for mark in ("\u2028", "\u2029", "\u0085")]
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    examples = read(path, "completion")
+    assert [e.messages[0]["content"] for e in examples] == [row["prompt"] for row in rows]
+    assert [e.where for e in examples] == [f"{path}:{n}" for n in (1, 2, 3)]
+
+
 @pytest.mark.parametrize("format", ["text", "chat", "alpaca", "completion"])
 def test_json_parquet_and_saved_dataset_give_the_same_examples_as_jsonl(format, tmp_path, write_jsonl):
     import pyarrow as pa
