@@ -216,6 +216,11 @@ def _chat(value: dict, where: str) -> Example:
             raise UserError(f"message {index + 1} needs `role` (one of {', '.join(ROLES)})", where=where)
         if not isinstance(message.get("content"), str):
             raise UserError(f"message {index + 1} needs `content` as text", where=where)
+        # mistral-common refuses an empty answer; a blank one would train a bare </s>, as an
+        # empty `completion` or `output` would, which those formats refuse too.
+        if message["role"] == "assistant" and not message["content"].strip():
+            raise UserError(f"message {index + 1} (assistant) is empty", where=where,
+                            fix="give every assistant message the answer to learn, or drop the row")
     try:
         check_roles(messages, last="assistant")
     except UserError as err:  # the template knows what is wrong, the row knows where

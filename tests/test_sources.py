@@ -223,6 +223,14 @@ def test_chat_without_an_assistant_turn(tmp_path, data_recipe, write_jsonl):
     assert_user_error(data_recipe, tmp_path, {"path": path, "format": "chat"}, f"{path}:1", "no assistant turn")
 
 
+@pytest.mark.parametrize("answer", ["", " \n"])
+def test_chat_with_an_empty_answer_names_its_line(tmp_path, data_recipe, write_jsonl, answer):
+    messages = [*SYSTEM_CHAT[:3], {"role": "user", "content": "And?"}, {"role": "assistant", "content": answer}]
+    path = write_jsonl([{"messages": SYSTEM_CHAT}, {"messages": messages}])
+    assert_user_error(data_recipe, tmp_path, {"path": path, "format": "chat"}, f"{path}:2",
+                      "message 5 (assistant) is empty")
+
+
 def test_chat_message_with_an_unknown_role(tmp_path, data_recipe, write_jsonl):
     path = write_jsonl([{"messages": [{"role": "human", "content": "hi"}]}])
     assert_user_error(data_recipe, tmp_path, {"path": path, "format": "chat"}, f"{path}:1", "message 1 needs `role`")
