@@ -94,15 +94,26 @@ def _merge_file(raw: RawRecipe, path: Path, stack: list[Path]) -> None:
         raise UserError(f"`extends` forms a cycle: {cycle}", fix="remove one of these `extends` entries")
     text = _read_text(path)
     config, lines = _parse_yaml(text, path)
-    extends = config.pop("extends", None)
-    for parent in [extends] if isinstance(extends, str) else list(extends or []):
-        if not isinstance(parent, str):
-            raise UserError("`extends` must be a recipe name or a list of them", where=_where(path, lines, "extends"))
+    for parent in _parents(config.pop("extends", None), _where(path, lines, "extends")):
         _merge_file(raw, find_recipe(parent, relative_to=path.parent), [*stack, path])
     _resolve_file_keys(config, path.parent)
     _record_origins(raw.origins, config, lambda key: _where(path, lines, key))
     raw.config = OmegaConf.merge(raw.config, config)
     raw.files.append(path)
+
+
+def _parents(extends: Any, where: str) -> list[str]:
+    """The recipes an `extends` value names: one name, or a list of names (a number or a mapping
+    would otherwise be iterated, or fail to be, as if it were a list)."""
+    parents = [extends] if isinstance(extends, str) else [] if extends is None else extends
+    if not isinstance(parents, (list, ListConfig)) or not all(isinstance(p, str) for p in parents):
+        raise UserError(f"`extends` must be a recipe name or a list of them, not {_shown(extends)}", where=where,
+                        fix="write e.g. `extends: tiny-mistral` or `extends: [base.yaml, lora-wide]`")
+    return list(parents)
+
+
+def _shown(value: Any) -> str:
+    return repr(OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value)
 
 
 def _read_text(path: Path) -> str:

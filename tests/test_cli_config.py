@@ -199,3 +199,12 @@ def test_validate_catches_what_prepare_and_model_building_would_refuse(workdir, 
     assert result.exit_code == 2, result.output
     assert message in result.stderr
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("extends", ["5", "{a: 1}", "[tiny-mistral, 3]"])
+def test_an_extends_that_is_not_names_exits_2_at_its_line(workdir, extends):
+    (workdir / "mine.yaml").write_text(f"lora:\n  r: 4\nextends: {extends}\n")
+    result = qlora("config", "validate", "mine.yaml")
+    assert result.exit_code == 2, result.output
+    assert "mine.yaml:3: `extends` must be a recipe name or a list of them" in result.stderr
+    assert "Traceback" not in result.output
