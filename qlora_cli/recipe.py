@@ -309,7 +309,7 @@ def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
         resolved["training"]["output_dir"] = f"runs/{raw.files[-1].stem}"
     errors = [
         UserError(f"unknown section `{key}`{suggest(key, SECTIONS)}; a recipe has only {', '.join(SECTIONS)}",
-                  where=raw.origins.get(key, key))
+                  where=raw.origins.get(str(key), str(key)))
         for key in resolved if key not in SECTIONS
     ]
     typed = {}

@@ -101,7 +101,7 @@ def suggest(key: str, valid: typing.Iterable[str]) -> str:
     valid = list(valid)
     if _ALIASES.get(key) in valid:
         return f" (did you mean `{_ALIASES[key]}`?)"
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)  # YAML keys may be numbers
     return f" (did you mean `{close[0]}`?)" if close else ""
 
 

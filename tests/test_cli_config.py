@@ -208,3 +208,15 @@ def test_an_extends_that_is_not_names_exits_2_at_its_line(workdir, extends):
     assert result.exit_code == 2, result.output
     assert "mine.yaml:3: `extends` must be a recipe name or a list of them" in result.stderr
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("text, message", [
+    ("training:\n  3: x\n", "mine.yaml:3: unknown key `training.3`"),
+    ("data:\n  sources:\n    - path: a.jsonl\n      7: chat\n", "mine.yaml:5: unknown key `data.sources.0.7`"),
+    ("4: x\n", "mine.yaml:2: unknown section `4`"),
+])
+def test_a_number_as_a_key_is_an_unknown_key_at_its_line(workdir, text, message):
+    (workdir / "mine.yaml").write_text(f"extends: tiny-mistral\n{text}")
+    result = qlora("config", "validate", "mine.yaml")
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
