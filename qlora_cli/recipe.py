@@ -97,9 +97,35 @@ def _merge_file(raw: RawRecipe, path: Path, stack: list[Path]) -> None:
     for parent in _parents(config.pop("extends", None), _where(path, lines, "extends")):
         _merge_file(raw, find_recipe(parent, relative_to=path.parent), [*stack, path])
     _resolve_file_keys(config, path.parent)
+    earlier = dict(raw.origins)
     _record_origins(raw.origins, config, lambda key: _where(path, lines, key))
-    raw.config = OmegaConf.merge(raw.config, config)
+    try:
+        raw.config = OmegaConf.merge(raw.config, config)
+    except TypeError:  # "Cannot merge incompatible container types", without saying where
+        key = _merge_conflict(raw.config, config)
+        if key is None:
+            raise
+        kinds = {True: "a mapping", False: "a list"}
+        raise UserError(f"`{key}` is {kinds[isinstance(config._get_node(key), DictConfig)]} here but "
+                        f"{kinds[isinstance(raw.config._get_node(key), DictConfig)]} in {earlier.get(key, 'an earlier recipe')}, "
+                        "and one cannot be merged into the other", where=_where(path, lines, key),
+                        fix="write it in the same shape as the recipe it extends (a section is a mapping of keys)") from None
     raw.files.append(path)
+
+
+def _merge_conflict(old: Any, new: Any, prefix: str = "") -> str | None:
+    """The first key that is a mapping on one side and a list on the other."""
+    if not (isinstance(old, DictConfig) and isinstance(new, DictConfig)):
+        return None
+    for key in new.keys():
+        if key not in old:
+            continue
+        before, after, dotted = old._get_node(key), new._get_node(key), f"{prefix}{key}"
+        if {type(before), type(after)} == {DictConfig, ListConfig}:
+            return dotted
+        if found := _merge_conflict(before, after, f"{dotted}."):
+            return found
+    return None
 
 
 def _parents(extends: Any, where: str) -> list[str]:

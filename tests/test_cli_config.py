@@ -220,3 +220,11 @@ def test_a_number_as_a_key_is_an_unknown_key_at_its_line(workdir, text, message)
     result = qlora("config", "validate", "mine.yaml")
     assert result.exit_code == 2, result.output
     assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_a_list_where_the_parent_has_a_mapping_exits_2_at_its_line(workdir):
+    (workdir / "mine.yaml").write_text("extends: tiny-mistral\nlora: []\n")
+    result = qlora("config", "validate", "mine.yaml")
+    assert result.exit_code == 2, result.output
+    assert "mine.yaml:2: `lora` is a list here but a mapping in" in result.stderr
+    assert "tiny-mistral.yaml" in result.stderr and "Traceback" not in result.output
