@@ -158,11 +158,24 @@ def _parse_yaml(text: str, path: Path) -> tuple[DictConfig, dict[str, int]]:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise UserError(f"not valid YAML: {getattr(err, 'problem', err)}", where=where) from None
+    except OmegaConfBaseException as err:  # e.g. an unclosed `${`, which OmegaConf parses on load
+        lines = _lines_of(node)
+        raise UserError(f"`{err.full_key}` cannot be parsed: {_reason(err)}", where=_where(path, lines, err.full_key or ""),
+                        fix="close each `${...}`, or write `\\${` for a literal `${`") from None
     if not isinstance(config, DictConfig):
         raise UserError("a recipe must be a mapping of sections (model:, lora:, ...)", where=str(path))
+    return config, _lines_of(node)
+
+
+def _reason(err: OmegaConfBaseException) -> str:
+    """OmegaConf's message without the `full_key:`/`object_type=` lines it appends for debugging."""
+    return str(getattr(err, "msg", None) or err).splitlines()[0]
+
+
+def _lines_of(node: Any) -> dict[str, int]:
     lines: dict[str, int] = {}
     _collect_lines(node, "", lines)
-    return config, lines
+    return lines
 
 
 def _collect_lines(node: Any, prefix: str, lines: dict[str, int]) -> None:

@@ -228,3 +228,11 @@ def test_a_list_where_the_parent_has_a_mapping_exits_2_at_its_line(workdir):
     assert result.exit_code == 2, result.output
     assert "mine.yaml:2: `lora` is a list here but a mapping in" in result.stderr
     assert "tiny-mistral.yaml" in result.stderr and "Traceback" not in result.output
+
+
+def test_an_unclosed_interpolation_in_a_recipe_file_exits_2_at_its_line(workdir):
+    (workdir / "mine.yaml").write_text('extends: tiny-mistral\ntraining:\n  run_name: "${oops"\n')
+    result = qlora("config", "validate", "mine.yaml")
+    assert result.exit_code == 2, result.output
+    assert "mine.yaml:3: `training.run_name` cannot be parsed" in result.stderr
+    assert "object_type" not in result.stderr and "Traceback" not in result.output
