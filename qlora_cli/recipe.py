@@ -105,9 +105,9 @@ def _merge_file(raw: RawRecipe, path: Path, stack: list[Path]) -> None:
         key = _merge_conflict(raw.config, config)
         if key is None:
             raise
-        kinds = {True: "a mapping", False: "a list"}
-        raise UserError(f"`{key}` is {kinds[isinstance(config._get_node(key), DictConfig)]} here but "
-                        f"{kinds[isinstance(raw.config._get_node(key), DictConfig)]} in {earlier.get(key, 'an earlier recipe')}, "
+        kind = "a mapping" if isinstance(OmegaConf.select(config, key), DictConfig) else "a list"
+        other = "a list" if kind == "a mapping" else "a mapping"
+        raise UserError(f"`{key}` is {kind} here but {other} in {earlier.get(key, 'an earlier recipe')}, "
                         "and one cannot be merged into the other", where=_where(path, lines, key),
                         fix="write it in the same shape as the recipe it extends (a section is a mapping of keys)") from None
     raw.files.append(path)

@@ -228,6 +228,11 @@ def test_a_list_where_the_parent_has_a_mapping_exits_2_at_its_line(workdir):
     assert result.exit_code == 2, result.output
     assert "mine.yaml:2: `lora` is a list here but a mapping in" in result.stderr
     assert "tiny-mistral.yaml" in result.stderr and "Traceback" not in result.output
+    (workdir / "base.yaml").write_text("extends: tiny-mistral\ndata:\n  sources:\n    - path: a.jsonl\n")
+    (workdir / "child.yaml").write_text("extends: base.yaml\ndata:\n  sources:\n    path: b.jsonl\n")
+    result = qlora("config", "validate", "child.yaml")
+    assert result.exit_code == 2, result.output
+    assert "child.yaml:3: `data.sources` is a mapping here but a list in base.yaml:3" in result.stderr
 
 
 def test_an_unclosed_interpolation_in_a_recipe_file_exits_2_at_its_line(workdir):
