@@ -242,6 +242,8 @@ def _walk(config: Any, prefix: str = ""):
 
 
 def _apply_override(raw: RawRecipe, override: str) -> None:
+    key, sep, value = override.partition("=")
+    override = re.sub(r"\[(\d+)\]", r".\1", key) + sep + value  # data.sources[0].x is data.sources.0.x
     if override.startswith("~"):
         _delete_key(raw, override[1:].split("=", 1)[0])
         return
@@ -254,10 +256,29 @@ def _apply_override(raw: RawRecipe, override: str) -> None:
         reason = getattr(err, "msg", None) or getattr(err, "problem", None) or str(err)
         raise UserError(f"override `{override}` cannot be parsed: {reason}", where=OVERRIDE,
                         fix="write KEY=VALUE with a YAML value, e.g. lora.target_modules=[q_proj,v_proj]") from None
+    _check_list_indices(raw.config, key.strip())
     _record_origins(raw.origins, layer, lambda _key: OVERRIDE)
     # Assign instead of merging so that a list or mapping given on the command line replaces
     # the recipe's value rather than being blended into it.
     OmegaConf.update(raw.config, key.strip(), _unresolved(layer, key.strip()), merge=False, force_add=True)
+
+
+def _check_list_indices(config: DictConfig, key: str) -> None:
+    """Each index in `key` must name an item its list has (OmegaConf says only "list index out
+    of range"); a key that does not exist yet is fine, the override adds it."""
+    node, parts = config, key.split(".")
+    for depth, part in enumerate(parts):
+        if isinstance(node, ListConfig):
+            listed = ".".join(parts[:depth])
+            if not part.isdigit() or int(part) >= len(node):
+                indices = f"use an index from 0 to {len(node) - 1}, or " if len(node) else ""
+                raise UserError(f"`{listed}` is a list of {len(node)} item(s), and `{part}` is not an index of it",
+                                where=OVERRIDE, fix=f"{indices}give the whole list: {listed}=[...]")
+            node = node._get_node(int(part))
+        elif isinstance(node, DictConfig) and part in node:
+            node = node._get_node(part)
+        else:
+            return
 
 
 def _unresolved(layer: DictConfig, key: str) -> Any:

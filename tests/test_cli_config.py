@@ -241,3 +241,12 @@ def test_an_unclosed_interpolation_in_a_recipe_file_exits_2_at_its_line(workdir)
     assert result.exit_code == 2, result.output
     assert "mine.yaml:3: `training.run_name` cannot be parsed" in result.stderr
     assert "object_type" not in result.stderr and "Traceback" not in result.output
+
+
+def test_an_override_into_a_list_takes_an_index_it_has_written_either_way(workdir):
+    for override in ("data.sources.0.format=chat", "data.sources[0].format=chat"):
+        assert load_recipe(["tiny-mistral"], [override]).data.sources[0].format == "chat"
+    result = qlora("config", "validate", "tiny-mistral", "data.sources.3.format=chat")
+    assert result.exit_code == 2, result.output
+    assert "override: `data.sources` is a list of 1 item(s), and `3` is not an index of it" in result.stderr
+    assert "data.sources=[...]" in result.stderr and "Traceback" not in result.output
