@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,11 +82,17 @@ def prepare_dataset(recipe, tokenizer, *, force: bool = False) -> PreparedData:
     target = Path(data.prepared_dir) / fingerprint
     if (target / SUMMARY_FILE).is_file() and not force:
         return load_prepared(target, reused=True)
+    where = recipe.origins.get("data.prepared_dir", "data.prepared_dir")
+    _check_prepared_dir(target.parent, where)
     # Built before any folder is made, so a bad row leaves nothing at all under prepared_dir.
     dataset, summary = build_dataset(data, tokenizer, seed, fingerprint)
-    with atomic_folder(target, replace=True) as tmp:
-        dataset.save_to_disk(str(tmp))
-        (tmp / SUMMARY_FILE).write_text(json.dumps(dataclasses.asdict(summary), indent=2))
+    try:
+        with atomic_folder(target, replace=True) as tmp:
+            dataset.save_to_disk(str(tmp))
+            (tmp / SUMMARY_FILE).write_text(json.dumps(dataclasses.asdict(summary), indent=2))
+    except OSError as err:  # what the check above cannot foresee: a full disk, a read-only mount
+        raise UserError(f"`data.prepared_dir` {target.parent} cannot be written: {err.strerror or err}",
+                        where=where, fix="set data.prepared_dir to a folder you can write") from None
     return load_prepared(target, reused=False)
 
 
@@ -96,6 +103,22 @@ def load_prepared(path: Path, reused: bool = True) -> PreparedData:
     raw = json.loads((path / SUMMARY_FILE).read_text())
     raw["sources"] = [SourceCounts(**s) for s in raw["sources"]]
     return PreparedData(path, load_from_disk(str(path)), PrepareSummary(**raw), reused)
+
+
+def _check_prepared_dir(folder: Path, where: str) -> None:
+    """Before the data is read and tokenized: a cache folder that is a file, or lies under one or
+    under a folder we cannot write, fails at once, naming the key. Nothing is created yet."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        problem = "is a file" if existing == folder else f"lies under {existing}, which is a file"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"cannot be written ({existing} is read-only)"
+    else:
+        return
+    raise UserError(f"`data.prepared_dir` {folder} {problem}", where=where,
+                    fix="set data.prepared_dir to a folder you can write")
 
 
 def _check_data_section(data) -> None:

@@ -266,6 +266,18 @@ def test_a_failed_prepare_leaves_no_folder(data_recipe, write_jsonl, v1_tokenize
     assert not (tmp_path / "prepared").exists()
 
 
+@pytest.mark.parametrize("under, problem", [("", "is a file"), ("sub", "lies under")])
+def test_a_prepared_dir_that_cannot_be_a_folder_exits_2_naming_the_key(data_recipe, write_jsonl, tmp_path,
+                                                                       under, problem):
+    from conftest import assert_user_error
+
+    (tmp_path / "afile").write_text("")
+    recipe = data_recipe({"sources": [{"path": write_jsonl(numbered_texts(2)), "format": "text"}],
+                          "prepared_dir": str(tmp_path / "afile" / under)})
+    result = CliRunner().invoke(app, ["prepare", str(recipe)])
+    assert_user_error(result, "`data.prepared_dir`", problem, "recipe.yaml:")
+
+
 def test_atomic_folder_appears_whole_or_not_at_all(tmp_path):
     from qlora_cli.atomic import atomic_folder
 
