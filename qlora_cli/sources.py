@@ -79,7 +79,7 @@ def _read_rows(source) -> list[tuple[str, Any]]:
 def _decode(path: Path) -> str:
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # Excel and Windows tools start UTF-8 files with a BOM
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise UserError(f"not UTF-8 text (byte {err.start}: {err.reason})", where=f"{path}:{line}",

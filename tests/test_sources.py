@@ -133,6 +133,15 @@ def read_alpaca_jsonl(tmp_path):
     return read(path, "alpaca")
 
 
+@pytest.mark.parametrize("name, body", [("bom.csv", "prompt,completion\nhi,there\n"),
+                                        ("bom.jsonl", '{"prompt": "hi", "completion": "there"}\n')])
+def test_a_utf8_bom_is_not_part_of_the_first_field(tmp_path, name, body):
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())  # as Excel and Windows tools write UTF-8
+    (example,) = read(path, "completion")
+    assert example.messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "there"}]
+
+
 def test_saved_dataset_without_the_split_names_the_splits_it_has(tmp_path):
     from datasets import Dataset, DatasetDict
 
