@@ -181,11 +181,22 @@ def to_example(row: Any, where: str, source) -> Example:
     for name, column in fields.items():
         if column not in row and name not in OPTIONAL_FIELDS:
             have = ", ".join(sorted(map(str, row))) or "none"
+            likely = _likely_format(row, source.format)
+            fix = (f"set `format: {likely}` on this source (its rows have the fields of that format), or "
+                   if likely else "") + f"map it with `columns: {{{name}: <your field>}}` on this source"
             raise UserError(f"row has no `{column}` field, which the `{source.format}` format needs "
-                            f"(the row has: {have})", where=where,
-                            fix=f"map it with `columns: {{{name}: <your field>}}` on this source")
+                            f"(the row has: {have})", where=where, fix=fix)
     value = {name: row.get(column) for name, column in fields.items()}
     return _BUILDERS[source.format](value, where)
+
+
+def _likely_format(row: dict, current: str) -> str | None:
+    """Another format whose fields the row has: `format:` left at its default (text) on a chat
+    file is a likelier mistake than a column to rename."""
+    for name, fields in FORMAT_FIELDS.items():
+        if name != current and all(f in row for f in fields if f not in OPTIONAL_FIELDS):
+            return name
+    return None
 
 
 def _text(value: dict, where: str) -> Example:

@@ -209,6 +209,13 @@ def test_missing_field_lists_the_fields_the_row_has(tmp_path, data_recipe, write
                       f"{path}:2", "no `messages` field", "the row has: answer, prompt")
 
 
+@pytest.mark.parametrize("format", ["chat", "completion", "alpaca"])
+def test_rows_of_another_format_suggest_that_format(tmp_path, data_recipe, write_jsonl, format):
+    path = write_jsonl(ROWS[format])
+    assert_user_error(data_recipe, tmp_path, {"path": path}, f"{path}:1", "no `text` field",
+                      f"set `format: {format}` on this source")
+
+
 def test_missing_csv_column_names_the_line(tmp_path, data_recipe):
     path = tmp_path / "data.csv"
     path.write_text("question,output\nSay hi,hi\n")
