@@ -94,8 +94,12 @@ def _merge_file(raw: RawRecipe, path: Path, stack: list[Path]) -> None:
         raise UserError(f"`extends` forms a cycle: {cycle}", fix="remove one of these `extends` entries")
     text = _read_text(path)
     config, lines = _parse_yaml(text, path)
-    for parent in _parents(config.pop("extends", None), _where(path, lines, "extends")):
-        _merge_file(raw, find_recipe(parent, relative_to=path.parent), [*stack, path])
+    for index, parent in enumerate(_parents(config.pop("extends", None), _where(path, lines, "extends"))):
+        try:
+            found = find_recipe(parent, relative_to=path.parent)
+        except UserError as err:  # say which file asked for it, and where
+            raise UserError(err.message, where=_where(path, lines, f"extends.{index}"), fix=err.fix) from None
+        _merge_file(raw, found, [*stack, path])
     _resolve_file_keys(config, path.parent)
     earlier = dict(raw.origins)
     _record_origins(raw.origins, config, lambda key: _where(path, lines, key))

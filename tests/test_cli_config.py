@@ -250,3 +250,10 @@ def test_an_override_into_a_list_takes_an_index_it_has_written_either_way(workdi
     assert result.exit_code == 2, result.output
     assert "override: `data.sources` is a list of 1 item(s), and `3` is not an index of it" in result.stderr
     assert "data.sources=[...]" in result.stderr and "Traceback" not in result.output
+
+
+def test_a_missing_parent_is_reported_at_the_extends_that_names_it(workdir):
+    (workdir / "mine.yaml").write_text("extends:\n  - tiny-mistral\n  - nothere.yaml\n")
+    result = qlora("config", "validate", "mine.yaml")
+    assert result.exit_code == 2, result.output
+    assert "mine.yaml:3: recipe `nothere.yaml` not found" in result.stderr
