@@ -428,7 +428,19 @@ def _check_data_limits(data, origins: dict[str, str]) -> list[UserError]:
     if data.val_size < 0 or (isinstance(data.val_size, float) and data.val_size >= 1):
         errors.append(UserError(f"`data.val_size` is {data.val_size}; it must be a fraction in [0, 1) or a count "
                                 "of examples", where=origins.get("data.val_size", "data.val_size")))
-    return errors + _check_source_amounts(data, origins)
+    return errors + _check_template(data.template, origins) + _check_source_amounts(data, origins)
+
+
+def _check_template(template: str, origins: dict[str, str]) -> list[UserError]:
+    """A template name with a typo, which prepare would refuse only after loading the tokenizer."""
+    from qlora_cli.sections import suggest
+    from qlora_cli.templates import TEMPLATE_NAMES, is_jinja
+
+    if template in TEMPLATE_NAMES or is_jinja(template):
+        return []
+    return [UserError(f"`data.template` is {template!r}{suggest(template, TEMPLATE_NAMES)}: neither a template "
+                      "name nor a Jinja chat template", where=origins.get("data.template", "data.template"),
+                      fix="use mistral, tokenizer, or a Jinja chat template (with {{ }} and {% %})")]
 
 
 def _check_source_amounts(data, origins: dict[str, str]) -> list[UserError]:

@@ -193,6 +193,7 @@ def test_our_own_generate_keys_are_type_checked_by_validate(workdir, override, m
     ("data.sources.0.limit=-1", "override: `data.sources.0.limit` is -1; it must be 0 or more"),
     ("data.sources.0.weight=-0.5", "override: `data.sources.0.weight` is -0.5; it must be 0 or more"),
     ("data.validation_sources=[{path: v.jsonl, weight: -1}]", "`data.validation_sources.0.weight` is -1"),
+    ("data.template=mistrall", "`data.template` is 'mistrall' (did you mean `mistral`?): neither a template name"),
 ])
 def test_validate_catches_what_prepare_and_model_building_would_refuse(workdir, override, message):
     result = qlora("config", "validate", "tiny-mistral", override)
