@@ -164,9 +164,24 @@ def check_keys(
         elif key in annotations and not matches_type(value, annotations[key]):
             errors.append(UserError(
                 f"`{dotted}` is {value!r} ({type(value).__name__}); expected {describe_type(annotations[key])}",
-                where=origins.get(dotted, dotted),
+                where=origins.get(dotted, dotted), fix=_decode_hint(value, annotations[key]),
             ))
     return errors
+
+
+def _decode_hint(value: Any, annotation: Any) -> str | None:
+    """For text that would fit once read as YAML: OmegaConf's `${oc.env:...}` always gives text
+    (by design), and its `oc.decode` is the way to read it as a number or a boolean."""
+    import yaml
+
+    try:
+        decoded = yaml.safe_load(value) if isinstance(value, str) else value
+    except yaml.YAMLError:
+        return None
+    if isinstance(decoded, str) or not matches_type(decoded, annotation):
+        return None
+    return (f"write it unquoted; an environment variable is always text, so read it as YAML with "
+            f"${{oc.decode:${{oc.env:VAR,{value}}}}}")
 
 
 def dataclass_annotations(cls) -> dict[str, Any]:
