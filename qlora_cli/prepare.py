@@ -245,8 +245,9 @@ def _encode_sources(sources, data, tokenizer, summary: PrepareSummary) -> list[_
         summary.sources.append(counts)
         per_source.append(_SourceExamples(source.weight, counts, encoded))
     if sources and not any(source.encoded for source in per_source):
-        raise UserError("no examples left after filtering", where=sources[0].path,
-                        fix="raise data.max_length or set data.overlong: truncate")
+        truncate = "" if data.overlong == "truncate" else " or set data.overlong: truncate"
+        raise UserError("no examples left after filtering: every one is longer than data.max_length or its answer starts beyond it",
+                        where=sources[0].path, fix=f"raise data.max_length{truncate}")
     return per_source
 
 

@@ -257,7 +257,7 @@ def _apply_override(raw: RawRecipe, override: str) -> None:
     try:
         layer = OmegaConf.from_dotlist([override])
     except (OmegaConfBaseException, yaml.YAMLError) as err:
-        reason = getattr(err, "msg", None) or getattr(err, "problem", None) or str(err)
+        reason = _reason(err) if isinstance(err, OmegaConfBaseException) else getattr(err, "problem", None) or str(err)
         raise UserError(f"override `{override}` cannot be parsed: {reason}", where=OVERRIDE,
                         fix="write KEY=VALUE with a YAML value, e.g. lora.target_modules=[q_proj,v_proj]") from None
     _check_list_indices(raw.config, key.strip())
@@ -297,9 +297,10 @@ def _unresolved(layer: DictConfig, key: str) -> Any:
 def _delete_key(raw: RawRecipe, key: str) -> None:
     parent_key, _, leaf = key.rpartition(".")
     parent = OmegaConf.select(raw.config, parent_key) if parent_key else raw.config
-    if not isinstance(parent, DictConfig) or leaf not in parent:
+    in_list = isinstance(parent, ListConfig) and leaf.isdigit() and int(leaf) < len(parent)
+    if not in_list and (not isinstance(parent, DictConfig) or leaf not in parent):
         raise UserError(f"cannot delete `{key}`: the recipe has no such key", where=OVERRIDE)
-    del parent[leaf]
+    del parent[int(leaf) if in_list else leaf]
     for old in [k for k in raw.origins if k == key or k.startswith(f"{key}.")]:
         del raw.origins[old]
 
@@ -311,7 +312,7 @@ def resolve(raw: RawRecipe) -> dict[str, Any]:
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or ""
         where = raw.origins.get(key, key or None)
-        raise UserError(f"interpolation failed for `{key}`: {err.msg}", where=where) from None
+        raise UserError(f"interpolation failed for `{key}`: {_reason(err)}", where=where) from None
 
 
 def to_yaml(config: dict[str, Any]) -> str:

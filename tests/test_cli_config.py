@@ -258,3 +258,11 @@ def test_a_missing_parent_is_reported_at_the_extends_that_names_it(workdir):
     result = qlora("config", "validate", "mine.yaml")
     assert result.exit_code == 2, result.output
     assert "mine.yaml:3: recipe `nothere.yaml` not found" in result.stderr
+
+
+def test_a_list_item_can_be_deleted_and_interpolation_errors_carry_no_omegaconf_internals(workdir):
+    recipe = load_recipe(["tiny-mistral"], ["data.sources=[{path: a.jsonl}, {path: b.jsonl}]", "~data.sources.0"])
+    assert [s.path for s in recipe.data.sources] == ["b.jsonl"]
+    result = qlora("config", "validate", "tiny-mistral", "training.run_name=${nope}")
+    assert result.exit_code == 2 and "interpolation failed" in result.stderr
+    assert "object_type" not in result.stderr and "full_key" not in result.stderr

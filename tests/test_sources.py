@@ -275,6 +275,15 @@ def test_no_examples_left_after_filtering(tmp_path, data_recipe, write_jsonl):
                       max_length=8, overlong="drop")
 
 
+
+def test_no_examples_left_when_truncating_does_not_suggest_truncating(tmp_path, data_recipe, write_jsonl):
+    path = write_jsonl([{"text": f"<s>[INST] {'word ' * 20} [/INST] answer</s>"}])
+    result, output = run_prepare(data_recipe({"sources": [{"path": path, "format": "text"}], "max_length": 8,
+                                              "overlong": "truncate"}))
+    assert result.exit_code == 2 and "fix: raise data.max_length" in output
+    assert "set data.overlong: truncate" not in output
+
+
 @pytest.mark.parametrize("name", ["missing.jsonl", "sub/missing.parquet", "sub/missing.csv"])
 def test_a_source_that_does_not_exist(tmp_path, data_recipe, name):
     path = tmp_path / name
