@@ -331,6 +331,9 @@ _NUMBER_LIKE = re.compile(r"[-+]?(\d[\d_]*\.?[\d_]*|\.\d[\d_]*)([eE][-+]?\d+)?|[
 
 def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
     style = '"' if _NUMBER_LIKE.fullmatch(value) else None
+    # A resolved value's `${` is literal (the recipe wrote `\${`): escaped again, or reading the
+    # output back would interpolate it.
+    value = value.replace("${", "\\${")
     return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
 

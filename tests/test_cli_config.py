@@ -117,6 +117,15 @@ def test_show_piped_is_a_recipe_that_loads_to_the_same_config(workdir):
     assert qlora("config", "validate", "resolved.yaml").exit_code == 0
 
 
+
+def test_show_keeps_an_escaped_interpolation_literal(workdir):
+    (workdir / "mine.yaml").write_text('extends: tiny-mistral\ntraining:\n  run_name: "cost \\\\${HOME} ok"\n')
+    result = qlora("config", "show", "mine.yaml")
+    assert result.exit_code == 0, result.output
+    (workdir / "resolved.yaml").write_text(result.stdout)
+    assert load_recipe(["resolved.yaml"]).training["run_name"] == "cost ${HOME} ok"
+
+
 def test_explain_gives_each_value_its_origin(workdir):
     result = qlora("config", "explain", "tiny-mistral", "training.learning_rate=1e-4",
                    "lora.target_modules=[q_proj,v_proj]")
