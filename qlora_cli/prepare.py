@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +20,12 @@ from pathlib import Path
 from qlora_cli.atomic import atomic_folder
 from qlora_cli.errors import UserError
 from qlora_cli.packing import build_rows
-from qlora_cli.sources import Example, read_source
+from qlora_cli.sources import Example, apply_weight, read_source
 from qlora_cli.templates import IGNORE_INDEX, Ids, chat_segments, ids_of, text_segments
+from qlora_cli.tokenizer import VERSION_KEY
 
 # Bump when the prepared format or the tokenization changes, so old caches are not reused.
-PREPARED_FORMAT = 1
+PREPARED_FORMAT = 2
 SUMMARY_FILE = "qlora_prepared.json"
 
 # An encoded example: its token ids, and (length, trained) spans covering them in order. Labels
@@ -80,11 +82,17 @@ def prepare_dataset(recipe, tokenizer, *, force: bool = False) -> PreparedData:
     target = Path(data.prepared_dir) / fingerprint
     if (target / SUMMARY_FILE).is_file() and not force:
         return load_prepared(target, reused=True)
+    where = recipe.origins.get("data.prepared_dir", "data.prepared_dir")
+    _check_prepared_dir(target.parent, where)
     # Built before any folder is made, so a bad row leaves nothing at all under prepared_dir.
     dataset, summary = build_dataset(data, tokenizer, seed, fingerprint)
-    with atomic_folder(target, replace=True) as tmp:
-        dataset.save_to_disk(str(tmp))
-        (tmp / SUMMARY_FILE).write_text(json.dumps(dataclasses.asdict(summary), indent=2))
+    try:
+        with atomic_folder(target, replace=True) as tmp:
+            dataset.save_to_disk(str(tmp))
+            (tmp / SUMMARY_FILE).write_text(json.dumps(dataclasses.asdict(summary), indent=2))
+    except OSError as err:  # what the check above cannot foresee: a full disk, a read-only mount
+        raise UserError(f"`data.prepared_dir` {target.parent} cannot be written: {err.strerror or err}",
+                        where=where, fix="set data.prepared_dir to a folder you can write") from None
     return load_prepared(target, reused=False)
 
 
@@ -95,6 +103,22 @@ def load_prepared(path: Path, reused: bool = True) -> PreparedData:
     raw = json.loads((path / SUMMARY_FILE).read_text())
     raw["sources"] = [SourceCounts(**s) for s in raw["sources"]]
     return PreparedData(path, load_from_disk(str(path)), PrepareSummary(**raw), reused)
+
+
+def _check_prepared_dir(folder: Path, where: str) -> None:
+    """Before the data is read and tokenized: a cache folder that is a file, or lies under one or
+    under a folder we cannot write, fails at once, naming the key. Nothing is created yet."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        problem = "is a file" if existing == folder else f"lies under {existing}, which is a file"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"cannot be written ({existing} is read-only)"
+    else:
+        return
+    raise UserError(f"`data.prepared_dir` {folder} {problem}", where=where,
+                    fix="set data.prepared_dir to a folder you can write")
 
 
 def _check_data_section(data) -> None:
@@ -109,8 +133,8 @@ def data_fingerprint(data, tokenizer, seed: int) -> str:
     section = {k: v for k, v in dataclasses.asdict(data).items() if k not in ("prepared_dir", "num_proc")}
     digest.update(json.dumps([section, seed, PREPARED_FORMAT], sort_keys=True, default=str).encode())
     digest.update(tokenizer.backend_tokenizer.to_str().encode())
-    digest.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id,
-                              getattr(tokenizer, "chat_template", None)], default=str).encode())
+    digest.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None),
+                              getattr(tokenizer, "init_kwargs", {}).get(VERSION_KEY)], default=str).encode())
     for source in [*data.sources, *data.validation_sources]:
         _hash_path(digest, Path(source.path))
     return digest.hexdigest()[:16]
@@ -134,18 +158,14 @@ def build_dataset(data, tokenizer, seed: int, fingerprint: str):
     from datasets import Dataset, DatasetDict
 
     summary = PrepareSummary(fingerprint=fingerprint, max_length=data.max_length)
-    train = _encode_sources(data.sources, data, tokenizer, seed, summary)
-    validation = _encode_sources(data.validation_sources, data, tokenizer, seed, summary)
     rng = random.Random(seed)
+    per_source = _encode_sources(data.sources, data, tokenizer, summary)
+    validation = _weighted(_encode_sources(data.validation_sources, data, tokenizer, summary), rng)
+    if data.val_size and not data.validation_sources:
+        validation = _split_off_validation(per_source, data, rng)
+    train = _weighted(per_source, rng)
     if data.shuffle:
         rng.shuffle(train)
-    if data.val_size and not data.validation_sources:
-        count = data.val_size if isinstance(data.val_size, int) else round(data.val_size * len(train))
-        if count < 1 or count >= len(train):
-            raise UserError(f"`data.val_size` {data.val_size} leaves {count} of {len(train)} examples for "
-                            "validation", where="data.val_size", fix="use a larger fraction, or a count below "
-                            "the number of examples")
-        validation, train = train[:count], train[count:]
     splits = {"train": train, "validation": validation} if validation else {"train": train}
     rows = {}
     for name, encoded in splits.items():
@@ -161,12 +181,50 @@ def build_dataset(data, tokenizer, seed: int, fingerprint: str):
     return DatasetDict(splits), summary
 
 
-def _encode_sources(sources, data, tokenizer, seed: int, summary: PrepareSummary) -> list[Encoded]:
-    encoded = []
+@dataclass
+class _SourceExamples:
+    """One source's encoded examples before its weight is applied."""
+
+    weight: float
+    counts: SourceCounts
+    encoded: list[Encoded]
+
+
+def _split_off_validation(per_source: list[_SourceExamples], data, rng: random.Random) -> list[Encoded]:
+    """Take the validation examples out of the sources before weights repeat any: a repeat in
+    both splits would make the eval loss measure memorisation."""
+    pool = [(source, example) for source in per_source for example in source.encoded]
+    count = data.val_size if isinstance(data.val_size, int) else round(data.val_size * len(pool))
+    if count < 1 or count >= len(pool):
+        raise UserError(f"`data.val_size` {data.val_size} leaves {count} of {len(pool)} examples for "
+                        "validation", where="data.val_size", fix="use a larger fraction, or a count below "
+                        "the number of examples")
+    if data.shuffle:
+        rng.shuffle(pool)
+    for source in per_source:
+        source.encoded = []
+    for source, example in pool[count:]:
+        source.encoded.append(example)
+    return [example for _, example in pool[:count]]
+
+
+def _weighted(per_source: list[_SourceExamples], rng: random.Random) -> list[Encoded]:
+    """Every source's examples, repeated or sampled by its weight; `kept` counts what it contributes."""
+    examples = []
+    for source in per_source:
+        weighted = apply_weight(source.encoded, source.weight, rng)
+        source.counts.kept += len(weighted) - len(source.encoded)
+        examples += weighted
+    return examples
+
+
+def _encode_sources(sources, data, tokenizer, summary: PrepareSummary) -> list[_SourceExamples]:
+    per_source = []
     for source in sources:
         counts = SourceCounts(source.path)
-        examples = read_source(source, seed)
+        examples = read_source(source)
         counts.read = len(examples)
+        encoded = []
         for example, (ids, spans) in zip(examples, encode_examples(examples, data, tokenizer)):
             truncated = len(ids) > data.max_length
             if truncated:
@@ -185,10 +243,12 @@ def _encode_sources(sources, data, tokenizer, seed: int, summary: PrepareSummary
             encoded.append((ids, spans))
             counts.kept += 1
         summary.sources.append(counts)
-    if sources and not encoded:
-        raise UserError("no examples left after filtering", where=sources[0].path,
-                        fix="raise data.max_length or set data.overlong: truncate")
-    return encoded
+        per_source.append(_SourceExamples(source.weight, counts, encoded))
+    if sources and not any(source.encoded for source in per_source):
+        truncate = "" if data.overlong == "truncate" else " or set data.overlong: truncate"
+        raise UserError("no examples left after filtering: every one is longer than data.max_length or its answer starts beyond it",
+                        where=sources[0].path, fix=f"raise data.max_length{truncate}")
+    return per_source
 
 
 def _cut_spans(spans: list[tuple[int, bool]], length: int) -> list[tuple[int, bool]]:

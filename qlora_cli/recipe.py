@@ -98,15 +98,56 @@ def _merge_file(raw: RawRecipe, path: Path, stack: list[Path]) -> None:
         raise UserError(f"`extends` forms a cycle: {cycle}", fix="remove one of these `extends` entries")
     text = _read_text(path)
     config, lines = _parse_yaml(text, path)
-    extends = config.pop("extends", None)
-    for parent in [extends] if isinstance(extends, str) else list(extends or []):
-        if not isinstance(parent, str):
-            raise UserError("`extends` must be a recipe name or a list of them", where=_where(path, lines, "extends"))
-        _merge_file(raw, find_recipe(parent, relative_to=path.parent), [*stack, path])
+    for index, parent in enumerate(_parents(config.pop("extends", None), _where(path, lines, "extends"))):
+        try:
+            found = find_recipe(parent, relative_to=path.parent)
+        except UserError as err:  # say which file asked for it, and where
+            raise UserError(err.message, where=_where(path, lines, f"extends.{index}"), fix=err.fix) from None
+        _merge_file(raw, found, [*stack, path])
     _resolve_file_keys(config, path.parent)
+    earlier = dict(raw.origins)
     _record_origins(raw.origins, config, lambda key: _where(path, lines, key))
-    raw.config = OmegaConf.merge(raw.config, config)
+    try:
+        raw.config = OmegaConf.merge(raw.config, config)
+    except TypeError:  # "Cannot merge incompatible container types", without saying where
+        key = _merge_conflict(raw.config, config)
+        if key is None:
+            raise
+        kind = "a mapping" if isinstance(OmegaConf.select(config, key), DictConfig) else "a list"
+        other = "a list" if kind == "a mapping" else "a mapping"
+        raise UserError(f"`{key}` is {kind} here but {other} in {earlier.get(key, 'an earlier recipe')}, "
+                        "and one cannot be merged into the other", where=_where(path, lines, key),
+                        fix="write it in the same shape as the recipe it extends (a section is a mapping of keys)") from None
     raw.files.append(path)
+
+
+def _merge_conflict(old: Any, new: Any, prefix: str = "") -> str | None:
+    """The first key that is a mapping on one side and a list on the other."""
+    if not (isinstance(old, DictConfig) and isinstance(new, DictConfig)):
+        return None
+    for key in new.keys():
+        if key not in old:
+            continue
+        before, after, dotted = old._get_node(key), new._get_node(key), f"{prefix}{key}"
+        if {type(before), type(after)} == {DictConfig, ListConfig}:
+            return dotted
+        if found := _merge_conflict(before, after, f"{dotted}."):
+            return found
+    return None
+
+
+def _parents(extends: Any, where: str) -> list[str]:
+    """The recipes an `extends` value names: one name, or a list of names (a number or a mapping
+    would otherwise be iterated, or fail to be, as if it were a list)."""
+    parents = [extends] if isinstance(extends, str) else [] if extends is None else extends
+    if not isinstance(parents, (list, ListConfig)) or not all(isinstance(p, str) for p in parents):
+        raise UserError(f"`extends` must be a recipe name or a list of them, not {_shown(extends)}", where=where,
+                        fix="write e.g. `extends: tiny-mistral` or `extends: [base.yaml, lora-wide]`")
+    return list(parents)
+
+
+def _shown(value: Any) -> str:
+    return repr(OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value)
 
 
 def _read_text(path: Path) -> str:
@@ -125,11 +166,24 @@ def _parse_yaml(text: str, path: Path) -> tuple[DictConfig, dict[str, int]]:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise UserError(f"not valid YAML: {getattr(err, 'problem', err)}", where=where) from None
+    except OmegaConfBaseException as err:  # e.g. an unclosed `${`, which OmegaConf parses on load
+        lines = _lines_of(node)
+        raise UserError(f"`{err.full_key}` cannot be parsed: {_reason(err)}", where=_where(path, lines, err.full_key or ""),
+                        fix="close each `${...}`, or write `\\${` for a literal `${`") from None
     if not isinstance(config, DictConfig):
         raise UserError("a recipe must be a mapping of sections (model:, lora:, ...)", where=str(path))
+    return config, _lines_of(node)
+
+
+def _reason(err: OmegaConfBaseException) -> str:
+    """OmegaConf's message without the `full_key:`/`object_type=` lines it appends for debugging."""
+    return str(getattr(err, "msg", None) or err).splitlines()[0]
+
+
+def _lines_of(node: Any) -> dict[str, int]:
     lines: dict[str, int] = {}
     _collect_lines(node, "", lines)
-    return config, lines
+    return lines
 
 
 def _collect_lines(node: Any, prefix: str, lines: dict[str, int]) -> None:
@@ -196,6 +250,8 @@ def _walk(config: Any, prefix: str = ""):
 
 
 def _apply_override(raw: RawRecipe, override: str) -> None:
+    key, sep, value = override.partition("=")
+    override = re.sub(r"\[(\d+)\]", r".\1", key) + sep + value  # data.sources[0].x is data.sources.0.x
     if override.startswith("~"):
         _delete_key(raw, override[1:].split("=", 1)[0])
         return
@@ -205,13 +261,32 @@ def _apply_override(raw: RawRecipe, override: str) -> None:
     try:
         layer = OmegaConf.from_dotlist([override])
     except (OmegaConfBaseException, yaml.YAMLError) as err:
-        reason = getattr(err, "msg", None) or getattr(err, "problem", None) or str(err)
+        reason = _reason(err) if isinstance(err, OmegaConfBaseException) else getattr(err, "problem", None) or str(err)
         raise UserError(f"override `{override}` cannot be parsed: {reason}", where=OVERRIDE,
                         fix="write KEY=VALUE with a YAML value, e.g. lora.target_modules=[q_proj,v_proj]") from None
+    _check_list_indices(raw.config, key.strip())
     _record_origins(raw.origins, layer, lambda _key: OVERRIDE)
     # Assign instead of merging so that a list or mapping given on the command line replaces
     # the recipe's value rather than being blended into it.
     OmegaConf.update(raw.config, key.strip(), _unresolved(layer, key.strip()), merge=False, force_add=True)
+
+
+def _check_list_indices(config: DictConfig, key: str) -> None:
+    """Each index in `key` must name an item its list has (OmegaConf says only "list index out
+    of range"); a key that does not exist yet is fine, the override adds it."""
+    node, parts = config, key.split(".")
+    for depth, part in enumerate(parts):
+        if isinstance(node, ListConfig):
+            listed = ".".join(parts[:depth])
+            if not part.isdigit() or int(part) >= len(node):
+                indices = f"use an index from 0 to {len(node) - 1}, or " if len(node) else ""
+                raise UserError(f"`{listed}` is a list of {len(node)} item(s), and `{part}` is not an index of it",
+                                where=OVERRIDE, fix=f"{indices}give the whole list: {listed}=[...]")
+            node = node._get_node(int(part))
+        elif isinstance(node, DictConfig) and part in node:
+            node = node._get_node(part)
+        else:
+            return
 
 
 def _unresolved(layer: DictConfig, key: str) -> Any:
@@ -226,9 +301,10 @@ def _unresolved(layer: DictConfig, key: str) -> Any:
 def _delete_key(raw: RawRecipe, key: str) -> None:
     parent_key, _, leaf = key.rpartition(".")
     parent = OmegaConf.select(raw.config, parent_key) if parent_key else raw.config
-    if not isinstance(parent, DictConfig) or leaf not in parent:
+    in_list = isinstance(parent, ListConfig) and leaf.isdigit() and int(leaf) < len(parent)
+    if not in_list and (not isinstance(parent, DictConfig) or leaf not in parent):
         raise UserError(f"cannot delete `{key}`: the recipe has no such key", where=OVERRIDE)
-    del parent[leaf]
+    del parent[int(leaf) if in_list else leaf]
     for old in [k for k in raw.origins if k == key or k.startswith(f"{key}.")]:
         del raw.origins[old]
 
@@ -240,7 +316,7 @@ def resolve(raw: RawRecipe) -> dict[str, Any]:
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or ""
         where = raw.origins.get(key, key or None)
-        raise UserError(f"interpolation failed for `{key}`: {err.msg}", where=where) from None
+        raise UserError(f"interpolation failed for `{key}`: {_reason(err)}", where=where) from None
 
 
 def to_yaml(config: dict[str, Any]) -> str:
@@ -259,6 +335,9 @@ _NUMBER_LIKE = re.compile(r"[-+]?(\d[\d_]*\.?[\d_]*|\.\d[\d_]*)([eE][-+]?\d+)?|[
 
 def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
     style = '"' if _NUMBER_LIKE.fullmatch(value) else None
+    # A resolved value's `${` is literal (the recipe wrote `\${`): escaped again, or reading the
+    # output back would interpolate it.
+    value = value.replace("${", "\\${")
     return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
 
@@ -303,7 +382,7 @@ def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
         resolved["training"]["output_dir"] = f"runs/{raw.files[-1].stem}"
     errors = [
         UserError(f"unknown section `{key}`{suggest(key, SECTIONS)}; a recipe has only {', '.join(SECTIONS)}",
-                  where=raw.origins.get(key, key))
+                  where=raw.origins.get(str(key), str(key)))
         for key in resolved if key not in SECTIONS
     ]
     typed = {}
@@ -367,4 +446,31 @@ def _check_data_limits(data, origins: dict[str, str]) -> list[UserError]:
     if data.val_size < 0 or (isinstance(data.val_size, float) and data.val_size >= 1):
         errors.append(UserError(f"`data.val_size` is {data.val_size}; it must be a fraction in [0, 1) or a count "
                                 "of examples", where=origins.get("data.val_size", "data.val_size")))
+    return errors + _check_template(data.template, origins) + _check_source_amounts(data, origins)
+
+
+def _check_template(template: str, origins: dict[str, str]) -> list[UserError]:
+    """A template name with a typo, which prepare would refuse only after loading the tokenizer."""
+    from qlora_cli.sections import suggest
+    from qlora_cli.templates import TEMPLATE_NAMES, is_jinja
+
+    if template in TEMPLATE_NAMES or is_jinja(template):
+        return []
+    return [UserError(f"`data.template` is {template!r}{suggest(template, TEMPLATE_NAMES)}: neither a template "
+                      "name nor a Jinja chat template", where=origins.get("data.template", "data.template"),
+                      fix="use mistral, tokenizer, or a Jinja chat template (with {{ }} and {% %})")]
+
+
+def _check_source_amounts(data, origins: dict[str, str]) -> list[UserError]:
+    """A negative `limit` would slice rows off the end and a negative `weight` drop the source,
+    both silently; neither can mean what was intended."""
+    errors = []
+    for key in ("sources", "validation_sources"):
+        for index, source in enumerate(getattr(data, key)):
+            for name, fix in (("limit", "give the number of rows to read, or remove it to read them all"),
+                              ("weight", "use 1 to keep the source as is, 2 to repeat it, 0.5 to keep half")):
+                value, dotted = getattr(source, name), f"data.{key}.{index}.{name}"
+                if value is not None and value < 0:
+                    errors.append(UserError(f"`{dotted}` is {value}; it must be 0 or more",
+                                            where=origins.get(dotted, dotted), fix=fix))
     return errors

@@ -101,7 +101,7 @@ def suggest(key: str, valid: typing.Iterable[str]) -> str:
     valid = list(valid)
     if _ALIASES.get(key) in valid:
         return f" (did you mean `{_ALIASES[key]}`?)"
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)  # YAML keys may be numbers
     return f" (did you mean `{close[0]}`?)" if close else ""
 
 
@@ -164,9 +164,24 @@ def check_keys(
         elif key in annotations and not matches_type(value, annotations[key]):
             errors.append(UserError(
                 f"`{dotted}` is {value!r} ({type(value).__name__}); expected {describe_type(annotations[key])}",
-                where=origins.get(dotted, dotted),
+                where=origins.get(dotted, dotted), fix=_decode_hint(value, annotations[key]),
             ))
     return errors
+
+
+def _decode_hint(value: Any, annotation: Any) -> str | None:
+    """For text that would fit once read as YAML: OmegaConf's `${oc.env:...}` always gives text
+    (by design), and its `oc.decode` is the way to read it as a number or a boolean."""
+    import yaml
+
+    try:
+        decoded = yaml.safe_load(value) if isinstance(value, str) else value
+    except yaml.YAMLError:
+        return None
+    if isinstance(decoded, str) or not matches_type(decoded, annotation):
+        return None
+    return (f"write it unquoted; an environment variable is always text, so read it as YAML with "
+            f"${{oc.decode:${{oc.env:VAR,{value}}}}}")
 
 
 def dataclass_annotations(cls) -> dict[str, Any]:

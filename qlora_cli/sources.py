@@ -39,8 +39,9 @@ class Example:
     messages: list[dict[str, str]] | None = None
 
 
-def read_source(source, seed: int) -> list[Example]:
-    """All examples of one source, in its format, after `limit` and `weight`."""
+def read_source(source) -> list[Example]:
+    """All examples of one source, in its format, after `limit`; `weight` is the caller's to apply
+    (after the validation split, so a repeated example never lands in both splits)."""
     rows = _read_rows(source)
     if source.limit is not None:
         rows = rows[: source.limit]
@@ -48,10 +49,10 @@ def read_source(source, seed: int) -> list[Example]:
     if not examples:
         raise UserError(f"source `{source.path}` has no examples", where=source.path,
                         fix="check the file, its `split`, and `limit`")
-    return apply_weight(examples, source.weight, random.Random(seed))
+    return examples
 
 
-def apply_weight(examples: list[Example], weight: float, rng: random.Random) -> list[Example]:
+def apply_weight(examples: list, weight: float, rng: random.Random) -> list:
     """Mix by weight: 0.5 keeps a random half, 2 repeats every example twice, 1.5 once and a half."""
     whole, fraction = divmod(weight, 1)
     extra = rng.sample(examples, round(fraction * len(examples)))
@@ -78,7 +79,7 @@ def _read_rows(source) -> list[tuple[str, Any]]:
 def _decode(path: Path) -> str:
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # Excel and Windows tools start UTF-8 files with a BOM
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise UserError(f"not UTF-8 text (byte {err.start}: {err.reason})", where=f"{path}:{line}",
@@ -87,7 +88,9 @@ def _decode(path: Path) -> str:
 
 def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
     rows = []
-    for number, line in enumerate(_decode(path).splitlines(), start=1):
+    # JSON Lines ends a line at "\n" only: str.splitlines() would also split at U+2028, U+2029 or
+    # U+0085, which json.dumps(ensure_ascii=False) writes raw inside strings.
+    for number, line in enumerate(_decode(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -178,11 +181,22 @@ def to_example(row: Any, where: str, source) -> Example:
     for name, column in fields.items():
         if column not in row and name not in OPTIONAL_FIELDS:
             have = ", ".join(sorted(map(str, row))) or "none"
+            likely = _likely_format(row, source.format)
+            fix = (f"set `format: {likely}` on this source (its rows have the fields of that format), or "
+                   if likely else "") + f"map it with `columns: {{{name}: <your field>}}` on this source"
             raise UserError(f"row has no `{column}` field, which the `{source.format}` format needs "
-                            f"(the row has: {have})", where=where,
-                            fix=f"map it with `columns: {{{name}: <your field>}}` on this source")
+                            f"(the row has: {have})", where=where, fix=fix)
     value = {name: row.get(column) for name, column in fields.items()}
     return _BUILDERS[source.format](value, where)
+
+
+def _likely_format(row: dict, current: str) -> str | None:
+    """Another format whose fields the row has: `format:` left at its default (text) on a chat
+    file is a likelier mistake than a column to rename."""
+    for name, fields in FORMAT_FIELDS.items():
+        if name != current and all(f in row for f in fields if f not in OPTIONAL_FIELDS):
+            return name
+    return None
 
 
 def _text(value: dict, where: str) -> Example:
@@ -213,6 +227,11 @@ def _chat(value: dict, where: str) -> Example:
             raise UserError(f"message {index + 1} needs `role` (one of {', '.join(ROLES)})", where=where)
         if not isinstance(message.get("content"), str):
             raise UserError(f"message {index + 1} needs `content` as text", where=where)
+        # mistral-common refuses an empty answer; a blank one would train a bare </s>, as an
+        # empty `completion` or `output` would, which those formats refuse too.
+        if message["role"] == "assistant" and not message["content"].strip():
+            raise UserError(f"message {index + 1} (assistant) is empty", where=where,
+                            fix="give every assistant message the answer to learn, or drop the row")
     try:
         check_roles(messages, last="assistant")
     except UserError as err:  # the template knows what is wrong, the row knows where

@@ -7,7 +7,11 @@ The default template, ``mistral``, reproduces mistral-common's reference encoder
   prompt goes before the FIRST user message, joined by a blank line; assistant text is kept as is.
 - v2/v3: ``[INST]``/``[/INST]`` are control tokens; a system prompt goes before the LAST user
   message; assistant text is ``rstrip(" ")``-ed.
-- v7: as v3, but the system prompt stays in place between ``[SYSTEM_PROMPT]`` control tokens.
+- v7 (and v11, v13): as v3, but the system prompt stays in place between ``[SYSTEM_PROMPT]``
+  control tokens.
+
+A SentencePiece vocabulary tells its version by its control tokens; a tekken one does not, so its
+version is the one its tekken.json declares (see `tokenizer.load_tokenizer`).
 
 Every piece of text is encoded on its own, as mistral-common does, and then concatenated; encoding
 one formatted string would lose the dummy prefix space after each control token.
@@ -22,9 +26,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from qlora_cli.errors import UserError
+from qlora_cli.tokenizer import TEKKEN_FILE, VERSION_KEY
 
 IGNORE_INDEX = -100  # the label that the loss skips
 TRAIN_ON = ("responses", "all")
+TEMPLATE_NAMES = ("mistral", "tokenizer")
 SPACE = "\u2581"  # SentencePiece's visible space, "▁"
 
 # Token ids travel as int32 arrays: a word's ids are joined as bytes (a memcpy) and handed to
@@ -143,8 +149,30 @@ def check_roles(messages: list[dict], *, last: str) -> None:
 
 
 def _mistral_flavour(tokenizer) -> str:
-    """v1, v2 (same as v3 for chat) or v7, told from the vocabulary rather than from a name."""
+    """v1, v2 (same as v3 for chat), v7, or UNKNOWN_TEKKEN: how mistral-common formats chats for it."""
     return _vocabulary(tokenizer).flavour
+
+
+# A tekken vocabulary of no known version: v3 and v7 format it alike until a system prompt.
+UNKNOWN_TEKKEN = "v3 or v7"
+# The mistral-common versions whose chats of system, user and assistant text we reproduce (v11
+# and v13 format them as v7 does; v15 needs model settings).
+_FLAVOUR_OF_VERSION = {"v1": "v1", "v2": "v2", "v3": "v2", "v7": "v7", "v11": "v7", "v13": "v7"}
+
+
+def _flavour_of(tokenizer, backend, sentencepiece: bool) -> str:
+    version = getattr(tokenizer, "init_kwargs", {}).get(VERSION_KEY)
+    if version is not None:
+        if version not in _FLAVOUR_OF_VERSION:
+            raise UserError(f"the tokenizer is mistral-common version {version}, which template: mistral does "
+                            "not reproduce", where="data.template",
+                            fix="set data.template: tokenizer to use the tokenizer's own chat template")
+        return _FLAVOUR_OF_VERSION[version]
+    if backend.token_to_id("[INST]") is None:
+        return "v1"
+    if not sentencepiece:  # every tekken vocabulary lists [SYSTEM_PROMPT], v3 ones too
+        return UNKNOWN_TEKKEN
+    return "v7" if backend.token_to_id("[SYSTEM_PROMPT]") is not None else "v2"
 
 
 @dataclass
@@ -167,9 +195,8 @@ def _vocabulary(tokenizer) -> _Vocabulary:
     vocabulary = _VOCABULARIES.get(tokenizer)
     if vocabulary is None:
         backend = tokenizer.backend_tokenizer
-        flavour = "v7" if backend.token_to_id("[SYSTEM_PROMPT]") is not None else \
-            "v2" if backend.token_to_id("[INST]") is not None else "v1"
         vocab = backend.get_vocab(with_added_tokens=False)
+        flavour = _flavour_of(tokenizer, backend, sentencepiece=SPACE in vocab)
         # Words encode one by one only when no piece has a "▁" inside it (else words could merge).
         spaced = SPACE in vocab and not any(SPACE in piece[1:] and piece.strip(SPACE) for piece in vocab)
         vocabulary = _Vocabulary(flavour, tokenizer.bos_token_id, tokenizer.eos_token_id,
@@ -185,8 +212,15 @@ def _mistral_segments(messages: list[dict], tokenizer) -> list[Segment]:
     users = [i for i, m in enumerate(turns) if m["role"] == "user"]
     # Where mistral-common puts a system prompt: v1 the first user message, v2/v3 the last.
     system_at = users[0] if flavour == "v1" else users[-1]
+    if system is not None and flavour == UNKNOWN_TEKKEN:
+        raise UserError("the conversation has a system prompt, and this tekken tokenizer does not say its "
+                        "mistral-common version: v3 puts a system prompt into the last user message, v7 "
+                        "between [SYSTEM_PROMPT] tokens", where="model.tokenizer",
+                        fix=f"put the model's {TEKKEN_FILE} beside the tokenizer (its `version` decides), "
+                            "or set data.template: tokenizer")
     segments: list[Segment] = [(ids_of([_vocabulary(tokenizer).bos]), False)]
-    if system and flavour == "v7":
+    # v7 keeps even an empty system prompt ([SYSTEM_PROMPT][/SYSTEM_PROMPT]); v1-v3 drop it.
+    if system is not None and flavour == "v7":
         segments.append((_control_wrapped(tokenizer, "[SYSTEM_PROMPT]", system, "[/SYSTEM_PROMPT]"), False))
     for i, message in enumerate(turns):
         content = message["content"]
@@ -351,13 +385,19 @@ def _jinja(template: str, tokenizer) -> str | None:
                 fix="use template: mistral, or write a Jinja chat template in data.template",
             )
         return None
-    if "{" not in template:  # a bare word is a typo for a template name, not a Jinja template
+    if not is_jinja(template):
         raise UserError(
             f"unknown template {template!r}",
             where="data.template",
             fix="use mistral, tokenizer, or a Jinja chat template",
         )
     return template
+
+
+def is_jinja(template: str) -> bool:
+    """Whether a `data.template` that names no template is Jinja text: a Jinja chat template
+    cannot do without `{{ }}` or `{% %}`, so a bare word is a typo for a name, not a template."""
+    return "{" in template
 
 
 def _render(tokenizer, messages: list[dict], chat_template: str | None, *, generation_prompt: bool) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import tempfile
@@ -11,6 +12,12 @@ from qlora_cli.atomic import atomic_folder, cache_root
 from qlora_cli.errors import UserError
 
 MISTRAL_COMMON_PREFIX = "mistral-common:"
+
+# Where a tekken tokenizer's mistral-common version is kept: in its init kwargs, which
+# save_pretrained writes to tokenizer_config.json, so the tokenizer saved with an adapter or a
+# merged model (without the model's tekken.json beside it) still formats chats the same way.
+VERSION_KEY = "mistral_common_version"
+TEKKEN_FILE = "tekken.json"
 
 # The SentencePiece files that mistral-common ships in mistral_common/data/, by the name a recipe uses.
 MISTRAL_COMMON_FILES = {
@@ -36,8 +43,32 @@ def load_tokenizer(spec: str, *, revision: str | None = None, trust_remote_code:
             raise UserError(f"cannot load tokenizer `{spec}`: {err}", where="model.tokenizer",
                             fix="give a folder with tokenizer files, a hub id (needs network), or one of "
                                 f"{', '.join(_valid_names())}") from None
+        _record_tekken_version(tokenizer, spec, revision)
     set_pad_token(tokenizer)
     return tokenizer
+
+
+def _record_tekken_version(tokenizer, spec: str, revision: str | None) -> None:
+    """Keep the version the model's tekken.json declares, which is how mistral-common tells it.
+
+    A tekken vocabulary looks the same in every version (they all list [SYSTEM_PROMPT]), and
+    the HF tokenizer converted from it carries no version; only tekken.json says whether a
+    system prompt goes into the last user message (v3) or between [SYSTEM_PROMPT] tokens (v7).
+    """
+    if tokenizer.init_kwargs.get(VERSION_KEY):
+        return
+    from transformers.utils import cached_file
+
+    path = cached_file(spec, TEKKEN_FILE, revision=revision, _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False)
+    if path is None:
+        return
+    try:
+        version = json.loads(Path(path).read_text(encoding="utf-8"))["config"]["version"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"cannot read the version of {path}: {type(err).__name__}: {err}", where="model.tokenizer",
+                        fix=f"restore the model's original {TEKKEN_FILE}, or remove it") from None
+    tokenizer.init_kwargs[VERSION_KEY] = version
 
 
 def set_pad_token(tokenizer) -> None:

@@ -117,6 +117,15 @@ def test_show_piped_is_a_recipe_that_loads_to_the_same_config(workdir):
     assert qlora("config", "validate", "resolved.yaml").exit_code == 0
 
 
+
+def test_show_keeps_an_escaped_interpolation_literal(workdir):
+    (workdir / "mine.yaml").write_text('extends: tiny-mistral\ntraining:\n  run_name: "cost \\\\${HOME} ok"\n')
+    result = qlora("config", "show", "mine.yaml")
+    assert result.exit_code == 0, result.output
+    (workdir / "resolved.yaml").write_text(result.stdout)
+    assert load_recipe(["resolved.yaml"]).training["run_name"] == "cost ${HOME} ok"
+
+
 def test_explain_gives_each_value_its_origin(workdir):
     result = qlora("config", "explain", "tiny-mistral", "training.learning_rate=1e-4",
                    "lora.target_modules=[q_proj,v_proj]")
@@ -190,6 +199,10 @@ def test_our_own_generate_keys_are_type_checked_by_validate(workdir, override, m
     ("data.val_size=-1", "`data.val_size` is -1; it must be a fraction in [0, 1)"),
     ("data.val_size=1.5", "`data.val_size` is 1.5; it must be a fraction in [0, 1)"),
     ("~model.init_from_config.model_type", "`model.init_from_config` needs `model_type`"),
+    ("data.sources.0.limit=-1", "override: `data.sources.0.limit` is -1; it must be 0 or more"),
+    ("data.sources.0.weight=-0.5", "override: `data.sources.0.weight` is -0.5; it must be 0 or more"),
+    ("data.validation_sources=[{path: v.jsonl, weight: -1}]", "`data.validation_sources.0.weight` is -1"),
+    ("data.template=mistrall", "`data.template` is 'mistrall' (did you mean `mistral`?): neither a template name"),
 ])
 def test_validate_catches_what_prepare_and_model_building_would_refuse(workdir, override, message):
     result = qlora("config", "validate", "tiny-mistral", override)
@@ -205,3 +218,69 @@ def test_a_quoted_recipe_path_in_the_home_folder_is_a_recipe_not_a_deletion(work
     assert result.exit_code == 0, result.output
     shown = load_recipe([str(workdir / "mine.yaml")], ["~training.seed"]).to_yaml()
     assert result.output.strip() == shown.strip()
+
+
+@pytest.mark.parametrize("extends", ["5", "{a: 1}", "[tiny-mistral, 3]"])
+def test_an_extends_that_is_not_names_exits_2_at_its_line(workdir, extends):
+    (workdir / "mine.yaml").write_text(f"lora:\n  r: 4\nextends: {extends}\n")
+    result = qlora("config", "validate", "mine.yaml")
+    assert result.exit_code == 2, result.output
+    assert "mine.yaml:3: `extends` must be a recipe name or a list of them" in result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("text, message", [
+    ("training:\n  3: x\n", "mine.yaml:3: unknown key `training.3`"),
+    ("data:\n  sources:\n    - path: a.jsonl\n      7: chat\n", "mine.yaml:5: unknown key `data.sources.0.7`"),
+    ("4: x\n", "mine.yaml:2: unknown section `4`"),
+])
+def test_a_number_as_a_key_is_an_unknown_key_at_its_line(workdir, text, message):
+    (workdir / "mine.yaml").write_text(f"extends: tiny-mistral\n{text}")
+    result = qlora("config", "validate", "mine.yaml")
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_a_list_where_the_parent_has_a_mapping_exits_2_at_its_line(workdir):
+    (workdir / "mine.yaml").write_text("extends: tiny-mistral\nlora: []\n")
+    result = qlora("config", "validate", "mine.yaml")
+    assert result.exit_code == 2, result.output
+    assert "mine.yaml:2: `lora` is a list here but a mapping in" in result.stderr
+    assert "tiny-mistral.yaml" in result.stderr and "Traceback" not in result.output
+    (workdir / "base.yaml").write_text("extends: tiny-mistral\ndata:\n  sources:\n    - path: a.jsonl\n")
+    (workdir / "child.yaml").write_text("extends: base.yaml\ndata:\n  sources:\n    path: b.jsonl\n")
+    result = qlora("config", "validate", "child.yaml")
+    assert result.exit_code == 2, result.output
+    assert "child.yaml:3: `data.sources` is a mapping here but a list in base.yaml:3" in result.stderr
+
+
+def test_an_unclosed_interpolation_in_a_recipe_file_exits_2_at_its_line(workdir):
+    (workdir / "mine.yaml").write_text('extends: tiny-mistral\ntraining:\n  run_name: "${oops"\n')
+    result = qlora("config", "validate", "mine.yaml")
+    assert result.exit_code == 2, result.output
+    assert "mine.yaml:3: `training.run_name` cannot be parsed" in result.stderr
+    assert "object_type" not in result.stderr and "Traceback" not in result.output
+
+
+def test_an_override_into_a_list_takes_an_index_it_has_written_either_way(workdir):
+    for override in ("data.sources.0.format=chat", "data.sources[0].format=chat"):
+        assert load_recipe(["tiny-mistral"], [override]).data.sources[0].format == "chat"
+    result = qlora("config", "validate", "tiny-mistral", "data.sources.3.format=chat")
+    assert result.exit_code == 2, result.output
+    assert "override: `data.sources` is a list of 1 item(s), and `3` is not an index of it" in result.stderr
+    assert "data.sources=[...]" in result.stderr and "Traceback" not in result.output
+
+
+def test_a_missing_parent_is_reported_at_the_extends_that_names_it(workdir):
+    (workdir / "mine.yaml").write_text("extends:\n  - tiny-mistral\n  - nothere.yaml\n")
+    result = qlora("config", "validate", "mine.yaml")
+    assert result.exit_code == 2, result.output
+    assert "mine.yaml:3: recipe `nothere.yaml` not found" in result.stderr
+
+
+def test_a_list_item_can_be_deleted_and_interpolation_errors_carry_no_omegaconf_internals(workdir):
+    recipe = load_recipe(["tiny-mistral"], ["data.sources=[{path: a.jsonl}, {path: b.jsonl}]", "~data.sources.0"])
+    assert [s.path for s in recipe.data.sources] == ["b.jsonl"]
+    result = qlora("config", "validate", "tiny-mistral", "training.run_name=${nope}")
+    assert result.exit_code == 2 and "interpolation failed" in result.stderr
+    assert "object_type" not in result.stderr and "full_key" not in result.stderr

@@ -198,8 +198,20 @@ def test_weight_mixes_sources(data_recipe, write_jsonl, v1_tokenizer):
     b = write_jsonl([{"text": f"<s>[INST] other {i} [/INST] b</s>"} for i in range(10)], "b.jsonl")
     _, summary = build(data_recipe, {"sources": [{"path": a, "format": "text", "weight": 2.0},
                                                  {"path": b, "format": "text", "weight": 0.3}]}, v1_tokenizer)
-    assert [(c.read, c.kept) for c in summary.sources] == [(20, 20), (3, 3)]
+    assert [(c.read, c.kept) for c in summary.sources] == [(10, 20), (10, 3)]
     assert summary.examples["train"] == 23
+
+
+def test_weighted_examples_never_reach_the_validation_split(data_recipe, write_jsonl, v1_tokenizer):
+    # Split first, then repeat: a repeat in both splits makes the eval loss measure memorisation.
+    path = write_jsonl(numbered_texts(100))
+    dataset, summary = build(data_recipe, {"sources": [{"path": path, "format": "text", "weight": 2.0}],
+                                           "val_size": 0.1}, v1_tokenizer)
+    train = {tuple(ids) for ids in dataset["train"]["input_ids"]}
+    validation = [tuple(ids) for ids in dataset["validation"]["input_ids"]]
+    assert len(validation) == len(set(validation)) == 10 and not train & set(validation)
+    assert (summary.examples["train"], len(train)) == (180, 90)
+    assert (summary.sources[0].read, summary.sources[0].kept) == (100, 190)
 
 
 # ---------------------------------------------------------------- the cache
@@ -252,6 +264,18 @@ def test_a_failed_prepare_leaves_no_folder(data_recipe, write_jsonl, v1_tokenize
     with pytest.raises(UserError):
         prepare_dataset(recipe, v1_tokenizer)
     assert not (tmp_path / "prepared").exists()
+
+
+@pytest.mark.parametrize("under, problem", [("", "is a file"), ("sub", "lies under")])
+def test_a_prepared_dir_that_cannot_be_a_folder_exits_2_naming_the_key(data_recipe, write_jsonl, tmp_path,
+                                                                       under, problem):
+    from conftest import assert_user_error
+
+    (tmp_path / "afile").write_text("")
+    recipe = data_recipe({"sources": [{"path": write_jsonl(numbered_texts(2)), "format": "text"}],
+                          "prepared_dir": str(tmp_path / "afile" / under)})
+    result = CliRunner().invoke(app, ["prepare", str(recipe)])
+    assert_user_error(result, "`data.prepared_dir`", problem, "recipe.yaml:")
 
 
 def test_atomic_folder_appears_whole_or_not_at_all(tmp_path):

@@ -157,6 +157,18 @@ def test_oc_env_interpolation_reads_the_variable_or_its_default(tmp_path, monkey
     assert load_recipe([str(mine)]).run_dir == tmp_path / "runs"
 
 
+def test_an_environment_variable_for_a_number_is_text_unless_decoded(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAXLEN", "384")
+    plain = write(tmp_path, "plain.yaml", "extends: tiny-mistral\ndata:\n  max_length: ${oc.env:MAXLEN,512}\n")
+    with pytest.raises(UserError) as excinfo:
+        load_recipe([str(plain)])
+    (error,) = errors_of(excinfo)
+    assert "`data.max_length` is '384' (str)" in error.message and "${oc.decode:${oc.env:VAR,384}}" in error.fix
+    decoded = write(tmp_path, "decoded.yaml",
+                    "extends: tiny-mistral\ndata:\n  max_length: ${oc.decode:${oc.env:MAXLEN,512}}\n")
+    assert load_recipe([str(decoded)]).data.max_length == 384
+
+
 def test_an_interpolation_to_a_missing_key_is_a_recipe_error_naming_the_key():
     with pytest.raises(UserError, match="nope.missing") as excinfo:
         load_recipe(["tiny-mistral"], ["training.run_name=${nope.missing}"])

@@ -32,7 +32,7 @@ ROWS = {
 
 
 def read(path, format: str, **options) -> list:
-    return read_source(DataSource(path=str(path), format=format, **options), seed=0)
+    return read_source(DataSource(path=str(path), format=format, **options))
 
 
 # ---------------------------------------------------------------- formats
@@ -84,6 +84,16 @@ def _as_messages(examples) -> list:
     return [(e.text, e.messages) for e in examples]
 
 
+def test_jsonl_strings_may_hold_unicode_line_separators_and_lines_keep_their_numbers(tmp_path):
+    # json.dumps(ensure_ascii=False) writes U+2028, U+2029 and U+0085 raw: JSON Lines only ends at "\n".
+    path = tmp_path / "separators.jsonl"
+    rows = [{"prompt": f"first{mark}second", "completion": "ok"} for mark in ("\u2028", "\u2029", "\u0085")]
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    examples = read(path, "completion")
+    assert [e.messages[0]["content"] for e in examples] == [row["prompt"] for row in rows]
+    assert [e.where for e in examples] == [f"{path}:{n}" for n in (1, 2, 3)]
+
+
 @pytest.mark.parametrize("format", ["text", "chat", "alpaca", "completion"])
 def test_json_parquet_and_saved_dataset_give_the_same_examples_as_jsonl(format, tmp_path, write_jsonl):
     import pyarrow as pa
@@ -123,6 +133,15 @@ def read_alpaca_jsonl(tmp_path):
     return read(path, "alpaca")
 
 
+@pytest.mark.parametrize("name, body", [("bom.csv", "prompt,completion\nhi,there\n"),
+                                        ("bom.jsonl", '{"prompt": "hi", "completion": "there"}\n')])
+def test_a_utf8_bom_is_not_part_of_the_first_field(tmp_path, name, body):
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())  # as Excel and Windows tools write UTF-8
+    (example,) = read(path, "completion")
+    assert example.messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "there"}]
+
+
 def test_saved_dataset_without_the_split_names_the_splits_it_has(tmp_path):
     from datasets import Dataset, DatasetDict
 
@@ -145,7 +164,7 @@ def test_limit_keeps_the_first_rows(write_jsonl):
 
 @pytest.mark.parametrize("weight, count", [(0.5, 5), (1.0, 10), (2.0, 20), (1.5, 15)])
 def test_weight_scales_how_many_examples_a_source_contributes(write_jsonl, weight, count):
-    examples = read(_numbered(write_jsonl, 10), "text", weight=weight)
+    examples = apply_weight(read(_numbered(write_jsonl, 10), "text"), weight, random.Random(0))
     texts = [e.text for e in examples]
     assert len(texts) == count
     whole = int(weight)
@@ -190,6 +209,13 @@ def test_missing_field_lists_the_fields_the_row_has(tmp_path, data_recipe, write
                       f"{path}:2", "no `messages` field", "the row has: answer, prompt")
 
 
+@pytest.mark.parametrize("format", ["chat", "completion", "alpaca"])
+def test_rows_of_another_format_suggest_that_format(tmp_path, data_recipe, write_jsonl, format):
+    path = write_jsonl(ROWS[format])
+    assert_user_error(data_recipe, tmp_path, {"path": path}, f"{path}:1", "no `text` field",
+                      f"set `format: {format}` on this source")
+
+
 def test_missing_csv_column_names_the_line(tmp_path, data_recipe):
     path = tmp_path / "data.csv"
     path.write_text("question,output\nSay hi,hi\n")
@@ -211,6 +237,14 @@ def test_chat_roles_out_of_order(tmp_path, data_recipe, write_jsonl):
 def test_chat_without_an_assistant_turn(tmp_path, data_recipe, write_jsonl):
     path = write_jsonl([{"messages": SYSTEM_CHAT[:2]}])
     assert_user_error(data_recipe, tmp_path, {"path": path, "format": "chat"}, f"{path}:1", "no assistant turn")
+
+
+@pytest.mark.parametrize("answer", ["", " \n"])
+def test_chat_with_an_empty_answer_names_its_line(tmp_path, data_recipe, write_jsonl, answer):
+    messages = [*SYSTEM_CHAT[:3], {"role": "user", "content": "And?"}, {"role": "assistant", "content": answer}]
+    path = write_jsonl([{"messages": SYSTEM_CHAT}, {"messages": messages}])
+    assert_user_error(data_recipe, tmp_path, {"path": path, "format": "chat"}, f"{path}:2",
+                      "message 5 (assistant) is empty")
 
 
 def test_chat_message_with_an_unknown_role(tmp_path, data_recipe, write_jsonl):
@@ -239,6 +273,15 @@ def test_no_examples_left_after_filtering(tmp_path, data_recipe, write_jsonl):
     path = write_jsonl([{"text": "<s>[INST] a long question here [/INST] and a long answer too</s>"}])
     assert_user_error(data_recipe, tmp_path, {"path": path, "format": "text"}, "no examples left after filtering",
                       max_length=8, overlong="drop")
+
+
+
+def test_no_examples_left_when_truncating_does_not_suggest_truncating(tmp_path, data_recipe, write_jsonl):
+    path = write_jsonl([{"text": f"<s>[INST] {'word ' * 20} [/INST] answer</s>"}])
+    result, output = run_prepare(data_recipe({"sources": [{"path": path, "format": "text"}], "max_length": 8,
+                                              "overlong": "truncate"}))
+    assert result.exit_code == 2 and "fix: raise data.max_length" in output
+    assert "set data.overlong: truncate" not in output
 
 
 @pytest.mark.parametrize("name", ["missing.jsonl", "sub/missing.parquet", "sub/missing.csv"])

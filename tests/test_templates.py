@@ -110,8 +110,9 @@ def test_mistral_template_equals_mistral_common_on_random_conversations(version,
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_known_pitfalls_match_mistral_common(version, tokenizers, references):
-    # "[/INST] 4" vs "[/INST]4", a space before "</s>", a leading space, a system prompt.
+    # "[/INST] 4" vs "[/INST]4", a space before "</s>", a leading space, a system prompt, an empty one.
     for messages in [
+        [{"role": "system", "content": ""}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
         [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
         [{"role": "user", "content": " hi"}, {"role": "assistant", "content": "answer "}],
         [
@@ -305,3 +306,61 @@ def test_the_vocabulary_cache_does_not_keep_a_tokenizer_alive():
     del tokenizer
     gc.collect()
     assert alive() is None
+
+
+# ---------------------------------------------------------------- tekken tokenizers
+
+TEKKEN = Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"  # Mistral-Nemo's, version v3
+
+
+@pytest.fixture(scope="module")
+def tekken_folder(tmp_path_factory) -> Path:
+    """mistral-common's tekken file converted to an HF tokenizer by transformers, saved without tekken.json."""
+    from transformers.integrations.mistral.tokenizer import convert_tekken_tokenizer
+
+    folder = tmp_path_factory.mktemp("tekken") / "hf"
+    convert_tekken_tokenizer(str(TEKKEN)).save_pretrained(folder)
+    return folder
+
+
+def tekken_with_version(tekken_folder: Path, tmp_path: Path, version: str) -> tuple[Path, MistralTokenizer]:
+    """A copy of the converted tokenizer with the model's tekken.json beside it, as hub repos ship
+    it, declaring `version`; and mistral-common's reference encoder for that same file."""
+    import json
+    import shutil
+
+    folder = tmp_path / f"tekken-{version}"
+    shutil.copytree(tekken_folder, folder)
+    raw = json.loads(TEKKEN.read_text(encoding="utf-8"))
+    raw["config"]["version"] = version
+    (folder / "tekken.json").write_text(json.dumps(raw), encoding="utf-8")
+    return folder, MistralTokenizer.from_file(folder / "tekken.json", mode=ValidationMode.finetuning)
+
+
+@pytest.mark.parametrize("version", ["v3", "v7"])
+def test_tekken_tokenizer_follows_the_version_its_tekken_json_declares(version, tekken_folder, tmp_path):
+    # Every tekken vocabulary lists [SYSTEM_PROMPT]; only tekken.json tells v3 from v7.
+    folder, reference = tekken_with_version(tekken_folder, tmp_path, version)
+    tokenizer = load_tokenizer(str(folder))
+    for messages in conversations(seed=40, count=100):
+        ids, _ = encode_chat(messages, tokenizer)
+        assert ids == reference_ids(reference, messages), messages
+
+
+def test_tekken_version_survives_save_pretrained_without_tekken_json(tekken_folder, tmp_path):
+    folder, reference = tekken_with_version(tekken_folder, tmp_path, "v3")
+    load_tokenizer(str(folder)).save_pretrained(tmp_path / "adapter")  # as train and merge save it
+    assert not (tmp_path / "adapter" / "tekken.json").exists()
+    messages = [{"role": "system", "content": "Be brief."}, *chat("Hi", "Hello!")]
+    ids, _ = encode_chat(messages, load_tokenizer(str(tmp_path / "adapter")))
+    assert ids == reference_ids(reference, messages)
+
+
+def test_tekken_tokenizer_of_unknown_version_refuses_only_system_prompts(tekken_folder):
+    _, reference = tekken_with_version(tekken_folder, tekken_folder.parent, "v3")
+    tokenizer = load_tokenizer(str(tekken_folder))
+    for messages in [chat("Hi", "Hello!"), chat("a", "b", "c", "d")]:  # v3 and v7 agree without one
+        assert encode_chat(messages, tokenizer)[0] == reference_ids(reference, messages)
+    with pytest.raises(UserError, match="does not say its mistral-common version") as error:
+        encode_chat([{"role": "system", "content": "Be brief."}, *chat("Hi", "Hello!")], tokenizer)
+    assert "tekken.json" in error.value.fix and "template: tokenizer" in error.value.fix
