@@ -318,13 +318,36 @@ def generate(
         raise UserError("--input needs --output FILE (or generate.output in the recipe)")
     if records is not None:
         check_output(Path(options_output), resume)  # before minutes of model loading
+    if interactive:
+        _check_one_answer_per_prompt(recipe)
     generator = load_generator(recipe, model)
     if prompt is not None:
-        _stream_answer(generator, [{"role": "user", "content": prompt}])
+        _print_answers(generator, [{"role": "user", "content": prompt}])
     elif records is not None:
         _answer_file(generator, records, Path(options_output), recipe, resume)
     else:
         _chat(generator)
+
+
+def _check_one_answer_per_prompt(recipe) -> None:
+    """A chat continues from one answer: which of several would it be?"""
+    if (recipe.generate.get("num_return_sequences") or 1) > 1:
+        raise UserError("--interactive continues the conversation from one answer, but "
+                        f"generate.num_return_sequences is {recipe.generate['num_return_sequences']}",
+                        where=recipe.origins.get("generate.num_return_sequences", "generate.num_return_sequences"),
+                        fix="use --prompt or --input for several answers per prompt, or set "
+                            "generate.num_return_sequences=1")
+
+
+def _print_answers(generator, messages: list[dict]) -> str:
+    """Stream the answer when generation allows it; else print each answer when all are done."""
+    if generator.streams:
+        return _stream_answer(generator, messages)
+    answers = generator.answer_batch([messages])[0]
+    for number, answer in enumerate(answers, start=1):
+        label = f"[bold]answer {number}:[/] " if len(answers) > 1 else ""
+        console.print(label + escape(answer), highlight=False, soft_wrap=True)
+    return answers[0]
 
 
 def _stream_answer(generator, messages: list[dict]) -> str:
@@ -367,7 +390,7 @@ def _chat(generator) -> None:
             continue
         messages.append({"role": "user", "content": text})
         console.print("[bold]model>[/] ", end="")
-        messages.append({"role": "assistant", "content": _stream_answer(generator, messages) or "..."})
+        messages.append({"role": "assistant", "content": _print_answers(generator, messages) or "..."})
 
 
 def launch_processes(nproc: int, command: list[str]) -> int:

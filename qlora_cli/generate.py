@@ -33,8 +33,21 @@ class Generator:
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
         return encode_prompt(messages, self.tokenizer, self.template)
 
-    def answer_batch(self, conversations: list[list[dict]]) -> list[str]:
-        """Answers to several conversations at once (left-padded batch)."""
+    @property
+    def answers_per_prompt(self) -> int:
+        return self.generation_config.num_return_sequences or 1
+
+    @property
+    def streams(self) -> bool:
+        """Whether answers can be shown as they are generated: one greedy or sampled sequence.
+
+        transformers refuses a streamer with beam search, and its streamer takes one sequence.
+        """
+        return self.generation_config.num_beams == 1 and self.answers_per_prompt == 1
+
+    def answer_batch(self, conversations: list[list[dict]]) -> list[list[str]]:
+        """The answers to several conversations at once (left-padded batch): for each
+        conversation, its `generate.num_return_sequences` answers."""
         import torch
 
         prompts = [self.prompt_ids(messages) for messages in conversations]
@@ -45,7 +58,10 @@ class Generator:
         with torch.no_grad():
             output = self.model.generate(input_ids=input_ids, attention_mask=attention,
                                          generation_config=self.generation_config)
-        return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
+        answers = [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
+        # generate() returns the k sequences of each prompt next to each other.
+        k = self.answers_per_prompt
+        return [answers[i:i + k] for i in range(0, len(answers), k)]
 
     def stream(self, messages: list[dict]) -> Iterator[str]:
         """The answer to one conversation, piece by piece as it is generated."""
@@ -160,7 +176,8 @@ def check_prompt(messages: list[dict], where: str) -> None:
 
 def answer_file(generator: Generator, records: list[PromptRecord], output: Path, batch_size: int,
                 resume: bool = False, on_batch: Callable[[int], None] | None = None) -> int:
-    """Answer each record, appending `{...record, "response": ...}` lines to `output` as it goes.
+    """Answer each record, appending `{...record, "response": ...}` lines to `output` as it goes
+    (`"responses": [...]`, one line per record still, when generate.num_return_sequences > 1).
 
     Lines already in `output` are skipped with `resume`, so an interrupted run keeps its work;
     `on_batch` hears of them first, then of each batch answered. Returns how many were answered now.
@@ -174,12 +191,18 @@ def answer_file(generator: Generator, records: list[PromptRecord], output: Path,
     with output.open("a", encoding="utf-8") as out:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
-            for item, response in zip(batch, generator.answer_batch([r.messages for r in batch])):
-                out.write(json.dumps({**item.record, "response": response}, ensure_ascii=False) + "\n")
+            for item, answers in zip(batch, generator.answer_batch([r.messages for r in batch]), strict=True):
+                out.write(json.dumps({**item.record, **answer_fields(answers)}, ensure_ascii=False) + "\n")
             out.flush()
             if on_batch:
                 on_batch(len(batch))
     return len(todo)
+
+
+def answer_fields(answers: list[str]) -> dict:
+    """`response` (text) for one answer per prompt, `responses` (a list) for several: a record
+    keeps its line, so a resumed file still counts one line per prompt."""
+    return {"response": answers[0]} if len(answers) == 1 else {"responses": answers}
 
 
 def check_output(output: Path, resume: bool) -> None:

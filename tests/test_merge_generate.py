@@ -190,6 +190,38 @@ def test_resume_answers_only_the_lines_not_yet_written(answering_run, adapter_an
     assert responses == ["answered before"] * 2 + [row["response"] for row in adapter_answers[2:4]]
 
 
+# Sampling from the top token only: several sequences per prompt, each the greedy answer.
+SEVERAL_ANSWERS = ["generate.num_return_sequences=2", "generate.do_sample=true", "generate.top_k=1"]
+
+
+def test_several_answers_per_prompt_stay_on_their_own_record(answering_run, adapter_answers, tmp_path):
+    output = tmp_path / "answers.jsonl"
+    result = qlora("generate", answering_run.root, *SEVERAL_ANSWERS, "generate.batch_size=3",
+                   "--input", write_prompts(tmp_path / "prompts.jsonl", PAIRS[:4]), "--output", output)
+    assert result.exit_code == 0, result.output
+    rows = read_jsonl(output)
+    assert [row["id"] for row in rows] == [0, 1, 2, 3]
+    assert [row["responses"] for row in rows] == [[row["response"]] * 2 for row in adapter_answers[:4]]
+
+
+def test_several_answers_to_one_prompt_are_all_printed(answering_run, adapter_answers):
+    result = qlora("generate", answering_run.root, *SEVERAL_ANSWERS, "--prompt", PAIRS[2][0])
+    assert result.exit_code == 0, result.output
+    answer = adapter_answers[2]["response"]
+    assert f"answer 1: {answer}" in result.output and f"answer 2: {answer}" in result.output
+
+
+def test_beam_search_answers_a_prompt_without_streaming(answering_run, adapter_answers):
+    result = qlora("generate", answering_run.root, "generate.num_beams=2", "--prompt", PAIRS[2][0])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1] == adapter_answers[2]["response"]
+
+
+def test_a_chat_with_several_answers_per_prompt_exits_2(answering_run):
+    result = qlora("generate", answering_run.root, *SEVERAL_ANSWERS, "--interactive", input="Hi\n/exit\n")
+    assert_user_error(result, "generate.num_return_sequences", "--interactive", wrapped=True)
+
+
 def test_prompt_ids_equal_the_prompt_part_of_the_prepared_training_examples(answering_run):
     recipe = load_recipe([str(answering_run.root)])
     record = json.loads((answering_run.root / "run.json").read_text())
@@ -261,7 +293,7 @@ class _EchoGenerator:
     """Answers each conversation with its prompt: enough to drive `answer_file` without a model."""
 
     def answer_batch(self, conversations):
-        return [messages[-1]["content"] for messages in conversations]
+        return [[messages[-1]["content"]] for messages in conversations]
 
 
 def test_resume_drops_a_last_line_cut_short_by_a_kill_and_answers_it_again(tmp_path):
