@@ -274,6 +274,15 @@ def test_bad_prompt_files_exit_2_with_file_and_line(lines, line_number, message,
     assert not output.exists()
 
 
+@pytest.mark.parametrize("size", [0, -1])
+def test_a_batch_size_below_1_exits_2_before_loading(size, trained_run, tmp_path):
+    output = tmp_path / "answers.jsonl"
+    result = qlora("generate", trained_run.root, f"generate.batch_size={size}",
+                   "--input", write_prompts(tmp_path / "prompts.jsonl", PAIRS[:2]), "--output", output)
+    assert_user_error(result, "generate.batch_size", "at least 1", wrapped=True)
+    assert not output.exists()
+
+
 def test_a_missing_model_source_exits_2(answering_run, tmp_path):
     result = qlora("generate", answering_run.root, "--model", tmp_path / "no-model", "--prompt", "Hi")
     assert_user_error(result, "--model", "no-model", wrapped=True)
