@@ -122,6 +122,58 @@ def test_merge_into_the_original_weights_also_works_and_is_further_from_training
     assert dequantized < 1e-3 < original, (dequantized, original)
 
 
+DEEP = ["model.init_from_config.num_hidden_layers=16"]  # 256 wide: bf16 rounding alone moves logits by ~0.6
+
+
+@pytest.fixture(scope="module")
+def deep_adapter(tmp_path_factory):
+    """A LoRA with random, non-zero A and B (no training needed) on the 16-layer tiny model, as
+    a run folder's adapter; returns (the unmerged bf16 model, the run folder)."""
+    from peft import LoraConfig, get_peft_model
+
+    from qlora_cli.model import load_base_model
+
+    run = tmp_path_factory.mktemp("deep") / "run"
+    recipe = load_recipe(["tiny-mistral"], [*DEEP, f"training.output_dir={run}"])
+    torch.manual_seed(0)
+    model = get_peft_model(load_base_model(recipe, quantized=False, dtype=torch.bfloat16),
+                           LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)).eval()
+    model.save_pretrained(str(run / "adapter"))
+    return model, run
+
+
+def test_a_correct_bf16_merge_of_a_deep_model_passes_verification(deep_adapter, tmp_path):
+    _, run = deep_adapter
+    output = tmp_path / "merged"
+    result = qlora("merge", "tiny-mistral", *DEEP, f"training.output_dir={run}", "merge.dtype=bfloat16",
+                   f"merge.output_dir={output}")
+    assert result.exit_code == 0, result.output
+    assert (output / "config.json").is_file()
+
+
+@pytest.mark.parametrize("mistake", ["adapter not applied", "scaling doubled"])
+def test_a_wrong_merge_fails_verification_in_bf16(mistake, deep_adapter):
+    import copy
+
+    from qlora_cli.merge import MergeVerificationFailed, _logits, check_merged, rounding_tolerance
+
+    model = copy.deepcopy(deep_adapter[0])
+    tokenizer = load_recipe_tokenizer(load_recipe(["tiny-mistral"]))
+    probe = tokenizer("[INST] What is 7 times 8? [/INST] 56", return_tensors="pt").input_ids
+    unmerged = _logits(model, probe)
+    tolerance = rounding_tolerance(model, probe, unmerged)
+    check_merged(copy.deepcopy(model).merge_and_unload(), probe, unmerged, tolerance, "bfloat16")  # the right one
+    if mistake == "adapter not applied":
+        wrong = model.unload()
+    else:
+        for module in model.modules():
+            if hasattr(module, "scaling") and isinstance(module.scaling, dict):
+                module.scaling = {name: 2 * value for name, value in module.scaling.items()}
+        wrong = model.merge_and_unload()
+    with pytest.raises(MergeVerificationFailed, match="nothing was written"):
+        check_merged(wrong, probe, unmerged, tolerance, "bfloat16")
+
+
 @pytest.fixture
 def other_base_adapter(trained_run, tmp_path) -> Path:
     adapter = tmp_path / "adapter"
