@@ -1,7 +1,7 @@
 """`qlora merge`: base model + the run's LoRA adapter -> a standalone model folder.
 
 The adapter was trained against 4-bit weights. By default (`merge.base: dequantized`) it is
-merged into the base as training saw it — each quantized weight quantized and dequantized
+merged into the base as training saw it — each weight transformers quantized, dequantized
 again — rather than into the original 16-bit weights, which the adapter never saw.
 """
 
@@ -139,28 +139,34 @@ def load_adapter_model(recipe, adapter: Path, *, quantized: bool, dequantize: bo
 
     dtype = None if quantized else to_dtype(recipe.merge.dtype, "merge.dtype")
     base = load_base_model(recipe, quantized=quantized, dtype=dtype)
-    if dequantize and recipe.quantization and recipe.quantization.get("load_in_4bit"):
-        round_trip_4bit(base, recipe.quantization)
+    if dequantize and not quantized and trained_on_4bit(recipe):
+        copy_dequantized_weights(load_base_model(recipe, quantized=True), base)
     return PeftModel.from_pretrained(base, str(adapter)).eval()
 
 
-def round_trip_4bit(model, quantization: dict) -> None:
-    """Replace each weight that training held in 4 bits with its quantized-then-dequantized value.
+def trained_on_4bit(recipe) -> bool:
+    return bool(recipe.quantization and recipe.quantization.get("load_in_4bit"))
 
-    Exactly the weights transformers quantizes: every nn.Linear but the output head.
+
+def copy_dequantized_weights(quantized_model, model) -> int:
+    """Give each weight of `model` that `quantized_model` holds in 4 bits the value training
+    computed with: that 4-bit weight dequantized. Returns how many weights changed.
+
+    Read from the loaded 4-bit model, not from a rule of our own, so exactly the modules
+    transformers quantized change: not the output head, not `llm_int8_skip_modules`.
     """
-    import torch
+    import bitsandbytes as bnb
     import bitsandbytes.functional as F
 
-    for name, module in model.named_modules():
-        if type(module) is not torch.nn.Linear or name.endswith("lm_head"):
-            continue
-        weight = module.weight.data
-        packed, state = F.quantize_4bit(
-            weight.float(), blocksize=64, quant_type=quantization.get("bnb_4bit_quant_type", "fp4"),
-            compress_statistics=bool(quantization.get("bnb_4bit_use_double_quant", False)),
-        )
-        module.weight.data = F.dequantize_4bit(packed, state).to(weight.dtype)
+    modules = dict(model.named_modules())
+    count = 0
+    for name, module in quantized_model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            target = modules[name].weight
+            dequantized = F.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            target.data = dequantized.to(target.device, target.dtype).reshape(target.shape)
+            count += 1
+    return count
 
 
 def rounding_tolerance(model, probe, logits) -> float:

@@ -122,6 +122,15 @@ def test_merge_into_the_original_weights_also_works_and_is_further_from_training
     assert dequantized < 1e-3 < original, (dequantized, original)
 
 
+def test_a_dequantized_merge_keeps_the_layers_training_kept_in_16_bits(trained_run, tmp_path):
+    # down_proj was never quantized in training: the merge must not quantize it either.
+    output = tmp_path / "merged"
+    result = qlora("merge", trained_run.root, "quantization.llm_int8_skip_modules=[lm_head,down_proj]",
+                   f"merge.output_dir={output}")
+    assert result.exit_code == 0, result.output
+    assert logit_distance((output / "README.md").read_text()) < 1e-3
+
+
 DEEP = ["model.init_from_config.num_hidden_layers=16"]  # 256 wide: bf16 rounding alone moves logits by ~0.6
 
 
