@@ -92,7 +92,8 @@ class Generator:
 
 
 def load_generator(recipe, model_path: str | None = None) -> Generator:
-    """The run's base + adapter (4-bit as in training unless generate.quantized=false), or `model_path`."""
+    """The run's base + adapter (4-bit as in training, or with generate.quantized=false the base
+    as `merge.base` says, in `merge.dtype`), or `model_path`."""
     from qlora_cli.model import load_recipe_tokenizer
 
     options, _ = split_generate(recipe.generate)
@@ -104,7 +105,10 @@ def load_generator(recipe, model_path: str | None = None) -> Generator:
 
         adapter = Path(recipe.merge.adapter or RunFolder(recipe.run_dir).adapter)
         check_adapter(adapter, recipe)
-        model = load_adapter_model(recipe, adapter, quantized=options.quantized)
+        # Unquantized, the adapter runs on the base as `qlora merge` would merge it: by default
+        # the 4-bit weights it was trained on, dequantized, not the original ones it never saw.
+        model = load_adapter_model(recipe, adapter, quantized=options.quantized,
+                                   dequantize=recipe.merge.base == "dequantized")
     config = build_generation_config(
         recipe.generate, recipe.origins, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,

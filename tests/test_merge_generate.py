@@ -321,6 +321,16 @@ def test_greedy_generation_is_deterministic_and_stops_at_eos(generator):
     assert generator.tokenizer.decode(new, skip_special_tokens=True).strip() == answer
 
 
+def test_unquantized_generation_computes_what_was_trained(answering_run, generator):
+    # generate.quantized=false follows merge.base (dequantized): the 4-bit weights training saw.
+    unquantized = load_generator(load_recipe([str(answering_run.root)], ["generate.quantized=false"]))
+    assert not any("4bit" in type(m).__name__ for m in unquantized.model.modules())
+    ids = torch.tensor([generator.prompt_ids([{"role": "user", "content": "Name a colour of the sky."}])])
+    with torch.no_grad():
+        expected, got = (g.model(input_ids=ids).logits for g in (generator, unquantized))
+    assert (expected - got).abs().max().item() < 1e-3
+
+
 @pytest.mark.parametrize("lines, line_number, message", [
     (['{"prompt": "fine"}', '{"prompt": "broken"'], 2, "malformed JSON"),
     (['{"prompt": "fine"}', '{"question": "where is the prompt?"}'], 2, "needs `prompt`"),
