@@ -57,6 +57,7 @@ def merge(recipe, *, overwrite: bool = False) -> MergeResult:
     adapter = Path(recipe.merge.adapter or run.adapter)
     output = Path(recipe.merge.output_dir or run.root / "merged")
     check_adapter(adapter, recipe)
+    check_output_spares_the_run(output, adapter, run.root)
     check_output(output, overwrite)
     tokenizer = load_recipe_tokenizer(recipe)
     model = load_adapter_model(recipe, adapter, quantized=False, dequantize=recipe.merge.base == "dequantized")
@@ -99,6 +100,20 @@ def base_model_id(recipe) -> str | None:
 
 def _same_model(a: str, b: str) -> bool:
     return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+
+def check_output_spares_the_run(output: Path, adapter: Path, run_root: Path) -> None:
+    """The merged folder may go inside the run folder (the default), but replacing it with
+    --overwrite must never delete the run or the adapter it is made from."""
+    output, adapter, run_root = output.resolve(), adapter.resolve(), run_root.resolve()
+    if output == adapter or output in adapter.parents or adapter in output.parents:
+        clash = f"is, holds or lies inside the adapter folder {adapter}"
+    elif output == run_root or output in run_root.parents:
+        clash = f"is or holds the run folder {run_root}"
+    else:
+        return
+    raise UserError(f"merge output {output} {clash}; writing it would delete what the merge reads",
+                    where="merge.output_dir", fix="set merge.output_dir to a new folder, e.g. <run>/merged")
 
 
 def check_output(output: Path, overwrite: bool) -> None:

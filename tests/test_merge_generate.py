@@ -220,6 +220,16 @@ def test_merge_refuses_an_existing_output_unless_overwrite(trained_run, tmp_path
     assert not (output / "keep.txt").exists() and (output / "config.json").is_file()
 
 
+@pytest.mark.parametrize("output", [".", "adapter", "adapter/merged", ".."])
+def test_merge_never_overwrites_the_run_or_its_adapter(output, trained_run, tmp_path):
+    run = tmp_path / "runs" / "run"
+    shutil.copytree(trained_run.adapter, run / "adapter")
+    result = qlora("merge", trained_run.root, f"training.output_dir={run}",
+                   f"merge.output_dir={run / output}", "--overwrite")
+    assert_user_error(result, "merge.output_dir", "would delete", wrapped=True)
+    assert (run / "adapter" / "adapter_config.json").is_file() and not (run / "adapter" / "merged").exists()
+
+
 # ---------------------------------------------------------------- generate
 
 
