@@ -220,6 +220,15 @@ def test_merge_refuses_an_existing_output_unless_overwrite(trained_run, tmp_path
     assert not (output / "keep.txt").exists() and (output / "config.json").is_file()
 
 
+@pytest.mark.parametrize("size", ["abc", "0GB", "-1GB"])
+def test_a_shard_size_that_is_not_a_size_exits_2_before_loading(size, trained_run, tmp_path):
+    output = tmp_path / "merged"
+    result = qlora("merge", trained_run.root, f"merge.max_shard_size={size}", f"merge.output_dir={output}")
+    assert_user_error(result, "merge.max_shard_size", "5GB", wrapped=True)
+    assert not output.exists()
+    assert qlora("config", "validate", trained_run.root, f"merge.max_shard_size={size}").exit_code == 2
+
+
 @pytest.mark.parametrize("output", [".", "adapter", "adapter/merged", ".."])
 def test_merge_never_overwrites_the_run_or_its_adapter(output, trained_run, tmp_path):
     run = tmp_path / "runs" / "run"
