@@ -57,8 +57,9 @@ class Generator:
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.model.device)
         with torch.no_grad():
             output = self.model.generate(input_ids=input_ids, attention_mask=attention,
-                                         generation_config=self.generation_config)
-        answers = [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
+                                         generation_config=self.generation_config, tokenizer=self.tokenizer)
+        sequences = getattr(output, "sequences", output)  # a GenerateOutput with return_dict_in_generate
+        answers = [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in sequences]
         # generate() returns the k sequences of each prompt next to each other.
         k = self.answers_per_prompt
         return [answers[i:i + k] for i in range(0, len(answers), k)]
@@ -72,8 +73,9 @@ class Generator:
 
         ids = torch.tensor([self.prompt_ids(messages)], device=self.model.device)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        # The tokenizer lets generate() find generation_config.stop_strings in the text.
         kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                      generation_config=self.generation_config)
+                      generation_config=self.generation_config, tokenizer=self.tokenizer)
         failures = []
 
         def generate() -> None:
@@ -190,16 +192,18 @@ def answer_file(generator: Generator, records: list[PromptRecord], output: Path,
     done = min(count_answered(output), len(records)) if resume else 0
     if on_batch and done:
         on_batch(done)
-    output.parent.mkdir(parents=True, exist_ok=True)
     todo = records[done:]
-    with output.open("a", encoding="utf-8") as out:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            for item, answers in zip(batch, generator.answer_batch([r.messages for r in batch]), strict=True):
-                out.write(json.dumps({**item.record, **answer_fields(answers)}, ensure_ascii=False) + "\n")
-            out.flush()
-            if on_batch:
-                on_batch(len(batch))
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        answers = generator.answer_batch([r.messages for r in batch])
+        lines = [json.dumps({**item.record, **answer_fields(a)}, ensure_ascii=False) + "\n"
+                 for item, a in zip(batch, answers, strict=True)]
+        # Opened once there is something to write: a generation that fails leaves no empty file.
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with output.open("a", encoding="utf-8") as out:
+            out.writelines(lines)
+        if on_batch:
+            on_batch(len(batch))
     return len(todo)
 
 

@@ -302,6 +302,27 @@ def test_a_chat_with_several_answers_per_prompt_exits_2(answering_run):
     assert_user_error(result, "generate.num_return_sequences", "--interactive", wrapped=True)
 
 
+def test_stop_strings_end_answers_to_a_prompt_and_to_a_file(answering_run, tmp_path):
+    question, answer = PAIRS[0]
+    assert answer.startswith("The capital of France") and "Paris" in answer
+    result = qlora("generate", answering_run.root, "generate.stop_strings=[France]", "--prompt", question)
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1] == "The capital of France"
+    output = tmp_path / "answers.jsonl"
+    result = qlora("generate", answering_run.root, "generate.stop_strings=[France]",
+                   "--input", write_prompts(tmp_path / "prompts.jsonl", PAIRS[:1]), "--output", output)
+    assert result.exit_code == 0, result.output
+    assert read_jsonl(output)[0]["response"] == "The capital of France"
+
+
+def test_return_dict_in_generate_still_writes_the_answers(answering_run, adapter_answers, tmp_path):
+    output = tmp_path / "answers.jsonl"
+    result = qlora("generate", answering_run.root, "generate.return_dict_in_generate=true",
+                   "--input", write_prompts(tmp_path / "prompts.jsonl", PAIRS[:2]), "--output", output)
+    assert result.exit_code == 0, result.output
+    assert [row["response"] for row in read_jsonl(output)] == [row["response"] for row in adapter_answers[:2]]
+
+
 def test_prompt_ids_equal_the_prompt_part_of_the_prepared_training_examples(answering_run):
     recipe = load_recipe([str(answering_run.root)])
     record = json.loads((answering_run.root / "run.json").read_text())
@@ -425,6 +446,19 @@ class _FailingModel:
 
     def generate(self, **kwargs):
         raise RuntimeError("CUDA out of memory (pretend)")
+
+
+def test_a_generation_that_fails_leaves_no_answers_file(tmp_path):
+    from transformers import GenerationConfig
+
+    from qlora_cli.generate import answer_file, read_prompts
+    from qlora_cli.tokenizer import load_tokenizer
+
+    generator = Generator(_FailingModel(), load_tokenizer("mistral-common:v1"), "mistral", GenerationConfig())
+    output = tmp_path / "answers.jsonl"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        answer_file(generator, read_prompts(write_prompts(tmp_path / "prompts.jsonl", PAIRS[:2])), output, 2)
+    assert not output.exists()
 
 
 def test_streaming_raises_the_models_error_instead_of_waiting_forever():
