@@ -99,6 +99,8 @@ def load_generator(recipe, model_path: str | None = None) -> Generator:
     from qlora_cli.model import load_recipe_tokenizer
 
     options, _ = split_generate(recipe.generate)
+    if model_path:
+        check_model_source(model_path)
     tokenizer = load_recipe_tokenizer(recipe)
     if model_path:
         model = _load_plain_model(model_path)
@@ -118,14 +120,29 @@ def load_generator(recipe, model_path: str | None = None) -> Generator:
     return Generator(model.eval(), tokenizer, recipe.data.template, config, options.system_prompt)
 
 
+MODEL_FIX = "give a merged model folder (qlora merge writes one), a model path or a hub id"
+
+
+def check_model_source(path: str) -> None:
+    """What `--model` names is a model folder, or could be a hub id: a path that does not exist
+    is not reported as a malformed repo id, a run folder not as an unrecognized model."""
+    local = Path(path).expanduser()
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise UserError(f"{path} is a folder without a model: it has no config.json", where="--model", fix=MODEL_FIX)
+    if local.is_file():
+        raise UserError(f"{path} is a file; a model is a folder", where="--model", fix=MODEL_FIX)
+    # A hub id is `name` or `namespace/name`; anything else not found on disk was meant as a path.
+    if not local.exists() and (local.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1):
+        raise UserError(f"model folder {path} does not exist", where="--model", fix=MODEL_FIX)
+
+
 def _load_plain_model(path: str):
     from transformers import AutoModelForCausalLM
 
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype="auto")
-    except OSError as err:
-        raise UserError(f"cannot load model `{path}`: {err}", where="--model",
-                        fix="give a merged model folder, a model path or a hub id") from None
+    except (OSError, ValueError) as err:  # ValueError: a config.json transformers does not recognize
+        raise UserError(f"cannot load model `{path}`: {err}", where="--model", fix=MODEL_FIX) from None
 
 
 @dataclass

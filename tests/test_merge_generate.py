@@ -396,10 +396,24 @@ def test_a_batch_size_below_1_exits_2_before_loading(size, trained_run, tmp_path
 
 def test_a_missing_model_source_exits_2(answering_run, tmp_path):
     result = qlora("generate", answering_run.root, "--model", tmp_path / "no-model", "--prompt", "Hi")
-    assert_user_error(result, "--model", "no-model", wrapped=True)
+    assert_user_error(result, "--model", "no-model", "does not exist", wrapped=True)
     result = qlora("generate", answering_run.root, f"training.output_dir={tmp_path / 'never-trained'}",
                    "--prompt", "Hi")
     assert_user_error(result, "never-trained", "does not exist", wrapped=True)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("run folder", "has no config.json"),
+    ("unknown config", "cannot load model"),
+    ("file", "is a file"),
+])
+def test_a_model_option_that_names_no_model_exits_2(source, message, trained_run, tmp_path):
+    (tmp_path / "unknown").mkdir()
+    (tmp_path / "unknown" / "config.json").write_text("{}")
+    path = {"run folder": trained_run.root, "unknown config": tmp_path / "unknown",
+            "file": trained_run.root / "recipe.yaml"}[source]
+    result = qlora("generate", trained_run.root, "--model", path, "--prompt", "Hi")
+    assert_user_error(result, "--model", message, wrapped=True)
 
 
 def test_interactive_answers_until_exit(answering_run):
