@@ -42,6 +42,18 @@ class atomic_folder:
                     raise
 
 
+def can_create_in(folder: Path) -> bool:
+    """Whether a new entry can be made in `folder`: tried, not guessed from mode bits (root,
+    read-only mounts and /proc all answer differently than the bits say)."""
+    probe = folder / f".qlora-write-test-{os.getpid()}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError:
+        return False
+    return True
+
+
 def cache_root() -> Path:
     """Where built models and converted tokenizers are kept: $QLORA_CACHE or ~/.cache/qlora."""
     return Path(os.environ.get("QLORA_CACHE") or Path.home() / ".cache" / "qlora")

@@ -7,6 +7,7 @@ the same instruction, so the model sees at inference what it learned from.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -231,10 +232,21 @@ def answer_fields(answers: list[str]) -> dict:
 
 
 def check_output(output: Path, resume: bool) -> None:
-    """Refuse to append to an existing answers file unless resuming it (callable before loading)."""
+    """An answers file that can be written, and is not appended to unless resuming it (called
+    before loading the model, so a mistake costs no minutes of loading)."""
+    from qlora_cli.atomic import can_create_in
+    from qlora_cli.merge import nearest_existing
+
+    if output.is_dir():
+        raise UserError(f"output {output} is a folder", where="--output", fix="give a file, e.g. answers.jsonl")
     if output.exists() and not resume:
         raise UserError(f"output {output} already exists", where="--output",
                         fix="add --resume to continue it, or choose another file")
+    blocking = output if output.exists() else nearest_existing(output.parent)
+    writable = os.access(output, os.W_OK) if output.exists() else can_create_in(blocking)
+    if not writable:
+        raise UserError(f"cannot write {output}: {blocking} is not writable", where="--output",
+                        fix="choose a file in a folder you can write")
 
 
 def count_answered(path: Path) -> int:

@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora_cli.atomic import atomic_folder
+from qlora_cli.atomic import atomic_folder, can_create_in
 from qlora_cli.builders import to_dtype
 from qlora_cli.errors import UserError
 from qlora_cli.run_folder import RunFolder
@@ -121,13 +121,9 @@ def check_output(output: Path, overwrite: bool) -> None:
         raise UserError(f"merge output {output} already exists", where="merge.output_dir",
                         fix="add --overwrite, or set merge.output_dir")
     parent = nearest_existing(output.parent)
-    probe = parent / f".qlora-write-test-{output.name}"
-    try:
-        probe.mkdir()
-        probe.rmdir()
-    except OSError:
+    if not can_create_in(parent):
         raise UserError(f"cannot write {output}: {parent} is not writable", where="merge.output_dir",
-                        fix="choose a folder you can write") from None
+                        fix="choose a folder you can write")
 
 
 def check_disk(output: Path, model) -> None:

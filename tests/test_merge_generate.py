@@ -455,6 +455,26 @@ def test_answer_file_refuses_an_existing_output_without_resume(tmp_path):
     assert error.value.where == "--output"
 
 
+@pytest.mark.parametrize("output, message", [
+    ("/proc/no-such-folder/answers.jsonl", "is not writable"),
+    (".", "is a folder"),
+])
+def test_an_output_that_cannot_be_written_exits_2_before_loading(output, message, trained_run, tmp_path):
+    # trained_run's adapter is never loaded: the check comes first (else: a traceback after loading).
+    result = qlora("generate", trained_run.root, "--input", write_prompts(tmp_path / "prompts.jsonl", PAIRS[:1]),
+                   "--output", tmp_path / output, "--resume")
+    assert_user_error(result, "--output", message, wrapped=True)
+
+
+def test_an_output_in_a_folder_not_yet_made_is_written(tmp_path):
+    from qlora_cli.generate import answer_file, check_output, read_prompts
+
+    output = tmp_path / "new" / "folder" / "answers.jsonl"
+    check_output(output, resume=False)
+    answer_file(_EchoGenerator(), read_prompts(write_prompts(tmp_path / "prompts.jsonl", PAIRS[:1])), output, 1)
+    assert read_jsonl(output)[0]["response"] == PAIRS[0][0]
+
+
 class _FailingModel:
     device = torch.device("cpu")
 
