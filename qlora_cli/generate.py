@@ -160,10 +160,11 @@ def read_prompts(path: Path) -> list[PromptRecord]:
     if not path.is_file():
         raise UserError(f"prompts file {path} does not exist", where="--input")
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        where = f"{path}:{number}"
+        line = _utf8(raw, where)
         if not line.strip():
             continue
-        where = f"{path}:{number}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
@@ -172,6 +173,14 @@ def read_prompts(path: Path) -> list[PromptRecord]:
     if not records:
         raise UserError(f"prompts file {path} has no prompts", where="--input")
     return records
+
+
+def _utf8(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"not UTF-8 text: byte 0x{raw[err.start]:02x} at column {err.start + 1}", where=where,
+                        fix="save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def _messages_of(record, where: str) -> list[dict]:

@@ -385,6 +385,13 @@ def test_bad_prompt_files_exit_2_with_file_and_line(lines, line_number, message,
     assert not output.exists()
 
 
+def test_a_prompts_file_that_is_not_utf8_exits_2_with_file_and_line(trained_run, tmp_path):
+    prompts = tmp_path / "latin1.jsonl"
+    prompts.write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n')
+    result = qlora("generate", trained_run.root, "--input", prompts, "--output", tmp_path / "answers.jsonl")
+    assert_user_error(result, f"{prompts}:2", "not UTF-8", "0xe9", wrapped=True)
+
+
 @pytest.mark.parametrize("size", [0, -1])
 def test_a_batch_size_below_1_exits_2_before_loading(size, trained_run, tmp_path):
     output = tmp_path / "answers.jsonl"
