@@ -157,6 +157,8 @@ class PromptRecord:
 
 def read_prompts(path: Path) -> list[PromptRecord]:
     """Lines of `prompt` (one user turn) or `messages` (ending with a user turn), checked."""
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a prompts file", where="--input", fix="give a JSONL file")
     if not path.is_file():
         raise UserError(f"prompts file {path} does not exist", where="--input")
     records = []

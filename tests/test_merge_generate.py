@@ -392,6 +392,11 @@ def test_a_prompts_file_that_is_not_utf8_exits_2_with_file_and_line(trained_run,
     assert_user_error(result, f"{prompts}:2", "not UTF-8", "0xe9", wrapped=True)
 
 
+def test_a_prompts_folder_is_named_a_folder(trained_run, tmp_path):
+    result = qlora("generate", trained_run.root, "--input", tmp_path, "--output", tmp_path / "answers.jsonl")
+    assert_user_error(result, "--input", "is a folder", wrapped=True)
+
+
 @pytest.mark.parametrize("size", [0, -1])
 def test_a_batch_size_below_1_exits_2_before_loading(size, trained_run, tmp_path):
     output = tmp_path / "answers.jsonl"
