@@ -306,10 +306,12 @@ def generate(
 
     recipes, overrides = split_arguments(args)
     recipe = load_recipe(recipes, overrides)
-    options_input = input or recipe.generate.get("input")
+    if sum([prompt is not None, input is not None, interactive]) > 1:
+        raise UserError("choose one of --prompt TEXT, --input FILE (with --output FILE) and --interactive")
+    # The recipe's generate.input is the default mode, not a second one: a flag given now wins.
+    options_input = None if prompt is not None or interactive else input or recipe.generate.get("input")
     options_output = output or recipe.generate.get("output")
-    modes = sum([prompt is not None, options_input is not None, interactive])
-    if modes != 1:
+    if prompt is None and options_input is None and not interactive:
         raise UserError("choose one of --prompt TEXT, --input FILE (with --output FILE) and --interactive")
     if prompt is not None:
         check_prompt([{"role": "user", "content": prompt}], "--prompt")

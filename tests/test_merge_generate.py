@@ -428,6 +428,18 @@ def test_a_model_option_that_names_no_model_exits_2(source, message, trained_run
     assert_user_error(result, "--model", message, wrapped=True)
 
 
+def test_prompt_and_interactive_win_over_the_recipes_input_file(answering_run, tmp_path):
+    recipe_io = [f"generate.input={write_prompts(tmp_path / 'prompts.jsonl', PAIRS[:1])}",
+                 f"generate.output={tmp_path / 'answers.jsonl'}"]
+    question, answer = PAIRS[1]
+    result = qlora("generate", answering_run.root, *recipe_io, "--prompt", question)
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1] == answer
+    result = qlora("generate", answering_run.root, *recipe_io, "--interactive", input=f"{question}\n/exit\n")
+    assert result.exit_code == 0 and answer in result.output, result.output
+    assert not (tmp_path / "answers.jsonl").exists()
+
+
 def test_interactive_answers_until_exit(answering_run):
     question, answer = PAIRS[1]
     result = qlora("generate", answering_run.root, "--interactive", input=f"{question}\n/exit\n")
