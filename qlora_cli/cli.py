@@ -278,7 +278,7 @@ def merge(
     except MergeVerificationFailed as err:
         err_console.print(f"[bold red]merge failed verification:[/] {err}", highlight=False)
         raise typer.Exit(1) from None
-    console.print(f"merged into the {result.base} base; logits vs base + adapter: {result.merged_vs_unmerged}",
+    console.print(f"merged into {result.base}; logits vs base + adapter: {result.merged_vs_unmerged}",
                   highlight=False)
     if result.merged_vs_quantized:
         console.print(f"logits vs the 4-bit base + adapter as trained: {result.merged_vs_quantized}", highlight=False)

@@ -44,7 +44,7 @@ class LogitDifference:
 @dataclass
 class MergeResult:
     output: Path
-    base: str
+    base: str  # what the adapter was merged into, in words (describe_base)
     merged_vs_unmerged: LogitDifference
     merged_vs_quantized: LogitDifference | None  # against the 4-bit model + adapter, as trained
 
@@ -72,7 +72,7 @@ def merge(recipe, *, overwrite: bool = False) -> MergeResult:
         merged.save_pretrained(str(tmp), max_shard_size=recipe.merge.max_shard_size, safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         (tmp / "README.md").write_text(_model_card(recipe, adapter, difference, quantized))
-    return MergeResult(output, recipe.merge.base, difference, quantized)
+    return MergeResult(output, describe_base(recipe), difference, quantized)
 
 
 def check_adapter(adapter: Path, recipe) -> None:
@@ -251,10 +251,18 @@ def _distance_from_training_view(recipe, adapter: Path, merged, probe) -> LogitD
     return difference
 
 
+def describe_base(recipe) -> str:
+    """What the adapter is merged into, as the CLI and the model card say it."""
+    if recipe.merge.base == "original":
+        return "the original unquantized base weights"
+    if trained_on_4bit(recipe):
+        return "the base weights as training saw them (each 4-bit weight quantized and dequantized again)"
+    return "the unquantized base weights (the recipe has no 4-bit quantization: there was nothing to dequantize)"
+
+
 def _model_card(recipe, adapter: Path, difference: LogitDifference, quantized: LogitDifference | None) -> str:
     base = base_model_id(recipe)
-    how = ("the base weights as training saw them (each 4-bit weight quantized and dequantized again)"
-           if recipe.merge.base == "dequantized" else "the original unquantized base weights")
+    how = describe_base(recipe)
     versus = f"\n- logits against the 4-bit base + adapter it was trained as: {quantized}" if quantized else ""
     return f"""---
 base_model: {base}

@@ -131,6 +131,14 @@ def test_a_dequantized_merge_keeps_the_layers_training_kept_in_16_bits(trained_r
     assert logit_distance((output / "README.md").read_text()) < 1e-3
 
 
+def test_a_merge_without_quantization_does_not_claim_it_dequantized(trained_run, tmp_path):
+    output = tmp_path / "merged"
+    result = qlora("merge", trained_run.root, "quantization=null", f"merge.output_dir={output}")
+    assert result.exit_code == 0, result.output
+    for text in (result.output.replace("\n", ""), (output / "README.md").read_text()):
+        assert "nothing to dequantize" in text and "4-bit weight quantized" not in text
+
+
 DEEP = ["model.init_from_config.num_hidden_layers=16"]  # 256 wide: bf16 rounding alone moves logits by ~0.6
 
 
