@@ -19,15 +19,14 @@ class atomic_folder:
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
         # mkdtemp makes an owner-only folder; what we keep is shared as any new folder would be.
-        umask = os.umask(0)
-        os.umask(umask)
-        self.tmp.chmod(0o777 & ~umask)
+        self.tmp.chmod(0o777 & ~current_umask())
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
+        _share_files(self.tmp)
         if self.target.exists() and self.replace:
             old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
             self.target.rename(old)
@@ -40,6 +39,21 @@ class atomic_folder:
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 if not self.target.is_dir():
                     raise
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _share_files(folder: Path) -> None:
+    """Give every file the mode any new file would have: some writers (safetensors) make theirs
+    owner-only, and a team could not load the weights of a merged model or an adapter."""
+    mode = 0o666 & ~current_umask()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
 
 
 def can_create_in(folder: Path) -> bool:

@@ -83,6 +83,12 @@ def test_merged_folder_holds_safetensors_shards_config_tokenizer_and_card(merged
     assert "merge.base: dequantized" in card and "quantized and dequantized again" in card
 
 
+def test_merged_weights_are_as_readable_as_their_folder(merged_small):
+    # safetensors writes owner-only files: teammates who can open the folder must read the weights.
+    shared = merged_small.stat().st_mode & 0o044
+    assert shared and all(p.stat().st_mode & 0o044 == shared for p in merged_small.iterdir())
+
+
 def test_merged_model_loads_with_plain_transformers_and_answers_like_the_adapter(merged_answering, answering_run,
                                                                                   adapter_answers):
     from transformers import AutoModelForCausalLM, AutoTokenizer
