@@ -17,7 +17,8 @@ class atomic_folder:
 
     def __enter__(self) -> Path:
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        # The pid in the name tells a later run whether the writer is still alive (remove_stale_temporaries).
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-{os.getpid()}-", dir=self.target.parent))
         # mkdtemp makes an owner-only folder; what we keep is shared as any new folder would be.
         self.tmp.chmod(0o777 & ~current_umask())
         return self.tmp
@@ -39,6 +40,29 @@ class atomic_folder:
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 if not self.target.is_dir():
                     raise
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Remove the temporary folders that killed writers of `target` left beside it: those whose
+    process no longer runs. Only for what one process on this machine writes (a merge): a rank
+    on another machine has a pid this one cannot see."""
+    removed = []
+    for path in target.parent.glob(f".{target.name}.tmp-*-*"):
+        pid = path.name[len(f".{target.name}.tmp-"):].split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # OverflowError: a number no pid can be
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def current_umask() -> int:

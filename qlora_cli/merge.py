@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora_cli.atomic import atomic_folder, can_create_in
+from qlora_cli.atomic import atomic_folder, can_create_in, remove_stale_temporaries
 from qlora_cli.builders import to_dtype
 from qlora_cli.errors import UserError
 from qlora_cli.run_folder import RunFolder
@@ -59,6 +59,7 @@ def merge(recipe, *, overwrite: bool = False) -> MergeResult:
     check_adapter(adapter, recipe)
     check_output_spares_the_run(output, adapter, run.root)
     check_output(output, overwrite)
+    remove_stale_temporaries(output)  # a killed merge leaves a model-sized folder behind
     tokenizer = load_recipe_tokenizer(recipe)
     model = load_adapter_model(recipe, adapter, quantized=False, dequantize=recipe.merge.base == "dequantized")
     check_disk(output, model)

@@ -234,6 +234,20 @@ def test_merge_refuses_an_existing_output_unless_overwrite(trained_run, tmp_path
     assert not (output / "keep.txt").exists() and (output / "config.json").is_file()
 
 
+def test_a_merge_removes_what_a_killed_merge_left_but_not_a_running_ones(trained_run, tmp_path):
+    import os
+
+    output = tmp_path / "merged"
+    killed, running = tmp_path / ".merged.tmp-999999999-x1", tmp_path / f".merged.tmp-{os.getpid()}-x2"
+    for folder in (killed, running):
+        folder.mkdir()
+        (folder / "model-00001-of-00002.safetensors").write_bytes(b"half")
+    result = qlora("merge", trained_run.root, f"merge.output_dir={output}")
+    assert result.exit_code == 0, result.output
+    assert not killed.exists() and running.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["merged", running.name])
+
+
 @pytest.mark.parametrize("size", ["abc", "0GB", "-1GB"])
 def test_a_shard_size_that_is_not_a_size_exits_2_before_loading(size, trained_run, tmp_path):
     output = tmp_path / "merged"
