@@ -322,6 +322,10 @@ def generate(
         check_output(Path(options_output), resume)  # before minutes of model loading
     if interactive:
         _check_one_answer_per_prompt(recipe)
+    if not {"max_new_tokens", "max_length"} & set(recipe.generate):
+        err_console.print("[yellow]warning:[/] the recipe sets no generate.max_new_tokens: answers stop at "
+                          "transformers' default max_length (20 tokens, prompt included); "
+                          "set e.g. generate.max_new_tokens=256", highlight=False)
     generator = load_generator(recipe, model)
     if prompt is not None:
         _print_answers(generator, [{"role": "user", "content": prompt}])

@@ -468,6 +468,12 @@ def test_prompt_and_interactive_win_over_the_recipes_input_file(answering_run, t
     assert not (tmp_path / "answers.jsonl").exists()
 
 
+def test_a_recipe_without_max_new_tokens_is_warned_that_answers_are_cut_short(trained_run):
+    result = qlora("generate", trained_run.root, "~generate.max_new_tokens", "--prompt", "Hi")
+    assert result.exit_code == 0, result.output
+    assert "generate.max_new_tokens" in result.output.replace("\n", "")
+
+
 def test_interactive_answers_until_exit(answering_run):
     question, answer = PAIRS[1]
     result = qlora("generate", answering_run.root, "--interactive", input=f"{question}\n/exit\n")
