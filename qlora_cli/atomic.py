@@ -17,17 +17,17 @@ class atomic_folder:
 
     def __enter__(self) -> Path:
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        # The pid in the name tells a later run whether the writer is still alive (remove_stale_temporaries).
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-{os.getpid()}-", dir=self.target.parent))
         # mkdtemp makes an owner-only folder; what we keep is shared as any new folder would be.
-        umask = os.umask(0)
-        os.umask(umask)
-        self.tmp.chmod(0o777 & ~umask)
+        self.tmp.chmod(0o777 & ~current_umask())
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
+        _share_files(self.tmp)
         if self.target.exists() and self.replace:
             old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
             self.target.rename(old)
@@ -40,6 +40,56 @@ class atomic_folder:
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 if not self.target.is_dir():
                     raise
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Remove the temporary folders that killed writers of `target` left beside it: those whose
+    process no longer runs. Only for what one process on this machine writes (a merge): a rank
+    on another machine has a pid this one cannot see."""
+    removed = []
+    for path in target.parent.glob(f".{target.name}.tmp-*-*"):
+        pid = path.name[len(f".{target.name}.tmp-"):].split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # OverflowError: a number no pid can be
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _share_files(folder: Path) -> None:
+    """Give every file the mode any new file would have: some writers (safetensors) make theirs
+    owner-only, and a team could not load the weights of a merged model or an adapter."""
+    mode = 0o666 & ~current_umask()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
+def can_create_in(folder: Path) -> bool:
+    """Whether a new entry can be made in `folder`: tried, not guessed from mode bits (root,
+    read-only mounts and /proc all answer differently than the bits say)."""
+    probe = folder / f".qlora-write-test-{os.getpid()}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError:
+        return False
+    return True
 
 
 def cache_root() -> Path:

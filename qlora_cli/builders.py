@@ -145,9 +145,12 @@ def _check_generate_options(generate: dict, origins: dict[str, str]) -> list[Use
     """Types of our own `generate` keys, which GenerationConfig never sees."""
     ours = {f.name for f in dataclasses.fields(GenerateOptions)}
     try:
-        build_schema(GenerateOptions, {k: v for k, v in generate.items() if k in ours}, "generate", origins)
+        options = build_schema(GenerateOptions, {k: v for k, v in generate.items() if k in ours}, "generate", origins)
     except UserError as err:
         return err.errors
+    if options.batch_size < 1:  # 0 would crash after the model loads; a negative size would answer nothing
+        return [UserError(f"`generate.batch_size` is {options.batch_size}; it must be at least 1",
+                          where=origins.get("generate.batch_size", "generate.batch_size"))]
     return []
 
 

@@ -285,7 +285,7 @@ def merge(
     except MergeVerificationFailed as err:
         err_console.print(f"[bold red]merge failed verification:[/] {err}", highlight=False)
         raise typer.Exit(1) from None
-    console.print(f"merged into the {result.base} base; logits vs base + adapter: {result.merged_vs_unmerged}",
+    console.print(f"merged into {result.base}; logits vs base + adapter: {result.merged_vs_unmerged}",
                   highlight=False)
     if result.merged_vs_quantized:
         console.print(f"logits vs the 4-bit base + adapter as trained: {result.merged_vs_quantized}", highlight=False)
@@ -313,10 +313,12 @@ def generate(
 
     recipes, overrides = split_arguments(args)
     recipe = load_recipe(recipes, overrides)
-    options_input = input or recipe.generate.get("input")
+    if sum([prompt is not None, input is not None, interactive]) > 1:
+        raise UserError("choose one of --prompt TEXT, --input FILE (with --output FILE) and --interactive")
+    # The recipe's generate.input is the default mode, not a second one: a flag given now wins.
+    options_input = None if prompt is not None or interactive else input or recipe.generate.get("input")
     options_output = output or recipe.generate.get("output")
-    modes = sum([prompt is not None, options_input is not None, interactive])
-    if modes != 1:
+    if prompt is None and options_input is None and not interactive:
         raise UserError("choose one of --prompt TEXT, --input FILE (with --output FILE) and --interactive")
     if prompt is not None:
         check_prompt([{"role": "user", "content": prompt}], "--prompt")
@@ -325,13 +327,40 @@ def generate(
         raise UserError("--input needs --output FILE (or generate.output in the recipe)")
     if records is not None:
         check_output(Path(options_output), resume)  # before minutes of model loading
+    if interactive:
+        _check_one_answer_per_prompt(recipe)
+    if not {"max_new_tokens", "max_length"} & set(recipe.generate):
+        err_console.print("[yellow]warning:[/] the recipe sets no generate.max_new_tokens: answers stop at "
+                          "transformers' default max_length (20 tokens, prompt included); "
+                          "set e.g. generate.max_new_tokens=256", highlight=False)
     generator = load_generator(recipe, model)
     if prompt is not None:
-        _stream_answer(generator, [{"role": "user", "content": prompt}])
+        _print_answers(generator, [{"role": "user", "content": prompt}])
     elif records is not None:
         _answer_file(generator, records, Path(options_output), recipe, resume)
     else:
         _chat(generator)
+
+
+def _check_one_answer_per_prompt(recipe) -> None:
+    """A chat continues from one answer: which of several would it be?"""
+    if (recipe.generate.get("num_return_sequences") or 1) > 1:
+        raise UserError("--interactive continues the conversation from one answer, but "
+                        f"generate.num_return_sequences is {recipe.generate['num_return_sequences']}",
+                        where=recipe.origins.get("generate.num_return_sequences", "generate.num_return_sequences"),
+                        fix="use --prompt or --input for several answers per prompt, or set "
+                            "generate.num_return_sequences=1")
+
+
+def _print_answers(generator, messages: list[dict]) -> str:
+    """Stream the answer when generation allows it; else print each answer when all are done."""
+    if generator.streams:
+        return _stream_answer(generator, messages)
+    answers = generator.answer_batch([messages])[0]
+    for number, answer in enumerate(answers, start=1):
+        label = f"[bold]answer {number}:[/] " if len(answers) > 1 else ""
+        console.print(label + escape(answer), highlight=False, soft_wrap=True)
+    return answers[0]
 
 
 def _stream_answer(generator, messages: list[dict]) -> str:
@@ -374,7 +403,7 @@ def _chat(generator) -> None:
             continue
         messages.append({"role": "user", "content": text})
         console.print("[bold]model>[/] ", end="")
-        messages.append({"role": "assistant", "content": _stream_answer(generator, messages) or "..."})
+        messages.append({"role": "assistant", "content": _print_answers(generator, messages) or "..."})
 
 
 def launch_processes(nproc: int, command: list[str]) -> int:

@@ -7,6 +7,7 @@ the same instruction, so the model sees at inference what it learned from.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -33,8 +34,21 @@ class Generator:
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
         return encode_prompt(messages, self.tokenizer, self.template)
 
-    def answer_batch(self, conversations: list[list[dict]]) -> list[str]:
-        """Answers to several conversations at once (left-padded batch)."""
+    @property
+    def answers_per_prompt(self) -> int:
+        return self.generation_config.num_return_sequences or 1
+
+    @property
+    def streams(self) -> bool:
+        """Whether answers can be shown as they are generated: one greedy or sampled sequence.
+
+        transformers refuses a streamer with beam search, and its streamer takes one sequence.
+        """
+        return self.generation_config.num_beams == 1 and self.answers_per_prompt == 1
+
+    def answer_batch(self, conversations: list[list[dict]]) -> list[list[str]]:
+        """The answers to several conversations at once (left-padded batch): for each
+        conversation, its `generate.num_return_sequences` answers."""
         import torch
 
         prompts = [self.prompt_ids(messages) for messages in conversations]
@@ -44,8 +58,12 @@ class Generator:
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.model.device)
         with torch.no_grad():
             output = self.model.generate(input_ids=input_ids, attention_mask=attention,
-                                         generation_config=self.generation_config)
-        return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
+                                         generation_config=self.generation_config, tokenizer=self.tokenizer)
+        sequences = getattr(output, "sequences", output)  # a GenerateOutput with return_dict_in_generate
+        answers = [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in sequences]
+        # generate() returns the k sequences of each prompt next to each other.
+        k = self.answers_per_prompt
+        return [answers[i:i + k] for i in range(0, len(answers), k)]
 
     def stream(self, messages: list[dict]) -> Iterator[str]:
         """The answer to one conversation, piece by piece as it is generated."""
@@ -56,8 +74,9 @@ class Generator:
 
         ids = torch.tensor([self.prompt_ids(messages)], device=self.model.device)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        # The tokenizer lets generate() find generation_config.stop_strings in the text.
         kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                      generation_config=self.generation_config)
+                      generation_config=self.generation_config, tokenizer=self.tokenizer)
         failures = []
 
         def generate() -> None:
@@ -76,10 +95,13 @@ class Generator:
 
 
 def load_generator(recipe, model_path: str | None = None) -> Generator:
-    """The run's base + adapter (4-bit as in training unless generate.quantized=false), or `model_path`."""
+    """The run's base + adapter (4-bit as in training, or with generate.quantized=false the base
+    as `merge.base` says, in `merge.dtype`), or `model_path`."""
     from qlora_cli.model import load_recipe_tokenizer
 
     options, _ = split_generate(recipe.generate)
+    if model_path:
+        check_model_source(model_path)
     tokenizer = load_recipe_tokenizer(recipe)
     if model_path:
         model = _load_plain_model(model_path)
@@ -88,7 +110,10 @@ def load_generator(recipe, model_path: str | None = None) -> Generator:
 
         adapter = Path(recipe.merge.adapter or RunFolder(recipe.run_dir).adapter)
         check_adapter(adapter, recipe)
-        model = load_adapter_model(recipe, adapter, quantized=options.quantized)
+        # Unquantized, the adapter runs on the base as `qlora merge` would merge it: by default
+        # the 4-bit weights it was trained on, dequantized, not the original ones it never saw.
+        model = load_adapter_model(recipe, adapter, quantized=options.quantized,
+                                   dequantize=recipe.merge.base == "dequantized")
     config = build_generation_config(
         recipe.generate, recipe.origins, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
@@ -96,14 +121,29 @@ def load_generator(recipe, model_path: str | None = None) -> Generator:
     return Generator(model.eval(), tokenizer, recipe.data.template, config, options.system_prompt)
 
 
+MODEL_FIX = "give a merged model folder (qlora merge writes one), a model path or a hub id"
+
+
+def check_model_source(path: str) -> None:
+    """What `--model` names is a model folder, or could be a hub id: a path that does not exist
+    is not reported as a malformed repo id, a run folder not as an unrecognized model."""
+    local = Path(path).expanduser()
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise UserError(f"{path} is a folder without a model: it has no config.json", where="--model", fix=MODEL_FIX)
+    if local.is_file():
+        raise UserError(f"{path} is a file; a model is a folder", where="--model", fix=MODEL_FIX)
+    # A hub id is `name` or `namespace/name`; anything else not found on disk was meant as a path.
+    if not local.exists() and (local.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1):
+        raise UserError(f"model folder {path} does not exist", where="--model", fix=MODEL_FIX)
+
+
 def _load_plain_model(path: str):
     from transformers import AutoModelForCausalLM
 
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype="auto")
-    except OSError as err:
-        raise UserError(f"cannot load model `{path}`: {err}", where="--model",
-                        fix="give a merged model folder, a model path or a hub id") from None
+    except (OSError, ValueError) as err:  # ValueError: a config.json transformers does not recognize
+        raise UserError(f"cannot load model `{path}`: {err}", where="--model", fix=MODEL_FIX) from None
 
 
 @dataclass
@@ -117,13 +157,16 @@ class PromptRecord:
 
 def read_prompts(path: Path) -> list[PromptRecord]:
     """Lines of `prompt` (one user turn) or `messages` (ending with a user turn), checked."""
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a prompts file", where="--input", fix="give a JSONL file")
     if not path.is_file():
         raise UserError(f"prompts file {path} does not exist", where="--input")
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        where = f"{path}:{number}"
+        line = _utf8(raw, where)
         if not line.strip():
             continue
-        where = f"{path}:{number}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
@@ -132,6 +175,14 @@ def read_prompts(path: Path) -> list[PromptRecord]:
     if not records:
         raise UserError(f"prompts file {path} has no prompts", where="--input")
     return records
+
+
+def _utf8(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"not UTF-8 text: byte 0x{raw[err.start]:02x} at column {err.start + 1}", where=where,
+                        fix="save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def _messages_of(record, where: str) -> list[dict]:
@@ -160,7 +211,8 @@ def check_prompt(messages: list[dict], where: str) -> None:
 
 def answer_file(generator: Generator, records: list[PromptRecord], output: Path, batch_size: int,
                 resume: bool = False, on_batch: Callable[[int], None] | None = None) -> int:
-    """Answer each record, appending `{...record, "response": ...}` lines to `output` as it goes.
+    """Answer each record, appending `{...record, "response": ...}` lines to `output` as it goes
+    (`"responses": [...]`, one line per record still, when generate.num_return_sequences > 1).
 
     Lines already in `output` are skipped with `resume`, so an interrupted run keeps its work;
     `on_batch` hears of them first, then of each batch answered. Returns how many were answered now.
@@ -169,24 +221,43 @@ def answer_file(generator: Generator, records: list[PromptRecord], output: Path,
     done = min(count_answered(output), len(records)) if resume else 0
     if on_batch and done:
         on_batch(done)
-    output.parent.mkdir(parents=True, exist_ok=True)
     todo = records[done:]
-    with output.open("a", encoding="utf-8") as out:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            for item, response in zip(batch, generator.answer_batch([r.messages for r in batch])):
-                out.write(json.dumps({**item.record, "response": response}, ensure_ascii=False) + "\n")
-            out.flush()
-            if on_batch:
-                on_batch(len(batch))
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        answers = generator.answer_batch([r.messages for r in batch])
+        lines = [json.dumps({**item.record, **answer_fields(a)}, ensure_ascii=False) + "\n"
+                 for item, a in zip(batch, answers, strict=True)]
+        # Opened once there is something to write: a generation that fails leaves no empty file.
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with output.open("a", encoding="utf-8") as out:
+            out.writelines(lines)
+        if on_batch:
+            on_batch(len(batch))
     return len(todo)
 
 
+def answer_fields(answers: list[str]) -> dict:
+    """`response` (text) for one answer per prompt, `responses` (a list) for several: a record
+    keeps its line, so a resumed file still counts one line per prompt."""
+    return {"response": answers[0]} if len(answers) == 1 else {"responses": answers}
+
+
 def check_output(output: Path, resume: bool) -> None:
-    """Refuse to append to an existing answers file unless resuming it (callable before loading)."""
+    """An answers file that can be written, and is not appended to unless resuming it (called
+    before loading the model, so a mistake costs no minutes of loading)."""
+    from qlora_cli.atomic import can_create_in
+    from qlora_cli.merge import nearest_existing
+
+    if output.is_dir():
+        raise UserError(f"output {output} is a folder", where="--output", fix="give a file, e.g. answers.jsonl")
     if output.exists() and not resume:
         raise UserError(f"output {output} already exists", where="--output",
                         fix="add --resume to continue it, or choose another file")
+    blocking = output if output.exists() else nearest_existing(output.parent)
+    writable = os.access(output, os.W_OK) if output.exists() else can_create_in(blocking)
+    if not writable:
+        raise UserError(f"cannot write {output}: {blocking} is not writable", where="--output",
+                        fix="choose a file in a folder you can write")
 
 
 def count_answered(path: Path) -> int:

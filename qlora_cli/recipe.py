@@ -396,6 +396,8 @@ def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
         errors += _check_model_source(typed["model"], raw.origins)
     if "data" in typed:
         errors += _check_data_limits(typed["data"], raw.origins)
+    if "merge" in typed:
+        errors += _check_shard_size(typed["merge"], raw.origins)
     if errors:
         raise combined(errors)
     return Recipe(
@@ -474,3 +476,18 @@ def _check_source_amounts(data, origins: dict[str, str]) -> list[UserError]:
                     errors.append(UserError(f"`{dotted}` is {value}; it must be 0 or more",
                                             where=origins.get(dotted, dotted), fix=fix))
     return errors
+
+
+def _check_shard_size(merge, origins: dict[str, str]) -> list[UserError]:
+    """`merge.max_shard_size` as transformers' own parser reads it: else it fails after the merge."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        size = convert_file_size_to_int(merge.max_shard_size)
+    except ValueError:
+        size = 0
+    if size > 0:
+        return []
+    return [UserError(f"`merge.max_shard_size` is {merge.max_shard_size!r}, which is not a size",
+                      where=origins.get("merge.max_shard_size", "merge.max_shard_size"),
+                      fix="write a number and a unit, e.g. 5GB, 500MB or 2GiB")]

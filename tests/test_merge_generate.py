@@ -83,6 +83,12 @@ def test_merged_folder_holds_safetensors_shards_config_tokenizer_and_card(merged
     assert "merge.base: dequantized" in card and "quantized and dequantized again" in card
 
 
+def test_merged_weights_are_as_readable_as_their_folder(merged_small):
+    # safetensors writes owner-only files: teammates who can open the folder must read the weights.
+    shared = merged_small.stat().st_mode & 0o044
+    assert shared and all(p.stat().st_mode & 0o044 == shared for p in merged_small.iterdir())
+
+
 def test_merged_model_loads_with_plain_transformers_and_answers_like_the_adapter(merged_answering, answering_run,
                                                                                   adapter_answers):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -122,6 +128,75 @@ def test_merge_into_the_original_weights_also_works_and_is_further_from_training
     assert dequantized < 1e-3 < original, (dequantized, original)
 
 
+def test_a_dequantized_merge_keeps_the_layers_training_kept_in_16_bits(trained_run, tmp_path):
+    # down_proj was never quantized in training: the merge must not quantize it either.
+    output = tmp_path / "merged"
+    result = qlora("merge", trained_run.root, "quantization.llm_int8_skip_modules=[lm_head,down_proj]",
+                   f"merge.output_dir={output}")
+    assert result.exit_code == 0, result.output
+    assert logit_distance((output / "README.md").read_text()) < 1e-3
+
+
+def test_a_merge_without_quantization_does_not_claim_it_dequantized(trained_run, tmp_path):
+    output = tmp_path / "merged"
+    result = qlora("merge", trained_run.root, "quantization=null", f"merge.output_dir={output}")
+    assert result.exit_code == 0, result.output
+    for text in (result.output.replace("\n", ""), (output / "README.md").read_text()):
+        assert "nothing to dequantize" in text and "4-bit weight quantized" not in text
+
+
+DEEP = ["model.init_from_config.num_hidden_layers=16"]  # 256 wide: bf16 rounding alone moves logits by ~0.6
+
+
+@pytest.fixture(scope="module")
+def deep_adapter(tmp_path_factory):
+    """A LoRA with random, non-zero A and B (no training needed) on the 16-layer tiny model, as
+    a run folder's adapter; returns (the unmerged bf16 model, the run folder)."""
+    from peft import LoraConfig, get_peft_model
+
+    from qlora_cli.model import load_base_model
+
+    run = tmp_path_factory.mktemp("deep") / "run"
+    recipe = load_recipe(["tiny-mistral"], [*DEEP, f"training.output_dir={run}"])
+    torch.manual_seed(0)
+    model = get_peft_model(load_base_model(recipe, quantized=False, dtype=torch.bfloat16),
+                           LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)).eval()
+    model.save_pretrained(str(run / "adapter"))
+    return model, run
+
+
+def test_a_correct_bf16_merge_of_a_deep_model_passes_verification(deep_adapter, tmp_path):
+    _, run = deep_adapter
+    output = tmp_path / "merged"
+    result = qlora("merge", "tiny-mistral", *DEEP, f"training.output_dir={run}", "merge.dtype=bfloat16",
+                   f"merge.output_dir={output}")
+    assert result.exit_code == 0, result.output
+    assert (output / "config.json").is_file()
+
+
+@pytest.mark.parametrize("mistake", ["adapter not applied", "scaling doubled"])
+def test_a_wrong_merge_fails_verification_in_bf16(mistake, deep_adapter):
+    import copy
+
+    from qlora_cli.merge import MergeVerificationFailed, _logits, check_merged, rounding_tolerance
+
+    model = copy.deepcopy(deep_adapter[0])
+    tokenizer = load_recipe_tokenizer(load_recipe(["tiny-mistral"]))
+    probe = tokenizer("[INST] What is 7 times 8? [/INST] 56", return_tensors="pt").input_ids
+    unmerged = _logits(model, probe)
+    tolerance = rounding_tolerance(model, probe, unmerged)
+    check_merged(copy.deepcopy(model).merge_and_unload(), probe, unmerged, tolerance, "bfloat16")  # the right one
+    if mistake == "adapter not applied":
+        wrong = model.unload()
+    else:
+        for module in model.modules():
+            if hasattr(module, "scaling") and isinstance(module.scaling, dict):
+                module.scaling = {name: 2 * value for name, value in module.scaling.items()}
+        wrong = model.merge_and_unload()
+    with pytest.raises(MergeVerificationFailed, match="nothing was written"):
+        check_merged(wrong, probe, unmerged, tolerance, "bfloat16")
+
+
 @pytest.fixture
 def other_base_adapter(trained_run, tmp_path) -> Path:
     adapter = tmp_path / "adapter"
@@ -159,6 +234,39 @@ def test_merge_refuses_an_existing_output_unless_overwrite(trained_run, tmp_path
     assert not (output / "keep.txt").exists() and (output / "config.json").is_file()
 
 
+def test_a_merge_removes_what_a_killed_merge_left_but_not_a_running_ones(trained_run, tmp_path):
+    import os
+
+    output = tmp_path / "merged"
+    killed, running = tmp_path / ".merged.tmp-999999999-x1", tmp_path / f".merged.tmp-{os.getpid()}-x2"
+    for folder in (killed, running):
+        folder.mkdir()
+        (folder / "model-00001-of-00002.safetensors").write_bytes(b"half")
+    result = qlora("merge", trained_run.root, f"merge.output_dir={output}")
+    assert result.exit_code == 0, result.output
+    assert not killed.exists() and running.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["merged", running.name])
+
+
+@pytest.mark.parametrize("size", ["abc", "0GB", "-1GB"])
+def test_a_shard_size_that_is_not_a_size_exits_2_before_loading(size, trained_run, tmp_path):
+    output = tmp_path / "merged"
+    result = qlora("merge", trained_run.root, f"merge.max_shard_size={size}", f"merge.output_dir={output}")
+    assert_user_error(result, "merge.max_shard_size", "5GB", wrapped=True)
+    assert not output.exists()
+    assert qlora("config", "validate", trained_run.root, f"merge.max_shard_size={size}").exit_code == 2
+
+
+@pytest.mark.parametrize("output", [".", "adapter", "adapter/merged", ".."])
+def test_merge_never_overwrites_the_run_or_its_adapter(output, trained_run, tmp_path):
+    run = tmp_path / "runs" / "run"
+    shutil.copytree(trained_run.adapter, run / "adapter")
+    result = qlora("merge", trained_run.root, f"training.output_dir={run}",
+                   f"merge.output_dir={run / output}", "--overwrite")
+    assert_user_error(result, "merge.output_dir", "would delete", wrapped=True)
+    assert (run / "adapter" / "adapter_config.json").is_file() and not (run / "adapter" / "merged").exists()
+
+
 # ---------------------------------------------------------------- generate
 
 
@@ -188,6 +296,59 @@ def test_resume_answers_only_the_lines_not_yet_written(answering_run, adapter_an
     assert result.exit_code == 0, result.output
     responses = [row["response"] for row in read_jsonl(output)]
     assert responses == ["answered before"] * 2 + [row["response"] for row in adapter_answers[2:4]]
+
+
+# Sampling from the top token only: several sequences per prompt, each the greedy answer.
+SEVERAL_ANSWERS = ["generate.num_return_sequences=2", "generate.do_sample=true", "generate.top_k=1"]
+
+
+def test_several_answers_per_prompt_stay_on_their_own_record(answering_run, adapter_answers, tmp_path):
+    output = tmp_path / "answers.jsonl"
+    result = qlora("generate", answering_run.root, *SEVERAL_ANSWERS, "generate.batch_size=3",
+                   "--input", write_prompts(tmp_path / "prompts.jsonl", PAIRS[:4]), "--output", output)
+    assert result.exit_code == 0, result.output
+    rows = read_jsonl(output)
+    assert [row["id"] for row in rows] == [0, 1, 2, 3]
+    assert [row["responses"] for row in rows] == [[row["response"]] * 2 for row in adapter_answers[:4]]
+
+
+def test_several_answers_to_one_prompt_are_all_printed(answering_run, adapter_answers):
+    result = qlora("generate", answering_run.root, *SEVERAL_ANSWERS, "--prompt", PAIRS[2][0])
+    assert result.exit_code == 0, result.output
+    answer = adapter_answers[2]["response"]
+    assert f"answer 1: {answer}" in result.output and f"answer 2: {answer}" in result.output
+
+
+def test_beam_search_answers_a_prompt_without_streaming(answering_run, adapter_answers):
+    result = qlora("generate", answering_run.root, "generate.num_beams=2", "--prompt", PAIRS[2][0])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1] == adapter_answers[2]["response"]
+
+
+def test_a_chat_with_several_answers_per_prompt_exits_2(answering_run):
+    result = qlora("generate", answering_run.root, *SEVERAL_ANSWERS, "--interactive", input="Hi\n/exit\n")
+    assert_user_error(result, "generate.num_return_sequences", "--interactive", wrapped=True)
+
+
+def test_stop_strings_end_answers_to_a_prompt_and_to_a_file(answering_run, tmp_path):
+    question, answer = PAIRS[0]
+    assert answer.startswith("The capital of France") and "Paris" in answer
+    result = qlora("generate", answering_run.root, "generate.stop_strings=[France]", "--prompt", question)
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1] == "The capital of France"
+    output = tmp_path / "answers.jsonl"
+    result = qlora("generate", answering_run.root, "generate.stop_strings=[France]",
+                   "--input", write_prompts(tmp_path / "prompts.jsonl", PAIRS[:1]), "--output", output)
+    assert result.exit_code == 0, result.output
+    assert read_jsonl(output)[0]["response"] == "The capital of France"
+
+
+def test_return_dict_in_generate_still_writes_the_answers(answering_run, adapter_answers, tmp_path):
+    output = tmp_path / "answers.jsonl"
+    result = qlora("generate", answering_run.root, "generate.return_dict_in_generate=true",
+                   "--input", write_prompts(tmp_path / "prompts.jsonl", PAIRS[:2]), "--output", output)
+    assert result.exit_code == 0, result.output
+    assert [row["response"] for row in read_jsonl(output)] == [row["response"] for row in adapter_answers[:2]]
 
 
 def test_prompt_ids_equal_the_prompt_part_of_the_prepared_training_examples(answering_run):
@@ -228,6 +389,16 @@ def test_greedy_generation_is_deterministic_and_stops_at_eos(generator):
     assert generator.tokenizer.decode(new, skip_special_tokens=True).strip() == answer
 
 
+def test_unquantized_generation_computes_what_was_trained(answering_run, generator):
+    # generate.quantized=false follows merge.base (dequantized): the 4-bit weights training saw.
+    unquantized = load_generator(load_recipe([str(answering_run.root)], ["generate.quantized=false"]))
+    assert not any("4bit" in type(m).__name__ for m in unquantized.model.modules())
+    ids = torch.tensor([generator.prompt_ids([{"role": "user", "content": "Name a colour of the sky."}])])
+    with torch.no_grad():
+        expected, got = (g.model(input_ids=ids).logits for g in (generator, unquantized))
+    assert (expected - got).abs().max().item() < 1e-3
+
+
 @pytest.mark.parametrize("lines, line_number, message", [
     (['{"prompt": "fine"}', '{"prompt": "broken"'], 2, "malformed JSON"),
     (['{"prompt": "fine"}', '{"question": "where is the prompt?"}'], 2, "needs `prompt`"),
@@ -242,12 +413,65 @@ def test_bad_prompt_files_exit_2_with_file_and_line(lines, line_number, message,
     assert not output.exists()
 
 
+def test_a_prompts_file_that_is_not_utf8_exits_2_with_file_and_line(trained_run, tmp_path):
+    prompts = tmp_path / "latin1.jsonl"
+    prompts.write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n')
+    result = qlora("generate", trained_run.root, "--input", prompts, "--output", tmp_path / "answers.jsonl")
+    assert_user_error(result, f"{prompts}:2", "not UTF-8", "0xe9", wrapped=True)
+
+
+def test_a_prompts_folder_is_named_a_folder(trained_run, tmp_path):
+    result = qlora("generate", trained_run.root, "--input", tmp_path, "--output", tmp_path / "answers.jsonl")
+    assert_user_error(result, "--input", "is a folder", wrapped=True)
+
+
+@pytest.mark.parametrize("size", [0, -1])
+def test_a_batch_size_below_1_exits_2_before_loading(size, trained_run, tmp_path):
+    output = tmp_path / "answers.jsonl"
+    result = qlora("generate", trained_run.root, f"generate.batch_size={size}",
+                   "--input", write_prompts(tmp_path / "prompts.jsonl", PAIRS[:2]), "--output", output)
+    assert_user_error(result, "generate.batch_size", "at least 1", wrapped=True)
+    assert not output.exists()
+
+
 def test_a_missing_model_source_exits_2(answering_run, tmp_path):
     result = qlora("generate", answering_run.root, "--model", tmp_path / "no-model", "--prompt", "Hi")
-    assert_user_error(result, "--model", "no-model", wrapped=True)
+    assert_user_error(result, "--model", "no-model", "does not exist", wrapped=True)
     result = qlora("generate", answering_run.root, f"training.output_dir={tmp_path / 'never-trained'}",
                    "--prompt", "Hi")
     assert_user_error(result, "never-trained", "does not exist", wrapped=True)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("run folder", "has no config.json"),
+    ("unknown config", "cannot load model"),
+    ("file", "is a file"),
+])
+def test_a_model_option_that_names_no_model_exits_2(source, message, trained_run, tmp_path):
+    (tmp_path / "unknown").mkdir()
+    (tmp_path / "unknown" / "config.json").write_text("{}")
+    path = {"run folder": trained_run.root, "unknown config": tmp_path / "unknown",
+            "file": trained_run.root / "recipe.yaml"}[source]
+    result = qlora("generate", trained_run.root, "--model", path, "--prompt", "Hi")
+    assert_user_error(result, "--model", message, wrapped=True)
+
+
+def test_prompt_and_interactive_win_over_the_recipes_input_file(answering_run, tmp_path):
+    recipe_io = [f"generate.input={write_prompts(tmp_path / 'prompts.jsonl', PAIRS[:1])}",
+                 f"generate.output={tmp_path / 'answers.jsonl'}"]
+    question, answer = PAIRS[1]
+    result = qlora("generate", answering_run.root, *recipe_io, "--prompt", question)
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1] == answer
+    result = qlora("generate", answering_run.root, *recipe_io, "--interactive", input=f"{question}\n/exit\n")
+    assert result.exit_code == 0 and answer in result.output, result.output
+    assert not (tmp_path / "answers.jsonl").exists()
+
+
+def test_a_recipe_without_max_new_tokens_is_warned_that_answers_are_cut_short(trained_run):
+    result = qlora("generate", trained_run.root, "~generate.max_new_tokens", "--prompt", "Hi")
+    assert result.exit_code == 0, result.output
+    assert "generate.max_new_tokens" in result.output.replace("\n", "")
 
 
 def test_interactive_answers_until_exit(answering_run):
@@ -261,7 +485,7 @@ class _EchoGenerator:
     """Answers each conversation with its prompt: enough to drive `answer_file` without a model."""
 
     def answer_batch(self, conversations):
-        return [messages[-1]["content"] for messages in conversations]
+        return [[messages[-1]["content"]] for messages in conversations]
 
 
 def test_resume_drops_a_last_line_cut_short_by_a_kill_and_answers_it_again(tmp_path):
@@ -289,11 +513,44 @@ def test_answer_file_refuses_an_existing_output_without_resume(tmp_path):
     assert error.value.where == "--output"
 
 
+@pytest.mark.parametrize("output, message", [
+    ("/proc/no-such-folder/answers.jsonl", "is not writable"),
+    (".", "is a folder"),
+])
+def test_an_output_that_cannot_be_written_exits_2_before_loading(output, message, trained_run, tmp_path):
+    # trained_run's adapter is never loaded: the check comes first (else: a traceback after loading).
+    result = qlora("generate", trained_run.root, "--input", write_prompts(tmp_path / "prompts.jsonl", PAIRS[:1]),
+                   "--output", tmp_path / output, "--resume")
+    assert_user_error(result, "--output", message, wrapped=True)
+
+
+def test_an_output_in_a_folder_not_yet_made_is_written(tmp_path):
+    from qlora_cli.generate import answer_file, check_output, read_prompts
+
+    output = tmp_path / "new" / "folder" / "answers.jsonl"
+    check_output(output, resume=False)
+    answer_file(_EchoGenerator(), read_prompts(write_prompts(tmp_path / "prompts.jsonl", PAIRS[:1])), output, 1)
+    assert read_jsonl(output)[0]["response"] == PAIRS[0][0]
+
+
 class _FailingModel:
     device = torch.device("cpu")
 
     def generate(self, **kwargs):
         raise RuntimeError("CUDA out of memory (pretend)")
+
+
+def test_a_generation_that_fails_leaves_no_answers_file(tmp_path):
+    from transformers import GenerationConfig
+
+    from qlora_cli.generate import answer_file, read_prompts
+    from qlora_cli.tokenizer import load_tokenizer
+
+    generator = Generator(_FailingModel(), load_tokenizer("mistral-common:v1"), "mistral", GenerationConfig())
+    output = tmp_path / "answers.jsonl"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        answer_file(generator, read_prompts(write_prompts(tmp_path / "prompts.jsonl", PAIRS[:2])), output, 2)
+    assert not output.exists()
 
 
 def test_streaming_raises_the_models_error_instead_of_waiting_forever():
