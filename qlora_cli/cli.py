@@ -308,11 +308,14 @@ def generate(
 
     Example: qlora generate runs/tiny-mistral/recipe.yaml --prompt "What is the capital of France?"
     """
-    from qlora_cli.generate import check_output, check_prompt, load_generator, read_prompts
+    from qlora_cli.generate import check_chat, check_output, check_prompt, load_generator, read_prompts
     from qlora_cli.recipe import load_recipe
 
     recipes, overrides = split_arguments(args)
     recipe = load_recipe(recipes, overrides)
+    # `--model=~/merged` reaches us unexpanded (the shell expands `~` only at a word's start).
+    input, output = (path.expanduser() if path else None for path in (input, output))
+    model = os.path.expanduser(model) if model else None
     if sum([prompt is not None, input is not None, interactive]) > 1:
         raise UserError("choose one of --prompt TEXT, --input FILE (with --output FILE) and --interactive")
     # The recipe's generate.input is the default mode, not a second one: a flag given now wins.
@@ -328,11 +331,11 @@ def generate(
     if records is not None:
         check_output(Path(options_output), resume)  # before minutes of model loading
     if interactive:
-        _check_one_answer_per_prompt(recipe)
+        check_chat(recipe)
     if not {"max_new_tokens", "max_length"} & set(recipe.generate):
-        err_console.print("[yellow]warning:[/] the recipe sets no generate.max_new_tokens: answers stop at "
-                          "transformers' default max_length (20 tokens, prompt included); "
-                          "set e.g. generate.max_new_tokens=256", highlight=False)
+        err_console.print("[yellow]warning:[/] the recipe sets no generate.max_new_tokens: answers stop after "
+                          "transformers' default of 20 new tokens; set e.g. generate.max_new_tokens=256",
+                          highlight=False)
     generator = load_generator(recipe, model)
     if prompt is not None:
         _print_answers(generator, [{"role": "user", "content": prompt}])
@@ -340,16 +343,6 @@ def generate(
         _answer_file(generator, records, Path(options_output), recipe, resume)
     else:
         _chat(generator)
-
-
-def _check_one_answer_per_prompt(recipe) -> None:
-    """A chat continues from one answer: which of several would it be?"""
-    if (recipe.generate.get("num_return_sequences") or 1) > 1:
-        raise UserError("--interactive continues the conversation from one answer, but "
-                        f"generate.num_return_sequences is {recipe.generate['num_return_sequences']}",
-                        where=recipe.origins.get("generate.num_return_sequences", "generate.num_return_sequences"),
-                        fix="use --prompt or --input for several answers per prompt, or set "
-                            "generate.num_return_sequences=1")
 
 
 def _print_answers(generator, messages: list[dict]) -> str:

@@ -44,7 +44,7 @@ class Generator:
 
         transformers refuses a streamer with beam search, and its streamer takes one sequence.
         """
-        return self.generation_config.num_beams == 1 and self.answers_per_prompt == 1
+        return (self.generation_config.num_beams or 1) == 1 and self.answers_per_prompt == 1  # None: unset
 
     def answer_batch(self, conversations: list[list[dict]]) -> list[list[str]]:
         """The answers to several conversations at once (left-padded batch): for each
@@ -119,6 +119,16 @@ def load_generator(recipe, model_path: str | None = None) -> Generator:
         bos_token_id=tokenizer.bos_token_id,
     )
     return Generator(model.eval(), tokenizer, recipe.data.template, config, options.system_prompt)
+
+
+def check_chat(recipe) -> None:
+    """A chat continues from one answer: which of several would it be?"""
+    if (recipe.generate.get("num_return_sequences") or 1) > 1:
+        raise UserError("--interactive continues the conversation from one answer, but "
+                        f"generate.num_return_sequences is {recipe.generate['num_return_sequences']}",
+                        where=recipe.origins.get("generate.num_return_sequences", "generate.num_return_sequences"),
+                        fix="use --prompt or --input for several answers per prompt, or set "
+                            "generate.num_return_sequences=1")
 
 
 MODEL_FIX = "give a merged model folder (qlora merge writes one), a model path or a hub id"

@@ -106,12 +106,16 @@ def test_merged_model_loads_with_plain_transformers_and_answers_like_the_adapter
 
 
 def test_generate_with_the_merged_model_agrees_with_the_adapter(merged_answering, answering_run, adapter_answers,
-                                                                tmp_path):
-    output = tmp_path / "merged-answers.jsonl"
-    result = qlora("generate", answering_run.root, "--model", merged_answering,
-                   "--input", write_prompts(tmp_path / "prompts.jsonl"), "--output", output)
+                                                                tmp_path, monkeypatch):
+    # Paths given as `--model=~/merged` reach qlora unexpanded: `~` is the home folder there too.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "merged").symlink_to(merged_answering)
+    write_prompts(tmp_path / "prompts.jsonl")
+    result = qlora("generate", answering_run.root, "--model=~/merged", "--input=~/prompts.jsonl",
+                   "--output=~/merged-answers.jsonl")
     assert result.exit_code == 0, result.output
-    assert [row["response"] for row in read_jsonl(output)] == [row["response"] for row in adapter_answers]
+    answers = read_jsonl(tmp_path / "merged-answers.jsonl")
+    assert [row["response"] for row in answers] == [row["response"] for row in adapter_answers]
 
 
 def test_merge_into_the_original_weights_also_works_and_is_further_from_training(trained_run, merged_small,
@@ -317,6 +321,17 @@ def test_several_answers_to_one_prompt_are_all_printed(answering_run, adapter_an
     assert result.exit_code == 0, result.output
     answer = adapter_answers[2]["response"]
     assert f"answer 1: {answer}" in result.output and f"answer 2: {answer}" in result.output
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parent.parent.glob("recipes/*.yaml")),
+                         ids=lambda p: p.name)
+def test_the_shipped_recipes_stream_answers_to_a_prompt(path):
+    from qlora_cli.builders import build_generation_config
+    from qlora_cli.recipe import load_recipe
+
+    config = build_generation_config(load_recipe([str(path)]).generate)
+    assert Generator(None, None, "mistral", config).streams
+    assert not Generator(None, None, "mistral", build_generation_config({"num_beams": 2})).streams
 
 
 def test_beam_search_answers_a_prompt_without_streaming(answering_run, adapter_answers):
