@@ -164,6 +164,9 @@ def build_dataset(data, tokenizer, seed: int, fingerprint: str):
     if data.val_size and not data.validation_sources:
         validation = _split_off_validation(per_source, data, rng)
     train = _weighted(per_source, rng)
+    if not train:
+        raise UserError("no training examples left: the sources' weights keep none", where="data.sources",
+                        fix="give at least one source a weight above 0 (2 repeats it, 0.5 keeps half)")
     if data.shuffle:
         rng.shuffle(train)
     splits = {"train": train, "validation": validation} if validation else {"train": train}
@@ -193,7 +196,8 @@ class _SourceExamples:
 def _split_off_validation(per_source: list[_SourceExamples], data, rng: random.Random) -> list[Encoded]:
     """Take the validation examples out of the sources before weights repeat any: a repeat in
     both splits would make the eval loss measure memorisation."""
-    pool = [(source, example) for source in per_source for example in source.encoded]
+    # A source weighted 0 is left out of training: it is left out of validation too.
+    pool = [(source, example) for source in per_source if source.weight > 0 for example in source.encoded]
     count = data.val_size if isinstance(data.val_size, int) else round(data.val_size * len(pool))
     if count < 1 or count >= len(pool):
         raise UserError(f"`data.val_size` {data.val_size} leaves {count} of {len(pool)} examples for "

@@ -214,6 +214,22 @@ def test_weighted_examples_never_reach_the_validation_split(data_recipe, write_j
     assert (summary.sources[0].read, summary.sources[0].kept) == (100, 190)
 
 
+def test_a_source_weighted_0_is_left_out_of_both_splits(data_recipe, write_jsonl, v1_tokenizer):
+    a = write_jsonl(numbered_texts(20), "a.jsonl")
+    b = write_jsonl([{"text": f"<s>[INST] other {i} [/INST] b</s>"} for i in range(20)], "b.jsonl")
+    sources = [{"path": a, "format": "text"}, {"path": b, "format": "text", "weight": 0}]
+    dataset, _ = build(data_recipe, {"sources": sources, "val_size": 4, "packing": False}, v1_tokenizer)
+    decoded = [v1_tokenizer.decode(ids) for split in ("train", "validation") for ids in dataset[split]["input_ids"]]
+    assert len(decoded) == 20 and not any("other" in text for text in decoded)
+
+
+def test_weights_that_keep_nothing_exit_2_naming_the_sources(data_recipe, write_jsonl, v1_tokenizer):
+    path = write_jsonl(numbered_texts(4))
+    with pytest.raises(UserError, match="weights keep none") as excinfo:
+        build(data_recipe, {"sources": [{"path": path, "format": "text", "weight": 0}]}, v1_tokenizer)
+    assert excinfo.value.where == "data.sources"
+
+
 # ---------------------------------------------------------------- the cache
 
 
