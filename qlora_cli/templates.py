@@ -150,11 +150,17 @@ def check_roles(messages: list[dict], *, last: str) -> None:
 
 def _mistral_flavour(tokenizer) -> str:
     """v1, v2 (same as v3 for chat), v7, or UNKNOWN_TEKKEN: how mistral-common formats chats for it."""
-    return _vocabulary(tokenizer).flavour
+    flavour = _vocabulary(tokenizer).flavour
+    if flavour.startswith(UNSUPPORTED):
+        raise UserError(f"the tokenizer is mistral-common version {flavour[len(UNSUPPORTED):]}, whose chat format "
+                        "template: mistral does not reproduce", where="data.template",
+                        fix="set data.template: tokenizer to use the tokenizer's own chat template")
+    return flavour
 
 
 # A tekken vocabulary of no known version: v3 and v7 format it alike until a system prompt.
 UNKNOWN_TEKKEN = "v3 or v7"
+UNSUPPORTED = "unsupported "  # + the version: refused only where a chat is formatted (plain text needs no format)
 # The mistral-common versions whose chats of system, user and assistant text we reproduce (v11
 # and v13 format them as v7 does; v15 needs model settings).
 _FLAVOUR_OF_VERSION = {"v1": "v1", "v2": "v2", "v3": "v2", "v7": "v7", "v11": "v7", "v13": "v7"}
@@ -163,11 +169,7 @@ _FLAVOUR_OF_VERSION = {"v1": "v1", "v2": "v2", "v3": "v2", "v7": "v7", "v11": "v
 def _flavour_of(tokenizer, backend, sentencepiece: bool) -> str:
     version = getattr(tokenizer, "init_kwargs", {}).get(VERSION_KEY)
     if version is not None:
-        if version not in _FLAVOUR_OF_VERSION:
-            raise UserError(f"the tokenizer is mistral-common version {version}, which template: mistral does "
-                            "not reproduce", where="data.template",
-                            fix="set data.template: tokenizer to use the tokenizer's own chat template")
-        return _FLAVOUR_OF_VERSION[version]
+        return _FLAVOUR_OF_VERSION.get(version, f"{UNSUPPORTED}{version}")
     if backend.token_to_id("[INST]") is None:
         return "v1"
     if not sentencepiece:  # every tekken vocabulary lists [SYSTEM_PROMPT], v3 ones too

@@ -364,3 +364,20 @@ def test_tekken_tokenizer_of_unknown_version_refuses_only_system_prompts(tekken_
     with pytest.raises(UserError, match="does not say its mistral-common version") as error:
         encode_chat([{"role": "system", "content": "Be brief."}, *chat("Hi", "Hello!")], tokenizer)
     assert "tekken.json" in error.value.fix and "template: tokenizer" in error.value.fix
+
+
+def test_a_tekken_version_without_a_known_chat_format_still_prepares_plain_text(tekken_folder, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "tekken-v15"
+    shutil.copytree(tekken_folder, folder)
+    raw = json.loads(TEKKEN.read_text(encoding="utf-8"))
+    raw["config"]["version"] = "v15"  # a version whose chat format needs more than we reproduce
+    (folder / "tekken.json").write_text(json.dumps(raw), encoding="utf-8")
+    tokenizer = load_tokenizer(str(folder))
+    ids, _ = encode_text("Just some plain text.", tokenizer, train_on="all")
+    assert ids[0] == tokenizer.bos_token_id and tokenizer.decode(ids[1:]).strip() == "Just some plain text."
+    with pytest.raises(UserError, match="version v15") as error:
+        encode_chat(chat("Hi", "Hello!"), tokenizer)
+    assert "template: tokenizer" in error.value.fix
