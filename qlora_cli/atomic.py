@@ -27,7 +27,7 @@ class atomic_folder:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
-        _share_files(self.tmp)
+        share_files(self.tmp)
         if self.target.exists() and self.replace:
             old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
             self.target.rename(old)
@@ -71,7 +71,7 @@ def current_umask() -> int:
     return umask
 
 
-def _share_files(folder: Path) -> None:
+def share_files(folder: Path) -> None:
     """Give every file the mode any new file would have: some writers (safetensors) make theirs
     owner-only, and a team could not load the weights of a merged model or an adapter."""
     mode = 0o666 & ~current_umask()

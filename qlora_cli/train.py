@@ -78,9 +78,10 @@ def train(recipe, *, resume: bool = False, overwrite: bool = False, reporter=Non
         stopper.install()
         output = trainer.train(resume_from_checkpoint=str(start_from) if start_from else None)
     except BaseException as err:
-        if state.is_main_process and not resume and (trainer is None or trainer.state.global_step == 0):
+        untrained = trainer is None or trainer.state.global_step == 0
+        if state.is_main_process and not resume and untrained:
             shutil.rmtree(run.root, ignore_errors=True)  # nothing trained: the next try needs no flag
-        if isinstance(err, ImportError):  # an optional package the recipe asks for (optim, report_to, ...)
+        if untrained and _missing_package(err):  # an optional package the recipe asks for (optim, ...)
             raise UserError(f"the run needs a package that is not installed: {err}",
                             fix="pip install it, or change the recipe key that asks for it") from None
         raise
@@ -96,6 +97,11 @@ def train(recipe, *, resume: bool = False, overwrite: bool = False, reporter=Non
         write_json(run.run_json, record | (_resumed(run, start_from) if start_from else {}))
     state.wait_for_everyone()
     return TrainResult(run, metrics, stopper.signal_number)
+
+
+def _missing_package(err: BaseException) -> bool:
+    # transformers says so with an ImportError, or for some optimizers a ValueError ("Please install ...").
+    return isinstance(err, ImportError) or (isinstance(err, ValueError) and "install" in str(err).lower())
 
 
 def check_machine(recipe) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
+from qlora_cli.atomic import share_files
 from qlora_cli.collate import PackedCollator
 from qlora_cli.loss import loss_in_chunks
 
@@ -60,6 +61,7 @@ class QloraTrainer(Trainer):
         if self.args.should_save:
             staged = staging_parent / f"checkpoint-{step}"
             self.state.save_to_json(str(staged / "trainer_state.json"))  # with the final paths
+            share_files(staged)  # safetensors writes owner-only files; a team reads checkpoints too
             target = final_parent / f"checkpoint-{step}"
             if target.exists():
                 shutil.rmtree(target)

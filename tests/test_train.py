@@ -82,6 +82,8 @@ def test_checkpoints_are_complete_and_only_the_newest_are_kept(trained_run):
         folder = checkpoints / f"checkpoint-{step}"
         assert CHECKPOINT_FILES <= {p.name for p in folder.iterdir()}
         assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == step
+        shared = folder.stat().st_mode & 0o044  # a team can read the weights if it can read the folder
+        assert shared and all(p.stat().st_mode & 0o044 == shared for p in folder.iterdir() if p.is_file())
     assert not any(p.name.startswith(".") for p in trained_run.root.rglob("*")), "staging leftovers"
 
 
@@ -217,6 +219,8 @@ def test_a_model_that_fails_to_load_exits_2_and_leaves_no_run_folder(trained_run
 FAILING_AFTER_LOAD = {
     "LoRA targets the model does not have": (["lora.target_modules=[nonexistent_proj]"], "lora.target_modules"),
     "an optimizer whose package is not installed": (["training.optim=galore_adamw"], "not installed"),
+    "an optimizer whose package is not installed (ValueError)": (["training.optim=adamw_anyprecision"],
+                                                                 "torchdistx"),
 }
 
 
