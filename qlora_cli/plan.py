@@ -237,7 +237,8 @@ def _faster(plan: Plan, shape: ModelShape, s: Settings, recipe, total) -> list[s
     if not s.checkpointing:
         return []
     keys = [k for k in ("activation_checkpointing", "gradient_checkpointing") if recipe.training.get(k)]
-    keys = keys or ["fsdp_config.activation_checkpointing"]
+    if recipe.training.get("fsdp") and _fsdp_checkpointing(recipe.training):
+        keys.append("fsdp_config.activation_checkpointing")
     plain = replace(s, checkpointing=False)
     need = total(plan.batch, plan.seq, plain)
     if need > plan.capacity:

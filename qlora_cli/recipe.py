@@ -374,7 +374,7 @@ def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
 
     raw = load_raw_recipe(list(recipe_args), list(overrides))
     resolved = resolve(raw)
-    _expand_home(resolved)
+    expand_home(resolved)
     # `training: null` and `output_dir: null` mean "not set", like leaving the key out.
     if resolved.get("training") is None:
         resolved["training"] = {}
@@ -407,7 +407,8 @@ def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
     )
 
 
-def _expand_home(resolved: dict) -> None:
+def expand_home(resolved: dict) -> None:
+    """A leading `~` in each path-valued key becomes the home folder (in place)."""
     data = resolved.get("data") if isinstance(resolved.get("data"), dict) else {}
     places = [(resolved.get(section), key) for section, key in (k.split(".") for k in _HOME_KEYS)]
     places += [(source, "path") for name in _FILE_KEY_PARENTS for source in data.get(name.split(".")[1]) or []]

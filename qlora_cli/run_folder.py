@@ -114,7 +114,12 @@ def recipe_differences(recipe, run: RunFolder) -> list[str]:
     """Every key (dotted) whose value differs between `recipe` and the run's recipe.yaml."""
     import yaml
 
-    old = _flat(yaml.safe_load(run.recipe.read_text()) or {}) if run.recipe.is_file() else {}
+    from qlora_cli.recipe import expand_home
+
+    old = (yaml.safe_load(run.recipe.read_text()) or {}) if run.recipe.is_file() else {}
+    if isinstance(old, dict):
+        expand_home(old)  # as the new recipe's paths are (a recipe.yaml from before may keep a `~`)
+    old = _flat(old)
     new = _flat(recipe.resolved)
     return sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
 

@@ -28,6 +28,7 @@ from qlora_cli.loss import loss_in_chunks
 from qlora_cli.plan import load_model_config, lora_targets, plan_recipe, recipe_settings
 from qlora_cli.plan_memory import GiB, Settings, activation_bytes, memory_items, model_shape
 from qlora_cli.recipe import load_recipe
+from qlora_cli.run_folder import RunFolder, weight_changes
 
 from conftest import TINY_OVERRIDES
 
@@ -291,6 +292,11 @@ def test_fsdp_shards_weights_over_the_gpus_and_counts_its_own_checkpointing(tiny
     assert item(two, "FSDP gathered weights").bytes > 0 and two.total < one.total
     tight = plan_recipe(fsdp, gpu_memory=0.5, gpus=2)
     assert tight.changes and not any("paged" in change for change in tight.changes)  # they do not shard
+    assert two.faster[0].startswith("training.fsdp_config.activation_checkpointing=false also fits")
+    both = tiny_plan_recipe("training.fsdp=true", "training.fsdp_config={activation_checkpointing: true}",
+                            "training.activation_checkpointing=true")
+    assert plan_recipe(both, gpu_memory=8, gpus=2).faster[0].startswith(
+        "training.activation_checkpointing=false training.fsdp_config.activation_checkpointing=false also fits")
 
 
 def test_a_quantized_base_without_lora_is_a_problem_before_training(tiny_plan_recipe):
@@ -317,6 +323,17 @@ def test_resume_reports_the_last_complete_checkpoint_and_what_changed(tiny_plan_
     assert "training.learning_rate" in lines[1]
     lines = plan_recipe(tiny_plan_recipe("lora.r=2")).resume
     assert "--resume will refuse" in lines[0] and "lora.r" in lines[0]
+
+
+def test_a_run_whose_recipe_kept_a_tilde_path_resumes_with_the_same_path_expanded(tiny_plan_recipe, tmp_path,
+                                                                                  monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    recipe = tiny_plan_recipe("model.tokenizer=~/tokenizer")
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-5"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    (tmp_path / "run" / "recipe.yaml").write_text(recipe.to_yaml().replace(str(tmp_path / "tokenizer"), "~/tokenizer"))
+    assert weight_changes(recipe, RunFolder(tmp_path / "run")) == []
 
 
 def test_responses_without_eos_and_a_small_validation_split_are_warned(data_recipe, write_jsonl):
