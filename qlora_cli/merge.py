@@ -57,7 +57,7 @@ def merge(recipe, *, overwrite: bool = False) -> MergeResult:
     adapter = Path(recipe.merge.adapter or run.adapter)
     output = Path(recipe.merge.output_dir or run.root / "merged")
     check_adapter(adapter, recipe)
-    check_output_spares_the_run(output, adapter, run.root)
+    check_output_spares_the_run(output, adapter, run, recipe.model.name_or_path)
     check_output(output, overwrite)
     remove_stale_temporaries(output)  # a killed merge leaves a model-sized folder behind
     tokenizer = load_recipe_tokenizer(recipe)
@@ -103,18 +103,25 @@ def _same_model(a: str, b: str) -> bool:
     return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
 
 
-def check_output_spares_the_run(output: Path, adapter: Path, run_root: Path) -> None:
-    """The merged folder may go inside the run folder (the default), but replacing it with
-    --overwrite must never delete the run or the adapter it is made from."""
-    output, adapter, run_root = output.resolve(), adapter.resolve(), run_root.resolve()
-    if output == adapter or output in adapter.parents or adapter in output.parents:
-        clash = f"is, holds or lies inside the adapter folder {adapter}"
-    elif output == run_root or output in run_root.parents:
-        clash = f"is or holds the run folder {run_root}"
-    else:
-        return
-    raise UserError(f"merge output {output} {clash}; writing it would delete what the merge reads",
-                    where="merge.output_dir", fix="set merge.output_dir to a new folder, e.g. <run>/merged")
+def check_output_spares_the_run(output: Path, adapter: Path, run: RunFolder, base: str | None) -> None:
+    """The merged folder may go inside the run folder (the default), but writing it (replacing it,
+    with --overwrite) must never delete what the merge reads or the run keeps: the adapter, a
+    local base model, the checkpoints, the run folder itself."""
+    output = output.resolve()
+    local_base = Path(base).expanduser() if base and Path(base).expanduser().is_dir() else None
+    # (what, folder, whether lying inside it is refused too)
+    kept = [("the adapter folder", adapter, True), ("the base model's folder", local_base, True),
+            ("the run's checkpoints", run.checkpoints, False), ("the run folder", run.root, False)]
+    for what, folder, not_inside in kept:
+        if folder is None:
+            continue
+        folder = folder.resolve()
+        relation = ("is" if output == folder else "holds" if output in folder.parents
+                    else "lies inside" if not_inside and folder in output.parents else None)
+        if relation:
+            raise UserError(f"merge output {output} {relation} {what} {folder}: writing it could delete or "
+                            "clutter what the merge reads and the run keeps", where="merge.output_dir",
+                            fix="set merge.output_dir to a new folder, e.g. <run>/merged")
 
 
 def check_output(output: Path, overwrite: bool) -> None:

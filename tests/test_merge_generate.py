@@ -261,14 +261,19 @@ def test_a_shard_size_that_is_not_a_size_exits_2_before_loading(size, trained_ru
     assert qlora("config", "validate", trained_run.root, f"merge.max_shard_size={size}").exit_code == 2
 
 
-@pytest.mark.parametrize("output", [".", "adapter", "adapter/merged", ".."])
-def test_merge_never_overwrites_the_run_or_its_adapter(output, trained_run, tmp_path):
+@pytest.mark.parametrize("output", [".", "adapter", "adapter/merged", "..", "checkpoints", "<base>", "<base>/merged"])
+def test_merge_never_overwrites_the_run_its_adapter_checkpoints_or_base_model(output, trained_run, tmp_path):
     run = tmp_path / "runs" / "run"
     shutil.copytree(trained_run.adapter, run / "adapter")
-    result = qlora("merge", trained_run.root, f"training.output_dir={run}",
-                   f"merge.output_dir={run / output}", "--overwrite")
-    assert_user_error(result, "merge.output_dir", "would delete", wrapped=True)
+    (run / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    base = Path(json.loads((trained_run.adapter / "adapter_config.json").read_text())["base_model_name_or_path"])
+    before = sorted(p.name for p in base.iterdir())
+    target = base / output.removeprefix("<base>").lstrip("/") if output.startswith("<base>") else run / output
+    result = qlora("merge", trained_run.root, f"training.output_dir={run}", "model.init_from_config=null",
+                   f"model.name_or_path={base}", f"merge.output_dir={target}", "--overwrite")
+    assert_user_error(result, "merge.output_dir", "could delete", wrapped=True)
     assert (run / "adapter" / "adapter_config.json").is_file() and not (run / "adapter" / "merged").exists()
+    assert (run / "checkpoints" / "checkpoint-2").is_dir() and sorted(p.name for p in base.iterdir()) == before
 
 
 # ---------------------------------------------------------------- generate
