@@ -289,6 +289,11 @@ def merge(
                   highlight=False)
     if result.merged_vs_quantized:
         console.print(f"logits vs the 4-bit base + adapter as trained: {result.merged_vs_quantized}", highlight=False)
+    if result.adapter_within_rounding:
+        err_console.print(f"[yellow]warning:[/] the adapter moves the probe's logits by at most "
+                          f"{result.adapter_effect.max:.3g}, within what rounding allows ({result.tolerance:.3g}): "
+                          "this check cannot tell whether the adapter survived the merge; merge.dtype=float32 can",
+                          highlight=False)
     again = shlex.join(["qlora", "generate", *args, "--model", str(result.output), "--prompt", "..."])
     console.print(f"[green]done[/]: {result.output}\nnext: {again}", highlight=False)
 

@@ -47,6 +47,14 @@ class MergeResult:
     base: str  # what the adapter was merged into, in words (describe_base)
     merged_vs_unmerged: LogitDifference
     merged_vs_quantized: LogitDifference | None  # against the 4-bit model + adapter, as trained
+    adapter_effect: LogitDifference | None = None  # base + adapter against the base alone
+    tolerance: float = 0.0  # what the verification allowed (rounding_tolerance)
+
+    @property
+    def adapter_within_rounding(self) -> bool:
+        """The adapter moves the probe's logits less than rounding may: the check could not tell
+        a merge that lost it."""
+        return self.adapter_effect is not None and self.adapter_effect.max <= self.tolerance
 
 
 def merge(recipe, *, overwrite: bool = False) -> MergeResult:
@@ -65,6 +73,8 @@ def merge(recipe, *, overwrite: bool = False) -> MergeResult:
     check_disk(output, model)
     probe = tokenizer(PROBE_TEXT, return_tensors="pt").input_ids
     unmerged = _logits(model, probe)
+    with model.disable_adapter():
+        effect = logit_difference(unmerged, _logits(model, probe))
     tolerance = rounding_tolerance(model, probe, unmerged)
     merged = model.merge_and_unload()
     difference = check_merged(merged, probe, unmerged, tolerance, recipe.merge.dtype)
@@ -73,7 +83,7 @@ def merge(recipe, *, overwrite: bool = False) -> MergeResult:
         merged.save_pretrained(str(tmp), max_shard_size=recipe.merge.max_shard_size, safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         (tmp / "README.md").write_text(_model_card(recipe, adapter, difference, quantized))
-    return MergeResult(output, describe_base(recipe), difference, quantized)
+    return MergeResult(output, describe_base(recipe), difference, quantized, effect, tolerance)
 
 
 def check_adapter(adapter: Path, recipe) -> None:

@@ -176,6 +176,21 @@ def test_a_correct_bf16_merge_of_a_deep_model_passes_verification(deep_adapter, 
                    f"merge.output_dir={output}")
     assert result.exit_code == 0, result.output
     assert (output / "config.json").is_file()
+    assert "cannot tell" not in result.output  # this adapter moves the logits far beyond rounding
+
+
+def test_a_merge_whose_adapter_changes_less_than_rounding_says_the_check_cannot_tell(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from qlora_cli.model import load_base_model
+
+    run = tmp_path / "run"
+    recipe = load_recipe(["tiny-mistral"], [f"training.output_dir={run}"])
+    untrained = LoraConfig(r=8, target_modules="all-linear")  # B starts at zero: no effect at all
+    get_peft_model(load_base_model(recipe, quantized=False), untrained).save_pretrained(str(run / "adapter"))
+    result = qlora("merge", "tiny-mistral", f"training.output_dir={run}", "merge.dtype=bfloat16")
+    assert result.exit_code == 0, result.output
+    assert "cannot tell whether the adapter survived" in " ".join(result.output.split())  # across line wraps
 
 
 @pytest.mark.parametrize("mistake", ["adapter not applied", "scaling doubled"])
