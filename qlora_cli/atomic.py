@@ -80,6 +80,11 @@ def share_files(folder: Path) -> None:
             path.chmod(mode)
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path` if it exists, else its nearest existing parent: where a folder not yet made will go."""
+    return next(p for p in [path, *path.resolve().parents] if p.exists())
+
+
 def can_create_in(folder: Path) -> bool:
     """Whether a new entry can be made in `folder`: tried, not guessed from mode bits (root,
     read-only mounts and /proc all answer differently than the bits say)."""

@@ -255,8 +255,7 @@ def answer_fields(answers: list[str]) -> dict:
 def check_output(output: Path, resume: bool) -> None:
     """An answers file that can be written, and is not appended to unless resuming it (called
     before loading the model, so a mistake costs no minutes of loading)."""
-    from qlora_cli.atomic import can_create_in
-    from qlora_cli.merge import nearest_existing
+    from qlora_cli.atomic import can_create_in, nearest_existing
 
     if output.is_dir():
         raise UserError(f"output {output} is a folder", where="--output", fix="give a file, e.g. answers.jsonl")

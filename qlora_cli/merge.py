@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora_cli.atomic import atomic_folder, can_create_in, remove_stale_temporaries
+from qlora_cli.atomic import atomic_folder, can_create_in, nearest_existing, remove_stale_temporaries
 from qlora_cli.builders import to_dtype
 from qlora_cli.errors import UserError
 from qlora_cli.run_folder import RunFolder
@@ -153,11 +153,6 @@ def check_disk(output: Path, model) -> None:
         raise UserError(f"the merged model needs about {need / 2**30:.1f} GiB but {parent} has "
                         f"{free / 2**30:.1f} GiB free", where="merge.output_dir",
                         fix="free space, or set merge.output_dir to another disk")
-
-
-def nearest_existing(path: Path) -> Path:
-    """`path` if it exists, else its nearest existing parent: where a folder not yet made will go."""
-    return next(p for p in [path, *path.resolve().parents] if p.exists())
 
 
 def load_adapter_model(recipe, adapter: Path, *, quantized: bool, dequantize: bool = False):

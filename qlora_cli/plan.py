@@ -324,7 +324,7 @@ def _plan_disk(plan: Plan, shape: ModelShape, s: Settings, recipe, tokenizer) ->
 
 
 def _free_bytes(path: Path) -> int:
-    from qlora_cli.merge import nearest_existing
+    from qlora_cli.atomic import nearest_existing
 
     return shutil.disk_usage(nearest_existing(path)).free
 

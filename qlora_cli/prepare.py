@@ -12,12 +12,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qlora_cli.atomic import atomic_folder
+from qlora_cli.atomic import atomic_folder, can_create_in, nearest_existing
 from qlora_cli.errors import UserError
 from qlora_cli.packing import build_rows
 from qlora_cli.sources import Example, apply_weight, read_source
@@ -108,12 +107,10 @@ def load_prepared(path: Path, reused: bool = True) -> PreparedData:
 def _check_prepared_dir(folder: Path, where: str) -> None:
     """Before the data is read and tokenized: a cache folder that is a file, or lies under one or
     under a folder we cannot write, fails at once, naming the key. Nothing is created yet."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(folder)
     if not existing.is_dir():
-        problem = "is a file" if existing == folder else f"lies under {existing}, which is a file"
-    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = "is a file" if existing == folder.resolve() else f"lies under {existing}, which is a file"
+    elif not can_create_in(existing):
         problem = f"cannot be written ({existing} is read-only)"
     else:
         return

@@ -454,8 +454,7 @@ def _check_data_limits(data, origins: dict[str, str]) -> list[UserError]:
 
 def _check_template(template: str, origins: dict[str, str]) -> list[UserError]:
     """A template name with a typo, which prepare would refuse only after loading the tokenizer."""
-    from qlora_cli.sections import suggest
-    from qlora_cli.templates import TEMPLATE_NAMES, is_jinja
+    from qlora_cli.sections import TEMPLATE_NAMES, is_jinja, suggest
 
     if template in TEMPLATE_NAMES or is_jinja(template):
         return []

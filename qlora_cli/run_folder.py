@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import sys
@@ -147,11 +146,13 @@ def clear_run_folder(run: RunFolder) -> None:
 
 
 def _check_writable(root: Path) -> None:
-    parent = next((p for p in [root, *root.parents] if p.exists()), Path("."))
+    from qlora_cli.atomic import can_create_in, nearest_existing
+
+    parent = nearest_existing(root)
     if not parent.is_dir():
         raise UserError(f"cannot make the run folder {root}: {parent} is a file, not a folder",
                         where="training.output_dir", fix="choose another training.output_dir")
-    if not os.access(parent, os.W_OK):
+    if not can_create_in(parent):
         raise UserError(f"cannot write the run folder {root}: {parent} is not writable",
                         where="training.output_dir", fix="choose a folder you can write")
 

@@ -47,6 +47,15 @@ class DataSource:
     weight: float = 1.0
 
 
+TEMPLATE_NAMES = ("mistral", "tokenizer")  # data.template: one of these, or a Jinja chat template
+
+
+def is_jinja(template: str) -> bool:
+    """Whether a `data.template` that names no template is Jinja text: a Jinja chat template
+    cannot do without `{{ }}` or `{% %}`, so a bare word is a typo for a name, not a template."""
+    return "{" in template
+
+
 @dataclass
 class DataSection:
     """How raw examples become the tokens, labels and rows the model trains on."""

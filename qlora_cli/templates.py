@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from qlora_cli.errors import UserError
+from qlora_cli.sections import is_jinja
 from qlora_cli.tokenizer import TEKKEN_FILE, VERSION_KEY
 
 IGNORE_INDEX = -100  # the label that the loss skips
 TRAIN_ON = ("responses", "all")
-TEMPLATE_NAMES = ("mistral", "tokenizer")
 SPACE = "\u2581"  # SentencePiece's visible space, "▁"
 
 # Token ids travel as int32 arrays: a word's ids are joined as bytes (a memcpy) and handed to
@@ -394,12 +394,6 @@ def _jinja(template: str, tokenizer) -> str | None:
             fix="use mistral, tokenizer, or a Jinja chat template",
         )
     return template
-
-
-def is_jinja(template: str) -> bool:
-    """Whether a `data.template` that names no template is Jinja text: a Jinja chat template
-    cannot do without `{{ }}` or `{% %}`, so a bare word is a typo for a name, not a template."""
-    return "{" in template
 
 
 def _render(tokenizer, messages: list[dict], chat_template: str | None, *, generation_prompt: bool) -> str:
