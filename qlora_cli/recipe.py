@@ -61,9 +61,10 @@ def _package_recipes() -> Path:
 
 def find_recipe(name: str, relative_to: Path | None = None) -> Path:
     """Turn a recipe argument (a path, or a name on the search path) into an existing file."""
-    candidates = [Path(name).expanduser(), Path(name).expanduser() / "recipe.yaml"]  # a run folder
-    if relative_to is not None:
-        candidates.insert(0, relative_to / name)
+    path = Path(name).expanduser()
+    if relative_to is not None and not path.is_absolute():
+        path = relative_to / path  # an `extends` path is relative to the file that says it, never the cwd
+    candidates = [path, path / "recipe.yaml"]  # a run folder
     if not Path(name).is_absolute():
         for folder in recipe_search_path():
             candidates += [folder / name, folder / f"{name}.yaml", folder / f"{name}.yml"]

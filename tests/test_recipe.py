@@ -57,6 +57,15 @@ def test_extends_a_relative_path_is_relative_to_the_file_not_the_cwd(tmp_path, m
     assert resolve(load_raw_recipe([str(child)], [])) == {"lora": {"r": 16, "lora_alpha": 8}}
 
 
+def test_extends_never_picks_a_same_named_file_in_the_cwd(tmp_path, monkeypatch):
+    child = write(tmp_path, "team/child.yaml", "extends: parent.yaml\nlora:\n  r: 16\n")
+    cwd = write(tmp_path, "elsewhere/parent.yaml", "lora:\n  lora_alpha: 99\n").parent
+    monkeypatch.chdir(cwd)
+    with pytest.raises(UserError, match="recipe `parent.yaml` not found") as excinfo:
+        load_raw_recipe([str(child)], [])
+    assert excinfo.value.where.endswith("child.yaml:1")
+
+
 def test_extends_by_name_finds_the_shipped_recipe_and_its_own_parents(tmp_path):
     mine = write(tmp_path, "mine.yaml", "extends: tiny-mistral\nlora:\n  r: 2\n")
     recipe = load_recipe([str(mine)])
