@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from qlora_cli.errors import UserError, combined
+from qlora_cli.launch import STATUS_VARIABLE, launch_processes, run_rank
 
 app = typer.Typer(
     name="qlora",
@@ -57,7 +58,8 @@ def user_command(func: Callable) -> Callable:
         try:
             return func(*args, **kwargs)
         except UserError as err:
-            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+            if os.environ.get("RANK", "0") == "0":  # every rank finds the same mistake: say it once
+                err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
@@ -221,7 +223,7 @@ def train(
     args: list[str] = RECIPE_ARGS,
     resume: bool = typer.Option(False, "--resume", help="Continue the run folder from its last complete checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run folder and start over."),
-    nproc: int = typer.Option(1, "--nproc", help="Train on N local processes (DDP through torchrun), e.g. one per GPU."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Train on N local processes (DDP through torchrun), e.g. one per GPU."),
     force: bool = typer.Option(False, "--force", help="Train even when `qlora plan` says the run will not fit in GPU memory."),
     plan_only: bool = typer.Option(False, "--plan-only", hidden=True, help="Only the pre-flight plan (for --nproc)."),
 ) -> None:
@@ -240,7 +242,7 @@ def train(
         # Plan in a process of its own: measuring the GPU would leave a CUDA context on GPU 0
         # in this launcher for the whole run.
         planned = _call_qlora(["train", *args, *flags, "--plan-only"])
-        raise typer.Exit(planned or launch_processes(nproc, ["train", *args, *flags]))
+        raise typer.Exit(planned or launch_processes(nproc, ["train", *args, *flags], _debug_flag()))
     _plan_before_training(recipe, force, gpus=nproc if plan_only else int(os.environ.get("WORLD_SIZE", "1")))
     if plan_only:
         return
@@ -404,35 +406,6 @@ def _chat(generator) -> None:
         messages.append({"role": "assistant", "content": _print_answers(generator, messages) or "..."})
 
 
-def launch_processes(nproc: int, command: list[str]) -> int:
-    """Run `python -m qlora_cli COMMAND` on `nproc` local processes with torchrun; its exit code.
-
-    Ctrl-C reaches torchrun and its workers from the terminal, so this process ignores it and
-    waits for them to save and stop; a SIGTERM sent to this process is passed on to torchrun,
-    which passes it to the workers.
-    """
-    import signal
-    import subprocess
-
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                "-m", "qlora_cli", *_debug_flag(), *command]
-    child = subprocess.Popen(launcher, env={**os.environ, "QLORA_PLANNED": "1"})  # planned already
-    forwarded = []
-
-    def forward(number, frame):
-        forwarded.append(number)
-        child.send_signal(number)
-
-    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
-                signal.SIGTERM: signal.signal(signal.SIGTERM, forward)}
-    try:
-        code = child.wait()
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-    return 128 + forwarded[0] if forwarded else code
-
-
 def _call_qlora(command: list[str]) -> int:
     import subprocess
 
@@ -444,5 +417,8 @@ def _debug_flag() -> list[str]:
 
 
 def run() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point (and `python -m qlora_cli`, as torchrun starts each worker)."""
+    if os.environ.get(STATUS_VARIABLE) and "LOCAL_RANK" in os.environ:
+        run_rank(app)  # a worker of `--nproc`: the launcher reports its exit code
+    else:
+        app()

@@ -93,7 +93,7 @@ def open_run_folder(recipe, *, resume: bool, overwrite: bool) -> RunFolder:
                         fix="set training.output_dir to a new folder, or empty that folder yourself")
     if resume and run.last_checkpoint() is None:
         raise UserError(f"nothing to resume: {run.root} has no complete checkpoint", where="training.output_dir",
-                        fix="run without --resume")
+                        fix="start it over with --overwrite instead of --resume, or set training.output_dir")
     if resume:
         _check_same_weights(recipe, run)
     return run

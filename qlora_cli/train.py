@@ -12,12 +12,12 @@ import math
 import os
 import shutil
 import signal
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_cli.atomic import atomic_folder
 from qlora_cli.errors import UserError, combined
+from qlora_cli.launch import user_command_line
 from qlora_cli.run_folder import (
     RunFolder, clear_run_folder, draw_loss_plot, library_versions, model_card, now, open_run_folder, write_json,
 )
@@ -277,8 +277,10 @@ def final_metrics(trainer, train_metrics: dict, stopped: bool) -> dict:
 def _final_evaluation(trainer) -> dict:
     """Validation metrics of the final adapter: the Trainer's own from the last step when that
     step's weights are the adapter (no second pass over the validation set), else a new pass."""
-    last = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)
-    if last and last.get("step") == trainer.state.global_step and not trainer.args.load_best_model_at_end:
+    state = trainer.state
+    last = next((entry for entry in reversed(state.log_history) if "eval_loss" in entry), None)
+    kept_last = not trainer.args.load_best_model_at_end or state.best_global_step == state.global_step
+    if last and last.get("step") == state.global_step and kept_last:
         return {key: value for key, value in last.items() if key.startswith("eval_")}
     return trainer.evaluate()
 
@@ -318,7 +320,7 @@ def run_record(recipe, prepared, summary, metrics: dict, started: str, stopped_b
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     return {
-        "command": sys.argv,
+        "command": user_command_line(),  # under --nproc, the launcher's
         "started": started,
         "ended": now(),
         "status": f"stopped by {signal.Signals(stopped_by).name}" if stopped_by else "completed",

@@ -171,7 +171,7 @@ def test_resume_without_a_checkpoint_is_refused(tmp_path, sample_subset, prepare
     root.mkdir()
     (root / "recipe.yaml").write_text("{}\n")
     result = qlora("train", "tiny-mistral", *short_run(sample_subset, root, prepared_dir), "--resume")
-    assert_user_error(result, "nothing to resume")
+    assert_user_error(result, "nothing to resume", "--overwrite")
 
 
 # ---------------------------------------------------------------- mistakes caught before any weight loads

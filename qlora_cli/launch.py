@@ -1,0 +1,102 @@
+"""`--nproc N`: N local processes through torchrun, with the exit codes and signals of one.
+
+torchrun reads any non-zero exit of a worker as a crash: it stops the others and prints a
+traceback, and the launcher would exit 1 for a recipe mistake (2) or a clean stop (130/143).
+And a signal that reaches torchrun itself gives the workers 30 s before it kills them, less
+than one step of a large model takes. So torchrun runs in a session of its own, out of the
+terminal's reach; each worker writes its pid and its exit code into a folder the launcher reads;
+Ctrl-C and SIGTERM go from the launcher straight to the workers, which finish the step, save a
+checkpoint and stop as they would alone; and the launcher exits with the workers' code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+STATUS_VARIABLE = "QLORA_RANK_STATUS"  # the folder of pid-N and exit-N files, set by the launcher
+COMMAND_VARIABLE = "QLORA_COMMAND"  # the user's command line, for run.json
+EXPECTED_EXITS = (2, 130, 143)  # a user's mistake, a stop by SIGINT or SIGTERM: not a crash
+
+
+def launch_processes(nproc: int, command: list[str], qlora_options: list[str] = ()) -> int:
+    """Run `python -m qlora_cli [OPTIONS] COMMAND` on `nproc` local processes; their exit code."""
+    status = Path(tempfile.mkdtemp(prefix="qlora-ranks-"))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                "-m", "qlora_cli", *qlora_options, *command]
+    env = {**os.environ, "QLORA_PLANNED": "1", STATUS_VARIABLE: str(status), COMMAND_VARIABLE: json.dumps(sys.argv)}
+    child = subprocess.Popen(launcher, env=env, start_new_session=True)
+    forwarded = []
+
+    def forward(number, frame) -> None:
+        forwarded.append(number)
+        pids = _recorded(status, "pid")
+        for pid in pids.values():
+            _signal(pid, number)
+        if not pids:  # still starting: no worker has a handler yet, so they stop at once
+            _signal(-child.pid, number)
+
+    previous = {number: signal.signal(number, forward) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = child.wait()
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        exits = _recorded(status, "exit")
+        shutil.rmtree(status, ignore_errors=True)
+    return combined_exit(code, list(exits.values()), forwarded)
+
+
+def combined_exit(torchrun_code: int, worker_codes: list[int], forwarded: list[int]) -> int:
+    """One exit code for all: a user's mistake (2; a rank that lost its peer to it crashes), then a
+    crash (1), then a stop (130/143)."""
+    for code in (2, 1, 130, 143):
+        if code in worker_codes:
+            return code
+    if torchrun_code:
+        return 128 + forwarded[0] if forwarded else torchrun_code
+    return 0
+
+
+def run_rank(main: Callable[[], None]) -> None:
+    """Run one worker's `main` under the launcher: its pid and exit code go to the status folder,
+    and an expected exit leaves torchrun with 0, so it neither stops the others nor prints a crash."""
+    status = Path(os.environ[STATUS_VARIABLE])
+    rank = os.environ.get("RANK", "0")
+    (status / f"pid-{rank}").write_text(str(os.getpid()))
+    try:
+        main()
+        code = 0
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+    (status / f"exit-{rank}").write_text(str(code))
+    raise SystemExit(0 if code in EXPECTED_EXITS else code)
+
+
+def _recorded(status: Path, kind: str) -> dict[str, int]:
+    found = {}
+    for path in status.glob(f"{kind}-*"):
+        try:
+            found[path.name] = int(path.read_text())
+        except (OSError, ValueError):  # being written
+            continue
+    return found
+
+
+def _signal(pid: int, number: int) -> None:
+    try:
+        os.killpg(-pid, number) if pid < 0 else os.kill(pid, number)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def user_command_line() -> list[str]:
+    """The command line the user typed: the launcher's, in a worker it started."""
+    return json.loads(os.environ[COMMAND_VARIABLE]) if COMMAND_VARIABLE in os.environ else sys.argv
