@@ -177,12 +177,6 @@ def check_trainable(recipe) -> None:
 def check_data(recipe, prepared) -> None:
     """Data problems the Trainer would only find later, or never."""
     dataset, training = prepared.dataset, recipe.training
-    rows = len(dataset["train"])
-    batch = int(training.get("per_device_train_batch_size", 8))
-    if batch > rows:
-        raise UserError(f"`training.per_device_train_batch_size` is {batch} but the training set has only "
-                        f"{rows} rows", where=recipe.origins.get("training.per_device_train_batch_size"),
-                        fix=f"set training.per_device_train_batch_size={rows} or less, or add data")
     wants_eval = str(training.get("eval_strategy", "no")) != "no" or training.get("load_best_model_at_end")
     if wants_eval and "validation" not in dataset:
         key = "eval_strategy" if str(training.get("eval_strategy", "no")) != "no" else "load_best_model_at_end"

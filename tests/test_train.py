@@ -188,8 +188,6 @@ EARLY_ERRORS = {
                                                     "model.attn_implementation"),
     "a logging integration that is not installed": (["training.report_to=[tensorboard,wandb]"], "pip install wandb"),
     "evaluation without a validation split": (["training.eval_strategy=steps"], "training.eval_strategy"),
-    "batch larger than the training set": (["training.per_device_train_batch_size=64"],
-                                           "training.per_device_train_batch_size"),
 }
 
 
@@ -214,6 +212,17 @@ def test_a_model_that_fails_to_load_exits_2_and_leaves_no_run_folder(trained_run
                    "model.init_from_config=null", f"model.name_or_path={model}")
     assert_user_error(result, "cannot load model")
     assert not root.exists()  # so the next attempt needs neither --resume nor --overwrite
+
+
+def test_a_batch_larger_than_the_data_is_warned_and_trains_on_the_rows_there_are(tmp_path, sample_subset,
+                                                                                 prepared_dir):
+    # The shipped 7B recipe (batch 4) on its sample data (one packed row of 2,048) must still run.
+    root = tmp_path / "run"
+    result = qlora("train", "tiny-mistral", *short_run(sample_subset, root, prepared_dir, "training.max_steps=2",
+                                                       "training.per_device_train_batch_size=64"))
+    assert result.exit_code == 0, result.output
+    assert "plan warning: training.per_device_train_batch_size is 64 but the training set has" in result.output
+    assert json.loads((root / "run.json").read_text())["metrics"]["steps"] == 2
 
 
 FAILING_AFTER_LOAD = {
