@@ -196,10 +196,13 @@ def _split_off_validation(per_source: list[_SourceExamples], data, rng: random.R
     # A source weighted 0 is left out of training: it is left out of validation too.
     pool = [(source, example) for source in per_source if source.weight > 0 for example in source.encoded]
     count = data.val_size if isinstance(data.val_size, int) else round(data.val_size * len(pool))
-    if count < 1 or count >= len(pool):
-        raise UserError(f"`data.val_size` {data.val_size} leaves {count} of {len(pool)} examples for "
-                        "validation", where="data.val_size", fix="use a larger fraction, or a count below "
-                        "the number of examples")
+    if count < 1:
+        raise UserError(f"`data.val_size` {data.val_size} holds out no example of {len(pool)} for validation",
+                        where="data.val_size", fix="use a larger fraction, or a count of at least 1")
+    if count >= len(pool):
+        raise UserError(f"`data.val_size` {data.val_size} would hold out {count} of {len(pool)} examples for "
+                        "validation, leaving none to train on", where="data.val_size",
+                        fix=f"use a smaller fraction, or a count below {len(pool)}")
     if data.shuffle:
         rng.shuffle(pool)
     for source in per_source:

@@ -165,10 +165,14 @@ def test_val_size_as_fraction_or_count(data_recipe, write_jsonl, v1_tokenizer, v
     assert not train & {tuple(ids) for ids in dataset["validation"]["input_ids"]}
 
 
-def test_val_size_that_leaves_no_training_data_is_refused(data_recipe, write_jsonl, v1_tokenizer):
+@pytest.mark.parametrize("val_size, message, fix", [(3, "leaving none to train on", "smaller fraction"),
+                                                     (0.1, "holds out no example", "larger fraction")])
+def test_val_size_that_leaves_no_training_or_no_validation_data_is_refused(val_size, message, fix, data_recipe,
+                                                                           write_jsonl, v1_tokenizer):
     source = {"path": write_jsonl(numbered_texts(3)), "format": "text"}
-    with pytest.raises(UserError, match="val_size"):
-        build(data_recipe, {"sources": [source], "val_size": 3}, v1_tokenizer)
+    with pytest.raises(UserError, match=message) as excinfo:
+        build(data_recipe, {"sources": [source], "val_size": val_size}, v1_tokenizer)
+    assert fix in excinfo.value.fix
 
 
 def test_validation_sources_become_the_validation_split(data_recipe, write_jsonl, v1_tokenizer):
