@@ -90,8 +90,11 @@ def check_adapter(adapter: Path, recipe) -> None:
     """The adapter folder exists, is a peft adapter, and was trained on the recipe's base model."""
     config_file = adapter / "adapter_config.json"
     if not adapter.is_dir():
-        raise UserError(f"adapter folder {adapter} does not exist", where="merge.adapter",
-                        fix="train first (qlora train ...), or point merge.adapter at an adapter folder")
+        last = RunFolder(recipe.run_dir).last_checkpoint()
+        fix = (f"the run stopped before its end: finish it with `qlora train {recipe.run_dir} --resume`, or set "
+               f"merge.adapter={last} to use its last checkpoint" if last and not recipe.merge.adapter else
+               "train first (qlora train ...), or point merge.adapter at an adapter folder")
+        raise UserError(f"adapter folder {adapter} does not exist", where="merge.adapter", fix=fix)
     if not config_file.is_file():
         raise UserError(f"{adapter} is not a LoRA adapter: it has no adapter_config.json", where="merge.adapter")
     trained_on = json.loads(config_file.read_text()).get("base_model_name_or_path")

@@ -240,6 +240,14 @@ def test_merge_refuses_a_wrong_adapter_with_exit_2(adapter, message, trained_run
     assert not output.exists()
 
 
+def test_merging_a_stopped_run_points_at_resume_and_its_last_checkpoint(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run.root / "checkpoints", run / "checkpoints")  # stopped: no adapter/ yet
+    result = qlora("merge", "tiny-mistral", f"training.output_dir={run}")
+    assert_user_error(result, "does not exist", "--resume", f"merge.adapter={run / 'checkpoints' / 'checkpoint-12'}",
+                      wrapped=True)
+
+
 def test_merge_refuses_an_existing_output_unless_overwrite(trained_run, tmp_path):
     output = tmp_path / "merged"
     output.mkdir()
