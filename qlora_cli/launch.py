@@ -31,7 +31,9 @@ def launch_processes(nproc: int, command: list[str], qlora_options: list[str] = 
     status = Path(tempfile.mkdtemp(prefix="qlora-ranks-"))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                 "-m", "qlora_cli", *qlora_options, *command]
-    env = {**os.environ, "QLORA_PLANNED": "1", STATUS_VARIABLE: str(status), COMMAND_VARIABLE: json.dumps(sys.argv)}
+    env = {**os.environ, "QLORA_PLANNED": "1", STATUS_VARIABLE: str(status), COMMAND_VARIABLE: json.dumps(sys.argv),
+           # `-m qlora_cli` would import a source checkout in the current folder before the installed package.
+           "PYTHONSAFEPATH": "1"}
     child = subprocess.Popen(launcher, env=env, start_new_session=True)
     forwarded = []
 
