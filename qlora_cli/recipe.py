@@ -371,7 +371,7 @@ class Recipe:
 def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
     """Load, merge, resolve and validate a recipe; every problem is reported at once."""
     from qlora_cli.builders import check_library_sections
-    from qlora_cli.sections import DataSection, MergeSection, ModelSection, build_schema, suggest
+    from qlora_cli.sections import DataSection, MergeSection, ModelSection, build_schema, check_values, suggest
 
     raw = load_raw_recipe(list(recipe_args), list(overrides))
     resolved = resolve(raw)
@@ -393,12 +393,7 @@ def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
         except UserError as err:
             errors += err.errors
     errors += check_library_sections(resolved, raw.origins)
-    if "model" in typed:
-        errors += _check_model_source(typed["model"], raw.origins)
-    if "data" in typed:
-        errors += _check_data_limits(typed["data"], raw.origins)
-    if "merge" in typed:
-        errors += _check_shard_size(typed["merge"], raw.origins)
+    errors += check_values(typed, raw.origins)
     if errors:
         raise combined(errors)
     return Recipe(
@@ -416,79 +411,3 @@ def expand_home(resolved: dict) -> None:
     for mapping, key in places:
         if isinstance(mapping, dict) and isinstance(mapping.get(key), str) and mapping[key].startswith("~"):
             mapping[key] = os.path.expanduser(mapping[key])
-
-
-def _check_model_source(model, origins: dict[str, str]) -> list[UserError]:
-    """What the loader would reject later: checked now, before any weight is read."""
-    from qlora_cli.builders import to_dtype
-
-    errors = []
-    if (model.name_or_path is None) == (model.init_from_config is None):
-        errors.append(UserError("the model needs exactly one of `model.name_or_path` and `model.init_from_config`",
-                                where="model", fix="set model.name_or_path to a path or hub id"))
-    if model.init_from_config is not None and model.tokenizer is None:
-        errors.append(UserError("a model built with `model.init_from_config` needs `model.tokenizer`",
-                                where=origins.get("model.init_from_config", "model.init_from_config"),
-                                fix="set model.tokenizer, e.g. mistral-common:v1"))
-    if model.init_from_config is not None and model.init_from_config.get("model_type") is None:
-        errors.append(UserError("`model.init_from_config` needs `model_type`",
-                                where=origins.get("model.init_from_config", "model.init_from_config"),
-                                fix="add model_type: mistral"))
-    try:
-        to_dtype(model.dtype, origins.get("model.dtype", "model.dtype"), "model.dtype")
-    except UserError as err:
-        errors.append(err)
-    return errors
-
-
-def _check_data_limits(data, origins: dict[str, str]) -> list[UserError]:
-    """Values of the right type that preparing the data would still refuse."""
-    errors = []
-    if data.max_length < 8:
-        errors.append(UserError(f"`data.max_length` is {data.max_length}; it must be at least 8",
-                                where=origins.get("data.max_length", "data.max_length")))
-    if data.val_size < 0 or (isinstance(data.val_size, float) and data.val_size >= 1):
-        errors.append(UserError(f"`data.val_size` is {data.val_size}; it must be a fraction in [0, 1) or a count "
-                                "of examples", where=origins.get("data.val_size", "data.val_size")))
-    return errors + _check_template(data.template, origins) + _check_source_amounts(data, origins)
-
-
-def _check_template(template: str, origins: dict[str, str]) -> list[UserError]:
-    """A template name with a typo, which prepare would refuse only after loading the tokenizer."""
-    from qlora_cli.sections import TEMPLATE_NAMES, is_jinja, suggest
-
-    if template in TEMPLATE_NAMES or is_jinja(template):
-        return []
-    return [UserError(f"`data.template` is {template!r}{suggest(template, TEMPLATE_NAMES)}: neither a template "
-                      "name nor a Jinja chat template", where=origins.get("data.template", "data.template"),
-                      fix="use mistral, tokenizer, or a Jinja chat template (with {{ }} and {% %})")]
-
-
-def _check_source_amounts(data, origins: dict[str, str]) -> list[UserError]:
-    """A negative `limit` would slice rows off the end and a negative `weight` drop the source,
-    both silently; neither can mean what was intended."""
-    errors = []
-    for key in ("sources", "validation_sources"):
-        for index, source in enumerate(getattr(data, key)):
-            for name, fix in (("limit", "give the number of rows to read, or remove it to read them all"),
-                              ("weight", "use 1 to keep the source as is, 2 to repeat it, 0.5 to keep half")):
-                value, dotted = getattr(source, name), f"data.{key}.{index}.{name}"
-                if value is not None and value < 0:
-                    errors.append(UserError(f"`{dotted}` is {value}; it must be 0 or more",
-                                            where=origins.get(dotted, dotted), fix=fix))
-    return errors
-
-
-def _check_shard_size(merge, origins: dict[str, str]) -> list[UserError]:
-    """`merge.max_shard_size` as transformers' own parser reads it: else it fails after the merge."""
-    from transformers.utils.hub import convert_file_size_to_int
-
-    try:
-        size = convert_file_size_to_int(merge.max_shard_size)
-    except ValueError:
-        size = 0
-    if size > 0:
-        return []
-    return [UserError(f"`merge.max_shard_size` is {merge.max_shard_size!r}, which is not a size",
-                      where=origins.get("merge.max_shard_size", "merge.max_shard_size"),
-                      fix="write a number and a unit, e.g. 5GB, 500MB or 2GiB")]
