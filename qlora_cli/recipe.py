@@ -232,20 +232,22 @@ def _resolve_file_keys(config: DictConfig, folder: Path) -> None:
 
 
 def _record_origins(origins: dict[str, str], config: Any, where_of) -> None:
-    """Point every key set by this layer at its origin; a list replaces the old one whole."""
-    for key, is_list in _walk(config):
-        if is_list:
+    """Point every key set by this layer at its origin; a list, a value or null replaces the old
+    one whole (`quantization=null`), so the keys that were inside it have no origin left."""
+    for key, replaces in _walk(config):
+        if replaces:
             for old in [k for k in origins if k.startswith(f"{key}.")]:
                 del origins[old]
         origins[key] = where_of(key)
 
 
 def _walk(config: Any, prefix: str = ""):
-    """Yield (dotted key, is_list) for every node of a config, each mapping before its keys."""
+    """Yield (dotted key, replaces) for every node of a config, each mapping before its keys;
+    `replaces`: the node is no mapping, so merging it replaces what was there."""
     items = config.items_ex(resolve=False) if isinstance(config, DictConfig) else enumerate(config)
     for key, value in items:
         dotted = f"{prefix}{key}"
-        yield dotted, isinstance(value, ListConfig)
+        yield dotted, not isinstance(value, DictConfig)
         if isinstance(value, (DictConfig, ListConfig)):
             yield from _walk(value, f"{dotted}.")
 

@@ -139,6 +139,12 @@ def test_an_override_list_replaces_the_recipe_list_instead_of_blending_into_it()
     assert recipe.lora["target_modules"] == ["o_proj"]
 
 
+def test_a_section_set_to_null_keeps_no_origin_for_the_keys_it_had():
+    recipe = load_recipe(["tiny-mistral"], ["quantization=null"])
+    assert recipe.quantization is None and recipe.origins["quantization"] == "override"
+    assert not [key for key in recipe.origins if key.startswith("quantization.")]  # they would blame the file
+
+
 def test_tilde_deletes_a_key_and_the_library_default_applies():
     recipe = load_recipe(["tiny-mistral"], ["~training.seed", "~generate"])
     assert "seed" not in recipe.training and recipe.generate == {}
