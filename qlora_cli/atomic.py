@@ -81,8 +81,10 @@ def share_files(folder: Path) -> None:
 
 
 def nearest_existing(path: Path) -> Path:
-    """`path` if it exists, else its nearest existing parent: where a folder not yet made will go."""
-    return next(p for p in [path, *path.resolve().parents] if p.exists())
+    """`path` if it exists, else its nearest existing parent (both resolved): where a folder not
+    yet made will go."""
+    path = path.resolve()
+    return next(p for p in [path, *path.parents] if p.exists())
 
 
 def can_create_in(folder: Path) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -286,16 +288,20 @@ def test_a_failed_prepare_leaves_no_folder(data_recipe, write_jsonl, v1_tokenize
     assert not (tmp_path / "prepared").exists()
 
 
+@pytest.mark.parametrize("relative", [False, True], ids=["absolute", "relative"])
 @pytest.mark.parametrize("under, problem", [("", "is a file"), ("sub", "lies under")])
 def test_a_prepared_dir_that_cannot_be_a_folder_exits_2_naming_the_key(data_recipe, write_jsonl, tmp_path,
-                                                                       under, problem):
+                                                                       monkeypatch, under, problem, relative):
     from conftest import assert_user_error
 
     (tmp_path / "afile").write_text("")
+    monkeypatch.chdir(tmp_path)
+    folder = Path("afile") / under if relative else tmp_path / "afile" / under
     recipe = data_recipe({"sources": [{"path": write_jsonl(numbered_texts(2)), "format": "text"}],
-                          "prepared_dir": str(tmp_path / "afile" / under)})
+                          "prepared_dir": str(folder)})
     result = CliRunner().invoke(app, ["prepare", str(recipe)])
     assert_user_error(result, "`data.prepared_dir`", problem, "recipe.yaml:")
+    assert under or "lies under" not in result.output  # the file itself is not "under" itself
 
 
 def test_atomic_folder_appears_whole_or_not_at_all(tmp_path):
