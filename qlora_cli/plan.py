@@ -331,7 +331,7 @@ def _free_bytes(path: Path) -> int:
 
 def describe_resume(recipe) -> list[str]:
     """Whether an existing run folder can be resumed, and what differs from its recipe."""
-    from qlora_cli.run_folder import RunFolder, recipe_differences, weight_changes
+    from qlora_cli.run_folder import RunFolder, recipe_differences, weight_keys
 
     run = RunFolder(recipe.run_dir)
     if not run.root.is_dir() or not any(run.root.iterdir()):
@@ -339,13 +339,13 @@ def describe_resume(recipe) -> list[str]:
     last = run.last_checkpoint()
     if last is None:
         return [f"{run.root} exists without a complete checkpoint: --resume will refuse; --overwrite starts over"]
-    changed = weight_changes(recipe, run)
+    differing = recipe_differences(recipe, run)
+    changed = weight_keys(differing)
     if changed:
         lines = [f"{run.root}: last complete checkpoint {last.name}; --resume will refuse: the recipe changes "
                  f"{', '.join(changed)}, which the checkpoint's weights depend on"]
     else:
         lines = [f"{run.root}: last complete checkpoint {last.name}; --resume continues from it"]
-    differing = recipe_differences(recipe, run)
     if differing:
         lines.append(f"the recipe differs from the run's recipe.yaml in: {', '.join(differing[:8])}"
                      + (f" and {len(differing) - 8} more" if len(differing) > 8 else ""))

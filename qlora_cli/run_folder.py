@@ -106,7 +106,11 @@ WEIGHT_KEYS = ("model.name_or_path", "model.revision", "model.init_from_config",
 
 def weight_changes(recipe, run: RunFolder) -> list[str]:
     """Keys that shape the weights and differ between `recipe` and the run's recipe.yaml."""
-    return [key for key in recipe_differences(recipe, run) if key.startswith(WEIGHT_KEYS)]
+    return weight_keys(recipe_differences(recipe, run))
+
+
+def weight_keys(keys: list[str]) -> list[str]:
+    return [key for key in keys if key.startswith(WEIGHT_KEYS)]
 
 
 def recipe_differences(recipe, run: RunFolder) -> list[str]:
