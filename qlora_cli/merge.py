@@ -175,9 +175,9 @@ def trained_on_4bit(recipe) -> bool:
     return bool(recipe.quantization and recipe.quantization.get("load_in_4bit"))
 
 
-def copy_dequantized_weights(quantized_model, model) -> int:
+def copy_dequantized_weights(quantized_model, model) -> None:
     """Give each weight of `model` that `quantized_model` holds in 4 bits the value training
-    computed with: that 4-bit weight dequantized. Returns how many weights changed.
+    computed with: that 4-bit weight dequantized.
 
     Read from the loaded 4-bit model, not from a rule of our own, so exactly the modules
     transformers quantized change: not the output head, not `llm_int8_skip_modules`.
@@ -186,14 +186,11 @@ def copy_dequantized_weights(quantized_model, model) -> int:
     import bitsandbytes.functional as F
 
     modules = dict(model.named_modules())
-    count = 0
     for name, module in quantized_model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
             target = modules[name].weight
             dequantized = F.dequantize_4bit(module.weight.data, module.weight.quant_state)
             target.data = dequantized.to(target.device, target.dtype).reshape(target.shape)
-            count += 1
-    return count
 
 
 def rounding_tolerance(model, probe, logits) -> float:
