@@ -23,6 +23,14 @@ def qlora(*args: str):
     return CliRunner().invoke(app, list(args))
 
 
+def refused_by_validate(*args: str) -> str:
+    """`qlora config validate ARGS` exits 2 without a traceback; its stderr, for the message."""
+    result = qlora("config", "validate", *args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    return result.stderr
+
+
 def line_of(path: Path, text: str) -> int:
     """1-based line of the first line of `path` that starts with `text` (ignoring indentation)."""
     return next(n for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip().startswith(text))
@@ -170,10 +178,7 @@ def test_help_answers_without_importing_torch():
 @pytest.mark.parametrize("override, section", [("model=5", "model"), ("data=[1,2]", "data"), ("merge=x", "merge"),
                                                ("training=[1]", "training"), ("generate=5", "generate")])
 def test_a_section_that_is_not_a_mapping_exits_2_naming_it(workdir, override, section):
-    result = qlora("config", "validate", "tiny-mistral", override)
-    assert result.exit_code == 2, result.output
-    assert f"`{section}` must be a mapping" in result.stderr
-    assert "Traceback" not in result.output
+    assert f"`{section}` must be a mapping" in refused_by_validate("tiny-mistral", override)
 
 
 @pytest.mark.parametrize("override", ["training=null", "training.output_dir=null"])
@@ -188,10 +193,7 @@ def test_a_null_training_section_or_output_dir_means_the_default_run_folder(work
     ("generate.system_prompt=[a]", "`generate.system_prompt` is ['a'] (list); expected str | null"),
 ])
 def test_our_own_generate_keys_are_type_checked_by_validate(workdir, override, message):
-    result = qlora("config", "validate", "tiny-mistral", override)
-    assert result.exit_code == 2, result.output
-    assert f"override: {message}" in result.stderr
-    assert "Traceback" not in result.output
+    assert f"override: {message}" in refused_by_validate("tiny-mistral", override)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -205,10 +207,7 @@ def test_our_own_generate_keys_are_type_checked_by_validate(workdir, override, m
     ("data.template=mistrall", "`data.template` is 'mistrall' (did you mean `mistral`?): neither a template name"),
 ])
 def test_validate_catches_what_prepare_and_model_building_would_refuse(workdir, override, message):
-    result = qlora("config", "validate", "tiny-mistral", override)
-    assert result.exit_code == 2, result.output
-    assert message in result.stderr
-    assert "Traceback" not in result.output
+    assert message in refused_by_validate("tiny-mistral", override)
 
 
 def test_a_quoted_recipe_path_in_the_home_folder_is_a_recipe_not_a_deletion(workdir, monkeypatch):
@@ -223,10 +222,7 @@ def test_a_quoted_recipe_path_in_the_home_folder_is_a_recipe_not_a_deletion(work
 @pytest.mark.parametrize("extends", ["5", "{a: 1}", "[tiny-mistral, 3]"])
 def test_an_extends_that_is_not_names_exits_2_at_its_line(workdir, extends):
     (workdir / "mine.yaml").write_text(f"lora:\n  r: 4\nextends: {extends}\n")
-    result = qlora("config", "validate", "mine.yaml")
-    assert result.exit_code == 2, result.output
-    assert "mine.yaml:3: `extends` must be a recipe name or a list of them" in result.stderr
-    assert "Traceback" not in result.output
+    assert "mine.yaml:3: `extends` must be a recipe name or a list of them" in refused_by_validate("mine.yaml")
 
 
 @pytest.mark.parametrize("text, message", [
@@ -236,51 +232,40 @@ def test_an_extends_that_is_not_names_exits_2_at_its_line(workdir, extends):
 ])
 def test_a_number_as_a_key_is_an_unknown_key_at_its_line(workdir, text, message):
     (workdir / "mine.yaml").write_text(f"extends: tiny-mistral\n{text}")
-    result = qlora("config", "validate", "mine.yaml")
-    assert result.exit_code == 2, result.output
-    assert message in result.stderr and "Traceback" not in result.output
+    assert message in refused_by_validate("mine.yaml")
 
 
 def test_a_list_where_the_parent_has_a_mapping_exits_2_at_its_line(workdir):
     (workdir / "mine.yaml").write_text("extends: tiny-mistral\nlora: []\n")
-    result = qlora("config", "validate", "mine.yaml")
-    assert result.exit_code == 2, result.output
-    assert "mine.yaml:2: `lora` is a list here but a mapping in" in result.stderr
-    assert "tiny-mistral.yaml" in result.stderr and "Traceback" not in result.output
+    stderr = refused_by_validate("mine.yaml")
+    assert "mine.yaml:2: `lora` is a list here but a mapping in" in stderr and "tiny-mistral.yaml" in stderr
     (workdir / "base.yaml").write_text("extends: tiny-mistral\ndata:\n  sources:\n    - path: a.jsonl\n")
     (workdir / "child.yaml").write_text("extends: base.yaml\ndata:\n  sources:\n    path: b.jsonl\n")
-    result = qlora("config", "validate", "child.yaml")
-    assert result.exit_code == 2, result.output
-    assert "child.yaml:3: `data.sources` is a mapping here but a list in base.yaml:3" in result.stderr
+    stderr = refused_by_validate("child.yaml")
+    assert "child.yaml:3: `data.sources` is a mapping here but a list in base.yaml:3" in stderr
 
 
 def test_an_unclosed_interpolation_in_a_recipe_file_exits_2_at_its_line(workdir):
     (workdir / "mine.yaml").write_text('extends: tiny-mistral\ntraining:\n  run_name: "${oops"\n')
-    result = qlora("config", "validate", "mine.yaml")
-    assert result.exit_code == 2, result.output
-    assert "mine.yaml:3: `training.run_name` cannot be parsed" in result.stderr
-    assert "object_type" not in result.stderr and "Traceback" not in result.output
+    stderr = refused_by_validate("mine.yaml")
+    assert "mine.yaml:3: `training.run_name` cannot be parsed" in stderr and "object_type" not in stderr
 
 
 def test_an_override_into_a_list_takes_an_index_it_has_written_either_way(workdir):
     for override in ("data.sources.0.format=chat", "data.sources[0].format=chat"):
         assert load_recipe(["tiny-mistral"], [override]).data.sources[0].format == "chat"
-    result = qlora("config", "validate", "tiny-mistral", "data.sources.3.format=chat")
-    assert result.exit_code == 2, result.output
-    assert "override: `data.sources` is a list of 1 item(s), and `3` is not an index of it" in result.stderr
-    assert "data.sources=[...]" in result.stderr and "Traceback" not in result.output
+    stderr = refused_by_validate("tiny-mistral", "data.sources.3.format=chat")
+    assert "override: `data.sources` is a list of 1 item(s), and `3` is not an index of it" in stderr
+    assert "data.sources=[...]" in stderr
 
 
 def test_a_missing_parent_is_reported_at_the_extends_that_names_it(workdir):
     (workdir / "mine.yaml").write_text("extends:\n  - tiny-mistral\n  - nothere.yaml\n")
-    result = qlora("config", "validate", "mine.yaml")
-    assert result.exit_code == 2, result.output
-    assert "mine.yaml:3: recipe `nothere.yaml` not found" in result.stderr
+    assert "mine.yaml:3: recipe `nothere.yaml` not found" in refused_by_validate("mine.yaml")
 
 
 def test_a_list_item_can_be_deleted_and_interpolation_errors_carry_no_omegaconf_internals(workdir):
     recipe = load_recipe(["tiny-mistral"], ["data.sources=[{path: a.jsonl}, {path: b.jsonl}]", "~data.sources.0"])
     assert [s.path for s in recipe.data.sources] == ["b.jsonl"]
-    result = qlora("config", "validate", "tiny-mistral", "training.run_name=${nope}")
-    assert result.exit_code == 2 and "interpolation failed" in result.stderr
-    assert "object_type" not in result.stderr and "full_key" not in result.stderr
+    stderr = refused_by_validate("tiny-mistral", "training.run_name=${nope}")
+    assert "interpolation failed" in stderr and "object_type" not in stderr and "full_key" not in stderr
