@@ -22,7 +22,12 @@ see the same number of examples per step, in micro-batches no larger than the st
 fp32 embeddings, norms and residual stream); qlora runs its own default (`model.upcast_to_fp32:
 false`), so in bf16 the comparison includes that lever too.
 Held-out loss is computed the same way for every arm (each held-out example alone, summed
-token NLL / tokens), on the adapter the arm produced. The last line is `speedup: X.XXx`:
+token NLL / tokens), on the adapter the arm produced. On a CPU with AVX512-BF16, bitsandbytes
+repacks a 4-bit layer for its bf16 inference kernel at its first no-grad eval-mode forward and
+keeps it so: training through a repacked layer computes in bf16 and passes no gradient to the
+layer's input. So every evaluation here first turns that repack off (as `qlora train` does for its
+own models), and each arm counts the repacked layers at every optimizer step: an arm that trained
+through one fails instead of reporting a figure. The last line is `speedup: X.XXx`:
 qlora over dynamic, in trained (non-pad) tokens per second.
 """
 
@@ -192,6 +197,7 @@ class StepMeter:
         self.queue, self.per_step = deque(), micro_batches_per_step
         self.steps: list[tuple[float, int, int]] = []
         self.began = self.ended = self.last = None
+        self.repacked = 0  # the most 4-bit layers found repacked at any step end
 
     def record(self, real: int, processed: int) -> None:
         self.queue.append((real, processed))
@@ -210,6 +216,7 @@ class StepMeter:
                 batches = [meter.queue.popleft() for _ in range(min(meter.per_step, len(meter.queue)))]
                 meter.steps.append((now - meter.last, sum(b[0] for b in batches), sum(b[1] for b in batches)))
                 meter.last = now
+                meter.repacked = max(meter.repacked, repacked_layers(kwargs["model"]))
 
             def on_train_end(self, args, state, control, **kwargs):
                 meter.ended = _sync_time()
@@ -225,7 +232,22 @@ class StepMeter:
             "real_tokens": real,
             "processed_tokens": sum(s[2] for s in self.steps),
             "wall_s": self.ended - self.began,
+            "repacked_layers": self.repacked,
         }
+
+
+def repacked_layers(model) -> int:
+    """4-bit layers bitsandbytes has repacked for its CPU bf16 inference kernel (no input gradient)."""
+    return sum(bool(getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False))
+               for m in model.modules())
+
+
+def keep_training_kernel(model) -> None:
+    """Turn off bitsandbytes' repack-at-first-eval-forward, so evaluating does not change how the
+    arm trains afterwards, and every arm's loss comes from the same kernel."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _sync_time() -> float:
@@ -250,6 +272,7 @@ def held_out_loss(model, rows) -> float:
     """Summed token NLL / labelled tokens over the held-out examples, each alone (no padding)."""
     import torch
 
+    keep_training_kernel(model)
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
@@ -438,6 +461,8 @@ def render(results: dict, plan: dict, args, extra: list[str]) -> str:
     before = [r["held_out_loss_before"] for r in results.values() if "held_out_loss_before" in r]
     if before:
         lines.append(f"held-out loss before training: {before[0]:.4f}")
+    lines.append("4-bit layers repacked while training: "
+                 + ", ".join(f"{arm} {r.get('repacked_layers', '?')}" for arm, r in results.items()))
     lines += extra
     if "plan" in results.get("qlora", {}):
         q, estimate = results["qlora"], results["qlora"]["plan"]
@@ -471,6 +496,9 @@ def main() -> None:
         plan = json.loads(Path(args.workdir, "plan.json").read_text())
         folder = Path(args.workdir)
         result = run_qlora_arm(plan, folder, args.qlora) if args.arm == "qlora" else run_stock_arm(args.arm, plan, folder)
+        if result["repacked_layers"]:
+            sys.exit(f"arm {args.arm} trained through {result['repacked_layers']} repacked 4-bit layers "
+                     "(bitsandbytes' bf16 inference kernel, no input gradient): its figures would be wrong")
         print("RESULT " + json.dumps(result))
         return
     config = CONFIGS[args.config]

@@ -79,6 +79,40 @@ def test_unquantized_weights_stay_in_model_dtype_unless_upcast_to_fp32(upcast):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
 
 
+def lora_gradients(model, ids) -> list:
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    return [p.grad.clone() for n, p in model.named_parameters() if "lora_" in n]
+
+
+@pytest.mark.slow
+def test_an_evaluation_forward_leaves_the_training_gradients_as_they_were():
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer at its first no-grad eval
+    forward for a bf16 kernel that passes no gradient to its input; qlora's loader turns that off, so
+    an evaluation or probe between steps does not change what training computes (on a CPU without
+    the instruction bitsandbytes never repacks, and this holds by construction)."""
+    from qlora_cli.model import load_trainable_model
+
+    recipe = load_recipe(["tiny-mistral"], [*TINY_OVERRIDES, "model.dtype=bfloat16",
+                                            "quantization.bnb_4bit_compute_dtype=bfloat16"])
+    model = load_trainable_model(recipe)
+    torch.manual_seed(0)
+    for _, _, b in lora_pairs(model):  # LoRA B starts at zero: give every A a gradient to lose
+        torch.nn.init.normal_(b.weight, std=0.02)
+    ids = torch.randint(3, 32000, (2, 24))
+    model.train()
+    before = lora_gradients(model, ids)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.train()
+    after = lora_gradients(model, ids)
+    repacked = [base for base, _, _ in lora_pairs(model) if getattr(base.weight.quant_state, "packing_format_for_cpu", False)]
+    assert not repacked
+    assert all(a.abs().sum() > 0 for a in before)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
 def test_the_init_from_config_model_is_built_once_and_reused(tiny_model, tiny_recipe, qlora_cache):
     tokenizer = load_recipe_tokenizer(tiny_recipe)
     folder = build_init_model(tiny_recipe.model.init_from_config, tokenizer)
