@@ -1,4 +1,21 @@
-"""qlora: fine-tune Mistral-family language models with QLoRA, driven by YAML recipes."""
+"""qlora: fine-tune Mistral-family language models with QLoRA, driven by YAML recipes.
+
+Code map, in the order data flows. A module imports only from its own line and the lines above
+it, and never in a cycle (tests/test_imports.py holds the code to this map):
+
+    errors, atomic                    a user's mistake (exit 2); write to a temporary path, then rename
+    sections, builders                our sections' schemas and values; sections -> library objects
+    recipe, explain                   files + overrides -> a layered, validated Recipe; `config explain`
+    tokenizer, templates, sources     tokenizers; exact Mistral formats and labels; data files -> examples
+    packing, prepare                  rows packed with their attention spans; the cached prepare step
+    model                             the 4-bit base with LoRA, or a plain one
+    run_folder, collate, loss, trainer, launch, train
+                                      a run's folder, batches, chunked loss, Trainer, --nproc, `qlora train`
+    merge, generate                   base + adapter -> merged model; prompts -> answers
+    plan_data, plan_memory, plan      `qlora plan`: data, memory and time, before a weight loads
+    render, progress                  what the terminal shows: examples, plans, training progress
+    cli, __main__                     the command line: parse, call one function, render
+"""
 
 import logging
 

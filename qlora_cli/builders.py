@@ -12,18 +12,8 @@ from typing import Any
 from qlora_cli.errors import UserError
 from qlora_cli.sections import (
     GenerateOptions, build_schema, check_keys, dataclass_annotations, matches_type, signature_annotations,
+    to_dtype,
 )
-
-
-def to_dtype(value: Any, where: str, key: str | None = None):
-    """`"bfloat16"` -> `torch.bfloat16`, with a recipe error for anything that is not a dtype."""
-    import torch
-
-    dtype = getattr(torch, value, None) if isinstance(value, str) else value
-    if not isinstance(dtype, torch.dtype):
-        named = f"`{key}` is {value!r}, which" if key else f"{value!r}"
-        raise UserError(f"{named} is not a torch dtype", where=where, fix="use bfloat16, float16 or float32")
-    return dtype
 
 
 def quantization_keys() -> dict[str, Any]:

@@ -15,16 +15,14 @@ forward that returns `loss`.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import types
-
-# templates is plain Python: importing it loads no torch
-from qlora_cli.templates import IGNORE_INDEX
 
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MiB in fp32 (512 tokens of a 32k vocabulary)
 
 
 def chunked_cross_entropy(hidden, weight, labels, num_items_in_batch=None, *, shift_labels=None,
-                          ignore_index: int = IGNORE_INDEX, chunk_tokens: int | None = None):
+                          ignore_index: int | None = None, chunk_tokens: int | None = None):
     """The loss `ForCausalLMLoss(hidden @ weight.T, labels, ...)` computes, without the logits.
 
     Same shift (tokens < n predict n), same reduction: summed over the labelled tokens and divided
@@ -33,6 +31,7 @@ def chunked_cross_entropy(hidden, weight, labels, num_items_in_batch=None, *, sh
     """
     import torch
 
+    ignore_index = library_ignore_index() if ignore_index is None else ignore_index
     if shift_labels is None:
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     targets = shift_labels.reshape(-1).to(hidden.device)
@@ -45,6 +44,14 @@ def chunked_cross_entropy(hidden, weight, labels, num_items_in_batch=None, *, sh
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
+
+
+def library_ignore_index() -> int:
+    """The label the library's causal-LM loss skips: `ForCausalLMLoss`'s own default (the model's
+    forward never passes one), read from it rather than typed again."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    return inspect.signature(ForCausalLMLoss).parameters["ignore_index"].default
 
 
 _FUNCTION = None
@@ -125,7 +132,7 @@ def loss_in_chunks(model, enabled: bool = True):
     def pass_hidden(self, hidden_states):
         return hidden_states
 
-    def chunked_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=IGNORE_INDEX,
+    def chunked_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=None,
                      shift_labels=None, **_):
         return chunked_cross_entropy(logits, head.weight, labels, num_items_in_batch,
                                      shift_labels=shift_labels, ignore_index=ignore_index)

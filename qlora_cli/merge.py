@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_cli.atomic import atomic_folder, can_create_in, nearest_existing, remove_stale_temporaries
-from qlora_cli.builders import to_dtype
 from qlora_cli.errors import UserError
 from qlora_cli.run_folder import RunFolder
+from qlora_cli.sections import to_dtype
 
 # Merging rounds each merged weight (W + s·BA) to `merge.dtype` once more, which moves the logits
 # by about as much as that dtype's arithmetic does on the same model: a fixed bound would refuse

@@ -8,13 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_cli.atomic import atomic_folder, cache_root
-from qlora_cli.builders import (
-    build_bnb_config,
-    build_lora_config,
-    checkpointing_on,
-    to_dtype,
-)
+from qlora_cli.builders import build_bnb_config, build_lora_config, checkpointing_on
 from qlora_cli.errors import UserError
+from qlora_cli.sections import to_dtype
 
 
 def tokenizer_spec(model_section) -> str:

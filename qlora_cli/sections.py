@@ -259,6 +259,17 @@ def _is_required(f: dataclasses.Field) -> bool:
 # ---------------------------------------------------------------- values a later step would refuse
 
 
+def to_dtype(value: Any, where: str, key: str | None = None):
+    """`"bfloat16"` -> `torch.bfloat16`, with a recipe error for anything that is not a dtype."""
+    import torch
+
+    dtype = getattr(torch, value, None) if isinstance(value, str) else value
+    if not isinstance(dtype, torch.dtype):
+        named = f"`{key}` is {value!r}, which" if key else f"{value!r}"
+        raise UserError(f"{named} is not a torch dtype", where=where, fix="use bfloat16, float16 or float32")
+    return dtype
+
+
 def check_values(typed: dict, origins: dict[str, str]) -> list[UserError]:
     """Values of the right type that loading, preparing or merging would still refuse, for each
     of our sections that was built: found now, with the rest of the recipe's problems."""
@@ -268,7 +279,6 @@ def check_values(typed: dict, origins: dict[str, str]) -> list[UserError]:
 
 def _check_model_source(model, origins: dict[str, str]) -> list[UserError]:
     """What the loader would reject later: checked now, before any weight is read."""
-    from qlora_cli.builders import to_dtype
 
     errors = []
     if (model.name_or_path is None) == (model.init_from_config is None):

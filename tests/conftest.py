@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,7 +179,6 @@ class TrainedRun:
     root: Path
     args: list[str]
     output: str
-    seconds: float = 0.0
 
     @property
     def adapter(self) -> Path:
@@ -214,12 +212,10 @@ def trained_run(tmp_path_factory, sample_subset, prepared_dir, qlora_cache) -> T
 @pytest.fixture(scope="session")
 def answering_run(tmp_path_factory, sample_subset, prepared_dir, qlora_cache) -> TrainedRun:
     """The tiny recipe trained on 12 sample rows until it answers them, through the `qlora`
-    executable in a subprocess (the real command line, timed)."""
+    executable in a subprocess (the real command line; bench/answering_time.py times it)."""
     root = tmp_path_factory.mktemp("answering") / "run"
     args = ["tiny-mistral", *ANSWERING_OVERRIDES, f"data.sources=[{{path: {sample_subset}, format: text}}]",
             f"data.prepared_dir={prepared_dir}", f"training.output_dir={root}"]
-    started = time.monotonic()
     done = subprocess.run([QLORA, "train", *args], capture_output=True, text=True, timeout=600)
-    seconds = time.monotonic() - started
     assert done.returncode == 0, done.stdout + done.stderr
-    return TrainedRun(root, args, done.stdout + done.stderr, seconds)
+    return TrainedRun(root, args, done.stdout + done.stderr)

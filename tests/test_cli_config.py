@@ -97,6 +97,7 @@ def test_a_missing_recipe_lists_the_search_path(workdir, monkeypatch):
     assert str(RECIPES) in result.stderr and str(workdir / "team") in result.stderr
 
 
+@pytest.mark.slow
 def test_the_real_command_exits_2_without_a_traceback(workdir):
     result = subprocess.run([sys.executable, "-m", "qlora_cli", "config", "validate", "tiny-mistral", "lora.rank=4"],
                             capture_output=True, text=True, timeout=120)
@@ -163,6 +164,7 @@ def test_explain_shows_a_deleted_key_as_the_library_default(workdir):
     assert rows["training.seed"] == ("42", "default (TrainingArguments)")
 
 
+@pytest.mark.slow
 def test_help_answers_without_importing_torch():
     code = ("import sys\nfrom qlora_cli.cli import app\n"
             "try:\n    app(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"

@@ -1,6 +1,6 @@
-"""The `qlora` executable as a user runs it: the tiny recipe learns its sample answers within a
-minute, and a run stopped by SIGTERM leaves a checkpoint, says how to resume, and resumes to the
-same adapter as a run never stopped."""
+"""The `qlora` executable as a user runs it: the tiny recipe learns its sample answers (how fast:
+bench/answering_time.py), and a run stopped by SIGTERM leaves a checkpoint, says how to resume,
+and resumes to the same adapter as a run never stopped."""
 
 from __future__ import annotations
 
@@ -24,13 +24,11 @@ def run_qlora(*args, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([QLORA, *map(str, args)], capture_output=True, text=True, timeout=timeout)
 
 
-def test_the_tiny_recipe_learns_its_sample_answers_within_a_minute(answering_run, tmp_path):
+@pytest.mark.slow
+def test_the_tiny_recipe_learns_its_sample_answers(answering_run, tmp_path):
     record = json.loads((answering_run.root / "run.json").read_text())
     assert record["command"][1:] == ["train", *answering_run.args]  # the command line as typed
-    # The training itself; the process as a whole also imports torch and loads the data
-    # (measured: ~20 s of training and ~25 s in all on 2 shared cores).
-    assert record["metrics"]["train_runtime"] < 60
-    assert answering_run.seconds < 120
+    # How long it takes is measured by bench/answering_time.py: a shared machine makes a time limit flaky.
 
     pairs = sample_pairs(12)
     prompts, answers = tmp_path / "prompts.jsonl", tmp_path / "answers.jsonl"
@@ -72,6 +70,7 @@ def resumed_run(stopped_run):
     return root, checkpoints, command, done, stopped_record
 
 
+@pytest.mark.slow
 def test_sigterm_stops_at_a_complete_checkpoint_with_exit_143(stopped_run):
     root, _, returncode, output = stopped_run
     assert returncode == 143, output
@@ -87,11 +86,13 @@ def test_sigterm_stops_at_a_complete_checkpoint_with_exit_143(stopped_run):
     assert not (root / "adapter").exists()  # a stopped run is not a finished adapter
 
 
+@pytest.mark.slow
 def test_a_stopped_run_prints_the_command_that_resumes_it(stopped_run):
     _, args, _, output = stopped_run
     assert shlex.join(["qlora", "train", *args, "--resume"]) in output
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_ends_with_the_adapter_of_an_uninterrupted_run(resumed_run, trained_run):
     root, _, command, done, stopped_record = resumed_run
     assert done.returncode == 0, done.stdout + done.stderr

@@ -54,6 +54,7 @@ def _adapter(run: Path) -> dict:
     return load_file(str(run / "adapter" / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(runs):
     one, two = _adapter(runs["one"]), _adapter(runs["two"])
     assert one.keys() == two.keys()
@@ -66,6 +67,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs):
     assert difference < 1e-4, f"adapters differ by {difference} (lora_B weights up to {scale})"
 
 
+@pytest.mark.slow
 def test_two_processes_train_on_the_whole_data_once_with_twice_the_global_batch(runs):
     one = json.loads((runs["one"] / "run.json").read_text())
     two = json.loads((runs["two"] / "run.json").read_text())
@@ -74,6 +76,7 @@ def test_two_processes_train_on_the_whole_data_once_with_twice_the_global_batch(
     assert two["metrics"]["real_tokens"] == one["metrics"]["real_tokens"]  # every row once, none twice
 
 
+@pytest.mark.slow
 def test_only_rank_zero_writes_one_run_folder(runs):
     run = runs["two"]
     names = {p.name for p in run.iterdir()} - {"checkpoints"}  # save_strategy=no: no checkpoint in it
@@ -93,6 +96,7 @@ def _launcher_command(tmp_path: Path, run: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signal_name, code", [("SIGTERM", 143), ("SIGINT", 130)])
 def test_a_signal_to_the_nproc_launcher_stops_every_rank_with_a_checkpoint(signal_name, code, tmp_path):
     import signal
@@ -122,6 +126,7 @@ def test_a_signal_to_the_nproc_launcher_stops_every_rank_with_a_checkpoint(signa
     assert not orphans, "workers outlived the launcher"
 
 
+@pytest.mark.slow
 def test_a_mistake_found_inside_the_ranks_exits_2_with_one_message_and_no_run_folder(tmp_path):
     run = tmp_path / "run"
     result = subprocess.run(_launcher_command(tmp_path, run, "lora.target_modules=[nonexistent_proj]"),

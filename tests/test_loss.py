@@ -44,6 +44,7 @@ def test_chunked_cross_entropy_scales_gradients_by_the_upstream_gradient():
     assert torch.allclose(got, want, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_tiny_qlora_model_trains_with_the_same_loss_and_lora_gradients_in_chunks(tiny_model):
     """The whole 4-bit + LoRA model: loss and every LoRA gradient within 1e-5 of the plain loss."""
     from qlora_cli.collate import PackedCollator
@@ -72,6 +73,7 @@ def test_tiny_qlora_model_trains_with_the_same_loss_and_lora_gradients_in_chunks
     assert tiny_model(**batch).logits.shape[-1] == tiny_model.config.vocab_size
 
 
+@pytest.mark.slow
 def test_loss_in_chunks_leaves_evaluation_alone(tiny_model):
     tiny_model.eval()
     try:
@@ -81,3 +83,10 @@ def test_loss_in_chunks_leaves_evaluation_alone(tiny_model):
         assert logits.shape[-1] == tiny_model.config.vocab_size
     finally:
         tiny_model.train()
+
+
+def test_the_label_prepare_masks_with_is_the_one_the_librarys_loss_skips():
+    from qlora_cli.loss import library_ignore_index
+    from qlora_cli.templates import IGNORE_INDEX
+
+    assert IGNORE_INDEX == library_ignore_index() == -100

@@ -71,6 +71,7 @@ def merged_small(trained_run, tmp_path_factory) -> Path:
 # ---------------------------------------------------------------- merge
 
 
+@pytest.mark.slow
 def test_merged_folder_holds_safetensors_shards_config_tokenizer_and_card(merged_small):
     files = {p.name for p in merged_small.iterdir()}
     index = json.loads((merged_small / "model.safetensors.index.json").read_text())
@@ -83,12 +84,14 @@ def test_merged_folder_holds_safetensors_shards_config_tokenizer_and_card(merged
     assert "merge.base: dequantized" in card and "quantized and dequantized again" in card
 
 
+@pytest.mark.slow
 def test_merged_weights_are_as_readable_as_their_folder(merged_small):
     # safetensors writes owner-only files: teammates who can open the folder must read the weights.
     shared = merged_small.stat().st_mode & 0o044
     assert shared and all(p.stat().st_mode & 0o044 == shared for p in merged_small.iterdir())
 
 
+@pytest.mark.slow
 def test_merged_model_loads_with_plain_transformers_and_answers_like_the_adapter(merged_answering, answering_run,
                                                                                   adapter_answers):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -105,6 +108,7 @@ def test_merged_model_loads_with_plain_transformers_and_answers_like_the_adapter
         assert tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip() == row["response"]
 
 
+@pytest.mark.slow
 def test_generate_with_the_merged_model_agrees_with_the_adapter(merged_answering, answering_run, adapter_answers,
                                                                 tmp_path, monkeypatch):
     # Paths given as `--model=~/merged` reach qlora unexpanded: `~` is the home folder there too.
@@ -118,6 +122,7 @@ def test_generate_with_the_merged_model_agrees_with_the_adapter(merged_answering
     assert [row["response"] for row in answers] == [row["response"] for row in adapter_answers]
 
 
+@pytest.mark.slow
 def test_merge_into_the_original_weights_also_works_and_is_further_from_training(trained_run, merged_small,
                                                                                  tmp_path):
     output = tmp_path / "original"
@@ -132,6 +137,7 @@ def test_merge_into_the_original_weights_also_works_and_is_further_from_training
     assert dequantized < 1e-3 < original, (dequantized, original)
 
 
+@pytest.mark.slow
 def test_a_dequantized_merge_keeps_the_layers_training_kept_in_16_bits(trained_run, tmp_path):
     # down_proj was never quantized in training: the merge must not quantize it either.
     output = tmp_path / "merged"
@@ -141,6 +147,7 @@ def test_a_dequantized_merge_keeps_the_layers_training_kept_in_16_bits(trained_r
     assert logit_distance((output / "README.md").read_text()) < 1e-3
 
 
+@pytest.mark.slow
 def test_a_merge_without_quantization_does_not_claim_it_dequantized(trained_run, tmp_path):
     output = tmp_path / "merged"
     result = qlora("merge", trained_run.root, "quantization=null", f"merge.output_dir={output}")
@@ -169,6 +176,7 @@ def deep_adapter(tmp_path_factory):
     return model, run
 
 
+@pytest.mark.slow
 def test_a_correct_bf16_merge_of_a_deep_model_passes_verification(deep_adapter, tmp_path):
     _, run = deep_adapter
     output = tmp_path / "merged"
@@ -179,6 +187,7 @@ def test_a_correct_bf16_merge_of_a_deep_model_passes_verification(deep_adapter, 
     assert "cannot tell" not in result.output  # this adapter moves the logits far beyond rounding
 
 
+@pytest.mark.slow
 def test_a_merge_whose_adapter_changes_less_than_rounding_says_the_check_cannot_tell(tmp_path):
     from peft import LoraConfig, get_peft_model
 
@@ -193,6 +202,7 @@ def test_a_merge_whose_adapter_changes_less_than_rounding_says_the_check_cannot_
     assert "cannot tell whether the adapter survived" in " ".join(result.output.split())  # across line wraps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mistake", ["adapter not applied", "scaling doubled"])
 def test_a_wrong_merge_fails_verification_in_bf16(mistake, deep_adapter):
     import copy
@@ -226,6 +236,7 @@ def other_base_adapter(trained_run, tmp_path) -> Path:
     return adapter
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adapter, message", [
     ("missing", "does not exist"),
     ("empty", "no adapter_config.json"),
@@ -240,6 +251,7 @@ def test_merge_refuses_a_wrong_adapter_with_exit_2(adapter, message, trained_run
     assert not output.exists()
 
 
+@pytest.mark.slow
 def test_merging_a_stopped_run_points_at_resume_and_its_last_checkpoint(trained_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained_run.root / "checkpoints", run / "checkpoints")  # stopped: no adapter/ yet
@@ -248,6 +260,7 @@ def test_merging_a_stopped_run_points_at_resume_and_its_last_checkpoint(trained_
                       wrapped=True)
 
 
+@pytest.mark.slow
 def test_merge_refuses_an_existing_output_unless_overwrite(trained_run, tmp_path):
     output = tmp_path / "merged"
     output.mkdir()
@@ -261,6 +274,7 @@ def test_merge_refuses_an_existing_output_unless_overwrite(trained_run, tmp_path
     assert not (output / "keep.txt").exists() and (output / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_a_merge_removes_what_a_killed_merge_left_but_not_a_running_ones(trained_run, tmp_path):
     import os
 
@@ -275,6 +289,7 @@ def test_a_merge_removes_what_a_killed_merge_left_but_not_a_running_ones(trained
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["merged", running.name])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", ["abc", "0GB", "-1GB"])
 def test_a_shard_size_that_is_not_a_size_exits_2_before_loading(size, trained_run, tmp_path):
     output = tmp_path / "merged"
@@ -284,6 +299,7 @@ def test_a_shard_size_that_is_not_a_size_exits_2_before_loading(size, trained_ru
     assert qlora("config", "validate", trained_run.root, f"merge.max_shard_size={size}").exit_code == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output", [".", "adapter", "adapter/merged", "..", "checkpoints", "<base>", "<base>/merged"])
 def test_merge_never_overwrites_the_run_its_adapter_checkpoints_or_base_model(output, trained_run, tmp_path):
     run = tmp_path / "runs" / "run"
@@ -302,6 +318,7 @@ def test_merge_never_overwrites_the_run_its_adapter_checkpoints_or_base_model(ou
 # ---------------------------------------------------------------- generate
 
 
+@pytest.mark.slow
 def test_prompt_prints_the_answer(answering_run, adapter_answers):
     question, answer = PAIRS[2]
     result = qlora("generate", answering_run.root, "--prompt", question)
@@ -310,12 +327,14 @@ def test_prompt_prints_the_answer(answering_run, adapter_answers):
     assert answer == adapter_answers[2]["response"]  # alone or in a padded batch: the same answer
 
 
+@pytest.mark.slow
 def test_answers_file_keeps_each_record_and_adds_its_response(adapter_answers):
     assert [{k: v for k, v in row.items() if k != "response"} for row in adapter_answers] == [
         {"id": i, "prompt": q, "expected": a} for i, (q, a) in enumerate(PAIRS)]
     assert all(row["response"] for row in adapter_answers)
 
 
+@pytest.mark.slow
 def test_resume_answers_only_the_lines_not_yet_written(answering_run, adapter_answers, tmp_path):
     prompts = write_prompts(tmp_path / "prompts.jsonl", PAIRS[:4])
     output = tmp_path / "answers.jsonl"
@@ -334,6 +353,7 @@ def test_resume_answers_only_the_lines_not_yet_written(answering_run, adapter_an
 SEVERAL_ANSWERS = ["generate.num_return_sequences=2", "generate.do_sample=true", "generate.top_k=1"]
 
 
+@pytest.mark.slow
 def test_several_answers_per_prompt_stay_on_their_own_record(answering_run, adapter_answers, tmp_path):
     output = tmp_path / "answers.jsonl"
     result = qlora("generate", answering_run.root, *SEVERAL_ANSWERS, "generate.batch_size=3",
@@ -344,6 +364,7 @@ def test_several_answers_per_prompt_stay_on_their_own_record(answering_run, adap
     assert [row["responses"] for row in rows] == [[row["response"]] * 2 for row in adapter_answers[:4]]
 
 
+@pytest.mark.slow
 def test_several_answers_to_one_prompt_are_all_printed(answering_run, adapter_answers):
     result = qlora("generate", answering_run.root, *SEVERAL_ANSWERS, "--prompt", PAIRS[2][0])
     assert result.exit_code == 0, result.output
@@ -362,17 +383,20 @@ def test_the_shipped_recipes_stream_answers_to_a_prompt(path):
     assert not Generator(None, None, "mistral", build_generation_config({"num_beams": 2})).streams
 
 
+@pytest.mark.slow
 def test_beam_search_answers_a_prompt_without_streaming(answering_run, adapter_answers):
     result = qlora("generate", answering_run.root, "generate.num_beams=2", "--prompt", PAIRS[2][0])
     assert result.exit_code == 0, result.output
     assert result.output.strip().splitlines()[-1] == adapter_answers[2]["response"]
 
 
+@pytest.mark.slow
 def test_a_chat_with_several_answers_per_prompt_exits_2(answering_run):
     result = qlora("generate", answering_run.root, *SEVERAL_ANSWERS, "--interactive", input="Hi\n/exit\n")
     assert_user_error(result, "generate.num_return_sequences", "--interactive", wrapped=True)
 
 
+@pytest.mark.slow
 def test_stop_strings_end_answers_to_a_prompt_and_to_a_file(answering_run, tmp_path):
     question, answer = PAIRS[0]
     assert answer.startswith("The capital of France") and "Paris" in answer
@@ -386,6 +410,7 @@ def test_stop_strings_end_answers_to_a_prompt_and_to_a_file(answering_run, tmp_p
     assert read_jsonl(output)[0]["response"] == "The capital of France"
 
 
+@pytest.mark.slow
 def test_return_dict_in_generate_still_writes_the_answers(answering_run, adapter_answers, tmp_path):
     output = tmp_path / "answers.jsonl"
     result = qlora("generate", answering_run.root, "generate.return_dict_in_generate=true",
@@ -394,6 +419,7 @@ def test_return_dict_in_generate_still_writes_the_answers(answering_run, adapter
     assert [row["response"] for row in read_jsonl(output)] == [row["response"] for row in adapter_answers[:2]]
 
 
+@pytest.mark.slow
 def test_prompt_ids_equal_the_prompt_part_of_the_prepared_training_examples(answering_run):
     recipe = load_recipe([str(answering_run.root)])
     record = json.loads((answering_run.root / "run.json").read_text())
@@ -416,6 +442,7 @@ def generator(answering_run):
     return load_generator(load_recipe([str(answering_run.root)]))
 
 
+@pytest.mark.slow
 def test_greedy_generation_is_deterministic_and_stops_at_eos(generator):
     question, answer = PAIRS[0]
     ids = torch.tensor([generator.prompt_ids([{"role": "user", "content": question}])])
@@ -432,6 +459,7 @@ def test_greedy_generation_is_deterministic_and_stops_at_eos(generator):
     assert generator.tokenizer.decode(new, skip_special_tokens=True).strip() == answer
 
 
+@pytest.mark.slow
 def test_unquantized_generation_computes_what_was_trained(answering_run, generator):
     # generate.quantized=false follows merge.base (dequantized): the 4-bit weights training saw.
     unquantized = load_generator(load_recipe([str(answering_run.root)], ["generate.quantized=false"]))
@@ -442,6 +470,7 @@ def test_unquantized_generation_computes_what_was_trained(answering_run, generat
     assert (expected - got).abs().max().item() < 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lines, line_number, message", [
     (['{"prompt": "fine"}', '{"prompt": "broken"'], 2, "malformed JSON"),
     (['{"prompt": "fine"}', '{"question": "where is the prompt?"}'], 2, "needs `prompt`"),
@@ -456,6 +485,7 @@ def test_bad_prompt_files_exit_2_with_file_and_line(lines, line_number, message,
     assert not output.exists()
 
 
+@pytest.mark.slow
 def test_a_prompts_file_that_is_not_utf8_exits_2_with_file_and_line(trained_run, tmp_path):
     prompts = tmp_path / "latin1.jsonl"
     prompts.write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n')
@@ -463,11 +493,13 @@ def test_a_prompts_file_that_is_not_utf8_exits_2_with_file_and_line(trained_run,
     assert_user_error(result, f"{prompts}:2", "not UTF-8", "0xe9", wrapped=True)
 
 
+@pytest.mark.slow
 def test_a_prompts_folder_is_named_a_folder(trained_run, tmp_path):
     result = qlora("generate", trained_run.root, "--input", tmp_path, "--output", tmp_path / "answers.jsonl")
     assert_user_error(result, "--input", "is a folder", wrapped=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [0, -1])
 def test_a_batch_size_below_1_exits_2_before_loading(size, trained_run, tmp_path):
     output = tmp_path / "answers.jsonl"
@@ -477,6 +509,7 @@ def test_a_batch_size_below_1_exits_2_before_loading(size, trained_run, tmp_path
     assert not output.exists()
 
 
+@pytest.mark.slow
 def test_a_missing_model_source_exits_2(answering_run, tmp_path):
     result = qlora("generate", answering_run.root, "--model", tmp_path / "no-model", "--prompt", "Hi")
     assert_user_error(result, "--model", "no-model", "does not exist", wrapped=True)
@@ -485,6 +518,7 @@ def test_a_missing_model_source_exits_2(answering_run, tmp_path):
     assert_user_error(result, "never-trained", "does not exist", wrapped=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source, message", [
     ("run folder", "has no config.json"),
     ("unknown config", "cannot load model"),
@@ -499,6 +533,7 @@ def test_a_model_option_that_names_no_model_exits_2(source, message, trained_run
     assert_user_error(result, "--model", message, wrapped=True)
 
 
+@pytest.mark.slow
 def test_prompt_and_interactive_win_over_the_recipes_input_file(answering_run, tmp_path):
     recipe_io = [f"generate.input={write_prompts(tmp_path / 'prompts.jsonl', PAIRS[:1])}",
                  f"generate.output={tmp_path / 'answers.jsonl'}"]
@@ -511,12 +546,14 @@ def test_prompt_and_interactive_win_over_the_recipes_input_file(answering_run, t
     assert not (tmp_path / "answers.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_a_recipe_without_max_new_tokens_is_warned_that_answers_are_cut_short(trained_run):
     result = qlora("generate", trained_run.root, "~generate.max_new_tokens", "--prompt", "Hi")
     assert result.exit_code == 0, result.output
     assert "generate.max_new_tokens" in result.output.replace("\n", "")
 
 
+@pytest.mark.slow
 def test_interactive_answers_until_exit(answering_run):
     question, answer = PAIRS[1]
     result = qlora("generate", answering_run.root, "--interactive", input=f"{question}\n/exit\n")
@@ -556,6 +593,7 @@ def test_answer_file_refuses_an_existing_output_without_resume(tmp_path):
     assert error.value.where == "--output"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output, message", [
     ("/proc/no-such-folder/answers.jsonl", "is not writable"),
     (".", "is a folder"),

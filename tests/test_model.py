@@ -26,6 +26,7 @@ def lora_pairs(model):
     ]
 
 
+@pytest.mark.slow
 def test_the_tiny_recipe_loads_with_4bit_linear_layers(tiny_model, tiny_recipe):
     import bitsandbytes as bnb
     from peft import PeftModel
@@ -38,6 +39,7 @@ def test_the_tiny_recipe_loads_with_4bit_linear_layers(tiny_model, tiny_recipe):
     assert all(m.compute_dtype == torch.float32 for m in quantized)
 
 
+@pytest.mark.slow
 def test_lora_wraps_every_linear_layer_and_only_lora_weights_train(tiny_model):
     pairs = lora_pairs(tiny_model)
     assert len(pairs) == 14  # target_modules: all-linear
@@ -45,6 +47,7 @@ def test_lora_wraps_every_linear_layer_and_only_lora_weights_train(tiny_model):
         assert param.requires_grad == ("lora_" in name), name
 
 
+@pytest.mark.slow
 def test_the_trainable_count_is_exactly_the_lora_shapes(tiny_model, tiny_recipe):
     r = tiny_recipe.lora["r"]
     pairs = lora_pairs(tiny_model)
@@ -57,6 +60,7 @@ def test_the_trainable_count_is_exactly_the_lora_shapes(tiny_model, tiny_recipe)
     assert summary.quantization == "4-bit nf4 + double quantization, compute in float32"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("upcast", [False, True])
 def test_unquantized_weights_stay_in_model_dtype_unless_upcast_to_fp32(upcast):
     from qlora_cli.model import load_trainable_model
@@ -113,6 +117,7 @@ def test_an_evaluation_forward_leaves_the_training_gradients_as_they_were():
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
 
+@pytest.mark.slow
 def test_the_init_from_config_model_is_built_once_and_reused(tiny_model, tiny_recipe, qlora_cache):
     tokenizer = load_recipe_tokenizer(tiny_recipe)
     folder = build_init_model(tiny_recipe.model.init_from_config, tokenizer)
@@ -130,6 +135,7 @@ def test_the_init_from_config_model_is_built_once_and_reused(tiny_model, tiny_re
     assert torch.equal(again.model.embed_tokens.weight, tiny_model.base_model.model.model.embed_tokens.weight)
 
 
+@pytest.mark.slow
 def test_a_different_init_config_builds_a_different_model(tiny_recipe):
     tokenizer = load_recipe_tokenizer(tiny_recipe)
     first = build_init_model(tiny_recipe.model.init_from_config, tokenizer)
@@ -186,6 +192,7 @@ def code_ran(folder) -> bool:
     return folder.exists() and any(folder.rglob("ran"))
 
 
+@pytest.mark.slow
 def test_custom_model_code_does_not_run_unless_the_recipe_allows_it(custom_code_model, modules_cache):
     recipe = custom_code_recipe(custom_code_model)
     assert recipe.model.trust_remote_code is False
@@ -195,6 +202,7 @@ def test_custom_model_code_does_not_run_unless_the_recipe_allows_it(custom_code_
     assert not code_ran(modules_cache) and not code_ran(custom_code_model)
 
 
+@pytest.mark.slow
 def test_trust_remote_code_set_in_the_recipe_reaches_the_loader(custom_code_model, modules_cache):
     recipe = custom_code_recipe(custom_code_model, "model.trust_remote_code=true")
     model = load_base_model(recipe)

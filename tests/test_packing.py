@@ -124,6 +124,7 @@ def test_flash_attention_batches_carry_no_mask(packed):
     assert "attention_mask" not in batch and "position_ids" in batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 def test_packed_rows_give_the_logits_of_their_examples_run_one_by_one(
         packed, tiny_model_path, v1_tokenizer, attn_implementation):

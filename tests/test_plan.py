@@ -78,6 +78,7 @@ def quant_state_tensors(param) -> list:
     return [t for t in found if isinstance(t, torch.Tensor)]
 
 
+@pytest.mark.slow
 def test_weight_and_lora_entries_equal_the_bytes_of_the_loaded_tensors(tiny):
     _, model, shape, settings = tiny
     frozen = [p for p in model.parameters() if not p.requires_grad]
@@ -88,6 +89,7 @@ def test_weight_and_lora_entries_equal_the_bytes_of_the_loaded_tensors(tiny):
     assert entries["LoRA parameters"] == tensor_bytes(p for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.slow
 def test_gradient_and_optimizer_entries_equal_a_real_adamw_step(tiny):
     recipe, model, shape, settings = tiny
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -127,6 +129,7 @@ def saved_activation_bytes(model, ids) -> int:
 SHAPES = [(1, 64), (2, 128), (4, 48)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch,seq", SHAPES)
 def test_activations_are_within_a_tenth_of_what_autograd_saves(tiny, batch, seq):
     _, model, shape, settings = tiny
@@ -164,6 +167,7 @@ class LiveBytes(TorchDispatchMode):
         self.current -= self.live.pop(key, 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch,seq", SHAPES)
 def test_the_total_is_within_5_percent_of_the_measured_peak_of_a_training_step(tiny, batch, seq):
     _, model, shape, settings = tiny

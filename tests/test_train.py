@@ -39,6 +39,7 @@ def adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- the run folder
 
 
+@pytest.mark.slow
 def test_run_folder_keeps_the_resolved_recipe_which_runs_again_as_is(trained_run):
     original = load_recipe([trained_run.args[0]], trained_run.args[1:])
     again = load_recipe([str(trained_run.root / "recipe.yaml")])
@@ -46,6 +47,7 @@ def test_run_folder_keeps_the_resolved_recipe_which_runs_again_as_is(trained_run
     assert load_recipe([str(trained_run.root)]).resolved == original.resolved  # the run folder names it too
 
 
+@pytest.mark.slow
 def test_run_json_records_how_the_run_was_made_and_how_it_went(trained_run, prepared_dir):
     record = json.loads((trained_run.root / "run.json").read_text())
     assert record["status"] == "completed"
@@ -68,6 +70,7 @@ def test_run_json_records_how_the_run_was_made_and_how_it_went(trained_run, prep
     assert math.isfinite(metrics["final_train_loss"])
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss(trained_run):
     state = json.loads((trained_run.root / "checkpoints" / "checkpoint-12" / "trainer_state.json").read_text())
     losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
@@ -75,6 +78,7 @@ def test_training_lowers_the_loss(trained_run):
     assert sum(losses[-2:]) < sum(losses[:2]) - 1.0
 
 
+@pytest.mark.slow
 def test_checkpoints_are_complete_and_only_the_newest_are_kept(trained_run):
     checkpoints = trained_run.root / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-10", "checkpoint-12"]  # save_total_limit 2
@@ -87,6 +91,7 @@ def test_checkpoints_are_complete_and_only_the_newest_are_kept(trained_run):
     assert not any(p.name.startswith(".") for p in trained_run.root.rglob("*")), "staging leftovers"
 
 
+@pytest.mark.slow
 def test_adapter_loads_with_peft_and_holds_the_final_weights(trained_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -109,6 +114,7 @@ def test_adapter_loads_with_peft_and_holds_the_final_weights(trained_run):
     assert AutoTokenizer.from_pretrained(str(adapter))(text).input_ids == recipe_tokenizer(text).input_ids
 
 
+@pytest.mark.slow
 def test_adapter_card_holds_the_recipe_and_the_metrics(trained_run):
     card = (trained_run.adapter / "README.md").read_text()
     assert (trained_run.root / "recipe.yaml").read_text() in card
@@ -116,6 +122,7 @@ def test_adapter_card_holds_the_recipe_and_the_metrics(trained_run):
     assert f"| final_train_loss | {metrics['final_train_loss']:.6g} |" in card
 
 
+@pytest.mark.slow
 def test_logs_hold_tensorboard_events_and_loss_png_is_drawn(trained_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -130,6 +137,7 @@ def test_logs_hold_tensorboard_events_and_loss_png_is_drawn(trained_run):
 # ---------------------------------------------------------------- an existing run folder
 
 
+@pytest.mark.slow
 def test_an_existing_run_folder_is_refused_and_left_untouched(trained_run):
     before = snapshot(trained_run.root)
     result = qlora("train", *trained_run.args)
@@ -137,6 +145,7 @@ def test_an_existing_run_folder_is_refused_and_left_untouched(trained_run):
     assert snapshot(trained_run.root) == before
 
 
+@pytest.mark.slow
 def test_overwrite_starts_the_run_over(tmp_path, sample_subset, prepared_dir):
     root = tmp_path / "run"
     (root / "checkpoints" / "checkpoint-99").mkdir(parents=True)
@@ -150,6 +159,7 @@ def test_overwrite_starts_the_run_over(tmp_path, sample_subset, prepared_dir):
     assert list((root / "logs").glob("events.out.tfevents.*"))  # its own logs, though not the first run here
 
 
+@pytest.mark.slow
 def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, sample_subset, prepared_dir):
     (tmp_path / "my-runs" / "old-run").mkdir(parents=True)
     (tmp_path / "my-runs" / "notes.txt").write_text("keep me")
@@ -159,6 +169,7 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, sample_subset, p
     assert (tmp_path / "my-runs" / "notes.txt").read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_resume_with_other_lora_weights_is_refused_and_the_run_left_untouched(trained_run):
     before = snapshot(trained_run.root)
     result = qlora("train", *trained_run.args, "lora.r=2", "--resume")
@@ -166,6 +177,7 @@ def test_resume_with_other_lora_weights_is_refused_and_the_run_left_untouched(tr
     assert snapshot(trained_run.root) == before
 
 
+@pytest.mark.slow
 def test_resume_without_a_checkpoint_is_refused(tmp_path, sample_subset, prepared_dir):
     root = tmp_path / "run"
     root.mkdir()
@@ -191,6 +203,7 @@ EARLY_ERRORS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, key", EARLY_ERRORS.values(), ids=EARLY_ERRORS.keys())
 def test_mistakes_exit_2_naming_the_key_before_the_model_loads(overrides, key, tmp_path, sample_subset,
                                                                 prepared_dir):
@@ -201,6 +214,7 @@ def test_mistakes_exit_2_naming_the_key_before_the_model_loads(overrides, key, t
     assert not root.exists()
 
 
+@pytest.mark.slow
 def test_a_model_that_fails_to_load_exits_2_and_leaves_no_run_folder(trained_run, tmp_path, sample_subset,
                                                                       prepared_dir):
     base = Path(json.loads((trained_run.adapter / "adapter_config.json").read_text())["base_model_name_or_path"])
@@ -214,6 +228,7 @@ def test_a_model_that_fails_to_load_exits_2_and_leaves_no_run_folder(trained_run
     assert not root.exists()  # so the next attempt needs neither --resume nor --overwrite
 
 
+@pytest.mark.slow
 def test_a_batch_larger_than_the_data_is_warned_and_trains_on_the_rows_there_are(tmp_path, sample_subset,
                                                                                  prepared_dir):
     # The shipped 7B recipe (batch 4) on its sample data (one packed row of 2,048) must still run.
@@ -233,6 +248,7 @@ FAILING_AFTER_LOAD = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, needle", FAILING_AFTER_LOAD.values(), ids=FAILING_AFTER_LOAD.keys())
 def test_a_run_that_fails_before_its_first_step_exits_2_and_leaves_no_run_folder(overrides, needle, tmp_path,
                                                                                  sample_subset, prepared_dir):
@@ -242,12 +258,14 @@ def test_a_run_that_fails_before_its_first_step_exits_2_and_leaves_no_run_folder
     assert not root.exists()  # so the next attempt needs neither --resume nor --overwrite
 
 
+@pytest.mark.slow
 def test_an_output_folder_under_a_file_exits_2(tmp_path, sample_subset, prepared_dir):
     (tmp_path / "afile").write_text("not a folder")
     result = qlora("train", "tiny-mistral", *short_run(sample_subset, tmp_path / "afile" / "run", prepared_dir))
     assert_user_error(result, "training.output_dir", "afile")
 
 
+@pytest.mark.slow
 def test_an_output_folder_that_is_a_file_exits_2(tmp_path, sample_subset, prepared_dir):
     (tmp_path / "afile").write_text("not a folder")
     result = qlora("train", "tiny-mistral", *short_run(sample_subset, tmp_path / "afile", prepared_dir))
@@ -255,6 +273,7 @@ def test_an_output_folder_that_is_a_file_exits_2(tmp_path, sample_subset, prepar
     assert (tmp_path / "afile").read_text() == "not a folder"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through any permission bits")
 def test_an_unwritable_output_folder_exits_2(tmp_path, sample_subset, prepared_dir):
     locked = tmp_path / "locked"
@@ -283,6 +302,7 @@ def validated_run(tmp_path_factory, sample_subset, prepared_dir):
     return root, result.output
 
 
+@pytest.mark.slow
 def test_validation_reports_eval_loss_and_keeps_the_best_adapter(validated_run):
     root, output = validated_run
     assert "eval at step 2: loss" in output
@@ -301,6 +321,7 @@ def test_validation_reports_eval_loss_and_keeps_the_best_adapter(validated_run):
     assert all(torch.equal(saved[k], best_weights[k]) for k in saved)
 
 
+@pytest.mark.slow
 def test_validation_data_alone_evaluates_at_each_save_and_the_last_step_once(tmp_path, sample_subset, prepared_dir):
     root = tmp_path / "run"
     result = qlora("train", "tiny-mistral", *short_run(sample_subset, root, prepared_dir, *VALIDATION))
@@ -312,6 +333,7 @@ def test_validation_data_alone_evaluates_at_each_save_and_the_last_step_once(tmp
     assert json.loads((root / "run.json").read_text())["metrics"]["eval_loss"] == last_eval["eval_loss"]
 
 
+@pytest.mark.slow
 def test_evaluating_during_training_does_not_change_what_is_trained(validated_run, tmp_path, sample_subset,
                                                                     prepared_dir):
     root, _ = validated_run
