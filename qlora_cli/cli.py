@@ -352,6 +352,56 @@ def generate(
         _chat(generator)
 
 
+@app.command("eval")
+@user_command
+def eval_command(
+    args: list[str] = RECIPE_ARGS,
+    input: Path = typer.Option(None, "--input", help="JSONL of {prompt} or {messages} records with a `reference` answer."),
+    model: str = typer.Option(None, "--model", help="A merged folder or any model path to score as `merged` (default: <run>/merged when it exists)."),
+    tasks: str = typer.Option(None, "--tasks", help="lm-evaluation-harness tasks, comma-separated: names, task YAML files or folders."),
+    limit: int = typer.Option(None, "--limit", min=1, metavar="N", help="Only the first N records and N examples per task: a quick look."),
+) -> None:
+    """Score the base model, the run's adapter and the merged model side by side: your own data
+    (exact match, token F1, chrF), validation loss, and lm-eval tasks. Results go to <run>/eval/.
+
+    Example: qlora eval runs/tiny-mistral --input qa.jsonl --tasks arc_easy --limit 50
+    """
+    from qlora_cli import render
+    from qlora_cli.evaluate import evaluate
+    from qlora_cli.recipe import load_recipe
+
+    recipes, overrides = split_arguments(args)
+    recipe = load_recipe(recipes, overrides)
+    task_list = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+    with _progress_bars() as progress:
+        result = evaluate(recipe, input=input.expanduser() if input else None,
+                          model_path=os.path.expanduser(model) if model else None,
+                          tasks=task_list, limit=limit, progress=progress)
+    render.eval_table(console, result.scores)
+    console.print(f"results: {result.folder / 'results.json'}", highlight=False, soft_wrap=True)
+
+
+class _progress_bars:
+    """`progress(description, total) -> advance(n)`: a rich bar per stage on a terminal, one line
+    per stage on stderr otherwise (a log still shows where a long eval is)."""
+
+    def __enter__(self):
+        from rich.progress import Progress
+
+        self.bars = Progress(console=err_console, disable=not err_console.is_terminal)
+        self.bars.__enter__()
+        return self.stage
+
+    def stage(self, description: str, total: int):
+        if not err_console.is_terminal:
+            err_console.print(description + (f" ({total})" if total else ""), highlight=False, markup=False)
+        task = self.bars.add_task(description, total=total or None)
+        return lambda n: self.bars.advance(task, n)
+
+    def __exit__(self, *exc) -> None:
+        self.bars.__exit__(*exc)
+
+
 def _print_answers(generator, messages: list[dict]) -> str:
     """Stream the answer when generation allows it; else print each answer when all are done."""
     if generator.streams:

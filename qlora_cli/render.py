@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich import box
 from rich.console import Console
 from rich.table import Column, Table
 from rich.text import Text
@@ -117,3 +118,39 @@ def _plan_data(console: Console, plan) -> None:
                   highlight=False)
 
 
+
+
+def eval_table(console: Console, scores: dict[str, dict[str, float]]) -> None:
+    """A row per metric, a column per model, and each model's difference from the base: a rich
+    table on a terminal, aligned plain text (one row a line) when piped."""
+    models = list(scores)
+    others = [m for m in models if m != "base"]
+    metrics = list(dict.fromkeys(metric for values in scores.values() for metric in values))
+    header = ["metric", *models, *[f"{m} - base" for m in others]]
+    rows = [[metric, *[_number(scores[m].get(metric)) for m in models],
+             *[_difference(scores[m].get(metric), scores["base"].get(metric)) for m in others]]
+            for metric in metrics]
+    if console.is_terminal:
+        table = Table(*header, box=box.SIMPLE_HEAD)
+        for column in table.columns[1:]:
+            column.justify = "right"
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        return
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        cells = [row[0].ljust(widths[0]), *[cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]]
+        console.print("  ".join(cells).rstrip(), highlight=False, markup=False, soft_wrap=True)
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if abs(value) >= 1000 else f"{value:.4f}"
+
+
+def _difference(value: float | None, base: float | None) -> str:
+    if value is None or base is None:
+        return "-"
+    return f"{value - base:+.4f}"

@@ -1,0 +1,228 @@
+"""`qlora eval`: the base model, the run's adapter and the merged model, scored side by side.
+
+One 4-bit base + adapter is loaded, as `qlora generate` loads it; the base is that same model
+with the adapter disabled, so no second copy is made. Each model answers the user's own
+questions (formatted with the recipe's template, generated with its `generate` settings),
+is scored against the references, measured on the recipe's validation split (loss and
+perplexity) and, with `--tasks`, on lm-evaluation-harness tasks. Results go to `<run>/eval/`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from qlora_cli.atomic import atomic_folder, can_create_in, nearest_existing
+from qlora_cli.errors import UserError
+from qlora_cli.generate import PromptRecord, read_prompts
+from qlora_cli.run_folder import RunFolder
+from qlora_cli.scoring import exact_match, score_answers, token_f1
+
+# progress(description, total) -> advance(n): how the CLI shows work as it is done.
+Progress = Callable[[str, int], Callable[[int], None]]
+
+
+@dataclass
+class EvalRecord:
+    """One line of the user's evaluation file: the conversation to answer and its reference."""
+
+    prompt: PromptRecord
+    reference: str
+
+
+@dataclass
+class Measured:
+    """What one model scored, and the answers and lm-eval output behind the scores."""
+
+    scores: dict[str, float] = field(default_factory=dict)
+    answers: list[dict] | None = None
+    lm_eval: dict | None = None
+
+
+@dataclass
+class EvalResult:
+    folder: Path
+    scores: dict[str, dict[str, float]]  # model (base, adapter, merged) -> metric -> value
+
+
+def evaluate(recipe, *, input: Path | None = None, model_path: str | None = None, tasks: list[str] = (),
+             limit: int | None = None, progress: Progress | None = None) -> EvalResult:
+    """Score base, adapter and (when there is one) merged model; write `<run>/eval/` whole."""
+    from qlora_cli.generate import load_generator
+    from qlora_cli.merge import check_adapter
+
+    run = RunFolder(recipe.run_dir)
+    check_adapter(Path(recipe.merge.adapter or run.adapter), recipe)
+    records = read_eval_records(input)[:limit] if input else None
+    suite = _load_tasks(list(tasks))
+    merged = merged_model_source(recipe, model_path)
+    check_something_to_measure(recipe, records, suite)
+    folder = run.root / "eval"
+    check_writable(folder)
+    progress = progress or _no_progress
+    generator = load_generator(recipe)  # the 4-bit base + adapter, as trained
+    validation = validation_rows(recipe, generator.tokenizer)
+    measure = _measurer(recipe, records, validation, suite, limit, progress)
+    results = {"base": measure("base", generator, without_adapter=True), "adapter": measure("adapter", generator)}
+    if merged:
+        del generator  # one model in memory at a time
+        results["merged"] = measure("merged", load_generator(recipe, merged))
+    write_results(folder, results)
+    return EvalResult(folder, {name: m.scores for name, m in results.items()})
+
+
+def _load_tasks(tasks: list[str]):
+    if not tasks:
+        return None
+    from qlora_cli.benchmarks import load_tasks
+
+    return load_tasks(tasks)
+
+
+def _no_progress(description: str, total: int) -> Callable[[int], None]:
+    return lambda n: None
+
+
+# ---------------------------------------------------------------- before anything loads
+
+
+def read_eval_records(path: Path) -> list[EvalRecord]:
+    """Lines of `prompt` or `messages` (as `qlora generate --input` takes) with a `reference` answer."""
+    records = []
+    for prompt in read_prompts(Path(path).expanduser()):
+        reference = prompt.record.get("reference")
+        if not isinstance(reference, str):
+            found = "it is not text" if "reference" in prompt.record else \
+                f"the line has: {', '.join(prompt.record)}"
+            raise UserError(f"each line needs `reference`, the answer to score against; {found}",
+                            where=prompt.where, fix='add "reference": "<the expected answer>" to each line')
+        records.append(EvalRecord(prompt, reference))
+    return records
+
+
+def merged_model_source(recipe, model_path: str | None) -> str | None:
+    """`--model`, else the run's merged folder when `qlora merge` wrote one."""
+    from qlora_cli.generate import check_model_source
+
+    if model_path:
+        check_model_source(model_path)
+        return model_path
+    merged = Path(recipe.merge.output_dir or RunFolder(recipe.run_dir).root / "merged")
+    return str(merged) if (merged / "config.json").is_file() else None
+
+
+def check_something_to_measure(recipe, records, suite) -> None:
+    if records is None and suite is None and not has_validation(recipe):
+        raise UserError("nothing to evaluate: no --input, no --tasks, and the recipe has no validation split",
+                        where="qlora eval", fix="give --input FILE (JSONL of prompt + reference), "
+                                                "--tasks NAMES, or set data.val_size")
+
+
+def has_validation(recipe) -> bool:
+    return bool(recipe.data.val_size or recipe.data.validation_sources)
+
+
+def check_writable(folder: Path) -> None:
+    parent = nearest_existing(folder.parent)
+    if not can_create_in(parent):
+        raise UserError(f"cannot write {folder}: {parent} is not writable", where="training.output_dir",
+                        fix="evaluate a run folder you can write")
+
+
+# ---------------------------------------------------------------- measuring one model
+
+
+def _measurer(recipe, records, validation, suite, limit, progress: Progress):
+    from qlora_cli.builders import split_generate
+
+    batch_size = split_generate(recipe.generate)[0].batch_size
+    lms = {}  # one lm-eval wrapper per loaded model: base and adapter share it
+
+    def measure(name: str, generator, without_adapter: bool = False) -> Measured:
+        measured = Measured()
+        with generator.model.disable_adapter() if without_adapter else contextlib.nullcontext():
+            if records is not None:
+                measured.answers = answer_records(generator, records, batch_size, progress(f"{name}: answers", len(records)))
+                measured.scores |= score_answers([a["response"] for a in measured.answers], [r.reference for r in records])
+            if validation is not None:
+                advance = progress(f"{name}: validation loss", len(validation))
+                measured.scores |= held_out_loss(generator, validation, recipe, advance)
+            if suite is not None:
+                from qlora_cli.benchmarks import run_tasks, wrap_model
+
+                if id(generator.model) not in lms:
+                    lms[id(generator.model)] = wrap_model(generator.model, generator.tokenizer, batch_size)
+                lm = lms[id(generator.model)]
+                progress(f"{name}: lm-eval {', '.join(suite.names)}", 0)
+                metrics, measured.lm_eval = run_tasks(lm, suite, limit)
+                measured.scores |= metrics
+        return measured
+
+    return measure
+
+
+def answer_records(generator, records: list[EvalRecord], batch_size: int, advance) -> list[dict]:
+    """Each record's line plus the model's `response` (its first answer) and that answer's scores."""
+    lines = []
+    for start in range(0, len(records), batch_size):
+        batch = records[start:start + batch_size]
+        answers = generator.answer_batch([r.prompt.messages for r in batch])
+        for record, (answer, *_) in zip(batch, answers, strict=True):
+            lines.append({**record.prompt.record, "response": answer,
+                          "exact_match": exact_match(answer, record.reference),
+                          "token_f1": token_f1(answer, record.reference)})
+        advance(len(batch))
+    return lines
+
+
+def validation_rows(recipe, tokenizer):
+    """The recipe's validation split, prepared exactly as training saw it (cached), or None."""
+    if not has_validation(recipe):
+        return None
+    from qlora_cli.prepare import prepare_dataset
+
+    return prepare_dataset(recipe, tokenizer).dataset.get("validation")
+
+
+def held_out_loss(generator, rows, recipe, advance) -> dict[str, float]:
+    """Mean cross-entropy per labelled token over the validation rows, and its perplexity."""
+    import torch
+
+    from qlora_cli.collate import PackedCollator
+    from qlora_cli.templates import IGNORE_INDEX
+
+    model = generator.model
+    collate = PackedCollator(generator.tokenizer.pad_token_id, recipe.model.attn_implementation)
+    batch_size = int(recipe.training.get("per_device_eval_batch_size", 8))
+    total, tokens = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
+        # The model's loss is the mean over the tokens that predict a label (labels shifted by one).
+        count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        with torch.no_grad():
+            loss = model(**{k: v.to(model.device) for k, v in batch.items()}).loss
+        total, tokens = total + float(loss) * count, tokens + count
+        advance(batch["input_ids"].shape[0])
+    loss = total / max(tokens, 1)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))}
+
+
+# ---------------------------------------------------------------- results
+
+
+def write_results(folder: Path, results: dict[str, Measured]) -> None:
+    """results.json, answers-<model>.jsonl and lm-eval-<model>.json, all appearing at once: an
+    interrupted eval leaves the previous results whole, never half of new ones."""
+    with atomic_folder(folder, replace=True) as tmp:
+        for name, measured in results.items():
+            if measured.answers is not None:
+                (tmp / f"answers-{name}.jsonl").write_text(
+                    "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in measured.answers), encoding="utf-8")
+            if measured.lm_eval is not None:
+                (tmp / f"lm-eval-{name}.json").write_text(json.dumps(measured.lm_eval, indent=2, default=str))
+        scores = {name: measured.scores for name, measured in results.items()}
+        (tmp / "results.json").write_text(json.dumps(scores, indent=2) + "\n")

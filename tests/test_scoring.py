@@ -1,0 +1,51 @@
+"""Scores of answers against references: what `qlora eval` reports for a user's own data."""
+
+from __future__ import annotations
+
+import pytest
+
+from qlora_cli.scoring import chrf, exact_match, normalize_answer, score_answers, token_f1
+
+
+def test_exact_match_ignores_case_punctuation_articles_and_spacing():
+    assert normalize_answer("  The capital of France is  Paris. ") == "capital of france is paris"
+    assert exact_match("paris", "Paris.") == 1.0
+    assert exact_match("The answer: 56!", "answer 56") == 1.0
+    assert exact_match("Paris, France", "Paris") == 0.0
+
+
+def test_token_f1_counts_shared_words():
+    # answer 4 words, reference 2, both shared: precision 1/2, recall 1
+    assert token_f1("Jupiter is largest planet", "Jupiter planet") == pytest.approx(2 / 3)
+    assert token_f1("Berlin", "Paris") == 0.0
+    assert token_f1("", "") == 1.0 and token_f1("", "Paris") == 0.0
+
+
+PAIRS = [
+    ("The capital of France is Paris.", "The capital of France is Paris."),
+    ("Buenos dias", "Buenos días."),
+    ("7 times 8 is 54.", "7 times 8 is 56."),
+    ("Saturn", "Jupiter is the largest planet in the solar system."),
+    ("ok", "Joyful."),
+]
+
+
+def test_chrf_equals_sacrebleu_corpus_chrf():
+    from sacrebleu.metrics import CHRF
+
+    answers, references = zip(*PAIRS)
+    expected = CHRF().corpus_score(list(answers), [list(references)]).score
+    assert chrf(list(answers), list(references)) == pytest.approx(expected, abs=1e-9)
+    for answer, reference in PAIRS:
+        assert chrf([answer], [reference]) == pytest.approx(CHRF().sentence_score(answer, [reference]).score, abs=1e-9)
+
+
+def test_chrf_is_100_for_identical_and_0_for_disjoint_text():
+    assert chrf(["Paris"], ["Paris"]) == pytest.approx(100.0)
+    assert chrf(["xyz"], ["abc"]) == 0.0
+
+
+def test_score_answers_averages_over_pairs():
+    scores = score_answers(["Paris", "Berlin"], ["Paris.", "Rome"])
+    assert scores["exact_match"] == 0.5 and scores["token_f1"] == 0.5
+    assert 0 < scores["chrf"] < 100
