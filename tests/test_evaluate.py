@@ -1,0 +1,162 @@
+"""`qlora eval` through the real command: base, adapter and merged model side by side, results
+in <run>/eval written whole, bad input refused with its file, line or key."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from qlora_cli import render
+from qlora_cli.errors import UserError
+from qlora_cli.evaluate import Measured, read_eval_records, write_results
+
+from conftest import assert_user_error, qlora, sample_pairs
+
+PAIRS = sample_pairs(12)
+SHORT_ANSWERS = "generate.max_new_tokens=40"  # the longest reference is ~30 tokens; the base babbles
+
+
+def write_references(path: Path, pairs=PAIRS) -> Path:
+    path.write_text("".join(json.dumps({"prompt": q, "reference": a}) + "\n" for q, a in pairs))
+    return path
+
+
+def write_local_task(folder: Path) -> Path:
+    """An lm-eval multiple-choice task on two training questions, its dataset a local JSONL."""
+    folder.mkdir()
+    rows = [{"question": PAIRS[0][0], "choices": [PAIRS[0][1], "Berlin is the capital of Italy."], "answer": 0},
+            {"question": PAIRS[2][0], "choices": ["It is 54.", PAIRS[2][1]], "answer": 1}]
+    data = folder / "questions.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (folder / "qa.yaml").write_text(f"""task: sample_qa
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "[INST] {{{{question}}}} [/INST]"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+""")
+    return folder
+
+
+# ---------------------------------------------------------------- without a model
+
+
+def test_a_line_without_reference_is_refused_with_file_and_line(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text('{"prompt": "Hi?", "reference": "Hello."}\n{"prompt": "What is 2+2?", "answer": "4"}\n')
+    with pytest.raises(UserError) as caught:
+        read_eval_records(path)
+    assert caught.value.where == f"{path}:2"
+    assert "`reference`" in caught.value.message and "prompt, answer" in caught.value.message
+
+
+def test_a_run_folder_without_adapter_exits_2(tmp_path, write_jsonl):
+    questions = write_references(tmp_path / "qa.jsonl")
+    result = qlora("eval", "tiny-mistral", f"training.output_dir={tmp_path / 'no-run'}", "--input", questions)
+    assert_user_error(result, "adapter folder", "does not exist", "train first", wrapped=True)
+    assert not (tmp_path / "no-run").exists()
+
+
+def test_tasks_without_lm_eval_installed_say_how_to_install(monkeypatch):
+    from qlora_cli.benchmarks import load_tasks
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` raises ImportError
+    with pytest.raises(UserError) as caught:
+        load_tasks(["hellaswag"])
+    assert "pip install 'qlora-cli[eval]'" in str(caught.value)
+
+
+def test_an_interrupted_write_keeps_the_previous_results_whole(tmp_path):
+    folder = tmp_path / "eval"
+    write_results(folder, {"base": Measured({"exact_match": 0.0}), "adapter": Measured({"exact_match": 1.0})})
+    before = (folder / "results.json").read_text()
+    broken = Measured({"exact_match": 0.5}, answers=[{"response": object()}])  # not JSON: fails mid-write
+    with pytest.raises(TypeError):
+        write_results(folder, {"base": Measured({"exact_match": 0.5}), "adapter": broken})
+    assert (folder / "results.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]  # no temporary folder left
+
+
+def test_plain_table_has_a_row_per_metric_a_column_per_model_and_the_difference():
+    out = io.StringIO()
+    render.eval_table(Console(file=out, width=200), {"base": {"exact_match": 0.0, "chrf": 4.5},
+                                                     "adapter": {"exact_match": 1.0, "chrf": 100.0}})
+    lines = out.getvalue().splitlines()
+    assert lines[0].split() == ["metric", "base", "adapter", "adapter", "-", "base"]
+    assert lines[1].split() == ["exact_match", "0.0000", "1.0000", "+1.0000"]
+    assert lines[2].split() == ["chrf", "4.5000", "100.0000", "+95.5000"]
+    assert "\x1b" not in out.getvalue() and "─" not in out.getvalue()
+
+
+# ---------------------------------------------------------------- on trained tiny models
+
+
+@pytest.mark.slow
+def test_adapter_answers_its_training_pairs_and_base_does_not(answering_run, tmp_path):
+    """Done when: the adapter's exact match >= 0.9 on the pairs it was trained on, the base's
+    near 0, and a local lm-eval task runs offline, all from one command."""
+    questions = write_references(tmp_path / "qa.jsonl")
+    task = write_local_task(tmp_path / "tasks")
+    result = qlora("eval", answering_run.root, SHORT_ANSWERS, "--input", questions, "--tasks", task)
+    assert result.exit_code == 0, result.output
+    folder = answering_run.root / "eval"
+    scores = json.loads((folder / "results.json").read_text())
+    assert set(scores) == {"base", "adapter"}  # no merged folder, no --model
+    assert scores["adapter"]["exact_match"] >= 0.9 and scores["base"]["exact_match"] <= 0.1
+    assert scores["adapter"]["token_f1"] > scores["base"]["token_f1"]
+    assert scores["adapter"]["chrf"] > 90 > scores["base"]["chrf"]
+    assert scores["adapter"]["sample_qa/acc"] == 1.0
+    answers = [json.loads(line) for line in (folder / "answers-adapter.jsonl").read_text().splitlines()]
+    assert [a["prompt"] for a in answers] == [q for q, _ in PAIRS]
+    assert sum(a["response"] == ref for a, (_, ref) in zip(answers, PAIRS)) >= 11
+    lm_eval_output = json.loads((folder / "lm-eval-adapter.json").read_text())
+    assert lm_eval_output["results"]["sample_qa"]["acc,none"] == 1.0
+    assert len(lm_eval_output["samples"]["sample_qa"]) == 2
+    table = result.stdout.splitlines()
+    row = next(line for line in table if line.startswith("exact_match "))
+    assert row.split()[2] == f"{scores['adapter']['exact_match']:.4f}"
+    assert f"results: {folder / 'results.json'}" in result.stdout
+
+
+@pytest.mark.slow
+def test_merged_model_scores_like_the_adapter_and_validation_loss_drops(trained_run, tmp_path):
+    merged = tmp_path / "merged"
+    assert qlora("merge", trained_run.root, f"merge.output_dir={merged}").exit_code == 0
+    questions = write_references(tmp_path / "qa.jsonl", PAIRS[:4])
+    # The validation rows were trained on: the adapter's loss on them is below the base's.
+    result = qlora("eval", trained_run.root, "data.val_size=3", "generate.max_new_tokens=8",
+                   "--input", questions, "--model", merged)
+    assert result.exit_code == 0, result.output
+    scores = json.loads((trained_run.root / "eval" / "results.json").read_text())
+    assert list(scores) == ["base", "adapter", "merged"]
+    base, adapter, merged_scores = scores["base"], scores["adapter"], scores["merged"]
+    assert adapter["eval_loss"] < base["eval_loss"]
+    assert merged_scores["eval_loss"] == pytest.approx(adapter["eval_loss"], abs=0.05)
+    assert adapter["eval_perplexity"] == pytest.approx(2.718281828 ** adapter["eval_loss"], rel=1e-6)
+    assert (trained_run.root / "eval" / "answers-merged.jsonl").is_file()
+    assert "merged - base" in result.stdout.splitlines()[0] or "merged - base" in result.stdout
+
+
+@pytest.mark.slow
+def test_bad_eval_input_exits_2_before_loading(trained_run, tmp_path):
+    no_reference = tmp_path / "qa.jsonl"
+    no_reference.write_text('{"prompt": "What is 2+2?"}\n')
+    assert_user_error(qlora("eval", trained_run.root, "--input", no_reference), f"{no_reference}:1", "`reference`",
+                      wrapped=True)
+    assert_user_error(qlora("eval", trained_run.root, "--tasks", tmp_path / "missing.yaml"),
+                      "task file", "missing.yaml", "does not exist", wrapped=True)
+    assert_user_error(qlora("eval", trained_run.root, "--tasks", "hellaswg"),
+                      "unknown lm-eval task `hellaswg`", "hellaswag", wrapped=True)
