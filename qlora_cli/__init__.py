@@ -12,6 +12,7 @@ it, and never in a cycle (tests/test_imports.py holds the code to this map):
     run_folder, collate, loss, trainer, launch, train
                                       a run's folder, batches, chunked loss, Trainer, --nproc, `qlora train`
     merge, generate                   base + adapter -> merged model; prompts -> answers
+    scoring, benchmarks, evaluate     `qlora eval`: answers against references; lm-eval tasks; side by side
     plan_data, plan_memory, plan      `qlora plan`: data, memory and time, before a weight loads
     render, progress                  what the terminal shows: examples, plans, training progress
     cli, __main__                     the command line: parse, call one function, render

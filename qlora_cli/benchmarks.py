@@ -8,12 +8,12 @@ dataset, so it runs offline.
 
 from __future__ import annotations
 
-import difflib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_cli.errors import UserError, combined
+from qlora_cli.sections import suggest
 
 INSTALL_FIX = "install lm-evaluation-harness: pip install 'qlora-cli[eval]'"
 
@@ -79,9 +79,7 @@ def _split_specs(tasks: list[str]) -> tuple[list[Path], list[Path], list[str]]:
 
 
 def _unknown(name: str, known: list[str]) -> UserError:
-    close = difflib.get_close_matches(name, known, n=3)
-    hint = f" (did you mean {', '.join(f'`{c}`' for c in close)}?)" if close else ""
-    return UserError(f"unknown lm-eval task `{name}`{hint}", where="--tasks",
+    return UserError(f"unknown lm-eval task `{name}`{suggest(name, known)}", where="--tasks",
                      fix="use a name from `lm-eval ls tasks`, a task YAML file or a folder of them")
 
 
