@@ -148,10 +148,14 @@ def check_model_source(path: str) -> None:
 
 
 def _load_plain_model(path: str):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from qlora_cli.families import auto_model_class, checkpoint_family
 
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+        config = AutoConfig.from_pretrained(path)
+        return auto_model_class(checkpoint_family(config, where="--model")).from_pretrained(path, config=config,
+                                                                                              dtype="auto")
     except (OSError, ValueError) as err:  # ValueError: a config.json transformers does not recognize
         raise UserError(f"cannot load model `{path}`: {err}", where="--model", fix=MODEL_FIX) from None
 

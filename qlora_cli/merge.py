@@ -82,7 +82,7 @@ def merge(recipe, *, overwrite: bool = False) -> MergeResult:
     with atomic_folder(output, replace=overwrite) as tmp:
         merged.save_pretrained(str(tmp), max_shard_size=recipe.merge.max_shard_size, safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        (tmp / "README.md").write_text(_model_card(recipe, adapter, difference, quantized))
+        (tmp / "README.md").write_text(_model_card(recipe, adapter, difference, quantized, type(merged).__name__))
     return MergeResult(output, describe_base(recipe), difference, quantized, effect, tolerance)
 
 
@@ -273,7 +273,8 @@ def describe_base(recipe) -> str:
     return "the unquantized base weights (the recipe has no 4-bit quantization: there was nothing to dequantize)"
 
 
-def _model_card(recipe, adapter: Path, difference: LogitDifference, quantized: LogitDifference | None) -> str:
+def _model_card(recipe, adapter: Path, difference: LogitDifference, quantized: LogitDifference | None,
+                model_class: str) -> str:
     base = base_model_id(recipe)
     how = describe_base(recipe)
     versus = f"\n- logits against the 4-bit base + adapter it was trained as: {quantized}" if quantized else ""
@@ -290,5 +291,5 @@ Merged into {how} (`merge.base: {recipe.merge.base}`).
 Verification on a probe batch:
 - logits against base + adapter unmerged: {difference}{versus}
 
-Load it with `AutoModelForCausalLM.from_pretrained("<this folder>")`.
+Load it with `{model_class}.from_pretrained("<this folder>")` (or its family's transformers auto class).
 """

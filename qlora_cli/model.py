@@ -47,26 +47,17 @@ def model_path(recipe) -> str:
 def build_init_model(init_config: dict, tokenizer) -> Path:
     """Build a randomly initialised model once and keep it as safetensors in the cache, keyed by
     its config, so every later step (train, merge, generate) loads the same base weights."""
-    init_config = dict(init_config)
     key = hashlib.sha256(json.dumps([init_config, len(tokenizer)], sort_keys=True).encode()).hexdigest()[:16]
     target = cache_root() / "models" / f"{init_config.get('model_type', 'model')}-{key}"
     if (target / "config.json").is_file():
         return target
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    seed = init_config.pop("seed", 0)
-    model_type = init_config.pop("model_type")  # load_recipe made sure it is there
-    init_config.setdefault("vocab_size", len(tokenizer))
-    try:
-        config = AutoConfig.for_model(model_type, bos_token_id=tokenizer.bos_token_id,
-                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                      **init_config)
-    except (ValueError, TypeError) as err:
-        raise UserError(f"cannot build a config from `model.init_from_config`: {err}",
-                        where="model.init_from_config") from None
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    from qlora_cli.families import auto_model_class, build_init_config, family_of
+
+    config = build_init_config(init_config, tokenizer)
+    torch.manual_seed(init_config.get("seed", 0))
+    model = auto_model_class(family_of(config.model_type)).from_config(config, dtype=torch.float32)
     with atomic_folder(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -102,14 +93,21 @@ def describe_quantization(quantization: dict | None) -> str:
 
 
 def load_base_model(recipe, *, quantized: bool = True, dtype=None, device_map=None):
-    """The base model as the recipe says: 4-bit / 8-bit through BitsAndBytesConfig, or not."""
-    from transformers import AutoModelForCausalLM
+    """The base model as the recipe says: 4-bit / 8-bit through BitsAndBytesConfig, or not,
+    loaded with the auto class of its family (causal LM, or image-text-to-text)."""
+    from transformers import AutoConfig
+
+    from qlora_cli.families import auto_model_class, checkpoint_family, kept_16bit
 
     model = recipe.model
-    bnb = build_bnb_config(recipe.quantization, recipe.origins) if quantized else None
+    path = model_path(recipe)
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(
-            model_path(recipe),
+        config = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code, revision=model.revision)
+        family = checkpoint_family(config, trust_remote_code=model.trust_remote_code)
+        bnb = build_bnb_config(kept_16bit(family, recipe.quantization), recipe.origins) if quantized else None
+        loaded = auto_model_class(family).from_pretrained(
+            path,
+            config=config,
             quantization_config=bnb,
             dtype=dtype or to_dtype(model.dtype, recipe.origins.get("model.dtype", "model.dtype"), "model.dtype"),
             attn_implementation=model.attn_implementation,
@@ -154,6 +152,8 @@ def load_trainable_model(recipe, *, device_map=None):
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
 
+    from qlora_cli.families import checkpoint_family, language_model_lora
+
     model = load_base_model(recipe, device_map=device_map)
     checkpointing = checkpointing_on(recipe.training)
     sharded = bool(recipe.training.get("fsdp"))
@@ -168,7 +168,8 @@ def load_trainable_model(recipe, *, device_map=None):
     elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    lora = build_lora_config(recipe.lora, recipe.origins)
+    family = checkpoint_family(model.config, trust_remote_code=recipe.model.trust_remote_code)
+    lora = build_lora_config(language_model_lora(family, recipe.lora), recipe.origins)
     if lora is None:
         return model
     # Seed right before the LoRA weights' random init, so it is the same for every rank and

@@ -108,21 +108,19 @@ def load_model_config(recipe, tokenizer):
     """The transformers config of the recipe's model; never its weights."""
     from transformers import AutoConfig
 
+    from qlora_cli.families import build_init_config, checkpoint_family
+
     model = recipe.model
     if model.init_from_config is not None:
-        kwargs = {k: v for k, v in model.init_from_config.items() if k not in ("seed", "model_type")}
-        kwargs.setdefault("vocab_size", len(tokenizer))  # as build_init_model does
-        try:
-            return AutoConfig.for_model(model.init_from_config["model_type"], **kwargs)
-        except (ValueError, TypeError) as err:  # as build_init_model reports it
-            raise UserError(f"cannot build a config from `model.init_from_config`: {err}",
-                            where="model.init_from_config") from None
+        return build_init_config(model.init_from_config, tokenizer)  # as build_init_model does
     try:
-        return AutoConfig.from_pretrained(model.name_or_path, revision=model.revision,
-                                          trust_remote_code=model.trust_remote_code)
+        config = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision,
+                                            trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot read the config of `{model.name_or_path}`: {err}", where="model.name_or_path",
                         fix="give a local folder with config.json, or a hub id (needs network)") from None
+    checkpoint_family(config, trust_remote_code=model.trust_remote_code)  # a type qlora does not train: exit 2
+    return config
 
 
 def detect_device(gpu_memory: float | None) -> tuple[str, int | None, float | None]:
@@ -151,7 +149,9 @@ def _measured_tflops(torch) -> float:
 
 def recipe_settings(recipe, shape: ModelShape, on_gpu: bool = True, gpus: int = 1) -> Settings:
     """The recipe's choices that memory depends on, with LoRA targets resolved against the model."""
-    q, training = recipe.quantization or {}, recipe.training
+    from qlora_cli.families import kept_16bit
+
+    q, training = (kept_16bit(shape.family, recipe.quantization) if shape.family else recipe.quantization) or {}, recipe.training
     quant = "none"
     if q.get("load_in_4bit"):
         quant = q.get("bnb_4bit_quant_type", "fp4")
@@ -193,11 +193,22 @@ def lora_targets(recipe, shape: ModelShape) -> list[str]:
     from peft.tuners.tuners_utils import check_target_module_exists
 
     from qlora_cli.builders import build_lora_config
+    from qlora_cli.families import language_model_lora
 
-    config = build_lora_config(recipe.lora, recipe.origins)
+    lora = language_model_lora(shape.family, recipe.lora) if shape.family else recipe.lora
+    config = build_lora_config(lora, recipe.origins)
     if config.target_modules == "all-linear":  # every Linear but the output layer, as peft does
-        return [name for name, _, _ in shape.layer_linears]
+        return [name for name, _, _ in shape.layer_linears if not _excluded(config, name)]
     return [name for name, _, _ in shape.linears if check_target_module_exists(config, name)]
+
+
+def _excluded(config, name: str) -> bool:
+    import re
+
+    exclude = config.exclude_modules
+    if isinstance(exclude, str):
+        return re.fullmatch(exclude, name) is not None
+    return any(name == m or name.endswith(f".{m}") for m in exclude or ())
 
 
 def _check_training_data(recipe, prepared, plan: Plan) -> None:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from qlora_cli.families import FAMILIES, Family, auto_model_class
+
 GiB = 2**30
 CUDA_CONTEXT_BYTES = int(0.75 * GiB)  # CUDA context + cuBLAS workspace: 0.5-1 GiB in practice
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -50,6 +52,11 @@ class ModelShape:
     buffer_bytes: int
     output_linear: str = "lm_head"
     max_positions: int = 0
+    family: Family | None = None  # qlora_cli.families: what is outside the language model
+
+    @property
+    def outside_language_model(self) -> tuple[str, ...]:
+        return self.family.outside_language_model if self.family else ()
 
     @property
     def layer_linears(self) -> list[tuple[str, int, int]]:
@@ -61,13 +68,16 @@ class ModelShape:
 
 
 def model_shape(config) -> ModelShape:
-    """The shape of the model a transformers config describes, built on the meta device."""
+    """The shape of the model a transformers config describes, built on the meta device with
+    its family's auto class; the layer figures are the language model's (its text config)."""
     import torch
     from torch import nn
-    from transformers import AutoModelForCausalLM
 
+    # The arithmetic holds for any decoder; `qlora plan` refuses the types qlora does not train.
+    family = FAMILIES.get(config.model_type)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = auto_model_class(family or Family(config.model_type, "")).from_config(config)
+    config = config.get_text_config()
     linears = [(n, m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     in_linears = {f"{n}.weight" for n, _, _ in linears} | {f"{n}.bias" for n, _, _ in linears}
     other = {n: p.numel() for n, p in model.named_parameters() if n not in in_linears}
@@ -79,7 +89,7 @@ def model_shape(config) -> ModelShape:
         layers=config.num_hidden_layers, heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads, linears=linears,
         other_params=other, buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
-        output_linear=output_name, max_positions=getattr(config, "max_position_embeddings", 0) or 0,
+        output_linear=output_name, max_positions=getattr(config, "max_position_embeddings", 0) or 0, family=family,
     )
 
 
@@ -148,9 +158,22 @@ def weight_items(shape: ModelShape, s: Settings) -> list[MemoryItem]:
         qbytes = sum(quantized_linear_bytes(i * o, o, s.quant, s.double_quant) for _, i, o in quantized)
         label = "8-bit" if s.quant == "int8" else f"4-bit {s.quant}" + (" + double quant" if s.double_quant else "")
         items.append(MemoryItem(f"base weights ({label})", qbytes, f"{sum(i * o for _, i, o in quantized):,} params"))
-    kept_how = f"{kept:,} params in {'fp32 (model.upcast_to_fp32)' if s.quantized and s.upcast else s.model_dtype}"
-    items.append(MemoryItem("unquantized: embeddings, norms, lm_head", kept * s.residual_bytes + shape.buffer_bytes, kept_how))
+    outside = sum(numel for name, numel in _param_numels(shape) if _skipped(name, shape.outside_language_model)
+                  and name.rsplit(".", 1)[0] not in quantized_names)
+    kept -= outside
+    dtype = 'fp32 (model.upcast_to_fp32)' if s.quantized and s.upcast else s.model_dtype
+    items.append(MemoryItem("unquantized: embeddings, norms, lm_head", kept * s.residual_bytes + shape.buffer_bytes,
+                            f"{kept:,} params in {dtype}"))
+    if outside:
+        items.append(MemoryItem("unquantized: vision tower and projector", outside * s.residual_bytes,
+                                f"{outside:,} params in {dtype}"))
     return items
+
+
+def _param_numels(shape: ModelShape):
+    """(parameter name, numel) of every weight: the Linears' and the others'."""
+    yield from ((f"{n}.weight", i * o) for n, i, o in shape.linears)
+    yield from shape.other_params.items()
 
 
 def _skipped(name: str, skip: tuple[str, ...]) -> bool:

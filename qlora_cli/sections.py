@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from qlora_cli.errors import UserError, combined
+from qlora_cli.families import init_config_errors
 
 
 @dataclass
@@ -292,6 +293,8 @@ def _check_model_source(model, origins: dict[str, str]) -> list[UserError]:
         errors.append(UserError("`model.init_from_config` needs `model_type`",
                                 where=origins.get("model.init_from_config", "model.init_from_config"),
                                 fix="add model_type: mistral"))
+    if model.init_from_config is not None:
+        errors += init_config_errors(model.init_from_config, origins)
     try:
         to_dtype(model.dtype, origins.get("model.dtype", "model.dtype"), "model.dtype")
     except UserError as err:

@@ -1,0 +1,191 @@
+"""The one place that knows Mistral model families: how each loads, which modules are its
+language model, what stays in 16 bits.
+
+A family is keyed by the `model_type` of a transformers config. Everything else reads this
+table: the loader (which auto class), `init_from_config` (the defaults a real checkpoint has),
+LoRA's `all-linear` and the 4-bit quantization (only the language model's Linear layers),
+merge, generate and `qlora plan`. Adding a family is adding an entry here and its tests.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+from qlora_cli.errors import UserError
+
+CAUSAL_LM = "AutoModelForCausalLM"
+IMAGE_TEXT_TO_TEXT = "AutoModelForImageTextToText"
+
+
+@dataclass(frozen=True)
+class Family:
+    """How qlora loads and fine-tunes the checkpoints of one `model_type`."""
+
+    model_type: str
+    checkpoints: str  # the published models of this type, for messages and docs
+    auto_class: str = CAUSAL_LM
+    # Module-name prefixes outside the language model: kept in 16 bits (never quantized) and
+    # given no LoRA unless the recipe names them. The output head stays 16-bit in every family.
+    outside_language_model: tuple[str, ...] = ()
+    # The config holds the language model's config under this key (vision-language models).
+    text_config_key: str | None = None
+    # Values a real checkpoint's config.json has where the transformers class has none or another.
+    defaults: dict = field(default_factory=dict)
+
+    @property
+    def is_vision_language(self) -> bool:
+        return self.text_config_key is not None
+
+
+FAMILIES: dict[str, Family] = {
+    family.model_type: family
+    for family in [
+        Family("mistral", "Mistral 7B v0.1-v0.3, Mistral Nemo 12B, Codestral 22B, Devstral, Magistral (text)"),
+        # MinistralConfig leaves head_dim unset and its attention then fails (None ** -0.5);
+        # Ministral-8B-Instruct-2410 has hidden_size / num_attention_heads (4096 / 32 = 128).
+        Family("ministral", "Ministral 8B (2410)", defaults={"head_dim": None}),
+        Family("ministral3", "Ministral 3 3B / 8B / 14B (text only)"),
+        # Mistral3Config ties lm_head to the embeddings by default; the 24B checkpoints (Mistral
+        # Small 3.1 / 3.2, Magistral Small, Devstral Small) and Ministral 3 8B / 14B do not.
+        Family("mistral3", "Mistral Small 3.1 / 3.2 24B, Magistral Small 2509, Devstral Small, Ministral 3 "
+               "3B / 8B / 14B (vision-language)", auto_class=IMAGE_TEXT_TO_TEXT,
+               outside_language_model=("model.vision_tower", "model.multi_modal_projector"),
+               text_config_key="text_config", defaults={"tie_word_embeddings": False}),
+        # Mixture-of-experts families (mixtral, mistral4, mistral_large4) go here, each with how
+        # its experts are stored and quantized: see issue 15.
+    ]
+}
+# The language-model types a vision-language config may nest under its text_config.
+TEXT_MODEL_TYPES = ("mistral", "ministral", "ministral3")
+
+
+def supported_types() -> str:
+    return ", ".join(FAMILIES)
+
+
+def _did_you_mean(name: str, valid) -> str:
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean `{close[0]}`?)" if close else ""
+
+
+def family_of(model_type: str | None, where: str = "model_type", key: str = "model_type") -> Family:
+    """The family of a `model_type`; exit 2 naming `key` (found at `where`) for a type qlora
+    does not support."""
+    family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
+    if family is None:
+        raise UserError(f"`{key}` is {model_type!r}{_did_you_mean(str(model_type), FAMILIES)}, a model type qlora "
+                        f"does not support (supported: {supported_types()})", where=where,
+                        fix="fine-tune a Mistral checkpoint of one of those types, or give init_from_config one "
+                            "of those model_type values")
+    return family
+
+
+def init_config_errors(init_config: dict, origins: dict[str, str]) -> list[UserError]:
+    """What `init_from_config` would fail on, found before anything loads: an unsupported
+    model_type, a vision-language config without the text_config of its language model."""
+    key = "model.init_from_config"
+    model_type = init_config.get("model_type")
+    if model_type is None:
+        return []  # sections reports the missing model_type
+    try:
+        family = family_of(model_type, origins.get(f"{key}.model_type", f"{key}.model_type"), f"{key}.model_type")
+    except UserError as err:
+        return [err]
+    if not family.is_vision_language:
+        return []
+    text_key = f"{key}.{family.text_config_key}"
+    text = init_config.get(family.text_config_key)
+    if not isinstance(text, dict):
+        return [UserError(f"a `{model_type}` model needs `{text_key}`: the config of its language model",
+                          where=origins.get(key, key),
+                          fix=f"add {family.text_config_key}: {{model_type: mistral, hidden_size: ..., "
+                              "num_hidden_layers: ...} (and vision_config: {model_type: pixtral, ...})")]
+    text_type = text.get("model_type", "mistral")
+    if text_type not in TEXT_MODEL_TYPES:
+        return [UserError(f"`{text_key}.model_type` is {text_type!r}{_did_you_mean(str(text_type), TEXT_MODEL_TYPES)}, "
+                          f"not a language model qlora supports in `{model_type}` ({', '.join(TEXT_MODEL_TYPES)})",
+                          where=origins.get(f"{text_key}.model_type", text_key),
+                          fix=f"use one of {', '.join(TEXT_MODEL_TYPES)}")]
+    return []
+
+
+def build_init_config(init_config: dict, tokenizer):
+    """The transformers config `init_from_config` describes, with the defaults a real
+    checkpoint of its family has and the tokenizer's vocabulary size and special ids."""
+    from transformers import AutoConfig
+
+    values = {k: v for k, v in init_config.items() if k not in ("seed", "model_type")}
+    family = family_of(init_config.get("model_type"), "model.init_from_config", "model.init_from_config.model_type")
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    if family.is_vision_language:
+        text = dict(values.get(family.text_config_key) or {})
+        text_type = text.setdefault("model_type", "mistral")
+        values[family.text_config_key] = {**_with_defaults(FAMILIES[text_type], text),
+                                          "vocab_size": text.get("vocab_size", len(tokenizer)), **ids}
+    else:
+        values = {"vocab_size": len(tokenizer), **ids, **values}
+    values = _with_defaults(family, values)
+    try:
+        return AutoConfig.for_model(family.model_type, **values)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"cannot build a config from `model.init_from_config`: {err}",
+                        where="model.init_from_config") from None
+
+
+def _with_defaults(family: Family, values: dict) -> dict:
+    values = {**family.defaults, **values}
+    if "head_dim" in family.defaults and values.get("head_dim") is None:
+        heads = values.get("num_attention_heads") or _class_default(family.model_type, "num_attention_heads")
+        values["head_dim"] = (values.get("hidden_size") or _class_default(family.model_type, "hidden_size")) // heads
+    return values
+
+
+def _class_default(model_type: str, name: str):
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.for_model(model_type), name)
+
+
+def checkpoint_family(config, *, trust_remote_code: bool = False, where: str = "model.name_or_path") -> Family:
+    """The family of a checkpoint's config. A model that ships its own code, which the recipe
+    trusts (`model.trust_remote_code`), loads as the causal LM its code defines."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES and trust_remote_code and getattr(config, "auto_map", None):
+        return Family(str(model_type), "a model with its own code")
+    return family_of(model_type, where, "model_type in its config.json")
+
+
+def auto_model_class(family: Family):
+    """The transformers auto class that loads this family's checkpoints."""
+    import transformers
+
+    return getattr(transformers, family.auto_class)
+
+
+def kept_16bit(family: Family, quantization: dict | None) -> dict | None:
+    """The quantization section with the modules outside the language model kept in 16 bits.
+
+    transformers quantizes every Linear but the output head; a vision tower and its projector
+    stay as trained unless the recipe lists `llm_int8_skip_modules` itself (its list replaces
+    transformers' defaults, lm_head included)."""
+    if not quantization or not family.outside_language_model or quantization.get("llm_int8_skip_modules"):
+        return quantization
+    return {**quantization, "llm_int8_skip_modules": [*family.outside_language_model, "lm_head"]}
+
+
+def language_model_lora(family: Family, lora: dict | None) -> dict | None:
+    """The lora section with LoRA kept to the language model: `all-linear` and names such as
+    q_proj match only its layers (peft's `exclude_modules`), unless the recipe names a module
+    outside it, gives a regex, or sets exclude_modules itself."""
+    if not lora or not family.outside_language_model or lora.get("exclude_modules"):
+        return lora
+    targets = lora.get("target_modules")
+    names = [targets] if isinstance(targets, str) and targets != "all-linear" else list(targets or [])
+    regex = isinstance(targets, str) and targets != "all-linear"
+    outside = [prefix.rsplit(".", 1)[-1] for prefix in family.outside_language_model]
+    if regex or any(part in str(name) for name in names for part in outside):
+        return lora
+    pattern = "|".join(prefix.replace(".", r"\.") for prefix in family.outside_language_model)
+    return {**lora, "exclude_modules": rf"(?:{pattern})(?:\..*)?"}

@@ -1,0 +1,101 @@
+"""qlora_cli.families: every dense Mistral architecture loads with its own auto class and the
+defaults of a real checkpoint; a type qlora does not support is refused before anything loads;
+a vision-language model fine-tunes its language model only."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from conftest import assert_user_error, qlora
+from qlora_cli.errors import UserError
+from qlora_cli.recipe import load_recipe
+
+# The language model of every tiny model: 64 wide, 2 layers, as conftest.TINY_OVERRIDES.
+TINY_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "initializer_range": 0.1}
+# A one-layer Pixtral vision tower, 32 wide, for 56-pixel images.
+TINY_VISION = {"model_type": "pixtral", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+               "num_attention_heads": 2, "head_dim": 16, "image_size": 56, "patch_size": 14}
+TINY_CONFIGS = {
+    "mistral": {"model_type": "mistral", **TINY_TEXT},
+    "ministral": {"model_type": "ministral", **TINY_TEXT},  # no head_dim: the real default applies
+    "ministral3": {"model_type": "ministral3", **TINY_TEXT, "head_dim": 16},
+    "mistral3": {"model_type": "mistral3", "text_config": {"model_type": "mistral", **TINY_TEXT, "head_dim": 16},
+                 "vision_config": TINY_VISION},
+}
+
+
+def family_recipe(folder, model_type: str, **sections) -> str:
+    """A recipe file: tiny-mistral with the model replaced by the tiny `model_type` one."""
+    reset = folder / "no-model.yaml"  # drops tiny-mistral's init_from_config keys before ours
+    reset.write_text(yaml.safe_dump({"extends": "tiny-mistral", "model": {"init_from_config": None}}))
+    path = folder / f"tiny-{model_type}.yaml"
+    body = {"extends": str(reset), "model": {"init_from_config": {**TINY_CONFIGS[model_type], "seed": 0}},
+            "lora": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}, **sections}
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    return str(path)
+
+
+@pytest.mark.parametrize("model_type, nearest", [("mistrl", "mistral"), ("bert", None), ("Mistral3", "mistral3")])
+def test_a_model_type_qlora_does_not_support_exits_2_naming_the_key_and_the_supported_types(model_type, nearest):
+    result = qlora("config", "validate", "tiny-mistral", f"model.init_from_config.model_type={model_type}")
+    assert_user_error(result, "model.init_from_config.model_type", repr(model_type), "mistral, ministral, "
+                      "ministral3, mistral3", *([f"did you mean `{nearest}`"] if nearest else []), wrapped=True)
+
+
+def test_a_vision_language_config_without_text_config_exits_2_at_its_line(tmp_path):
+    path = family_recipe(tmp_path, "mistral3")
+    body = yaml.safe_load(open(path))
+    del body["model"]["init_from_config"]["text_config"]
+    open(path, "w").write(yaml.safe_dump(body, sort_keys=False))
+    result = qlora("plan", path)
+    assert_user_error(result, f"{path}:", "model.init_from_config.text_config", "fix:", wrapped=True)
+
+
+def test_a_text_config_of_another_family_is_refused(tmp_path):
+    with pytest.raises(UserError, match="text_config.model_type` is 'llama'"):
+        load_recipe([family_recipe(tmp_path, "mistral3")], ["model.init_from_config.text_config.model_type=llama"])
+
+
+def test_a_checkpoint_of_an_unsupported_type_is_refused_before_its_weights_load(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')  # no weights: loading them would fail
+    from qlora_cli.model import load_base_model
+
+    recipe = load_recipe(["tiny-mistral"], ["~model.init_from_config", f"model.name_or_path={tmp_path}"])
+    with pytest.raises(UserError, match="'bert', a model type qlora does not support") as error:
+        load_base_model(recipe)
+    assert error.value.where == "model.name_or_path"
+
+
+@pytest.mark.parametrize("model_type, auto_class", [
+    ("mistral", "MistralForCausalLM"), ("ministral", "MinistralForCausalLM"),
+    ("ministral3", "Ministral3ForCausalLM"), ("mistral3", "Mistral3ForConditionalGeneration")])
+def test_each_family_builds_with_its_auto_class_and_real_defaults(model_type, auto_class, tmp_path, v1_tokenizer):
+    import torch
+
+    from qlora_cli.families import FAMILIES, auto_model_class, build_init_config
+
+    config = build_init_config(TINY_CONFIGS[model_type], v1_tokenizer)
+    with torch.device("meta"):
+        model = auto_model_class(FAMILIES[model_type]).from_config(config)
+    assert type(model).__name__ == auto_class
+    text = config.get_text_config()
+    assert text.vocab_size == len(v1_tokenizer) and text.head_dim == 16  # ministral: 64 / 4, as Ministral-8B's 4096 / 32
+    assert text.eos_token_id == v1_tokenizer.eos_token_id
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight  # as the 24B checkpoints
+
+
+def test_plan_counts_the_vision_tower_in_16_bits_and_lora_on_the_language_model_only(tmp_path, v1_tokenizer):
+    from qlora_cli.plan import load_model_config, lora_targets, recipe_settings
+    from qlora_cli.plan_memory import model_shape, weight_items
+
+    recipe = load_recipe([family_recipe(tmp_path, "mistral3")])
+    shape = model_shape(load_model_config(recipe, v1_tokenizer))
+    targets = lora_targets(recipe, shape)
+    assert len(targets) == 2 * 7 and all(name.startswith("model.language_model.layers.") for name in targets)
+    assert shape.layers == 2 and shape.hidden == 64
+    items = {item.name: item for item in weight_items(shape, recipe_settings(recipe, shape))}
+    vision = sum(i * o for n, i, o in shape.linears if n.startswith(("model.vision_tower", "model.multi_modal")))
+    vision += sum(v for n, v in shape.other_params.items() if n.startswith(("model.vision_tower", "model.multi_modal")))
+    assert items["unquantized: vision tower and projector"].bytes == 4 * vision  # float32, as the recipe's dtype
