@@ -4,6 +4,7 @@ Code map, in the order data flows. A module imports only from its own line and t
 it, and never in a cycle (tests/test_imports.py holds the code to this map):
 
     errors, atomic                    a user's mistake (exit 2); write to a temporary path, then rename
+    families                          the Mistral architectures: auto class, language model, what stays 16-bit
     sections, builders                our sections' schemas and values; sections -> library objects
     recipe, explain                   files + overrides -> a layered, validated Recipe; `config explain`
     tokenizer, templates, sources     tokenizers; exact Mistral formats and labels; data files -> examples
