@@ -9,12 +9,12 @@ it, and never in a cycle (tests/test_imports.py holds the code to this map):
     recipe, explain                   files + overrides -> a layered, validated Recipe; `config explain`
     tokenizer, templates, sources     tokenizers; exact Mistral formats and labels; data files -> examples
     packing, prepare                  rows packed with their attention spans; the cached prepare step
-    model                             the 4-bit base with LoRA, or a plain one
-    run_folder, collate, loss, trainer, launch, train
-                                      a run's folder, batches, chunked loss, Trainer, --nproc, `qlora train`
+    run_folder, preflight             a run's folder; what is checked before a weight loads
+    model, loss                       the 4-bit base with LoRA (or a plain one); its loss in chunks
+    plan_data, plan_memory, plan      will it fit, how long, is the data sound: before a weight loads
+    collate, trainer, launch, train   batches, the Trainer, --nproc processes: `qlora train`
     merge, generate                   base + adapter -> merged model; prompts -> answers
     scoring, benchmarks, evaluate     `qlora eval`: answers against references; lm-eval tasks; side by side
-    plan_data, plan_memory, plan      `qlora plan`: data, memory and time, before a weight loads
     render, progress                  what the terminal shows: examples, plans, training progress
     cli, __main__                     the command line: parse, call one function, render
 """

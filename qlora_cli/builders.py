@@ -28,10 +28,16 @@ def lora_keys() -> dict[str, Any]:
     return dataclass_annotations(LoraConfig)
 
 
-def training_keys() -> dict[str, Any]:
+def training_class():
+    """The class a recipe's `training` section becomes. The one place that chooses it: a method
+    with its own config (TRL's DPOConfig / KTOConfig extend TrainingArguments) picks it here."""
     from transformers import TrainingArguments
 
-    return dataclass_annotations(TrainingArguments)
+    return TrainingArguments
+
+
+def training_keys() -> dict[str, Any]:
+    return dataclass_annotations(training_class())
 
 
 def generation_defaults() -> dict[str, Any]:
@@ -74,11 +80,23 @@ def build_lora_config(lora: dict | None, origins: dict[str, str] | None = None):
     return _construct(LoraConfig, {"task_type": "CAUSAL_LM", **lora}, "lora", origins or {})
 
 
-def build_training_arguments(training: dict, origins: dict[str, str] | None = None, **changes):
-    """`TrainingArguments` from the recipe's `training` section, with `changes` on top."""
-    from transformers import TrainingArguments
+def build_training_arguments(training: dict, origins: dict[str, str] | None = None, *,
+                             has_validation: bool = False, cls=None, **changes):
+    """The TrainingArguments a run trains with, assembled in this one place: the recipe's
+    `training` section, what this machine needs, the evaluation that validation data implies,
+    and `changes` (the run folder's) on top. `cls` defaults to `training_class()`."""
+    values = {**training, **machine_changes(), **evaluation_changes(training, has_validation), **changes}
+    return _construct(cls or training_class(), values, "training", origins or {})
 
-    return _construct(TrainingArguments, {**training, **changes}, "training", origins or {})
+
+def machine_changes() -> dict:
+    """What a machine without CUDA needs. `use_cpu`: else TrainingArguments sets up no gloo DDP
+    for CPU processes, and refuses a bf16 recipe written for a GPU (a recipe must validate on a
+    laptop too; `qlora train` checks the machine itself, before loading). No pinned memory: that
+    needs an accelerator."""
+    import torch
+
+    return {} if torch.cuda.is_available() else {"use_cpu": True, "dataloader_pin_memory": False}
 
 
 def split_generate(generate: dict) -> tuple[GenerateOptions, dict]:
@@ -101,13 +119,15 @@ def build_generation_config(generate: dict, origins: dict[str, str] | None = Non
     return config
 
 
-def check_library_sections(config: dict, origins: dict[str, str]) -> list[UserError]:
-    """Every unknown key, wrong type and library objection in the four library sections."""
+def check_library_sections(config: dict, origins: dict[str, str], data=None) -> list[UserError]:
+    """Every unknown key, wrong type and library objection in the four library sections; `data`
+    is the typed data section, when it was built."""
     generate_ours = [f.name for f in dataclasses.fields(GenerateOptions)]
+    has_validation = data is not None and data.has_validation
     checks = [
         ("quantization", quantization_keys, build_bnb_config, ()),
         ("lora", lora_keys, build_lora_config, ()),
-        ("training", training_keys, functools.partial(_build_training_for_check, data=config.get("data")), ()),
+        ("training", training_keys, functools.partial(build_training_arguments, has_validation=has_validation), ()),
         ("generate", generation_keys, build_generation_config, generate_ours),
     ]
     errors: list[UserError] = []
@@ -171,17 +191,6 @@ def evaluation_changes(training: dict, has_validation: bool) -> dict:
         return {}
     return {"eval_strategy": training.get("save_strategy", "steps"),
             "eval_steps": training.get("eval_steps") or training.get("save_steps")}
-
-
-def _build_training_for_check(training: dict, origins: dict[str, str], data: Any = None):
-    import torch
-
-    # Validation is about the recipe, not this machine: a bf16 recipe written for a GPU must
-    # validate on a laptop too. `qlora train` checks the machine separately, before loading.
-    on_cpu = {} if torch.cuda.is_available() or "use_cpu" in training else {"use_cpu": True}
-    data = data if isinstance(data, dict) else {}
-    implied = evaluation_changes(training, bool(data.get("val_size") or data.get("validation_sources")))
-    return build_training_arguments(training, origins, **on_cpu, **implied)
 
 
 def _construct(cls, values: dict, section: str, origins: dict[str, str]):

@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from qlora_cli.errors import UserError, combined
+from qlora_cli.errors import UserError
 from qlora_cli.launch import STATUS_VARIABLE, launch_processes, run_rank
 
 app = typer.Typer(
@@ -196,27 +196,6 @@ def plan(
         raise typer.Exit(2)
 
 
-def _plan_before_training(recipe, force: bool, gpus: int) -> None:
-    """Print the short plan; refuse a run that cannot fit in GPU memory unless --force."""
-    if os.environ.get("RANK", "0") != "0" or os.environ.get("QLORA_PLANNED"):
-        return  # one process plans for all: rank 0, or the `--nproc` launcher before its ranks
-    from qlora_cli.plan import plan_recipe
-    from qlora_cli.train import check_machine, check_model_folder, check_trainable
-
-    for check in (check_machine, check_model_folder, check_trainable):  # quick: before the data is prepared
-        check(recipe)
-    result = plan_recipe(recipe, gpus=gpus)
-    if result.errors:  # with the key and the fix, once (not again as a plan line)
-        raise combined(result.errors)
-    for line in result.short_lines():
-        console.print(line, highlight=False, markup=False)
-    if result.fits is False and not force:
-        changes = "".join(f"\n    {change}" for change in result.changes)
-        raise UserError(f"this run needs {result.total / 2**30:.1f} GiB per GPU and the GPU has "
-                        f"{result.capacity / 2**30:.1f} GiB; what to change:{changes}",
-                        fix="apply a change above as KEY=VALUE, see `qlora plan`, or add --force to try anyway")
-
-
 @app.command("train")
 @user_command
 def train(
@@ -232,26 +211,24 @@ def train(
     Example: qlora train recipes/tiny-mistral.yaml training.learning_rate=1e-3
     """
     from qlora_cli.recipe import load_recipe
-    from qlora_cli.run_folder import open_run_folder
 
     recipes, overrides = split_arguments(args)
     recipe = load_recipe(recipes, overrides)
-    open_run_folder(recipe, resume=resume, overwrite=overwrite)  # refuse before any work
     flags = [flag for flag, on in (("--resume", resume), ("--overwrite", overwrite), ("--force", force)) if on]
-    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+    if nproc > 1 and not plan_only and "LOCAL_RANK" not in os.environ:
         # Plan in a process of its own: measuring the GPU would leave a CUDA context on GPU 0
         # in this launcher for the whole run.
-        planned = _call_qlora(["train", *args, *flags, "--plan-only"])
+        planned = _call_qlora(["train", *args, *flags, f"--nproc={nproc}", "--plan-only"])
         raise typer.Exit(planned or launch_processes(nproc, ["train", *args, *flags], _debug_flag()))
-    _plan_before_training(recipe, force, gpus=nproc if plan_only else int(os.environ.get("WORLD_SIZE", "1")))
-    if plan_only:
-        return
 
     from qlora_cli.progress import TrainReporter
     from qlora_cli.train import train as train_run
 
     reporter = TrainReporter(console)
-    result = train_run(recipe, resume=resume, overwrite=overwrite, reporter=reporter)
+    result = train_run(recipe, resume=resume, overwrite=overwrite, force=force, plan_only=plan_only,
+                       gpus=nproc if plan_only else None, reporter=reporter)
+    if plan_only:
+        return
     if not reporter.main:
         raise typer.Exit(result.exit_code)
     run = result.run

@@ -23,6 +23,7 @@ from typing import Callable
 
 STATUS_VARIABLE = "QLORA_RANK_STATUS"  # the folder of pid-N and exit-N files, set by the launcher
 COMMAND_VARIABLE = "QLORA_COMMAND"  # the user's command line, for run.json
+PLANNED_VARIABLE = "QLORA_PLANNED"  # set for the workers: the launcher has planned the run for them
 EXPECTED_EXITS = (2, 130, 143)  # a user's mistake, a stop by SIGINT or SIGTERM: not a crash
 
 
@@ -31,7 +32,7 @@ def launch_processes(nproc: int, command: list[str], qlora_options: list[str] = 
     status = Path(tempfile.mkdtemp(prefix="qlora-ranks-"))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                 "-m", "qlora_cli", *qlora_options, *command]
-    env = {**os.environ, "QLORA_PLANNED": "1", STATUS_VARIABLE: str(status), COMMAND_VARIABLE: json.dumps(sys.argv),
+    env = {**os.environ, PLANNED_VARIABLE: "1", STATUS_VARIABLE: str(status), COMMAND_VARIABLE: json.dumps(sys.argv),
            # `-m qlora_cli` would import a source checkout in the current folder before the installed package.
            "PYTHONSAFEPATH": "1"}
     child = subprocess.Popen(launcher, env=env, start_new_session=True)
@@ -97,6 +98,11 @@ def _signal(pid: int, number: int) -> None:
         os.killpg(-pid, number) if pid < 0 else os.kill(pid, number)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def planned_by_launcher() -> bool:
+    """Whether this process is a worker whose launcher has already planned the run."""
+    return bool(os.environ.get(PLANNED_VARIABLE))
 
 
 def user_command_line() -> list[str]:

@@ -79,16 +79,18 @@ class Plan:
         return lines
 
 
-def plan_recipe(recipe, gpu_memory: float | None = None, gpus: int | None = None) -> Plan:
-    """Plan a run of `recipe` on `gpus` devices of `gpu_memory` GiB (detected when a GPU is present)."""
+def plan_recipe(recipe, gpu_memory: float | None = None, gpus: int | None = None, *, tokenizer=None,
+                prepared=None) -> Plan:
+    """Plan a run of `recipe` on `gpus` devices of `gpu_memory` GiB (detected when a GPU is present);
+    `qlora train` hands over the tokenizer and prepared data it already has."""
     from qlora_cli.model import load_recipe_tokenizer
     from qlora_cli.prepare import prepare_dataset
 
-    tokenizer = load_recipe_tokenizer(recipe)
+    tokenizer = tokenizer or load_recipe_tokenizer(recipe)
     shape = model_shape(load_model_config(recipe, tokenizer))
     device, capacity, tflops = detect_device(gpu_memory)
     settings = recipe_settings(recipe, shape, on_gpu=not recipe.training.get("use_cpu"), gpus=gpus or 1)
-    prepared = prepare_dataset(recipe, tokenizer)
+    prepared = prepared or prepare_dataset(recipe, tokenizer)
     training, gpus = recipe.training, gpus or 1
     batch = int(training.get("per_device_train_batch_size", 8))
     data = describe_data(prepared, batch)
@@ -102,6 +104,15 @@ def plan_recipe(recipe, gpu_memory: float | None = None, gpus: int | None = None
     _plan_disk(plan, shape, settings, recipe, tokenizer)
     plan.resume = describe_resume(recipe)
     return plan
+
+
+def refuse_unless_fits(plan: Plan, force: bool) -> None:
+    """`qlora train` stops here when the plan says the run cannot fit in GPU memory, unless --force."""
+    if plan.fits is False and not force:
+        changes = "".join(f"\n    {change}" for change in plan.changes)
+        raise UserError(f"this run needs {plan.total / 2**30:.1f} GiB per GPU and the GPU has "
+                        f"{plan.capacity / 2**30:.1f} GiB; what to change:{changes}",
+                        fix="apply a change above as KEY=VALUE, see `qlora plan`, or add --force to try anyway")
 
 
 def load_model_config(recipe, tokenizer):
@@ -212,9 +223,9 @@ def _excluded(config, name: str) -> bool:
 
 
 def _check_training_data(recipe, prepared, plan: Plan) -> None:
-    from qlora_cli.train import check_data, check_trainable
+    from qlora_cli.preflight import check_prepared_data, check_trainable
 
-    for check in (lambda: check_trainable(recipe), lambda: check_data(recipe, prepared)):
+    for check in (lambda: check_trainable(recipe), lambda: check_prepared_data(recipe, prepared)):
         try:
             check()
         except UserError as err:

@@ -88,6 +88,11 @@ class TrainReporter:
         self.console = console
         self.main = int(os.environ.get("RANK", "0")) == 0
 
+    def plan_ready(self, plan) -> None:
+        if self.main:
+            for line in plan.short_lines():
+                self.console.print(line, highlight=False, markup=False)
+
     def data_ready(self, prepared) -> None:
         from qlora_cli import render
 

@@ -394,7 +394,7 @@ def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
             typed[name] = build_schema(cls, resolved.get(name), name, raw.origins)
         except UserError as err:
             errors += err.errors
-    errors += check_library_sections(resolved, raw.origins)
+    errors += check_library_sections(resolved, raw.origins, typed.get("data"))
     errors += check_values(typed, raw.origins)
     if errors:
         raise combined(errors)

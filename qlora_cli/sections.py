@@ -74,6 +74,11 @@ class DataSection:
     prepared_dir: str = "prepared"
     num_proc: int | None = None
 
+    @property
+    def has_validation(self) -> bool:
+        """Whether the prepared data will have a validation split: held out or given."""
+        return bool(self.val_size or self.validation_sources)
+
 
 @dataclass
 class MergeSection:

@@ -1,8 +1,8 @@
 """`qlora train`: the story of a run, top to bottom.
 
-check the recipe against this machine -> check the run folder is free -> prepare (or reuse) the
-data -> load the 4-bit base with LoRA -> claim the run folder -> build the Trainer -> train
-(stoppable, resumable) -> save the adapter, run.json and loss.png.
+check the run folder is free -> check the recipe against this machine -> prepare (or reuse) the
+data -> plan (will it fit?) -> load the 4-bit base with LoRA -> claim the run folder -> build the
+Trainer -> train (stoppable, resumable) -> save the adapter, run.json and loss.png.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_cli.atomic import atomic_folder
-from qlora_cli.errors import UserError, combined
-from qlora_cli.launch import user_command_line
+from qlora_cli.errors import UserError
+from qlora_cli.launch import planned_by_launcher, user_command_line
+from qlora_cli.preflight import check_before_loading, check_prepared_data
 from qlora_cli.run_folder import (
     RunFolder, clear_run_folder, draw_loss_plot, library_versions, model_card, now, open_run_folder, write_json,
 )
@@ -38,25 +39,33 @@ class TrainResult:
         return EXIT_CODES.get(self.stopped_by, 0)
 
 
-def train(recipe, *, resume: bool = False, overwrite: bool = False, reporter=None) -> TrainResult:
-    """Train a LoRA adapter as the recipe says; `reporter` (from the CLI) shows progress."""
+def train(recipe, *, resume: bool = False, overwrite: bool = False, force: bool = False, plan_only: bool = False,
+          gpus: int | None = None, reporter=None) -> TrainResult | None:
+    """Train a LoRA adapter as the recipe says; `reporter` (from the CLI) shows progress.
+
+    The plan comes first, on rank 0 (or in the `--nproc` launcher, which runs only that part:
+    `plan_only`, for `gpus` processes); a run that cannot fit in GPU memory stops there unless `force`.
+    """
     from accelerate import PartialState
 
     from qlora_cli.builders import build_training_arguments
     from qlora_cli.model import load_recipe_tokenizer, load_trainable_model, summarize_model
     from qlora_cli.prepare import prepare_dataset
 
-    check_machine(recipe)
-    check_model_folder(recipe)
-    check_trainable(recipe)
     run = open_run_folder(recipe, resume=resume, overwrite=overwrite)
+    check_before_loading(recipe)
     # Building the arguments also joins the process group under torchrun / accelerate launch.
-    args = build_training_arguments(recipe.training, recipe.origins, **run_changes(recipe, run))
+    args = build_training_arguments(recipe.training, recipe.origins, has_validation=recipe.data.has_validation,
+                                    **run_changes(recipe, run))
     state = PartialState()
     tokenizer = load_recipe_tokenizer(recipe)
     with args.main_process_first(local=False, desc="prepare data"):  # rank 0 prepares, the others load
         prepared = prepare_dataset(recipe, tokenizer)
-    check_data(recipe, prepared)
+    check_prepared_data(recipe, prepared)
+    if plan_only or (state.is_main_process and not planned_by_launcher()):
+        plan_run(recipe, tokenizer, prepared, force, gpus or state.num_processes, reporter)
+    if plan_only:
+        return None
     started = now()
     if reporter:
         reporter.data_ready(prepared)
@@ -99,93 +108,19 @@ def train(recipe, *, resume: bool = False, overwrite: bool = False, reporter=Non
     return TrainResult(run, metrics, stopper.signal_number)
 
 
+def plan_run(recipe, tokenizer, prepared, force: bool, gpus: int, reporter=None) -> None:
+    """The short plan, shown; a run that cannot fit in GPU memory is refused unless `force`."""
+    from qlora_cli.plan import plan_recipe, refuse_unless_fits
+
+    plan = plan_recipe(recipe, gpus=gpus, tokenizer=tokenizer, prepared=prepared)
+    if reporter:
+        reporter.plan_ready(plan)
+    refuse_unless_fits(plan, force)
+
+
 def _missing_package(err: BaseException) -> bool:
     # transformers says so with an ImportError, or for some optimizers a ValueError ("Please install ...").
     return isinstance(err, ImportError) or (isinstance(err, ValueError) and "install" in str(err).lower())
-
-
-def check_machine(recipe) -> None:
-    """Refuse, before any weight is loaded, what this machine cannot do."""
-    import torch
-
-    training, origins, errors = recipe.training, recipe.origins, []
-    no_gpu = not torch.cuda.is_available()
-
-    def refuse(key: str, why: str, fix: str) -> None:
-        key = key if "." in key else f"training.{key}"
-        errors.append(UserError(why, where=origins.get(key, key), fix=fix))
-
-    if no_gpu and training.get("bf16") and not training.get("use_cpu"):
-        refuse("bf16", "`training.bf16: true` needs a CUDA GPU, and this machine has none",
-               "set training.bf16=false to train in fp32 on the CPU")
-    if no_gpu and training.get("fp16"):
-        refuse("fp16", "`training.fp16: true` needs a CUDA GPU, and this machine has none",
-               "set training.fp16=false")
-    optim = str(training.get("optim", ""))
-    if no_gpu and ("paged" in optim or "8bit" in optim):
-        refuse("optim", f"`training.optim: {optim}` needs a CUDA GPU (bitsandbytes paged/8-bit optimizer)",
-               "set training.optim=adamw_torch")
-    attention = recipe.model.attn_implementation or ""
-    if attention.startswith("flash_attention") and not _flash_attention_available(attention):
-        refuse("model.attn_implementation", f"`model.attn_implementation: {attention}` needs a CUDA GPU and the "
-               "flash-attn package; this machine lacks one or both",
-               "pip install flash-attn on a CUDA machine, or set model.attn_implementation=sdpa")
-    for name in _missing_integrations(training.get("report_to")):
-        refuse("report_to", f"`training.report_to` names {name}, which is not installed",
-               f"pip install {name}, or set training.report_to=tensorboard (or none)")
-    if errors:
-        raise combined(errors)
-
-
-def _missing_integrations(report_to) -> list[str]:
-    """Logging integrations the recipe asks for whose package is not installed."""
-    from transformers.integrations.integration_utils import (
-        INTEGRATION_TO_CALLBACK, get_available_reporting_integrations,
-    )
-
-    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
-    available = get_available_reporting_integrations()
-    return [name for name in names if name in INTEGRATION_TO_CALLBACK and name not in available]
-
-
-def _flash_attention_available(attention: str) -> bool:
-    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
-
-    return is_flash_attn_3_available() if attention.endswith("_3") else is_flash_attn_2_available()
-
-
-def check_model_folder(recipe) -> None:
-    """A local model path that is not a model folder fails now, not after the data is prepared."""
-    name = recipe.model.name_or_path
-    path = Path(name).expanduser() if name else None
-    looks_local = path is not None and (path.is_absolute() or name.startswith((".", "~")) or path.exists())
-    if looks_local and not (path / "config.json").is_file():
-        raise UserError(f"`model.name_or_path` {name} is not a model folder: it has no config.json",
-                        where=recipe.origins.get("model.name_or_path", "model.name_or_path"),
-                        fix="give a local folder with config.json and safetensors weights, or a hub id")
-
-
-def check_trainable(recipe) -> None:
-    """qlora trains LoRA adapters: without a `lora` section a quantized base could not train at
-    all, and a full fine-tune would leave weights that `merge` and `generate` do not read."""
-    if recipe.lora is None:
-        raise UserError("the recipe has no `lora` section, and qlora trains LoRA adapters",
-                        where=recipe.origins.get("lora", "lora"),
-                        fix="keep a lora section (e.g. lora.r=16 lora.target_modules=all-linear)")
-
-
-def check_data(recipe, prepared) -> None:
-    """Data problems the Trainer would only find later, or never."""
-    dataset, training = prepared.dataset, recipe.training
-    wants_eval = str(training.get("eval_strategy", "no")) != "no" or training.get("load_best_model_at_end")
-    if wants_eval and "validation" not in dataset:
-        key = "eval_strategy" if str(training.get("eval_strategy", "no")) != "no" else "load_best_model_at_end"
-        raise UserError(f"`training.{key}` asks for evaluation but there is no validation split",
-                        where=recipe.origins.get(f"training.{key}", f"training.{key}"),
-                        fix="set data.val_size (e.g. 0.1) or data.validation_sources")
-    if "validation" in dataset and len(dataset["validation"]) == 0:
-        raise UserError("the validation split is empty", where="data.validation_sources",
-                        fix="give validation sources with examples, or set data.val_size")
 
 
 def build_trainer(recipe, args, model, tokenizer, prepared, run: RunFolder, reporter=None):
@@ -220,8 +155,8 @@ def _log_to(trainer, logs: Path) -> None:
 
 
 def run_changes(recipe, run: RunFolder) -> dict:
-    """TrainingArguments that follow from the run folder and the data, not from the user."""
-    changes = {
+    """TrainingArguments that follow from the run folder and our own collator, not from the user."""
+    return {
         "output_dir": str(run.checkpoints),
         "disable_tqdm": True,  # our own progress display instead
         "remove_unused_columns": False,  # `seq_lengths` must reach the collator
@@ -229,16 +164,6 @@ def run_changes(recipe, run: RunFolder) -> dict:
         # Every LoRA weight takes part in every step; the search DDP does otherwise costs time.
         "ddp_find_unused_parameters": recipe.training.get("ddp_find_unused_parameters", False),
     }
-    import torch
-
-    if not torch.cuda.is_available():
-        # Without this, TrainingArguments does not set up gloo DDP for CPU processes.
-        changes["use_cpu"] = True
-        changes["dataloader_pin_memory"] = False  # pinning needs an accelerator
-    from qlora_cli.builders import evaluation_changes
-
-    has_validation = bool(recipe.data.val_size or recipe.data.validation_sources)
-    return changes | evaluation_changes(recipe.training, has_validation)
 
 
 def _device_map(args):
