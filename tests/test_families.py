@@ -49,7 +49,7 @@ def test_a_vision_language_config_without_text_config_exits_2_at_its_line(tmp_pa
     body = yaml.safe_load(open(path))
     del body["model"]["init_from_config"]["text_config"]
     open(path, "w").write(yaml.safe_dump(body, sort_keys=False))
-    result = qlora("plan", path)
+    result = qlora("config", "validate", path)
     assert_user_error(result, f"{path}:", "model.init_from_config.text_config", "fix:", wrapped=True)
 
 
@@ -99,3 +99,81 @@ def test_plan_counts_the_vision_tower_in_16_bits_and_lora_on_the_language_model_
     vision = sum(i * o for n, i, o in shape.linears if n.startswith(("model.vision_tower", "model.multi_modal")))
     vision += sum(v for n, v in shape.other_params.items() if n.startswith(("model.vision_tower", "model.multi_modal")))
     assert items["unquantized: vision tower and projector"].bytes == 4 * vision  # float32, as the recipe's dtype
+
+
+# ---------------------------------------------------------------- each family through the real CLI
+
+
+@pytest.fixture(scope="module", params=list(TINY_CONFIGS))
+def family_run(request, tmp_path_factory, sample_subset, prepared_dir, qlora_cache):
+    """A tiny model of each family through `qlora prepare`, `train` and `merge`: 12 steps on the
+    12 sample rows, the merged folder written in float32 beside the run."""
+    folder = tmp_path_factory.mktemp(f"family-{request.param}")
+    recipe = family_recipe(folder, request.param, data={"sources": [{"path": str(sample_subset), "format": "text"}],
+                                                         "prepared_dir": str(prepared_dir), "max_length": 64},
+                           training={"output_dir": str(folder / "run"), "max_steps": 12, "logging_steps": 1,
+                                     "save_steps": 12})
+    outputs = []
+    for command in ("prepare", "train", "merge"):
+        result = qlora(command, recipe if command != "merge" else folder / "run")
+        assert result.exit_code == 0, f"{command}: {result.output}"
+        outputs.append(result.output)
+    return request.param, folder / "run", outputs
+
+
+@pytest.mark.slow
+def test_each_family_trains_with_falling_loss(family_run):
+    import json
+
+    _, run, _ = family_run
+    state = json.loads((run / "checkpoints" / "checkpoint-12" / "trainer_state.json").read_text())
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert sum(losses[-3:]) < sum(losses[:3]) - 0.5, losses
+
+
+@pytest.mark.slow
+def test_each_family_merges_verified_and_its_merged_model_answers(family_run):
+    model_type, run, (_, _, merge_output) = family_run
+    assert "logits vs base + adapter" in merge_output  # the verification ran and passed (exit 0)
+    result = qlora("generate", run, "--model", run / "merged", "--prompt", "What is the capital of France?",
+                   "generate.max_new_tokens=4")
+    assert result.exit_code == 0, result.output
+    assert result.output.strip()
+
+
+@pytest.mark.slow
+def test_a_merged_vision_language_model_keeps_its_vision_weights_bit_for_bit(family_run):
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    model_type, run, _ = family_run
+    if model_type != "mistral3":
+        pytest.skip("a text-only family")
+    base = json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base_weights, merged = load_file(f"{base}/model.safetensors"), load_file(str(run / "merged" / "model.safetensors"))
+    assert merged.keys() == base_weights.keys()
+    outside = [k for k in base_weights if k.startswith(("vision_tower.", "multi_modal_projector."))]
+    assert outside and all(torch.equal(merged[k], base_weights[k]) for k in outside)
+    changed = [k for k in base_weights if not torch.equal(merged[k], base_weights[k])]
+    assert changed and all(".layers." in k and k.startswith("language_model.") for k in changed)
+    assert type(AutoModelForImageTextToText.from_pretrained(run / "merged")).__name__ == \
+        "Mistral3ForConditionalGeneration"
+
+
+@pytest.mark.slow
+def test_a_vision_language_model_trains_4bit_lora_on_its_language_model_only(tmp_path):
+    import bitsandbytes as bnb
+    import torch
+
+    from qlora_cli.model import load_trainable_model
+
+    model = load_trainable_model(load_recipe([family_recipe(tmp_path, "mistral3")]))
+    quantized = [n.removesuffix(".base_layer") for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantized and all(".language_model.layers." in n for n in quantized)
+    lora = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if "lora_A" in n}
+    assert lora == set(quantized) and len(lora) == 2 * 7  # every Linear of both text layers
+    vision = [m for n, m in model.named_modules() if "vision_tower" in n and isinstance(m, torch.nn.Linear)]
+    assert vision and all(type(m) is torch.nn.Linear and m.weight.dtype == torch.float32 for m in vision)
