@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -25,6 +26,9 @@ MISTRAL_COMMON_FILES = {
     "v2": "mistral_instruct_tokenizer_240216.model.v2",
     "v3": "mistral_instruct_tokenizer_240323.model.v3",
     "v7": "mistral_instruct_tokenizer_241114.model.v7",
+    # tekken (tiktoken-style BPE, 131k vocabulary): Mistral Nemo's, and its 2409 successor's.
+    "tekken_240718": "tekken_240718.json",
+    "tekken_240911": "tekken_240911.json",
 }
 
 
@@ -35,6 +39,8 @@ def load_tokenizer(spec: str, *, revision: str | None = None, trust_remote_code:
     if spec.startswith(MISTRAL_COMMON_PREFIX):
         folder = _converted_mistral_common(spec[len(MISTRAL_COMMON_PREFIX) :])
         tokenizer = AutoTokenizer.from_pretrained(folder)
+    elif _local_tekken_only(spec):
+        tokenizer = AutoTokenizer.from_pretrained(_converted_tekken(Path(spec).expanduser() / TEKKEN_FILE))
     else:
         _check_local_path(spec)
         try:
@@ -43,6 +49,8 @@ def load_tokenizer(spec: str, *, revision: str | None = None, trust_remote_code:
             raise UserError(f"cannot load tokenizer `{spec}`: {err}", where="model.tokenizer",
                             fix="give a folder with tokenizer files, a hub id (needs network), or one of "
                                 f"{', '.join(_valid_names())}") from None
+        if not getattr(tokenizer, "is_fast", False):
+            tokenizer = _tekken_instead(tokenizer, spec, revision)
         _record_tekken_version(tokenizer, spec, revision)
     set_pad_token(tokenizer)
     return tokenizer
@@ -69,6 +77,25 @@ def _record_tekken_version(tokenizer, spec: str, revision: str | None) -> None:
         raise UserError(f"cannot read the version of {path}: {type(err).__name__}: {err}", where="model.tokenizer",
                         fix=f"restore the model's original {TEKKEN_FILE}, or remove it") from None
     tokenizer.init_kwargs[VERSION_KEY] = version
+
+
+def _local_tekken_only(spec: str) -> bool:
+    folder = Path(spec).expanduser()
+    return (folder / TEKKEN_FILE).is_file() and not (folder / "tokenizer.json").is_file()
+
+
+def _tekken_instead(tokenizer, spec: str, revision: str | None):
+    """The HF fast tokenizer converted from the model's tekken.json, where transformers gave its
+    mistral-common backend (a folder with tekken.json and no tokenizer.json, as Mistral publishes
+    its 2025-2026 models): templates need the token-level tokenizer to reproduce mistral-common."""
+    from transformers import AutoTokenizer
+    from transformers.utils import cached_file
+
+    path = cached_file(spec, TEKKEN_FILE, revision=revision, _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False)
+    if path is None:
+        return tokenizer  # not a Mistral one: the templates say what they cannot do with it
+    return AutoTokenizer.from_pretrained(_converted_tekken(Path(path)))
 
 
 def set_pad_token(tokenizer) -> None:
@@ -113,6 +140,10 @@ def _converted_mistral_common(name: str) -> Path:
             where="model.tokenizer",
             fix=f"use one of {', '.join(_valid_names())}",
         )
+    if MISTRAL_COMMON_FILES[name].endswith(".json"):
+        import mistral_common
+
+        return _converted_tekken(Path(mistral_common.__file__).parent / "data" / MISTRAL_COMMON_FILES[name])
     target = cache_root() / "tokenizers" / f"mistral-common-{name}"
     if not (target / "tokenizer.json").exists():
         _convert_into(MISTRAL_COMMON_FILES[name], target)
@@ -129,3 +160,26 @@ def _convert_into(filename: str, target: Path) -> None:
         # legacy=False: no spurious space after special tokens. add_bos_token: like the hub's
         # Mistral tokenizers, tokenizer("text") starts with <s>.
         LlamaTokenizer.from_pretrained(src, legacy=False, add_bos_token=True).save_pretrained(work)
+
+
+def _converted_tekken(tekken: Path) -> Path:
+    """A tekken.json converted once by transformers' own converter into an HF fast tokenizer,
+    cached by its vocabulary (converting takes tens of seconds; versions share a vocabulary), with
+    this file's mistral-common version in the tokenizer's config (see VERSION_KEY)."""
+    raw = json.loads(tekken.read_text(encoding="utf-8"))
+    version = raw["config"].pop("version", None)
+    digest = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
+    converted = cache_root() / "tokenizers" / f"tekken-{digest}"
+    if not (converted / "tokenizer.json").exists():
+        from transformers.integrations.mistral.tokenizer import convert_tekken_tokenizer
+
+        with atomic_folder(converted) as work:
+            convert_tekken_tokenizer(str(tekken)).save_pretrained(work)
+    target = cache_root() / "tokenizers" / f"tekken-{digest}-{version}"
+    if not (target / "tokenizer.json").exists():
+        with atomic_folder(target) as work:
+            for file in converted.iterdir():
+                shutil.copyfile(file, Path(work) / file.name)
+            config = json.loads((Path(work) / "tokenizer_config.json").read_text(encoding="utf-8"))
+            (Path(work) / "tokenizer_config.json").write_text(json.dumps({**config, VERSION_KEY: version}, indent=2))
+    return target

@@ -17,7 +17,7 @@ from qlora_cli.errors import UserError
 from qlora_cli.templates import IGNORE_INDEX, encode_chat, encode_prompt, encode_text
 from qlora_cli.tokenizer import MISTRAL_COMMON_FILES, load_tokenizer
 
-VERSIONS = ["v1", "v2", "v3", "v7"]
+VERSIONS = ["v1", "v2", "v3", "v7", "tekken_240718", "tekken_240911"]  # as the recipe names them
 CONVERSATIONS_PER_VERSION = 300
 
 
@@ -311,6 +311,9 @@ def test_the_vocabulary_cache_does_not_keep_a_tokenizer_alive():
 # ---------------------------------------------------------------- tekken tokenizers
 
 TEKKEN = Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"  # Mistral-Nemo's, version v3
+# The versions mistral-common encodes the shipped tekken files as: from v11 on it wants the file
+# to list its special tokens, which these do not.
+TEKKEN_VERSIONS = ["v3", "v7"]
 
 
 @pytest.fixture(scope="module")
@@ -337,7 +340,7 @@ def tekken_with_version(tekken_folder: Path, tmp_path: Path, version: str) -> tu
     return folder, MistralTokenizer.from_file(folder / "tekken.json", mode=ValidationMode.finetuning)
 
 
-@pytest.mark.parametrize("version", ["v3", "v7"])
+@pytest.mark.parametrize("version", TEKKEN_VERSIONS)
 def test_tekken_tokenizer_follows_the_version_its_tekken_json_declares(version, tekken_folder, tmp_path):
     # Every tekken vocabulary lists [SYSTEM_PROMPT]; only tekken.json tells v3 from v7.
     folder, reference = tekken_with_version(tekken_folder, tmp_path, version)
@@ -381,3 +384,51 @@ def test_a_tekken_version_without_a_known_chat_format_still_prepares_plain_text(
     with pytest.raises(UserError, match="version v15") as error:
         encode_chat(chat("Hi", "Hello!"), tokenizer)
     assert "template: tokenizer" in error.value.fix
+
+
+def random_rows(rng: random.Random, format: str, count: int) -> list[dict]:
+    """Rows of an alpaca or completion file, of random text."""
+    if format == "alpaca":
+        return [{"instruction": random_text(rng), "input": rng.choice(["", random_text(rng)]),
+                 "output": random_text(rng)} for _ in range(count)]
+    return [{"prompt": random_text(rng), "completion": random_text(rng)} for _ in range(count)]
+
+
+def as_messages(format: str, row: dict) -> list[dict]:
+    """The conversation README says a row of `format` is."""
+    if format == "chat":
+        return row["messages"]
+    if format == "alpaca":
+        user = f"{row['instruction']}\n\n{row['input']}" if row["input"].strip() else row["instruction"]
+        return chat(user, row["output"])
+    return chat(row["prompt"], row["completion"])
+
+
+@pytest.mark.slow  # converting each tekken vocabulary takes tens of seconds
+@pytest.mark.parametrize("shipped", ["tekken_240718.json", "tekken_240911.json"])
+@pytest.mark.parametrize("version", TEKKEN_VERSIONS)
+def test_a_model_folder_with_only_tekken_json_prepares_mistral_commons_ids(shipped, version, tmp_path, data_recipe,
+                                                                             write_jsonl):
+    # As Mistral publishes its 2025-2026 models: config.json and tekken.json, no tokenizer.json.
+    import json
+
+    from qlora_cli.prepare import build_dataset
+    from qlora_cli.recipe import load_recipe
+
+    raw = json.loads((TEKKEN.parent / shipped).read_text(encoding="utf-8"))
+    raw["config"]["version"] = version
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "mistral3"}))
+    (folder / "tekken.json").write_text(json.dumps(raw), encoding="utf-8")
+    tokenizer = load_tokenizer(str(folder))
+    reference = MistralTokenizer.from_file(folder / "tekken.json", mode=ValidationMode.finetuning)
+    rng = random.Random(TEKKEN_VERSIONS.index(version))
+    rows = {"chat": [{"messages": m} for m in conversations(seed=rng.random(), count=40)],
+            "alpaca": random_rows(rng, "alpaca", 40), "completion": random_rows(rng, "completion", 40)}
+    for format, format_rows in rows.items():
+        data = {"sources": [{"path": write_jsonl(format_rows, f"{format}.jsonl"), "format": format}],
+                "packing": False, "shuffle": False, "max_length": 4096, "val_size": 0}
+        recipe = load_recipe([str(data_recipe(data, f"{format}.yaml"))])
+        prepared = build_dataset(recipe.data, tokenizer, 0, "test")[0]["train"]["input_ids"]
+        assert prepared == [reference_ids(reference, as_messages(format, row)) for row in format_rows], format
