@@ -316,10 +316,7 @@ def generate(
         check_output(Path(options_output), resume)  # before minutes of model loading
     if interactive:
         check_chat(recipe)
-    if not {"max_new_tokens", "max_length"} & set(recipe.generate):
-        err_console.print("[yellow]warning:[/] the recipe sets no generate.max_new_tokens: answers stop after "
-                          "transformers' default of 20 new tokens; set e.g. generate.max_new_tokens=256",
-                          highlight=False)
+    _warn_of_default_length(recipe)
     generator = load_generator(recipe, model)
     if prompt is not None:
         _print_answers(generator, [{"role": "user", "content": prompt}])
@@ -350,6 +347,8 @@ def eval_command(
     recipes, overrides = split_arguments(args)
     recipe = load_recipe(recipes, overrides)
     task_list = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+    if input is not None:
+        _warn_of_default_length(recipe)
     with _progress_bars() as progress:
         result = evaluate(recipe, input=input.expanduser() if input else None,
                           model_path=os.path.expanduser(model) if model else None,
@@ -377,6 +376,13 @@ class _progress_bars:
 
     def __exit__(self, *exc) -> None:
         self.bars.__exit__(*exc)
+
+
+def _warn_of_default_length(recipe) -> None:
+    if not {"max_new_tokens", "max_length"} & set(recipe.generate):
+        err_console.print("[yellow]warning:[/] the recipe sets no generate.max_new_tokens: answers stop after "
+                          "transformers' default of 20 new tokens; set e.g. generate.max_new_tokens=256",
+                          highlight=False)
 
 
 def _print_answers(generator, messages: list[dict]) -> str:

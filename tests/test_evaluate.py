@@ -160,3 +160,21 @@ def test_bad_eval_input_exits_2_before_loading(trained_run, tmp_path):
                       "task file", "missing.yaml", "does not exist", wrapped=True)
     assert_user_error(qlora("eval", trained_run.root, "--tasks", "hellaswg"),
                       "unknown lm-eval task `hellaswg`", "hellaswag", wrapped=True)
+
+
+def test_a_local_task_whose_data_cannot_load_is_refused_before_any_model_loads(tmp_path):
+    from qlora_cli.benchmarks import load_tasks
+
+    task = write_local_task(tmp_path / "tasks")
+    (task / "questions.jsonl").unlink()
+    with pytest.raises(UserError) as caught:
+        load_tasks([str(task)])
+    assert "lm-eval cannot load the tasks sample_qa" in caught.value.message
+    assert caught.value.where == "--tasks"
+
+
+def test_a_local_task_folder_loads_offline_without_indexing_lm_eval_tasks(tmp_path):
+    from qlora_cli.benchmarks import load_tasks
+
+    suite = load_tasks([str(write_local_task(tmp_path / "tasks"))])
+    assert suite.names == ["sample_qa"] and suite.manager.all_tasks == ["sample_qa"]
