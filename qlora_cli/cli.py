@@ -219,7 +219,10 @@ def train(
         # Plan in a process of its own: measuring the GPU would leave a CUDA context on GPU 0
         # in this launcher for the whole run.
         planned = _call_qlora(["train", *args, *flags, f"--nproc={nproc}", "--plan-only"])
-        raise typer.Exit(planned or launch_processes(nproc, ["train", *args, *flags], _debug_flag()))
+        code = planned or launch_processes(nproc, ["train", *args, *flags], _debug_flag())
+        if code == 0 and recipe.eval.after_training:
+            code = _call_qlora(["eval", *args])
+        raise typer.Exit(code)
 
     from qlora_cli.progress import TrainReporter
     from qlora_cli.train import train as train_run
@@ -243,6 +246,9 @@ def train(
                   f"adapter:   {run.adapter}\nloss plot: {run.plot}\nrun record: {run.run_json}\n"
                   f"next:      qlora merge {run.recipe}\n"
                   f"           qlora generate {run.recipe} --prompt \"...\"", highlight=False)
+    if recipe.eval.after_training and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # Under --nproc the launcher runs it once all ranks are done (below): one process, one copy.
+        _evaluate_run(recipe, None, None, None, None)
 
 
 @app.command("merge")
@@ -337,22 +343,30 @@ def eval_command(
 ) -> None:
     """Score the base model, the run's adapter and the merged model side by side: your own data
     (exact match, token F1, chrF), validation loss, and lm-eval tasks. Results go to <run>/eval/.
+    The recipe's `eval` section gives what a flag does not.
 
     Example: qlora eval runs/tiny-mistral --input qa.jsonl --tasks arc_easy --limit 50
     """
-    from qlora_cli import render
-    from qlora_cli.evaluate import evaluate
     from qlora_cli.recipe import load_recipe
 
     recipes, overrides = split_arguments(args)
     recipe = load_recipe(recipes, overrides)
-    task_list = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks is not None else None
+    _evaluate_run(recipe, input.expanduser() if input else None, os.path.expanduser(model) if model else None,
+                  task_list, limit)
+
+
+def _evaluate_run(recipe, input: Path | None, model: str | None, tasks: list[str] | None, limit: int | None) -> None:
+    """`qlora eval`, and the `eval.after_training` step of `qlora train`: flags first, then the recipe."""
+    from qlora_cli import render
+    from qlora_cli.evaluate import evaluate
+
+    input = input or (Path(recipe.eval.input) if recipe.eval.input else None)
     if input is not None:
         _warn_of_default_length(recipe)
     with _progress_bars() as progress:
-        result = evaluate(recipe, input=input.expanduser() if input else None,
-                          model_path=os.path.expanduser(model) if model else None,
-                          tasks=task_list, limit=limit, progress=progress)
+        result = evaluate(recipe, input=input, model_path=model, tasks=recipe.eval.tasks if tasks is None else tasks,
+                          limit=limit or recipe.eval.limit, progress=progress)
     render.eval_table(console, result.scores)
     console.print(f"results: {result.folder / 'results.json'}", highlight=False, soft_wrap=True)
 

@@ -6,7 +6,7 @@ import dataclasses
 import inspect
 from typing import Any, Iterator
 
-from qlora_cli.sections import DataSection, GenerateOptions, MergeSection, ModelSection
+from qlora_cli.sections import DataSection, EvalSection, GenerateOptions, MergeSection, ModelSection
 
 
 def explain_recipe(recipe) -> list[tuple[str, Any, str]]:
@@ -55,6 +55,7 @@ def _section_defaults(recipe) -> Iterator[tuple[str, str, dict[str, Any]]]:
     yield "training", "TrainingArguments", _dataclass_defaults(TrainingArguments)
     yield "generate", "qlora", _dataclass_defaults(GenerateOptions)
     yield "generate", "GenerationConfig", generation_defaults()
+    yield "eval", "qlora", _dataclass_defaults(EvalSection)
 
 
 def _dataclass_defaults(cls) -> dict[str, Any]:

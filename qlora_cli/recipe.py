@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from qlora_cli.errors import UserError, combined
 
-SECTIONS = ("model", "quantization", "lora", "data", "training", "merge", "generate")
+SECTIONS = ("model", "quantization", "lora", "data", "training", "merge", "generate", "eval")
 RECIPE_PATH_VARIABLE = "QLORA_RECIPE_PATH"
 OVERRIDE = "override"
 
@@ -32,7 +32,8 @@ _FILE_KEY_PARENTS = ("data.sources", "data.validation_sources")
 # Keys whose values name files or folders: a leading `~` is the user's home, as in a shell (which
 # leaves `key=~/x` alone). TrainingArguments expands it in output_dir; every path must agree.
 _HOME_KEYS = ("model.name_or_path", "model.tokenizer", "data.prepared_dir", "merge.output_dir", "merge.adapter",
-              "generate.input", "generate.output", "training.output_dir", "training.logging_dir")
+              "generate.input", "generate.output", "training.output_dir", "training.logging_dir",
+              "eval.input")
 
 
 @dataclass
@@ -354,6 +355,7 @@ class Recipe:
     model: Any
     data: Any
     merge: Any
+    eval: Any
     quantization: dict | None
     lora: dict | None
     training: dict
@@ -373,7 +375,8 @@ class Recipe:
 def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
     """Load, merge, resolve and validate a recipe; every problem is reported at once."""
     from qlora_cli.builders import check_library_sections
-    from qlora_cli.sections import DataSection, MergeSection, ModelSection, build_schema, check_values, suggest
+    from qlora_cli.sections import (DataSection, EvalSection, MergeSection, ModelSection, build_schema, check_values,
+                                    suggest)
 
     raw = load_raw_recipe(list(recipe_args), list(overrides))
     resolved = resolve(raw)
@@ -389,7 +392,7 @@ def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
         for key in resolved if key not in SECTIONS
     ]
     typed = {}
-    for name, cls in (("model", ModelSection), ("data", DataSection), ("merge", MergeSection)):
+    for name, cls in (("model", ModelSection), ("data", DataSection), ("merge", MergeSection), ("eval", EvalSection)):
         try:
             typed[name] = build_schema(cls, resolved.get(name), name, raw.origins)
         except UserError as err:

@@ -102,6 +102,16 @@ class GenerateOptions:
     system_prompt: str | None = None
 
 
+@dataclass
+class EvalSection:
+    """What `qlora eval` scores when its flags do not say, and whether `qlora train` runs it at the end."""
+
+    input: str | None = None  # JSONL of prompt/messages lines with a `reference` answer
+    tasks: list[str] = field(default_factory=list)  # lm-eval task names, task YAML files or folders
+    limit: int | None = None  # the first N records and N examples per task
+    after_training: bool = False
+
+
 # Names people bring from other tools, mapped to ours: difflib alone would answer `lora.rank`
 # with `rank_pattern`, not `r`.
 _ALIASES = {
@@ -279,8 +289,16 @@ def to_dtype(value: Any, where: str, key: str | None = None):
 def check_values(typed: dict, origins: dict[str, str]) -> list[UserError]:
     """Values of the right type that loading, preparing or merging would still refuse, for each
     of our sections that was built: found now, with the rest of the recipe's problems."""
-    checks = {"model": _check_model_source, "data": _check_data_limits, "merge": _check_shard_size}
+    checks = {"model": _check_model_source, "data": _check_data_limits, "merge": _check_shard_size,
+              "eval": _check_eval_limit}
     return [error for name, section in typed.items() for error in checks[name](section, origins)]
+
+
+def _check_eval_limit(section, origins: dict[str, str]) -> list[UserError]:
+    if section.limit is not None and section.limit < 1:
+        return [UserError(f"eval.limit must be at least 1, not {section.limit}",
+                          where=origins.get("eval.limit", "eval.limit"), fix="remove it to score every record")]
+    return []
 
 
 def _check_model_source(model, origins: dict[str, str]) -> list[UserError]:

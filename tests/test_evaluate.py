@@ -178,3 +178,19 @@ def test_a_local_task_folder_loads_offline_without_indexing_lm_eval_tasks(tmp_pa
 
     suite = load_tasks([str(write_local_task(tmp_path / "tasks"))])
     assert suite.names == ["sample_qa"] and suite.manager.all_tasks == ["sample_qa"]
+
+
+@pytest.mark.slow
+def test_train_runs_the_recipes_eval_section_at_its_end(tmp_path, sample_subset, prepared_dir):
+    from conftest import short_run
+
+    questions = write_references(tmp_path / "qa.jsonl")
+    root = tmp_path / "run"
+    result = qlora("train", "tiny-mistral", *short_run(sample_subset, root, prepared_dir, "training.num_train_epochs=1",
+                                                        "training.save_steps=100"),
+                   "eval.after_training=true", f"eval.input={questions}", "eval.limit=2", "generate.max_new_tokens=4")
+    assert result.exit_code == 0, result.output
+    scores = json.loads((root / "eval" / "results.json").read_text())
+    assert list(scores) == ["base", "adapter"] and {"exact_match", "token_f1", "chrf"} <= set(scores["adapter"])
+    assert len((root / "eval" / "answers-adapter.jsonl").read_text().splitlines()) == 2  # eval.limit
+    assert result.stdout.index("done") < result.stdout.index("exact_match")

@@ -198,7 +198,7 @@ def test_an_override_without_a_value_says_how_to_write_one():
 # --- validation --------------------------------------------------------------------------------
 
 
-def test_only_the_seven_sections_are_allowed(tmp_path):
+def test_only_the_eight_sections_are_allowed(tmp_path):
     mine = write(tmp_path, "mine.yaml", "extends: tiny-mistral\ntrainig:\n  seed: 1\n")
     with pytest.raises(UserError) as excinfo:
         load_recipe([str(mine)])
@@ -386,3 +386,12 @@ def test_generate_becomes_a_generation_config_and_our_own_options():
 def test_a_generation_config_objection_is_a_recipe_error():
     with pytest.raises(UserError, match="GenerationConfig rejects"):
         load_recipe(["tiny-mistral"], ["generate.num_beams=2", "generate.num_return_sequences=3"])
+
+
+def test_the_eval_section_is_checked_like_our_other_sections(tmp_path):
+    mine = write(tmp_path, "mine.yaml", "extends: tiny-mistral\neval:\n  limit: 0\n  tsks: [arc_easy]\n")
+    with pytest.raises(UserError) as excinfo:
+        load_recipe([str(mine)])
+    assert "unknown key `eval.tsks` (did you mean `tasks`?)" in str(excinfo.value)
+    recipe = load_recipe(["tiny-mistral"], ["eval.tasks=[arc_easy]", "eval.limit=5"])
+    assert (recipe.eval.tasks, recipe.eval.limit, recipe.eval.after_training) == (["arc_easy"], 5, False)
