@@ -214,13 +214,17 @@ def train(
 
     recipes, overrides = split_arguments(args)
     recipe = load_recipe(recipes, overrides)
+    # The evaluation that follows a completed run is checked now, not after an hour of training;
+    # its process (this one, or the `--nproc` launcher) runs it, never a worker rank.
+    evaluation = (_plan_evaluation(recipe) if recipe.eval.after_training and not plan_only
+                  and "LOCAL_RANK" not in os.environ else None)
     flags = [flag for flag, on in (("--resume", resume), ("--overwrite", overwrite), ("--force", force)) if on]
     if nproc > 1 and not plan_only and "LOCAL_RANK" not in os.environ:
         # Plan in a process of its own: measuring the GPU would leave a CUDA context on GPU 0
         # in this launcher for the whole run.
         planned = _call_qlora(["train", *args, *flags, f"--nproc={nproc}", "--plan-only"])
         code = planned or launch_processes(nproc, ["train", *args, *flags], _debug_flag())
-        if code == 0 and recipe.eval.after_training:
+        if code == 0 and evaluation is not None:
             code = _call_qlora(["eval", *args])
         raise typer.Exit(code)
 
@@ -246,9 +250,8 @@ def train(
                   f"adapter:   {run.adapter}\nloss plot: {run.plot}\nrun record: {run.run_json}\n"
                   f"next:      qlora merge {run.recipe}\n"
                   f"           qlora generate {run.recipe} --prompt \"...\"", highlight=False)
-    if recipe.eval.after_training and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        # Under --nproc the launcher runs it once all ranks are done (below): one process, one copy.
-        _evaluate_run(recipe, None, None, None, None)
+    if evaluation is not None:
+        _evaluate_run(recipe, evaluation)
 
 
 @app.command("merge")
@@ -352,21 +355,30 @@ def eval_command(
     recipes, overrides = split_arguments(args)
     recipe = load_recipe(recipes, overrides)
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks is not None else None
-    _evaluate_run(recipe, input.expanduser() if input else None, os.path.expanduser(model) if model else None,
-                  task_list, limit)
+    plan = _plan_evaluation(recipe, input.expanduser() if input else None,
+                            os.path.expanduser(model) if model else None, task_list, limit)
+    _evaluate_run(recipe, plan)
 
 
-def _evaluate_run(recipe, input: Path | None, model: str | None, tasks: list[str] | None, limit: int | None) -> None:
-    """`qlora eval`, and the `eval.after_training` step of `qlora train`: flags first, then the recipe."""
-    from qlora_cli import render
-    from qlora_cli.evaluate import evaluate
+def _plan_evaluation(recipe, input: Path | None = None, model: str | None = None, tasks: list[str] | None = None,
+                     limit: int | None = None):
+    """What `qlora eval` and the `eval.after_training` step of `qlora train` measure: flags
+    first, then the recipe's `eval` section."""
+    from qlora_cli.evaluate import plan_evaluation
 
     input = input or (Path(recipe.eval.input) if recipe.eval.input else None)
     if input is not None:
         _warn_of_default_length(recipe)
+    return plan_evaluation(recipe, input=input, model_path=model, tasks=recipe.eval.tasks if tasks is None else tasks,
+                           limit=limit or recipe.eval.limit)
+
+
+def _evaluate_run(recipe, plan) -> None:
+    from qlora_cli import render
+    from qlora_cli.evaluate import evaluate
+
     with _progress_bars() as progress:
-        result = evaluate(recipe, input=input, model_path=model, tasks=recipe.eval.tasks if tasks is None else tasks,
-                          limit=limit or recipe.eval.limit, progress=progress)
+        result = evaluate(recipe, plan, progress=progress)
     render.eval_table(console, result.scores)
     console.print(f"results: {result.folder / 'results.json'}", highlight=False, soft_wrap=True)
 

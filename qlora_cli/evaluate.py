@@ -44,29 +44,49 @@ class Measured:
 
 
 @dataclass
+class EvalPlan:
+    """What an evaluation will measure, checked before any weights load."""
+
+    records: list[EvalRecord] | None
+    suite: object | None  # benchmarks.TaskSuite
+    limit: int | None = None
+    model_path: str | None = None  # --model: scored as `merged`
+
+
+@dataclass
 class EvalResult:
     folder: Path
     scores: dict[str, dict[str, float]]  # model (base, adapter, merged) -> metric -> value
 
 
-def evaluate(recipe, *, input: Path | None = None, model_path: str | None = None, tasks: list[str] = (),
-             limit: int | None = None, progress: Progress | None = None) -> EvalResult:
+def plan_evaluation(recipe, *, input: Path | None = None, model_path: str | None = None, tasks: list[str] = (),
+                    limit: int | None = None) -> EvalPlan:
+    """Read the records, find the tasks, check `--model` and the output folder: every mistake
+    found before weights load (and, for `eval.after_training`, before training starts)."""
+    from qlora_cli.generate import check_model_source
+
+    records = read_eval_records(input)[:limit] if input else None
+    suite = _load_tasks(list(tasks))
+    if model_path:
+        check_model_source(model_path)
+    check_something_to_measure(recipe, records, suite)
+    check_writable(RunFolder(recipe.run_dir).root / "eval")
+    return EvalPlan(records, suite, limit, model_path)
+
+
+def evaluate(recipe, plan: EvalPlan, progress: Progress | None = None) -> EvalResult:
     """Score base, adapter and (when there is one) merged model; write `<run>/eval/` whole."""
     from qlora_cli.generate import load_generator
     from qlora_cli.merge import check_adapter
 
     run = RunFolder(recipe.run_dir)
     check_adapter(Path(recipe.merge.adapter or run.adapter), recipe)
-    records = read_eval_records(input)[:limit] if input else None
-    suite = _load_tasks(list(tasks))
-    merged = merged_model_source(recipe, model_path)
-    check_something_to_measure(recipe, records, suite)
+    merged = plan.model_path or existing_merged_model(recipe)
     folder = run.root / "eval"
-    check_writable(folder)
     progress = progress or _no_progress
     generator = load_generator(recipe)  # the 4-bit base + adapter, as trained
     validation = validation_rows(recipe, generator.tokenizer)
-    measure = _measurer(recipe, records, validation, suite, limit, progress)
+    measure = _measurer(recipe, plan, validation, progress)
     results = {"base": measure("base", generator, without_adapter=True), "adapter": measure("adapter", generator)}
     if merged:
         del generator  # one model in memory at a time
@@ -104,13 +124,8 @@ def read_eval_records(path: Path) -> list[EvalRecord]:
     return records
 
 
-def merged_model_source(recipe, model_path: str | None) -> str | None:
-    """`--model`, else the run's merged folder when `qlora merge` wrote one."""
-    from qlora_cli.generate import check_model_source
-
-    if model_path:
-        check_model_source(model_path)
-        return model_path
+def existing_merged_model(recipe) -> str | None:
+    """The run's merged folder, when `qlora merge` wrote one."""
     merged = Path(recipe.merge.output_dir or RunFolder(recipe.run_dir).root / "merged")
     return str(merged) if (merged / "config.json").is_file() else None
 
@@ -136,9 +151,10 @@ def check_writable(folder: Path) -> None:
 # ---------------------------------------------------------------- measuring one model
 
 
-def _measurer(recipe, records, validation, suite, limit, progress: Progress):
+def _measurer(recipe, plan: EvalPlan, validation, progress: Progress):
     from qlora_cli.builders import split_generate
 
+    records, suite = plan.records, plan.suite
     batch_size = split_generate(recipe.generate)[0].batch_size
     lms = {}  # one lm-eval wrapper per loaded model: base and adapter share it
 
@@ -158,7 +174,7 @@ def _measurer(recipe, records, validation, suite, limit, progress: Progress):
                     lms[id(generator.model)] = wrap_model(generator.model, generator.tokenizer, batch_size)
                 lm = lms[id(generator.model)]
                 progress(f"{name}: lm-eval {', '.join(suite.names)}", 0)
-                metrics, measured.lm_eval = run_tasks(lm, suite, limit)
+                metrics, measured.lm_eval = run_tasks(lm, suite, plan.limit)
                 measured.scores |= metrics
         return measured
 

@@ -18,7 +18,7 @@ from qlora_cli.evaluate import Measured, read_eval_records, write_results
 from conftest import assert_user_error, qlora, sample_pairs
 
 PAIRS = sample_pairs(12)
-SHORT_ANSWERS = "generate.max_new_tokens=40"  # the longest reference is ~30 tokens; the base babbles
+SHORT_ANSWERS = ["generate.max_new_tokens=40", "generate.batch_size=12"]  # references: <= ~30 tokens; one batch
 
 
 def write_references(path: Path, pairs=PAIRS) -> Path:
@@ -110,7 +110,7 @@ def test_adapter_answers_its_training_pairs_and_base_does_not(answering_run, tmp
     near 0, and a local lm-eval task runs offline, all from one command."""
     questions = write_references(tmp_path / "qa.jsonl")
     task = write_local_task(tmp_path / "tasks")
-    result = qlora("eval", answering_run.root, SHORT_ANSWERS, "--input", questions, "--tasks", task)
+    result = qlora("eval", answering_run.root, *SHORT_ANSWERS, "--input", questions, "--tasks", task)
     assert result.exit_code == 0, result.output
     folder = answering_run.root / "eval"
     scores = json.loads((folder / "results.json").read_text())
@@ -194,3 +194,15 @@ def test_train_runs_the_recipes_eval_section_at_its_end(tmp_path, sample_subset,
     assert list(scores) == ["base", "adapter"] and {"exact_match", "token_f1", "chrf"} <= set(scores["adapter"])
     assert len((root / "eval" / "answers-adapter.jsonl").read_text().splitlines()) == 2  # eval.limit
     assert result.stdout.index("done") < result.stdout.index("exact_match")
+
+
+def test_train_refuses_a_bad_eval_section_before_training(tmp_path, sample_subset, prepared_dir):
+    from conftest import short_run
+
+    no_reference = tmp_path / "qa.jsonl"
+    no_reference.write_text('{"prompt": "What is 2+2?", "answer": "4"}\n')
+    root = tmp_path / "run"
+    result = qlora("train", "tiny-mistral", *short_run(sample_subset, root, prepared_dir),
+                   "eval.after_training=true", f"eval.input={no_reference}")
+    assert_user_error(result, f"{no_reference}:1", "`reference`", wrapped=True)
+    assert not root.exists()
