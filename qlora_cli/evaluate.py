@@ -131,14 +131,10 @@ def existing_merged_model(recipe) -> str | None:
 
 
 def check_something_to_measure(recipe, records, suite) -> None:
-    if records is None and suite is None and not has_validation(recipe):
+    if records is None and suite is None and not recipe.data.has_validation:
         raise UserError("nothing to evaluate: no --input, no --tasks, and the recipe has no validation split",
                         where="qlora eval", fix="give --input FILE (JSONL of prompt + reference), "
                                                 "--tasks NAMES, or set data.val_size")
-
-
-def has_validation(recipe) -> bool:
-    return bool(recipe.data.val_size or recipe.data.validation_sources)
 
 
 def check_writable(folder: Path) -> None:
@@ -197,7 +193,7 @@ def answer_records(generator, records: list[EvalRecord], batch_size: int, advanc
 
 def validation_rows(recipe, tokenizer):
     """The recipe's validation split, prepared exactly as training saw it (cached), or None."""
-    if not has_validation(recipe):
+    if not recipe.data.has_validation:
         return None
     from qlora_cli.prepare import prepare_dataset
 
