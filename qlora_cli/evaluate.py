@@ -152,7 +152,6 @@ def _measurer(recipe, plan: EvalPlan, validation, progress: Progress):
 
     records, suite = plan.records, plan.suite
     batch_size = split_generate(recipe.generate)[0].batch_size
-    lms = {}  # one lm-eval wrapper per loaded model: base and adapter share it
 
     def measure(name: str, generator, without_adapter: bool = False) -> Measured:
         measured = Measured()
@@ -166,10 +165,8 @@ def _measurer(recipe, plan: EvalPlan, validation, progress: Progress):
             if suite is not None:
                 from qlora_cli.benchmarks import run_tasks, wrap_model
 
-                if id(generator.model) not in lms:
-                    lms[id(generator.model)] = wrap_model(generator.model, generator.tokenizer, batch_size)
-                lm = lms[id(generator.model)]
                 progress(f"{name}: lm-eval {', '.join(suite.names)}", 0)
+                lm = wrap_model(generator.model, generator.tokenizer, batch_size)  # a wrapper, not a copy
                 metrics, measured.lm_eval = run_tasks(lm, suite, plan.limit)
                 measured.scores |= metrics
         return measured
