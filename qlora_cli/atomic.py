@@ -1,11 +1,18 @@
-"""Folders that appear whole or not at all: written beside the target, renamed when complete."""
+"""Folders that appear whole or not at all (written beside the target, renamed when complete),
+and the folders qlora made: the marker that tells them from a user's, the lock that keeps a second
+process out, and the staging folders that killed processes left behind."""
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
+
+from qlora_cli.errors import UserError
 
 
 class atomic_folder:
@@ -42,16 +49,18 @@ class atomic_folder:
                     raise
 
 
-def remove_stale_temporaries(target: Path) -> list[Path]:
-    """Remove the temporary folders that killed writers of `target` left beside it: those whose
-    process no longer runs. Only for what one process on this machine writes (a merge): a rank
-    on another machine has a pid this one cannot see."""
+def remove_stale_temporaries(folder: Path, name: str = "*") -> list[Path]:
+    """Remove the staging folders (`.<name>.tmp-<pid>-*`, and `.<name>.old-<pid>` of a replace)
+    that killed writers left in `folder`: those whose process no longer runs. Only for what one
+    process on this machine writes (prepare on rank 0, a merge, an adapter): a rank on another
+    machine has a pid this one cannot see."""
     removed = []
-    for path in target.parent.glob(f".{target.name}.tmp-*-*"):
-        pid = path.name[len(f".{target.name}.tmp-"):].split("-", 1)[0]
-        if pid.isdigit() and not _running(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+    for pattern, kind in ((f".{name}.tmp-*-*", ".tmp-"), (f".{name}.old-*", ".old-")):
+        for path in folder.glob(pattern):
+            pid = path.name.rsplit(kind, 1)[-1].split("-", 1)[0]
+            if path.is_dir() and pid.isdigit() and not _running(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
     return removed
 
 
@@ -99,6 +108,107 @@ def can_create_in(folder: Path) -> bool:
     return True
 
 
+def write_failure(err: OSError, path: Path, needed: int, where: str) -> UserError:
+    """The user's error for a write that failed (the caller has removed what it wrote)."""
+    return disk_full(err, path, needed, where) or UserError(f"cannot write {path}: {err.strerror or err}",
+                                                            where=where, fix="choose a place you can write")
+
+
+def disk_full(err: BaseException, path: Path, needed: int, where: str) -> UserError | None:
+    """If `err` came from a full disk (ENOSPC, or less space left than the write needs: torch's
+    writer reports no errno), the user's error saying how much it needs and how much there is."""
+    folder = nearest_existing(path.parent)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    if getattr(err, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) and free >= needed:
+        return None
+    short = needed - free if free < needed else needed
+    return UserError(f"no space left to write {path}: it needs about {_size(needed)}, and {folder} has "
+                     f"{_size(free)} free", where=where,
+                     fix=f"free at least {_size(short)} there, or write to another disk")
+
+
+def folder_size(folder: Path) -> int:
+    """Bytes in the files under `folder` (0 if there is none)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _size(count: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count} bytes"
+
+
 def cache_root() -> Path:
     """Where built models and converted tokenizers are kept: $QLORA_CACHE or ~/.cache/qlora."""
     return Path(os.environ.get("QLORA_CACHE") or Path.home() / ".cache" / "qlora")
+
+
+# ---------------------------------------------------------------- what qlora made
+
+MARKER = "qlora"  # the field, in a JSON file qlora keeps in a folder it made, that says so
+
+
+def marker(kind: str) -> dict:
+    """`{"qlora": {"kind": kind, "version": ...}}`: merge it into the JSON file a folder of that
+    kind keeps (a run's run.json), so `--overwrite` can tell the folder from one a user made."""
+    from importlib import metadata
+
+    return {MARKER: {"kind": kind, "version": metadata.version("qlora-cli")}}
+
+
+def has_marker(json_file: Path, kind: str) -> bool:
+    """Whether `json_file` holds the marker of a folder of `kind`."""
+    try:
+        data = json.loads(json_file.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get(MARKER), dict) and data[MARKER].get("kind") == kind
+
+
+LOCK_FILE = ".qlora.lock"  # in the folder it guards; it says which process holds it
+
+
+def lock_folder(folder: Path, command: str, where: str | None = None):
+    """Hold `folder` for this process until `release_folder` (or the process ends, however it
+    ends: the operating system lets go of it). A second holder is refused, exit 2,
+    with the pid and host of the first."""
+    from filelock import FileLock, Timeout
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    lock = FileLock(str(path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise _in_use(folder, path, command, where) from None
+    # filelock (>= 4) leaves what a holder wrote in place while others try: this is what they read.
+    path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command}) + "\n")
+    return lock
+
+
+def release_folder(lock) -> None:
+    """Let go of a folder `lock_folder` took, leaving no lock file behind (filelock copes with a
+    lock file removed under a process that waits for it)."""
+    Path(lock.lock_file).unlink(missing_ok=True)
+    lock.release()
+
+
+def check_not_in_use(folder: Path, command: str, where: str | None = None) -> None:
+    """Refuse now, before any work, a folder that another process holds (it is not taken here)."""
+    if (folder / LOCK_FILE).is_file():
+        release_folder(lock_folder(folder, command, where))
+
+
+def _in_use(folder: Path, path: Path, command: str, where: str | None) -> UserError:
+    try:
+        holder = json.loads(path.read_text())
+        who = f"pid {holder['pid']} on {holder['host']} ({holder.get('command', 'qlora')})"
+    except (OSError, ValueError, KeyError, TypeError):
+        who = "another process"
+    return UserError(f"{folder} is in use by {who}", where=where,
+                     fix=f"wait until it ends (or stop it), or give this {command} another folder")

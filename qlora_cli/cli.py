@@ -322,7 +322,7 @@ def generate(
     if records is not None and not options_output:
         raise UserError("--input needs --output FILE (or generate.output in the recipe)")
     if records is not None:
-        check_output(Path(options_output), resume)  # before minutes of model loading
+        check_output(Path(options_output), resume, records)  # before minutes of model loading
     if interactive:
         check_chat(recipe)
     _warn_of_default_length(recipe)

@@ -231,8 +231,8 @@ def answer_file(generator: Generator, records: list[PromptRecord], output: Path,
     Lines already in `output` are skipped with `resume`, so an interrupted run keeps its work;
     `on_batch` hears of them first, then of each batch answered. Returns how many were answered now.
     """
-    check_output(output, resume)
-    done = min(count_answered(output), len(records)) if resume else 0
+    check_output(output, resume, records)
+    done = count_answered(output, records) if resume else 0
     if on_batch and done:
         on_batch(done)
     todo = records[done:]
@@ -242,12 +242,32 @@ def answer_file(generator: Generator, records: list[PromptRecord], output: Path,
         lines = [json.dumps({**item.record, **answer_fields(a)}, ensure_ascii=False) + "\n"
                  for item, a in zip(batch, answers, strict=True)]
         # Opened once there is something to write: a generation that fails leaves no empty file.
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with output.open("a", encoding="utf-8") as out:
-            out.writelines(lines)
+        append_lines(output, lines)
         if on_batch:
             on_batch(len(batch))
     return len(todo)
+
+
+def append_lines(output: Path, lines: list[str]) -> None:
+    """Append whole lines, or nothing: a write that fails (a full disk) leaves the file as it was,
+    and no file at all where there was none."""
+    from qlora_cli.atomic import write_failure
+
+    existed = output.exists()
+    size = output.stat().st_size if existed else 0
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with output.open("a", encoding="utf-8") as out:
+            out.writelines(lines)
+    except OSError as err:
+        if existed:
+            os.truncate(output, size)
+        else:
+            output.unlink(missing_ok=True)
+        raise write_failure(err, output, len("".join(lines).encode()), where="--output") from None
+
+
+ANSWER_KEYS = ("response", "responses")
 
 
 def answer_fields(answers: list[str]) -> dict:
@@ -256,9 +276,10 @@ def answer_fields(answers: list[str]) -> dict:
     return {"response": answers[0]} if len(answers) == 1 else {"responses": answers}
 
 
-def check_output(output: Path, resume: bool) -> None:
-    """An answers file that can be written, and is not appended to unless resuming it (called
-    before loading the model, so a mistake costs no minutes of loading)."""
+def check_output(output: Path, resume: bool, records: list[PromptRecord] | None = None) -> None:
+    """An answers file that can be written, and is not appended to unless resuming it, and then
+    only if its lines are the answers to these `records` (called before loading the model, so a
+    mistake costs no minutes of loading)."""
     from qlora_cli.atomic import can_create_in, nearest_existing
 
     if output.is_dir():
@@ -271,23 +292,64 @@ def check_output(output: Path, resume: bool) -> None:
     if not writable:
         raise UserError(f"cannot write {output}: {blocking} is not writable", where="--output",
                         fix="choose a file in a folder you can write")
+    if resume and records is not None and output.is_file():
+        answered_lines(output, records)
 
 
-def count_answered(path: Path) -> int:
-    """Complete answer lines in `path`, after cutting off a last line that a kill left unfinished."""
+def count_answered(path: Path, records: list[PromptRecord]) -> int:
+    """Answer lines in `path`, after cutting off a last line that a kill left unfinished."""
     if not path.exists():
         return 0
-    lines = path.read_bytes().split(b"\n")
-    # After the last newline: empty, or a line cut short. A last line that ends in a newline
-    # but is not JSON was also interrupted (e.g. a disk that filled up mid-write).
-    kept = lines[:-1]
-    if kept and kept[-1].strip() and not _is_json(kept[-1]):
-        kept.pop()
-    size = sum(len(line) + 1 for line in kept)
+    count, size = answered_lines(path, records)
     if size != path.stat().st_size:
         with path.open("r+b") as file:
             file.truncate(size)
-    return sum(1 for line in kept if line.strip())
+    return count
+
+
+def answered_lines(path: Path, records: list[PromptRecord]) -> tuple[int, int]:
+    """How many answers `path` holds and the size of its whole lines. Each line must be the record
+    of its prompt plus its answer, as `answer_file` wrote it; any other file is refused (a resume
+    cuts the file's end, and must never cut a file that is not ours)."""
+    lines = path.read_bytes().split(b"\n")
+    # After the last newline: empty, or a line cut short. A last line that ends in a newline but is
+    # not JSON was also interrupted (a disk that filled up mid-write). Either is cut off only if it
+    # starts as each of our lines does.
+    kept = lines[:-1]
+    if lines[-1] and not lines[-1].startswith(b'{"'):
+        raise _not_answers(path, len(lines), "its last line is not a cut-off answer")
+    if kept and kept[-1].startswith(b'{"') and not _is_json(kept[-1]):
+        kept.pop()
+    count = 0
+    for number, line in enumerate(kept, start=1):
+        if not line.strip():
+            continue
+        if count == len(records):
+            raise _not_answers(path, number, f"it has more answers than the {len(records)} prompts")
+        _check_answer(path, number, line, records[count])
+        count += 1
+    return count, sum(len(line) + 1 for line in kept)
+
+
+def _check_answer(path: Path, number: int, line: bytes, prompt: PromptRecord) -> None:
+    try:
+        answer = json.loads(line)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
+        raise _not_answers(path, number, "the line is not JSON") from None
+    if not isinstance(answer, dict) or not any(key in answer for key in ANSWER_KEYS):
+        raise _not_answers(path, number, "the line has no `response`")
+    if _asked(answer) != _asked(prompt.record):
+        raise _not_answers(path, number, f"it answers another prompt than {prompt.where}")
+
+
+def _asked(record: dict) -> dict:
+    return {key: value for key, value in record.items() if key not in ANSWER_KEYS}
+
+
+def _not_answers(path: Path, number: int, why: str) -> UserError:
+    return UserError(f"--resume would append to {path}, which is not this command's answers file: {why}",
+                     where=f"{path}:{number}",
+                     fix="give --output a new file (without --resume), or the answers file of these prompts")
 
 
 def _is_json(line: bytes) -> bool:

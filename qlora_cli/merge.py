@@ -67,7 +67,7 @@ def merge(recipe, *, overwrite: bool = False) -> MergeResult:
     check_adapter(adapter, recipe)
     check_output_spares_the_run(output, adapter, run, recipe.model.name_or_path)
     check_output(output, overwrite)
-    remove_stale_temporaries(output)  # a killed merge leaves a model-sized folder behind
+    remove_stale_temporaries(output.parent, output.name)  # a killed merge leaves a model-sized folder behind
     tokenizer = load_recipe_tokenizer(recipe)
     model = load_adapter_model(recipe, adapter, quantized=False, dequantize=recipe.merge.base == "dequantized")
     check_disk(output, model)

@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qlora_cli.atomic import atomic_folder, can_create_in, nearest_existing
+from qlora_cli.atomic import atomic_folder, can_create_in, nearest_existing, remove_stale_temporaries
 from qlora_cli.errors import UserError
 from qlora_cli.packing import build_rows
 from qlora_cli.sources import Example, apply_weight, read_source
@@ -83,6 +83,8 @@ def prepare_dataset(recipe, tokenizer, *, force: bool = False) -> PreparedData:
         return load_prepared(target, reused=True)
     where = recipe.origins.get("data.prepared_dir", "data.prepared_dir")
     _check_prepared_dir(target.parent, where)
+    if target.parent.is_dir():  # a killed prepare leaves its staging (tens of MB) beside the cache entries
+        remove_stale_temporaries(target.parent)
     # Built before any folder is made, so a bad row leaves nothing at all under prepared_dir.
     dataset, summary = build_dataset(data, tokenizer, seed, fingerprint)
     try:

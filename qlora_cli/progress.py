@@ -93,6 +93,10 @@ class TrainReporter:
             for line in plan.short_lines():
                 self.console.print(line, highlight=False, markup=False)
 
+    def note(self, text: str) -> None:
+        if self.main:
+            self.console.print(f"note: {text}", style="yellow", highlight=False, markup=False)
+
     def data_ready(self, prepared) -> None:
         from qlora_cli import render
 

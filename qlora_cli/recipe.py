@@ -345,7 +345,52 @@ def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
     return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
 
+class _AsWritten(str):
+    """A value written out as the recipe wrote it (`${oc.env:NAME}`), not as it resolved."""
+
+
 _RecipeDumper.add_representer(str, _represent_str)
+_RecipeDumper.add_representer(
+    _AsWritten, lambda dumper, value: dumper.represent_scalar("tag:yaml.org,2002:str", str(value)))
+
+
+def environment_keys(raw: RawRecipe, resolved: dict[str, Any]) -> dict[str, str]:
+    """Keys (dotted) whose value comes from an environment variable (`${oc.env:NAME}`, or a `${key}`
+    that resolves to one), with their text as written: what qlora writes instead of the value, so
+    a token or secret passed through the environment never lands in a file."""
+    written = _leaves(OmegaConf.to_container(raw.config, resolve=False))
+    values = {key: str(value) for key, value in _leaves(resolved).items()}
+    direct = [key for key, text in written.items() if isinstance(text, str) and "oc.env:" in text]
+    secrets = [values[key] for key in direct if values.get(key)]
+    return {key: text for key, text in written.items() if isinstance(text, str) and "${" in text
+            and (key in direct or any(secret in values.get(key, "") for secret in secrets))}
+
+
+def _leaves(config: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(config, dict):
+        items = config.items()
+    elif isinstance(config, list):
+        items = enumerate(config)
+    else:
+        return {prefix.rstrip("."): config}
+    return {k: v for key, value in items for k, v in _leaves(value, f"{prefix}{key}.").items()}
+
+
+def _as_written(resolved: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
+    """A copy of `resolved` with each of `keys` set back to its text as written."""
+    import copy
+
+    config = copy.deepcopy(resolved)
+    for key, text in keys.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, list) and leaf.isdigit() and int(leaf) < len(node):
+            node[int(leaf)] = _AsWritten(text)
+        elif isinstance(node, dict) and leaf in node:
+            node[leaf] = _AsWritten(text)
+    return config
 
 
 @dataclass
@@ -363,13 +408,16 @@ class Recipe:
     resolved: dict[str, Any]
     origins: dict[str, str]
     files: list[Path]
+    from_environment: dict[str, str] = field(default_factory=dict)  # key -> `${oc.env:...}` as written
 
     @property
     def run_dir(self) -> Path:
         return Path(self.training["output_dir"])
 
     def to_yaml(self) -> str:
-        return to_yaml(self.resolved)
+        """The recipe as qlora writes it everywhere (recipe.yaml, model card, config show): resolved,
+        except values from the environment, which keep their `${oc.env:NAME}`."""
+        return to_yaml(_as_written(self.resolved, self.from_environment))
 
 
 def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
@@ -404,7 +452,7 @@ def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
     return Recipe(
         **typed, quantization=resolved.get("quantization"), lora=resolved.get("lora"),
         training=resolved["training"], generate=resolved.get("generate") or {},
-        resolved=resolved, origins=raw.origins, files=raw.files,
+        resolved=resolved, origins=raw.origins, files=raw.files, from_environment=environment_keys(raw, resolved),
     )
 
 

@@ -6,30 +6,45 @@
     adapter/      the final LoRA adapter, tokenizer and a model card
     logs/         TensorBoard event files
     loss.png      training/validation loss and learning rate against steps
+
+run.json carries qlora's marker from the moment a run claims the folder, and `.qlora.lock` names
+the process that holds it: `--overwrite` deletes only these files (a user's own files in the
+folder survive), refuses a folder without the marker, and a second run on the folder is refused.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
-from dataclasses import dataclass
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from qlora_cli.atomic import LOCK_FILE, check_not_in_use, has_marker, lock_folder, marker, release_folder
 from qlora_cli.errors import UserError
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+KIND = "run"  # run.json's marker (atomic.marker)
+# What `qlora train` writes in a run folder, and the staging it may leave there when killed.
+OWN_FILES = ("recipe.yaml", "run.json", "checkpoints", "adapter", "logs", "loss.png")
+OWN_STAGING = (".adapter.tmp-*", ".adapter.old-*", ".run.json.tmp", ".loss.tmp.png", "checkpoints/.staging-*")
 LIBRARIES = ("qlora-cli", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets")
 
 
 @dataclass
 class RunFolder:
-    """Paths inside one run folder."""
+    """Paths inside one run folder, and what opening it for a run found there."""
 
     root: Path
+    fresh: bool = False  # claimed by a run that saved nothing: reused without a flag
+    resume_from: Path | None = None  # the checkpoint --resume continues
+    notes: list[str] = field(default_factory=list)  # what the user should hear (a checkpoint skipped, ...)
 
     @property
     def recipe(self) -> Path:
@@ -55,15 +70,53 @@ class RunFolder:
     def plot(self) -> Path:
         return self.root / "loss.png"
 
-    def last_checkpoint(self) -> Path | None:
-        """The newest checkpoint whose trainer state was written (the Trainer writes it last)."""
+    def is_ours(self) -> bool:
+        """Whether qlora made this folder: run.json holds its marker (or, from before the
+        marker, the qlora-cli version that only qlora records)."""
+        if has_marker(self.run_json, KIND):
+            return True
+        try:
+            return "qlora-cli" in json.loads(self.run_json.read_text()).get("versions", {})
+        except (OSError, ValueError, AttributeError, TypeError):
+            return False
+
+    def saved_anything(self) -> bool:
+        """Whether a run saved a checkpoint (complete or not) or an adapter here."""
+        return bool(self.newest_checkpoints()) or self.adapter.exists()
+
+    def newest_checkpoints(self) -> list[Path]:
         if not self.checkpoints.is_dir():
-            return None
+            return []
         found = [(int(m.group(1)), p) for p in self.checkpoints.iterdir() if (m := CHECKPOINT.match(p.name))]
-        for _, path in sorted(found, reverse=True):
-            if _readable_json(path / "trainer_state.json"):
-                return path
-        return None
+        return [path for _, path in sorted(found, reverse=True)]
+
+    def last_checkpoint(self) -> Path | None:
+        """The newest checkpoint that is complete and undamaged."""
+        return next((path for path in self.newest_checkpoints() if checkpoint_damage(path) is None), None)
+
+
+def checkpoint_damage(checkpoint: Path) -> str | None:
+    """Why a resume could not load `checkpoint` (a file missing, cut short or corrupt), or None.
+    Read without unpickling: safetensors headers, and the checksums of torch's zip files."""
+    if not _readable_json(checkpoint / "trainer_state.json"):  # the Trainer writes it last
+        return "its trainer_state.json is missing or incomplete"
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(checkpoint.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            return f"{path.name} is cut short or corrupt ({err})"
+    for path in sorted([*checkpoint.glob("*.pt"), *checkpoint.glob("*.pth"), *checkpoint.glob("*.bin")]):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError) as err:
+            return f"{path.name} is cut short or corrupt ({err})"
+        if bad:
+            return f"{path.name} is corrupt (its part {bad} fails its checksum)"
+    return None
 
 
 def _readable_json(path: Path) -> bool:
@@ -74,8 +127,10 @@ def _readable_json(path: Path) -> bool:
         return False
 
 
-def open_run_folder(recipe, *, resume: bool, overwrite: bool) -> RunFolder:
-    """Claim the run folder of `recipe`: a new one, an existing one to resume, or one to overwrite.
+def open_run_folder(recipe, *, resume: bool, overwrite: bool, probe_lock: bool = True) -> RunFolder:
+    """Open the run folder of `recipe` for a run: a new one, one to resume, one to overwrite, or
+    one a killed run claimed before saving anything (reused as new). Only looks: claim_run_folder
+    takes it.
 
     An existing run is never touched without a flag, and a folder that is not a run never at all.
     """
@@ -83,20 +138,58 @@ def open_run_folder(recipe, *, resume: bool, overwrite: bool) -> RunFolder:
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other", fix="choose one")
     _check_writable(run.root)
-    exists = run.root.is_dir() and any(run.root.iterdir())
-    if exists and not (resume or overwrite):
+    if probe_lock and os.environ.get("RANK", "0") == "0":  # the other ranks follow rank 0, which holds it
+        check_not_in_use(run.root, "qlora train", where="training.output_dir")
+    if not _entries(run.root):
+        if resume:
+            raise UserError(f"nothing to resume: {run.root} does not exist or is empty", where="training.output_dir",
+                            fix="train without --resume, or set training.output_dir to the run to continue")
+        return run
+    if not run.is_ours():
+        if overwrite or resume:
+            raise UserError(f"{'--overwrite would delete' if overwrite else 'cannot resume'} {run.root}, which is "
+                            "not a run folder qlora made (it has no run.json with qlora's marker)",
+                            where="training.output_dir",
+                            fix="set training.output_dir to a new folder, or empty that folder yourself")
+        raise UserError(f"{run.root} already exists and is not a run folder", where="training.output_dir",
+                        fix="set training.output_dir to a new folder")
+    if not run.saved_anything():  # a run killed before its first save
+        run.fresh = True
+        if resume:
+            run.notes.append(f"{run.root} has no checkpoint yet (its run stopped before the first save): "
+                             "starting the run afresh")
+        return run
+    if not (resume or overwrite):
         raise UserError(f"run folder {run.root} already exists", where="training.output_dir",
                         fix="add --resume to continue it, --overwrite to start over, or set training.output_dir")
-    if exists and overwrite and not any(p.exists() for p in (run.recipe, run.run_json, run.checkpoints)):
-        raise UserError(f"--overwrite would delete {run.root}, which is not a run folder (it has no recipe.yaml, "
-                        "run.json or checkpoints/)", where="training.output_dir",
-                        fix="set training.output_dir to a new folder, or empty that folder yourself")
-    if resume and run.last_checkpoint() is None:
-        raise UserError(f"nothing to resume: {run.root} has no complete checkpoint", where="training.output_dir",
-                        fix="start it over with --overwrite instead of --resume, or set training.output_dir")
     if resume:
+        _find_resume_point(run)
         _check_same_weights(recipe, run)
     return run
+
+
+def _entries(root: Path) -> list[Path]:
+    """What a folder holds besides our lock (a folder that holds only that is free)."""
+    return [p for p in root.iterdir() if p.name != LOCK_FILE] if root.is_dir() else []
+
+
+def _find_resume_point(run: RunFolder) -> None:
+    """The newest checkpoint a resume can load; newer damaged ones are named (and skipped)."""
+    damaged = []
+    for checkpoint in run.newest_checkpoints():
+        why = checkpoint_damage(checkpoint)
+        if why is None:
+            run.resume_from = checkpoint
+            break
+        damaged.append(f"{checkpoint}: {why}")
+    if run.resume_from is None:
+        listed = "; ".join(damaged) or "there are none"
+        raise UserError(f"nothing to resume: {run.root} has no complete checkpoint ({listed})",
+                        where="training.output_dir",
+                        fix="start it over with --overwrite instead of --resume, or set training.output_dir")
+    if damaged:
+        run.notes.append(f"skipping damaged {'; '.join(damaged)}; resuming from {run.resume_from.name} "
+                         "(training runs past the damaged steps again and replaces them)")
 
 
 # What the checkpoint's weights depend on: resuming with any of these changed cannot load them.
@@ -123,7 +216,7 @@ def recipe_differences(recipe, run: RunFolder) -> list[str]:
     if isinstance(old, dict):
         expand_home(old)  # as the new recipe's paths are (a recipe.yaml from before may keep a `~`)
     old = _flat(old)
-    new = _flat(recipe.resolved)
+    new = _flat(yaml.safe_load(recipe.to_yaml()))  # as it was written: `${oc.env:...}` values kept as such
     return sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
 
 
@@ -142,11 +235,57 @@ def _check_same_weights(recipe, run: RunFolder) -> None:
                             "training.* overrides), or start a new run with another training.output_dir")
 
 
-def clear_run_folder(run: RunFolder) -> None:
-    """Remove an old run's files for --overwrite (only once the new run is about to start)."""
-    if run.root.exists():
-        shutil.rmtree(run.root)
-    run.root.mkdir(parents=True)
+@contextmanager
+def claim_run_folder(recipe, seen: RunFolder, *, resume: bool, overwrite: bool, main: bool):
+    """`with claim_run_folder(...) as run:` the run folder, held under its lock by the main
+    process until the block ends (the other ranks go on with what they `seen` before it was
+    taken). Staging a killed run left is removed; a new folder gets run.json's marker at once, so
+    a kill from here on leaves a folder qlora knows. A run that fails before it saved anything
+    removes what it wrote: the next try needs no flag."""
+    if not main:
+        yield seen
+        return
+    lock = lock_folder(recipe.run_dir, "qlora train", where="training.output_dir")
+    try:
+        # Under the lock: what another run did since the first look counts (it may have finished).
+        run = open_run_folder(recipe, resume=resume, overwrite=overwrite, probe_lock=False)
+        _remove(run.root, OWN_STAGING)  # no other process writes here now: any staging is a killed run's
+        if not _entries(run.root):
+            write_json(run.run_json, marker(KIND) | {"status": "claimed", "started": now()})
+        yield run
+    except BaseException:
+        left = RunFolder(recipe.run_dir)
+        if left.is_ours() and not left.saved_anything():
+            _remove(left.root, OWN_FILES)
+        raise
+    finally:
+        release_folder(lock)
+        _remove_if_empty(recipe.run_dir)
+
+
+def start_run_folder(run: RunFolder, recipe_yaml: str, record: dict) -> None:
+    """Replace an old run's files by a new run's first ones (recipe.yaml, run.json), once the
+    model has loaded; files the user keeps in the folder stay."""
+    _remove(run.root, OWN_FILES)
+    run.root.mkdir(parents=True, exist_ok=True)
+    run.recipe.write_text(recipe_yaml)
+    write_json(run.run_json, marker(KIND) | record)
+
+
+def _remove(root: Path, patterns: tuple[str, ...]) -> None:
+    for pattern in patterns:
+        for path in root.glob(pattern):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _remove_if_empty(root: Path) -> None:
+    try:
+        root.rmdir()
+    except OSError:  # not empty: a run's files, or the user's
+        pass
 
 
 def _check_writable(root: Path) -> None:

@@ -1,8 +1,9 @@
 """`qlora train`: the story of a run, top to bottom.
 
-check the run folder is free -> check the recipe against this machine -> prepare (or reuse) the
-data -> plan (will it fit?) -> load the 4-bit base with LoRA -> claim the run folder -> build the
-Trainer -> train (stoppable, resumable) -> save the adapter, run.json and loss.png.
+check the run folder is free -> check the recipe against this machine -> claim (lock) the run
+folder -> prepare (or reuse) the data -> plan (will it fit?) -> load the 4-bit base with LoRA ->
+write the run's first files -> build the Trainer -> train (stoppable, resumable) -> save the
+adapter, run.json and loss.png.
 """
 
 from __future__ import annotations
@@ -10,17 +11,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora_cli.atomic import atomic_folder
+from qlora_cli.atomic import atomic_folder, disk_full, folder_size
 from qlora_cli.errors import UserError
 from qlora_cli.launch import planned_by_launcher, user_command_line
 from qlora_cli.preflight import check_before_loading, check_prepared_data
 from qlora_cli.run_folder import (
-    RunFolder, clear_run_folder, draw_loss_plot, library_versions, model_card, now, open_run_folder, write_json,
+    KIND, RunFolder, claim_run_folder, draw_loss_plot, library_versions, model_card, now, open_run_folder,
+    start_run_folder, write_json,
 )
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -49,15 +50,30 @@ def train(recipe, *, resume: bool = False, overwrite: bool = False, force: bool 
     from accelerate import PartialState
 
     from qlora_cli.builders import build_training_arguments
-    from qlora_cli.model import load_recipe_tokenizer, load_trainable_model, summarize_model
-    from qlora_cli.prepare import prepare_dataset
 
-    run = open_run_folder(recipe, resume=resume, overwrite=overwrite)
+    seen = open_run_folder(recipe, resume=resume, overwrite=overwrite)
     check_before_loading(recipe)
     # Building the arguments also joins the process group under torchrun / accelerate launch.
     args = build_training_arguments(recipe.training, recipe.origins, has_validation=recipe.data.has_validation,
-                                    **run_changes(recipe, run))
+                                    **run_changes(recipe, seen))
     state = PartialState()
+    state.wait_for_everyone()  # every rank has looked at the folder before rank 0 takes it
+    holds = state.is_main_process and not plan_only  # the `--nproc` launcher only plans
+    with claim_run_folder(recipe, seen, resume=resume, overwrite=overwrite, main=holds) as run:
+        if reporter and not plan_only:
+            for note in run.notes:
+                reporter.note(note)
+        return train_in_folder(recipe, run, args, state, force=force, plan_only=plan_only, gpus=gpus,
+                               reporter=reporter)
+
+
+def train_in_folder(recipe, run: RunFolder, args, state, *, force: bool, plan_only: bool, gpus: int | None,
+                    reporter=None) -> TrainResult | None:
+    """The run itself, in a run folder this process holds."""
+    from qlora_cli.model import load_recipe_tokenizer, load_trainable_model, summarize_model
+    from qlora_cli.prepare import prepare_dataset
+    from qlora_cli.trainer import OnTrainBegin
+
     tokenizer = load_recipe_tokenizer(recipe)
     with args.main_process_first(local=False, desc="prepare data"):  # rank 0 prepares, the others load
         prepared = prepare_dataset(recipe, tokenizer)
@@ -71,28 +87,32 @@ def train(recipe, *, resume: bool = False, overwrite: bool = False, force: bool 
         reporter.data_ready(prepared)
     model = load_trainable_model(recipe, device_map=_device_map(args))
     summary = summarize_model(model, recipe.quantization)
-    # Only now that the model has loaded: a run that fails before training leaves no folder behind.
-    if state.is_main_process:
-        if overwrite:
-            clear_run_folder(run)
-        run.root.mkdir(parents=True, exist_ok=True)
-        run.recipe.write_text(recipe.to_yaml())
+    start_from = run.resume_from
+    # Only now that the model has loaded: a run that fails before it leaves the old files as they
+    # were. A resume writes its recipe.yaml once the checkpoint has loaded (OnTrainBegin below).
+    if state.is_main_process and start_from is None:
+        start_run_folder(run, recipe.to_yaml(), {"status": "training", "started": started,
+                                                 "command": user_command_line()})
     state.wait_for_everyone()
     if reporter:
         reporter.model_ready(summary, run)
     trainer, stopper = None, None
-    start_from = run.last_checkpoint() if resume else None
+    loaded = OnTrainBegin(lambda: run.recipe.write_text(recipe.to_yaml()) if start_from else None)
     try:
         trainer, stopper = build_trainer(recipe, args, model, tokenizer, prepared, run, reporter)
+        trainer.add_callback(loaded)
         stopper.install()
         output = trainer.train(resume_from_checkpoint=str(start_from) if start_from else None)
     except BaseException as err:
         untrained = trainer is None or trainer.state.global_step == 0
-        if state.is_main_process and not resume and untrained:
-            shutil.rmtree(run.root, ignore_errors=True)  # nothing trained: the next try needs no flag
         if untrained and _missing_package(err):  # an optional package the recipe asks for (optim, ...)
             raise UserError(f"the run needs a package that is not installed: {err}",
                             fix="pip install it, or change the recipe key that asks for it") from None
+        if start_from and trainer is not None and not loaded.called and isinstance(err, Exception):
+            raise UserError(f"cannot resume from {start_from}, which fails to load: {_first_lines(err)}",
+                            where="training.output_dir",
+                            fix=f"delete that checkpoint (rm -r {start_from}) to resume from the one before it, "
+                                "or start over with --overwrite") from None
         raise
     finally:
         if stopper:
@@ -118,6 +138,13 @@ def plan_run(recipe, tokenizer, prepared, force: bool, gpus: int, reporter=None)
     refuse_unless_fits(plan, force)
 
 
+def _first_lines(err: BaseException, count: int = 2) -> str:
+    """The start of a library's error (torch lists every mismatched weight of a state dict)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [""]
+    more = f" (and {len(lines) - count} more lines)" if len(lines) > count else ""
+    return f"{type(err).__name__}: {' '.join(lines[:count])}{more}"
+
+
 def _missing_package(err: BaseException) -> bool:
     # transformers says so with an ImportError, or for some optimizers a ValueError ("Please install ...").
     return isinstance(err, ImportError) or (isinstance(err, ValueError) and "install" in str(err).lower())
@@ -133,7 +160,7 @@ def build_trainer(recipe, args, model, tokenizer, prepared, run: RunFolder, repo
     trainer = QloraTrainer(
         model=model, args=args, train_dataset=dataset["train"], eval_dataset=dataset.get("validation"),
         data_collator=collator, processing_class=tokenizer, callbacks=[stopper],
-        chunked_loss=recipe.model.chunked_loss,
+        chunked_loss=recipe.model.chunked_loss, from_environment=recipe.from_environment,
     )
     _log_to(trainer, run.logs)
     if reporter:
@@ -206,11 +233,15 @@ def _final_evaluation(trainer) -> dict:
 
 def save_adapter(trainer, tokenizer, run: RunFolder, recipe, prepared, metrics: dict) -> None:
     """adapter/: LoRA weights (safetensors), tokenizer and model card, appearing whole."""
-    with atomic_folder(run.adapter, replace=True) as tmp:
-        trainer.model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        base = recipe.model.name_or_path or f"init_from_config ({recipe.model.init_from_config.get('model_type')})"
-        (tmp / "README.md").write_text(model_card(recipe.to_yaml(), _data_lines(prepared), metrics, base))
+    base = recipe.model.name_or_path or f"init_from_config ({recipe.model.init_from_config.get('model_type')})"
+    try:
+        with atomic_folder(run.adapter, replace=True) as tmp:
+            trainer.model.save_pretrained(str(tmp), safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
+            (tmp / "README.md").write_text(model_card(recipe.to_yaml(), _data_lines(prepared), metrics, base))
+    except Exception as err:  # the staging is gone; a full disk says how much the adapter needs
+        last = run.last_checkpoint()
+        raise disk_full(err, run.adapter, folder_size(last) if last else 0, where="training.output_dir") or err
 
 
 def _data_lines(prepared) -> dict:
@@ -237,8 +268,10 @@ def run_record(recipe, prepared, summary, metrics: dict, started: str, stopped_b
     """run.json: everything needed to tell later how this run was made and how it went."""
     import torch
 
+    from qlora_cli.atomic import marker
+
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    return {
+    return marker(KIND) | {
         "command": user_command_line(),  # under --nproc, the launcher's
         "started": started,
         "ended": now(),

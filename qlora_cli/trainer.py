@@ -13,10 +13,13 @@ import shutil
 import signal
 from pathlib import Path
 
+import torch
 from transformers import Trainer, TrainerCallback
+from transformers.integrations import TensorBoardCallback
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import rotate_checkpoints
 
-from qlora_cli.atomic import share_files
+from qlora_cli.atomic import disk_full, folder_size, share_files
 from qlora_cli.collate import PackedCollator
 from qlora_cli.loss import loss_in_chunks
 
@@ -26,10 +29,16 @@ TOKENS_KEY = "num_real_tokens"
 class QloraTrainer(Trainer):
     """Trainer with atomic checkpoints and a count of the real tokens it trained on."""
 
-    def __init__(self, *args, chunked_loss: bool = False, **kwargs):
+    def __init__(self, *args, chunked_loss: bool = False, from_environment: dict[str, str] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.real_tokens_seen = 0
         self.chunked_loss = chunked_loss  # `model.chunked_loss`: see qlora_cli/loss.py
+        # Recipe keys whose values came from `${oc.env:...}`: kept as written in what is saved.
+        self.from_environment = from_environment or {}
+        for callback in list(self.callback_handler.callbacks):
+            if type(callback) is TensorBoardCallback:  # it writes every argument into the event file
+                self.remove_callback(callback)
+                self.add_callback(RedactedTensorBoard(lambda args: redacted_arguments(args, self.from_environment)))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         with loss_in_chunks(model, enabled=self.chunked_loss):
@@ -52,6 +61,12 @@ class QloraTrainer(Trainer):
         self.args.output_dir = str(staging_parent)
         try:
             super()._save_checkpoint(model, trial)
+        except Exception as err:
+            staged = folder_size(staging_parent)
+            shutil.rmtree(staging_parent, ignore_errors=True)  # the previous checkpoint stays as it was
+            previous = max((folder_size(p) for p in final_parent.glob("checkpoint-*")), default=0)
+            raise disk_full(err, final_parent / f"checkpoint-{step}", max(staged, previous),
+                            where="training.output_dir") or err
         finally:
             self.args.output_dir = str(final_parent)
         self.accelerator.wait_for_everyone()  # every rank has written its RNG state
@@ -61,6 +76,8 @@ class QloraTrainer(Trainer):
         if self.args.should_save:
             staged = staging_parent / f"checkpoint-{step}"
             self.state.save_to_json(str(staged / "trainer_state.json"))  # with the final paths
+            if self.from_environment and (staged / TRAINING_ARGS_NAME).is_file():
+                torch.save(redacted_arguments(self.args, self.from_environment), staged / TRAINING_ARGS_NAME)
             share_files(staged)  # safetensors writes owner-only files; a team reads checkpoints too
             target = final_parent / f"checkpoint-{step}"
             if target.exists():
@@ -72,6 +89,44 @@ class QloraTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
 
+def redacted_arguments(args, from_environment: dict[str, str]):
+    """A copy of the TrainingArguments whose fields that came from the environment hold their
+    `${oc.env:NAME}` as written instead (the Trainer itself keeps the values: it may need them)."""
+    import copy
+
+    redacted = copy.copy(args)
+    for key, text in from_environment.items():
+        section, _, path = key.partition(".")
+        name, *inner = path.split(".")
+        if section != "training" or not hasattr(redacted, name):
+            continue
+        if not inner:
+            setattr(redacted, name, text)
+        elif isinstance(getattr(redacted, name), dict):  # e.g. training.fsdp_config.x
+            value = copy.deepcopy(getattr(redacted, name))
+            _set_inner(value, inner, text)
+            setattr(redacted, name, value)
+    return redacted
+
+
+def _set_inner(node, path: list[str], text: str) -> None:
+    for part in path[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict) and path[-1] in node:
+        node[path[-1]] = text
+
+
+class RedactedTensorBoard(TensorBoardCallback):
+    """TensorBoard logging that records the arguments with the environment's values redacted."""
+
+    def __init__(self, redact):
+        super().__init__()
+        self.redact = redact
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        return super().on_train_begin(self.redact(args), state, control, **kwargs)
+
+
 class CountingCollator(PackedCollator):
     """PackedCollator that also reports how many real tokens the batch holds."""
 
@@ -79,6 +134,20 @@ class CountingCollator(PackedCollator):
         batch = super().__call__(rows)
         batch[TOKENS_KEY] = sum(len(row["input_ids"]) for row in rows)
         return batch
+
+
+class OnTrainBegin(TrainerCallback):
+    """Calls `action` on the main process once the Trainer has loaded what it resumes from
+    (weights, optimizer, scheduler), before the first step."""
+
+    def __init__(self, action):
+        self.action = action
+        self.called = False  # on every rank: whether the Trainer got this far
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.called = True
+        if state.is_world_process_zero:
+            self.action()
 
 
 class StopOnSignal(TrainerCallback):

@@ -105,6 +105,38 @@ def data_recipe(tmp_path):
     return write
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """small_disk(kib) -> a folder on a tmpfs of that many KiB: a disk that fills up, for real.
+    Mounting needs root (CI containers often are); elsewhere the test is skipped."""
+    mounts = []
+
+    def mount(kib: int) -> Path:
+        folder = tmp_path / f"disk{len(mounts)}"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+        mounts.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounts:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill_disk(folder: Path, leave: int = 0) -> None:
+    """Write a file in `folder` until its disk has no more than `leave` bytes free."""
+    with open(folder / "filler", "wb") as filler:
+        while shutil.disk_usage(folder).free > leave:
+            try:
+                filler.write(b"x" * max(min(shutil.disk_usage(folder).free - leave, 65536), 1))
+                filler.flush()
+            except OSError:
+                break
+
+
 # ---------------------------------------------------------------- runs (test_train, test_merge_generate, test_cli_end_to_end)
 
 # The installed console script, beside this Python (the venv's bin/).

@@ -580,6 +580,46 @@ def test_resume_drops_a_last_line_cut_short_by_a_kill_and_answers_it_again(tmp_p
     assert [row["id"] for row in rows] == [0, 1, 2, 3] and rows[0]["response"] == "before"
 
 
+NOT_ANSWERS = {
+    "notes": "my notes\nsecond line\n",
+    "one line without a newline": "hello",
+    "JSON lines without a response": '{"id": 0, "prompt": "x"}\n',
+    "answers to other prompts": json.dumps({"id": 7, "prompt": "another question", "response": "r"}) + "\n",
+    "more answers than prompts": "".join(json.dumps({"id": i, "prompt": q, "expected": a, "response": a}) + "\n"
+                                         for i, (q, a) in enumerate(PAIRS[:3])),
+}
+
+
+@pytest.mark.parametrize("text", NOT_ANSWERS.values(), ids=NOT_ANSWERS.keys())
+def test_resume_refuses_a_file_that_is_not_its_answers_and_leaves_it_whole(text, trained_run, tmp_path):
+    output = tmp_path / "notes.txt"
+    output.write_text(text)
+    result = qlora("generate", trained_run.root, "--input", write_prompts(tmp_path / "prompts.jsonl", PAIRS[:2]),
+                   "--output", output, "--resume")
+    assert_user_error(result, "not this command's answers file", f"{output}:", wrapped=True)
+    assert output.read_text() == text
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_answering_exits_2_with_the_space_needed_and_leaves_no_empty_file(trained_run, tmp_path,
+                                                                                            small_disk):
+    from conftest import fill_disk
+
+    disk = small_disk(64)
+    answered = disk / "answered.jsonl"  # one answer from before, to resume, filling a whole page of the tmpfs
+    line = json.dumps({"id": 0, "prompt": PAIRS[0][0], "expected": PAIRS[0][1], "response": ""})
+    answered.write_text(line.replace('"response": ""', f'"response": "{"a" * (4095 - len(line))}"') + "\n")
+    assert answered.stat().st_size == 4096
+    fill_disk(disk)
+    prompts = write_prompts(tmp_path / "prompts.jsonl", PAIRS[:3])
+    for output, flags in ((disk / "answers.jsonl", []), (answered, ["--resume"])):
+        before = output.read_bytes() if output.exists() else None
+        result = qlora("generate", trained_run.root, "generate.max_new_tokens=4", "--input", prompts,
+                       "--output", output, *flags)
+        assert_user_error(result, "no space left", "it needs", "free at least", wrapped=True)
+        assert (output.read_bytes() if output.exists() else None) == before  # no empty file, no half line
+
+
 def test_answer_file_refuses_an_existing_output_without_resume(tmp_path):
     from qlora_cli.errors import UserError
     from qlora_cli.generate import check_output
@@ -587,7 +627,7 @@ def test_answer_file_refuses_an_existing_output_without_resume(tmp_path):
     output = tmp_path / "answers.jsonl"
     check_output(output, resume=False)
     output.write_text("")
-    check_output(output, resume=True)
+    check_output(output, resume=True, records=[])
     with pytest.raises(UserError, match="already exists") as error:
         check_output(output, resume=False)
     assert error.value.where == "--output"

@@ -377,3 +377,31 @@ def test_num_proc_gives_the_same_rows_and_the_same_error_location(data_recipe, w
     with pytest.raises(UserError, match="does not follow") as err:
         build(data_recipe, {"sources": [{"path": bad, "format": "text"}], "num_proc": 2}, v1_tokenizer)
     assert err.value.where == f"{bad}:1101"
+
+
+@pytest.mark.slow
+def test_a_prepare_killed_while_saving_leaves_staging_that_the_next_prepare_removes(data_recipe, write_jsonl,
+                                                                                    tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from conftest import QLORA
+
+    rows = [{"text": f"[INST] question {i} [/INST] answer {i} of many</s>"} for i in range(4000)]
+    recipe = data_recipe({"sources": [{"path": write_jsonl(rows), "format": "text"}], "packing": False})
+    cache = tmp_path / "prepared"
+    for _ in range(5):  # the staging lives for a fraction of a second: kill -9 when it appears
+        process = subprocess.Popen([QLORA, "prepare", str(recipe), "--force"], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        while process.poll() is None and not list(cache.glob(".*.tmp-*")):
+            time.sleep(0.001)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+        if list(cache.glob(".*.tmp-*")):
+            break
+    staging = list(cache.glob(".*.tmp-*"))
+    assert staging, "no prepare was caught while saving"
+    result = CliRunner().invoke(app, ["prepare", str(recipe), "data.max_length=128"])  # another fingerprint
+    assert result.exit_code == 0, result.output
+    assert not list(cache.glob(".*")), "staging folders left"

@@ -146,14 +146,15 @@ def test_an_existing_run_folder_is_refused_and_left_untouched(trained_run):
 
 
 @pytest.mark.slow
-def test_overwrite_starts_the_run_over(tmp_path, sample_subset, prepared_dir):
+def test_overwrite_starts_the_run_over_and_keeps_the_users_own_files(tmp_path, sample_subset, prepared_dir):
     root = tmp_path / "run"
-    (root / "checkpoints" / "checkpoint-99").mkdir(parents=True)
-    (root / "notes.txt").write_text("an old run")
-    result = qlora("train", "tiny-mistral", *short_run(sample_subset, root, prepared_dir, "training.max_steps=2"),
-                   "--overwrite")
+    args = ["tiny-mistral", *short_run(sample_subset, root, prepared_dir, "training.max_steps=2")]
+    assert qlora("train", *args).exit_code == 0
+    (root / "checkpoints" / "checkpoint-99").mkdir()  # as if an older, longer run had left it
+    (root / "notes.txt").write_text("my notes on this run")
+    result = qlora("train", *args, "--overwrite")
     assert result.exit_code == 0, result.output
-    assert not (root / "notes.txt").exists()
+    assert (root / "notes.txt").read_text() == "my notes on this run"  # not qlora's: kept
     assert [p.name for p in (root / "checkpoints").iterdir()] == ["checkpoint-2"]
     assert (root / "adapter" / "adapter_model.safetensors").is_file()
     assert list((root / "logs").glob("events.out.tfevents.*"))  # its own logs, though not the first run here
@@ -178,12 +179,13 @@ def test_resume_with_other_lora_weights_is_refused_and_the_run_left_untouched(tr
 
 
 @pytest.mark.slow
-def test_resume_without_a_checkpoint_is_refused(tmp_path, sample_subset, prepared_dir):
+def test_resume_of_a_folder_qlora_did_not_make_is_refused(tmp_path, sample_subset, prepared_dir):
     root = tmp_path / "run"
     root.mkdir()
     (root / "recipe.yaml").write_text("{}\n")
     result = qlora("train", "tiny-mistral", *short_run(sample_subset, root, prepared_dir), "--resume")
-    assert_user_error(result, "nothing to resume", "--overwrite")
+    assert_user_error(result, "cannot resume", "not a run folder qlora made")
+    assert [p.name for p in root.iterdir()] == ["recipe.yaml"]
 
 
 # ---------------------------------------------------------------- mistakes caught before any weight loads
