@@ -16,7 +16,9 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qlora_cli.atomic import atomic_folder, can_create_in, nearest_existing, remove_stale_temporaries
+from qlora_cli.atomic import (
+    atomic_folder, can_create_in, disk_full, nearest_existing, remove_stale_temporaries,
+)
 from qlora_cli.errors import UserError
 from qlora_cli.packing import build_rows
 from qlora_cli.sources import Example, apply_weight, read_source
@@ -92,8 +94,10 @@ def prepare_dataset(recipe, tokenizer, *, force: bool = False) -> PreparedData:
             dataset.save_to_disk(str(tmp))
             (tmp / SUMMARY_FILE).write_text(json.dumps(dataclasses.asdict(summary), indent=2))
     except OSError as err:  # what the check above cannot foresee: a full disk, a read-only mount
-        raise UserError(f"`data.prepared_dir` {target.parent} cannot be written: {err.strerror or err}",
-                        where=where, fix="set data.prepared_dir to a folder you can write") from None
+        needed = sum(split.data.nbytes for split in dataset.values())
+        raise disk_full(err, target, needed, where) or UserError(
+            f"`data.prepared_dir` {target.parent} cannot be written: {err.strerror or err}",
+            where=where, fix="set data.prepared_dir to a folder you can write") from None
     return load_prepared(target, reused=False)
 
 

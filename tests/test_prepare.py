@@ -405,3 +405,15 @@ def test_a_prepare_killed_while_saving_leaves_staging_that_the_next_prepare_remo
     result = CliRunner().invoke(app, ["prepare", str(recipe), "data.max_length=128"])  # another fingerprint
     assert result.exit_code == 0, result.output
     assert not list(cache.glob(".*")), "staging folders left"
+
+
+def test_a_full_disk_while_saving_exits_2_with_the_space_needed_and_leaves_no_staging(data_recipe, write_jsonl,
+                                                                                      small_disk):
+    disk = small_disk(64)
+    rows = [{"text": f"[INST] question {i} [/INST] answer {i} of many</s>"} for i in range(2000)]
+    recipe = data_recipe({"sources": [{"path": write_jsonl(rows), "format": "text"}], "packing": False,
+                          "prepared_dir": str(disk)})
+    result = CliRunner().invoke(app, ["prepare", str(recipe)])
+    assert result.exit_code == 2, result.output
+    assert "no space left" in result.output and "free at least" in result.output
+    assert list(disk.iterdir()) == []
