@@ -124,6 +124,9 @@ def disk_full(err: BaseException, path: Path, needed: int, where: str) -> UserEr
         return None
     if getattr(err, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) and free >= needed:
         return None
+    if not needed:  # nothing to measure the write by
+        return UserError(f"no space left to write {path}: {folder} has {_size(free)} free", where=where,
+                         fix="free space there, or write to another disk")
     short = needed - free if free < needed else needed
     return UserError(f"no space left to write {path}: it needs about {_size(needed)}, and {folder} has "
                      f"{_size(free)} free", where=where,
