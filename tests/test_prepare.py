@@ -407,6 +407,7 @@ def test_a_prepare_killed_while_saving_leaves_staging_that_the_next_prepare_remo
     assert not list(cache.glob(".*")), "staging folders left"
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_saving_exits_2_with_the_space_needed_and_leaves_no_staging(data_recipe, write_jsonl,
                                                                                       small_disk):
     disk = small_disk(64)
