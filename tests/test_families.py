@@ -216,3 +216,19 @@ def test_plan_is_within_a_quarter_of_the_measured_peak_of_a_training_step(model_
     estimated = sum(item.bytes for item in memory_items(shape, Settings(**{**vars(settings), "packed_mask": False}),
                                                         batch, seq))
     assert abs(estimated - measured) <= 0.25 * measured, (estimated, measured)
+
+
+@pytest.mark.slow  # converts the tekken vocabulary
+@pytest.mark.parametrize("name", ["mistral-nemo-12b", "mistral-small-3.2-24b", "ministral-3-8b"])
+def test_a_family_recipes_header_states_its_plan_at_1_and_4_rows_of_2048_tokens(name):
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("family_plans", root / "bench" / "family_plans.py")
+    family_plans = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(family_plans)
+    plan = family_plans.plan_gib(name)
+    header = (root / "recipes" / f"{name}.yaml").read_text().split("\n\n")[0]
+    assert f"{plan['1x2048']:.1f} GiB for one 2,048-token row" in header.replace("\n# ", " ")
+    assert f"{plan['4x2048']:.1f} GiB for 4 x 2,048" in header.replace("\n# ", " ")
