@@ -47,7 +47,7 @@ FAMILIES: dict[str, Family] = {
         Family("ministral", "Ministral 8B (2410)", defaults={"head_dim": None}),
         Family("ministral3", "Ministral 3 3B / 8B / 14B (text only)"),
         # Mistral3Config ties lm_head to the embeddings by default; the 24B checkpoints (Mistral
-        # Small 3.1 / 3.2, Magistral Small, Devstral Small) and Ministral 3 8B / 14B do not.
+        # Small 3.1 / 3.2, Magistral Small, Devstral Small) do not (init_from_config may set it).
         Family("mistral3", "Mistral Small 3.1 / 3.2 24B, Magistral Small 2509, Devstral Small, Ministral 3 "
                "3B / 8B / 14B (vision-language)", auto_class=IMAGE_TEXT_TO_TEXT,
                outside_language_model=("model.vision_tower", "model.multi_modal_projector"),
