@@ -181,41 +181,23 @@ def test_a_vision_language_model_trains_4bit_lora_on_its_language_model_only(tmp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", list(TINY_CONFIGS))
-def test_plan_is_within_a_quarter_of_the_measured_peak_of_a_training_step(model_type, tmp_path):
-    # As tests/test_plan.py measures the mistral one: live bytes of a second step, on top of the
-    # weights, quantization state, LoRA and optimizer state that exist before it.
+def test_plan_is_within_5_percent_of_the_measured_peak_of_a_training_step_for_each_family(model_type, tmp_path):
+    # As tests/test_plan.py measures the mistral one.
     import torch
 
-    from qlora_cli.loss import loss_in_chunks
     from qlora_cli.model import load_recipe_tokenizer, load_trainable_model
     from qlora_cli.plan import load_model_config, recipe_settings
-    from qlora_cli.plan_memory import Settings, memory_items, model_shape
-    from test_plan import LiveBytes, quant_state_tensors
+    from qlora_cli.plan_memory import model_shape
+    from test_plan import estimated_total, measured_step_peak
 
     recipe = load_recipe([family_recipe(tmp_path, model_type)])
     shape = model_shape(load_model_config(recipe, load_recipe_tokenizer(recipe)))
     settings = recipe_settings(recipe, shape, on_gpu=False)
-    model = load_trainable_model(recipe)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     batch, seq = 2, 64
-    ids = torch.randint(0, shape.vocab, (batch, seq))
-
-    def step():
-        with loss_in_chunks(model, enabled=settings.chunked_loss):
-            model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step()
-    before = [*model.parameters(), *model.buffers(), *(t for p in model.parameters() for t in quant_state_tensors(p)),
-              *(t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor))]
-    static = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in before}.values())
-    with LiveBytes({t.untyped_storage().data_ptr() for t in before}) as tracker:
-        step()
-    measured = static + tracker.peak
-    estimated = sum(item.bytes for item in memory_items(shape, Settings(**{**vars(settings), "packed_mask": False}),
-                                                        batch, seq))
-    assert abs(estimated - measured) <= 0.25 * measured, (estimated, measured)
+    measured = measured_step_peak(load_trainable_model(recipe), torch.randint(0, shape.vocab, (batch, seq)),
+                                  settings.chunked_loss)
+    estimated = estimated_total(shape, settings, batch, seq)
+    assert abs(estimated - measured) <= 0.05 * measured, (estimated, measured)  # asked: 25%; measured: 1.6% over
 
 
 @pytest.mark.slow  # converts the tekken vocabulary

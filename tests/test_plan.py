@@ -167,29 +167,40 @@ class LiveBytes(TorchDispatchMode):
         self.current -= self.live.pop(key, 0)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("batch,seq", SHAPES)
-def test_the_total_is_within_5_percent_of_the_measured_peak_of_a_training_step(tiny, batch, seq):
-    _, model, shape, settings = tiny
+def measured_step_peak(model, ids, chunked_loss: bool) -> int:
+    """Bytes at the peak of a training step as the Trainer runs it (with the recipe's chunked
+    loss): what exists before it (weights, quantization state, LoRA, optimizer state) plus the
+    peak of what the step allocates. Two steps: the optimizer state exists from the first on."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-6)
-    ids = torch.randint(0, shape.vocab, (batch, seq))
 
-    def step():  # as the Trainer runs it: with the recipe's chunked loss
-        with loss_in_chunks(model, enabled=settings.chunked_loss):
+    def step():
+        with loss_in_chunks(model, enabled=chunked_loss):
             model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()  # the optimizer state exists from here on, as it does at every later step
+    step()
     before = [*model.parameters(), *model.buffers(), *(t for p in model.parameters() for t in quant_state_tensors(p)),
               *(t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor))]
     static = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in before}.values())
     with LiveBytes({t.untyped_storage().data_ptr() for t in before}) as tracker:
         step()
-    measured = static + tracker.peak
-    estimated = sum(item.bytes for item in memory_items(shape, Settings(**{**vars(settings), "packed_mask": False}),
-                                                        batch, seq))
+    return static + tracker.peak
+
+
+def estimated_total(shape, settings, batch: int, seq: int) -> int:
+    # No attention mask reaches the model in these steps (full rows), so none is estimated either.
+    return sum(item.bytes for item in memory_items(shape, Settings(**{**vars(settings), "packed_mask": False}),
+                                                   batch, seq))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch,seq", SHAPES)
+def test_the_total_is_within_5_percent_of_the_measured_peak_of_a_training_step(tiny, batch, seq):
+    _, model, shape, settings = tiny
+    measured = measured_step_peak(model, torch.randint(0, shape.vocab, (batch, seq)), settings.chunked_loss)
+    estimated = estimated_total(shape, settings, batch, seq)
     assert abs(estimated - measured) <= 0.05 * measured, (estimated, measured)  # measured: 1.2-2.2% over
 
 
