@@ -122,8 +122,7 @@ def build_init_config(init_config: dict, tokenizer):
     if family.is_vision_language:
         text = dict(values.get(family.text_config_key) or {})
         text_type = text.setdefault("model_type", "mistral")
-        values[family.text_config_key] = {**_with_defaults(FAMILIES[text_type], text),
-                                          "vocab_size": text.get("vocab_size", len(tokenizer)), **ids}
+        values[family.text_config_key] = {"vocab_size": len(tokenizer), **ids, **_with_defaults(FAMILIES[text_type], text)}
     else:
         values = {"vocab_size": len(tokenizer), **ids, **values}
     values = _with_defaults(family, values)
