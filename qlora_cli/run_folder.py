@@ -370,7 +370,8 @@ tags: [qlora, lora, peft]
 # LoRA adapter trained with qlora
 
 Base model: `{base_model}`. Load it with
-`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "<this folder>")`,
+`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "<this folder>")`
+(`AutoModelForImageTextToText` for a vision-language base such as Mistral Small 3.x),
 or merge it into a standalone model with `qlora merge <run folder>`.
 
 ## Final metrics

@@ -214,3 +214,13 @@ def test_a_family_recipes_header_states_its_plan_at_1_and_4_rows_of_2048_tokens(
     header = (root / "recipes" / f"{name}.yaml").read_text().split("\n\n")[0]
     assert f"{plan['1x2048']:.1f} GiB for one 2,048-token row" in header.replace("\n# ", " ")
     assert f"{plan['4x2048']:.1f} GiB for 4 x 2,048" in header.replace("\n# ", " ")
+
+
+@pytest.mark.parametrize("model_type", list(TINY_CONFIGS))
+def test_qlora_plan_reports_each_family_and_its_vision_tower(model_type, tmp_path, sample_subset):
+    recipe = family_recipe(tmp_path, model_type, data={"sources": [{"path": str(sample_subset), "format": "text"}],
+                                                        "prepared_dir": str(tmp_path / "prepared")})
+    result = qlora("plan", recipe, "--gpu-memory", "24")
+    assert result.exit_code == 0, result.output
+    assert "LoRA parameters" in result.output and "14 modules" in result.output  # 2 text layers x 7 Linears
+    assert ("unquantized: vision tower" in result.output) == (model_type == "mistral3")  # the table may wrap the rest
