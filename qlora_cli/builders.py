@@ -11,7 +11,7 @@ from typing import Any
 
 from qlora_cli.errors import UserError
 from qlora_cli.sections import (
-    GenerateOptions, build_schema, check_keys, dataclass_annotations, matches_type, signature_annotations,
+    METHODS, GenerateOptions, build_schema, check_keys, dataclass_annotations, matches_type, signature_annotations,
     to_dtype,
 )
 
@@ -28,16 +28,32 @@ def lora_keys() -> dict[str, Any]:
     return dataclass_annotations(LoraConfig)
 
 
-def training_class():
-    """The class a recipe's `training` section becomes. The one place that chooses it: a method
-    with its own config (TRL's DPOConfig / KTOConfig extend TrainingArguments) picks it here."""
-    from transformers import TrainingArguments
+def training_class(method: str = "sft"):
+    """The class a recipe's `training` section becomes, the one place that chooses it: TrainingArguments,
+    or for `method: dpo | kto` TRL's DPOConfig / KTOConfig (which extend it)."""
+    if method == "sft":
+        from transformers import TrainingArguments
 
-    return TrainingArguments
+        return TrainingArguments
+    from trl import DPOConfig, KTOConfig
+
+    return {"dpo": DPOConfig, "kto": KTOConfig}[method]
 
 
-def training_keys() -> dict[str, Any]:
-    return dataclass_annotations(training_class())
+def training_keys(method: str = "sft") -> dict[str, Any]:
+    keys = dataclass_annotations(training_class(method))
+    if method == "dpo":  # DPOConfig takes one loss as text (`loss_type: ipo`) and makes it a list itself
+        keys["loss_type"] = str | keys["loss_type"]
+    return keys
+
+
+def method_defaults(method: str, training: dict) -> dict:
+    """TRL's configs turn on bf16 and gradient checkpointing unless told otherwise; a recipe means
+    what it would mean to TrainingArguments (our `activation_checkpointing` is the switch)."""
+    if method == "sft":
+        return {}
+    return {"bf16": bool(training.get("bf16", False)),
+            "gradient_checkpointing": bool(training.get("gradient_checkpointing", False))}
 
 
 def generation_defaults() -> dict[str, Any]:
@@ -81,12 +97,13 @@ def build_lora_config(lora: dict | None, origins: dict[str, str] | None = None):
 
 
 def build_training_arguments(training: dict, origins: dict[str, str] | None = None, *,
-                             has_validation: bool = False, cls=None, **changes):
+                             has_validation: bool = False, method: str = "sft", cls=None, **changes):
     """The TrainingArguments a run trains with, assembled in this one place: the recipe's
     `training` section, what this machine needs, the evaluation that validation data implies,
-    and `changes` (the run folder's) on top. `cls` defaults to `training_class()`."""
-    values = {**training, **machine_changes(), **evaluation_changes(training, has_validation), **changes}
-    return _construct(cls or training_class(), values, "training", origins or {})
+    and `changes` (the run folder's) on top. `cls` defaults to `training_class(method)`."""
+    values = {**method_defaults(method, training), **training, **machine_changes(),
+              **evaluation_changes(training, has_validation), **changes}
+    return _construct(cls or training_class(method), values, "training", origins or {})
 
 
 def machine_changes() -> dict:
@@ -124,10 +141,13 @@ def check_library_sections(config: dict, origins: dict[str, str], data=None) -> 
     is the typed data section, when it was built."""
     generate_ours = [f.name for f in dataclasses.fields(GenerateOptions)]
     has_validation = data is not None and data.has_validation
+    method = config.get("method", "sft")
+    method = method if method in METHODS else "sft"  # an unknown one is reported by check_method
     checks = [
         ("quantization", quantization_keys, build_bnb_config, ()),
         ("lora", lora_keys, build_lora_config, ()),
-        ("training", training_keys, functools.partial(build_training_arguments, has_validation=has_validation), ()),
+        ("training", functools.partial(training_keys, method),
+         functools.partial(build_training_arguments, has_validation=has_validation, method=method), ()),
         ("generate", generation_keys, build_generation_config, generate_ours),
     ]
     errors: list[UserError] = []
@@ -142,12 +162,28 @@ def check_library_sections(config: dict, origins: dict[str, str], data=None) -> 
         section_errors = check_keys(values, annotations, section, origins, extra_keys=extra)
         if section == "generate":
             section_errors += _check_generate_options(values, origins)
+        if section == "training":
+            section_errors += _check_choices(training_class(method), values, origins)
         if not section_errors:
             try:
                 build(values, origins)
             except UserError as err:
                 section_errors = err.errors
         errors += section_errors
+    return errors
+
+
+def _check_choices(cls, values: dict, origins: dict[str, str]) -> list[UserError]:
+    """Values outside the `choices` a config class declares in its field metadata (TRL's KTOConfig
+    takes any `loss_type` text and fails mid-training on one it does not know)."""
+    errors = []
+    for f in dataclasses.fields(cls):
+        choices = list(f.metadata.get("choices") or [])
+        value = values.get(f.name)
+        if choices and isinstance(value, str) and value not in choices:
+            dotted = f"training.{f.name}"
+            errors.append(UserError(f"`{dotted}` is {value!r}; {cls.__name__} takes {', '.join(map(str, choices))}",
+                                    where=origins.get(dotted, dotted)))
     return errors
 
 

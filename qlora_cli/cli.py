@@ -245,7 +245,8 @@ def train(
         console.print(f"[yellow]stopped[/] at a checkpoint in {run.checkpoints}; loss plot: {run.plot}\n"
                       f"resume with: {again}", highlight=False)
         raise typer.Exit(result.exit_code)
-    shown = {k: round(v, 4) for k, v in result.metrics.items() if k in ("final_train_loss", "eval_loss", "eval_perplexity")}
+    shown = {k: round(v, 4) for k, v in result.metrics.items() if k in ("final_train_loss", "eval_loss", "eval_perplexity",
+                                                                   "eval_rewards/accuracies", "eval_rewards/margins")}
     console.print(f"[green]done[/]: {shown}\n"
                   f"adapter:   {run.adapter}\nloss plot: {run.plot}\nrun record: {run.run_json}\n"
                   f"next:      qlora merge {run.recipe}\n"

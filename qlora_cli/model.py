@@ -168,6 +168,8 @@ def load_trainable_model(recipe, *, device_map=None):
     elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    if recipe.model.adapter:
+        return load_starting_adapter(model, recipe)
     family = checkpoint_family(model.config, trust_remote_code=recipe.model.trust_remote_code)
     lora = build_lora_config(language_model_lora(family, recipe.lora), recipe.origins)
     if lora is None:
@@ -185,6 +187,21 @@ def load_trainable_model(recipe, *, device_map=None):
         raise UserError(f"`lora.target_modules` does not fit this model: {err}",
                         where=recipe.origins.get("lora.target_modules", "lora.target_modules"),
                         fix="name layers the model has, e.g. lora.target_modules=all-linear or [q_proj,v_proj]") from None
+
+
+def load_starting_adapter(model, recipe):
+    """`model.adapter` (an SFT run's adapter/, or a hub id) on the base, trainable: the run goes on
+    from it, with its own LoRA config (the recipe's `lora` section does not reshape it)."""
+    from peft import PeftModel
+
+    adapter = recipe.model.adapter
+    try:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load the adapter `{adapter}` to start from: {err}",
+                        where=recipe.origins.get("model.adapter", "model.adapter"),
+                        fix="give a folder with adapter_config.json and adapter_model.safetensors (e.g. runs/sft/adapter)"
+                        ) from None
 
 
 def summarize_model(model, quantization: dict | None) -> ModelSummary:

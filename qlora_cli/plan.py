@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from qlora_cli.builders import checkpointing_on
@@ -47,6 +47,7 @@ class Plan:
     disk: list[MemoryItem] = field(default_factory=list)
     disk_free: dict[str, int] = field(default_factory=dict)
     resume: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the method adds (DPO/KTO)
     warnings: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     errors: list[UserError] = field(default_factory=list)  # the problems `qlora train` checks for itself
@@ -73,6 +74,7 @@ class Plan:
             name, (fast, slow) = next(iter(self.durations.items()))
             lines.append(f"plan: {self.steps:,} steps, {self.flops:.3g} FLOPs, {format_duration(fast)}-{format_duration(slow)} on {name} "
                          f"at {MFU_RANGE[1]:.0%}-{MFU_RANGE[0]:.0%} MFU")
+        lines += [f"plan: {note}" for note in self.notes]
         lines += [f"plan hint: {f}" for f in self.faster]
         lines += [f"plan warning: {w}" for w in self.warnings]
         lines += [f"plan problem: {p}" for p in self.problems]
@@ -92,11 +94,16 @@ def plan_recipe(recipe, gpu_memory: float | None = None, gpus: int | None = None
     settings = recipe_settings(recipe, shape, on_gpu=not recipe.training.get("use_cpu"), gpus=gpus or 1)
     prepared = prepared or prepare_dataset(recipe, tokenizer)
     training, gpus = recipe.training, gpus or 1
-    batch = int(training.get("per_device_train_batch_size", 8))
+    # DPO runs prompt + chosen and prompt + rejected for each pair, KTO each example and its KL twin.
+    examples_per_step = int(training.get("per_device_train_batch_size", 8))
+    batch = examples_per_step * (2 if recipe.method != "sft" else 1)
     data = describe_data(prepared, batch)
     plan = Plan(model=recipe.model.name_or_path or f"init_from_config ({shape.layers} layers, {shape.hidden} wide)",
                 device=device, capacity=capacity, batch=batch, seq=data.row_width,
                 memory=memory_items(shape, settings, batch, data.row_width), data=data)
+    if recipe.method != "sft":
+        plan.notes.append(f"{recipe.method}: {examples_per_step} examples per step run as {batch} sequences, plus a "
+                          "no-grad reference forward with the adapter off (no second copy of the weights)")
     plan.warnings += data_warnings(recipe, prepared, tokenizer)
     _check_training_data(recipe, prepared, plan)
     _plan_fit(plan, shape, settings, recipe)
@@ -254,7 +261,6 @@ def _plan_fit(plan: Plan, shape: ModelShape, s: Settings, recipe) -> None:
 
 def _faster(plan: Plan, shape: ModelShape, s: Settings, recipe, total) -> list[str]:
     """Activation checkpointing recomputes every layer's forward pass; say so when the run fits without it."""
-    from dataclasses import replace
 
     if not s.checkpointing:
         return []
@@ -273,8 +279,6 @@ def _faster(plan: Plan, shape: ModelShape, s: Settings, recipe, total) -> list[s
 
 
 def _changes(plan: Plan, shape: ModelShape, s: Settings, recipe, total) -> list[str]:
-    from dataclasses import replace
-
     changes, accumulate = [], int(recipe.training.get("gradient_accumulation_steps", 1))
     sharded = bool(recipe.training.get("fsdp"))
     if not s.checkpointing:
@@ -309,7 +313,10 @@ def _plan_time(plan: Plan, shape: ModelShape, s: Settings, recipe, gpus: int, me
     epochs = max_steps / per_epoch if max_steps > 0 else float(training.get("num_train_epochs", 3))
     plan.steps = max_steps if max_steps > 0 else math.ceil(per_epoch * epochs)
     plan.epochs = epochs
-    plan.flops = flops_per_token(shape, s, data.mean_context) * data.tokens_computed * epochs
+    per_token = flops_per_token(shape, s, data.mean_context)
+    if recipe.method != "sft":  # the reference log-probs: one forward, about half of a step without checkpointing
+        per_token += flops_per_token(shape, replace(s, checkpointing=False), data.mean_context) / 2
+    plan.flops = per_token * data.tokens_computed * epochs
     rates = {f"this GPU ({plan.device}, measured {measured:.0f} TFLOP/s)": measured} if measured else GPU_TFLOPS
     for name, tflops in rates.items():
         label = f"{gpus} x {name}" if gpus > 1 else name

@@ -24,9 +24,10 @@ class DataReport:
 
 
 def describe_data(prepared, batch: int) -> DataReport:
-    """Lengths, padding and attention context of the prepared training split."""
+    """Lengths, padding and attention context of the prepared training split; `batch` counts
+    sequences (a DPO pair is two: prompt + chosen, prompt + rejected)."""
     summary, train = prepared.summary, prepared.dataset["train"]
-    seq_lengths = train["seq_lengths"]
+    seq_lengths = train["seq_lengths"] if "seq_lengths" in train.column_names else _sequences_of(train)
     widths = [sum(lengths) for lengths in seq_lengths]
     examples = [length for lengths in seq_lengths for length in lengths]
     # Each batch is padded to its widest row (Trainer order is random; the file order stands in).
@@ -36,12 +37,23 @@ def describe_data(prepared, batch: int) -> DataReport:
                       summary.packing_efficiency, computed, context, max(widths), len(widths))
 
 
+def _sequences_of(train) -> list[list[int]]:
+    """Preference rows as the sequences the trainer runs, each pair's (or KTO example's) side by side:
+    prompt + each answer; a KTO example also runs the mismatched completion of its KL term."""
+    answers = [name for name in ("chosen", "rejected", "completion") if f"{name}_ids" in train.column_names]
+    prompts = [len(ids) for ids in train["prompt_ids"]]
+    sides = [[p + len(ids) for p, ids in zip(prompts, train[f"{name}_ids"])] for name in answers]
+    sides = sides * 2 if len(sides) == 1 else sides
+    return [[side[i]] for i in range(len(prompts)) for side in sides]
+
+
 def data_warnings(recipe, prepared, tokenizer) -> list[str]:
     """What is legal but probably not what the user meant."""
     summary, warnings = prepared.summary, []
     if summary.trained_fraction < 0.05:
         warnings.append(f"only {summary.trained_fraction:.1%} of tokens carry a loss: almost every label is masked")
-    unended = _responses_without_eos(prepared.dataset["train"], tokenizer.eos_token_id)
+    packed = "seq_lengths" in prepared.dataset["train"].column_names
+    unended = _responses_without_eos(prepared.dataset["train"], tokenizer.eos_token_id) if packed else 0
     if unended:
         warnings.append(f"{unended:.0%} of examples end their trained tokens without {tokenizer.eos_token}: "
                         "the model will not learn to stop")

@@ -160,10 +160,30 @@ def build_dataset(data, tokenizer, seed: int, fingerprint: str):
     """Read, tokenize, truncate, split and pack; returns (DatasetDict, PrepareSummary)."""
     from datasets import Dataset, DatasetDict
 
+    from qlora_cli.preference import build_preference_dataset, is_preference_data
+
+    if is_preference_data(data):  # pairs and signed examples: their own columns, never packed
+        return build_preference_dataset(data, tokenizer, seed, fingerprint)
+
     summary = PrepareSummary(fingerprint=fingerprint, max_length=data.max_length)
     rng = random.Random(seed)
     per_source = _encode_sources(data.sources, data, tokenizer, summary)
-    validation = _weighted(_encode_sources(data.validation_sources, data, tokenizer, summary), rng)
+    splits = split_examples(per_source, _encode_sources(data.validation_sources, data, tokenizer, summary), data, rng)
+    rows = {}
+    for name, encoded in splits.items():
+        rows[name] = build_rows(encoded, data.max_length, data.packing, rng, IGNORE_INDEX)
+        _count_split(summary, name, encoded, rows[name])
+    summary.length_percentiles = length_percentiles([len(ids) for ids, _ in splits["train"]])
+    if data.packing:
+        summary.packing_efficiency = summary.tokens["train"] / (summary.rows["train"] * data.max_length)
+    # Our own fingerprint names each split: datasets would otherwise hash the whole table again.
+    splits = {name: Dataset(split_rows.table(), fingerprint=f"{fingerprint}-{name}") for name, split_rows in rows.items()}
+    return DatasetDict(splits), summary
+
+
+def split_examples(per_source: list, validation_sources: list, data, rng: random.Random) -> dict[str, list]:
+    """The weighted, split and shuffled examples: {"train": [...]}, and "validation" where there is one."""
+    validation = _weighted(validation_sources, rng)
     if data.val_size and not data.validation_sources:
         validation = _split_off_validation(per_source, data, rng)
     train = _weighted(per_source, rng)
@@ -172,19 +192,14 @@ def build_dataset(data, tokenizer, seed: int, fingerprint: str):
                         fix="give at least one source a weight above 0 (2 repeats it, 0.5 keeps half)")
     if data.shuffle:
         rng.shuffle(train)
-    splits = {"train": train, "validation": validation} if validation else {"train": train}
-    rows = {}
-    for name, encoded in splits.items():
-        rows[name] = build_rows(encoded, data.max_length, data.packing, rng, IGNORE_INDEX)
-        _count_split(summary, name, encoded, rows[name])
-    lengths = sorted(len(ids) for ids, _ in train)
-    summary.length_percentiles = {f"p{q}": lengths[min(len(lengths) - 1, len(lengths) * q // 100)] for q in (50, 90, 99)}
-    summary.length_percentiles["max"] = lengths[-1]
-    if data.packing:
-        summary.packing_efficiency = summary.tokens["train"] / (summary.rows["train"] * data.max_length)
-    # Our own fingerprint names each split: datasets would otherwise hash the whole table again.
-    splits = {name: Dataset(split_rows.table(), fingerprint=f"{fingerprint}-{name}") for name, split_rows in rows.items()}
-    return DatasetDict(splits), summary
+    return {"train": train, "validation": validation} if validation else {"train": train}
+
+
+def length_percentiles(lengths: list[int]) -> dict[str, int]:
+    """p50/p90/p99/max of the examples' lengths."""
+    lengths = sorted(lengths)
+    percentiles = {f"p{q}": lengths[min(len(lengths) - 1, len(lengths) * q // 100)] for q in (50, 90, 99)}
+    return percentiles | {"max": lengths[-1]}
 
 
 @dataclass

@@ -65,12 +65,20 @@ class TrainingProgress(TrainerCallback):
             parts.append(f"loss {self.latest['loss']:.4f}")
         if "learning_rate" in self.latest:
             parts.append(f"lr {self.latest['learning_rate']:.2e}")
+        if "rewards/margins" in self.latest:  # DPO / KTO
+            parts.append(f"margin {self.latest['rewards/margins']:.3f}")
+        if "rewards/accuracies" in self.latest:
+            parts.append(f"reward acc {self.latest['rewards/accuracies']:.2f}")
         parts.append(f"{self.tokens_per_second():,.0f} tok/s{self.per_rank}")
         return "  ".join(parts)
 
     def _print_eval(self, state, logs: dict) -> None:
         loss = logs.get("eval_loss")
         perplexity = f"  perplexity {math.exp(loss):.3f}" if loss is not None and loss < 50 else ""
+        if "eval_rewards/margins" in logs:  # a preference loss has no perplexity
+            accuracy = logs.get("eval_rewards/accuracies")
+            perplexity = f"  reward margin {logs['eval_rewards/margins']:.3f}" + (
+                f"  reward accuracy {accuracy:.3f}" if accuracy is not None else "")
         text = f"eval at step {state.global_step}: loss {loss:.4f}{perplexity}" if loss is not None else str(logs)
         (self.progress.console if self.progress else self.console).print(text, highlight=False)
 

@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from qlora_cli.errors import UserError, combined
 
 SECTIONS = ("model", "quantization", "lora", "data", "training", "merge", "generate", "eval")
+TOP_LEVEL_KEYS = ("method",)  # keys that are no section: the objective (sft, dpo, kto)
 RECIPE_PATH_VARIABLE = "QLORA_RECIPE_PATH"
 OVERRIDE = "override"
 
@@ -31,7 +32,7 @@ _FILE_KEYS = {"path"}
 _FILE_KEY_PARENTS = ("data.sources", "data.validation_sources")
 # Keys whose values name files or folders: a leading `~` is the user's home, as in a shell (which
 # leaves `key=~/x` alone). TrainingArguments expands it in output_dir; every path must agree.
-_HOME_KEYS = ("model.name_or_path", "model.tokenizer", "data.prepared_dir", "merge.output_dir", "merge.adapter",
+_HOME_KEYS = ("model.name_or_path", "model.tokenizer", "model.adapter", "data.prepared_dir", "merge.output_dir", "merge.adapter",
               "generate.input", "generate.output", "training.output_dir", "training.logging_dir",
               "eval.input")
 
@@ -409,6 +410,7 @@ class Recipe:
     origins: dict[str, str]
     files: list[Path]
     from_environment: dict[str, str] = field(default_factory=dict)  # key -> `${oc.env:...}` as written
+    method: str = "sft"  # sft | dpo | kto: which trainer, and which config class `training` is checked against
 
     @property
     def run_dir(self) -> Path:
@@ -423,8 +425,8 @@ class Recipe:
 def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
     """Load, merge, resolve and validate a recipe; every problem is reported at once."""
     from qlora_cli.builders import check_library_sections
-    from qlora_cli.sections import (DataSection, EvalSection, MergeSection, ModelSection, build_schema, check_values,
-                                    suggest)
+    from qlora_cli.sections import (DataSection, EvalSection, MergeSection, ModelSection, build_schema, check_method,
+                                    check_values, suggest)
 
     raw = load_raw_recipe(list(recipe_args), list(overrides))
     resolved = resolve(raw)
@@ -435,9 +437,10 @@ def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
     if isinstance(resolved["training"], dict) and resolved["training"].get("output_dir") is None:
         resolved["training"]["output_dir"] = f"runs/{raw.files[-1].stem}"
     errors = [
-        UserError(f"unknown section `{key}`{suggest(key, SECTIONS)}; a recipe has only {', '.join(SECTIONS)}",
+        UserError(f"unknown section `{key}`{suggest(key, SECTIONS + TOP_LEVEL_KEYS)}; a recipe has only "
+                  f"{', '.join(SECTIONS)} and `method`",
                   where=raw.origins.get(str(key), str(key)))
-        for key in resolved if key not in SECTIONS
+        for key in resolved if key not in SECTIONS + TOP_LEVEL_KEYS
     ]
     typed = {}
     for name, cls in (("model", ModelSection), ("data", DataSection), ("merge", MergeSection), ("eval", EvalSection)):
@@ -447,12 +450,15 @@ def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
             errors += err.errors
     errors += check_library_sections(resolved, raw.origins, typed.get("data"))
     errors += check_values(typed, raw.origins)
+    method = resolved.get("method", "sft")
+    errors += check_method(method, typed.get("data"), raw.origins)
     if errors:
         raise combined(errors)
     return Recipe(
         **typed, quantization=resolved.get("quantization"), lora=resolved.get("lora"),
         training=resolved["training"], generate=resolved.get("generate") or {},
         resolved=resolved, origins=raw.origins, files=raw.files, from_environment=environment_keys(raw, resolved),
+        method=method,
     )
 
 

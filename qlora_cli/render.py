@@ -33,6 +33,8 @@ def prepare_summary(console: Console, prepared) -> None:
 
 def show_examples(console: Console, dataset, tokenizer, count: int) -> None:
     """The first `count` training examples: tokens without loss dimmed, trained tokens bright."""
+    if "prompt_ids" in dataset.column_names:
+        return show_preference_examples(console, dataset, tokenizer, count)
     shown = 0
     for row in dataset:
         start = 0
@@ -44,6 +46,19 @@ def show_examples(console: Console, dataset, tokenizer, count: int) -> None:
             console.print(highlight_trained(ids, labels, tokenizer))
             start += length
             shown += 1
+
+
+def show_preference_examples(console: Console, dataset, tokenizer, count: int) -> None:
+    """Each pair as its two whole sequences (or a signed example as one): prompt dim, answers bright."""
+    for number, row in enumerate(dataset.select(range(min(count, len(dataset)))), start=1):
+        names = [name for name in ("chosen", "rejected", "completion") if f"{name}_ids" in row]
+        for name in names:
+            ids = row["prompt_ids"] + row[f"{name}_ids"]
+            labels = [IGNORE_INDEX] * len(row["prompt_ids"]) + [
+                i if m else IGNORE_INDEX for i, m in zip(row[f"{name}_ids"], row[f"{name}_mask"])]
+            title = name if "label" not in row else f"completion, label {str(row['label']).lower()}"
+            console.rule(f"example {number} {title} ({len(ids)} tokens, {sum(row[f'{name}_mask'])} trained)")
+            console.print(highlight_trained(ids, labels, tokenizer))
 
 
 def highlight_trained(ids: list[int], labels: list[int], tokenizer) -> Text:
@@ -83,6 +98,8 @@ def plan_report(console: Console, plan) -> None:
         console.print(f"  change: {change}", highlight=False)
     for change in plan.faster:
         console.print(f"  faster: {change}", highlight=False)
+    for note in plan.notes:
+        console.print(note, highlight=False)
     if plan.data:
         _plan_data(console, plan)
     if plan.durations:

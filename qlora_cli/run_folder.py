@@ -335,7 +335,17 @@ def draw_loss_plot(log_history: list[dict], target: Path) -> bool:
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    fig, loss_axis = plt.subplots(figsize=(8, 4.5))
+    rewards = _reward_curves(log_history)
+    if rewards:  # DPO / KTO: the rewards under the loss
+        fig, (loss_axis, reward_axis) = plt.subplots(2, 1, figsize=(8, 8), sharex=True)
+        for label, points in rewards.items():
+            reward_axis.plot(*zip(*points), "o-" if label.startswith("validation") else "-", label=label)
+        reward_axis.axhline(0, color="tab:gray", linewidth=0.5)
+        reward_axis.set_xlabel("step")
+        reward_axis.set_ylabel("reward (beta x log-ratio to the reference)")
+        reward_axis.legend(loc="upper left")
+    else:
+        fig, loss_axis = plt.subplots(figsize=(8, 4.5))
     if train:
         loss_axis.plot(*zip(*train), label="training loss", color="tab:blue")
     if evals:
@@ -354,6 +364,16 @@ def draw_loss_plot(log_history: list[dict], target: Path) -> bool:
     plt.close(fig)
     tmp.replace(target)
     return True
+
+
+REWARD_CURVES = {"rewards/chosen": "chosen", "rewards/rejected": "rejected", "rewards/margins": "margin",
+                 "eval_rewards/margins": "validation margin", "eval_rewards/accuracies": "validation reward accuracy"}
+
+
+def _reward_curves(log_history: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """The reward curves TRL's DPO/KTO trainers log, by label; empty for SFT runs."""
+    curves = {label: [(e["step"], e[key]) for e in log_history if key in e] for key, label in REWARD_CURVES.items()}
+    return {label: points for label, points in curves.items() if points}
 
 
 def model_card(recipe_yaml: str, data_summary: dict, metrics: dict, base_model: str) -> str:

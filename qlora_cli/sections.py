@@ -35,6 +35,7 @@ class ModelSection:
     trust_remote_code: bool = False
     chunked_loss: bool = True  # training loss in chunks of tokens, never the full-vocabulary logits
     upcast_to_fp32: bool = False  # under quantization (not FSDP): embeddings, norms, lm_head in fp32 (peft's k-bit prep)
+    adapter: str | None = None  # a LoRA adapter folder or hub id to train on from (SFT -> DPO); else a fresh LoRA
 
 
 @dataclass
@@ -42,12 +43,16 @@ class DataSource:
     """One data file, folder or hub dataset, and how to read it."""
 
     path: str
-    format: Literal["text", "alpaca", "chat", "completion"] = "text"
+    format: Literal["text", "alpaca", "chat", "completion", "preference", "unpaired"] = "text"
     columns: dict[str, str] = field(default_factory=dict)  # our field name -> the file's column
     split: str = "train"
     limit: int | None = None
     weight: float = 1.0
 
+
+# The top-level `method`: the objective, and the data formats it trains on (see qlora_cli/preference.py).
+METHODS = ("sft", "dpo", "kto")
+METHOD_FORMATS = {"sft": ("text", "alpaca", "chat", "completion"), "dpo": ("preference",), "kto": ("unpaired",)}
 
 TEMPLATE_NAMES = ("mistral", "tokenizer")  # data.template: one of these, or a Jinja chat template
 
@@ -358,6 +363,26 @@ def _check_source_amounts(data, origins: dict[str, str]) -> list[UserError]:
                 if value is not None and value < 0:
                     errors.append(UserError(f"`{dotted}` is {value}; it must be 0 or more",
                                             where=origins.get(dotted, dotted), fix=fix))
+    return errors
+
+
+def check_method(method: Any, data: Any, origins: dict[str, str]) -> list[UserError]:
+    """`method` is one we know, and every data source is in a format that method trains on."""
+    if method not in METHODS:
+        return [UserError(f"`method` is {method!r}{suggest(str(method), METHODS)}; it must be one of {', '.join(METHODS)}",
+                          where=origins.get("method", "method"))]
+    if data is None:
+        return []
+    wanted, errors = METHOD_FORMATS[method], []
+    for key in ("sources", "validation_sources"):
+        for index, source in enumerate(getattr(data, key)):
+            if source.format not in wanted:
+                dotted = f"data.{key}.{index}.format"
+                fits = next(name for name, formats in METHOD_FORMATS.items() if source.format in formats)
+                errors.append(UserError(
+                    f"`method: {method}` trains on {' or '.join(wanted)} data, and `{dotted}` is {source.format}",
+                    where=origins.get(dotted, origins.get(f"data.{key}.{index}.path", dotted)),
+                    fix=f"set format: {' or '.join(wanted)} on this source, or method: {fits} for {source.format} data"))
     return errors
 
 

@@ -26,8 +26,12 @@ FORMAT_FIELDS = {
     "alpaca": ("instruction", "input", "output"),
     "chat": ("messages",),
     "completion": ("prompt", "completion"),
+    # Preference data (qlora_cli/preference.py): the prompt is `prompt` or `messages`, or, for pairs,
+    # the shared start of two whole conversations.
+    "preference": ("prompt", "messages", "chosen", "rejected"),
+    "unpaired": ("prompt", "messages", "completion", "label"),
 }
-OPTIONAL_FIELDS = {"input"}
+OPTIONAL_FIELDS = {"alpaca": {"input"}, "preference": {"prompt", "messages"}, "unpaired": {"prompt", "messages"}}
 
 
 @dataclass
@@ -173,13 +177,13 @@ def _read_hub_dataset(name: str, split: str) -> list[tuple[str, Any]]:
 _READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
 
 
-def to_example(row: Any, where: str, source) -> Example:
+def to_example(row: Any, where: str, source):
     """Check one row against its source's format and turn it into an `Example`."""
     if not isinstance(row, dict):
         raise UserError(f"expected a JSON object, got {type(row).__name__}", where=where)
     fields = {name: source.columns.get(name, name) for name in FORMAT_FIELDS[source.format]}
     for name, column in fields.items():
-        if column not in row and name not in OPTIONAL_FIELDS:
+        if column not in row and name not in OPTIONAL_FIELDS.get(source.format, ()):
             have = ", ".join(sorted(map(str, row))) or "none"
             likely = _likely_format(row, source.format)
             fix = (f"set `format: {likely}` on this source (its rows have the fields of that format), or "
@@ -187,6 +191,10 @@ def to_example(row: Any, where: str, source) -> Example:
             raise UserError(f"row has no `{column}` field, which the `{source.format}` format needs "
                             f"(the row has: {have})", where=where, fix=fix)
     value = {name: row.get(column) for name, column in fields.items()}
+    if source.format in ("preference", "unpaired"):
+        from qlora_cli.preference import pair_from_row, signed_from_row
+
+        return (pair_from_row if source.format == "preference" else signed_from_row)(value, where)
     return _BUILDERS[source.format](value, where)
 
 
@@ -194,7 +202,7 @@ def _likely_format(row: dict, current: str) -> str | None:
     """Another format whose fields the row has: `format:` left at its default (text) on a chat
     file is a likelier mistake than a column to rename."""
     for name, fields in FORMAT_FIELDS.items():
-        if name != current and all(f in row for f in fields if f not in OPTIONAL_FIELDS):
+        if name != current and all(f in row for f in fields if f not in OPTIONAL_FIELDS.get(name, ())):
             return name
     return None
 

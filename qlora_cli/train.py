@@ -55,7 +55,7 @@ def train(recipe, *, resume: bool = False, overwrite: bool = False, force: bool 
     check_before_loading(recipe)
     # Building the arguments also joins the process group under torchrun / accelerate launch.
     args = build_training_arguments(recipe.training, recipe.origins, has_validation=recipe.data.has_validation,
-                                    **run_changes(recipe, seen))
+                                    method=recipe.method, **run_changes(recipe, seen))
     state = PartialState()
     state.wait_for_everyone()  # every rank has looked at the folder before rank 0 takes it
     holds = state.is_main_process and not plan_only  # the `--nproc` launcher only plans
@@ -155,13 +155,20 @@ def build_trainer(recipe, args, model, tokenizer, prepared, run: RunFolder, repo
     from qlora_cli.trainer import CountingCollator, QloraTrainer, StopOnSignal
 
     dataset = prepared.dataset
-    collator = CountingCollator(tokenizer.pad_token_id, recipe.model.attn_implementation)
     stopper = StopOnSignal()
-    trainer = QloraTrainer(
-        model=model, args=args, train_dataset=dataset["train"], eval_dataset=dataset.get("validation"),
-        data_collator=collator, processing_class=tokenizer, callbacks=[stopper],
-        chunked_loss=recipe.model.chunked_loss, from_environment=recipe.from_environment,
-    )
+    if recipe.method != "sft":  # DPO / KTO: TRL's trainers on our prepared pairs
+        from qlora_cli.preference_trainer import build_preference_trainer
+
+        trainer = build_preference_trainer(recipe.method, model=model, args=args, dataset=dataset, tokenizer=tokenizer,
+                                           callbacks=[stopper], from_adapter=recipe.model.adapter is not None,
+                                           from_environment=recipe.from_environment)
+    else:
+        collator = CountingCollator(tokenizer.pad_token_id, recipe.model.attn_implementation)
+        trainer = QloraTrainer(
+            model=model, args=args, train_dataset=dataset["train"], eval_dataset=dataset.get("validation"),
+            data_collator=collator, processing_class=tokenizer, callbacks=[stopper],
+            chunked_loss=recipe.model.chunked_loss, from_environment=recipe.from_environment,
+        )
     _log_to(trainer, run.logs)
     if reporter:
         from transformers import PrinterCallback
@@ -186,8 +193,8 @@ def run_changes(recipe, run: RunFolder) -> dict:
     return {
         "output_dir": str(run.checkpoints),
         "disable_tqdm": True,  # our own progress display instead
-        "remove_unused_columns": False,  # `seq_lengths` must reach the collator
-        "label_names": ["labels"],
+        "remove_unused_columns": False,  # `seq_lengths` (or a pair's masks) must reach the collator
+        "label_names": ["labels"] if recipe.method == "sft" else [],
         # Every LoRA weight takes part in every step; the search DDP does otherwise costs time.
         "ddp_find_unused_parameters": recipe.training.get("ddp_find_unused_parameters", False),
     }
@@ -215,7 +222,7 @@ def final_metrics(trainer, train_metrics: dict, stopped: bool) -> dict:
     metrics["tokens_per_second"] = metrics["real_tokens"] / runtime if runtime else 0.0
     if trainer.eval_dataset is not None and not stopped:
         metrics.update(_final_evaluation(trainer))
-    if "eval_loss" in metrics:
+    if "eval_loss" in metrics and "eval_rewards/accuracies" not in metrics and "eval_kl" not in metrics:
         metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
     return metrics
 
@@ -236,7 +243,8 @@ def save_adapter(trainer, tokenizer, run: RunFolder, recipe, prepared, metrics: 
     base = recipe.model.name_or_path or f"init_from_config ({recipe.model.init_from_config.get('model_type')})"
     try:
         with atomic_folder(run.adapter, replace=True) as tmp:
-            trainer.model.save_pretrained(str(tmp), safe_serialization=True)
+            # Only the trained adapter: a DPO run from an adapter also holds TRL's frozen reference copy.
+            trainer.model.save_pretrained(str(tmp), safe_serialization=True, selected_adapters=["default"])
             tokenizer.save_pretrained(str(tmp))
             (tmp / "README.md").write_text(model_card(recipe.to_yaml(), _data_lines(prepared), metrics, base))
     except Exception as err:  # the staging is gone; a full disk says how much the adapter needs

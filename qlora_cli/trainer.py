@@ -26,23 +26,19 @@ from qlora_cli.loss import loss_in_chunks
 TOKENS_KEY = "num_real_tokens"
 
 
-class QloraTrainer(Trainer):
-    """Trainer with atomic checkpoints and a count of the real tokens it trained on."""
+class RunTrainer:
+    """What every qlora trainer adds to its Trainer class (the Hugging Face one, or TRL's DPO/KTO
+    trainers): atomic checkpoints and a count of the real tokens it trained on."""
 
-    def __init__(self, *args, chunked_loss: bool = False, from_environment: dict[str, str] | None = None, **kwargs):
+    def __init__(self, *args, from_environment: dict[str, str] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.real_tokens_seen = 0
-        self.chunked_loss = chunked_loss  # `model.chunked_loss`: see qlora_cli/loss.py
         # Recipe keys whose values came from `${oc.env:...}`: kept as written in what is saved.
         self.from_environment = from_environment or {}
         for callback in list(self.callback_handler.callbacks):
             if type(callback) is TensorBoardCallback:  # it writes every argument into the event file
                 self.remove_callback(callback)
                 self.add_callback(RedactedTensorBoard(lambda args: redacted_arguments(args, self.from_environment)))
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        with loss_in_chunks(model, enabled=self.chunked_loss):
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.real_tokens_seen += int(inputs.pop(TOKENS_KEY, 0))
@@ -87,6 +83,18 @@ class QloraTrainer(Trainer):
             rotate_checkpoints(output_dir=str(final_parent), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
         self.accelerator.wait_for_everyone()
+
+
+class QloraTrainer(RunTrainer, Trainer):
+    """The SFT Trainer: atomic checkpoints, token counts, and the loss in chunks."""
+
+    def __init__(self, *args, chunked_loss: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.chunked_loss = chunked_loss  # `model.chunked_loss`: see qlora_cli/loss.py
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with loss_in_chunks(model, enabled=self.chunked_loss):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
 def redacted_arguments(args, from_environment: dict[str, str]):

@@ -251,3 +251,20 @@ def answering_run(tmp_path_factory, sample_subset, prepared_dir, qlora_cache) ->
     done = subprocess.run([QLORA, "train", *args], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     return TrainedRun(root, args, done.stdout + done.stderr)
+
+
+def stop_at_first_step(args: list[str]) -> tuple[int, str]:
+    """`qlora train ARGS` in a subprocess, sent SIGTERM when it prints its first step: its exit
+    code and everything it printed."""
+    import signal
+
+    process = subprocess.Popen([QLORA, "train", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    output = []
+    for line in process.stdout:
+        output.append(line)
+        if line.startswith("step "):
+            process.send_signal(signal.SIGTERM)
+            break
+    output.append(process.communicate(timeout=600)[0])
+    return process.returncode, "".join(output)

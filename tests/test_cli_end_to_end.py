@@ -5,16 +5,14 @@ and resumes to the same adapter as a run never stopped."""
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import signal
 import subprocess
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import QLORA, sample_pairs, short_run
+from conftest import QLORA, sample_pairs, short_run, stop_at_first_step
 
 CHECKPOINT_FILES = {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt",
                     "rng_state.pth", "trainer_state.json"}
@@ -46,16 +44,8 @@ def stopped_run(tmp_path_factory, sample_subset, prepared_dir):
     """The shared short run's recipe in a subprocess, sent SIGTERM at its first step; what it left."""
     root = tmp_path_factory.mktemp("stopped") / "run"
     args = ["tiny-mistral", *short_run(sample_subset, root, prepared_dir)]
-    process = subprocess.Popen([QLORA, "train", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    output = []
-    for line in process.stdout:
-        output.append(line)
-        if line.startswith("step "):
-            process.send_signal(signal.SIGTERM)
-            break
-    output.append(process.communicate(timeout=300)[0])
-    return root, args, process.returncode, "".join(output)
+    returncode, output = stop_at_first_step(args)
+    return root, args, returncode, output
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,101 @@
+"""DPO with qlora vs TRL's stock DPOTrainer, same tiny model, same pairs, one invocation.
+
+qlora: `qlora train recipes/tiny-mistral-dpo.yaml` (pairs encoded by the mistral template,
+our collator). Baseline: `trl.DPOTrainer` given the same 4-bit base + LoRA and the raw pairs as
+text, tokenized by TRL itself with its own collator (no chat template: the v1 `[INST]` format is
+written into the prompt text). Same schedule, batch, seed. Each side runs in its own process, so
+its peak RSS is its own. Prints pairs/s, peak memory and held-out reward accuracy, and the ratio.
+
+    python bench/dpo_speed.py [--epochs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = "tiny-mistral-dpo"
+
+
+def run_qlora(folder: Path, epochs: int) -> dict:
+    from qlora_cli.recipe import load_recipe
+    from qlora_cli.train import train
+
+    recipe = load_recipe([RECIPE], [f"training.output_dir={folder / 'qlora'}", f"data.prepared_dir={folder / 'prepared'}",
+                                    f"training.num_train_epochs={epochs}", "training.eval_strategy=no"])
+    started = time.monotonic()
+    result = train(recipe)
+    seconds = time.monotonic() - started
+    return {"pairs_per_s": result.metrics["train_samples_per_second"], "wall_s": seconds,
+            "eval_reward_accuracy": result.metrics.get("eval_rewards/accuracies")}
+
+
+def run_trl(folder: Path, epochs: int) -> dict:
+    from datasets import Dataset
+    from trl import DPOTrainer
+
+    from qlora_cli.builders import build_training_arguments
+    from qlora_cli.model import load_recipe_tokenizer, load_trainable_model
+    from qlora_cli.preference import pair_from_row
+    from qlora_cli.recipe import load_recipe
+    from qlora_cli.sources import _read_jsonl
+
+    recipe = load_recipe([RECIPE], [f"training.output_dir={folder / 'trl'}", f"training.num_train_epochs={epochs}",
+                                    "training.eval_strategy=no"])
+    rows = [pair_from_row({k: row.get(k) for k in ("prompt", "messages", "chosen", "rejected")}, where)
+            for where, row in _read_jsonl(ROOT / "sample_preference.jsonl")]
+    texts = [{"prompt": f"<s>[INST] {p.prompt[-1]['content']} [/INST]", "chosen": f" {p.chosen[0]['content']}",
+              "rejected": f" {p.rejected[0]['content']}"} for p in rows]
+    held_out = len(texts) // 5  # as data.val_size: 0.2
+    train_set, eval_set = Dataset.from_list(texts[held_out:]), Dataset.from_list(texts[:held_out])
+    tokenizer = load_recipe_tokenizer(recipe)
+    args = build_training_arguments(recipe.training, recipe.origins, method="dpo", output_dir=str(folder / "trl"),
+                                    disable_tqdm=True, max_length=recipe.data.max_length)
+    trainer = DPOTrainer(model=load_trainable_model(recipe), args=args, train_dataset=train_set,
+                         eval_dataset=eval_set, processing_class=tokenizer)
+    started = time.monotonic()
+    output = trainer.train()
+    seconds = time.monotonic() - started
+    return {"pairs_per_s": output.metrics["train_samples_per_second"], "wall_s": seconds,
+            "eval_reward_accuracy": trainer.evaluate().get("eval_rewards/accuracies")}
+
+
+def child(side: str, folder: Path, epochs: int) -> None:
+    figures = (run_qlora if side == "qlora" else run_trl)(folder, epochs)
+    figures["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(figures))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--side", choices=["qlora", "trl"])
+    parser.add_argument("--folder", type=Path)
+    options = parser.parse_args()
+    if options.side:
+        return child(options.side, options.folder, options.epochs)
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for side in ("qlora", "trl"):
+            done = subprocess.run([sys.executable, __file__, "--side", side, "--folder", folder,
+                                   "--epochs", str(options.epochs)], capture_output=True, text=True, cwd=ROOT)
+            line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if line is None:
+                sys.exit(f"{side} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+            results[side] = json.loads(line[len("RESULT "):])
+    for side, figures in results.items():
+        print(f"{side:6s} " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()))
+    q, t = results["qlora"], results["trl"]
+    print(f"ratio qlora/trl: pairs/s {q['pairs_per_s'] / t['pairs_per_s']:.2f}x, "
+          f"peak memory {q['peak_rss_mib'] / t['peak_rss_mib']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
