@@ -7,12 +7,14 @@ it, and never in a cycle (tests/test_imports.py holds the code to this map):
     families                          the Mistral architectures: auto class, language model, what stays 16-bit
     sections, builders                our sections' schemas and values; sections -> library objects
     recipe, explain                   files + overrides -> a layered, validated Recipe; `config explain`
-    tokenizer, templates, sources     tokenizers; exact Mistral formats and labels; data files -> examples
+    tokenizer, templates, preference, sources   tokenizers; exact Mistral formats and labels (SFT, preference
+                                      pairs); data files -> examples
     packing, prepare                  rows packed with their attention spans; the cached prepare step
     run_folder, preflight             a run's folder; what is checked before a weight loads
     model, loss                       the 4-bit base with LoRA (or a plain one); its loss in chunks
     plan_data, plan_memory, plan      will it fit, how long, is the data sound: before a weight loads
-    collate, trainer, launch, train   batches, the Trainer, --nproc processes: `qlora train`
+    collate, trainer, preference_trainer, launch, train   batches, the Trainer (TRL's for dpo/kto), --nproc
+                                      processes: `qlora train`
     merge, generate                   base + adapter -> merged model; prompts -> answers
     scoring, benchmarks, evaluate     `qlora eval`: answers against references; lm-eval tasks; side by side
     render, progress                  what the terminal shows: examples, plans, training progress

@@ -15,11 +15,10 @@ inside a multi-turn answer.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
 from qlora_cli.errors import UserError
-from qlora_cli.templates import chat_segments, encode_prompt
+from qlora_cli.templates import chat_segments, check_roles, encode_prompt
 
 PAIRED, UNPAIRED = "preference", "unpaired"
 FORMATS = (PAIRED, UNPAIRED)
@@ -140,9 +139,10 @@ def _split_shared_prompt(chosen, rejected, where: str):
 
 
 def _check_conversation(messages: list[dict], where: str) -> None:
-    from qlora_cli.sources import _chat  # the chat format's checks: roles, order, empty answers
-
-    _chat({"messages": messages}, where)
+    try:
+        check_roles(messages, last="assistant")
+    except UserError as err:  # the template knows what is wrong, the row knows where
+        raise UserError(err.message, where=where, fix=err.fix) from None
 
 
 # ---------------------------------------------------------------- examples -> token ids
@@ -207,71 +207,3 @@ def sequence_lengths(row: dict) -> list[int]:
 
 def trained_tokens(row: dict) -> int:
     return sum(sum(row[f"{name}_mask"]) for name in ("chosen", "rejected", "completion") if f"{name}_mask" in row)
-
-
-# ---------------------------------------------------------------- the prepared dataset
-
-
-def build_preference_dataset(data, tokenizer, seed: int, fingerprint: str):
-    """Read, encode, fit to max_length and split preference sources; (DatasetDict, PrepareSummary).
-    No packing: a pair is two sequences that the trainer batches side by side."""
-    from qlora_cli.prepare import PrepareSummary, length_percentiles, split_examples
-
-    summary = PrepareSummary(fingerprint=fingerprint, max_length=data.max_length)
-    rng = random.Random(seed)
-    per_source = _encode_sources(data.sources, data, tokenizer, summary)
-    splits = split_examples(per_source, _encode_sources(data.validation_sources, data, tokenizer, summary), data, rng)
-    summary.length_percentiles = length_percentiles([max(sequence_lengths(row)) for row in splits["train"]])
-    for name, rows in splits.items():
-        summary.examples[name] = summary.rows[name] = len(rows)
-        summary.tokens[name] = sum(sum(sequence_lengths(row)) for row in rows)
-        summary.trained_tokens[name] = sum(trained_tokens(row) for row in rows)
-    return _to_dataset_dict(splits, fingerprint), summary
-
-
-def _encode_sources(sources, data, tokenizer, summary):
-    from qlora_cli.prepare import SourceCounts, _SourceExamples
-    from qlora_cli.sources import read_source
-
-    per_source = []
-    for source in sources:
-        counts = SourceCounts(source.path)
-        examples = read_source(source)
-        counts.read = len(examples)
-        encoded = []
-        for example in examples:
-            row = encode_preference(example, data.template, tokenizer)
-            longest = max(sequence_lengths(row))
-            if longest > data.max_length:
-                if data.overlong == "error":
-                    raise UserError(f"example has {longest} tokens, more than data.max_length={data.max_length}",
-                                    where=example.where, fix="raise data.max_length, or set data.overlong: truncate or drop")
-                if data.overlong == "drop":
-                    counts.dropped += 1
-                    continue
-                row = fit_to_length(row, data.max_length)
-                counts.truncated += 1
-            encoded.append(row)
-            counts.kept += 1
-        summary.sources.append(counts)
-        per_source.append(_SourceExamples(source.weight, counts, encoded))
-    if sources and not any(source.encoded for source in per_source):
-        raise UserError("no examples left after filtering: every one is longer than data.max_length",
-                        where=sources[0].path, fix="raise data.max_length or set data.overlong: truncate")
-    return per_source
-
-
-def _to_dataset_dict(splits: dict[str, list[dict]], fingerprint: str):
-    import pyarrow as pa
-    from datasets import Dataset, DatasetDict
-
-    def column(rows, name):
-        if name == "label":
-            return pa.array([row[name] for row in rows], pa.bool_())
-        return pa.array([row[name] for row in rows], pa.list_(pa.int32()))
-
-    tables = {}
-    for name, rows in splits.items():
-        columns = list(rows[0])
-        tables[name] = Dataset(pa.table({c: column(rows, c) for c in columns}), fingerprint=f"{fingerprint}-{name}")
-    return DatasetDict(tables)

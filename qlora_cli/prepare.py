@@ -21,6 +21,7 @@ from qlora_cli.atomic import (
 )
 from qlora_cli.errors import UserError
 from qlora_cli.packing import build_rows
+from qlora_cli.preference import encode_preference, fit_to_length, is_preference_data, sequence_lengths, trained_tokens
 from qlora_cli.sources import Example, apply_weight, read_source
 from qlora_cli.templates import IGNORE_INDEX, Ids, chat_segments, ids_of, text_segments
 from qlora_cli.tokenizer import VERSION_KEY
@@ -160,10 +161,8 @@ def build_dataset(data, tokenizer, seed: int, fingerprint: str):
     """Read, tokenize, truncate, split and pack; returns (DatasetDict, PrepareSummary)."""
     from datasets import Dataset, DatasetDict
 
-    from qlora_cli.preference import build_preference_dataset, is_preference_data
-
     if is_preference_data(data):  # pairs and signed examples: their own columns, never packed
-        return build_preference_dataset(data, tokenizer, seed, fingerprint)
+        return _build_preference_dataset(data, tokenizer, seed, fingerprint)
 
     summary = PrepareSummary(fingerprint=fingerprint, max_length=data.max_length)
     rng = random.Random(seed)
@@ -331,3 +330,66 @@ def _count_split(summary: PrepareSummary, name: str, encoded, rows) -> None:
     summary.rows[name] = len(rows)
     summary.tokens[name] = len(rows.input_ids)
     summary.trained_tokens[name] = int((rows.labels != IGNORE_INDEX).sum())
+
+
+# ---------------------------------------------------------------- the prepared dataset
+
+
+def _build_preference_dataset(data, tokenizer, seed: int, fingerprint: str):
+    """Read, encode, fit to max_length and split preference sources; (DatasetDict, PrepareSummary).
+    No packing: a pair is two sequences that the trainer batches side by side."""
+    summary = PrepareSummary(fingerprint=fingerprint, max_length=data.max_length)
+    rng = random.Random(seed)
+    per_source = _encode_preference_sources(data.sources, data, tokenizer, summary)
+    splits = split_examples(per_source, _encode_preference_sources(data.validation_sources, data, tokenizer, summary), data, rng)
+    summary.length_percentiles = length_percentiles([max(sequence_lengths(row)) for row in splits["train"]])
+    for name, rows in splits.items():
+        summary.examples[name] = summary.rows[name] = len(rows)
+        summary.tokens[name] = sum(sum(sequence_lengths(row)) for row in rows)
+        summary.trained_tokens[name] = sum(trained_tokens(row) for row in rows)
+    return _preference_dataset_dict(splits, fingerprint), summary
+
+
+def _encode_preference_sources(sources, data, tokenizer, summary):
+    per_source = []
+    for source in sources:
+        counts = SourceCounts(source.path)
+        examples = read_source(source)
+        counts.read = len(examples)
+        encoded = []
+        for example in examples:
+            row = encode_preference(example, data.template, tokenizer)
+            longest = max(sequence_lengths(row))
+            if longest > data.max_length:
+                if data.overlong == "error":
+                    raise UserError(f"example has {longest} tokens, more than data.max_length={data.max_length}",
+                                    where=example.where, fix="raise data.max_length, or set data.overlong: truncate or drop")
+                if data.overlong == "drop":
+                    counts.dropped += 1
+                    continue
+                row = fit_to_length(row, data.max_length)
+                counts.truncated += 1
+            encoded.append(row)
+            counts.kept += 1
+        summary.sources.append(counts)
+        per_source.append(_SourceExamples(source.weight, counts, encoded))
+    if sources and not any(source.encoded for source in per_source):
+        raise UserError("no examples left after filtering: every one is longer than data.max_length",
+                        where=sources[0].path, fix="raise data.max_length or set data.overlong: truncate")
+    return per_source
+
+
+def _preference_dataset_dict(splits: dict[str, list[dict]], fingerprint: str):
+    import pyarrow as pa
+    from datasets import Dataset, DatasetDict
+
+    def column(rows, name):
+        if name == "label":
+            return pa.array([row[name] for row in rows], pa.bool_())
+        return pa.array([row[name] for row in rows], pa.list_(pa.int32()))
+
+    tables = {}
+    for name, rows in splits.items():
+        columns = list(rows[0])
+        tables[name] = Dataset(pa.table({c: column(rows, c) for c in columns}), fingerprint=f"{fingerprint}-{name}")
+    return DatasetDict(tables)
