@@ -51,7 +51,7 @@ def run_trl(folder: Path, epochs: int) -> dict:
                                     "training.eval_strategy=no"])
     rows = [pair_from_row({k: row.get(k) for k in ("prompt", "messages", "chosen", "rejected")}, where)
             for where, row in _read_jsonl(ROOT / "sample_preference.jsonl")]
-    texts = [{"prompt": f"<s>[INST] {p.prompt[-1]['content']} [/INST]", "chosen": f" {p.chosen[0]['content']}",
+    texts = [{"prompt": f"[INST] {p.prompt[-1]['content']} [/INST]", "chosen": f" {p.chosen[0]['content']}",
               "rejected": f" {p.rejected[0]['content']}"} for p in rows]
     held_out = len(texts) // 5  # as data.val_size: 0.2
     train_set, eval_set = Dataset.from_list(texts[held_out:]), Dataset.from_list(texts[:held_out])

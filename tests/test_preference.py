@@ -184,3 +184,10 @@ def test_training_is_checked_against_the_methods_config_class():
     assert qlora("config", "validate", "tiny-mistral-kto", "training.desirable_weight=2").exit_code == 0
     assert_user_error(qlora("config", "validate", "tiny-mistral-kto", "training.loss_type=sigmoid"),
                       "training.loss_type", "kto, apo_zero_unpaired")
+
+
+def test_plan_counts_two_sequences_per_pair_and_the_reference_forward(tmp_path):
+    result = qlora("plan", "tiny-mistral-dpo", f"data.prepared_dir={tmp_path}")
+    assert result.exit_code == 0, result.output
+    assert "8 examples per step run as 16 sequences" in result.output
+    assert "reference forward with the adapter off" in result.output and "16 x 51 tokens" in result.output
