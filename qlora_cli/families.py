@@ -32,6 +32,10 @@ class Family:
     text_config_key: str | None = None
     # Values a real checkpoint's config.json has where the transformers class has none or another.
     defaults: dict = field(default_factory=dict)
+    # Module-name suffixes of the modules that hold fused 3-D expert tensors (experts x out x in):
+    # quantized to 4 bits after loading and given LoRA through peft's target_parameters
+    # (see qlora_cli.experts). The router and shared experts are ordinary modules.
+    expert_modules: tuple[str, ...] = ()
 
     @property
     def is_vision_language(self) -> bool:
@@ -52,8 +56,7 @@ FAMILIES: dict[str, Family] = {
                "3B / 8B / 14B (vision-language)", auto_class=IMAGE_TEXT_TO_TEXT,
                outside_language_model=("model.vision_tower", "model.multi_modal_projector"),
                text_config_key="text_config", defaults={"tie_word_embeddings": False}),
-        # Mixture-of-experts families (mixtral, mistral4, mistral_large4) go here, each with how
-        # its experts are stored and quantized: see issue 15.
+        Family("mixtral", "Mixtral 8x7B / 8x22B", expert_modules=("mlp.experts",)),
     ]
 }
 # The language-model types a vision-language config may nest under its text_config.

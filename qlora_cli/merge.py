@@ -59,6 +59,7 @@ class MergeResult:
 
 def merge(recipe, *, overwrite: bool = False) -> MergeResult:
     """Merge the run's adapter into the base model and write `merge.output_dir`, verified."""
+    from qlora_cli.experts import drop_unchanged_parametrizations
     from qlora_cli.model import load_recipe_tokenizer
 
     run = RunFolder(recipe.run_dir)
@@ -77,6 +78,7 @@ def merge(recipe, *, overwrite: bool = False) -> MergeResult:
         effect = logit_difference(unmerged, _logits(model, probe))
     tolerance = rounding_tolerance(model, probe, unmerged)
     merged = model.merge_and_unload()
+    drop_unchanged_parametrizations(merged)
     difference = check_merged(merged, probe, unmerged, tolerance, recipe.merge.dtype)
     quantized = _distance_from_training_view(recipe, adapter, merged, probe)
     with atomic_folder(output, replace=overwrite) as tmp:
@@ -168,7 +170,15 @@ def load_adapter_model(recipe, adapter: Path, *, quantized: bool, dequantize: bo
     base = load_base_model(recipe, quantized=quantized, dtype=dtype)
     if dequantize and not quantized and trained_on_4bit(recipe):
         copy_dequantized_weights(load_base_model(recipe, quantized=True), base)
-    return PeftModel.from_pretrained(base, str(adapter)).eval()
+    from qlora_cli.experts import nest_expert_lora_as_trained, repair_expert_lora
+    from qlora_cli.families import checkpoint_family
+
+    if not quantized and trained_on_4bit(recipe):
+        family = checkpoint_family(base.config, trust_remote_code=recipe.model.trust_remote_code)
+        nest_expert_lora_as_trained(base, family.expert_modules)
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    repair_expert_lora(model)
+    return model
 
 
 def trained_on_4bit(recipe) -> bool:
@@ -185,12 +195,18 @@ def copy_dequantized_weights(quantized_model, model) -> None:
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
 
+    from qlora_cli.experts import dequantized, is_quantized
+
     modules = dict(model.named_modules())
     for name, module in quantized_model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
             target = modules[name].weight
-            dequantized = F.dequantize_4bit(module.weight.data, module.weight.quant_state)
-            target.data = dequantized.to(target.device, target.dtype).reshape(target.shape)
+            value = F.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            target.data = value.to(target.device, target.dtype).reshape(target.shape)
+        for param_name in getattr(module, "parametrizations", {}):  # fused experts (qlora_cli.experts)
+            if is_quantized(module, param_name):
+                target = getattr(modules[name], param_name)
+                target.data = dequantized(module, param_name).to(target.device, target.dtype)
 
 
 def rounding_tolerance(model, probe, logits) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_cli.atomic import atomic_folder, cache_root
@@ -72,14 +72,39 @@ class ModelSummary:
     total: int
     footprint_bytes: int
     quantization: str
+    lora_by_kind: dict[str, int] = field(default_factory=dict)  # LoRA parameters per kind of module
 
     def lines(self) -> list[str]:
         share = 100 * self.trainable / max(self.total, 1)
-        return [
+        lines = [
             f"quantization: {self.quantization}",
             f"parameters: {self.trainable:,} trainable of {self.total:,} ({share:.2f}%)",
             f"memory footprint: {self.footprint_bytes / 2**20:,.1f} MiB",
         ]
+        if self.lora_by_kind:
+            lines.append("LoRA on: " + ", ".join(f"{kind} {count:,}" for kind, count in self.lora_by_kind.items()))
+        return lines
+
+
+# Kinds of modules a LoRA parameter can sit on, tested in this order on its name.
+LORA_KINDS = [
+    ("shared experts", (".shared_expert",)),
+    ("experts", (".experts.",)),
+    ("router", (".mlp.gate.", ".router.")),
+    ("vision", ("vision_tower", "multi_modal_projector")),
+    ("attention", (".self_attn.", ".attention.")),
+    ("MLP", (".mlp.",)),
+]
+
+
+def lora_by_kind(model) -> dict[str, int]:
+    """Trainable LoRA parameters per kind of module (attention, experts, router, ...)."""
+    counts: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad and ".lora_" in name:
+            kind = next((k for k, marks in LORA_KINDS if any(m in name for m in marks)), "other")
+            counts[kind] = counts.get(kind, 0) + param.numel()
+    return counts
 
 
 def describe_quantization(quantization: dict | None) -> str:
@@ -97,6 +122,7 @@ def load_base_model(recipe, *, quantized: bool = True, dtype=None, device_map=No
     loaded with the auto class of its family (causal LM, or image-text-to-text)."""
     from transformers import AutoConfig
 
+    from qlora_cli.experts import quantize_experts
     from qlora_cli.families import auto_model_class, checkpoint_family, kept_16bit
 
     model = recipe.model
@@ -131,6 +157,8 @@ def load_base_model(recipe, *, quantized: bool = True, dtype=None, device_map=No
                         "the recipe allows it", where="model.trust_remote_code",
                         fix="read that code, then set model.trust_remote_code: true") from None
     _keep_4bit_compute_dtype(loaded)
+    if bnb is not None:
+        quantize_experts(loaded, family.expert_modules, kept_16bit(family, recipe.quantization))
     return loaded
 
 
@@ -152,6 +180,7 @@ def load_trainable_model(recipe, *, device_map=None):
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
 
+    from qlora_cli.experts import expand_expert_targets, repair_expert_lora
     from qlora_cli.families import checkpoint_family, language_model_lora
 
     model = load_base_model(recipe, device_map=device_map)
@@ -171,7 +200,8 @@ def load_trainable_model(recipe, *, device_map=None):
     if recipe.model.adapter:
         return load_starting_adapter(model, recipe)
     family = checkpoint_family(model.config, trust_remote_code=recipe.model.trust_remote_code)
-    lora = build_lora_config(language_model_lora(family, recipe.lora), recipe.origins)
+    lora_section = expand_expert_targets(recipe.lora, model, family.expert_modules, recipe.origins)
+    lora = build_lora_config(language_model_lora(family, lora_section), recipe.origins)
     if lora is None:
         return model
     # Seed right before the LoRA weights' random init, so it is the same for every rank and
@@ -180,13 +210,20 @@ def load_trainable_model(recipe, *, device_map=None):
     # FSDP shards a layer as one flat buffer of one dtype: keep LoRA weights in the model's dtype
     # instead of peft's fp32 (and never upcast the unquantized weights above).
     try:
-        return get_peft_model(model, lora, autocast_adapter_dtype=not sharded)
+        peft_model = get_peft_model(model, lora, autocast_adapter_dtype=not sharded)
     except ValueError as err:
+        if "lora_dropout" in str(err):  # peft's LoRA on a tensor cannot drop out its input
+            raise UserError(f"LoRA on the experts needs `lora.lora_dropout: 0`: {err}",
+                            where=recipe.origins.get("lora.lora_dropout", "lora.lora_dropout"),
+                            fix="set lora.lora_dropout=0, or keep LoRA off the experts (target_modules: "
+                                "[q_proj, k_proj, v_proj, o_proj])") from None
         if "target" not in str(err).lower():
             raise
         raise UserError(f"`lora.target_modules` does not fit this model: {err}",
                         where=recipe.origins.get("lora.target_modules", "lora.target_modules"),
                         fix="name layers the model has, e.g. lora.target_modules=all-linear or [q_proj,v_proj]") from None
+    repair_expert_lora(peft_model)
+    return peft_model
 
 
 def load_starting_adapter(model, recipe):
@@ -206,9 +243,13 @@ def load_starting_adapter(model, recipe):
 
 def summarize_model(model, quantization: dict | None) -> ModelSummary:
     """Trainable and total parameters (4-bit weights counted as their logical size)."""
+    from qlora_cli.experts import packed_expert_numels
+
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(_logical_numel(p) for p in model.parameters())
-    return ModelSummary(trainable, total, model.get_memory_footprint(), describe_quantization(quantization))
+    total += sum(logical - packed for logical, packed in packed_expert_numels(model))
+    return ModelSummary(trainable, total, model.get_memory_footprint(), describe_quantization(quantization),
+                        lora_by_kind(model))
 
 
 def _logical_numel(param) -> int:

@@ -1,0 +1,218 @@
+"""Mixture-of-experts weights in 4 bits, and LoRA on them.
+
+transformers 5 stores the experts of a MoE layer as fused 3-D parameters (experts x out x in)
+of one module, not as `nn.Linear` layers, so bitsandbytes' Linear replacement leaves them in
+16/32 bits: nearly all of Mixtral's weights. Each of them is quantized here after loading with
+bitsandbytes' own primitive for parameters outside `nn.Linear`
+(`bitsandbytes.nn.parametrize.replace_parameter_4bit`): the uint8 codes and their quantization
+state replace the tensor, and a torch parametrization dequantizes it when the experts' own
+forward reads it. LoRA reaches those tensors through peft's `target_parameters`.
+"""
+
+from __future__ import annotations
+
+import types
+from contextlib import contextmanager
+
+import torch.nn.utils.parametrize as P
+from torch import nn
+
+from qlora_cli.errors import UserError
+
+# bitsandbytes' 4-bit block: one absmax scale per 64 consecutive weights.
+BLOCK = 64
+
+
+def expert_parameters(model, expert_modules: tuple[str, ...]) -> list[tuple[str, object, str]]:
+    """(module name, module, parameter name) of every fused 3-D expert tensor, in model order.
+
+    `expert_modules` are the module-name suffixes the family keeps its experts under
+    (`mlp.experts`). A peft model is looked through: its wrappers' names do not count."""
+    found = []
+    for name, module in model.named_modules():
+        plain = name.replace(".base_layer", "")
+        if not any(plain == suffix or plain.endswith(f".{suffix}") for suffix in expert_modules):
+            continue
+        if type(module).__name__ == "ParamWrapper":
+            continue  # peft's wrapper: the experts module is its base_layer
+        for param_name in _parameter_names(module):
+            if len(tensor_shape(module, param_name)) == 3:
+                found.append((plain, module, param_name))
+    return found
+
+
+def _parameter_names(module) -> list[str]:
+    names = [n for n, _ in module.named_parameters(recurse=False)]
+    names += list(getattr(module, "parametrizations", {}).keys())  # already quantized or LoRA-wrapped
+    return sorted(set(names))
+
+
+def tensor_shape(module, param_name: str):
+    """The logical shape of a parameter, without dequantizing a 4-bit one."""
+    if is_quantized(module, param_name):
+        return module.parametrizations[param_name][0].quant_state.shape
+    return getattr(module, param_name).shape
+
+
+def is_quantized(module, param_name: str) -> bool:
+    from bitsandbytes.nn.parametrize import Bnb4bitParametrization
+
+    parametrizations = getattr(module, "parametrizations", {})
+    plist = parametrizations[param_name] if param_name in parametrizations else []
+    return any(isinstance(p, Bnb4bitParametrization) for p in plist)
+
+
+def quantize_experts(model, expert_modules: tuple[str, ...], quantization: dict | None) -> int:
+    """Store every expert tensor of `model` in 4 bits as the recipe's `quantization` says
+    (`bnb_4bit_quant_type`, `bnb_4bit_use_double_quant`); expert modules under a name in
+    `llm_int8_skip_modules` stay as loaded. Returns how many tensors were quantized.
+
+    Per expert: a 4-bit block never spans two experts (each expert's matrix holds a whole
+    number of 64-weight blocks), so every expert has its own scales, as a Linear layer would."""
+    from bitsandbytes.nn.parametrize import replace_parameter_4bit
+
+    if not quantization or not quantization.get("load_in_4bit"):
+        return 0
+    skip = tuple(quantization.get("llm_int8_skip_modules") or ())
+    count = 0
+    for name, module, param_name in expert_parameters(model, expert_modules):
+        if is_quantized(module, param_name) or _skipped(f"{name}.{param_name}", skip):
+            continue
+        shape = tensor_shape(module, param_name)
+        if (shape[1] * shape[2]) % BLOCK:
+            raise UserError(f"expert tensor `{name}.{param_name}` {tuple(shape)} does not split into "
+                            f"{BLOCK}-weight blocks per expert", where="model",
+                            fix=f"keep it 16-bit with quantization.llm_int8_skip_modules=[{name}]")
+        replace_parameter_4bit(module, param_name, compress_statistics=bool(quantization.get(
+            "bnb_4bit_use_double_quant")), quant_type=quantization.get("bnb_4bit_quant_type", "fp4"))
+        count += 1
+    return count
+
+
+def _skipped(name: str, skip: tuple[str, ...]) -> bool:
+    return any(name == m or name.endswith(f".{m}") or f".{m}." in f".{name}." for m in skip)
+
+
+def quantized_tensors(module, param_name: str) -> list:
+    """The uint8 codes and every tensor of the quantization state of one 4-bit expert tensor."""
+    plist = module.parametrizations[param_name]
+    state = plist[0].quant_state
+    found = [plist.original, state.absmax, state.code, getattr(state, "offset", None)]
+    if state.state2 is not None:
+        found += [state.state2.absmax, state.state2.code]
+    return [t for t in found if t is not None and hasattr(t, "element_size")]
+
+
+def packed_expert_numels(model) -> list[tuple[int, int]]:
+    """(weights, uint8 elements that hold them) of every 4-bit expert tensor."""
+    found = []
+    for module in model.modules():
+        for param_name in getattr(module, "parametrizations", {}):
+            if is_quantized(module, param_name):
+                plist = module.parametrizations[param_name]
+                found.append((plist[0].quant_state.shape.numel(), plist.original.numel()))
+    return found
+
+
+def dequantized(module, param_name: str):
+    """The value training computes with: the 4-bit expert tensor dequantized, without LoRA."""
+    import bitsandbytes.functional as F
+
+    plist = module.parametrizations[param_name]
+    return F.dequantize_4bit(plist.original.data, plist[0].quant_state)
+
+
+# ---------------------------------------------------------------- LoRA on the experts
+
+
+def expand_expert_targets(lora: dict | None, model, expert_modules: tuple[str, ...], origins: dict) -> dict | None:
+    """The lora section with `target_parameters` as peft needs them for these experts: the full
+    name of each expert tensor (peft matches an already parametrized tensor by its full name only).
+
+    `target_modules: all-linear` adds every expert tensor; `target_parameters` names (`experts`,
+    `gate_up_proj`, `mlp.experts.down_proj`) match the expert tensors whose name ends with them.
+    A name that matches no expert tensor is the user's mistake (peft would only warn)."""
+    if not lora:
+        return lora
+    names = [f"{name}.{param}" for name, _, param in expert_parameters(model, expert_modules)]
+    asked = lora.get("target_parameters")
+    if asked is None:
+        return {**lora, "target_parameters": names} if lora.get("target_modules") == "all-linear" and names else lora
+    where = origins.get("lora.target_parameters", "lora.target_parameters")
+    matched, unmatched = [], []
+    for wanted in asked:
+        hits = [n for n in names if n == wanted or n.endswith(f".{wanted}") or f".{wanted}." in f".{n}."]
+        matched += [n for n in hits if n not in matched]
+        unmatched += [] if hits else [wanted]
+    if unmatched:
+        have = sorted({n.split(".")[-1] for n in names})
+        raise UserError(f"`lora.target_parameters` {unmatched} match no expert tensor of this model "
+                        f"({'its experts: ' + ', '.join(have) if have else 'it has no fused experts'}): "
+                        "that LoRA would train nothing", where=where,
+                        fix="name experts, gate_up_proj or down_proj, or drop lora.target_parameters")
+    return {**lora, "target_parameters": matched}
+
+
+def repair_expert_lora(model) -> None:
+    """Make peft's LoRA on 4-bit expert tensors train and run more than once (peft 0.21).
+
+    peft adds LoRA to a targeted tensor with a second parametrization during each forward.
+    Over bitsandbytes' parametrization it goes wrong twice: (1) it reads the tensor, and
+    registers its own parametrization, inside parametrize's cache, so the value without LoRA
+    stays cached and the experts' second LoRA (down_proj, nested inside gate_up_proj's) never
+    sees a gradient; (2) on exit it removes only its `_LoraParameterProxy`, not the
+    `_LoraFactorsProxy` it uses for a single adapter, so parametrizations pile up and the next
+    forward fails. Both are patched on each wrapper instance here, nothing global."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    for module in model.modules():
+        if isinstance(module, ParamWrapper) and P.is_parametrized(module.get_base_layer(), module.parameter_name):
+            module._activate_lora = types.MethodType(_activate_lora_uncached, module)
+            module._remove_parametrizations = types.MethodType(_remove_lora_proxy, module)
+
+
+@contextmanager
+def _activate_lora_uncached(self, active_adapters):
+    from peft.tuners.lora.layer import ParamWrapper
+
+    with ParamWrapper._activate_lora(self, active_adapters):
+        P._cache.pop((id(self.get_base_layer()), self.parameter_name), None)  # the value read before LoRA
+        yield
+
+
+def _remove_lora_proxy(self) -> None:
+    from peft.tuners.lora.layer import _LoraFactorsProxy, _LoraParameterProxy
+
+    plist = self.get_base_layer().parametrizations[self.parameter_name]
+    for index in reversed(range(len(plist))):
+        if isinstance(plist[index], (_LoraFactorsProxy, _LoraParameterProxy)):
+            del plist[index]
+            return
+
+
+class _AsLoaded(nn.Module):
+    """A parametrization that changes nothing (see `nest_expert_lora_as_trained`)."""
+
+    def forward(self, tensor):
+        return tensor
+
+
+def nest_expert_lora_as_trained(model, expert_modules: tuple[str, ...]) -> None:
+    """Give the 16-bit expert tensors of `model` the parametrization their 4-bit ones had in
+    training, so peft nests an adapter's two expert LoRAs the same way.
+
+    peft wraps a module's targeted tensors one inside the other, in parameter order for plain
+    tensors (gate_up_proj inside down_proj) but in name order for parametrized ones (down_proj
+    inside gate_up_proj); the adapter's keys follow that nesting, so an adapter trained on 4-bit
+    experts loads into 16-bit experts only if they look parametrized too."""
+    for _, module, param_name in expert_parameters(model, expert_modules):
+        if not P.is_parametrized(module, param_name):
+            P.register_parametrization(module, param_name, _AsLoaded())
+
+
+def drop_unchanged_parametrizations(model) -> None:
+    """Undo `nest_expert_lora_as_trained` once LoRA is merged: plain tensors, plain names on save."""
+    for module in model.modules():
+        for param_name in list(getattr(module, "parametrizations", {}) or {}):
+            if all(isinstance(p, _AsLoaded) for p in module.parametrizations[param_name]):
+                P.remove_parametrizations(module, param_name, leave_parametrized=True)

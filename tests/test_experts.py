@@ -1,0 +1,224 @@
+"""experts.py: fused MoE expert tensors in 4 bits, LoRA on them, on a tiny Mixtral loaded as
+`qlora train` loads it (4 experts, 2 per token, 64 wide)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlora_cli.errors import UserError
+from qlora_cli.experts import dequantized, expert_parameters, is_quantized, quantized_tensors
+from qlora_cli.plan_memory import quantized_linear_bytes
+from qlora_cli.recipe import load_recipe
+
+from conftest import TINY_OVERRIDES
+
+MIXTRAL = [
+    *TINY_OVERRIDES,
+    "model.init_from_config.model_type=mixtral",
+    "model.init_from_config.num_local_experts=4",
+    "model.init_from_config.num_experts_per_tok=2",
+]
+EXPERTS = ("mlp.experts",)
+
+pytestmark = pytest.mark.slow  # every test loads a model
+
+
+def mixtral_recipe(*overrides):
+    return load_recipe(["tiny-mistral"], [*MIXTRAL, *overrides])
+
+
+@pytest.fixture(scope="module")
+def base():
+    from qlora_cli.model import load_base_model
+
+    return load_base_model(mixtral_recipe())
+
+
+@pytest.fixture(scope="module")
+def trainable():
+    from qlora_cli.model import load_trainable_model
+
+    return load_trainable_model(mixtral_recipe())
+
+
+def test_a_4bit_mixtral_keeps_no_expert_tensor_in_16_or_32_bits(base):
+    found = expert_parameters(base, EXPERTS)
+    assert sorted({p for _, _, p in found}) == ["down_proj", "gate_up_proj"] and len(found) == 4  # 2 layers
+    assert all(is_quantized(module, p) for _, module, p in found)
+    big = [n for n, t in base.named_parameters() if t.is_floating_point() and t.ndim == 3]
+    assert big == []
+    state = found[0][1].parametrizations["gate_up_proj"][0].quant_state
+    assert state.quant_type == "nf4" and state.state2 is not None  # as the recipe says: nf4 + double quant
+
+
+def test_fp4_without_double_quantization_is_what_the_recipe_asks_for():
+    from qlora_cli.model import load_base_model
+
+    model = load_base_model(mixtral_recipe("quantization.bnb_4bit_quant_type=fp4",
+                                           "quantization.bnb_4bit_use_double_quant=false"))
+    _, module, _ = expert_parameters(model, EXPERTS)[0]
+    state = module.parametrizations["down_proj"][0].quant_state
+    assert state.quant_type == "fp4" and state.state2 is None
+
+
+def test_expert_weight_bytes_are_exactly_the_4bit_codes_and_their_quantization_state(base):
+    for _, module, param_name in expert_parameters(base, EXPERTS):
+        experts, out_features, in_features = module.parametrizations[param_name][0].quant_state.shape
+        stored = sum(t.numel() * t.element_size() for t in quantized_tensors(module, param_name))
+        assert stored == quantized_linear_bytes(experts * out_features * in_features, out_features, "nf4", True)
+        assert stored <= 0.3 * experts * out_features * in_features * 2  # at most 0.3x of 16-bit bytes
+
+
+def test_each_4bit_block_belongs_to_one_expert(base):
+    _, module, param_name = expert_parameters(base, EXPERTS)[0]
+    state = module.parametrizations[param_name][0].quant_state
+    experts, out_features, in_features = state.shape
+    assert (out_features * in_features) % state.blocksize == 0
+
+
+def test_4bit_experts_compute_what_their_dequantized_weights_compute_in_the_models_own_expert_code(base):
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    _, module, _ = expert_parameters(base, EXPERTS)[0]
+    reference = MixtralExperts(base.config)
+    for param_name in ("gate_up_proj", "down_proj"):
+        getattr(reference, param_name).data = dequantized(module, param_name)
+    torch.manual_seed(0)
+    hidden = torch.randn(12, base.config.hidden_size)
+    index = torch.randint(0, 4, (12, 2))
+    weights = torch.rand(12, 2)
+    with torch.no_grad():
+        got, want = module(hidden, index, weights), reference(hidden, index, weights)
+    assert got.abs().max() > 0
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_the_whole_4bit_model_equals_a_16bit_copy_holding_its_dequantized_weights(base):
+    from qlora_cli.merge import copy_dequantized_weights
+    from qlora_cli.model import load_base_model
+
+    plain = load_base_model(mixtral_recipe(), quantized=False)
+    copy_dequantized_weights(base, plain)
+    ids = torch.randint(0, 1000, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(base(ids).logits, plain(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_skip_modules_keep_the_named_experts_in_16_bits_and_the_router_stays_16_bit():
+    from qlora_cli.model import load_base_model
+
+    model = load_base_model(mixtral_recipe("quantization.llm_int8_skip_modules=[model.layers.1.mlp.experts,lm_head]"))
+    quantized = {f"{n}.{p}": is_quantized(m, p) for n, m, p in expert_parameters(model, EXPERTS)}
+    assert quantized == {"model.layers.0.mlp.experts.down_proj": True, "model.layers.0.mlp.experts.gate_up_proj": True,
+                         "model.layers.1.mlp.experts.down_proj": False, "model.layers.1.mlp.experts.gate_up_proj": False}
+    assert model.model.layers[0].mlp.gate.weight.dtype == torch.float32
+
+
+def expert_lora(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad and ".experts." in n}
+
+
+def test_all_linear_puts_lora_on_every_expert_tensor_and_gradients_reach_all_of_them_step_after_step(trainable):
+    lora = expert_lora(trainable)
+    assert len(lora) == 2 * 2 * 2  # lora_A and lora_B of gate_up_proj and down_proj, in 2 layers
+    optimizer = torch.optim.SGD(lora.values(), lr=1.0)
+    ids = torch.randint(0, 1000, (2, 16))
+    trainable.train()
+    for _ in range(3):  # peft's per-forward parametrizations must come off again every step
+        optimizer.zero_grad()
+        trainable(input_ids=ids, labels=ids).loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n), \
+            [n for n, p in lora.items() if p.grad is None]
+        optimizer.step()
+    plists = [m.parametrizations for m in trainable.modules() if hasattr(m, "parametrizations")]
+    assert all(len(plist) == 1 for p in plists for plist in p.values())  # only the 4-bit one remains
+
+
+def test_the_run_summary_names_the_kinds_of_modules_that_carry_lora(trainable):
+    from qlora_cli.model import summarize_model
+
+    summary = summarize_model(trainable, {"load_in_4bit": True})
+    assert set(summary.lora_by_kind) >= {"attention", "experts"}
+    assert summary.lora_by_kind["experts"] == sum(p.numel() for p in expert_lora(trainable).values())
+    assert any(line.startswith("LoRA on: ") and "experts" in line for line in summary.lines())
+
+
+def test_lora_can_be_kept_to_attention_or_to_the_experts():
+    from qlora_cli.model import load_trainable_model, lora_by_kind
+
+    attention = load_trainable_model(mixtral_recipe("lora.target_modules=[q_proj,k_proj,v_proj,o_proj]"))
+    assert set(lora_by_kind(attention)) == {"attention"}
+    experts = load_trainable_model(mixtral_recipe("lora.target_modules=[]", "lora.target_parameters=[experts]"))
+    assert set(lora_by_kind(experts)) == {"experts"}
+    down = load_trainable_model(mixtral_recipe("lora.target_modules=[]", "lora.target_parameters=[down_proj]"))
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in expert_lora(down)} == {"experts"}
+    assert len(expert_lora(down)) == 2 * 2
+
+
+def test_expert_lora_that_matches_no_expert_is_refused():
+    from qlora_cli.model import load_trainable_model
+
+    with pytest.raises(UserError, match=r"`lora.target_parameters` \['up_proj_typo'\] match no expert tensor.*"
+                                        r"down_proj, gate_up_proj") as err:
+        load_trainable_model(mixtral_recipe("lora.target_parameters=[up_proj_typo]"))
+    assert err.value.where == "override"  # where the key came from: the command line here
+
+
+def test_expert_lora_with_dropout_is_refused_with_the_key():
+    from qlora_cli.model import load_trainable_model
+
+    with pytest.raises(UserError, match="`lora.lora_dropout: 0`") as err:
+        load_trainable_model(mixtral_recipe("lora.lora_dropout=0.05"))
+    assert err.value.where == "override" and "lora.lora_dropout=0" in err.value.fix
+
+
+# ---------------------------------------------------------------- through the real CLI
+
+
+@pytest.fixture(scope="module")
+def mixtral_run(tmp_path_factory, sample_subset, prepared_dir, qlora_cache):
+    """A short run of the tiny Mixtral through `qlora train`: 12 steps on 12 examples."""
+    from conftest import TrainedRun, qlora, short_run
+
+    root = tmp_path_factory.mktemp("mixtral") / "run"
+    args = ["tiny-mistral", *short_run(sample_subset, root, prepared_dir), *MIXTRAL[len(TINY_OVERRIDES):]]
+    result = qlora("train", *args)
+    assert result.exit_code == 0, result.output
+    return TrainedRun(root, args, result.output)
+
+
+def test_a_tiny_mixtral_with_4bit_experts_learns_the_sample_data(mixtral_run):
+    import json
+
+    state = json.loads((mixtral_run.root / "checkpoints" / "checkpoint-12" / "trainer_state.json").read_text())
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert len(losses) == 12 and sum(losses[-2:]) < sum(losses[:2]) - 1.0
+    line = next(line for line in mixtral_run.output.splitlines() if line.startswith("LoRA on: "))
+    assert "attention" in line and "experts" in line, line
+
+
+def test_merge_folds_the_expert_lora_into_dequantized_experts_and_plain_transformers_loads_it(mixtral_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import qlora
+
+    merged = tmp_path / "merged"
+    result = qlora("merge", mixtral_run.root / "recipe.yaml", f"merge.output_dir={merged}")
+    assert result.exit_code == 0, result.output
+    assert "logits vs the 4-bit base + adapter as trained" in result.output
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert model.model.layers[0].mlp.experts.gate_up_proj.shape == (4, 256, 64)  # fused, 16-bit, LoRA folded in
+    assert not any("lora" in name or "parametrizations" in name for name, _ in model.named_parameters())
+
+
+def test_generate_answers_from_the_adapter_and_from_the_merged_model_alike(mixtral_run, tmp_path):
+    from conftest import qlora
+
+    merged = tmp_path / "merged"
+    assert qlora("merge", mixtral_run.root / "recipe.yaml", f"merge.output_dir={merged}").exit_code == 0
+    asks = ["--prompt", "What is the capital of France?", "generate.max_new_tokens=6"]
+    adapter = qlora("generate", mixtral_run.root / "recipe.yaml", *asks)
+    whole = qlora("generate", mixtral_run.root / "recipe.yaml", "--model", merged, *asks)
+    assert adapter.exit_code == 0 and whole.exit_code == 0, adapter.output + whole.output
+    assert adapter.output.strip().splitlines()[-1] == whole.output.strip().splitlines()[-1]
