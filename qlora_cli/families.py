@@ -36,6 +36,8 @@ class Family:
     # quantized to 4 bits after loading and given LoRA through peft's target_parameters
     # (see qlora_cli.experts). The router and shared experts are ordinary modules.
     expert_modules: tuple[str, ...] = ()
+    # The model types its text_config may have (vision-language models); TEXT_MODEL_TYPES if unset.
+    text_model_types: tuple[str, ...] = ()
 
     @property
     def is_vision_language(self) -> bool:
@@ -57,10 +59,23 @@ FAMILIES: dict[str, Family] = {
                outside_language_model=("model.vision_tower", "model.multi_modal_projector"),
                text_config_key="text_config", defaults={"tie_word_embeddings": False}),
         Family("mixtral", "Mixtral 8x7B / 8x22B", expert_modules=("mlp.experts",)),
+        # transformers lists Mistral Small 4 as image-text-to-text; that auto class gives its
+        # causal LM (MLA attention, 128 routed experts + a shared expert per layer).
+        Family("mistral4", "Mistral Small 4 (119B, 128 experts)", auto_class=IMAGE_TEXT_TO_TEXT,
+               expert_modules=("mlp.experts",)),
+        Family("mistral_large4", "Mistral Large 4 (vision-language)", auto_class=IMAGE_TEXT_TO_TEXT,
+               outside_language_model=("model.vision_tower", "model.multi_modal_projector"),
+               text_config_key="text_config", expert_modules=("mlp.experts",),
+               text_model_types=("mistral_large4_text",)),
     ]
 }
 # The language-model types a vision-language config may nest under its text_config.
 TEXT_MODEL_TYPES = ("mistral", "ministral", "ministral3")
+
+
+def text_types(family: Family) -> tuple[str, ...]:
+    """The model types a vision-language family's text_config may have."""
+    return family.text_model_types or TEXT_MODEL_TYPES
 
 
 def supported_types() -> str:
@@ -104,12 +119,13 @@ def init_config_errors(init_config: dict, origins: dict[str, str]) -> list[UserE
                           where=origins.get(key, key),
                           fix=f"add {family.text_config_key}: {{model_type: mistral, hidden_size: ..., "
                               "num_hidden_layers: ...} (and vision_config: {model_type: pixtral, ...})")]
-    text_type = text.get("model_type", "mistral")
-    if text_type not in TEXT_MODEL_TYPES:
-        return [UserError(f"`{text_key}.model_type` is {text_type!r}{_did_you_mean(str(text_type), TEXT_MODEL_TYPES)}, "
-                          f"not a language model qlora supports in `{model_type}` ({', '.join(TEXT_MODEL_TYPES)})",
+    allowed = text_types(family)
+    text_type = text.get("model_type", allowed[0])
+    if text_type not in allowed:
+        return [UserError(f"`{text_key}.model_type` is {text_type!r}{_did_you_mean(str(text_type), allowed)}, "
+                          f"not a language model qlora supports in `{model_type}` ({', '.join(allowed)})",
                           where=origins.get(f"{text_key}.model_type", text_key),
-                          fix=f"use one of {', '.join(TEXT_MODEL_TYPES)}")]
+                          fix=f"use one of {', '.join(allowed)}")]
     return []
 
 
@@ -124,8 +140,9 @@ def build_init_config(init_config: dict, tokenizer):
            "pad_token_id": tokenizer.pad_token_id}
     if family.is_vision_language:
         text = dict(values.get(family.text_config_key) or {})
-        text_type = text.setdefault("model_type", "mistral")
-        values[family.text_config_key] = {"vocab_size": len(tokenizer), **ids, **_with_defaults(FAMILIES[text_type], text)}
+        text_type = text.setdefault("model_type", text_types(family)[0])
+        text_family = FAMILIES.get(text_type, Family(text_type, "the language model of " + family.checkpoints))
+        values[family.text_config_key] = {"vocab_size": len(tokenizer), **ids, **_with_defaults(text_family, text)}
     else:
         values = {"vocab_size": len(tokenizer), **ids, **values}
     values = _with_defaults(family, values)

@@ -222,3 +222,43 @@ def test_generate_answers_from_the_adapter_and_from_the_merged_model_alike(mixtr
     whole = qlora("generate", mixtral_run.root / "recipe.yaml", "--model", merged, *asks)
     assert adapter.exit_code == 0 and whole.exit_code == 0, adapter.output + whole.output
     assert adapter.output.strip().splitlines()[-1] == whole.output.strip().splitlines()[-1]
+
+
+# ---------------------------------------------------------------- Mistral Small 4 and Large 4
+
+MISTRAL_MOE = {  # 64-wide, 2 layers, 4 experts, MLA attention with small ranks
+    "mistral4": "{model_type: mistral4, hidden_size: 64, intermediate_size: 128, moe_intermediate_size: 64, "
+                "num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 4, num_local_experts: 4, "
+                "num_experts_per_tok: 2, n_group: 1, topk_group: 1, q_lora_rank: 32, kv_lora_rank: 16, "
+                "qk_rope_head_dim: 8, qk_nope_head_dim: 8, v_head_dim: 16}",
+    "mistral_large4": "{model_type: mistral_large4, text_config: {hidden_size: 64, intermediate_size: 128, "
+                      "moe_intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 4, "
+                      "num_local_experts: 4, num_experts_per_tok: 2, n_group: 1, topk_group: 1, first_k_dense_replace: 1}, "
+                      "vision_config: {model_type: pixtral, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, "
+                      "num_attention_heads: 2, image_size: 64, patch_size: 16}}",
+}
+
+
+@pytest.mark.parametrize("model_type", list(MISTRAL_MOE))
+def test_mistral_small_and_large_4_load_with_4bit_experts_and_train_their_text_model(model_type):
+    from qlora_cli.model import load_trainable_model, lora_by_kind
+
+    model = load_trainable_model(load_recipe(["tiny-mistral"], [
+        "lora.r=4", "lora.lora_alpha=8", f"model.init_from_config={MISTRAL_MOE[model_type]}"]))
+    found = expert_parameters(model, EXPERTS)
+    assert found and all(is_quantized(module, p) for _, module, p in found)
+    assert not [n for n, t in model.named_parameters() if t.is_floating_point() and t.ndim == 3]
+    kinds = lora_by_kind(model)
+    assert {"attention", "experts", "shared experts"} <= set(kinds) and "vision" not in kinds
+    ids = torch.randint(0, 1000, (2, 16))
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    lora_b = [p for n, p in expert_lora(model).items() if "lora_B" in n]
+    assert lora_b and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)
+
+
+def test_an_unsupported_moe_model_type_exits_2_naming_the_key():
+    from conftest import assert_user_error, qlora
+
+    result = qlora("config", "validate", "tiny-mistral", "model.init_from_config.model_type=qwen2_moe")
+    assert_user_error(result, "model.init_from_config.model_type", "qwen2_moe", "mixtral")
