@@ -53,6 +53,7 @@ class ModelShape:
     output_linear: str = "lm_head"
     max_positions: int = 0
     family: Family | None = None  # qlora_cli.families: what is outside the language model
+    experts: list[tuple[str, int, int, int]] = field(default_factory=list)  # fused expert tensors: (name, experts, out, in)
 
     @property
     def outside_language_model(self) -> tuple[str, ...]:
@@ -64,7 +65,11 @@ class ModelShape:
 
     @property
     def total_params(self) -> int:
-        return sum(i * o for _, i, o in self.linears) + sum(self.other_params.values())
+        return sum(i * o for _, i, o in self.linears) + sum(self.other_params.values()) + self.expert_params
+
+    @property
+    def expert_params(self) -> int:
+        return sum(e * o * i for _, e, o, i in self.experts)
 
 
 def model_shape(config) -> ModelShape:
@@ -80,7 +85,12 @@ def model_shape(config) -> ModelShape:
     config = config.get_text_config()
     linears = [(n, m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     in_linears = {f"{n}.weight" for n, _, _ in linears} | {f"{n}.bias" for n, _, _ in linears}
-    other = {n: p.numel() for n, p in model.named_parameters() if n not in in_linears}
+    from qlora_cli.experts import expert_parameters
+
+    experts = [(f"{n}.{p}", *getattr(m, p).shape) for n, m, p in
+               expert_parameters(model, family.expert_modules if family else ())]
+    in_experts = {name for name, *_ in experts}
+    other = {n: p.numel() for n, p in model.named_parameters() if n not in in_linears and n not in in_experts}
     output = model.get_output_embeddings()
     output_name = next((n for n, m in model.named_modules() if m is output), "lm_head")
     heads = config.num_attention_heads
@@ -90,6 +100,7 @@ def model_shape(config) -> ModelShape:
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads, linears=linears,
         other_params=other, buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
         output_linear=output_name, max_positions=getattr(config, "max_position_embeddings", 0) or 0, family=family,
+        experts=experts,
     )
 
 
@@ -152,12 +163,18 @@ def weight_items(shape: ModelShape, s: Settings) -> list[MemoryItem]:
     """Base weights as quantized, and what stays unquantized."""
     quantized = [(n, i, o) for n, i, o in shape.layer_linears if not _skipped(n, s.skip_modules)] if s.quantized else []
     quantized_names = {n for n, _, _ in quantized}
+    # Fused experts are quantized by qlora_cli.experts, in 4 bits only (8-bit leaves them as loaded).
+    experts = [(e * o * i, o) for n, e, o, i in shape.experts
+               if s.quant in ("nf4", "fp4") and not _skipped(n, s.skip_modules)]
     kept = sum(shape.other_params.values()) + sum(i * o for n, i, o in shape.linears if n not in quantized_names)
+    kept += shape.expert_params - sum(numel for numel, _ in experts)
     items = []
     if quantized:
         qbytes = sum(quantized_linear_bytes(i * o, o, s.quant, s.double_quant) for _, i, o in quantized)
+        qbytes += sum(quantized_linear_bytes(numel, o, s.quant, s.double_quant) for numel, o in experts)
         label = "8-bit" if s.quant == "int8" else f"4-bit {s.quant}" + (" + double quant" if s.double_quant else "")
-        items.append(MemoryItem(f"base weights ({label})", qbytes, f"{sum(i * o for _, i, o in quantized):,} params"))
+        params = sum(i * o for _, i, o in quantized) + sum(numel for numel, _ in experts)
+        items.append(MemoryItem(f"base weights ({label})", qbytes, f"{params:,} params"))
     outside = sum(numel for name, numel in _param_numels(shape) if _skipped(name, shape.outside_language_model)
                   and name.rsplit(".", 1)[0] not in quantized_names)
     kept -= outside

@@ -262,3 +262,24 @@ def test_an_unsupported_moe_model_type_exits_2_naming_the_key():
 
     result = qlora("config", "validate", "tiny-mistral", "model.init_from_config.model_type=qwen2_moe")
     assert_user_error(result, "model.init_from_config.model_type", "qwen2_moe", "mixtral")
+
+
+def test_plan_counts_the_experts_at_exactly_the_bytes_of_the_loaded_4bit_model(base):
+    from qlora_cli.model import load_recipe_tokenizer
+    from qlora_cli.plan import load_model_config, recipe_settings
+    from qlora_cli.plan_memory import memory_items, model_shape
+
+    recipe = mixtral_recipe()
+    shape = model_shape(load_model_config(recipe, load_recipe_tokenizer(recipe)))
+    entries = {item.name.split(" (")[0]: item.bytes for item in memory_items(shape, recipe_settings(
+        recipe, shape, on_gpu=False), 1, 64)}
+    expert_bytes = sum(t.numel() * t.element_size() for _, m, p in expert_parameters(base, EXPERTS)
+                       for t in quantized_tensors(m, p) if t is not m.parametrizations[p].original)
+    linear_states = []
+    for param in base.parameters():
+        state = getattr(param, "quant_state", None)
+        if state is not None:
+            linear_states += [state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code]
+    loaded = sum(t.numel() * t.element_size() for t in [*base.parameters(), *base.buffers(), *linear_states])
+    assert entries["base weights"] + entries["unquantized: embeddings, norms, lm_head"] == loaded + expert_bytes
+    assert shape.expert_params == 2 * (4 * 256 * 64 + 4 * 64 * 128)
