@@ -28,7 +28,8 @@ def make_run(folder: Path, new_tokens: int):
     """A tiny-mistral recipe whose run folder holds a (randomly perturbed) LoRA adapter."""
     import torch
 
-    from qlora_cli.model import load_recipe_tokenizer, load_trainable_model
+    from qlora_cli.model import load_trainable_model
+    from qlora_cli.tokenizer import load_recipe_tokenizer
     from qlora_cli.recipe import load_recipe
 
     recipe = load_recipe(["tiny-mistral"], [f"training.output_dir={folder / 'run'}",

@@ -122,7 +122,8 @@ def write_recipe(folder: Path, config: dict, args) -> Path:
 
 def prepare_everything(folder: Path, config: dict, args) -> dict:
     """Data files, recipe, the built model and both prepared datasets (cached for the arms)."""
-    from qlora_cli.model import load_recipe_tokenizer, model_path
+    from qlora_cli.model import model_path
+    from qlora_cli.tokenizer import load_recipe_tokenizer
     from qlora_cli.prepare import prepare_dataset
     from qlora_cli.recipe import load_recipe
 
@@ -287,7 +288,7 @@ def held_out_loss(model, rows) -> float:
 
 
 def unpacked_rows(recipe_path: str, source: str | None = None):
-    from qlora_cli.model import load_recipe_tokenizer
+    from qlora_cli.tokenizer import load_recipe_tokenizer
     from qlora_cli.prepare import prepare_dataset
     from qlora_cli.recipe import load_recipe
 
@@ -309,7 +310,8 @@ def run_stock_arm(arm: str, plan: dict, folder: Path) -> dict:
         set_seed,
     )
 
-    from qlora_cli.model import load_recipe_tokenizer, model_path
+    from qlora_cli.model import model_path
+    from qlora_cli.tokenizer import load_recipe_tokenizer
 
     recipe, train_rows = unpacked_rows(plan["recipe"])
     tokenizer = load_recipe_tokenizer(recipe)
@@ -392,7 +394,7 @@ def plan_estimate(recipe, rows: int, seq: int) -> int:
     """What `qlora plan` says this arm's recipe needs per device at rows x seq tokens."""
     import torch
 
-    from qlora_cli.model import load_recipe_tokenizer
+    from qlora_cli.tokenizer import load_recipe_tokenizer
     from qlora_cli.plan import load_model_config, recipe_settings
     from qlora_cli.plan_memory import model_shape, total_bytes
 

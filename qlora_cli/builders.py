@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import re
 import typing
 from typing import Any
@@ -14,6 +15,45 @@ from qlora_cli.sections import (
     METHODS, GenerateOptions, build_schema, check_keys, dataclass_annotations, matches_type, signature_annotations,
     to_dtype,
 )
+
+
+@functools.cache
+def dataclass_defaults(cls) -> dict[str, Any]:
+    """A dataclass's fields that have a default, with it (a factory's value made fresh)."""
+    defaults = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+    return defaults
+
+
+@functools.cache
+def signature_defaults(func) -> dict[str, Any]:
+    """A function's parameters that have a default, with it."""
+    return {p.name: p.default for p in inspect.signature(func).parameters.values()
+            if p.default is not inspect.Parameter.empty}
+
+
+def training_value(training: dict, key: str) -> Any:
+    """`training.<key>` as the run will have it: the recipe's, or the class's own default."""
+    return training[key] if key in training else dataclass_defaults(training_class())[key]
+
+
+def lora_value(lora: dict | None, key: str) -> Any:
+    """`lora.<key>` as the run will have it: the recipe's, or LoraConfig's own default."""
+    from peft import LoraConfig
+
+    return (lora or {})[key] if key in (lora or {}) else dataclass_defaults(LoraConfig)[key]
+
+
+def quantization_value(quantization: dict | None, key: str) -> Any:
+    """`quantization.<key>` as the run will have it: the recipe's, or BitsAndBytesConfig's default."""
+    from transformers import BitsAndBytesConfig
+
+    values = quantization or {}
+    return values[key] if key in values else signature_defaults(BitsAndBytesConfig.__init__)[key]
 
 
 def quantization_keys() -> dict[str, Any]:

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from qlora_cli.errors import UserError
-from qlora_cli.launch import STATUS_VARIABLE, launch_processes, run_rank
+from qlora_cli.launch import STATUS_VARIABLE, plan_then_launch, run_rank
 
 app = typer.Typer(
     name="qlora",
@@ -157,7 +157,7 @@ def prepare(
     Example: qlora prepare recipes/tiny-mistral.yaml data.max_length=512 --show 2
     """
     from qlora_cli import render
-    from qlora_cli.model import load_recipe_tokenizer
+    from qlora_cli.tokenizer import load_recipe_tokenizer
     from qlora_cli.prepare import prepare_dataset
     from qlora_cli.recipe import load_recipe
 
@@ -220,10 +220,7 @@ def train(
                   and "LOCAL_RANK" not in os.environ else None)
     flags = [flag for flag, on in (("--resume", resume), ("--overwrite", overwrite), ("--force", force)) if on]
     if nproc > 1 and not plan_only and "LOCAL_RANK" not in os.environ:
-        # Plan in a process of its own: measuring the GPU would leave a CUDA context on GPU 0
-        # in this launcher for the whole run.
-        planned = _call_qlora(["train", *args, *flags, f"--nproc={nproc}", "--plan-only"])
-        code = planned or launch_processes(nproc, ["train", *args, *flags], _debug_flag())
+        code = plan_then_launch(nproc, ["train", *args, *flags], _debug_flag())
         if code == 0 and evaluation is not None:
             code = _call_qlora(["eval", *args])
         raise typer.Exit(code)
@@ -302,36 +299,21 @@ def generate(
 
     Example: qlora generate runs/tiny-mistral/recipe.yaml --prompt "What is the capital of France?"
     """
-    from qlora_cli.generate import check_chat, check_output, check_prompt, load_generator, read_prompts
+    from qlora_cli.generate import choose_answering, load_generator
     from qlora_cli.recipe import load_recipe
 
     recipes, overrides = split_arguments(args)
     recipe = load_recipe(recipes, overrides)
     # `--model=~/merged` reaches us unexpanded (the shell expands `~` only at a word's start).
     input, output = (path.expanduser() if path else None for path in (input, output))
-    model = os.path.expanduser(model) if model else None
-    if sum([prompt is not None, input is not None, interactive]) > 1:
-        raise UserError("choose one of --prompt TEXT, --input FILE (with --output FILE) and --interactive")
-    # The recipe's generate.input is the default mode, not a second one: a flag given now wins.
-    options_input = None if prompt is not None or interactive else input or recipe.generate.get("input")
-    options_output = output or recipe.generate.get("output")
-    if prompt is None and options_input is None and not interactive:
-        raise UserError("choose one of --prompt TEXT, --input FILE (with --output FILE) and --interactive")
-    if prompt is not None:
-        check_prompt([{"role": "user", "content": prompt}], "--prompt")
-    records = read_prompts(Path(options_input)) if options_input else None
-    if records is not None and not options_output:
-        raise UserError("--input needs --output FILE (or generate.output in the recipe)")
-    if records is not None:
-        check_output(Path(options_output), resume, records)  # before minutes of model loading
-    if interactive:
-        check_chat(recipe)
+    answering = choose_answering(recipe, prompt=prompt, input=input, output=output, interactive=interactive,
+                                 resume=resume)
     _warn_of_default_length(recipe)
-    generator = load_generator(recipe, model)
-    if prompt is not None:
-        _print_answers(generator, [{"role": "user", "content": prompt}])
-    elif records is not None:
-        _answer_file(generator, records, Path(options_output), recipe, resume)
+    generator = load_generator(recipe, os.path.expanduser(model) if model else None)
+    if answering.prompt is not None:
+        _print_answers(generator, [{"role": "user", "content": answering.prompt}])
+    elif answering.records is not None:
+        _answer_file(generator, answering.records, answering.output, recipe, resume)
     else:
         _chat(generator)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 from typing import Any, Iterator
 
 from qlora_cli.sections import DataSection, EvalSection, GenerateOptions, MergeSection, ModelSection
@@ -43,33 +41,16 @@ def _section_defaults(recipe) -> Iterator[tuple[str, str, dict[str, Any]]]:
     from peft import LoraConfig
     from transformers import BitsAndBytesConfig, TrainingArguments
 
-    from qlora_cli.builders import generation_defaults
+    from qlora_cli.builders import dataclass_defaults, generation_defaults, signature_defaults
 
-    yield "model", "qlora", _dataclass_defaults(ModelSection)
-    yield "data", "qlora", _dataclass_defaults(DataSection)
-    yield "merge", "qlora", _dataclass_defaults(MergeSection)
+    yield "model", "qlora", dataclass_defaults(ModelSection)
+    yield "data", "qlora", dataclass_defaults(DataSection)
+    yield "merge", "qlora", dataclass_defaults(MergeSection)
     if recipe.quantization:
-        yield "quantization", "BitsAndBytesConfig", _signature_defaults(BitsAndBytesConfig.__init__)
+        yield "quantization", "BitsAndBytesConfig", signature_defaults(BitsAndBytesConfig.__init__)
     if recipe.lora is not None:
-        yield "lora", "LoraConfig", _dataclass_defaults(LoraConfig)
-    yield "training", "TrainingArguments", _dataclass_defaults(TrainingArguments)
-    yield "generate", "qlora", _dataclass_defaults(GenerateOptions)
+        yield "lora", "LoraConfig", dataclass_defaults(LoraConfig)
+    yield "training", "TrainingArguments", dataclass_defaults(TrainingArguments)
+    yield "generate", "qlora", dataclass_defaults(GenerateOptions)
     yield "generate", "GenerationConfig", generation_defaults()
-    yield "eval", "qlora", _dataclass_defaults(EvalSection)
-
-
-def _dataclass_defaults(cls) -> dict[str, Any]:
-    defaults = {}
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            defaults[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            defaults[f.name] = f.default_factory()
-    return defaults
-
-
-def _signature_defaults(func) -> dict[str, Any]:
-    return {
-        p.name: p.default for p in inspect.signature(func).parameters.values()
-        if p.default is not inspect.Parameter.empty
-    }
+    yield "eval", "qlora", dataclass_defaults(EvalSection)

@@ -97,7 +97,7 @@ class Generator:
 def load_generator(recipe, model_path: str | None = None) -> Generator:
     """The run's base + adapter (4-bit as in training, or with generate.quantized=false the base
     as `merge.base` says, in `merge.dtype`), or `model_path`."""
-    from qlora_cli.model import load_recipe_tokenizer
+    from qlora_cli.tokenizer import load_recipe_tokenizer
 
     options, _ = split_generate(recipe.generate)
     if model_path:
@@ -119,6 +119,43 @@ def load_generator(recipe, model_path: str | None = None) -> Generator:
         bos_token_id=tokenizer.bos_token_id,
     )
     return Generator(model.eval(), tokenizer, recipe.data.template, config, options.system_prompt)
+
+
+CHOOSE_ONE = "choose one of --prompt TEXT, --input FILE (with --output FILE) and --interactive"
+
+
+@dataclass
+class Answering:
+    """What one `qlora generate` answers: a prompt, the records of a prompts file, or a chat."""
+
+    prompt: str | None = None
+    records: list[PromptRecord] | None = None
+    output: Path | None = None  # where the records' answers go
+    interactive: bool = False
+
+
+def choose_answering(recipe, *, prompt: str | None, input: Path | None, output: Path | None,
+                     interactive: bool, resume: bool) -> Answering:
+    """Which one of --prompt, --input (with --output) and --interactive this run answers, every
+    file read and checked before minutes of model loading. The recipe's `generate.input` and
+    `generate.output` are the default mode, not a second one: a flag given now wins."""
+    if sum([prompt is not None, input is not None, interactive]) > 1:
+        raise UserError(CHOOSE_ONE)
+    prompts_file = None if prompt is not None or interactive else input or recipe.generate.get("input")
+    answers_file = output or recipe.generate.get("output")
+    if prompt is None and prompts_file is None and not interactive:
+        raise UserError(CHOOSE_ONE)
+    if prompt is not None:
+        check_prompt([{"role": "user", "content": prompt}], "--prompt")
+        return Answering(prompt=prompt)
+    if interactive:
+        check_chat(recipe)
+        return Answering(interactive=True)
+    records = read_prompts(Path(prompts_file))
+    if not answers_file:
+        raise UserError("--input needs --output FILE (or generate.output in the recipe)")
+    check_output(Path(answers_file), resume, records)
+    return Answering(records=records, output=Path(answers_file))
 
 
 def check_chat(recipe) -> None:

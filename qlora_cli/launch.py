@@ -24,15 +24,51 @@ from typing import Callable
 STATUS_VARIABLE = "QLORA_RANK_STATUS"  # the folder of pid-N and exit-N files, set by the launcher
 COMMAND_VARIABLE = "QLORA_COMMAND"  # the user's command line, for run.json
 PLANNED_VARIABLE = "QLORA_PLANNED"  # set for the workers: the launcher has planned the run for them
+HANDOVER_VARIABLE = "QLORA_PLAN_HANDOVER"  # a folder where the plan process leaves its prepared data's path
+PREPARED_VARIABLE = "QLORA_PREPARED"  # that path, for the workers: the data is prepared and hashed once a job
 EXPECTED_EXITS = (2, 130, 143)  # a user's mistake, a stop by SIGINT or SIGTERM: not a crash
 
 
-def launch_processes(nproc: int, command: list[str], qlora_options: list[str] = ()) -> int:
-    """Run `python -m qlora_cli [OPTIONS] COMMAND` on `nproc` local processes; their exit code."""
+def plan_then_launch(nproc: int, command: list[str], qlora_options: list[str] = ()) -> int:
+    """`qlora train --nproc N`: plan the run (and prepare its data) in a process of its own, then,
+    when the plan passes, train on N workers that reuse what it prepared; the exit code of all.
+
+    The plan runs apart because measuring the GPU would leave a CUDA context on GPU 0 in this
+    launcher for the whole run. It is `qlora train ... --plan-only`; it leaves the path of the
+    prepared data in a handover folder, and the workers load that instead of planning, preparing
+    and hashing every source again, each of them.
+    """
+    handover = Path(tempfile.mkdtemp(prefix="qlora-plan-"))
+    try:
+        plan = [sys.executable, "-m", "qlora_cli", *qlora_options, *command, f"--nproc={nproc}", "--plan-only"]
+        planned = subprocess.call(plan, env={**os.environ, HANDOVER_VARIABLE: str(handover)})
+        if planned:
+            return planned
+        prepared = (handover / "prepared").read_text(encoding="utf-8")
+        return launch_processes(nproc, command, qlora_options, {PREPARED_VARIABLE: prepared})
+    finally:
+        shutil.rmtree(handover, ignore_errors=True)
+
+
+def hand_over_prepared(path: Path) -> None:
+    """In the plan process of `plan_then_launch`: leave the prepared data's folder to the workers."""
+    if os.environ.get(HANDOVER_VARIABLE):
+        (Path(os.environ[HANDOVER_VARIABLE]) / "prepared").write_text(str(path), encoding="utf-8")
+
+
+def prepared_by_launcher() -> Path | None:
+    """In a worker of `plan_then_launch`: the prepared data folder its plan process made."""
+    return Path(os.environ[PREPARED_VARIABLE]) if os.environ.get(PREPARED_VARIABLE) else None
+
+
+def launch_processes(nproc: int, command: list[str], qlora_options: list[str] = (), env: dict | None = None) -> int:
+    """Run `python -m qlora_cli [OPTIONS] COMMAND` on `nproc` local processes (with `env` added to
+    theirs); their exit code."""
     status = Path(tempfile.mkdtemp(prefix="qlora-ranks-"))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                 "-m", "qlora_cli", *qlora_options, *command]
-    env = {**os.environ, PLANNED_VARIABLE: "1", STATUS_VARIABLE: str(status), COMMAND_VARIABLE: json.dumps(sys.argv),
+    env = {**os.environ, **(env or {}), PLANNED_VARIABLE: "1", STATUS_VARIABLE: str(status),
+           COMMAND_VARIABLE: json.dumps(sys.argv),
            # `-m qlora_cli` would import a source checkout in the current folder before the installed package.
            "PYTHONSAFEPATH": "1"}
     child = subprocess.Popen(launcher, env=env, start_new_session=True)

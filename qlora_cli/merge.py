@@ -60,7 +60,7 @@ class MergeResult:
 def merge(recipe, *, overwrite: bool = False) -> MergeResult:
     """Merge the run's adapter into the base model and write `merge.output_dir`, verified."""
     from qlora_cli.experts import drop_unchanged_parametrizations
-    from qlora_cli.model import load_recipe_tokenizer
+    from qlora_cli.tokenizer import load_recipe_tokenizer
 
     run = RunFolder(recipe.run_dir)
     adapter = Path(recipe.merge.adapter or run.adapter)

@@ -1,4 +1,4 @@
-"""Recipe.model / quantization / lora -> tokenizer and (4-bit base + LoRA) model."""
+"""Recipe.model / quantization / lora -> the model: a 4-bit base with LoRA, or a plain one."""
 
 from __future__ import annotations
 
@@ -8,24 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_cli.atomic import atomic_folder, cache_root
-from qlora_cli.builders import build_bnb_config, build_lora_config, checkpointing_on
+from qlora_cli.builders import (
+    build_bnb_config, build_lora_config, checkpointing_on, quantization_value, training_value,
+)
 from qlora_cli.errors import UserError
 from qlora_cli.sections import to_dtype
-
-
-def tokenizer_spec(model_section) -> str:
-    """The tokenizer a recipe names: `model.tokenizer`, else the model's own.
-
-    Never None: load_recipe refuses an `init_from_config` model without `model.tokenizer`."""
-    return model_section.tokenizer or model_section.name_or_path
-
-
-def load_recipe_tokenizer(recipe):
-    """The recipe's tokenizer, padding set (see `qlora_cli.tokenizer`)."""
-    from qlora_cli.tokenizer import load_tokenizer
-
-    model = recipe.model
-    return load_tokenizer(tokenizer_spec(model), revision=model.revision, trust_remote_code=model.trust_remote_code)
+from qlora_cli.tokenizer import load_recipe_tokenizer, tokenizer_spec
 
 
 # init_from_config model folders found in this process: merge and generate ask for the base
@@ -33,14 +21,15 @@ def load_recipe_tokenizer(recipe):
 _BUILT: dict[str, Path] = {}
 
 
-def model_path(recipe) -> str:
-    """A path or hub id `from_pretrained` can load: `init_from_config` models are built first."""
+def model_path(recipe, tokenizer=None) -> str:
+    """A path or hub id `from_pretrained` can load: `init_from_config` models are built first
+    (with `tokenizer` when the caller has loaded the recipe's already)."""
     model = recipe.model
     if model.init_from_config is None:
         return model.name_or_path
     key = json.dumps([str(cache_root()), model.init_from_config, tokenizer_spec(model)], sort_keys=True)
     if key not in _BUILT or not (_BUILT[key] / "config.json").is_file():
-        _BUILT[key] = build_init_model(model.init_from_config, load_recipe_tokenizer(recipe))
+        _BUILT[key] = build_init_model(model.init_from_config, tokenizer or load_recipe_tokenizer(recipe))
     return str(_BUILT[key])
 
 
@@ -113,20 +102,21 @@ def describe_quantization(quantization: dict | None) -> str:
     if quantization.get("load_in_4bit"):
         double = " + double quantization" if quantization.get("bnb_4bit_use_double_quant") else ""
         compute = quantization.get("bnb_4bit_compute_dtype", "float32")
-        return f"4-bit {quantization.get('bnb_4bit_quant_type', 'fp4')}{double}, compute in {compute}"
+        return f"4-bit {quantization_value(quantization, 'bnb_4bit_quant_type')}{double}, compute in {compute}"
     return "8-bit (LLM.int8)" if quantization.get("load_in_8bit") else "none"
 
 
-def load_base_model(recipe, *, quantized: bool = True, dtype=None, device_map=None):
+def load_base_model(recipe, *, quantized: bool = True, dtype=None, device_map=None, tokenizer=None):
     """The base model as the recipe says: 4-bit / 8-bit through BitsAndBytesConfig, or not,
-    loaded with the auto class of its family (causal LM, or image-text-to-text)."""
+    loaded with the auto class of its family (causal LM, or image-text-to-text); `tokenizer`, the
+    recipe's when the caller has it (an `init_from_config` model is built with it)."""
     from transformers import AutoConfig
 
     from qlora_cli.experts import quantize_experts
     from qlora_cli.families import auto_model_class, checkpoint_family, kept_16bit
 
     model = recipe.model
-    path = model_path(recipe)
+    path = model_path(recipe, tokenizer)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code, revision=model.revision)
         family = checkpoint_family(config, trust_remote_code=model.trust_remote_code)
@@ -175,7 +165,7 @@ def _keep_4bit_compute_dtype(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load_trainable_model(recipe, *, device_map=None):
+def load_trainable_model(recipe, *, device_map=None, tokenizer=None):
     """4-bit base prepared for k-bit training, wrapped with LoRA: a `PeftModel`."""
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
@@ -183,7 +173,7 @@ def load_trainable_model(recipe, *, device_map=None):
     from qlora_cli.experts import expand_expert_targets, repair_expert_lora
     from qlora_cli.families import checkpoint_family, language_model_lora
 
-    model = load_base_model(recipe, device_map=device_map)
+    model = load_base_model(recipe, device_map=device_map, tokenizer=tokenizer)
     checkpointing = checkpointing_on(recipe.training)
     sharded = bool(recipe.training.get("fsdp"))
     if recipe.quantization and recipe.model.upcast_to_fp32 and not sharded:
@@ -206,7 +196,7 @@ def load_trainable_model(recipe, *, device_map=None):
         return model
     # Seed right before the LoRA weights' random init, so it is the same for every rank and
     # every run, whether or not this process had to build the base model first.
-    set_seed(int(recipe.training.get("seed", 42)))
+    set_seed(int(training_value(recipe.training, "seed")))
     # FSDP shards a layer as one flat buffer of one dtype: keep LoRA weights in the model's dtype
     # instead of peft's fp32 (and never upcast the unquantized weights above).
     try:

@@ -12,7 +12,9 @@ import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from qlora_cli.builders import checkpointing_on
+from qlora_cli.builders import (
+    checkpointing_on, dataclass_defaults, lora_value, quantization_value, training_class, training_value,
+)
 from qlora_cli.errors import UserError
 from qlora_cli.plan_memory import (
     GiB, MemoryItem, ModelShape, Settings, dtype_bytes, flops_per_token, largest_fitting, lora_tensors, memory_items,
@@ -85,8 +87,8 @@ def plan_recipe(recipe, gpu_memory: float | None = None, gpus: int | None = None
                 prepared=None) -> Plan:
     """Plan a run of `recipe` on `gpus` devices of `gpu_memory` GiB (detected when a GPU is present);
     `qlora train` hands over the tokenizer and prepared data it already has."""
-    from qlora_cli.model import load_recipe_tokenizer
     from qlora_cli.prepare import prepare_dataset
+    from qlora_cli.tokenizer import load_recipe_tokenizer
 
     tokenizer = tokenizer or load_recipe_tokenizer(recipe)
     shape = model_shape(load_model_config(recipe, tokenizer))
@@ -95,7 +97,7 @@ def plan_recipe(recipe, gpu_memory: float | None = None, gpus: int | None = None
     prepared = prepared or prepare_dataset(recipe, tokenizer)
     training, gpus = recipe.training, gpus or 1
     # DPO runs prompt + chosen and prompt + rejected for each pair, KTO each example and its KL twin.
-    examples_per_step = int(training.get("per_device_train_batch_size", 8))
+    examples_per_step = int(training_value(training, "per_device_train_batch_size"))
     batch = examples_per_step * (2 if recipe.method != "sft" else 1)
     data = describe_data(prepared, batch)
     plan = Plan(model=recipe.model.name_or_path or f"init_from_config ({shape.layers} layers, {shape.hidden} wide)",
@@ -172,7 +174,7 @@ def recipe_settings(recipe, shape: ModelShape, on_gpu: bool = True, gpus: int = 
     q, training = (kept_16bit(shape.family, recipe.quantization) if shape.family else recipe.quantization) or {}, recipe.training
     quant = "none"
     if q.get("load_in_4bit"):
-        quant = q.get("bnb_4bit_quant_type", "fp4")
+        quant = quantization_value(q, "bnb_4bit_quant_type")
     elif q.get("load_in_8bit"):
         quant = "int8"
     mixed = training.get("bf16") or training.get("fp16")
@@ -180,9 +182,9 @@ def recipe_settings(recipe, shape: ModelShape, on_gpu: bool = True, gpus: int = 
     sharded = bool(training.get("fsdp"))
     return Settings(
         quant=quant, double_quant=bool(q.get("bnb_4bit_use_double_quant")), model_dtype=recipe.model.dtype,
-        skip_modules=tuple(q.get("llm_int8_skip_modules") or ()), lora_r=int((recipe.lora or {}).get("r", 8)),
-        lora_targets=lora_targets(recipe, shape), lora_dropout=float((recipe.lora or {}).get("lora_dropout", 0)),
-        use_dora=bool((recipe.lora or {}).get("use_dora")), optim=str(training.get("optim") or _default_optim()),
+        skip_modules=tuple(q.get("llm_int8_skip_modules") or ()), lora_r=int(lora_value(recipe.lora, "r")),
+        lora_targets=lora_targets(recipe, shape), lora_dropout=float(lora_value(recipe.lora, "lora_dropout")),
+        use_dora=bool((recipe.lora or {}).get("use_dora")), optim=str(training.get("optim") or dataclass_defaults(training_class())["optim"]),
         checkpointing=checkpointing_on(training) or (sharded and _fsdp_checkpointing(training)),
         autocast_bytes=2 if mixed else None, packed_mask=recipe.data.packing and "flash" not in attn,
         eager_attention=attn == "eager", on_gpu=on_gpu, chunked_loss=recipe.model.chunked_loss,
@@ -196,12 +198,6 @@ def _fsdp_checkpointing(training: dict) -> bool:
     """FSDP's own activation checkpointing (`fsdp_config.activation_checkpointing`)."""
     config = training.get("fsdp_config")
     return isinstance(config, dict) and bool(config.get("activation_checkpointing"))
-
-
-def _default_optim() -> str:
-    from transformers import TrainingArguments
-
-    return str(TrainingArguments.__dataclass_fields__["optim"].default)
 
 
 def lora_targets(recipe, shape: ModelShape) -> list[str]:
@@ -279,7 +275,7 @@ def _faster(plan: Plan, shape: ModelShape, s: Settings, recipe, total) -> list[s
 
 
 def _changes(plan: Plan, shape: ModelShape, s: Settings, recipe, total) -> list[str]:
-    changes, accumulate = [], int(recipe.training.get("gradient_accumulation_steps", 1))
+    changes, accumulate = [], int(training_value(recipe.training, "gradient_accumulation_steps"))
     sharded = bool(recipe.training.get("fsdp"))
     if not s.checkpointing:
         s = replace(s, checkpointing=True)
@@ -307,10 +303,10 @@ def _changes(plan: Plan, shape: ModelShape, s: Settings, recipe, total) -> list[
 
 def _plan_time(plan: Plan, shape: ModelShape, s: Settings, recipe, gpus: int, measured: float | None) -> None:
     training, data = recipe.training, plan.data
-    accumulate = int(training.get("gradient_accumulation_steps", 1))
+    accumulate = int(training_value(training, "gradient_accumulation_steps"))
     per_epoch = max(1, math.ceil(math.ceil(data.rows / (plan.batch * gpus)) / accumulate))
     max_steps = int(training.get("max_steps", -1) or -1)
-    epochs = max_steps / per_epoch if max_steps > 0 else float(training.get("num_train_epochs", 3))
+    epochs = max_steps / per_epoch if max_steps > 0 else float(training_value(training, "num_train_epochs"))
     plan.steps = max_steps if max_steps > 0 else math.ceil(per_epoch * epochs)
     plan.epochs = epochs
     per_token = flops_per_token(shape, s, data.mean_context)
@@ -330,10 +326,11 @@ def _plan_disk(plan: Plan, shape: ModelShape, s: Settings, recipe, tokenizer) ->
     tokenizer_bytes = len(tokenizer.backend_tokenizer.to_str()) + 16_384
     adapter = s.lora_bytes * sum(tensors) + tokenizer_bytes
     checkpoint = adapter + optimizer_bytes(s.optim, tensors) + 64 * 1024  # + rng, scheduler, trainer state
-    saves = {"no": 0, "epoch": math.ceil(plan.epochs)}.get(str(training.get("save_strategy", "steps")))
+    saves = {"no": 0, "epoch": math.ceil(plan.epochs)}.get(str(training_value(training, "save_strategy")))
     if saves is None:
         # every save_steps, and once more at the last step (the Trainer always saves there)
-        saves = math.ceil(plan.steps / max(int(training.get("save_steps", 500) or 500), 1))
+        every = training_value(training, "save_steps") or dataclass_defaults(training_class())["save_steps"]
+        saves = math.ceil(plan.steps / max(int(every), 1))
     limit = training.get("save_total_limit")
     kept = min(saves, int(limit) + 1) if limit else saves  # the Trainer writes a new one before rotating
     merged_dir = Path(recipe.merge.output_dir or recipe.run_dir / "merged")

@@ -19,6 +19,7 @@ from pathlib import Path
 from qlora_cli.atomic import (
     atomic_folder, can_create_in, disk_full, nearest_existing, remove_stale_temporaries,
 )
+from qlora_cli.builders import training_value
 from qlora_cli.errors import UserError
 from qlora_cli.packing import build_rows
 from qlora_cli.preference import encode_preference, fit_to_length, is_preference_data, sequence_lengths, trained_tokens
@@ -79,7 +80,7 @@ def prepare_dataset(recipe, tokenizer, *, force: bool = False) -> PreparedData:
     """Prepare the recipe's data, or reuse the cached result with the same fingerprint."""
     data = recipe.data
     _check_data_section(data)
-    seed = int(recipe.training.get("seed", 42))
+    seed = int(training_value(recipe.training, "seed"))
     fingerprint = data_fingerprint(data, tokenizer, seed)
     target = Path(data.prepared_dir) / fingerprint
     if (target / SUMMARY_FILE).is_file() and not force:

@@ -56,6 +56,19 @@ def load_tokenizer(spec: str, *, revision: str | None = None, trust_remote_code:
     return tokenizer
 
 
+def tokenizer_spec(model_section) -> str:
+    """The tokenizer a recipe names: `model.tokenizer`, else the model's own.
+
+    Never None: load_recipe refuses an `init_from_config` model without `model.tokenizer`."""
+    return model_section.tokenizer or model_section.name_or_path
+
+
+def load_recipe_tokenizer(recipe):
+    """The recipe's tokenizer, padding set (`set_pad_token`)."""
+    model = recipe.model
+    return load_tokenizer(tokenizer_spec(model), revision=model.revision, trust_remote_code=model.trust_remote_code)
+
+
 def _record_tekken_version(tokenizer, spec: str, revision: str | None) -> None:
     """Keep the version the model's tekken.json declares, which is how mistral-common tells it.
 

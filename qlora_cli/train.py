@@ -17,7 +17,7 @@ from pathlib import Path
 
 from qlora_cli.atomic import atomic_folder, disk_full, folder_size
 from qlora_cli.errors import UserError
-from qlora_cli.launch import planned_by_launcher, user_command_line
+from qlora_cli.launch import hand_over_prepared, planned_by_launcher, prepared_by_launcher, user_command_line
 from qlora_cli.preflight import check_before_loading, check_prepared_data
 from qlora_cli.run_folder import (
     KIND, RunFolder, claim_run_folder, draw_loss_plot, library_versions, model_card, now, open_run_folder,
@@ -70,22 +70,22 @@ def train(recipe, *, resume: bool = False, overwrite: bool = False, force: bool 
 def train_in_folder(recipe, run: RunFolder, args, state, *, force: bool, plan_only: bool, gpus: int | None,
                     reporter=None) -> TrainResult | None:
     """The run itself, in a run folder this process holds."""
-    from qlora_cli.model import load_recipe_tokenizer, load_trainable_model, summarize_model
-    from qlora_cli.prepare import prepare_dataset
+    from qlora_cli.model import load_trainable_model, summarize_model
+    from qlora_cli.tokenizer import load_recipe_tokenizer
     from qlora_cli.trainer import OnTrainBegin
 
     tokenizer = load_recipe_tokenizer(recipe)
-    with args.main_process_first(local=False, desc="prepare data"):  # rank 0 prepares, the others load
-        prepared = prepare_dataset(recipe, tokenizer)
+    prepared = prepared_data(recipe, tokenizer, args)
     check_prepared_data(recipe, prepared)
     if plan_only or (state.is_main_process and not planned_by_launcher()):
         plan_run(recipe, tokenizer, prepared, force, gpus or state.num_processes, reporter)
     if plan_only:
+        hand_over_prepared(prepared.path)
         return None
     started = now()
     if reporter:
         reporter.data_ready(prepared)
-    model = load_trainable_model(recipe, device_map=_device_map(args))
+    model = load_trainable_model(recipe, device_map=_device_map(args), tokenizer=tokenizer)
     summary = summarize_model(model, recipe.quantization)
     start_from = run.resume_from
     # Only now that the model has loaded: a run that fails before it leaves the old files as they
@@ -126,6 +126,18 @@ def train_in_folder(recipe, run: RunFolder, args, state, *, force: bool, plan_on
         write_json(run.run_json, record | (_resumed(run, start_from) if start_from else {}))
     state.wait_for_everyone()
     return TrainResult(run, metrics, stopper.signal_number)
+
+
+def prepared_data(recipe, tokenizer, args):
+    """The run's data: what the `--nproc` launcher's plan prepared, or else prepared (or found in
+    the cache) by rank 0 first and then loaded by the other ranks."""
+    from qlora_cli.prepare import load_prepared, prepare_dataset
+
+    handed_over = prepared_by_launcher()
+    if handed_over:
+        return load_prepared(handed_over)
+    with args.main_process_first(local=False, desc="prepare data"):
+        return prepare_dataset(recipe, tokenizer)
 
 
 def plan_run(recipe, tokenizer, prepared, force: bool, gpus: int, reporter=None) -> None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from qlora_cli.generate import Generator, load_generator
-from qlora_cli.model import load_recipe_tokenizer
+from qlora_cli.tokenizer import load_recipe_tokenizer
 from qlora_cli.prepare import load_prepared
 from qlora_cli.recipe import load_recipe
 from qlora_cli.templates import IGNORE_INDEX

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from qlora_cli.errors import UserError
-from qlora_cli.model import build_init_model, load_base_model, load_recipe_tokenizer, summarize_model
+from qlora_cli.model import build_init_model, load_base_model, summarize_model
+from qlora_cli.tokenizer import load_recipe_tokenizer
 from qlora_cli.recipe import load_recipe
 
 from conftest import TINY_OVERRIDES

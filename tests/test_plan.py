@@ -50,7 +50,8 @@ VARIANTS = {  # unquantized weights and residual stream in: fp32 / bf16 / bf16 u
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def tiny(request, tmp_path_factory):
     """The tiny recipe, its own freshly loaded model (the optimizer step changes it) and its estimate."""
-    from qlora_cli.model import load_recipe_tokenizer, load_trainable_model
+    from qlora_cli.model import load_trainable_model
+    from qlora_cli.tokenizer import load_recipe_tokenizer
 
     folder = tmp_path_factory.mktemp("plan")
     recipe = load_recipe(["tiny-mistral"], [*TINY_OVERRIDES, *VARIANTS[request.param],
@@ -211,7 +212,7 @@ def published_shape(model_type: str, **config):
 
 
 def test_mistral_7b_at_the_shipped_recipe_needs_about_10_gib(tmp_path):
-    from qlora_cli.model import load_recipe_tokenizer
+    from qlora_cli.tokenizer import load_recipe_tokenizer
 
     recipe = load_recipe(["mistral7b"], [MISTRAL_7B, "model.name_or_path=null", "model.tokenizer=mistral-common:v1",
                                          f"training.output_dir={tmp_path}/run"])

@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qlora_cli.model import load_recipe_tokenizer
 from qlora_cli.prepare import load_prepared
 from qlora_cli.recipe import load_recipe
+from qlora_cli.tokenizer import load_recipe_tokenizer
 
 from conftest import assert_user_error, qlora, short_run
 
@@ -240,6 +240,28 @@ def test_a_batch_larger_than_the_data_is_warned_and_trains_on_the_rows_there_are
     assert result.exit_code == 0, result.output
     assert "plan warning: training.per_device_train_batch_size is 64 but the training set has" in result.output
     assert json.loads((root / "run.json").read_text())["metrics"]["steps"] == 2
+
+
+@pytest.mark.slow
+def test_a_run_loads_the_tokenizer_once_and_hashes_its_data_once(tmp_path, sample_subset, prepared_dir,
+                                                                monkeypatch):
+    """Plan, prepare, model building and training share one tokenizer and one fingerprint of the
+    data (each costs a tokenizer load or a pass over every source byte). Counted, not mocked."""
+    import qlora_cli.prepare
+    import qlora_cli.tokenizer
+
+    calls = {"load_tokenizer": 0, "data_fingerprint": 0}
+    for module, name in ((qlora_cli.tokenizer, "load_tokenizer"), (qlora_cli.prepare, "data_fingerprint")):
+        def counted(*args, _original=getattr(module, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
+    # A model size of its own: its init_from_config model is built in this run, with the run's tokenizer.
+    result = qlora("train", "tiny-mistral", *short_run(sample_subset, tmp_path / "run", prepared_dir,
+                                                       "training.max_steps=1", "model.init_from_config.seed=7"))
+    assert result.exit_code == 0, result.output
+    assert "plan: " in result.output and (tmp_path / "run" / "adapter").is_dir()
+    assert calls == {"load_tokenizer": 1, "data_fingerprint": 1}
 
 
 FAILING_AFTER_LOAD = {
