@@ -184,7 +184,7 @@ def recipe_settings(recipe, shape: ModelShape, on_gpu: bool = True, gpus: int = 
         quant=quant, double_quant=bool(q.get("bnb_4bit_use_double_quant")), model_dtype=recipe.model.dtype,
         skip_modules=tuple(q.get("llm_int8_skip_modules") or ()), lora_r=int(lora_value(recipe.lora, "r")),
         lora_targets=lora_targets(recipe, shape), lora_dropout=float(lora_value(recipe.lora, "lora_dropout")),
-        use_dora=bool((recipe.lora or {}).get("use_dora")), optim=str(training.get("optim") or dataclass_defaults(training_class())["optim"]),
+        use_dora=bool((recipe.lora or {}).get("use_dora")), optim=str(training.get("optim") or _default_optim()),
         checkpointing=checkpointing_on(training) or (sharded and _fsdp_checkpointing(training)),
         autocast_bytes=2 if mixed else None, packed_mask=recipe.data.packing and "flash" not in attn,
         eager_attention=attn == "eager", on_gpu=on_gpu, chunked_loss=recipe.model.chunked_loss,
@@ -198,6 +198,10 @@ def _fsdp_checkpointing(training: dict) -> bool:
     """FSDP's own activation checkpointing (`fsdp_config.activation_checkpointing`)."""
     config = training.get("fsdp_config")
     return isinstance(config, dict) and bool(config.get("activation_checkpointing"))
+
+
+def _default_optim() -> str:
+    return str(dataclass_defaults(training_class())["optim"])
 
 
 def lora_targets(recipe, shape: ModelShape) -> list[str]:
