@@ -42,7 +42,8 @@ def run_trl(folder: Path, epochs: int) -> dict:
     from trl import DPOTrainer
 
     from qlora_cli.builders import build_training_arguments
-    from qlora_cli.model import load_recipe_tokenizer, load_trainable_model
+    from qlora_cli.model import load_trainable_model
+    from qlora_cli.tokenizer import load_recipe_tokenizer
     from qlora_cli.preference import pair_from_row
     from qlora_cli.recipe import load_recipe
     from qlora_cli.sources import _read_jsonl

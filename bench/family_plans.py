@@ -28,7 +28,7 @@ SHAPES = [(1, 2048), (4, 2048)]
 
 
 def plan_gib(name: str) -> dict:
-    from qlora_cli.model import load_recipe_tokenizer
+    from qlora_cli.tokenizer import load_recipe_tokenizer
     from qlora_cli.plan import load_model_config, recipe_settings
     from qlora_cli.plan_memory import GiB, memory_items, model_shape
     from qlora_cli.recipe import load_recipe

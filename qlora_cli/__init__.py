@@ -4,7 +4,8 @@ Code map, in the order data flows. A module imports only from its own line and t
 it, and never in a cycle (tests/test_imports.py holds the code to this map):
 
     errors, atomic                    a user's mistake (exit 2); write to a temporary path, then rename
-    families                          the Mistral architectures: auto class, language model, what stays 16-bit
+    families, experts                 the Mistral architectures: auto class, language model, what stays
+                                      16-bit; mixture-of-experts layers in 4 bits
     sections, builders                our sections' schemas and values; sections -> library objects
     recipe, explain                   files + overrides -> a layered, validated Recipe; `config explain`
     tokenizer, templates, preference, sources   tokenizers; exact Mistral formats and labels (SFT, preference

@@ -265,7 +265,7 @@ def test_an_unsupported_moe_model_type_exits_2_naming_the_key():
 
 
 def test_plan_counts_the_experts_at_exactly_the_bytes_of_the_loaded_4bit_model(base):
-    from qlora_cli.model import load_recipe_tokenizer
+    from qlora_cli.tokenizer import load_recipe_tokenizer
     from qlora_cli.plan import load_model_config, recipe_settings
     from qlora_cli.plan_memory import memory_items, model_shape
 

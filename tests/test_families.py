@@ -185,7 +185,8 @@ def test_plan_is_within_5_percent_of_the_measured_peak_of_a_training_step_for_ea
     # As tests/test_plan.py measures the mistral one.
     import torch
 
-    from qlora_cli.model import load_recipe_tokenizer, load_trainable_model
+    from qlora_cli.model import load_trainable_model
+    from qlora_cli.tokenizer import load_recipe_tokenizer
     from qlora_cli.plan import load_model_config, recipe_settings
     from qlora_cli.plan_memory import model_shape
     from test_plan import estimated_total, measured_step_peak
