@@ -3,6 +3,7 @@ TrainingArguments, GenerationConfig. Their keys are checked against the classes 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -10,7 +11,7 @@ import re
 import typing
 from typing import Any
 
-from qlora_cli.errors import UserError
+from qlora_cli.errors import UserError, combined
 from qlora_cli.sections import (
     METHODS, GenerateOptions, build_schema, check_keys, dataclass_annotations, matches_type, signature_annotations,
     to_dtype,
@@ -185,10 +186,10 @@ def check_library_sections(config: dict, origins: dict[str, str], data=None) -> 
     method = method if method in METHODS else "sft"  # an unknown one is reported by check_method
     checks = [
         ("quantization", quantization_keys, build_bnb_config, ()),
-        ("lora", lora_keys, build_lora_config, ()),
+        ("lora", lora_keys, _build_lora_for_check, ()),
         ("training", functools.partial(training_keys, method),
-         functools.partial(build_training_arguments, has_validation=has_validation, method=method), ()),
-        ("generate", generation_keys, build_generation_config, generate_ours),
+         functools.partial(_build_training_for_check, has_validation=has_validation, method=method), ()),
+        ("generate", generation_keys, _build_generation_for_check, generate_ours),
     ]
     errors: list[UserError] = []
     for section, keys, build, extra in checks:
@@ -295,3 +296,271 @@ def _keys_named(message: str, values: dict) -> list[str]:
 
     return ([key for key in values if mentions(key)]
             or [key for key, value in values.items() if isinstance(value, str) and len(value) > 2 and mentions(value)])
+
+
+def _build_training_for_check(training: dict, origins: dict[str, str], has_validation: bool = False,
+                              method: str = "sft"):
+    """The run's TrainingArguments, and the values they accept that torch, numpy or the Trainer
+    would refuse only once training starts."""
+    args = build_training_arguments(training, origins, has_validation=has_validation, method=method)
+    errors = [*_ask_optimizer(args, training, origins, method), *_ask_seeds(args, origins), *_ask_data_loader(args, origins),
+              *_check_step_counts(args, training, origins)]
+    if errors:
+        raise combined(errors)
+    return args
+
+
+def _refused(key: str, value: Any, reason: str, origins: dict[str, str], fix: str | None = None) -> UserError:
+    return UserError(f"`{key}` is {value!r}: {reason}", where=origins.get(key, key), fix=fix)
+
+
+def _ask_optimizer(args, training: dict, origins: dict[str, str], method: str = "sft") -> list[UserError]:
+    """Build the recipe's optimizer on one throwaway parameter: torch's optimizers judge their
+    own learning rate, betas and epsilon (a negative learning rate fails only at the first step)."""
+    message = _optimizer_objection(args)
+    if message is None:
+        return []
+
+    def objection(values: dict) -> str | None:
+        return _optimizer_objection(build_training_arguments(values, method=method))
+
+    key = "training." + (_culprit(message, training, objection) or "optim")
+    return [UserError(f"the optimizer ({training.get('optim', args.optim.value)}) refuses `{key}`: {message}", where=origins.get(key, key))]
+
+
+def _optimizer_objection(args) -> str | None:
+    import torch
+    from transformers import Trainer
+
+    try:
+        optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+        optimizer_cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+    except (ValueError, OverflowError) as err:
+        return _first_line(err)
+    except Exception:  # noqa: BLE001 - one that cannot be built here (needs CUDA) is judged when training starts
+        return None
+    return None
+
+
+def _culprit(message: str, values: dict, objection) -> str | None:
+    """The key a library's objection is about: the one it names, else the one without which it
+    objects differently or not at all ("Invalid learning rate: -1" names no key)."""
+    named = _keys_named(message, values)
+    if named:
+        return named[0]
+    with _quiet_transformers():  # the probes' own warnings are about configs nobody wrote
+        for key in values:
+            try:
+                if objection({k: v for k, v in values.items() if k != key}) != message:
+                    return key
+            except (UserError, ValueError, TypeError):  # no valid config without it: it tells nothing
+                continue
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def _ask_seeds(args, origins: dict[str, str]) -> list[UserError]:
+    """transformers' set_seed seeds numpy, whose generator takes 0 <= seed < 2**32 only."""
+    import numpy as np
+
+    errors = []
+    for name in ("seed", "data_seed"):
+        value = getattr(args, name)
+        try:
+            np.random.RandomState(value if value is not None else 0)
+        except (ValueError, TypeError) as err:
+            errors.append(_refused(f"training.{name}", value, f"numpy cannot seed with it ({_first_line(err)})",
+                                   origins, fix="use a whole number from 0 to 4294967295"))
+    return errors
+
+
+def _ask_data_loader(args, origins: dict[str, str]) -> list[UserError]:
+    """torch's DataLoader judges batch sizes and worker counts, which it would see only after the
+    model has loaded."""
+    from torch.utils.data import DataLoader
+
+    errors = []
+    for key, option in (("per_device_train_batch_size", "batch_size"), ("per_device_eval_batch_size", "batch_size"),
+                        ("dataloader_num_workers", "num_workers")):
+        value = getattr(args, key)
+        try:
+            DataLoader(range(1), **{option: value})
+        except (ValueError, OverflowError) as err:
+            errors.append(_refused(f"training.{key}", value, f"torch refuses it ({_first_line(err)})", origins))
+    return errors
+
+
+def _check_step_counts(args, training: dict, origins: dict[str, str]) -> list[UserError]:
+    """Counts no library judges: the Trainer divides by the accumulation steps, trains on with a
+    negative number of epochs, and never saves with `save_steps: 0`."""
+    errors = []
+    if args.gradient_accumulation_steps < 1:
+        errors.append(_refused("training.gradient_accumulation_steps", args.gradient_accumulation_steps,
+                               "it must be at least 1", origins, fix="use 1 to update the weights after every batch"))
+    if args.num_train_epochs < 0 or (args.num_train_epochs == 0 and args.max_steps <= 0):
+        errors.append(_refused("training.num_train_epochs", args.num_train_epochs, "it must be more than 0 "
+                               "(or training.max_steps set)", origins, fix="train for e.g. 3 epochs"))
+    for strategy, key in (("save_strategy", "save_steps"), ("eval_strategy", "eval_steps")):
+        value = getattr(args, key)
+        if getattr(args, strategy) == "steps" and value is not None and value <= 0:
+            errors.append(_refused(f"training.{key}", value, f"with {strategy} steps it must be more than 0 (a whole "
+                                   "number of steps, or a fraction of the run below 1)", origins))
+    return errors
+
+
+def _build_lora_for_check(lora: dict, origins: dict[str, str]):
+    """LoraConfig accepts any rank and dropout; the LoRA layer refuses them only when the model is
+    wrapped. Wrap one meta-device linear layer now with each rank the recipe uses."""
+    import torch
+    from peft.tuners.lora.layer import Linear
+
+    config = build_lora_config(lora, origins)
+    probe = dataclasses.replace(config, init_lora_weights=False)  # pissa/loftq/... initialise from real weights
+    errors = []
+    for key, rank in [("lora.r", config.r), *((f"lora.rank_pattern.{k}", v) for k, v in config.rank_pattern.items())]:
+        try:
+            Linear(torch.nn.Linear(8, 8, device="meta"), "probe", config=probe, r=rank, lora_alpha=config.lora_alpha)
+        except (ValueError, TypeError, OverflowError) as err:  # a rank too large for a tensor's shape: Type/Overflow
+            dropout = "dropout" in str(err)
+            key = "lora.lora_dropout" if dropout else key
+            errors.append(_refused(key, config.lora_dropout if dropout else rank, f"peft refuses it ({_first_line(err)})",
+                                   origins))
+            break
+    if errors:
+        raise combined(errors)
+    return config
+
+
+def _build_generation_for_check(generate: dict, origins: dict[str, str]):
+    """GenerationConfig.validate leaves sampling values (temperature, top_k, penalties) to the
+    logits processors that generate() builds: build them now, for a meta-device stand-in model."""
+    config = build_generation_config(generate, origins)
+    errors = [_refused(f"generate.{key}", getattr(config, key), "it must be at least 1", origins)
+              for key in ("num_beams", "num_return_sequences")
+              if isinstance(getattr(config, key), int) and getattr(config, key) < 1]
+    message = _sampling_objection(config)
+    if message is not None:
+        def objection(values: dict) -> str | None:
+            return _sampling_objection(build_generation_config(values))
+
+        key = "generate." + (_culprit(message, split_generate(generate)[1], objection) or "do_sample")
+        errors.append(UserError(f"generate() refuses `{key}`: {message}", where=origins.get(key, "generate")))
+    if errors:
+        raise combined(errors)
+    return config
+
+
+def _sampling_objection(config) -> str | None:
+    try:
+        _generation_probe_model()._get_logits_processor(config, input_ids_seq_length=1, device="cpu")
+    except (ValueError, OverflowError) as err:
+        return _first_line(err)
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _generation_probe_model():
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("mistral", hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, vocab_size=16)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def check_model_objects(model, origins: dict[str, str]) -> list[UserError]:
+    """What transformers would refuse of the `model` section when it loads: the attention
+    implementation, and the model `init_from_config` describes."""
+    errors = check_attn_implementation(model.attn_implementation,
+                                       origins.get("model.attn_implementation", "model.attn_implementation"))
+    if model.init_from_config is not None and model.init_from_config.get("model_type") is not None:
+        errors += check_init_model(model.init_from_config, origins)
+    return errors
+
+
+def check_init_model(init_from_config: dict, origins: dict[str, str]) -> list[UserError]:
+    """Ask transformers to build the model `init_from_config` describes, on the meta device (no
+    memory, no weights): its config class and its layers reject what they cannot hold."""
+    where = origins.get("model.init_from_config", "model.init_from_config")
+    with _quiet_transformers():  # its warnings about the config (a vocabulary of 0) come again when it loads
+        return _init_model_errors(init_from_config, origins, where)
+
+
+def _init_model_errors(init_from_config: dict, origins: dict[str, str], where: str) -> list[UserError]:
+    from qlora_cli.families import build_init_config, family_of
+
+    try:
+        config = build_init_config(init_from_config)
+        if family_of(config.model_type).is_vision_language:
+            return []  # its towers are built by another auto class, which judges them when it loads
+    except UserError:
+        return []  # an unsupported model_type, which sections reports
+    except Exception as err:  # noqa: BLE001 - every value is the user's, and the config class judges them
+        return [UserError(f"transformers cannot build a config from `model.init_from_config`: {_first_line(err)}",
+                          where=where)]
+    heads, kv_heads = (getattr(config, name, None) for name in ("num_attention_heads", "num_key_value_heads"))
+    if isinstance(heads, int) and isinstance(kv_heads, int) and (kv_heads < 1 or heads % kv_heads):
+        # grouped-query attention shares each key/value head among a group of heads: such a model
+        # builds, and only its first forward pass fails
+        key = "model.init_from_config.num_key_value_heads"
+        return [UserError(f"`{key}` is {kv_heads}; `num_attention_heads` ({heads}) must be a multiple of it",
+                          where=origins.get(key, where))]
+    message = _init_model_objection(config)
+    if message is None:
+        return []
+
+    def objection(values: dict) -> str | None:
+        return _init_model_objection(build_init_config({**values, "model_type": init_from_config["model_type"]}))
+
+    named = _culprit(message, {k: v for k, v in init_from_config.items() if k != "model_type"}, objection)
+    key = f"model.init_from_config.{named}" if named else "model.init_from_config"
+    return [UserError(f"transformers cannot build a {config.model_type} model from `{key}`: {message}",
+                      where=origins.get(key, where))]
+
+
+def _init_model_objection(config) -> str | None:
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(layers, int) and layers > 2:  # every layer is built alike: two show what one cannot hold
+        config = copy.deepcopy(config)
+        config.num_hidden_layers = 2
+    try:
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(config)  # vision-language families are not asked
+    except (ValueError, RuntimeError, TypeError, ArithmeticError) as err:  # hidden_size 0: a division by zero
+        return _first_line(err)
+    return None
+
+
+def check_attn_implementation(value: str | None, where: str) -> list[UserError]:
+    """`model.attn_implementation` against transformers' own registry of attention functions (a
+    kernel from the Hub, `org/name`, is judged when it loads: it may need a package or a GPU)."""
+    from transformers.integrations.hub_kernels import is_kernel
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    known = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    if value is None or value in known or is_kernel(value):
+        return []
+    return [UserError(f"`model.attn_implementation` is {value!r}, which transformers does not know", where=where,
+                      fix=f"use one of {', '.join(known)}, or a Hub kernel like kernels-community/flash-attn")]
+
+
+def _first_line(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return " ".join(lines[:2]) if lines else type(err).__name__

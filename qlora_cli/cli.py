@@ -149,7 +149,7 @@ def config_validate(args: list[str] = RECIPE_ARGS) -> None:
 @user_command
 def prepare(
     args: list[str] = RECIPE_ARGS,
-    show: int = typer.Option(0, "--show", metavar="N", help="Print N prepared examples, trained tokens bright."),
+    show: int = typer.Option(0, "--show", metavar="N", min=0, help="Print N prepared examples, trained tokens bright."),
     force: bool = typer.Option(False, "--force", help="Prepare again even when a cached result matches."),
 ) -> None:
     """Tokenize, mask, pack and cache the recipe's data exactly as training will see it.
@@ -275,6 +275,9 @@ def merge(
                   highlight=False)
     if result.merged_vs_quantized:
         console.print(f"logits vs the 4-bit base + adapter as trained: {result.merged_vs_quantized}", highlight=False)
+    for difference in result.lora_differences:
+        err_console.print(f"[yellow]warning:[/] {escape(difference)}: merged as the adapter was trained (its "
+                          "adapter_config.json)", highlight=False)
     if result.adapter_within_rounding:
         err_console.print(f"[yellow]warning:[/] the adapter moves the probe's logits by at most "
                           f"{result.adapter_effect.max:.3g}, within what rounding allows ({result.tolerance:.3g}): "

@@ -129,22 +129,23 @@ def init_config_errors(init_config: dict, origins: dict[str, str]) -> list[UserE
     return []
 
 
-def build_init_config(init_config: dict, tokenizer):
+def build_init_config(init_config: dict, tokenizer=None):
     """The transformers config `init_from_config` describes, with the defaults a real
-    checkpoint of its family has and the tokenizer's vocabulary size and special ids."""
+    checkpoint of its family has and the tokenizer's vocabulary size and special ids (without a
+    tokenizer, to validate a recipe: the config class's own)."""
     from transformers import AutoConfig
 
     values = {k: v for k, v in init_config.items() if k not in ("seed", "model_type")}
     family = family_of(init_config.get("model_type"), "model.init_from_config", "model.init_from_config.model_type")
-    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "pad_token_id": tokenizer.pad_token_id}
+    ids = {} if tokenizer is None else {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                                        "pad_token_id": tokenizer.pad_token_id, "vocab_size": len(tokenizer)}
     if family.is_vision_language:
         text = dict(values.get(family.text_config_key) or {})
         text_type = text.setdefault("model_type", text_types(family)[0])
         text_family = FAMILIES.get(text_type, Family(text_type, "the language model of " + family.checkpoints))
-        values[family.text_config_key] = {"vocab_size": len(tokenizer), **ids, **_with_defaults(text_family, text)}
+        values[family.text_config_key] = {**ids, **_with_defaults(text_family, text)}
     else:
-        values = {"vocab_size": len(tokenizer), **ids, **values}
+        values = {**ids, **values}
     values = _with_defaults(family, values)
     try:
         return AutoConfig.for_model(family.model_type, **values)

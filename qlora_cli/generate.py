@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 from qlora_cli.builders import build_generation_config, split_generate
 from qlora_cli.errors import UserError
 from qlora_cli.run_folder import RunFolder
+from qlora_cli.sources import load_json
 from qlora_cli.templates import check_roles, encode_prompt
 
 
@@ -218,10 +219,7 @@ def read_prompts(path: Path) -> list[PromptRecord]:
         line = _utf8(raw, where)
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"malformed JSON: {err.msg} (column {err.colno})", where=where) from None
+        record = load_json(line, where)
         records.append(PromptRecord(where, _messages_of(record, where), record))
     if not records:
         raise UserError(f"prompts file {path} has no prompts", where="--input")

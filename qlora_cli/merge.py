@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_cli.atomic import atomic_folder, can_create_in, nearest_existing, remove_stale_temporaries
@@ -25,6 +25,7 @@ from qlora_cli.sections import to_dtype
 # mis-scaled the adapter moves them by the adapter's whole effect, well beyond.
 FLOAT32_TOLERANCE = 1e-3
 ROUNDING_FACTOR = 4
+MERGED_TAGS = "tags: [qlora, merged]"  # in the model card's front matter: how --overwrite knows a merge
 PROBE_TEXT = "[INST] Explain what a LoRA adapter is. [/INST] A LoRA adapter is a small set of low-rank"
 
 
@@ -49,6 +50,7 @@ class MergeResult:
     merged_vs_quantized: LogitDifference | None  # against the 4-bit model + adapter, as trained
     adapter_effect: LogitDifference | None = None  # base + adapter against the base alone
     tolerance: float = 0.0  # what the verification allowed (rounding_tolerance)
+    lora_differences: list[str] = field(default_factory=list)  # recipe lora keys the adapter was not trained with
 
     @property
     def adapter_within_rounding(self) -> bool:
@@ -66,6 +68,7 @@ def merge(recipe, *, overwrite: bool = False) -> MergeResult:
     adapter = Path(recipe.merge.adapter or run.adapter)
     output = Path(recipe.merge.output_dir or run.root / "merged")
     check_adapter(adapter, recipe)
+    differences = lora_differences(adapter, recipe.lora)
     check_output_spares_the_run(output, adapter, run, recipe.model.name_or_path)
     check_output(output, overwrite)
     remove_stale_temporaries(output.parent, output.name)  # a killed merge leaves a model-sized folder behind
@@ -85,7 +88,7 @@ def merge(recipe, *, overwrite: bool = False) -> MergeResult:
         merged.save_pretrained(str(tmp), max_shard_size=recipe.merge.max_shard_size, safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         (tmp / "README.md").write_text(_model_card(recipe, adapter, difference, quantized, type(merged).__name__))
-    return MergeResult(output, describe_base(recipe), difference, quantized, effect, tolerance)
+    return MergeResult(output, describe_base(recipe), difference, quantized, effect, tolerance, differences)
 
 
 def check_adapter(adapter: Path, recipe) -> None:
@@ -99,12 +102,39 @@ def check_adapter(adapter: Path, recipe) -> None:
         raise UserError(f"adapter folder {adapter} does not exist", where="merge.adapter", fix=fix)
     if not config_file.is_file():
         raise UserError(f"{adapter} is not a LoRA adapter: it has no adapter_config.json", where="merge.adapter")
-    trained_on = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    trained_on = adapter_config(adapter).get("base_model_name_or_path")
     expected = base_model_id(recipe)
     if trained_on and expected and not _same_model(trained_on, expected):
         raise UserError(f"the adapter was trained on `{trained_on}`, but the recipe's base model is `{expected}`",
                         where=str(config_file), fix="use the recipe the adapter was trained with "
                         "(its run folder's recipe.yaml)")
+
+
+def adapter_config(adapter: Path) -> dict:
+    """The adapter's adapter_config.json, which peft loads it by: damaged, it is the user's to fix."""
+    config_file = adapter / "adapter_config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError
+        raise UserError(f"adapter_config.json is not JSON ({err}): the adapter is damaged",
+                        where=str(config_file), fix="train again, or point merge.adapter at an intact adapter") from None
+    if not isinstance(config, dict):
+        raise UserError("adapter_config.json is not a JSON object: the adapter is damaged", where=str(config_file),
+                        fix="train again, or point merge.adapter at an intact adapter")
+    return config
+
+
+# The LoRA settings that change the merged weights (W + alpha/r · BA, DoRA's magnitudes)
+MERGED_LORA_KEYS = ("r", "lora_alpha", "use_rslora", "use_dora")
+
+
+def lora_differences(adapter: Path, lora: dict | None) -> list[str]:
+    """`lora.KEY: recipe X, adapter Y` for each setting the recipe gives otherwise than the
+    adapter was trained with. The adapter's own config is what peft merges (its weights have
+    its rank), so these are said, not refused: merge.adapter may name another run's adapter."""
+    trained = adapter_config(adapter)
+    return [f"lora.{key}: the recipe says {lora[key]!r}, the adapter was trained with {trained[key]!r}"
+            for key in MERGED_LORA_KEYS if key in (lora or {}) and key in trained and lora[key] != trained[key]]
 
 
 def base_model_id(recipe) -> str | None:
@@ -143,10 +173,27 @@ def check_output(output: Path, overwrite: bool) -> None:
     if output.exists() and not overwrite:
         raise UserError(f"merge output {output} already exists", where="merge.output_dir",
                         fix="add --overwrite, or set merge.output_dir")
+    if output.exists() and not is_merged_folder(output):
+        raise UserError(f"merge output {output} is not a merged model that qlora wrote, and --overwrite replaces "
+                        "only those: it would delete what the folder holds", where="merge.output_dir",
+                        fix="set merge.output_dir to a new folder, or move this one away yourself")
     parent = nearest_existing(output.parent)
     if not can_create_in(parent):
         raise UserError(f"cannot write {output}: {parent} is not writable", where="merge.output_dir",
                         fix="choose a folder you can write")
+
+
+def is_merged_folder(folder: Path) -> bool:
+    """An empty folder, or one `qlora merge` wrote: a model (config.json) with the model card
+    that every merge writes, tagged `qlora` and `merged` in its front matter."""
+    if folder.is_dir() and not any(folder.iterdir()):
+        return True
+    try:
+        card = (folder / "README.md").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    front, _, _ = card.removeprefix("---\n").partition("\n---")
+    return card.startswith("---\n") and (folder / "config.json").is_file() and MERGED_TAGS in front.splitlines()
 
 
 def check_disk(output: Path, model) -> None:
@@ -296,7 +343,7 @@ def _model_card(recipe, adapter: Path, difference: LogitDifference, quantized: L
     versus = f"\n- logits against the 4-bit base + adapter it was trained as: {quantized}" if quantized else ""
     return f"""---
 base_model: {base}
-tags: [qlora, merged]
+{MERGED_TAGS}
 ---
 
 # Merged model

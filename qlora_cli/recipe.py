@@ -424,7 +424,7 @@ class Recipe:
 
 def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
     """Load, merge, resolve and validate a recipe; every problem is reported at once."""
-    from qlora_cli.builders import check_library_sections
+    from qlora_cli.builders import check_library_sections, check_model_objects
     from qlora_cli.sections import (DataSection, EvalSection, MergeSection, ModelSection, build_schema, check_method,
                                     check_values, suggest)
 
@@ -452,6 +452,8 @@ def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
     errors += check_values(typed, raw.origins)
     method = resolved.get("method", "sft")
     errors += check_method(method, typed.get("data"), raw.origins)
+    if "model" in typed:
+        errors += check_model_objects(typed["model"], raw.origins)
     if errors:
         raise combined(errors)
     return Recipe(

@@ -308,7 +308,6 @@ def _check_eval_limit(section, origins: dict[str, str]) -> list[UserError]:
 
 def _check_model_source(model, origins: dict[str, str]) -> list[UserError]:
     """What the loader would reject later: checked now, before any weight is read."""
-
     errors = []
     if (model.name_or_path is None) == (model.init_from_config is None):
         errors.append(UserError("the model needs exactly one of `model.name_or_path` and `model.init_from_config`",
@@ -323,8 +322,11 @@ def _check_model_source(model, origins: dict[str, str]) -> list[UserError]:
                                 fix="add model_type: mistral"))
     if model.init_from_config is not None:
         errors += init_config_errors(model.init_from_config, origins)
+    where = origins.get("model.dtype", "model.dtype")
     try:
-        to_dtype(model.dtype, origins.get("model.dtype", "model.dtype"), "model.dtype")
+        if not to_dtype(model.dtype, where, "model.dtype").is_floating_point:
+            errors.append(UserError(f"`model.dtype` is {model.dtype!r}: the weights that stay unquantized (and "
+                                    "LoRA's) must be floating point", where=where, fix="use bfloat16, float16 or float32"))
     except UserError as err:
         errors.append(err)
     return errors
@@ -343,12 +345,28 @@ def _check_data_limits(data, origins: dict[str, str]) -> list[UserError]:
 
 
 def _check_template(template: str, origins: dict[str, str]) -> list[UserError]:
-    """A template name with a typo, which prepare would refuse only after loading the tokenizer."""
-    if template in TEMPLATE_NAMES or is_jinja(template):
+    """A template name with a typo, or Jinja that does not parse, which prepare would refuse only
+    after loading the tokenizer."""
+    if template in TEMPLATE_NAMES:
         return []
+    if is_jinja(template):
+        return _check_jinja(template, origins.get("data.template", "data.template"))
     return [UserError(f"`data.template` is {template!r}{suggest(template, TEMPLATE_NAMES)}: neither a template "
                       "name nor a Jinja chat template", where=origins.get("data.template", "data.template"),
                       fix="use mistral, tokenizer, or a Jinja chat template (with {{ }} and {% %})")]
+
+
+def _check_jinja(template: str, where: str) -> list[UserError]:
+    """Compile the template in transformers' own sandboxed environment, as apply_chat_template will."""
+    import jinja2
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(template)
+    except jinja2.TemplateSyntaxError as err:
+        return [UserError(f"`data.template` is not valid Jinja: {err.message} (line {err.lineno} of the template)",
+                          where=where, fix="fix the template, or use template: mistral")]
+    return []
 
 
 def _check_source_amounts(data, origins: dict[str, str]) -> list[UserError]:

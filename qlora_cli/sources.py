@@ -90,26 +90,54 @@ def _decode(path: Path) -> str:
                         fix="re-save the file as UTF-8") from None
 
 
+def load_json(text: str, where: str, fix: str | None = None) -> Any:
+    """`json.loads`, with what a file can hold that nothing downstream could use as user errors:
+    malformed JSON, nesting deeper than Python's recursion allows, and lone surrogates (`"\\ud800"`
+    escapes half of a UTF-16 pair: no UTF-8 text can hold it, so the tokenizer cannot encode it)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        line = f":{err.lineno}" if err.lineno > 1 else ""
+        raise UserError(f"malformed JSON: {err.msg} (column {err.colno})", where=f"{where}{line}", fix=fix) from None
+    except RecursionError:
+        raise UserError("JSON nested too deeply to read", where=where,
+                        fix="flatten the record: examples need objects and lists a few levels deep") from None
+    if (lone := _lone_surrogate(value)) is not None:
+        raise UserError(f"text holds a lone surrogate ({lone!r}), half of a UTF-16 pair, which is not a character",
+                        where=where, fix="remove the \\ud8xx-\\udfxx escape, or write the whole pair") from None
+    return value
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first unpaired surrogate in a JSON value's keys and strings (without recursion: the
+    value may be as deep as the parser allows)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as err:
+                return item[err.start:err.end]
+        elif isinstance(item, dict):
+            stack += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            stack += item
+    return None
+
+
 def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
     rows = []
     # JSON Lines ends a line at "\n" only: str.splitlines() would also split at U+2028, U+2029 or
     # U+0085, which json.dumps(ensure_ascii=False) writes raw inside strings.
     for number, line in enumerate(_decode(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((f"{path}:{number}", json.loads(line)))
-        except json.JSONDecodeError as err:
-            raise UserError(f"malformed JSON: {err.msg} (column {err.colno})", where=f"{path}:{number}",
-                            fix="each line must be one JSON object") from None
+        if line.strip():
+            rows.append((f"{path}:{number}", load_json(line, f"{path}:{number}", fix="each line must be one JSON object")))
     return rows
 
 
 def _read_json(path: Path) -> list[tuple[str, Any]]:
-    try:
-        data = json.loads(_decode(path))
-    except json.JSONDecodeError as err:
-        raise UserError(f"malformed JSON: {err.msg}", where=f"{path}:{err.lineno}") from None
+    data = load_json(_decode(path), str(path))
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"data": [...]} as many exports write it
     if not isinstance(data, list):
@@ -119,12 +147,19 @@ def _read_json(path: Path) -> list[tuple[str, Any]]:
 
 
 def _read_csv(path: Path) -> list[tuple[str, Any]]:
-    reader = csv.DictReader(io.StringIO(_decode(path), newline=""))
+    text = _decode(path)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     # DictReader counts the header as line 1, so row i (0-based) starts at line i + 2
     # unless earlier fields held newlines; line_num after reading is exact.
     rows = []
-    for row in reader:
-        rows.append((f"{path}:{reader.line_num}", dict(row)))
+    # csv refuses fields over 128 KiB (a guard for streams of unknown size): a long document is
+    # an example like any other, and no field can be longer than the file, which is in memory.
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))
+    try:
+        for row in reader:
+            rows.append((f"{path}:{reader.line_num}", dict(row)))
+    except csv.Error as err:
+        raise UserError(f"malformed CSV: {err}", where=f"{path}:{reader.line_num}") from None
     return rows
 
 

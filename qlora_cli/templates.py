@@ -129,6 +129,12 @@ def check_roles(messages: list[dict], *, last: str) -> None:
     for number, message in enumerate(messages, start=1):
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
             raise UserError(f"message {number} needs a 'role' and a string 'content'")
+        try:  # bytes the shell could not decode reach a --prompt as lone surrogates, which no tokenizer encodes
+            message["content"].encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise UserError(f"message {number} holds {message['content'][err.start:err.end]!r}, which is not "
+                            "UTF-8 text (half of a UTF-16 surrogate pair, or an undecodable byte)",
+                            fix="write the text as UTF-8") from None
     roles = [m.get("role") for m in messages]
     start = 1 if roles[0] == "system" else 0
     for number, role in enumerate(roles[start:], start=start + 1):
@@ -397,9 +403,22 @@ def _jinja(template: str, tokenizer) -> str | None:
 
 
 def _render(tokenizer, messages: list[dict], chat_template: str | None, *, generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(
-        messages, chat_template=chat_template, tokenize=False, add_generation_prompt=generation_prompt
-    )
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=chat_template, tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except jinja2.exceptions.SecurityError as err:
+        raise UserError(f"the chat template ({_template_key(chat_template)}) did something Jinja's sandbox forbids: "
+                        f"{err}", fix="templates may read the messages, not Python attributes") from None
+    except (jinja2.TemplateError, TypeError, ArithmeticError) as err:  # raise_exception(...), {{ 1 / 0 }}, ...
+        raise UserError(f"the chat template ({_template_key(chat_template)}) failed on this conversation: {err}",
+                        fix="fix the template, or use template: mistral") from None
+
+
+def _template_key(chat_template: str | None) -> str:
+    return "the tokenizer's own" if chat_template is None else "data.template"
 
 
 def _tokenize(tokenizer, text: str) -> list[int]:

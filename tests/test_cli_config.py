@@ -271,3 +271,72 @@ def test_a_list_item_can_be_deleted_and_interpolation_errors_carry_no_omegaconf_
     assert [s.path for s in recipe.data.sources] == ["b.jsonl"]
     stderr = refused_by_validate("tiny-mistral", "training.run_name=${nope}")
     assert "interpolation failed" in stderr and "object_type" not in stderr and "full_key" not in stderr
+
+
+# ---------------------------------------------------------------- values the libraries would refuse later (#19)
+
+# override -> (key the message blames, words of the library's or our reason)
+REFUSED_VALUES = {
+    "lora.r=0": ("lora.r", "positive integer"),
+    "lora.r=-4": ("lora.r", "positive integer"),
+    "lora.lora_dropout=2": ("lora.lora_dropout", "between 0 and 1"),
+    "training.seed=-1": ("training.seed", "0 to 4294967295"),
+    "training.learning_rate=-1": ("training.learning_rate", "Invalid learning rate"),
+    "training.adam_beta1=2": ("training.adam_beta1", "beta"),
+    "training.per_device_train_batch_size=0": ("training.per_device_train_batch_size", "positive integer"),
+    "training.dataloader_num_workers=-1": ("training.dataloader_num_workers", "non-negative"),
+    "training.gradient_accumulation_steps=0": ("training.gradient_accumulation_steps", "at least 1"),
+    "training.num_train_epochs=-1": ("training.num_train_epochs", "more than 0"),
+    "training.save_steps=0": ("training.save_steps", "more than 0"),
+    "model.dtype=int8": ("model.dtype", "floating point"),
+    "model.attn_implementation=bogus": ("model.attn_implementation", "sdpa"),
+    "model.init_from_config.hidden_size=-1": ("model.init_from_config.hidden_size", "negative dimension"),
+    "model.init_from_config.num_attention_heads=3": ("model.init_from_config", "RoPE"),
+    "model.init_from_config.num_key_value_heads=3": ("model.init_from_config.num_key_value_heads", "multiple"),
+    "generate.num_beams=0": ("generate.num_beams", "at least 1"),
+    "generate.repetition_penalty=-1": ("generate.repetition_penalty", "strictly positive"),
+}
+
+
+@pytest.mark.parametrize("override", REFUSED_VALUES)
+def test_a_value_the_libraries_would_refuse_later_is_refused_by_validate_with_its_key(workdir, override):
+    key, reason = REFUSED_VALUES[override]
+    stderr = refused_by_validate("tiny-mistral", override)
+    assert f"override: " in stderr and f"`{key}`" in stderr and reason in stderr, stderr
+
+
+def test_a_sampling_value_is_refused_with_its_line_in_the_recipe(workdir):
+    (workdir / "mine.yaml").write_text("extends: tiny-mistral\ngenerate:\n  do_sample: true\n  temperature: -1\n")
+    stderr = refused_by_validate("mine.yaml")
+    assert "mine.yaml:4: generate() refuses `generate.temperature`" in stderr and "strictly positive" in stderr
+
+
+def test_gpu_only_settings_still_validate_on_a_machine_without_them(workdir):
+    # flash attention and paged 8-bit optimizers are judged where they run, not on this laptop
+    result = qlora("config", "validate", "tiny-mistral", "model.attn_implementation=flash_attention_2",
+                   "training.optim=paged_adamw_8bit")
+    assert result.exit_code == 0, result.output
+
+
+# Numeric fields of our own sections and the most used library ones: each value is accepted or
+# refused as a mistake (exit 2), never an internal error (exit 1).
+NUMERIC_FIELDS = [
+    "data.max_length", "data.val_size", "data.num_proc", "data.sources.0.limit", "data.sources.0.weight",
+    "generate.batch_size", "generate.max_new_tokens", "generate.temperature", "generate.top_p", "generate.top_k",
+    "generate.num_beams", "generate.repetition_penalty", "lora.r", "lora.lora_alpha", "lora.lora_dropout",
+    "training.learning_rate", "training.num_train_epochs", "training.max_steps",
+    "training.per_device_train_batch_size", "training.gradient_accumulation_steps", "training.warmup_steps",
+    "training.weight_decay", "training.max_grad_norm", "training.logging_steps", "training.save_steps",
+    "training.save_total_limit", "training.seed", "model.init_from_config.hidden_size",
+    "model.init_from_config.num_hidden_layers", "model.init_from_config.num_attention_heads",
+    "model.init_from_config.vocab_size", "model.init_from_config.seed",
+]
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "123456789012345678901234567890"])
+@pytest.mark.parametrize("key", NUMERIC_FIELDS)
+def test_zero_negative_and_huge_numbers_are_accepted_or_refused_never_a_crash(workdir, key, value):
+    extra = ["generate.do_sample=true"] if key in ("generate.temperature", "generate.top_p", "generate.top_k") else []
+    result = qlora("config", "validate", "tiny-mistral", f"{key}={value}", *extra)
+    assert result.exit_code in (0, 2), result.output
+    assert "Traceback" not in result.output and "internal error" not in result.output

@@ -241,10 +241,14 @@ def other_base_adapter(trained_run, tmp_path) -> Path:
     ("missing", "does not exist"),
     ("empty", "no adapter_config.json"),
     ("other-base", "trained on `mistralai/Mistral-7B-v0.1`"),
+    ("not-json", "adapter_config.json is not JSON"),
 ])
 def test_merge_refuses_a_wrong_adapter_with_exit_2(adapter, message, trained_run, other_base_adapter, tmp_path):
-    folder = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "other-base": other_base_adapter}[adapter]
+    folder = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "other-base": other_base_adapter,
+              "not-json": tmp_path / "damaged"}[adapter]
     (tmp_path / "empty").mkdir()
+    shutil.copytree(trained_run.adapter, tmp_path / "damaged")
+    (tmp_path / "damaged" / "adapter_config.json").write_text('{"r": 4, "lora_al')
     output = tmp_path / "merged"
     result = qlora("merge", trained_run.root, f"merge.adapter={folder}", f"merge.output_dir={output}")
     assert_user_error(result, message, wrapped=True)
@@ -261,17 +265,27 @@ def test_merging_a_stopped_run_points_at_resume_and_its_last_checkpoint(trained_
 
 
 @pytest.mark.slow
-def test_merge_refuses_an_existing_output_unless_overwrite(trained_run, tmp_path):
+def test_merge_refuses_an_existing_output_unless_overwrite_and_overwrites_only_a_merge(trained_run, tmp_path):
     output = tmp_path / "merged"
     output.mkdir()
     (output / "keep.txt").write_text("mine")
     result = qlora("merge", trained_run.root, f"merge.output_dir={output}")
     assert_user_error(result, "already exists", "--overwrite", wrapped=True)
+    result = qlora("merge", trained_run.root, f"merge.output_dir={output}", "--overwrite")
+    assert_user_error(result, "merge.output_dir", "not a merged model that qlora wrote", wrapped=True)
     assert [p.name for p in output.iterdir()] == ["keep.txt"]
 
-    result = qlora("merge", trained_run.root, f"merge.output_dir={output}", "--overwrite")
+
+@pytest.mark.slow
+def test_overwriting_a_merge_says_the_adapter_s_lora_settings_are_used(trained_run, merged_small, tmp_path):
+    output = tmp_path / "merged"
+    shutil.copytree(merged_small, output)
+    trained_rank = json.loads((trained_run.adapter / "adapter_config.json").read_text())["r"]
+    result = qlora("merge", trained_run.root, f"merge.output_dir={output}", f"lora.r={trained_rank * 2}", "--overwrite")
     assert result.exit_code == 0, result.output
-    assert not (output / "keep.txt").exists() and (output / "config.json").is_file()
+    said = " ".join(result.stderr.split())
+    assert f"lora.r: the recipe says {trained_rank * 2}, the adapter was trained with {trained_rank}" in said
+    assert "merged as the adapter was trained" in said and (output / "config.json").is_file()
 
 
 @pytest.mark.slow

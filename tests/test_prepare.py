@@ -418,3 +418,84 @@ def test_a_full_disk_while_saving_exits_2_with_the_space_needed_and_leaves_no_st
     assert result.exit_code == 2, result.output
     assert "no space left" in result.output and "free at least" in result.output
     assert list(disk.iterdir()) == []
+
+
+# ---------------------------------------------------------------- damaged or hostile files (#19)
+
+QUESTION = {"prompt": "What is the capital of France?", "completion": "Paris."}
+HOSTILE_FILES = {
+    "nested 10,000 deep": ("data.jsonl", json.dumps(QUESTION) + "\n" + "[" * 10_000 + "]" * 10_000 + "\n",
+                           "completion", "data.jsonl:2", "nested too deeply"),
+    "nested json array": ("data.json", "[" + json.dumps(QUESTION) + ", " + "[" * 10_000 + "]" * 10_000 + "]",
+                          "completion", "data.json", "nested too deeply"),
+    "lone surrogate": ("data.jsonl", json.dumps(QUESTION) + '\n{"prompt": "a\\ud800b", "completion": "c"}\n',
+                       "completion", "data.jsonl:2", "lone surrogate"),
+    "lone surrogate in a chat": ("data.jsonl", '{"messages": [{"role": "user", "content": "hi"}, '
+                                 '{"role": "assistant", "content": "\\udfff"}]}\n', "chat", "data.jsonl:1",
+                                 "lone surrogate"),
+}
+
+
+@pytest.mark.parametrize("name, text, format, where, problem", HOSTILE_FILES.values(), ids=HOSTILE_FILES)
+def test_a_hostile_data_file_exits_2_at_its_line_and_writes_nothing(data_recipe, tmp_path, name, text, format,
+                                                                     where, problem):
+    from conftest import assert_user_error
+
+    (tmp_path / name).write_text(text, encoding="utf-8")
+    recipe = data_recipe({"sources": [{"path": tmp_path / name, "format": format}]})
+    assert_user_error(CliRunner().invoke(app, ["prepare", str(recipe)]), where, problem)
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_a_csv_field_longer_than_csv_s_own_limit_is_read_whole(data_recipe, tmp_path, v1_tokenizer):
+    answer = "Paris " * 30_000  # 180 kB, over csv's default field limit of 128 KiB
+    (tmp_path / "data.csv").write_text(f'prompt,completion\n"Capital of France?","{answer}"\n', encoding="utf-8")
+    recipe = data_recipe({"sources": [{"path": tmp_path / "data.csv", "format": "completion"}]})
+    result = CliRunner().invoke(app, ["prepare", str(recipe)])
+    assert result.exit_code == 0, result.output
+    assert "train: 1 examples" in result.output
+
+
+def test_nul_bytes_and_a_megabyte_line_are_text_like_any_other(data_recipe, write_jsonl, v1_tokenizer):
+    # decided (#19): a NUL is a character the tokenizer encodes as a byte; a line of 1 MB is one
+    # example, cut to data.max_length (or dropped, or refused, as data.overlong says)
+    rows = [{"prompt": "nul \x00 byte", "completion": "ok"}, {"prompt": "long", "completion": "word " * 200_000}]
+    recipe = data_recipe({"sources": [{"path": write_jsonl(rows), "format": "completion"}]})
+    result = CliRunner().invoke(app, ["prepare", str(recipe)])
+    assert result.exit_code == 0, result.output
+    assert "train: 2 examples" in result.output, result.output
+    assert re.search(r"\s2\s+2\s+1\s+0\s", result.output), result.output  # read, kept, truncated, dropped
+
+
+@pytest.mark.parametrize("show", ["-1", "-5"])
+def test_prepare_refuses_a_negative_show_count(show):
+    result = CliRunner().invoke(app, ["prepare", "tiny-mistral", "--show", show])
+    assert result.exit_code == 2 and "--show" in result.output and "Traceback" not in result.output
+
+
+BAD_TEMPLATES = {
+    "raises": ("{% if messages|length > 2 %}{{ raise_exception('only one turn') }}{% endif %}"
+               "{% for m in messages %}{{ m.content }}{% endfor %}", "data.jsonl:2", "only one turn"),
+    "escapes the sandbox": ("{% for m in messages %}{{ m.content.__class__.__mro__ }}{% endfor %}",
+                            "data.jsonl:1", "sandbox"),
+}
+
+
+@pytest.mark.parametrize("template, where, problem", BAD_TEMPLATES.values(), ids=BAD_TEMPLATES)
+def test_a_chat_template_that_fails_on_an_example_exits_2_there(data_recipe, write_jsonl, tmp_path, template,
+                                                               where, problem):
+    from conftest import assert_user_error
+
+    one = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    rows = [{"messages": one}, {"messages": one + one}]
+    recipe = data_recipe({"sources": [{"path": write_jsonl(rows), "format": "chat"}], "template": template})
+    assert_user_error(CliRunner().invoke(app, ["prepare", str(recipe)]), where, problem, "data.template")
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_a_chat_template_that_does_not_parse_is_refused_by_validate(data_recipe, write_jsonl):
+    from conftest import assert_user_error
+
+    recipe = data_recipe({"sources": [{"path": write_jsonl(numbered_texts(1))}], "template": "{% if %}{{ x }}"})
+    result = CliRunner().invoke(app, ["config", "validate", str(recipe)])
+    assert_user_error(result, "recipe.yaml:", "`data.template` is not valid Jinja", "line 1 of the template")
