@@ -6,7 +6,8 @@ it, and never in a cycle (tests/test_imports.py holds the code to this map):
     errors, atomic                    a user's mistake (exit 2); write to a temporary path, then rename
     families, experts                 the Mistral architectures: auto class, language model, what stays
                                       16-bit; mixture-of-experts layers in 4 bits
-    sections, builders                our sections' schemas and values; sections -> library objects
+    sections, builders, model_checks  our sections' schemas and values; sections -> library objects; what
+                                      transformers would refuse of the model section, asked early
     recipe, explain                   files + overrides -> a layered, validated Recipe; `config explain`
     tokenizer, templates, preference, sources   tokenizers; exact Mistral formats and labels (SFT, preference
                                       pairs); data files -> examples

@@ -324,7 +324,7 @@ def _ask_optimizer(args, training: dict, origins: dict[str, str], method: str = 
     def objection(values: dict) -> str | None:
         return _optimizer_objection(build_training_arguments(values, method=method))
 
-    key = "training." + (_culprit(message, training, objection) or "optim")
+    key = "training." + (blamed_key(message, training, objection) or "optim")
     return [UserError(f"the optimizer ({training.get('optim', args.optim.value)}) refuses `{key}`: {message}", where=origins.get(key, key))]
 
 
@@ -336,19 +336,19 @@ def _optimizer_objection(args) -> str | None:
         optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
         optimizer_cls([torch.nn.Parameter(torch.zeros(1))], **kwargs)
     except (ValueError, OverflowError) as err:
-        return _first_line(err)
+        return first_line(err)
     except Exception:  # noqa: BLE001 - one that cannot be built here (needs CUDA) is judged when training starts
         return None
     return None
 
 
-def _culprit(message: str, values: dict, objection) -> str | None:
+def blamed_key(message: str, values: dict, objection) -> str | None:
     """The key a library's objection is about: the one it names, else the one without which it
     objects differently or not at all ("Invalid learning rate: -1" names no key)."""
     named = _keys_named(message, values)
     if named:
         return named[0]
-    with _quiet_transformers():  # the probes' own warnings are about configs nobody wrote
+    with quiet_transformers():  # the probes' own warnings are about configs nobody wrote
         for key in values:
             try:
                 if objection({k: v for k, v in values.items() if k != key}) != message:
@@ -359,7 +359,7 @@ def _culprit(message: str, values: dict, objection) -> str | None:
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     from transformers.utils import logging
 
     verbosity = logging.get_verbosity()
@@ -380,7 +380,7 @@ def _ask_seeds(args, origins: dict[str, str]) -> list[UserError]:
         try:
             np.random.RandomState(value if value is not None else 0)
         except (ValueError, TypeError) as err:
-            errors.append(_refused(f"training.{name}", value, f"numpy cannot seed with it ({_first_line(err)})",
+            errors.append(_refused(f"training.{name}", value, f"numpy cannot seed with it ({first_line(err)})",
                                    origins, fix="use a whole number from 0 to 4294967295"))
     return errors
 
@@ -397,7 +397,7 @@ def _ask_data_loader(args, origins: dict[str, str]) -> list[UserError]:
         try:
             DataLoader(range(1), **{option: value})
         except (ValueError, OverflowError) as err:
-            errors.append(_refused(f"training.{key}", value, f"torch refuses it ({_first_line(err)})", origins))
+            errors.append(_refused(f"training.{key}", value, f"torch refuses it ({first_line(err)})", origins))
     return errors
 
 
@@ -434,7 +434,7 @@ def _build_lora_for_check(lora: dict, origins: dict[str, str]):
         except (ValueError, TypeError, OverflowError) as err:  # a rank too large for a tensor's shape: Type/Overflow
             dropout = "dropout" in str(err)
             key = "lora.lora_dropout" if dropout else key
-            errors.append(_refused(key, config.lora_dropout if dropout else rank, f"peft refuses it ({_first_line(err)})",
+            errors.append(_refused(key, config.lora_dropout if dropout else rank, f"peft refuses it ({first_line(err)})",
                                    origins))
             break
     if errors:
@@ -454,7 +454,7 @@ def _build_generation_for_check(generate: dict, origins: dict[str, str]):
         def objection(values: dict) -> str | None:
             return _sampling_objection(build_generation_config(values))
 
-        key = "generate." + (_culprit(message, split_generate(generate)[1], objection) or "do_sample")
+        key = "generate." + (blamed_key(message, split_generate(generate)[1], objection) or "do_sample")
         errors.append(UserError(f"generate() refuses `{key}`: {message}", where=origins.get(key, "generate")))
     if errors:
         raise combined(errors)
@@ -465,7 +465,7 @@ def _sampling_objection(config) -> str | None:
     try:
         _generation_probe_model()._get_logits_processor(config, input_ids_seq_length=1, device="cpu")
     except (ValueError, OverflowError) as err:
-        return _first_line(err)
+        return first_line(err)
     return None
 
 
@@ -480,87 +480,6 @@ def _generation_probe_model():
         return AutoModelForCausalLM.from_config(config)
 
 
-def check_model_objects(model, origins: dict[str, str]) -> list[UserError]:
-    """What transformers would refuse of the `model` section when it loads: the attention
-    implementation, and the model `init_from_config` describes."""
-    errors = check_attn_implementation(model.attn_implementation,
-                                       origins.get("model.attn_implementation", "model.attn_implementation"))
-    if model.init_from_config is not None and model.init_from_config.get("model_type") is not None:
-        errors += check_init_model(model.init_from_config, origins)
-    return errors
-
-
-def check_init_model(init_from_config: dict, origins: dict[str, str]) -> list[UserError]:
-    """Ask transformers to build the model `init_from_config` describes, on the meta device (no
-    memory, no weights): its config class and its layers reject what they cannot hold."""
-    where = origins.get("model.init_from_config", "model.init_from_config")
-    with _quiet_transformers():  # its warnings about the config (a vocabulary of 0) come again when it loads
-        return _init_model_errors(init_from_config, origins, where)
-
-
-def _init_model_errors(init_from_config: dict, origins: dict[str, str], where: str) -> list[UserError]:
-    from qlora_cli.families import build_init_config, family_of
-
-    try:
-        config = build_init_config(init_from_config)
-        if family_of(config.model_type).is_vision_language:
-            return []  # its towers are built by another auto class, which judges them when it loads
-    except UserError:
-        return []  # an unsupported model_type, which sections reports
-    except Exception as err:  # noqa: BLE001 - every value is the user's, and the config class judges them
-        return [UserError(f"transformers cannot build a config from `model.init_from_config`: {_first_line(err)}",
-                          where=where)]
-    heads, kv_heads = (getattr(config, name, None) for name in ("num_attention_heads", "num_key_value_heads"))
-    if isinstance(heads, int) and isinstance(kv_heads, int) and (kv_heads < 1 or heads % kv_heads):
-        # grouped-query attention shares each key/value head among a group of heads: such a model
-        # builds, and only its first forward pass fails
-        key = "model.init_from_config.num_key_value_heads"
-        return [UserError(f"`{key}` is {kv_heads}; `num_attention_heads` ({heads}) must be a multiple of it",
-                          where=origins.get(key, where))]
-    message = _init_model_objection(config)
-    if message is None:
-        return []
-
-    def objection(values: dict) -> str | None:
-        return _init_model_objection(build_init_config({**values, "model_type": init_from_config["model_type"]}))
-
-    named = _culprit(message, {k: v for k, v in init_from_config.items() if k != "model_type"}, objection)
-    key = f"model.init_from_config.{named}" if named else "model.init_from_config"
-    return [UserError(f"transformers cannot build a {config.model_type} model from `{key}`: {message}",
-                      where=origins.get(key, where))]
-
-
-def _init_model_objection(config) -> str | None:
-    import copy
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    layers = getattr(config, "num_hidden_layers", None)
-    if isinstance(layers, int) and layers > 2:  # every layer is built alike: two show what one cannot hold
-        config = copy.deepcopy(config)
-        config.num_hidden_layers = 2
-    try:
-        with torch.device("meta"):
-            AutoModelForCausalLM.from_config(config)  # vision-language families are not asked
-    except (ValueError, RuntimeError, TypeError, ArithmeticError) as err:  # hidden_size 0: a division by zero
-        return _first_line(err)
-    return None
-
-
-def check_attn_implementation(value: str | None, where: str) -> list[UserError]:
-    """`model.attn_implementation` against transformers' own registry of attention functions (a
-    kernel from the Hub, `org/name`, is judged when it loads: it may need a package or a GPU)."""
-    from transformers.integrations.hub_kernels import is_kernel
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    known = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
-    if value is None or value in known or is_kernel(value):
-        return []
-    return [UserError(f"`model.attn_implementation` is {value!r}, which transformers does not know", where=where,
-                      fix=f"use one of {', '.join(known)}, or a Hub kernel like kernels-community/flash-attn")]
-
-
-def _first_line(err: Exception) -> str:
+def first_line(err: Exception) -> str:
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
     return " ".join(lines[:2]) if lines else type(err).__name__

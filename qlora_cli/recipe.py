@@ -424,7 +424,8 @@ class Recipe:
 
 def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
     """Load, merge, resolve and validate a recipe; every problem is reported at once."""
-    from qlora_cli.builders import check_library_sections, check_model_objects
+    from qlora_cli.builders import check_library_sections
+    from qlora_cli.model_checks import check_model_objects
     from qlora_cli.sections import (DataSection, EvalSection, MergeSection, ModelSection, build_schema, check_method,
                                     check_values, suggest)
 

@@ -1,0 +1,89 @@
+"""What transformers would refuse of the `model` section only when it loads, asked before: the
+attention implementation (its registry), and the model `init_from_config` describes (built on
+the meta device: no memory, no weights)."""
+
+from __future__ import annotations
+
+from qlora_cli.builders import blamed_key, first_line, quiet_transformers
+from qlora_cli.errors import UserError
+
+
+def check_model_objects(model, origins: dict[str, str]) -> list[UserError]:
+    """What transformers would refuse of the `model` section when it loads: the attention
+    implementation, and the model `init_from_config` describes."""
+    errors = check_attn_implementation(model.attn_implementation,
+                                       origins.get("model.attn_implementation", "model.attn_implementation"))
+    if model.init_from_config is not None and model.init_from_config.get("model_type") is not None:
+        errors += check_init_model(model.init_from_config, origins)
+    return errors
+
+
+def check_init_model(init_from_config: dict, origins: dict[str, str]) -> list[UserError]:
+    """Ask transformers to build the model `init_from_config` describes, on the meta device (no
+    memory, no weights): its config class and its layers reject what they cannot hold."""
+    where = origins.get("model.init_from_config", "model.init_from_config")
+    with quiet_transformers():  # its warnings about the config (a vocabulary of 0) come again when it loads
+        return _init_model_errors(init_from_config, origins, where)
+
+
+def _init_model_errors(init_from_config: dict, origins: dict[str, str], where: str) -> list[UserError]:
+    from qlora_cli.families import build_init_config, family_of
+
+    try:
+        config = build_init_config(init_from_config)
+        if family_of(config.model_type).is_vision_language:
+            return []  # its towers are built by another auto class, which judges them when it loads
+    except UserError:
+        return []  # an unsupported model_type, which sections reports
+    except Exception as err:  # noqa: BLE001 - every value is the user's, and the config class judges them
+        return [UserError(f"transformers cannot build a config from `model.init_from_config`: {first_line(err)}",
+                          where=where)]
+    heads, kv_heads = (getattr(config, name, None) for name in ("num_attention_heads", "num_key_value_heads"))
+    if isinstance(heads, int) and isinstance(kv_heads, int) and (kv_heads < 1 or heads % kv_heads):
+        # grouped-query attention shares each key/value head among a group of heads: such a model
+        # builds, and only its first forward pass fails
+        key = "model.init_from_config.num_key_value_heads"
+        return [UserError(f"`{key}` is {kv_heads}; `num_attention_heads` ({heads}) must be a multiple of it",
+                          where=origins.get(key, where))]
+    message = _init_model_objection(config)
+    if message is None:
+        return []
+
+    def objection(values: dict) -> str | None:
+        return _init_model_objection(build_init_config({**values, "model_type": init_from_config["model_type"]}))
+
+    named = blamed_key(message, {k: v for k, v in init_from_config.items() if k != "model_type"}, objection)
+    key = f"model.init_from_config.{named}" if named else "model.init_from_config"
+    return [UserError(f"transformers cannot build a {config.model_type} model from `{key}`: {message}",
+                      where=origins.get(key, where))]
+
+
+def _init_model_objection(config) -> str | None:
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(layers, int) and layers > 2:  # every layer is built alike: two show what one cannot hold
+        config = copy.deepcopy(config)
+        config.num_hidden_layers = 2
+    try:
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(config)  # vision-language families are not asked
+    except (ValueError, RuntimeError, TypeError, ArithmeticError) as err:  # hidden_size 0: a division by zero
+        return first_line(err)
+    return None
+
+
+def check_attn_implementation(value: str | None, where: str) -> list[UserError]:
+    """`model.attn_implementation` against transformers' own registry of attention functions (a
+    kernel from the Hub, `org/name`, is judged when it loads: it may need a package or a GPU)."""
+    from transformers.integrations.hub_kernels import is_kernel
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    known = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    if value is None or value in known or is_kernel(value):
+        return []
+    return [UserError(f"`model.attn_implementation` is {value!r}, which transformers does not know", where=where,
+                      fix=f"use one of {', '.join(known)}, or a Hub kernel like kernels-community/flash-attn")]
