@@ -707,3 +707,24 @@ def test_streaming_raises_the_models_error_instead_of_waiting_forever():
     thread.join(timeout=30)
     assert not thread.is_alive(), "stream() hung after model.generate raised"
     assert "out of memory" in str(raised[0])
+
+
+HOSTILE_PROMPTS = {
+    "lone surrogate": ('{"prompt": "a\\ud800b"}\n', "prompts.jsonl:1", "lone surrogate"),
+    "nested 10,000 deep": ('{"prompt": "hi"}\n' + "[" * 10_000 + "]" * 10_000 + "\n", "prompts.jsonl:2",
+                           "nested too deeply"),
+}
+
+
+@pytest.mark.parametrize("text, where, problem", HOSTILE_PROMPTS.values(), ids=HOSTILE_PROMPTS)
+def test_a_hostile_prompts_file_exits_2_at_its_line_before_any_model_loads(tmp_path, text, where, problem):
+    (tmp_path / "prompts.jsonl").write_text(text, encoding="utf-8")
+    output = tmp_path / "answers.jsonl"
+    result = qlora("generate", "tiny-mistral", "--input", tmp_path / "prompts.jsonl", "--output", output)
+    assert_user_error(result, where, problem, wrapped=True)
+    assert not output.exists()
+
+
+def test_a_prompt_the_shell_could_not_decode_exits_2():
+    # bytes that are not UTF-8 reach Python's argv as lone surrogates
+    assert_user_error(qlora("generate", "tiny-mistral", "--prompt", "caf\udce9"), "--prompt", "not UTF-8 text")
