@@ -11,7 +11,7 @@ import re
 import typing
 from typing import Any
 
-from qlora_cli.errors import UserError, combined
+from qlora_cli.errors import UserError, combined, where_of
 from qlora_cli.sections import (
     METHODS, GenerateOptions, build_schema, check_keys, dataclass_annotations, matches_type, signature_annotations,
     to_dtype,
@@ -121,7 +121,7 @@ def build_bnb_config(quantization: dict | None, origins: dict[str, str] | None =
 
     origins = origins or {}
     values = {
-        key: to_dtype(value, origins.get(f"quantization.{key}", f"quantization.{key}"), f"quantization.{key}")
+        key: to_dtype(value, where_of(origins, f"quantization.{key}"), f"quantization.{key}")
         if key.endswith(("_dtype", "_storage")) and isinstance(value, str) else value
         for key, value in quantization.items()
     }
@@ -197,7 +197,7 @@ def check_library_sections(config: dict, origins: dict[str, str], data=None) -> 
         if values is None:
             continue
         if not isinstance(values, dict):
-            errors.append(UserError(f"`{section}` must be a mapping of keys", where=origins.get(section, section)))
+            errors.append(UserError(f"`{section}` must be a mapping of keys", where=where_of(origins, section)))
             continue
         annotations = normalize_yaml_booleans(values, keys())
         section_errors = check_keys(values, annotations, section, origins, extra_keys=extra)
@@ -224,7 +224,7 @@ def _check_choices(cls, values: dict, origins: dict[str, str]) -> list[UserError
         if choices and isinstance(value, str) and value not in choices:
             dotted = f"training.{f.name}"
             errors.append(UserError(f"`{dotted}` is {value!r}; {cls.__name__} takes {', '.join(map(str, choices))}",
-                                    where=origins.get(dotted, dotted)))
+                                    where=where_of(origins, dotted)))
     return errors
 
 
@@ -237,7 +237,7 @@ def _check_generate_options(generate: dict, origins: dict[str, str]) -> list[Use
         return err.errors
     if options.batch_size < 1:  # 0 would crash after the model loads; a negative size would answer nothing
         return [UserError(f"`generate.batch_size` is {options.batch_size}; it must be at least 1",
-                          where=origins.get("generate.batch_size", "generate.batch_size"))]
+                          where=where_of(origins, "generate.batch_size"))]
     return []
 
 

@@ -44,3 +44,8 @@ class UserErrors(UserError):
 def combined(errors: list[UserError]) -> UserError:
     """One error to raise for a non-empty list: the only one, or all of them together."""
     return errors[0] if len(errors) == 1 else UserErrors(errors)
+
+
+def where_of(origins: dict[str, str], key: str) -> str:
+    """Where a recipe set `key`: its file and line, or the override that did; else the key itself."""
+    return origins.get(key, key)

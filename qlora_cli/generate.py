@@ -164,7 +164,7 @@ def check_chat(recipe) -> None:
     if (recipe.generate.get("num_return_sequences") or 1) > 1:
         raise UserError("--interactive continues the conversation from one answer, but "
                         f"generate.num_return_sequences is {recipe.generate['num_return_sequences']}",
-                        where=recipe.origins.get("generate.num_return_sequences", "generate.num_return_sequences"),
+                        where=recipe.where("generate.num_return_sequences"),
                         fix="use --prompt or --input for several answers per prompt, or set "
                             "generate.num_return_sequences=1")
 

@@ -125,7 +125,7 @@ def load_base_model(recipe, *, quantized: bool = True, dtype=None, device_map=No
             path,
             config=config,
             quantization_config=bnb,
-            dtype=dtype or to_dtype(model.dtype, recipe.origins.get("model.dtype", "model.dtype"), "model.dtype"),
+            dtype=dtype or to_dtype(model.dtype, recipe.where("model.dtype"), "model.dtype"),
             attn_implementation=model.attn_implementation,
             trust_remote_code=model.trust_remote_code,
             revision=model.revision,
@@ -204,13 +204,13 @@ def load_trainable_model(recipe, *, device_map=None, tokenizer=None):
     except ValueError as err:
         if "lora_dropout" in str(err):  # peft's LoRA on a tensor cannot drop out its input
             raise UserError(f"LoRA on the experts needs `lora.lora_dropout: 0`: {err}",
-                            where=recipe.origins.get("lora.lora_dropout", "lora.lora_dropout"),
+                            where=recipe.where("lora.lora_dropout"),
                             fix="set lora.lora_dropout=0, or keep LoRA off the experts (target_modules: "
                                 "[q_proj, k_proj, v_proj, o_proj])") from None
         if "target" not in str(err).lower():
             raise
         raise UserError(f"`lora.target_modules` does not fit this model: {err}",
-                        where=recipe.origins.get("lora.target_modules", "lora.target_modules"),
+                        where=recipe.where("lora.target_modules"),
                         fix="name layers the model has, e.g. lora.target_modules=all-linear or [q_proj,v_proj]") from None
     repair_expert_lora(peft_model)
     return peft_model
@@ -226,7 +226,7 @@ def load_starting_adapter(model, recipe):
         return PeftModel.from_pretrained(model, adapter, is_trainable=True)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load the adapter `{adapter}` to start from: {err}",
-                        where=recipe.origins.get("model.adapter", "model.adapter"),
+                        where=recipe.where("model.adapter"),
                         fix="give a folder with adapter_config.json and adapter_model.safetensors (e.g. runs/sft/adapter)"
                         ) from None
 

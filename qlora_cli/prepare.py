@@ -85,7 +85,7 @@ def prepare_dataset(recipe, tokenizer, *, force: bool = False) -> PreparedData:
     target = Path(data.prepared_dir) / fingerprint
     if (target / SUMMARY_FILE).is_file() and not force:
         return load_prepared(target, reused=True)
-    where = recipe.origins.get("data.prepared_dir", "data.prepared_dir")
+    where = recipe.where("data.prepared_dir")
     _check_prepared_dir(target.parent, where)
     if target.parent.is_dir():  # a killed prepare leaves its staging (tens of MB) beside the cache entries
         remove_stale_temporaries(target.parent)

@@ -19,7 +19,8 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from qlora_cli.errors import UserError, combined
+from qlora_cli.errors import UserError, combined, where_of
+from qlora_cli.sections import DataSection, MergeSection, ModelSection
 
 SECTIONS = ("model", "quantization", "lora", "data", "training", "merge", "generate", "eval")
 TOP_LEVEL_KEYS = ("method",)  # keys that are no section: the objective (sft, dpo, kto)
@@ -398,9 +399,9 @@ def _as_written(resolved: dict[str, Any], keys: dict[str, str]) -> dict[str, Any
 class Recipe:
     """A resolved, validated recipe: our typed sections plus the library sections as mappings."""
 
-    model: Any
-    data: Any
-    merge: Any
+    model: ModelSection
+    data: DataSection
+    merge: MergeSection
     eval: Any
     quantization: dict | None
     lora: dict | None
@@ -411,6 +412,10 @@ class Recipe:
     files: list[Path]
     from_environment: dict[str, str] = field(default_factory=dict)  # key -> `${oc.env:...}` as written
     method: str = "sft"  # sft | dpo | kto: which trainer, and which config class `training` is checked against
+
+    def where(self, key: str) -> str:
+        """Where the recipe set `key` (file:line, or the override), for an error about it."""
+        return where_of(self.origins, key)
 
     @property
     def run_dir(self) -> Path:

@@ -230,7 +230,7 @@ def _check_same_weights(recipe, run: RunFolder) -> None:
     changed = weight_changes(recipe, run)
     if changed:
         raise UserError(f"cannot resume {run.root}: the recipe changes {', '.join(changed)}, which its checkpoints' "
-                        "weights depend on", where=recipe.origins.get(changed[0], changed[0]),
+                        "weights depend on", where=recipe.where(changed[0]),
                         fix=f"resume with the run's own recipe (qlora train {run.recipe} --resume, adding only "
                             "training.* overrides), or start a new run with another training.output_dir")
 
