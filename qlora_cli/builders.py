@@ -311,7 +311,7 @@ def _build_training_for_check(training: dict, origins: dict[str, str], has_valid
 
 
 def _refused(key: str, value: Any, reason: str, origins: dict[str, str], fix: str | None = None) -> UserError:
-    return UserError(f"`{key}` is {value!r}: {reason}", where=origins.get(key, key), fix=fix)
+    return UserError(f"`{key}` is {value!r}: {reason}", where=where_of(origins, key), fix=fix)
 
 
 def _ask_optimizer(args, training: dict, origins: dict[str, str], method: str = "sft") -> list[UserError]:
@@ -325,7 +325,7 @@ def _ask_optimizer(args, training: dict, origins: dict[str, str], method: str = 
         return _optimizer_objection(build_training_arguments(values, method=method))
 
     key = "training." + (blamed_key(message, training, objection) or "optim")
-    return [UserError(f"the optimizer ({training.get('optim', args.optim.value)}) refuses `{key}`: {message}", where=origins.get(key, key))]
+    return [UserError(f"the optimizer ({training.get('optim', args.optim.value)}) refuses `{key}`: {message}", where=where_of(origins, key))]
 
 
 def _optimizer_objection(args) -> str | None:
