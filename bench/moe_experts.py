@@ -1,0 +1,86 @@
+"""A tiny Mixtral with its experts in 4 bits (qlora_cli.experts) against the same model with
+unquantized (here fp32) experts (`llm_int8_skip_modules: [experts, lm_head]`), in one run: expert weight bytes,
+peak process memory and trained tokens per second, and their ratios.
+
+Each variant trains in its own subprocess (so `ru_maxrss` is that variant's peak): the same
+fp32 model, seed, LoRA (all-linear, experts included) and random token rows.
+
+    QLORA_CACHE=/tmp/qc python bench/moe_experts.py [--steps 8] [--seq 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+MODEL = [  # 2 layers, 256 wide, 8 experts of 512, 2 per token; fp32 (CPU bf16 kernels are slow)
+    "model.init_from_config.model_type=mixtral",
+    "model.init_from_config.hidden_size=256",
+    "model.init_from_config.intermediate_size=512",
+    "model.init_from_config.num_hidden_layers=2",
+    "model.init_from_config.num_attention_heads=8",
+    "model.init_from_config.num_key_value_heads=2",
+    "model.init_from_config.num_local_experts=8",
+    "model.init_from_config.num_experts_per_tok=2",
+    "lora.r=8",
+    "lora.lora_alpha=16",
+    "training.activation_checkpointing=true",
+]
+SIXTEEN_BIT = ["quantization.llm_int8_skip_modules=[experts,lm_head]"]
+
+
+def run_variant(sixteen_bit: bool, steps: int, seq: int) -> dict:
+    import torch
+
+    from qlora_cli.experts import expert_parameters, is_quantized, quantized_tensors
+    from qlora_cli.model import load_trainable_model
+    from qlora_cli.recipe import load_recipe
+
+    recipe = load_recipe(["tiny-mistral"], [*MODEL, *(SIXTEEN_BIT if sixteen_bit else [])])
+    model = load_trainable_model(recipe)
+    experts = expert_parameters(model, ("mlp.experts",))
+    stored = sum(sum(t.numel() * t.element_size() for t in quantized_tensors(m, p)) if is_quantized(m, p)
+                 else getattr(m, p).numel() * getattr(m, p).element_size() for _, m, p in experts)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    torch.manual_seed(0)
+    rows = torch.randint(0, 30000, (steps + 1, 1, seq))
+    model.train()
+    for index in range(steps + 1):
+        if index == 1:
+            started = time.perf_counter()  # the first step warms up (allocations, kernels)
+        loss = model(input_ids=rows[index], labels=rows[index]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    elapsed = time.perf_counter() - started
+    return {"expert_bytes": stored, "tokens_per_s": steps * seq / elapsed,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--variant", choices=["4bit", "16bit"])
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args.variant == "16bit", args.steps, args.seq)))
+        return
+    results = {}
+    for variant in ("16bit", "4bit"):
+        done = subprocess.run([sys.executable, __file__, "--variant", variant, "--steps", str(args.steps),
+                               "--seq", str(args.seq)], capture_output=True, text=True, check=True)
+        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+    base, ours = results["16bit"], results["4bit"]
+    for key, label in [("expert_bytes", "expert weight bytes"), ("peak_rss_bytes", "peak process memory"),
+                       ("tokens_per_s", "trained tokens/s")]:
+        print(f"{label:22s} fp32 experts {base[key]:>14,.0f}   4-bit experts {ours[key]:>14,.0f}   "
+              f"ratio {ours[key] / base[key]:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
