@@ -131,10 +131,21 @@ def existing_merged_model(recipe) -> str | None:
 
 
 def check_something_to_measure(recipe, records, suite) -> None:
-    if records is None and suite is None and not recipe.data.has_validation:
-        raise UserError("nothing to evaluate: no --input, no --tasks, and the recipe has no validation split",
+    if records is None and suite is None and not has_held_out_loss(recipe):
+        found = ("the recipe's validation split is preference data, which has no held-out loss here "
+                 "(its reward accuracy is in run.json)" if recipe.data.has_validation
+                 else "the recipe has no validation split")
+        raise UserError(f"nothing to evaluate: no --input, no --tasks, and {found}",
                         where="qlora eval", fix="give --input FILE (JSONL of prompt + reference), "
                                                 "--tasks NAMES, or set data.val_size")
+
+
+def has_held_out_loss(recipe) -> bool:
+    """A validation split of prompt/answer rows; preference pairs and signed examples are scored by
+    the trainer's rewards (run.json), not by a language-model loss."""
+    from qlora_cli.preference import is_preference_data
+
+    return recipe.data.has_validation and not is_preference_data(recipe.data)
 
 
 def check_writable(folder: Path) -> None:
@@ -190,7 +201,7 @@ def answer_records(generator, records: list[EvalRecord], batch_size: int, advanc
 
 def validation_rows(recipe, tokenizer):
     """The recipe's validation split, prepared exactly as training saw it (cached), or None."""
-    if not recipe.data.has_validation:
+    if not has_held_out_loss(recipe):
         return None
     from qlora_cli.prepare import prepare_dataset
 

@@ -70,6 +70,16 @@ def test_a_run_folder_without_adapter_exits_2(tmp_path, write_jsonl):
     assert not (tmp_path / "no-run").exists()
 
 
+def test_a_preference_runs_validation_split_is_not_fed_to_the_loss_and_alone_is_nothing_to_evaluate(tmp_path):
+    from qlora_cli.evaluate import validation_rows
+    from qlora_cli.recipe import load_recipe
+
+    recipe = load_recipe(["tiny-mistral-dpo"], [f"training.output_dir={tmp_path / 'run'}"])
+    assert recipe.data.has_validation and validation_rows(recipe, tokenizer=None) is None
+    result = qlora("eval", "tiny-mistral-dpo", f"training.output_dir={tmp_path / 'run'}")
+    assert_user_error(result, "nothing to evaluate", "preference data", "run.json", wrapped=True)
+
+
 def test_tasks_without_lm_eval_installed_say_how_to_install(monkeypatch):
     from qlora_cli.benchmarks import load_tasks
 
