@@ -214,10 +214,8 @@ def train(
 
     recipes, overrides = split_arguments(args)
     recipe = load_recipe(recipes, overrides)
-    # The evaluation that follows a completed run is checked now, not after an hour of training;
-    # its process (this one, or the `--nproc` launcher) runs it, never a worker rank.
-    evaluation = (_plan_evaluation(recipe) if recipe.eval.after_training and not plan_only
-                  and "LOCAL_RANK" not in os.environ else None)
+    # The evaluation that follows a completed run is checked now, not after an hour of training.
+    evaluation = _plan_evaluation(recipe) if recipe.eval.after_training and not plan_only and evaluates_here() else None
     flags = [flag for flag, on in (("--resume", resume), ("--overwrite", overwrite), ("--force", force)) if on]
     if nproc > 1 and not plan_only and "LOCAL_RANK" not in os.environ:
         code = plan_then_launch(nproc, ["train", *args, *flags], _debug_flag())
@@ -250,6 +248,13 @@ def train(
                   f"           qlora generate {run.recipe} --prompt \"...\"", highlight=False)
     if evaluation is not None:
         _evaluate_run(recipe, evaluation)
+
+
+def evaluates_here() -> bool:
+    """Whether this process runs `eval.after_training`: the `--nproc` launcher (it evaluates once its
+    workers are done) or global rank 0 of a job torchrun/accelerate started; never another rank,
+    never a `--nproc` worker."""
+    return not os.environ.get(STATUS_VARIABLE) and os.environ.get("RANK", "0") == "0"
 
 
 @app.command("merge")

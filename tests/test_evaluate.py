@@ -80,6 +80,22 @@ def test_a_preference_runs_validation_split_is_not_fed_to_the_loss_and_alone_is_
     assert_user_error(result, "nothing to evaluate", "preference data", "run.json", wrapped=True)
 
 
+@pytest.mark.parametrize("env, runs", [
+    ({}, True),                                              # one process, or the `--nproc` launcher
+    ({"RANK": "0", "LOCAL_RANK": "0"}, True),                # rank 0 of torchrun / accelerate launch
+    ({"RANK": "1", "LOCAL_RANK": "1"}, False),               # any other rank
+    ({"RANK": "0", "LOCAL_RANK": "0", "QLORA_RANK_STATUS": "/tmp/x"}, False),  # a `--nproc` worker: the launcher evaluates
+])
+def test_eval_after_training_runs_once_on_global_rank_zero(monkeypatch, env, runs):
+    from qlora_cli.cli import evaluates_here
+
+    for name in ("RANK", "LOCAL_RANK", "QLORA_RANK_STATUS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert evaluates_here() is runs
+
+
 def test_tasks_without_lm_eval_installed_say_how_to_install(monkeypatch):
     from qlora_cli.benchmarks import load_tasks
 
