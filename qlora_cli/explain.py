@@ -8,8 +8,9 @@ from qlora_cli.sections import DataSection, EvalSection, GenerateOptions, MergeS
 
 
 def explain_recipe(recipe) -> list[tuple[str, Any, str]]:
-    """(dotted key, value, origin) for each leaf set by the recipe, then each default it inherits."""
-    rows = [(key, value, recipe.origins.get(key, "default (qlora)")) for key, value in _leaves(recipe.resolved)]
+    """(dotted key, value, origin) for each leaf set by the recipe, then each default it inherits.
+    A value from the environment shows as written (`${oc.env:NAME}`): a secret is never printed."""
+    rows = [(key, value, recipe.origins.get(key, "default (qlora)")) for key, value in _leaves(recipe.as_written())]
     set_keys = {key for key, _, _ in rows}
     # A default is shadowed by the key itself or by anything set inside it (`data.sources.0.path`
     # replaces the default `data.sources: []`).

@@ -421,10 +421,13 @@ class Recipe:
     def run_dir(self) -> Path:
         return Path(self.training["output_dir"])
 
+    def as_written(self) -> dict[str, Any]:
+        """The recipe as qlora shows it everywhere (recipe.yaml, model card, config show|explain):
+        resolved, except values from the environment, which keep their `${oc.env:NAME}`."""
+        return _as_written(self.resolved, self.from_environment)
+
     def to_yaml(self) -> str:
-        """The recipe as qlora writes it everywhere (recipe.yaml, model card, config show): resolved,
-        except values from the environment, which keep their `${oc.env:NAME}`."""
-        return to_yaml(_as_written(self.resolved, self.from_environment))
+        return to_yaml(self.as_written())
 
 
 def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:

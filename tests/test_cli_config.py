@@ -340,3 +340,14 @@ def test_zero_negative_and_huge_numbers_are_accepted_or_refused_never_a_crash(wo
     result = qlora("config", "validate", "tiny-mistral", f"{key}={value}", *extra)
     assert result.exit_code in (0, 2), result.output
     assert "Traceback" not in result.output and "internal error" not in result.output
+
+
+def test_explain_keeps_a_secret_from_the_environment_as_written(workdir, monkeypatch):
+    monkeypatch.setenv("FAKE_SECRET", "hf_s3cr3t")
+    result = qlora("config", "explain", "tiny-mistral", "training.run_name=${oc.env:FAKE_SECRET}",
+                   "training.hub_model_id=me/${training.run_name}")
+    assert result.exit_code == 0, result.output
+    assert "hf_s3cr3t" not in result.output
+    rows = explain_rows(result.stdout)
+    assert rows["training.run_name"] == ("${oc.env:FAKE_SECRET}", "override")
+    assert rows["training.hub_model_id"] == ("me/${training.run_name}", "override")
