@@ -186,14 +186,18 @@ def check_model_source(path: str) -> None:
 
 
 def _load_plain_model(path: str):
+    """A merged (or any) model folder, on the GPU when there is one, as the 4-bit loader places the
+    base: without a device_map it would stay on the CPU and answer at CPU speed."""
+    import torch
     from transformers import AutoConfig
 
     from qlora_cli.families import auto_model_class, checkpoint_family
 
+    device_map = {"": 0} if torch.cuda.is_available() else None
     try:
         config = AutoConfig.from_pretrained(path)
-        return auto_model_class(checkpoint_family(config, where="--model")).from_pretrained(path, config=config,
-                                                                                              dtype="auto")
+        return auto_model_class(checkpoint_family(config, where="--model")).from_pretrained(
+            path, config=config, dtype="auto", device_map=device_map)
     except (OSError, ValueError) as err:  # ValueError: a config.json transformers does not recognize
         raise UserError(f"cannot load model `{path}`: {err}", where="--model", fix=MODEL_FIX) from None
 
