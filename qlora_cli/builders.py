@@ -37,9 +37,14 @@ def signature_defaults(func) -> dict[str, Any]:
             if p.default is not inspect.Parameter.empty}
 
 
-def training_value(training: dict, key: str) -> Any:
-    """`training.<key>` as the run will have it: the recipe's, or the class's own default."""
-    return training[key] if key in training else dataclass_defaults(training_class())[key]
+def training_value(training: dict, key: str, method: str = "sft") -> Any:
+    """`training.<key>` as the run will have it: the recipe's, or the default of the method's config class."""
+    return training[key] if key in training else training_defaults(method)[key]
+
+
+def training_defaults(method: str = "sft") -> dict[str, Any]:
+    """What an unset `training.<key>` is for `method`: its config class's default, or qlora's."""
+    return {**dataclass_defaults(training_class(method)), **method_defaults(method, {})}
 
 
 def lora_value(lora: dict | None, key: str) -> Any:

@@ -40,9 +40,10 @@ def _has_containers(items: list) -> bool:
 
 def _section_defaults(recipe) -> Iterator[tuple[str, str, dict[str, Any]]]:
     from peft import LoraConfig
-    from transformers import BitsAndBytesConfig, TrainingArguments
+    from transformers import BitsAndBytesConfig
 
-    from qlora_cli.builders import dataclass_defaults, generation_defaults, signature_defaults
+    from qlora_cli.builders import (dataclass_defaults, generation_defaults, signature_defaults, training_class,
+                                    training_defaults)
 
     yield "model", "qlora", dataclass_defaults(ModelSection)
     yield "data", "qlora", dataclass_defaults(DataSection)
@@ -51,7 +52,7 @@ def _section_defaults(recipe) -> Iterator[tuple[str, str, dict[str, Any]]]:
         yield "quantization", "BitsAndBytesConfig", signature_defaults(BitsAndBytesConfig.__init__)
     if recipe.lora is not None:
         yield "lora", "LoraConfig", dataclass_defaults(LoraConfig)
-    yield "training", "TrainingArguments", dataclass_defaults(TrainingArguments)
+    yield "training", training_class(recipe.method).__name__, training_defaults(recipe.method)
     yield "generate", "qlora", dataclass_defaults(GenerateOptions)
     yield "generate", "GenerationConfig", generation_defaults()
     yield "eval", "qlora", dataclass_defaults(EvalSection)

@@ -196,7 +196,7 @@ def load_trainable_model(recipe, *, device_map=None, tokenizer=None):
         return model
     # Seed right before the LoRA weights' random init, so it is the same for every rank and
     # every run, whether or not this process had to build the base model first.
-    set_seed(int(training_value(recipe.training, "seed")))
+    set_seed(int(training_value(recipe.training, "seed", recipe.method)))
     # FSDP shards a layer as one flat buffer of one dtype: keep LoRA weights in the model's dtype
     # instead of peft's fp32 (and never upcast the unquantized weights above).
     try:

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from qlora_cli.builders import (
-    checkpointing_on, dataclass_defaults, lora_value, quantization_value, training_class, training_value,
+    checkpointing_on, dataclass_defaults, lora_value, quantization_value, training_class, training_defaults,
+    training_value,
 )
 from qlora_cli.errors import UserError
 from qlora_cli.plan_memory import (
@@ -97,7 +98,7 @@ def plan_recipe(recipe, gpu_memory: float | None = None, gpus: int | None = None
     prepared = prepared or prepare_dataset(recipe, tokenizer)
     training, gpus = recipe.training, gpus or 1
     # DPO runs prompt + chosen and prompt + rejected for each pair, KTO each example and its KL twin.
-    examples_per_step = int(training_value(training, "per_device_train_batch_size"))
+    examples_per_step = int(training_value(training, "per_device_train_batch_size", recipe.method))
     batch = examples_per_step * (2 if recipe.method != "sft" else 1)
     data = describe_data(prepared, batch)
     plan = Plan(model=recipe.model.name_or_path or f"init_from_config ({shape.layers} layers, {shape.hidden} wide)",
@@ -279,7 +280,7 @@ def _faster(plan: Plan, shape: ModelShape, s: Settings, recipe, total) -> list[s
 
 
 def _changes(plan: Plan, shape: ModelShape, s: Settings, recipe, total) -> list[str]:
-    changes, accumulate = [], int(training_value(recipe.training, "gradient_accumulation_steps"))
+    changes, accumulate = [], int(training_value(recipe.training, "gradient_accumulation_steps", recipe.method))
     sharded = bool(recipe.training.get("fsdp"))
     if not s.checkpointing:
         s = replace(s, checkpointing=True)
@@ -307,10 +308,10 @@ def _changes(plan: Plan, shape: ModelShape, s: Settings, recipe, total) -> list[
 
 def _plan_time(plan: Plan, shape: ModelShape, s: Settings, recipe, gpus: int, measured: float | None) -> None:
     training, data = recipe.training, plan.data
-    accumulate = int(training_value(training, "gradient_accumulation_steps"))
+    accumulate = int(training_value(training, "gradient_accumulation_steps", recipe.method))
     per_epoch = max(1, math.ceil(math.ceil(data.rows / (plan.batch * gpus)) / accumulate))
     max_steps = int(training.get("max_steps", -1) or -1)
-    epochs = max_steps / per_epoch if max_steps > 0 else float(training_value(training, "num_train_epochs"))
+    epochs = max_steps / per_epoch if max_steps > 0 else float(training_value(training, "num_train_epochs", recipe.method))
     plan.steps = max_steps if max_steps > 0 else math.ceil(per_epoch * epochs)
     plan.epochs = epochs
     per_token = flops_per_token(shape, s, data.mean_context)
@@ -330,10 +331,10 @@ def _plan_disk(plan: Plan, shape: ModelShape, s: Settings, recipe, tokenizer) ->
     tokenizer_bytes = len(tokenizer.backend_tokenizer.to_str()) + 16_384
     adapter = s.lora_bytes * sum(tensors) + tokenizer_bytes
     checkpoint = adapter + optimizer_bytes(s.optim, tensors) + 64 * 1024  # + rng, scheduler, trainer state
-    saves = {"no": 0, "epoch": math.ceil(plan.epochs)}.get(str(training_value(training, "save_strategy")))
+    saves = {"no": 0, "epoch": math.ceil(plan.epochs)}.get(str(training_value(training, "save_strategy", recipe.method)))
     if saves is None:
         # every save_steps, and once more at the last step (the Trainer always saves there)
-        every = training_value(training, "save_steps") or dataclass_defaults(training_class())["save_steps"]
+        every = training_value(training, "save_steps", recipe.method) or training_defaults(recipe.method)["save_steps"]
         saves = math.ceil(plan.steps / max(int(every), 1))
     limit = training.get("save_total_limit")
     kept = min(saves, int(limit) + 1) if limit else saves  # the Trainer writes a new one before rotating

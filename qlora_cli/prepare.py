@@ -80,7 +80,7 @@ def prepare_dataset(recipe, tokenizer, *, force: bool = False) -> PreparedData:
     """Prepare the recipe's data, or reuse the cached result with the same fingerprint."""
     data = recipe.data
     _check_data_section(data)
-    seed = int(training_value(recipe.training, "seed"))
+    seed = int(training_value(recipe.training, "seed", recipe.method))
     fingerprint = data_fingerprint(data, tokenizer, seed)
     target = Path(data.prepared_dir) / fingerprint
     if (target / SUMMARY_FILE).is_file() and not force:

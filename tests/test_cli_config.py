@@ -351,3 +351,14 @@ def test_explain_keeps_a_secret_from_the_environment_as_written(workdir, monkeyp
     rows = explain_rows(result.stdout)
     assert rows["training.run_name"] == ("${oc.env:FAKE_SECRET}", "override")
     assert rows["training.hub_model_id"] == ("me/${training.run_name}", "override")
+
+
+def test_explain_shows_the_defaults_of_the_methods_config_class(workdir):
+    """DPO's unset keys are DPOConfig's (and qlora's: no gradient checkpointing unless asked), not TrainingArguments'."""
+    result = qlora("config", "explain", str(RECIPES / "tiny-mistral-dpo.yaml"), "~training.beta", "~training.learning_rate")
+    assert result.exit_code == 0, result.output
+    rows = explain_rows(result.stdout)
+    assert rows["training.beta"] == ("0.1", "default (DPOConfig)")
+    assert rows["training.learning_rate"] == ("1e-06", "default (DPOConfig)")
+    assert rows["training.gradient_checkpointing"][0] == "False"
+    assert "training.beta" not in explain_rows(qlora("config", "explain", "tiny-mistral").stdout)
