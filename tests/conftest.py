@@ -26,6 +26,17 @@ TINY_OVERRIDES = [
 ]
 
 
+# Fixtures that train, load a model or convert a tekken vocabulary: a test using one (directly or
+# through another fixture) is in the slow tier even if its own body is quick.
+SLOW_FIXTURES = {"tiny_model", "trained_run", "answering_run", "tekken_folder"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def qlora_cache(tmp_path_factory):
     """Built models and converted tokenizers go to a temporary folder, never ~/.cache/qlora."""

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from bitsandbytes.functional import has_avx512bf16
 
 from qlora_cli.errors import UserError
 from qlora_cli.model import build_init_model, load_base_model, summarize_model
@@ -91,6 +92,8 @@ def lora_gradients(model, ids) -> list:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not has_avx512bf16(),
+                    reason="bitsandbytes repacks 4-bit layers only on a CPU with AVX512-BF16")
 def test_an_evaluation_forward_leaves_the_training_gradients_as_they_were():
     """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer at its first no-grad eval
     forward for a bf16 kernel that passes no gradient to its input; qlora's loader turns that off, so
