@@ -77,7 +77,7 @@ def plan_evaluation(recipe, *, input: Path | None = None, model_path: str | None
 def evaluate(recipe, plan: EvalPlan, progress: Progress | None = None) -> EvalResult:
     """Score base, adapter and (when there is one) merged model; write `<run>/eval/` whole."""
     from qlora_cli.generate import load_generator
-    from qlora_cli.merge import check_adapter
+    from qlora_cli.model import check_adapter
 
     run = RunFolder(recipe.run_dir)
     check_adapter(Path(recipe.merge.adapter or run.adapter), recipe)

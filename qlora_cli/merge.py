@@ -7,13 +7,13 @@ again — rather than into the original 16-bit weights, which the adapter never 
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_cli.atomic import atomic_folder, can_create_in, nearest_existing, remove_stale_temporaries
 from qlora_cli.errors import UserError
+from qlora_cli.model import adapter_config, base_model_id, check_adapter
 from qlora_cli.run_folder import RunFolder
 from qlora_cli.sections import to_dtype
 
@@ -91,39 +91,6 @@ def merge(recipe, *, overwrite: bool = False) -> MergeResult:
     return MergeResult(output, describe_base(recipe), difference, quantized, effect, tolerance, differences)
 
 
-def check_adapter(adapter: Path, recipe) -> None:
-    """The adapter folder exists, is a peft adapter, and was trained on the recipe's base model."""
-    config_file = adapter / "adapter_config.json"
-    if not adapter.is_dir():
-        last = RunFolder(recipe.run_dir).last_checkpoint()
-        fix = (f"the run stopped before its end: finish it with `qlora train {recipe.run_dir} --resume`, or set "
-               f"merge.adapter={last} to use its last checkpoint" if last and not recipe.merge.adapter else
-               "train first (qlora train ...), or point merge.adapter at an adapter folder")
-        raise UserError(f"adapter folder {adapter} does not exist", where="merge.adapter", fix=fix)
-    if not config_file.is_file():
-        raise UserError(f"{adapter} is not a LoRA adapter: it has no adapter_config.json", where="merge.adapter")
-    trained_on = adapter_config(adapter).get("base_model_name_or_path")
-    expected = base_model_id(recipe)
-    if trained_on and expected and not _same_model(trained_on, expected):
-        raise UserError(f"the adapter was trained on `{trained_on}`, but the recipe's base model is `{expected}`",
-                        where=str(config_file), fix="use the recipe the adapter was trained with "
-                        "(its run folder's recipe.yaml)")
-
-
-def adapter_config(adapter: Path) -> dict:
-    """The adapter's adapter_config.json, which peft loads it by: damaged, it is the user's to fix."""
-    config_file = adapter / "adapter_config.json"
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError
-        raise UserError(f"adapter_config.json is not JSON ({err}): the adapter is damaged",
-                        where=str(config_file), fix="train again, or point merge.adapter at an intact adapter") from None
-    if not isinstance(config, dict):
-        raise UserError("adapter_config.json is not a JSON object: the adapter is damaged", where=str(config_file),
-                        fix="train again, or point merge.adapter at an intact adapter")
-    return config
-
-
 # The LoRA settings that change the merged weights (W + alpha/r · BA, DoRA's magnitudes)
 MERGED_LORA_KEYS = ("r", "lora_alpha", "use_rslora", "use_dora")
 
@@ -135,17 +102,6 @@ def lora_differences(adapter: Path, lora: dict | None) -> list[str]:
     trained = adapter_config(adapter)
     return [f"lora.{key}: the recipe says {lora[key]!r}, the adapter was trained with {trained[key]!r}"
             for key in MERGED_LORA_KEYS if key in (lora or {}) and key in trained and lora[key] != trained[key]]
-
-
-def base_model_id(recipe) -> str | None:
-    """What peft records as the base model: a hub id or path, or the built model's cache folder."""
-    from qlora_cli.model import model_path
-
-    return recipe.model.name_or_path or model_path(recipe)
-
-
-def _same_model(a: str, b: str) -> bool:
-    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
 
 
 def check_output_spares_the_run(output: Path, adapter: Path, run: RunFolder, base: str | None) -> None:

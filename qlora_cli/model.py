@@ -12,6 +12,7 @@ from qlora_cli.builders import (
     build_bnb_config, build_lora_config, checkpointing_on, quantization_value, training_value,
 )
 from qlora_cli.errors import UserError
+from qlora_cli.run_folder import RunFolder
 from qlora_cli.sections import to_dtype
 from qlora_cli.tokenizer import load_recipe_tokenizer, tokenizer_spec
 
@@ -221,14 +222,71 @@ def load_starting_adapter(model, recipe):
     from it, with its own LoRA config (the recipe's `lora` section does not reshape it)."""
     from peft import PeftModel
 
-    adapter = recipe.model.adapter
+    from qlora_cli.experts import repair_expert_lora
+
+    adapter, where = recipe.model.adapter, recipe.where("model.adapter")
+    fix = "give a folder with adapter_config.json and adapter_model.safetensors (e.g. runs/sft/adapter)"
+    if Path(adapter).expanduser().is_dir():  # otherwise a hub id, which peft fetches
+        try:
+            check_adapter(Path(adapter).expanduser(), recipe, where=where)
+        except UserError as err:
+            raise UserError(f"`model.adapter`: {err.message}", where=err.where, fix=err.fix or fix) from None
     try:
-        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        loaded = PeftModel.from_pretrained(model, adapter, is_trainable=True)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot load the adapter `{adapter}` to start from: {err}",
-                        where=recipe.where("model.adapter"),
-                        fix="give a folder with adapter_config.json and adapter_model.safetensors (e.g. runs/sft/adapter)"
-                        ) from None
+        raise UserError(f"cannot load the adapter `{adapter}` to start from: {err}", where=where, fix=fix) from None
+    except RuntimeError as err:
+        if "size mismatch" not in str(err):
+            raise
+        raise UserError(f"`model.adapter` `{adapter}` does not fit the base model (its weights have other shapes): "
+                        f"{next(line for line in str(err).splitlines() if 'size mismatch' in line).strip()}", where=where,
+                        fix="start from an adapter trained on this recipe's base model and layers") from None
+    repair_expert_lora(loaded)
+    return loaded
+
+
+def check_adapter(adapter: Path, recipe, where: str = "merge.adapter") -> None:
+    """The adapter folder exists, is a peft adapter, and was trained on the recipe's base model
+    (`where`: the key that named it)."""
+    config_file = adapter / "adapter_config.json"
+    if not adapter.is_dir():
+        last = RunFolder(recipe.run_dir).last_checkpoint()
+        fix = (f"the run stopped before its end: finish it with `qlora train {recipe.run_dir} --resume`, or set "
+               f"merge.adapter={last} to use its last checkpoint" if last and not recipe.merge.adapter else
+               "train first (qlora train ...), or point merge.adapter at an adapter folder")
+        raise UserError(f"adapter folder {adapter} does not exist", where=where, fix=fix)
+    if not config_file.is_file():
+        raise UserError(f"{adapter} is not a LoRA adapter: it has no adapter_config.json", where=where)
+    trained_on = adapter_config(adapter).get("base_model_name_or_path")
+    expected = base_model_id(recipe)
+    if trained_on and expected and not _same_model(trained_on, expected):
+        raise UserError(f"the adapter was trained on `{trained_on}`, but the recipe's base model is `{expected}`",
+                        where=str(config_file), fix="use the recipe the adapter was trained with "
+                        "(its run folder's recipe.yaml)")
+
+
+def adapter_config(adapter: Path) -> dict:
+    """The adapter's adapter_config.json, which peft loads it by: damaged, it is the user's to fix."""
+    config_file = adapter / "adapter_config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError
+        raise UserError(f"adapter_config.json is not JSON ({err}): the adapter is damaged",
+                        where=str(config_file), fix="train again, or point merge.adapter at an intact adapter") from None
+    if not isinstance(config, dict):
+        raise UserError("adapter_config.json is not a JSON object: the adapter is damaged", where=str(config_file),
+                        fix="train again, or point merge.adapter at an intact adapter")
+    return config
+
+
+def base_model_id(recipe) -> str | None:
+    """What peft records as the base model: a hub id or path, or the built model's cache folder."""
+    return recipe.model.name_or_path or model_path(recipe)
+
+
+def _same_model(a: str, b: str) -> bool:
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
 
 
 def summarize_model(model, quantization: dict | None) -> ModelSummary:

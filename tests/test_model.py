@@ -216,3 +216,18 @@ def test_trust_remote_code_set_in_the_recipe_reaches_the_loader(custom_code_mode
 def test_tiny_overrides_keep_the_recipe_valid():
     # The shrunken recipe the fixtures use must stay a recipe the validator accepts.
     assert load_recipe(["tiny-mistral"], TINY_OVERRIDES).model.init_from_config["hidden_size"] == 64
+
+
+def test_a_starting_adapter_of_another_base_is_refused_before_peft_loads_it(tmp_path):
+    from qlora_cli.model import load_starting_adapter
+
+    adapter = tmp_path / "sft" / "adapter"
+    adapter.mkdir(parents=True)
+    recipe = load_recipe(["tiny-mistral-dpo"], [f"model.adapter={adapter}"])
+    with pytest.raises(UserError) as caught:  # no adapter_config.json: not an adapter at all
+        load_starting_adapter(None, recipe)
+    assert caught.value.message.startswith("`model.adapter`") and "no adapter_config.json" in caught.value.message
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "someone/other-7b"}))
+    with pytest.raises(UserError) as caught:
+        load_starting_adapter(None, recipe)
+    assert caught.value.message.startswith("`model.adapter`") and "trained on `someone/other-7b`" in caught.value.message
