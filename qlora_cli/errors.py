@@ -49,3 +49,11 @@ def combined(errors: list[UserError]) -> UserError:
 def where_of(origins: dict[str, str], key: str) -> str:
     """Where a recipe set `key`: its file and line, or the override that did; else the key itself."""
     return origins.get(key, key)
+
+
+def did_you_mean(name: str, valid) -> str:
+    """` (did you mean `x`?)` for the nearest of `valid`, or nothing."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean `{close[0]}`?)" if close else ""

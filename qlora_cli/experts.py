@@ -18,6 +18,7 @@ import torch.nn.utils.parametrize as P
 from torch import nn
 
 from qlora_cli.errors import UserError
+from qlora_cli.families import skipped
 
 # bitsandbytes' 4-bit block: one absmax scale per 64 consecutive weights.
 BLOCK = 64
@@ -76,7 +77,7 @@ def quantize_experts(model, expert_modules: tuple[str, ...], quantization: dict 
     skip = tuple(quantization.get("llm_int8_skip_modules") or ())
     count = 0
     for name, module, param_name in expert_parameters(model, expert_modules):
-        if is_quantized(module, param_name) or _skipped(f"{name}.{param_name}", skip):
+        if is_quantized(module, param_name) or skipped(f"{name}.{param_name}", skip):
             continue
         shape = tensor_shape(module, param_name)
         if (shape[1] * shape[2]) % BLOCK:
@@ -87,10 +88,6 @@ def quantize_experts(model, expert_modules: tuple[str, ...], quantization: dict 
             "bnb_4bit_use_double_quant")), quant_type=quantization.get("bnb_4bit_quant_type", "fp4"))
         count += 1
     return count
-
-
-def _skipped(name: str, skip: tuple[str, ...]) -> bool:
-    return any(name == m or name.endswith(f".{m}") or f".{m}." in f".{name}." for m in skip)
 
 
 def quantized_tensors(module, param_name: str) -> list:

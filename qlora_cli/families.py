@@ -9,10 +9,9 @@ merge, generate and `qlora plan`. Adding a family is adding an entry here and it
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 
-from qlora_cli.errors import UserError
+from qlora_cli.errors import UserError, did_you_mean
 
 CAUSAL_LM = "AutoModelForCausalLM"
 IMAGE_TEXT_TO_TEXT = "AutoModelForImageTextToText"
@@ -82,9 +81,9 @@ def supported_types() -> str:
     return ", ".join(FAMILIES)
 
 
-def _did_you_mean(name: str, valid) -> str:
-    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
-    return f" (did you mean `{close[0]}`?)" if close else ""
+def skipped(name: str, skip: tuple[str, ...]) -> bool:
+    """Whether module (or tensor) `name` is one of `skip` or inside one (`llm_int8_skip_modules`)."""
+    return any(name == m or name.endswith(f".{m}") or f".{m}." in f".{name}." for m in skip)
 
 
 def family_of(model_type: str | None, where: str = "model_type", key: str = "model_type") -> Family:
@@ -92,7 +91,7 @@ def family_of(model_type: str | None, where: str = "model_type", key: str = "mod
     does not support."""
     family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
     if family is None:
-        raise UserError(f"`{key}` is {model_type!r}{_did_you_mean(str(model_type), FAMILIES)}, a model type qlora "
+        raise UserError(f"`{key}` is {model_type!r}{did_you_mean(str(model_type), FAMILIES)}, a model type qlora "
                         f"does not support (supported: {supported_types()})", where=where,
                         fix="fine-tune a Mistral checkpoint of one of those types, or give init_from_config one "
                             "of those model_type values")
@@ -122,7 +121,7 @@ def init_config_errors(init_config: dict, origins: dict[str, str]) -> list[UserE
     allowed = text_types(family)
     text_type = text.get("model_type", allowed[0])
     if text_type not in allowed:
-        return [UserError(f"`{text_key}.model_type` is {text_type!r}{_did_you_mean(str(text_type), allowed)}, "
+        return [UserError(f"`{text_key}.model_type` is {text_type!r}{did_you_mean(str(text_type), allowed)}, "
                           f"not a language model qlora supports in `{model_type}` ({', '.join(allowed)})",
                           where=origins.get(f"{text_key}.model_type", text_key),
                           fix=f"use one of {', '.join(allowed)}")]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from qlora_cli.families import FAMILIES, Family, auto_model_class
+from qlora_cli.families import FAMILIES, Family, auto_model_class, skipped
 
 GiB = 2**30
 CUDA_CONTEXT_BYTES = int(0.75 * GiB)  # CUDA context + cuBLAS workspace: 0.5-1 GiB in practice
@@ -161,11 +161,11 @@ def quantized_linear_bytes(numel: int, out_features: int, quant: str, double_qua
 
 def weight_items(shape: ModelShape, s: Settings) -> list[MemoryItem]:
     """Base weights as quantized, and what stays unquantized."""
-    quantized = [(n, i, o) for n, i, o in shape.layer_linears if not _skipped(n, s.skip_modules)] if s.quantized else []
+    quantized = [(n, i, o) for n, i, o in shape.layer_linears if not skipped(n, s.skip_modules)] if s.quantized else []
     quantized_names = {n for n, _, _ in quantized}
     # Fused experts are quantized by qlora_cli.experts, in 4 bits only (8-bit leaves them as loaded).
     experts = [(e * o * i, o) for n, e, o, i in shape.experts
-               if s.quant in ("nf4", "fp4") and not _skipped(n, s.skip_modules)]
+               if s.quant in ("nf4", "fp4") and not skipped(n, s.skip_modules)]
     kept = sum(shape.other_params.values()) + sum(i * o for n, i, o in shape.linears if n not in quantized_names)
     kept += shape.expert_params - sum(numel for numel, _ in experts)
     items = []
@@ -175,7 +175,7 @@ def weight_items(shape: ModelShape, s: Settings) -> list[MemoryItem]:
         label = "8-bit" if s.quant == "int8" else f"4-bit {s.quant}" + (" + double quant" if s.double_quant else "")
         params = sum(i * o for _, i, o in quantized) + sum(numel for numel, _ in experts)
         items.append(MemoryItem(f"base weights ({label})", qbytes, f"{params:,} params"))
-    outside = sum(numel for name, numel in _param_numels(shape) if _skipped(name, shape.outside_language_model)
+    outside = sum(numel for name, numel in _param_numels(shape) if skipped(name, shape.outside_language_model)
                   and name.rsplit(".", 1)[0] not in quantized_names)
     kept -= outside
     dtype = 'fp32 (model.upcast_to_fp32)' if s.quantized and s.upcast else s.model_dtype
@@ -191,10 +191,6 @@ def _param_numels(shape: ModelShape):
     """(parameter name, numel) of every weight: the Linears' and the others'."""
     yield from ((f"{n}.weight", i * o) for n, i, o in shape.linears)
     yield from shape.other_params.items()
-
-
-def _skipped(name: str, skip: tuple[str, ...]) -> bool:
-    return any(name == m or name.endswith(f".{m}") or f".{m}." in f".{name}." for m in skip)
 
 
 def lora_tensors(shape: ModelShape, s: Settings) -> list[int]:

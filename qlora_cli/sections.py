@@ -10,7 +10,6 @@ with the value limits (`check_values`) that loading, preparing and merging would
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import enum
 import inspect
 import types
@@ -18,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from qlora_cli.errors import UserError, combined
+from qlora_cli.errors import UserError, combined, did_you_mean
 from qlora_cli.families import init_config_errors
 
 
@@ -132,8 +131,7 @@ def suggest(key: str, valid: typing.Iterable[str]) -> str:
     valid = list(valid)
     if _ALIASES.get(key) in valid:
         return f" (did you mean `{_ALIASES[key]}`?)"
-    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)  # YAML keys may be numbers
-    return f" (did you mean `{close[0]}`?)" if close else ""
+    return did_you_mean(str(key), valid)  # YAML keys may be numbers
 
 
 def matches_type(value: Any, annotation: Any) -> bool:
