@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_cli.atomic import atomic_folder, disk_full, folder_size
+from qlora_cli.builders import first_line
 from qlora_cli.errors import UserError
 from qlora_cli.launch import hand_over_prepared, planned_by_launcher, prepared_by_launcher, user_command_line
 from qlora_cli.preflight import check_before_loading, check_prepared_data
@@ -109,7 +110,7 @@ def train_in_folder(recipe, run: RunFolder, args, state, *, force: bool, plan_on
             raise UserError(f"the run needs a package that is not installed: {err}",
                             fix="pip install it, or change the recipe key that asks for it") from None
         if start_from and trainer is not None and not loaded.called and isinstance(err, Exception):
-            raise UserError(f"cannot resume from {start_from}, which fails to load: {_first_lines(err)}",
+            raise UserError(f"cannot resume from {start_from}, which fails to load: {first_line(err, named=True)}",
                             where="training.output_dir",
                             fix=f"delete that checkpoint (rm -r {start_from}) to resume from the one before it, "
                                 "or start over with --overwrite") from None
@@ -148,13 +149,6 @@ def plan_run(recipe, tokenizer, prepared, force: bool, gpus: int, reporter=None)
     if reporter:
         reporter.plan_ready(plan)
     refuse_unless_fits(plan, force)
-
-
-def _first_lines(err: BaseException, count: int = 2) -> str:
-    """The start of a library's error (torch lists every mismatched weight of a state dict)."""
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [""]
-    more = f" (and {len(lines) - count} more lines)" if len(lines) > count else ""
-    return f"{type(err).__name__}: {' '.join(lines[:count])}{more}"
 
 
 def _missing_package(err: BaseException) -> bool:
