@@ -56,10 +56,14 @@ def lora_value(lora: dict | None, key: str) -> Any:
 
 def quantization_value(quantization: dict | None, key: str) -> Any:
     """`quantization.<key>` as the run will have it: the recipe's, or BitsAndBytesConfig's default."""
+    return quantization_values(quantization)[key]
+
+
+def quantization_values(quantization: dict | None) -> dict[str, Any]:
+    """The quantization section as the run will have it: the recipe's keys over BitsAndBytesConfig's defaults."""
     from transformers import BitsAndBytesConfig
 
-    values = quantization or {}
-    return values[key] if key in values else signature_defaults(BitsAndBytesConfig.__init__)[key]
+    return {**signature_defaults(BitsAndBytesConfig.__init__), **(quantization or {})}
 
 
 def quantization_keys() -> dict[str, Any]:

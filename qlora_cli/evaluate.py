@@ -212,12 +212,13 @@ def held_out_loss(generator, rows, recipe, advance) -> dict[str, float]:
     """Mean cross-entropy per labelled token over the validation rows, and its perplexity."""
     import torch
 
+    from qlora_cli.builders import training_value
     from qlora_cli.collate import PackedCollator
     from qlora_cli.templates import IGNORE_INDEX
 
     model = generator.model
     collate = PackedCollator(generator.tokenizer.pad_token_id, recipe.model.attn_implementation)
-    batch_size = int(recipe.training.get("per_device_eval_batch_size", 8))
+    batch_size = int(training_value(recipe.training, "per_device_eval_batch_size", recipe.method))
     total, tokens = 0.0, 0
     for start in range(0, len(rows), batch_size):
         batch = collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))])

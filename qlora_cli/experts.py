@@ -65,7 +65,8 @@ def is_quantized(module, param_name: str) -> bool:
 
 def quantize_experts(model, expert_modules: tuple[str, ...], quantization: dict | None) -> int:
     """Store every expert tensor of `model` in 4 bits as the recipe's `quantization` says
-    (`bnb_4bit_quant_type`, `bnb_4bit_use_double_quant`); expert modules under a name in
+    (`bnb_4bit_quant_type`, `bnb_4bit_use_double_quant`, BitsAndBytesConfig's defaults filled in:
+    builders.quantization_values); expert modules under a name in
     `llm_int8_skip_modules` stay as loaded. Returns how many tensors were quantized.
 
     Per expert: a 4-bit block never spans two experts (each expert's matrix holds a whole
@@ -84,8 +85,8 @@ def quantize_experts(model, expert_modules: tuple[str, ...], quantization: dict 
             raise UserError(f"expert tensor `{name}.{param_name}` {tuple(shape)} does not split into "
                             f"{BLOCK}-weight blocks per expert", where="model",
                             fix=f"keep it 16-bit with quantization.llm_int8_skip_modules=[{name}]")
-        replace_parameter_4bit(module, param_name, compress_statistics=bool(quantization.get(
-            "bnb_4bit_use_double_quant")), quant_type=quantization.get("bnb_4bit_quant_type", "fp4"))
+        replace_parameter_4bit(module, param_name, compress_statistics=bool(quantization[
+            "bnb_4bit_use_double_quant"]), quant_type=quantization["bnb_4bit_quant_type"])
         count += 1
     return count
 

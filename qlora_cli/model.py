@@ -9,7 +9,7 @@ from pathlib import Path
 
 from qlora_cli.atomic import atomic_folder, cache_root
 from qlora_cli.builders import (
-    build_bnb_config, build_lora_config, checkpointing_on, quantization_value, training_value,
+    build_bnb_config, build_lora_config, checkpointing_on, quantization_value, quantization_values, training_value,
 )
 from qlora_cli.errors import UserError
 from qlora_cli.run_folder import RunFolder
@@ -149,7 +149,7 @@ def load_base_model(recipe, *, quantized: bool = True, dtype=None, device_map=No
                         fix="read that code, then set model.trust_remote_code: true") from None
     _keep_4bit_compute_dtype(loaded)
     if bnb is not None:
-        quantize_experts(loaded, family.expert_modules, kept_16bit(family, recipe.quantization))
+        quantize_experts(loaded, family.expert_modules, quantization_values(kept_16bit(family, recipe.quantization)))
     return loaded
 
 

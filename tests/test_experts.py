@@ -62,6 +62,16 @@ def test_fp4_without_double_quantization_is_what_the_recipe_asks_for():
     assert state.quant_type == "fp4" and state.state2 is None
 
 
+def test_an_unset_quant_type_is_bitsandbytes_configs_default_for_the_experts_too():
+    from transformers import BitsAndBytesConfig
+
+    from qlora_cli.model import load_base_model
+
+    model = load_base_model(mixtral_recipe("~quantization.bnb_4bit_quant_type"))
+    _, module, _ = expert_parameters(model, EXPERTS)[0]
+    assert module.parametrizations["down_proj"][0].quant_state.quant_type == BitsAndBytesConfig().bnb_4bit_quant_type
+
+
 def test_expert_weight_bytes_are_exactly_the_4bit_codes_and_their_quantization_state(base):
     for _, module, param_name in expert_parameters(base, EXPERTS):
         experts, out_features, in_features = module.parametrizations[param_name][0].quant_state.shape
