@@ -62,7 +62,8 @@ def _init_model_objection(config) -> str | None:
     import copy
 
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from qlora_cli.families import auto_model_class, family_of
 
     layers = getattr(config, "num_hidden_layers", None)
     if isinstance(layers, int) and layers > 2:  # every layer is built alike: two show what one cannot hold
@@ -70,7 +71,9 @@ def _init_model_objection(config) -> str | None:
         config.num_hidden_layers = 2
     try:
         with torch.device("meta"):
-            AutoModelForCausalLM.from_config(config)  # vision-language families are not asked
+            # the family's own auto class (mistral4 is a text model transformers files under
+            # image-text-to-text); vision-language families are not asked
+            auto_model_class(family_of(config.model_type)).from_config(config)
     except (ValueError, RuntimeError, TypeError, ArithmeticError) as err:  # hidden_size 0: a division by zero
         return first_line(err)
     return None
