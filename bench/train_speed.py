@@ -408,6 +408,12 @@ class _Reporter:
     def __init__(self, meter: StepMeter):
         self.meter = meter
 
+    def plan_ready(self, plan):
+        pass
+
+    def note(self, text):
+        pass
+
     def data_ready(self, prepared):
         pass
 
