@@ -253,12 +253,7 @@ def _encode_sources(sources, data, tokenizer, summary: PrepareSummary) -> list[_
         for example, (ids, spans) in zip(examples, encode_examples(examples, data, tokenizer)):
             truncated = len(ids) > data.max_length
             if truncated:
-                if data.overlong == "error":
-                    raise UserError(f"example has {len(ids)} tokens, more than data.max_length={data.max_length}",
-                                    where=example.where, fix="raise data.max_length, or set data.overlong: "
-                                    "truncate or drop")
-                if data.overlong == "drop":
-                    counts.dropped += 1
+                if _drops_overlong(example, len(ids), data, counts):
                     continue
                 ids, spans = ids[: data.max_length], _cut_spans(spans, data.max_length)
             if not any(trained for _, trained in spans):
@@ -274,6 +269,18 @@ def _encode_sources(sources, data, tokenizer, summary: PrepareSummary) -> list[_
         raise UserError("no examples left after filtering: every one is longer than data.max_length or its answer starts beyond it",
                         where=sources[0].path, fix=f"raise data.max_length{truncate}")
     return per_source
+
+
+def _drops_overlong(example, length: int, data, counts: SourceCounts) -> bool:
+    """`data.overlong` for an example longer than max_length: error raises, drop counts it and says
+    so (True), truncate leaves the cut to the caller (False), SFT and preference data alike."""
+    if data.overlong == "error":
+        raise UserError(f"example has {length} tokens, more than data.max_length={data.max_length}",
+                        where=example.where, fix="raise data.max_length, or set data.overlong: truncate or drop")
+    if data.overlong == "drop":
+        counts.dropped += 1
+        return True
+    return False
 
 
 def _cut_spans(spans: list[tuple[int, bool]], length: int) -> list[tuple[int, bool]]:
@@ -362,11 +369,7 @@ def _encode_preference_sources(sources, data, tokenizer, summary):
             row = encode_preference(example, data.template, tokenizer)
             longest = max(sequence_lengths(row))
             if longest > data.max_length:
-                if data.overlong == "error":
-                    raise UserError(f"example has {longest} tokens, more than data.max_length={data.max_length}",
-                                    where=example.where, fix="raise data.max_length, or set data.overlong: truncate or drop")
-                if data.overlong == "drop":
-                    counts.dropped += 1
+                if _drops_overlong(example, longest, data, counts):
                     continue
                 row = fit_to_length(row, data.max_length)
                 counts.truncated += 1
