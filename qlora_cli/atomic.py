@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -24,8 +25,9 @@ class atomic_folder:
 
     def __enter__(self) -> Path:
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        # The pid in the name tells a later run whether the writer is still alive (remove_stale_temporaries).
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-{os.getpid()}-", dir=self.target.parent))
+        # The pid and host in the name tell a later run whether the writer is still alive
+        # (remove_stale_temporaries): a cache on a shared disk is written from several machines.
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-{_writer()}-", dir=self.target.parent))
         # mkdtemp makes an owner-only folder; what we keep is shared as any new folder would be.
         self.tmp.chmod(0o777 & ~current_umask())
         return self.tmp
@@ -36,7 +38,7 @@ class atomic_folder:
             return
         share_files(self.tmp)
         if self.target.exists() and self.replace:
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+            old = self.target.with_name(f".{self.target.name}.old-{_writer()}")
             self.target.rename(old)
             self.tmp.rename(self.target)
             shutil.rmtree(old, ignore_errors=True)
@@ -50,18 +52,28 @@ class atomic_folder:
 
 
 def remove_stale_temporaries(folder: Path, name: str = "*") -> list[Path]:
-    """Remove the staging folders (`.<name>.tmp-<pid>-*`, and `.<name>.old-<pid>` of a replace)
-    that killed writers left in `folder`: those whose process no longer runs. Only for what one
-    process on this machine writes (prepare on rank 0, a merge, an adapter): a rank on another
-    machine has a pid this one cannot see."""
+    """Remove the staging folders (`.<name>.tmp-<pid>@<host>-*`, and `.<name>.old-<pid>@<host>` of a
+    replace) that killed writers of this machine left in `folder`: those whose process no longer
+    runs. A folder another machine is writing (a prepared cache on a shared disk) is left alone:
+    its pid means nothing here. A name without a host is read as this machine's (earlier builds
+    wrote none)."""
     removed = []
     for pattern, kind in ((f".{name}.tmp-*-*", ".tmp-"), (f".{name}.old-*", ".old-")):
         for path in folder.glob(pattern):
-            pid = path.name.rsplit(kind, 1)[-1].split("-", 1)[0]
+            writer = path.name.rsplit(kind, 1)[-1]
+            writer = writer.rsplit("-", 1)[0] if kind == ".tmp-" else writer  # mkdtemp's suffix has no "-"
+            pid, _, host = writer.partition("@")
+            if host and host != _host():
+                continue
             if path.is_dir() and pid.isdigit() and not _running(int(pid)):
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
     return removed
+
+
+def _writer() -> str:
+    """`<pid>@<host>`: who writes a staging folder, as remove_stale_temporaries reads it back."""
+    return f"{os.getpid()}@{_host()}"
 
 
 def _running(pid: int) -> bool:
@@ -72,6 +84,11 @@ def _running(pid: int) -> bool:
     except PermissionError:  # alive, another user's
         return True
     return True
+
+
+def _host() -> str:
+    # Only characters that are safe in a file name, and no "-": the name's fields are split on it.
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
 
 
 def current_umask() -> int:

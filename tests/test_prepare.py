@@ -379,6 +379,26 @@ def test_num_proc_gives_the_same_rows_and_the_same_error_location(data_recipe, w
     assert err.value.where == f"{bad}:1101"
 
 
+def test_staging_of_a_writer_on_another_machine_is_kept_and_this_machines_dead_one_removed(tmp_path):
+    import os
+
+    from qlora_cli.atomic import atomic_folder, remove_stale_temporaries
+
+    with atomic_folder(tmp_path / "abc") as live:  # what this process is writing now
+        assert live.name.startswith(f".abc.tmp-{os.getpid()}@")
+        host = live.name.split("@", 1)[1].rsplit("-", 1)[0]
+        dead_here = tmp_path / f".abc.tmp-999999999@{host}-x1"
+        dead_before_hosts = tmp_path / ".abc.tmp-999999999-x2"  # as earlier builds named it
+        elsewhere = tmp_path / ".abc.tmp-999999999@other.machine-x3"  # a prepare on another machine
+        old_here, old_elsewhere = tmp_path / f".abc.old-999999999@{host}", tmp_path / ".abc.old-999999999@other"
+        for folder in (dead_here, dead_before_hosts, elsewhere, old_here, old_elsewhere):
+            folder.mkdir()
+        removed = remove_stale_temporaries(tmp_path)
+        assert sorted(removed) == sorted([dead_here, dead_before_hosts, old_here])
+        assert live.is_dir() and elsewhere.is_dir() and old_elsewhere.is_dir()
+    assert (tmp_path / "abc").is_dir()
+
+
 @pytest.mark.slow
 def test_a_prepare_killed_while_saving_leaves_staging_that_the_next_prepare_removes(data_recipe, write_jsonl,
                                                                                     tmp_path):
