@@ -234,6 +234,35 @@ def test_generate_answers_from_the_adapter_and_from_the_merged_model_alike(mixtr
     assert adapter.output.strip().splitlines()[-1] == whole.output.strip().splitlines()[-1]
 
 
+def test_a_mixtral_resumed_after_sigterm_ends_with_the_adapter_of_an_uninterrupted_run(mixtral_run, tmp_path):
+    import json
+    import shlex
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    from conftest import QLORA, stop_at_first_step
+
+    root = tmp_path / "run"
+    args = [*mixtral_run.args, f"training.output_dir={root}"]  # the later output_dir wins
+    returncode, output = stop_at_first_step(args)
+    assert returncode == 143, output
+    stopped_at = json.loads((root / "run.json").read_text())["metrics"]["steps"]
+    assert 1 <= stopped_at < 12, "stopped mid-training"
+    command = output.split("resume with:", 1)[1].replace("\n", "").strip()
+    done = subprocess.run([QLORA, *shlex.split(command)[1:]], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads((root / "run.json").read_text())["resumed_from"] == f"checkpoint-{stopped_at}"
+
+    # mixtral_run: the same recipe and seed, run to the end in one go.
+    resumed = load_file(str(root / "adapter" / "adapter_model.safetensors"))
+    uninterrupted = load_file(str(mixtral_run.adapter / "adapter_model.safetensors"))
+    assert resumed.keys() == uninterrupted.keys()
+    assert max((resumed[k] - uninterrupted[k]).abs().max().item() for k in resumed) <= 1e-5
+    experts_b = [t for k, t in resumed.items() if ".experts." in k and "lora_B" in k]
+    assert len(experts_b) == 2 * 2 and all(t.abs().max() > 0 for t in experts_b)  # expert LoRA trained, both tensors
+
+
 # ---------------------------------------------------------------- Mistral Small 4 and Large 4
 
 MISTRAL_MOE = {  # 64-wide, 2 layers, 4 experts, MLA attention with small ranks
