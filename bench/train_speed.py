@@ -365,7 +365,7 @@ def run_stock_arm(arm: str, plan: dict, folder: Path) -> dict:
 def run_qlora_arm(plan: dict, folder: Path, overrides: list[str]) -> dict:
     """`qlora train` itself, through its Python entry point, with the recipe's defaults."""
     import qlora_cli.trainer as qlora_trainer
-    from qlora_cli.merge import load_adapter_model
+    from qlora_cli.model import load_adapter_model
     from qlora_cli.recipe import load_recipe
     from qlora_cli.train import train
 

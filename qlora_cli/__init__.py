@@ -13,7 +13,8 @@ it, and never in a cycle (tests/test_imports.py holds the code to this map):
                                       pairs); data files -> examples
     packing, prepare                  rows packed with their attention spans; the cached prepare step
     run_folder, preflight             a run's folder; what is checked before a weight loads
-    model, loss                       the 4-bit base with LoRA (or a plain one); its loss in chunks
+    model, loss                       the 4-bit base with LoRA (or a plain one), a trained adapter on its
+                                      base; its loss in chunks
     plan_data, plan_memory, plan      will it fit, how long, is the data sound: before a weight loads
     collate, trainer, preference_trainer, launch, train   batches, the Trainer (TRL's for dpo/kto), --nproc
                                       processes: `qlora train`

@@ -107,8 +107,7 @@ def load_generator(recipe, model_path: str | None = None) -> Generator:
     if model_path:
         model = _load_plain_model(model_path)
     else:
-        from qlora_cli.merge import load_adapter_model
-        from qlora_cli.model import check_adapter
+        from qlora_cli.model import check_adapter, load_adapter_model
 
         adapter = Path(recipe.merge.adapter or RunFolder(recipe.run_dir).adapter)
         check_adapter(adapter, recipe)

@@ -13,9 +13,8 @@ from pathlib import Path
 
 from qlora_cli.atomic import atomic_folder, can_create_in, nearest_existing, remove_stale_temporaries
 from qlora_cli.errors import UserError
-from qlora_cli.model import adapter_config, base_model_id, check_adapter
+from qlora_cli.model import adapter_config, base_model_id, check_adapter, load_adapter_model, trained_on_4bit
 from qlora_cli.run_folder import RunFolder
-from qlora_cli.sections import to_dtype
 
 # Merging rounds each merged weight (W + s·BA) to `merge.dtype` once more, which moves the logits
 # by about as much as that dtype's arithmetic does on the same model: a fixed bound would refuse
@@ -161,55 +160,6 @@ def check_disk(output: Path, model) -> None:
         raise UserError(f"the merged model needs about {need / 2**30:.1f} GiB but {parent} has "
                         f"{free / 2**30:.1f} GiB free", where="merge.output_dir",
                         fix="free space, or set merge.output_dir to another disk")
-
-
-def load_adapter_model(recipe, adapter: Path, *, quantized: bool, dequantize: bool = False):
-    """Base model (4-bit, or in `merge.dtype`, optionally as 4-bit weights dequantized) + adapter."""
-    from peft import PeftModel
-
-    from qlora_cli.model import load_base_model
-
-    dtype = None if quantized else to_dtype(recipe.merge.dtype, "merge.dtype")
-    base = load_base_model(recipe, quantized=quantized, dtype=dtype)
-    if dequantize and not quantized and trained_on_4bit(recipe):
-        copy_dequantized_weights(load_base_model(recipe, quantized=True), base)
-    from qlora_cli.experts import nest_expert_lora_as_trained, repair_expert_lora
-    from qlora_cli.families import checkpoint_family
-
-    if not quantized and trained_on_4bit(recipe):
-        family = checkpoint_family(base.config, trust_remote_code=recipe.model.trust_remote_code)
-        nest_expert_lora_as_trained(base, family.expert_modules)
-    model = PeftModel.from_pretrained(base, str(adapter)).eval()
-    repair_expert_lora(model)
-    return model
-
-
-def trained_on_4bit(recipe) -> bool:
-    return bool(recipe.quantization and recipe.quantization.get("load_in_4bit"))
-
-
-def copy_dequantized_weights(quantized_model, model) -> None:
-    """Give each weight of `model` that `quantized_model` holds in 4 bits the value training
-    computed with: that 4-bit weight dequantized.
-
-    Read from the loaded 4-bit model, not from a rule of our own, so exactly the modules
-    transformers quantized change: not the output head, not `llm_int8_skip_modules`.
-    """
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as F
-
-    from qlora_cli.experts import dequantized, is_quantized
-
-    modules = dict(model.named_modules())
-    for name, module in quantized_model.named_modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            target = modules[name].weight
-            value = F.dequantize_4bit(module.weight.data, module.weight.quant_state)
-            target.data = value.to(target.device, target.dtype).reshape(target.shape)
-        for param_name in getattr(module, "parametrizations", {}):  # fused experts (qlora_cli.experts)
-            if is_quantized(module, param_name):
-                target = getattr(modules[name], param_name)
-                target.data = dequantized(module, param_name).to(target.device, target.dtype)
 
 
 def rounding_tolerance(model, probe, logits) -> float:

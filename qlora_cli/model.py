@@ -1,4 +1,5 @@
-"""Recipe.model / quantization / lora -> the model: a 4-bit base with LoRA, or a plain one."""
+"""Recipe.model / quantization / lora -> the model: a 4-bit base with LoRA, or a plain one; and a
+trained adapter loaded on its base (for merge and generate)."""
 
 from __future__ import annotations
 
@@ -243,6 +244,54 @@ def load_starting_adapter(model, recipe):
                         fix="start from an adapter trained on this recipe's base model and layers") from None
     repair_expert_lora(loaded)
     return loaded
+
+
+def load_adapter_model(recipe, adapter: Path, *, quantized: bool, dequantize: bool = False):
+    """A trained adapter on its base, for merge and generate: the base 4-bit as in training, or
+    in `merge.dtype` (with `dequantize`, holding the 4-bit weights training saw, dequantized)."""
+    from peft import PeftModel
+
+    from qlora_cli.experts import nest_expert_lora_as_trained, repair_expert_lora
+    from qlora_cli.families import checkpoint_family
+
+    dtype = None if quantized else to_dtype(recipe.merge.dtype, recipe.where("merge.dtype"), "merge.dtype")
+    base = load_base_model(recipe, quantized=quantized, dtype=dtype)
+    if dequantize and not quantized and trained_on_4bit(recipe):
+        copy_dequantized_weights(load_base_model(recipe, quantized=True), base)
+    if not quantized and trained_on_4bit(recipe):
+        family = checkpoint_family(base.config, trust_remote_code=recipe.model.trust_remote_code)
+        nest_expert_lora_as_trained(base, family.expert_modules)
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    repair_expert_lora(model)
+    return model
+
+
+def trained_on_4bit(recipe) -> bool:
+    return bool(recipe.quantization and recipe.quantization.get("load_in_4bit"))
+
+
+def copy_dequantized_weights(quantized_model, model) -> None:
+    """Give each weight of `model` that `quantized_model` holds in 4 bits the value training
+    computed with: that 4-bit weight dequantized.
+
+    Read from the loaded 4-bit model, not from a rule of our own, so exactly the modules
+    transformers quantized change: not the output head, not `llm_int8_skip_modules`.
+    """
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    from qlora_cli.experts import dequantized, is_quantized
+
+    modules = dict(model.named_modules())
+    for name, module in quantized_model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            target = modules[name].weight
+            value = F.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            target.data = value.to(target.device, target.dtype).reshape(target.shape)
+        for param_name in getattr(module, "parametrizations", {}):  # fused experts (qlora_cli.experts)
+            if is_quantized(module, param_name):
+                target = getattr(modules[name], param_name)
+                target.data = dequantized(module, param_name).to(target.device, target.dtype)
 
 
 def check_adapter(adapter: Path, recipe, where: str = "merge.adapter") -> None:

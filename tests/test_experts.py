@@ -105,7 +105,7 @@ def test_4bit_experts_compute_what_their_dequantized_weights_compute_in_the_mode
 
 
 def test_the_whole_4bit_model_equals_a_16bit_copy_holding_its_dequantized_weights(base):
-    from qlora_cli.merge import copy_dequantized_weights
+    from qlora_cli.model import copy_dequantized_weights
     from qlora_cli.model import load_base_model
 
     plain = load_base_model(mixtral_recipe(), quantized=False)
