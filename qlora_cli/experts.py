@@ -137,11 +137,7 @@ def expand_expert_targets(lora: dict | None, model, expert_modules: tuple[str, .
     if asked is None:
         return {**lora, "target_parameters": names} if lora.get("target_modules") == "all-linear" and names else lora
     where = origins.get("lora.target_parameters", "lora.target_parameters")
-    matched, unmatched = [], []
-    for wanted in asked:
-        hits = [n for n in names if n == wanted or n.endswith(f".{wanted}") or f".{wanted}." in f".{n}."]
-        matched += [n for n in hits if n not in matched]
-        unmatched += [] if hits else [wanted]
+    matched, unmatched = matching_expert_names(asked, names)
     if unmatched:
         have = sorted({n.split(".")[-1] for n in names})
         raise UserError(f"`lora.target_parameters` {unmatched} match no expert tensor of this model "
@@ -149,6 +145,34 @@ def expand_expert_targets(lora: dict | None, model, expert_modules: tuple[str, .
                         "that LoRA would train nothing", where=where,
                         fix="name experts, gate_up_proj or down_proj, or drop lora.target_parameters")
     return {**lora, "target_parameters": matched}
+
+
+def matching_expert_names(asked: list[str], names: list[str]) -> tuple[list[str], list[str]]:
+    """(the expert tensor names that `target_parameters` names match, the names that match none)."""
+    matched, unmatched = [], []
+    for wanted in asked:
+        hits = [n for n in names if n == wanted or n.endswith(f".{wanted}") or f".{wanted}." in f".{n}."]
+        matched += [n for n in hits if n not in matched]
+        unmatched += [] if hits else [wanted]
+    return matched, unmatched
+
+
+def expert_lora_rank(model_type: str, param_name: str, r: int, all_linear: bool) -> int:
+    """The LoRA rank peft gives a fused expert tensor: under `all-linear`, peft maps the v4 names of
+    Mixtral's experts (w1, w3) onto the fused `gate_up_proj` and gives it r per fused matrix."""
+    from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN, _MOE_FUSED_TARGETS
+
+    fused = _MOE_FUSED_TARGETS.get(_MODEL_TO_CONVERSION_PATTERN.get(model_type, ""), {})
+    return r * len(fused.get(param_name.rsplit(".", 1)[-1], [None])) if all_linear else r
+
+
+def router_lora_names(model_type: str, parameter_names, all_linear: bool) -> list[str]:
+    """The router weights peft puts LoRA on under `all-linear` (Mixtral's `gate.weight`, its v4 Linear)."""
+    from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN, _MOE_TARGET_MODULE_MAPPING
+
+    mapping = _MOE_TARGET_MODULE_MAPPING.get(_MODEL_TO_CONVERSION_PATTERN.get(model_type, ""), {})
+    suffixes = [new for new in mapping.values() if new.endswith(".weight")] if all_linear else []
+    return [n for n in parameter_names if any(n.endswith(f".{suffix}") for suffix in suffixes)]
 
 
 def repair_expert_lora(model) -> None:

@@ -184,7 +184,7 @@ def recipe_settings(recipe, shape: ModelShape, on_gpu: bool = True, gpus: int = 
     return Settings(
         quant=quant, double_quant=bool(q.get("bnb_4bit_use_double_quant")), model_dtype=recipe.model.dtype,
         skip_modules=tuple(q.get("llm_int8_skip_modules") or ()), lora_r=int(lora_value(recipe.lora, "r")),
-        lora_targets=lora_targets(recipe, shape), lora_dropout=float(lora_value(recipe.lora, "lora_dropout")),
+        lora_targets=lora_targets(recipe, shape), expert_lora=expert_lora_targets(recipe, shape), lora_dropout=float(lora_value(recipe.lora, "lora_dropout")),
         use_dora=bool((recipe.lora or {}).get("use_dora")), optim=str(training.get("optim") or _default_optim()),
         checkpointing=checkpointing_on(training) or (sharded and _fsdp_checkpointing(training)),
         autocast_bytes=2 if mixed else None, packed_mask=recipe.data.packing and "flash" not in attn,
@@ -219,6 +219,25 @@ def lora_targets(recipe, shape: ModelShape) -> list[str]:
     if config.target_modules == "all-linear":  # every Linear but the output layer, as peft does
         return [name for name, _, _ in shape.layer_linears if not _excluded(config, name)]
     return [name for name, _, _ in shape.linears if check_target_module_exists(config, name)]
+
+
+def expert_lora_targets(recipe, shape: ModelShape) -> list[tuple[str, int, int, int, int]]:
+    """(name, experts, out, in, rank) of every tensor outside a Linear that LoRA reaches through
+    peft's `target_parameters`: fused experts, and Mixtral's router under `all-linear`."""
+    if not recipe.lora or not shape.experts:
+        return []
+    from qlora_cli.experts import expert_lora_rank, matching_expert_names, router_lora_names
+
+    lora, r = recipe.lora, int(lora_value(recipe.lora, "r"))
+    all_linear = lora.get("target_modules") == "all-linear"
+    names = [name for name, *_ in shape.experts]
+    asked = lora.get("target_parameters")
+    chosen = names if asked is None and all_linear else matching_expert_names(asked or [], names)[0]
+    model_type = shape.family.model_type if shape.family else ""
+    found = [(n, e, o, i, expert_lora_rank(model_type, n, r, all_linear)) for n, e, o, i in shape.experts if n in chosen]
+    for name in router_lora_names(model_type, shape.other_params, all_linear):  # (experts, hidden) weights
+        found.append((name, 1, shape.other_params[name] // shape.hidden, shape.hidden, r))
+    return found
 
 
 def _excluded(config, name: str) -> bool:

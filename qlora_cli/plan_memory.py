@@ -54,6 +54,7 @@ class ModelShape:
     max_positions: int = 0
     family: Family | None = None  # qlora_cli.families: what is outside the language model
     experts: list[tuple[str, int, int, int]] = field(default_factory=list)  # fused expert tensors: (name, experts, out, in)
+    experts_per_token: int = 0  # the experts the router sends each token to (num_experts_per_tok)
 
     @property
     def outside_language_model(self) -> tuple[str, ...]:
@@ -100,7 +101,7 @@ def model_shape(config) -> ModelShape:
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads, linears=linears,
         other_params=other, buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
         output_linear=output_name, max_positions=getattr(config, "max_position_embeddings", 0) or 0, family=family,
-        experts=experts,
+        experts=experts, experts_per_token=getattr(config, "num_experts_per_tok", 0) or 0,
     )
 
 
@@ -114,6 +115,8 @@ class Settings:
     skip_modules: tuple[str, ...] = ()
     lora_r: int = 0
     lora_targets: list[str] = field(default_factory=list)  # Linear names LoRA wraps
+    # Tensors outside a Linear that peft's target_parameters reach: (name, experts, out, in, rank)
+    expert_lora: list[tuple[str, int, int, int, int]] = field(default_factory=list)
     lora_dropout: float = 0.0
     use_dora: bool = False
     optim: str = "adamw_torch"
@@ -200,6 +203,8 @@ def lora_tensors(shape: ModelShape, s: Settings) -> list[int]:
     for name in s.lora_targets:
         i, o = sizes[name]
         tensors += [s.lora_r * i, s.lora_r * o] + ([o] if s.use_dora else [])
+    for _, experts, o, i, rank in s.expert_lora:  # peft: A is (experts * rank, in), B is (out, rank * experts)
+        tensors += [experts * rank * i, experts * rank * o]
     return tensors
 
 
@@ -224,9 +229,37 @@ def layer_activation_bytes(shape: ModelShape, s: Settings, dropout: bool | None 
     kv = shape.kv_heads * shape.head_dim
     saved = 2 * (4 * shape.hidden + 4)  # two norms: input cast to fp32 + 1/rms
     saved += mm * (2 * attn + 2 * kv) + 4 * shape.heads  # sdpa: q, k, v, out, logsumexp
-    saved += 3 * res * shape.intermediate  # SiLU input, SiLU output, up_proj output
+    moe_layers = len({name.rsplit(".", 1)[0] for name, *_ in shape.experts})
+    # Averaged over the layers: dense MLPs save SiLU's input and output and up_proj's output.
+    saved += (3 * res * shape.intermediate * (shape.layers - moe_layers) + _routed_expert_bytes(shape, s) * moe_layers) \
+        // shape.layers
     saved += _lora_input_bytes(shape, s, s.lora_dropout > 0 if dropout is None else dropout)
     return saved
+
+
+def _routed_expert_bytes(shape: ModelShape, s: Settings) -> int:
+    """What one MoE layer's experts save per token (transformers' fused expert loop, e.g.
+    MixtralExperts): for each of the `experts_per_token` experts a token is routed to, its copy
+    of the token's hidden state, gate_up_proj's output, the SiLU output, the product (down_proj's
+    input) and down_proj's output; and the router's fp32 softmax. Only routed experts count."""
+    if not shape.experts:
+        return 0
+    layer = shape.experts[0][0].rsplit(".", 1)[0]
+    intermediate = max(i for name, _, _, i in shape.experts if name.startswith(layer))  # down_proj's input
+    per_expert = s.matmul_bytes * (2 * shape.hidden + 4 * intermediate)
+    experts = shape.experts[0][1]
+    router_lora = any(e == 1 for _, e, _, _, _ in s.expert_lora)  # the router's Linear then saves its input
+    return shape.experts_per_token * per_expert + 4 * experts + (s.residual_bytes * shape.hidden if router_lora else 0)
+
+
+def expert_weight_bytes(shape: ModelShape, s: Settings) -> int:
+    """The dequantized expert tensors one MoE layer keeps for the backward pass: the expert loop
+    multiplies by slices of the whole fused tensor, and autograd keeps that tensor (with LoRA folded
+    in) for the input's gradient."""
+    if not shape.experts:
+        return 0
+    moe_layers = len({name.rsplit(".", 1)[0] for name, *_ in shape.experts})
+    return s.matmul_bytes * shape.expert_params // moe_layers
 
 
 def _lora_input_bytes(shape: ModelShape, s: Settings, dropout: bool) -> int:
@@ -264,11 +297,12 @@ def activation_bytes(shape: ModelShape, s: Settings, batch: int, seq: int) -> in
     tokens = batch * seq
     layer = layer_activation_bytes(shape, s) * tokens
     final_norm = ((4 + s.residual_bytes) * shape.hidden + 4) * tokens  # fp32 input, 1/rms, lm_head's input
+    moe_layers = len({name.rsplit(".", 1)[0] for name, *_ in shape.experts})
     if s.checkpointing:
         # Each layer keeps only its input; the backward pass recomputes one layer at a time.
-        kept = shape.layers * s.residual_bytes * shape.hidden * tokens + layer
+        kept = shape.layers * s.residual_bytes * shape.hidden * tokens + layer + expert_weight_bytes(shape, s)
     else:
-        kept = shape.layers * layer
+        kept = shape.layers * layer + moe_layers * expert_weight_bytes(shape, s)
     masks = batch * seq * seq if s.packed_mask else 0
     if s.eager_attention:  # eager attention saves the softmax of the scores in every layer
         masks += (1 if s.checkpointing else shape.layers) * batch * shape.heads * seq * seq * s.matmul_bytes * 2
@@ -293,7 +327,7 @@ def logits_bytes(shape: ModelShape, s: Settings, batch: int, seq: int) -> int:
 
 def temporary_bytes(shape: ModelShape, s: Settings, batch: int, seq: int) -> int:
     """Short-lived buffers: a dequantized weight in the backward pass, a few hidden-size gradients."""
-    largest = max((i * o for _, i, o in shape.layer_linears), default=0)
+    largest = max([i * o for _, i, o in shape.layer_linears] + [e * o * i for _, e, o, i in shape.experts], default=0)
     dequantized = largest * s.matmul_bytes if s.quantized else 0
     return dequantized + 4 * batch * seq * max(shape.hidden, shape.intermediate) * s.residual_bytes
 

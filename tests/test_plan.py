@@ -183,11 +183,20 @@ def measured_step_peak(model, ids, chunked_loss: bool) -> int:
 
     step()
     before = [*model.parameters(), *model.buffers(), *(t for p in model.parameters() for t in quant_state_tensors(p)),
+              *expert_quant_state_tensors(model),
               *(t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor))]
     static = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in before}.values())
     with LiveBytes({t.untyped_storage().data_ptr() for t in before}) as tracker:
         step()
     return static + tracker.peak
+
+
+def expert_quant_state_tensors(model) -> list:
+    """The quantization state of every 4-bit expert tensor (qlora_cli.experts keeps it on the parametrization)."""
+    from qlora_cli.experts import is_quantized, quantized_tensors
+
+    return [t for m in model.modules() for p in getattr(m, "parametrizations", {}) if is_quantized(m, p)
+            for t in quantized_tensors(m, p)]
 
 
 def estimated_total(shape, settings, batch: int, seq: int) -> int:
