@@ -20,7 +20,7 @@ it, and never in a cycle (tests/test_imports.py holds the code to this map):
                                       processes: `qlora train`
     merge, generate                   base + adapter -> merged model; prompts -> answers
     scoring, benchmarks, evaluate     `qlora eval`: answers against references; lm-eval tasks; side by side
-    render, progress                  what the terminal shows: examples, plans, training progress
+    render, progress                  what the terminal shows: examples, plans, training and eval progress
     cli, __main__                     the command line: parse, call one function, render
 """
 

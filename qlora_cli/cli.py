@@ -346,53 +346,30 @@ def eval_command(
     recipes, overrides = split_arguments(args)
     recipe = load_recipe(recipes, overrides)
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks is not None else None
-    plan = _plan_evaluation(recipe, input.expanduser() if input else None,
-                            os.path.expanduser(model) if model else None, task_list, limit)
+    plan = _plan_evaluation(recipe, input=input.expanduser() if input else None,
+                            model_path=os.path.expanduser(model) if model else None, tasks=task_list, limit=limit)
     _evaluate_run(recipe, plan)
 
 
-def _plan_evaluation(recipe, input: Path | None = None, model: str | None = None, tasks: list[str] | None = None,
-                     limit: int | None = None):
-    """What `qlora eval` and the `eval.after_training` step of `qlora train` measure: flags
-    first, then the recipe's `eval` section."""
+def _plan_evaluation(recipe, **flags):
+    """evaluate.plan_evaluation, and the warning its records need when answers would be cut short."""
     from qlora_cli.evaluate import plan_evaluation
 
-    input = input or (Path(recipe.eval.input) if recipe.eval.input else None)
-    if input is not None:
+    plan = plan_evaluation(recipe, **flags)
+    if plan.records is not None:
         _warn_of_default_length(recipe)
-    return plan_evaluation(recipe, input=input, model_path=model, tasks=recipe.eval.tasks if tasks is None else tasks,
-                           limit=limit or recipe.eval.limit)
+    return plan
 
 
 def _evaluate_run(recipe, plan) -> None:
     from qlora_cli import render
     from qlora_cli.evaluate import evaluate
+    from qlora_cli.progress import StageBars
 
-    with _progress_bars() as progress:
+    with StageBars(err_console) as progress:
         result = evaluate(recipe, plan, progress=progress)
     render.eval_table(console, result.scores)
     console.print(f"results: {result.folder / 'results.json'}", highlight=False, soft_wrap=True)
-
-
-class _progress_bars:
-    """`progress(description, total) -> advance(n)`: a rich bar per stage on a terminal, one line
-    per stage on stderr otherwise (a log still shows where a long eval is)."""
-
-    def __enter__(self):
-        from rich.progress import Progress
-
-        self.bars = Progress(console=err_console, disable=not err_console.is_terminal)
-        self.bars.__enter__()
-        return self.stage
-
-    def stage(self, description: str, total: int):
-        if not err_console.is_terminal:
-            err_console.print(description + (f" ({total})" if total else ""), highlight=False, markup=False)
-        task = self.bars.add_task(description, total=total or None)
-        return lambda n: self.bars.advance(task, n)
-
-    def __exit__(self, *exc) -> None:
-        self.bars.__exit__(*exc)
 
 
 def _warn_of_default_length(recipe) -> None:

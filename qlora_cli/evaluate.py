@@ -19,7 +19,7 @@ from typing import Callable
 from qlora_cli.atomic import atomic_folder, can_create_in, nearest_existing
 from qlora_cli.errors import UserError
 from qlora_cli.generate import PromptRecord, read_prompts
-from qlora_cli.run_folder import RunFolder
+from qlora_cli.run_folder import RunFolder, merge_adapter_dir, merge_output_dir
 from qlora_cli.scoring import exact_match, score_answers, token_f1
 
 # progress(description, total) -> advance(n): how the CLI shows work as it is done.
@@ -59,12 +59,17 @@ class EvalResult:
     scores: dict[str, dict[str, float]]  # model (base, adapter, merged) -> metric -> value
 
 
-def plan_evaluation(recipe, *, input: Path | None = None, model_path: str | None = None, tasks: list[str] = (),
-                    limit: int | None = None) -> EvalPlan:
-    """Read the records, find the tasks, check `--model` and the output folder: every mistake
-    found before weights load (and, for `eval.after_training`, before training starts)."""
+def plan_evaluation(recipe, *, input: Path | None = None, model_path: str | None = None,
+                    tasks: list[str] | None = None, limit: int | None = None) -> EvalPlan:
+    """What `qlora eval` and the `eval.after_training` step of `qlora train` measure: the flags
+    given, else the recipe's `eval` section. Reads the records, finds the tasks, checks `--model`
+    and the output folder: every mistake found before weights load (and, for
+    `eval.after_training`, before training starts)."""
     from qlora_cli.generate import check_model_source
 
+    input = input or (Path(recipe.eval.input) if recipe.eval.input else None)
+    tasks = recipe.eval.tasks if tasks is None else tasks
+    limit = limit or recipe.eval.limit
     records = read_eval_records(input)[:limit] if input else None
     suite = _load_tasks(list(tasks))
     if model_path:
@@ -80,7 +85,7 @@ def evaluate(recipe, plan: EvalPlan, progress: Progress | None = None) -> EvalRe
     from qlora_cli.model import check_adapter
 
     run = RunFolder(recipe.run_dir)
-    check_adapter(Path(recipe.merge.adapter or run.adapter), recipe)
+    check_adapter(merge_adapter_dir(recipe), recipe)
     merged = plan.model_path or existing_merged_model(recipe)
     folder = run.root / "eval"
     progress = progress or _no_progress
@@ -126,7 +131,7 @@ def read_eval_records(path: Path) -> list[EvalRecord]:
 
 def existing_merged_model(recipe) -> str | None:
     """The run's merged folder, when `qlora merge` wrote one."""
-    merged = Path(recipe.merge.output_dir or RunFolder(recipe.run_dir).root / "merged")
+    merged = merge_output_dir(recipe)
     return str(merged) if (merged / "config.json").is_file() else None
 
 

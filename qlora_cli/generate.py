@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 from qlora_cli.builders import build_generation_config, split_generate
 from qlora_cli.errors import UserError
-from qlora_cli.run_folder import RunFolder
+from qlora_cli.run_folder import merge_adapter_dir
 from qlora_cli.sources import load_json
 from qlora_cli.templates import check_roles, encode_prompt
 
@@ -109,7 +109,7 @@ def load_generator(recipe, model_path: str | None = None) -> Generator:
     else:
         from qlora_cli.model import check_adapter, load_adapter_model
 
-        adapter = Path(recipe.merge.adapter or RunFolder(recipe.run_dir).adapter)
+        adapter = merge_adapter_dir(recipe)
         check_adapter(adapter, recipe)
         # Unquantized, the adapter runs on the base as `qlora merge` would merge it: by default
         # the 4-bit weights it was trained on, dequantized, not the original ones it never saw.

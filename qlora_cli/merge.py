@@ -14,7 +14,7 @@ from pathlib import Path
 from qlora_cli.atomic import atomic_folder, can_create_in, nearest_existing, remove_stale_temporaries
 from qlora_cli.errors import UserError
 from qlora_cli.model import adapter_config, base_model_id, check_adapter, load_adapter_model, trained_on_4bit
-from qlora_cli.run_folder import RunFolder
+from qlora_cli.run_folder import RunFolder, merge_adapter_dir, merge_output_dir
 
 # Merging rounds each merged weight (W + s·BA) to `merge.dtype` once more, which moves the logits
 # by about as much as that dtype's arithmetic does on the same model: a fixed bound would refuse
@@ -64,8 +64,7 @@ def merge(recipe, *, overwrite: bool = False) -> MergeResult:
     from qlora_cli.tokenizer import load_recipe_tokenizer
 
     run = RunFolder(recipe.run_dir)
-    adapter = Path(recipe.merge.adapter or run.adapter)
-    output = Path(recipe.merge.output_dir or run.root / "merged")
+    adapter, output = merge_adapter_dir(recipe), merge_output_dir(recipe)
     check_adapter(adapter, recipe)
     differences = lora_differences(adapter, recipe.lora)
     check_output_spares_the_run(output, adapter, run, recipe.model.name_or_path)

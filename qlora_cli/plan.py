@@ -22,6 +22,7 @@ from qlora_cli.plan_memory import (
     model_shape, optimizer_bytes,
 )
 from qlora_cli.plan_data import DataReport, data_warnings, describe_data
+from qlora_cli.run_folder import merge_output_dir
 
 # Dense bf16 TFLOP/s (T4: fp16) from the vendors' data sheets.
 GPU_TFLOPS = {"A100": 312, "H100 SXM": 989, "H200": 989, "L4": 121, "A10G": 125, "RTX 4090": 165, "T4": 65}
@@ -357,7 +358,7 @@ def _plan_disk(plan: Plan, shape: ModelShape, s: Settings, recipe, tokenizer) ->
         saves = math.ceil(plan.steps / max(int(every), 1))
     limit = training.get("save_total_limit")
     kept = min(saves, int(limit) + 1) if limit else saves  # the Trainer writes a new one before rotating
-    merged_dir = Path(recipe.merge.output_dir or recipe.run_dir / "merged")
+    merged_dir = merge_output_dir(recipe)
     merged = shape.total_params * dtype_bytes(recipe.merge.dtype)
     plan.disk = [MemoryItem("checkpoints", kept * checkpoint, f"{kept} kept x {checkpoint / 2**20:,.1f} MiB "
                             "(adapter + optimizer state + rng)"),

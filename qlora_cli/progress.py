@@ -1,4 +1,5 @@
-"""What the user sees while training: a live rich display on a terminal, plain lines otherwise.
+"""What the user sees while training (and while `qlora eval` works through its stages): a live rich
+display on a terminal, plain lines otherwise.
 
 Only rank 0 shows anything.
 """
@@ -119,3 +120,25 @@ class TrainReporter:
 
     def training_callback(self, tokens_seen: Callable[[], int]) -> TrainerCallback:
         return TrainingProgress(self.console, tokens_seen)
+
+
+class StageBars:
+    """`progress(description, total) -> advance(n)` (evaluate.Progress): a rich bar per stage on a
+    terminal, one line per stage on `console` otherwise (a log still shows where a long eval is)."""
+
+    def __init__(self, console: Console):
+        self.console = console
+
+    def __enter__(self):
+        self.bars = Progress(console=self.console, disable=not self.console.is_terminal)
+        self.bars.__enter__()
+        return self.stage
+
+    def stage(self, description: str, total: int):
+        if not self.console.is_terminal:
+            self.console.print(description + (f" ({total})" if total else ""), highlight=False, markup=False)
+        task = self.bars.add_task(description, total=total or None)
+        return lambda n: self.bars.advance(task, n)
+
+    def __exit__(self, *exc) -> None:
+        self.bars.__exit__(*exc)

@@ -70,6 +70,11 @@ class RunFolder:
     def plot(self) -> Path:
         return self.root / "loss.png"
 
+    @property
+    def merged(self) -> Path:
+        """Where `qlora merge` writes unless `merge.output_dir` says otherwise (not train's: not in OWN_FILES)."""
+        return self.root / "merged"
+
     def is_ours(self) -> bool:
         """Whether qlora made this folder: run.json holds its marker (or, from before the
         marker, the qlora-cli version that only qlora records)."""
@@ -409,3 +414,13 @@ or merge it into a standalone model with `qlora merge <run folder>`.
 ```yaml
 {recipe_yaml}```
 """
+
+
+def merge_adapter_dir(recipe) -> Path:
+    """The adapter merge, generate and eval load: `merge.adapter`, by default the run's adapter/."""
+    return Path(recipe.merge.adapter or RunFolder(recipe.run_dir).adapter)
+
+
+def merge_output_dir(recipe) -> Path:
+    """The merged model's folder: `merge.output_dir`, by default the run's merged/."""
+    return Path(recipe.merge.output_dir or RunFolder(recipe.run_dir).merged)
