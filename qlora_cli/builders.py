@@ -293,7 +293,7 @@ def _library_error(section: str, cls_name: str, err: Exception, values: dict, or
     message = str(err).strip()
     named = _keys_named(message, values)
     keys = ", ".join(f"`{section}.{key}`" for key in named) or f"`{section}`"
-    where = origins.get(f"{section}.{named[0]}", section) if named else section
+    where = where_of(origins, f"{section}.{named[0]}", section) if named else section
     return UserError(f"{cls_name} rejects {keys}: {message}", where=where)
 
 
@@ -464,7 +464,7 @@ def _build_generation_for_check(generate: dict, origins: dict[str, str]):
             return _sampling_objection(build_generation_config(values))
 
         key = "generate." + (blamed_key(message, split_generate(generate)[1], objection) or "do_sample")
-        errors.append(UserError(f"generate() refuses `{key}`: {message}", where=origins.get(key, "generate")))
+        errors.append(UserError(f"generate() refuses `{key}`: {message}", where=where_of(origins, key, "generate")))
     if errors:
         raise combined(errors)
     return config

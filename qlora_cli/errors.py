@@ -46,9 +46,10 @@ def combined(errors: list[UserError]) -> UserError:
     return errors[0] if len(errors) == 1 else UserErrors(errors)
 
 
-def where_of(origins: dict[str, str], key: str) -> str:
-    """Where a recipe set `key`: its file and line, or the override that did; else the key itself."""
-    return origins.get(key, key)
+def where_of(origins: dict[str, str], key: str, default: str | None = None) -> str | None:
+    """Where a recipe set `key`: its file and line, or the override that did; else `default`
+    (a parent key, or where a neighbour was set), by default the key itself."""
+    return origins.get(key, key if default is None else default)
 
 
 def did_you_mean(name: str, valid) -> str:

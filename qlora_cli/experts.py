@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch.nn.utils.parametrize as P
 from torch import nn
 
-from qlora_cli.errors import UserError
+from qlora_cli.errors import UserError, where_of
 from qlora_cli.families import skipped
 
 # bitsandbytes' 4-bit block: one absmax scale per 64 consecutive weights.
@@ -136,7 +136,7 @@ def expand_expert_targets(lora: dict | None, model, expert_modules: tuple[str, .
     asked = lora.get("target_parameters")
     if asked is None:
         return {**lora, "target_parameters": names} if lora.get("target_modules") == "all-linear" and names else lora
-    where = origins.get("lora.target_parameters", "lora.target_parameters")
+    where = where_of(origins, "lora.target_parameters")
     matched, unmatched = matching_expert_names(asked, names)
     if unmatched:
         have = sorted({n.split(".")[-1] for n in names})

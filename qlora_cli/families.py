@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from qlora_cli.errors import UserError, did_you_mean
+from qlora_cli.errors import UserError, did_you_mean, where_of
 
 CAUSAL_LM = "AutoModelForCausalLM"
 IMAGE_TEXT_TO_TEXT = "AutoModelForImageTextToText"
@@ -106,7 +106,7 @@ def init_config_errors(init_config: dict, origins: dict[str, str]) -> list[UserE
     if model_type is None:
         return []  # sections reports the missing model_type
     try:
-        family = family_of(model_type, origins.get(f"{key}.model_type", f"{key}.model_type"), f"{key}.model_type")
+        family = family_of(model_type, where_of(origins, f"{key}.model_type"), f"{key}.model_type")
     except UserError as err:
         return [err]
     if not family.is_vision_language:
@@ -115,7 +115,7 @@ def init_config_errors(init_config: dict, origins: dict[str, str]) -> list[UserE
     text = init_config.get(family.text_config_key)
     if not isinstance(text, dict):
         return [UserError(f"a `{model_type}` model needs `{text_key}`: the config of its language model",
-                          where=origins.get(key, key),
+                          where=where_of(origins, key),
                           fix=f"add {family.text_config_key}: {{model_type: mistral, hidden_size: ..., "
                               "num_hidden_layers: ...} (and vision_config: {model_type: pixtral, ...})")]
     allowed = text_types(family)
@@ -123,7 +123,7 @@ def init_config_errors(init_config: dict, origins: dict[str, str]) -> list[UserE
     if text_type not in allowed:
         return [UserError(f"`{text_key}.model_type` is {text_type!r}{did_you_mean(str(text_type), allowed)}, "
                           f"not a language model qlora supports in `{model_type}` ({', '.join(allowed)})",
-                          where=origins.get(f"{text_key}.model_type", text_key),
+                          where=where_of(origins, f"{text_key}.model_type", text_key),
                           fix=f"use one of {', '.join(allowed)}")]
     return []
 

@@ -5,14 +5,14 @@ the meta device: no memory, no weights)."""
 from __future__ import annotations
 
 from qlora_cli.builders import blamed_key, first_line, quiet_transformers
-from qlora_cli.errors import UserError
+from qlora_cli.errors import UserError, where_of
 
 
 def check_model_objects(model, origins: dict[str, str]) -> list[UserError]:
     """What transformers would refuse of the `model` section when it loads: the attention
     implementation, and the model `init_from_config` describes."""
     errors = check_attn_implementation(model.attn_implementation,
-                                       origins.get("model.attn_implementation", "model.attn_implementation"))
+                                       where_of(origins, "model.attn_implementation"))
     if model.init_from_config is not None and model.init_from_config.get("model_type") is not None:
         errors += check_init_model(model.init_from_config, origins)
     return errors
@@ -21,7 +21,7 @@ def check_model_objects(model, origins: dict[str, str]) -> list[UserError]:
 def check_init_model(init_from_config: dict, origins: dict[str, str]) -> list[UserError]:
     """Ask transformers to build the model `init_from_config` describes, on the meta device (no
     memory, no weights): its config class and its layers reject what they cannot hold."""
-    where = origins.get("model.init_from_config", "model.init_from_config")
+    where = where_of(origins, "model.init_from_config")
     with quiet_transformers():  # its warnings about the config (a vocabulary of 0) come again when it loads
         return _init_model_errors(init_from_config, origins, where)
 
@@ -44,7 +44,7 @@ def _init_model_errors(init_from_config: dict, origins: dict[str, str], where: s
         # builds, and only its first forward pass fails
         key = "model.init_from_config.num_key_value_heads"
         return [UserError(f"`{key}` is {kv_heads}; `num_attention_heads` ({heads}) must be a multiple of it",
-                          where=origins.get(key, where))]
+                          where=where_of(origins, key, where))]
     message = _init_model_objection(config)
     if message is None:
         return []
@@ -55,7 +55,7 @@ def _init_model_errors(init_from_config: dict, origins: dict[str, str], where: s
     named = blamed_key(message, {k: v for k, v in init_from_config.items() if k != "model_type"}, objection)
     key = f"model.init_from_config.{named}" if named else "model.init_from_config"
     return [UserError(f"transformers cannot build a {config.model_type} model from `{key}`: {message}",
-                      where=origins.get(key, where))]
+                      where=where_of(origins, key, where))]
 
 
 def _init_model_objection(config) -> str | None:

@@ -321,7 +321,7 @@ def resolve(raw: RawRecipe) -> dict[str, Any]:
         return OmegaConf.to_container(raw.config, resolve=True)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or ""
-        where = raw.origins.get(key, key or None)
+        where = where_of(raw.origins, key) if key else None
         raise UserError(f"interpolation failed for `{key}`: {_reason(err)}", where=where) from None
 
 
@@ -448,7 +448,7 @@ def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
     errors = [
         UserError(f"unknown section `{key}`{suggest(key, SECTIONS + TOP_LEVEL_KEYS)}; a recipe has only "
                   f"{', '.join(SECTIONS)} and `method`",
-                  where=raw.origins.get(str(key), str(key)))
+                  where=where_of(raw.origins, str(key)))
         for key in resolved if key not in SECTIONS + TOP_LEVEL_KEYS
     ]
     typed = {}

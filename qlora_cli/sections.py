@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from qlora_cli.errors import UserError, combined, did_you_mean
+from qlora_cli.errors import UserError, combined, did_you_mean, where_of
 from qlora_cli.families import init_config_errors
 
 
@@ -188,12 +188,12 @@ def check_keys(
         if key not in annotations and key not in extra_keys:
             errors.append(UserError(
                 f"unknown key `{dotted}`{suggest(key, [*annotations, *extra_keys])}",
-                where=origins.get(dotted, dotted),
+                where=where_of(origins, dotted),
             ))
         elif key in annotations and not matches_type(value, annotations[key]):
             errors.append(UserError(
                 f"`{dotted}` is {value!r} ({type(value).__name__}); expected {describe_type(annotations[key])}",
-                where=origins.get(dotted, dotted), fix=_decode_hint(value, annotations[key]),
+                where=where_of(origins, dotted), fix=_decode_hint(value, annotations[key]),
             ))
     return errors
 
@@ -233,7 +233,7 @@ def signature_annotations(func) -> dict[str, Any]:
 def build_schema(cls, values: dict | None, section: str, origins: dict[str, str]):
     """One of our section dataclasses from its YAML mapping; raises every problem at once."""
     if values is not None and not isinstance(values, dict):
-        raise UserError(f"`{section}` must be a mapping of keys, not {values!r}", where=origins.get(section, section))
+        raise UserError(f"`{section}` must be a mapping of keys, not {values!r}", where=where_of(origins, section))
     values = dict(values or {})
     annotations = dataclass_annotations(cls)
     errors = check_keys(values, annotations, section, origins)
@@ -255,7 +255,7 @@ def _build_list(cls, items: list, prefix: str, origins: dict[str, str]):
         key = f"{prefix}.{index}"
         if not isinstance(item, dict):
             errors.append(UserError(f"`{key}` must be a mapping like {{path: ..., format: ...}}",
-                                    where=origins.get(key, key)))
+                                    where=where_of(origins, key)))
             continue
         try:
             built.append(build_schema(cls, item, key, origins))
@@ -300,7 +300,7 @@ def check_values(typed: dict, origins: dict[str, str]) -> list[UserError]:
 def _check_eval_limit(section, origins: dict[str, str]) -> list[UserError]:
     if section.limit is not None and section.limit < 1:
         return [UserError(f"eval.limit must be at least 1, not {section.limit}",
-                          where=origins.get("eval.limit", "eval.limit"), fix="remove it to score every record")]
+                          where=where_of(origins, "eval.limit"), fix="remove it to score every record")]
     return []
 
 
@@ -312,15 +312,15 @@ def _check_model_source(model, origins: dict[str, str]) -> list[UserError]:
                                 where="model", fix="set model.name_or_path to a path or hub id"))
     if model.init_from_config is not None and model.tokenizer is None:
         errors.append(UserError("a model built with `model.init_from_config` needs `model.tokenizer`",
-                                where=origins.get("model.init_from_config", "model.init_from_config"),
+                                where=where_of(origins, "model.init_from_config"),
                                 fix="set model.tokenizer, e.g. mistral-common:v1"))
     if model.init_from_config is not None and model.init_from_config.get("model_type") is None:
         errors.append(UserError("`model.init_from_config` needs `model_type`",
-                                where=origins.get("model.init_from_config", "model.init_from_config"),
+                                where=where_of(origins, "model.init_from_config"),
                                 fix="add model_type: mistral"))
     if model.init_from_config is not None:
         errors += init_config_errors(model.init_from_config, origins)
-    where = origins.get("model.dtype", "model.dtype")
+    where = where_of(origins, "model.dtype")
     try:
         if not to_dtype(model.dtype, where, "model.dtype").is_floating_point:
             errors.append(UserError(f"`model.dtype` is {model.dtype!r}: the weights that stay unquantized (and "
@@ -335,10 +335,10 @@ def _check_data_limits(data, origins: dict[str, str]) -> list[UserError]:
     errors = []
     if data.max_length < 8:
         errors.append(UserError(f"`data.max_length` is {data.max_length}; it must be at least 8",
-                                where=origins.get("data.max_length", "data.max_length")))
+                                where=where_of(origins, "data.max_length")))
     if data.val_size < 0 or (isinstance(data.val_size, float) and data.val_size >= 1):
         errors.append(UserError(f"`data.val_size` is {data.val_size}; it must be a fraction in [0, 1) or a count "
-                                "of examples", where=origins.get("data.val_size", "data.val_size")))
+                                "of examples", where=where_of(origins, "data.val_size")))
     return errors + _check_template(data.template, origins) + _check_source_amounts(data, origins)
 
 
@@ -348,9 +348,9 @@ def _check_template(template: str, origins: dict[str, str]) -> list[UserError]:
     if template in TEMPLATE_NAMES:
         return []
     if is_jinja(template):
-        return _check_jinja(template, origins.get("data.template", "data.template"))
+        return _check_jinja(template, where_of(origins, "data.template"))
     return [UserError(f"`data.template` is {template!r}{suggest(template, TEMPLATE_NAMES)}: neither a template "
-                      "name nor a Jinja chat template", where=origins.get("data.template", "data.template"),
+                      "name nor a Jinja chat template", where=where_of(origins, "data.template"),
                       fix="use mistral, tokenizer, or a Jinja chat template (with {{ }} and {% %})")]
 
 
@@ -378,7 +378,7 @@ def _check_source_amounts(data, origins: dict[str, str]) -> list[UserError]:
                 value, dotted = getattr(source, name), f"data.{key}.{index}.{name}"
                 if value is not None and value < 0:
                     errors.append(UserError(f"`{dotted}` is {value}; it must be 0 or more",
-                                            where=origins.get(dotted, dotted), fix=fix))
+                                            where=where_of(origins, dotted), fix=fix))
     return errors
 
 
@@ -386,7 +386,7 @@ def check_method(method: Any, data: Any, origins: dict[str, str]) -> list[UserEr
     """`method` is one we know, and every data source is in a format that method trains on."""
     if method not in METHODS:
         return [UserError(f"`method` is {method!r}{suggest(str(method), METHODS)}; it must be one of {', '.join(METHODS)}",
-                          where=origins.get("method", "method"))]
+                          where=where_of(origins, "method"))]
     if data is None:
         return []
     wanted, errors = METHOD_FORMATS[method], []
@@ -397,7 +397,7 @@ def check_method(method: Any, data: Any, origins: dict[str, str]) -> list[UserEr
                 fits = next(name for name, formats in METHOD_FORMATS.items() if source.format in formats)
                 errors.append(UserError(
                     f"`method: {method}` trains on {' or '.join(wanted)} data, and `{dotted}` is {source.format}",
-                    where=origins.get(dotted, origins.get(f"data.{key}.{index}.path", dotted)),
+                    where=where_of(origins, dotted, where_of(origins, f"data.{key}.{index}.path", dotted)),
                     fix=f"set format: {' or '.join(wanted)} on this source, or method: {fits} for {source.format} data"))
     return errors
 
@@ -413,5 +413,5 @@ def _check_shard_size(merge, origins: dict[str, str]) -> list[UserError]:
     if size > 0:
         return []
     return [UserError(f"`merge.max_shard_size` is {merge.max_shard_size!r}, which is not a size",
-                      where=origins.get("merge.max_shard_size", "merge.max_shard_size"),
+                      where=where_of(origins, "merge.max_shard_size"),
                       fix="write a number and a unit, e.g. 5GB, 500MB or 2GiB")]
