@@ -55,6 +55,9 @@ class ModelShape:
     family: Family | None = None  # qlora_cli.families: what is outside the language model
     experts: list[tuple[str, int, int, int]] = field(default_factory=list)  # fused expert tensors: (name, experts, out, in)
     experts_per_token: int = 0  # the experts the router sends each token to (num_experts_per_tok)
+    # Multi-head latent attention (mistral4): (q_lora_rank or 0, kv_lora_rank, qk_nope_head_dim,
+    # qk_rope_head_dim, v_head_dim) from the config; None for grouped-query attention.
+    mla: tuple[int, int, int, int, int] | None = None
 
     @property
     def outside_language_model(self) -> tuple[str, ...]:
@@ -101,8 +104,15 @@ def model_shape(config) -> ModelShape:
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads, linears=linears,
         other_params=other, buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
         output_linear=output_name, max_positions=getattr(config, "max_position_embeddings", 0) or 0, family=family,
-        experts=experts, experts_per_token=getattr(config, "num_experts_per_tok", 0) or 0,
+        experts=experts, experts_per_token=getattr(config, "num_experts_per_tok", 0) or 0, mla=_mla(config),
     )
+
+
+def _mla(config) -> tuple[int, int, int, int, int] | None:
+    if getattr(config, "kv_lora_rank", None) is None:
+        return None
+    return (getattr(config, "q_lora_rank", None) or 0, config.kv_lora_rank, config.qk_nope_head_dim,
+            config.qk_rope_head_dim, config.v_head_dim)
 
 
 @dataclass
@@ -228,13 +238,22 @@ def layer_activation_bytes(shape: ModelShape, s: Settings, dropout: bool | None 
     attn = shape.heads * shape.head_dim
     kv = shape.kv_heads * shape.head_dim
     saved = 2 * (4 * shape.hidden + 4)  # two norms: input cast to fp32 + 1/rms
-    saved += mm * (2 * attn + 2 * kv) + 4 * shape.heads  # sdpa: q, k, v, out, logsumexp
+    saved += _mla_bytes(shape, s) if shape.mla else mm * (2 * attn + 2 * kv) + 4 * shape.heads  # sdpa: q, k, v, out, lse
     moe_layers = len({name.rsplit(".", 1)[0] for name, *_ in shape.experts})
     # Averaged over the layers: dense MLPs save SiLU's input and output and up_proj's output.
     saved += (3 * res * shape.intermediate * (shape.layers - moe_layers) + _routed_expert_bytes(shape, s) * moe_layers) \
         // shape.layers
     saved += _lora_input_bytes(shape, s, s.lora_dropout > 0 if dropout is None else dropout)
     return saved
+
+
+def _mla_bytes(shape: ModelShape, s: Settings) -> int:
+    """Multi-head latent attention (Mistral4Attention) per token: the fp32 inputs of its two latent
+    norms, then sdpa's q and k (nope + rope per head), v (a view of kv_b_proj's whole output), its
+    output and logsumexp."""
+    q_rank, kv_rank, nope, rope, v = shape.mla
+    norms = (4 * q_rank + 4 if q_rank else 0) + 4 * kv_rank + 4
+    return norms + s.matmul_bytes * shape.heads * (2 * (nope + rope) + (nope + v) + v) + 4 * shape.heads
 
 
 def _routed_expert_bytes(shape: ModelShape, s: Settings) -> int:
@@ -249,7 +268,9 @@ def _routed_expert_bytes(shape: ModelShape, s: Settings) -> int:
     per_expert = s.matmul_bytes * (2 * shape.hidden + 4 * intermediate)
     experts = shape.experts[0][1]
     router_lora = any(e == 1 for _, e, _, _, _ in s.expert_lora)  # the router's Linear then saves its input
-    return shape.experts_per_token * per_expert + 4 * experts + (s.residual_bytes * shape.hidden if router_lora else 0)
+    shared = max((i for n, i, _ in shape.linears if ".shared_experts." in n and n.endswith("down_proj")), default=0)
+    return (shape.experts_per_token * per_expert + 4 * experts + (s.residual_bytes * shape.hidden if router_lora else 0)
+            + 3 * s.residual_bytes * shared)  # shared experts: a dense MLP beside the routed ones
 
 
 def expert_weight_bytes(shape: ModelShape, s: Settings) -> int:

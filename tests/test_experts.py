@@ -303,7 +303,7 @@ def test_an_unsupported_moe_model_type_exits_2_naming_the_key():
     assert_user_error(result, "model.init_from_config.model_type", "qwen2_moe", "mixtral")
 
 
-def mixtral_shape(recipe):
+def planned_shape(recipe):
     from qlora_cli.plan import load_model_config
     from qlora_cli.plan_memory import model_shape
     from qlora_cli.tokenizer import load_recipe_tokenizer
@@ -332,24 +332,29 @@ def test_plan_counts_the_experts_at_exactly_the_bytes_of_the_loaded_4bit_model(b
     assert shape.expert_params == 2 * (4 * 256 * 64 + 4 * 64 * 128)
 
 
-def test_plan_counts_expert_lora_its_gradients_and_optimizer_state_and_the_routed_experts_activations():
+PLANNED = {"mixtral": MIXTRAL, "mistral4": ["lora.r=4", "lora.lora_alpha=8", f"model.init_from_config={MISTRAL_MOE['mistral4']}"]}
+
+
+@pytest.mark.parametrize("model_type", list(PLANNED))
+def test_plan_counts_expert_lora_and_the_activations_of_routed_experts_and_latent_attention(model_type):
     from qlora_cli.model import load_trainable_model
     from qlora_cli.plan import recipe_settings
     from qlora_cli.plan_memory import Settings, activation_bytes, memory_items
     from test_plan import estimated_total, measured_step_peak, saved_activation_bytes
 
-    recipe = mixtral_recipe()
-    shape = mixtral_shape(recipe)
+    recipe = load_recipe(["tiny-mistral"], PLANNED[model_type])
+    shape = planned_shape(recipe)
     settings = recipe_settings(recipe, shape, on_gpu=False)
     model = load_trainable_model(recipe)
     entries = {item.name.split(" (")[0]: item.bytes for item in memory_items(shape, settings, 2, 64)}
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert entries["LoRA parameters"] == sum(p.numel() * p.element_size() for p in trainable)  # experts + router too
     ids = torch.randint(0, shape.vocab, (2, 64))
-    # Each token reaches 2 of the 4 experts: the activations count those, not all 4.
+    # Each token reaches 2 of the 4 experts: the activations count those, not all 4; mistral4's
+    # attention is MLA (its latent ranks and head dims, not heads x head_dim).
     estimated = activation_bytes(shape, Settings(**{**vars(settings), "packed_mask": False}), 2, 64)
     measured = saved_activation_bytes(model, ids)
-    assert abs(estimated - measured) <= 0.10 * measured, (estimated, measured)  # measured: 1.3% over
+    assert abs(estimated - measured) <= 0.10 * measured, (estimated, measured)  # measured: 1.3% / 4.1% over
     measured = measured_step_peak(model, ids, settings.chunked_loss)
     estimated = estimated_total(shape, settings, 2, 64)
-    assert abs(estimated - measured) <= 0.05 * measured, (estimated, measured)  # measured: 2.3% over
+    assert abs(estimated - measured) <= 0.05 * measured, (estimated, measured)  # measured: 2.3% / 2.0% over
