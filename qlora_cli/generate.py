@@ -53,12 +53,11 @@ class Generator:
         import torch
 
         prompts = [self.prompt_ids(messages) for messages in conversations]
-        width = max(len(p) for p in prompts)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.model.device)
-        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.model.device)
+        batch = self.tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
+        width = batch["input_ids"].shape[1]
         with torch.no_grad():
-            output = self.model.generate(input_ids=input_ids, attention_mask=attention,
+            output = self.model.generate(input_ids=batch["input_ids"].to(self.model.device),
+                                         attention_mask=batch["attention_mask"].to(self.model.device),
                                          generation_config=self.generation_config, tokenizer=self.tokenizer)
         sequences = getattr(output, "sequences", output)  # a GenerateOutput with return_dict_in_generate
         answers = [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in sequences]

@@ -340,16 +340,14 @@ def _same_model(a: str, b: str) -> bool:
 
 def summarize_model(model, quantization: dict | None) -> ModelSummary:
     """Trainable and total parameters (4-bit weights counted as their logical size)."""
+    from peft import PeftModel
+
     from qlora_cli.experts import packed_expert_numels
 
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(_logical_numel(p) for p in model.parameters())
+    # peft's count reads only `named_parameters()`, so it serves a model without LoRA as well. It
+    # counts a 4-bit Linear weight (Params4bit) at its logical size, but 4-bit experts are plain
+    # uint8 tensors under a parametrization: those are corrected from their quantization state.
+    trainable, total = PeftModel.get_nb_trainable_parameters(model)
     total += sum(logical - packed for logical, packed in packed_expert_numels(model))
     return ModelSummary(trainable, total, model.get_memory_footprint(), describe_quantization(quantization),
                         lora_by_kind(model))
-
-
-def _logical_numel(param) -> int:
-    # bitsandbytes packs two 4-bit weights per uint8 element.
-    shape = getattr(getattr(param, "quant_state", None), "shape", None)
-    return int(shape.numel()) if shape is not None else param.numel()

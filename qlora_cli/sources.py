@@ -193,9 +193,9 @@ _FILE_SUFFIXES = {".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt
 
 
 def _looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return (len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
-            and Path(name).suffix.lower() not in _FILE_SUFFIXES)
+    from qlora_cli.tokenizer import is_hub_id
+
+    return name.count("/") == 1 and is_hub_id(name) and Path(name).suffix.lower() not in _FILE_SUFFIXES
 
 
 def _read_hub_dataset(name: str, split: str) -> list[tuple[str, Any]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -132,13 +131,23 @@ def describe_padding(tokenizer) -> str:
 def _check_local_path(spec: str) -> None:
     # A hub id is "name" or "owner/name"; anything else must be an existing path, so a typo fails
     # here with the key to fix instead of as a hub 404 or a network timeout.
-    is_hub_id = re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", spec) is not None
-    if not is_hub_id and not Path(spec).expanduser().exists():
+    if not is_hub_id(spec) and not Path(spec).expanduser().exists():
         raise UserError(
             f"tokenizer path {spec!r} does not exist",
             where="model.tokenizer",
             fix=f"give an existing folder, a hub id, or one of {', '.join(_valid_names())}",
         )
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` can be a hub repo id ("name" or "owner/name"), by huggingface_hub's own rules."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _valid_names() -> list[str]:
