@@ -313,7 +313,7 @@ def _build_training_for_check(training: dict, origins: dict[str, str], has_valid
     would refuse only once training starts."""
     args = build_training_arguments(training, origins, has_validation=has_validation, method=method)
     errors = [*_ask_optimizer(args, training, origins, method), *_ask_seeds(args, origins), *_ask_data_loader(args, origins),
-              *_check_step_counts(args, training, origins)]
+              *_check_step_counts(args, training, origins), *_check_kto_batches(args, origins, method)]
     if errors:
         raise combined(errors)
     return args
@@ -425,6 +425,26 @@ def _check_step_counts(args, training: dict, origins: dict[str, str]) -> list[Us
         if getattr(args, strategy) == "steps" and value is not None and value <= 0:
             errors.append(_refused(f"training.{key}", value, f"with {strategy} steps it must be more than 0 (a whole "
                                    "number of steps, or a fraction of the run below 1)", origins))
+    return errors
+
+
+def _check_kto_batches(args, origins: dict[str, str], method: str) -> list[UserError]:
+    """What TRL's KTOTrainer refuses only once the model has loaded: its KL term (every loss_type
+    but apo_zero_unpaired) pairs each completion with the previous example's prompt within a batch,
+    so a batch needs 2 examples or more and keeps its order (`train_sampling_strategy: sequential`)."""
+    if method != "kto" or args.loss_type == "apo_zero_unpaired":
+        return []
+    errors = []
+    if args.per_device_train_batch_size <= 1:
+        errors.append(_refused("training.per_device_train_batch_size", args.per_device_train_batch_size,
+                               f"KTO's KL term (loss_type {args.loss_type}) pairs each completion with another example's "
+                               "prompt of the same batch, so it needs 2 examples per device or more", origins,
+                               fix="use 2 or more (e.g. 8), or loss_type: apo_zero_unpaired, which has no KL term"))
+    if args.train_sampling_strategy != "sequential":
+        errors.append(_refused("training.train_sampling_strategy", args.train_sampling_strategy,
+                               f"KTO's KL term (loss_type {args.loss_type}) pairs neighbours of a fixed-order batch",
+                               origins, fix="remove the key (KTOConfig's default is sequential; `qlora prepare` "
+                               "already shuffles the examples)"))
     return errors
 
 

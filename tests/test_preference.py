@@ -182,6 +182,18 @@ def test_training_is_checked_against_the_methods_config_class():
                       "training.loss_type", "kto, apo_zero_unpaired")
 
 
+def test_kto_refuses_what_its_kl_term_cannot_do_at_validate_time():
+    # TRL's KL estimate pairs each completion with a neighbour's prompt of the same fixed-order batch.
+    assert_user_error(qlora("config", "validate", "tiny-mistral-kto", "training.per_device_train_batch_size=1"),
+                      "training.per_device_train_batch_size", "2 examples per device", "apo_zero_unpaired", wrapped=True)
+    assert_user_error(qlora("config", "validate", "tiny-mistral-kto", "training.train_sampling_strategy=random"),
+                      "training.train_sampling_strategy", "sequential", wrapped=True)
+    # Without a KL term one example per device is fine; SFT and DPO are not concerned.
+    assert qlora("config", "validate", "tiny-mistral-kto", "training.per_device_train_batch_size=1",
+                 "training.loss_type=apo_zero_unpaired").exit_code == 0
+    assert qlora("config", "validate", "tiny-mistral-dpo", "training.per_device_train_batch_size=1").exit_code == 0
+
+
 def test_plan_counts_two_sequences_per_pair_and_the_reference_forward(tmp_path):
     result = qlora("plan", "tiny-mistral-dpo", f"data.prepared_dir={tmp_path}")
     assert result.exit_code == 0, result.output
