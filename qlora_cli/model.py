@@ -276,6 +276,13 @@ def copy_dequantized_weights(quantized_model, model) -> None:
 
     Read from the loaded 4-bit model, not from a rule of our own, so exactly the modules
     transformers quantized change: not the output head, not `llm_int8_skip_modules`.
+
+    Not `PreTrainedModel.dequantize` (transformers 5.24, `dequantize_and_replace`): it replaces
+    only `bnb.nn.Linear4bit` modules, so the 4-bit experts (experts.py) would stay 4-bit; it turns
+    the 4-bit model itself into the merge base, so the weights training kept unquantized would be
+    those loaded in `model.dtype` instead of the checkpoint's in `merge.dtype` (bf16 embeddings and
+    lm_head in a float32 merge); and on a model whose only 4-bit weights are experts it fails
+    (`has_been_replaced` is assigned only inside its loop).
     """
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
