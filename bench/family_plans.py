@@ -26,6 +26,32 @@ PUBLISHED = {  # recipe -> its checkpoint's architecture (config.json values)
 }
 SHAPES = [(1, 2048), (4, 2048)]
 
+# Mixture-of-experts rows: (recipe, config values, overrides, GPUs). Mixtral's values are its
+# checkpoints' config.json as remembered (8x22B: v0.1's vocabulary of 32,000), not read from the
+# hub; Mistral Small 4 and Large 4 are transformers' own config classes (Mistral4Config,
+# MistralLarge4Config), whose defaults are those checkpoints (their docstrings name
+# mistralai/Mistral-Small-4-119B-2603 and mistralai/Mistral-Large-4-1T-A52B). Vocabulary sizes are
+# the configs' (no tokenizer for them here). With GPUs > 1 the row is FSDP across them.
+MIXTRAL_8X7B = {"model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+                "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+                "num_experts_per_tok": 2, "max_position_embeddings": 32768, "rope_theta": 1.0e6}
+MIXTRAL_8X22B = {**MIXTRAL_8X7B, "hidden_size": 6144, "intermediate_size": 16384, "num_hidden_layers": 56,
+                 "num_attention_heads": 48, "max_position_embeddings": 65536}
+FSDP = ["training.fsdp=true", "training.fsdp_config={activation_checkpointing: true}",
+        "training.activation_checkpointing=false"]
+EXPERT_LORA = ["lora.target_parameters=[experts]"]
+MOE = {
+    "Mixtral-8x7B": ("mixtral-8x7b", MIXTRAL_8X7B, [], 1),
+    "Mixtral-8x22B": ("mixtral-8x7b", MIXTRAL_8X22B, [], 1),
+    "Mixtral-8x22B, FSDP": ("mixtral-8x7b", MIXTRAL_8X22B, FSDP, 2),
+    "Mistral Small 4": ("mistral-small-4", {"model_type": "mistral4"}, [], 1),
+    "Mistral Small 4 + expert LoRA": ("mistral-small-4", {"model_type": "mistral4"}, EXPERT_LORA, 1),
+    "Mistral Small 4, FSDP": ("mistral-small-4", {"model_type": "mistral4"}, FSDP, 2),
+    "Mistral Small 4 + expert LoRA, FSDP": ("mistral-small-4", {"model_type": "mistral4"}, [*FSDP, *EXPERT_LORA], 2),
+    "Mistral Large 4, FSDP": ("mistral-small-4", {"model_type": "mistral_large4", "text_config": {
+        "model_type": "mistral_large4_text"}, "vision_config": {"model_type": "pixtral"}}, FSDP, 8),
+}
+
 
 def plan_gib(name: str) -> dict:
     from qlora_cli.tokenizer import load_recipe_tokenizer
@@ -41,8 +67,26 @@ def plan_gib(name: str) -> dict:
     return {"params": shape.total_params, **totals}
 
 
+def moe_plan_gib(label: str) -> dict:
+    from qlora_cli.families import build_init_config
+    from qlora_cli.plan import recipe_settings
+    from qlora_cli.plan_memory import GiB, memory_items, model_shape
+    from qlora_cli.recipe import load_recipe
+
+    name, values, overrides, gpus = MOE[label]
+    recipe = load_recipe([name], ["~model.name_or_path", f"model.init_from_config={json.dumps(values)}", *overrides])
+    shape = model_shape(build_init_config(recipe.model.init_from_config))
+    settings = recipe_settings(recipe, shape, gpus=gpus)
+    totals = {f"{b}x{s}": sum(i.bytes for i in memory_items(shape, settings, b, s)) / GiB for b, s in SHAPES}
+    return {"params": shape.total_params, "gpus": gpus, **totals}
+
+
 if __name__ == "__main__":
     for name in PUBLISHED:
         result = plan_gib(name)
         print(f"{name:24} {result['params'] / 1e9:5.1f} B params  "
               + "  ".join(f"{k}: {v:5.1f} GiB" for k, v in result.items() if k != "params"))
+    for label in MOE:
+        result = moe_plan_gib(label)
+        print(f"{label:36} {result['params'] / 1e9:6.1f} B params  {result['gpus']} GPU  "
+              + "  ".join(f"{k}: {v:6.1f} GiB/GPU" for k, v in result.items() if "x" in k))
