@@ -11,7 +11,7 @@ really allocates, checked against the tensors of a loaded tiny model in tests/te
 - peft keeps LoRA weights in fp32 (`autocast_adapter_dtype`), hence fp32 gradients too (in
   `model.dtype` under FSDP);
 - activations are the tensors autograd saves per token (derived from Mistral's forward, see
-  `layer_activation_bytes`), the logits cost 12 bytes per token per vocabulary entry at the
+  `layer_activation_bytes`; MoE layers: the routed experts' loop and MLA attention), the logits cost 12 bytes per token per vocabulary entry at the
   start of the backward pass (fp32 log-probabilities saved by cross-entropy, their gradient and
   the gradient of the logits).
 """
@@ -70,6 +70,11 @@ class ModelShape:
     @property
     def total_params(self) -> int:
         return sum(i * o for _, i, o in self.linears) + sum(self.other_params.values()) + self.expert_params
+
+    @property
+    def moe_layers(self) -> int:
+        """How many layers hold fused experts (the rest have a dense MLP)."""
+        return len({name.rsplit(".", 1)[0] for name, *_ in self.experts})
 
     @property
     def expert_params(self) -> int:
@@ -239,7 +244,7 @@ def layer_activation_bytes(shape: ModelShape, s: Settings, dropout: bool | None 
     kv = shape.kv_heads * shape.head_dim
     saved = 2 * (4 * shape.hidden + 4)  # two norms: input cast to fp32 + 1/rms
     saved += _mla_bytes(shape, s) if shape.mla else mm * (2 * attn + 2 * kv) + 4 * shape.heads  # sdpa: q, k, v, out, lse
-    moe_layers = len({name.rsplit(".", 1)[0] for name, *_ in shape.experts})
+    moe_layers = shape.moe_layers
     # Averaged over the layers: dense MLPs save SiLU's input and output and up_proj's output.
     saved += (3 * res * shape.intermediate * (shape.layers - moe_layers) + _routed_expert_bytes(shape, s) * moe_layers) \
         // shape.layers
@@ -279,8 +284,7 @@ def expert_weight_bytes(shape: ModelShape, s: Settings) -> int:
     in) for the input's gradient."""
     if not shape.experts:
         return 0
-    moe_layers = len({name.rsplit(".", 1)[0] for name, *_ in shape.experts})
-    return s.matmul_bytes * shape.expert_params // moe_layers
+    return s.matmul_bytes * shape.expert_params // shape.moe_layers
 
 
 def _lora_input_bytes(shape: ModelShape, s: Settings, dropout: bool) -> int:
@@ -318,12 +322,11 @@ def activation_bytes(shape: ModelShape, s: Settings, batch: int, seq: int) -> in
     tokens = batch * seq
     layer = layer_activation_bytes(shape, s) * tokens
     final_norm = ((4 + s.residual_bytes) * shape.hidden + 4) * tokens  # fp32 input, 1/rms, lm_head's input
-    moe_layers = len({name.rsplit(".", 1)[0] for name, *_ in shape.experts})
     if s.checkpointing:
         # Each layer keeps only its input; the backward pass recomputes one layer at a time.
         kept = shape.layers * s.residual_bytes * shape.hidden * tokens + layer + expert_weight_bytes(shape, s)
     else:
-        kept = shape.layers * layer + moe_layers * expert_weight_bytes(shape, s)
+        kept = shape.layers * layer + shape.moe_layers * expert_weight_bytes(shape, s)
     masks = batch * seq * seq if s.packed_mask else 0
     if s.eager_attention:  # eager attention saves the softmax of the scores in every layer
         masks += (1 if s.checkpointing else shape.layers) * batch * shape.heads * seq * seq * s.matmul_bytes * 2
