@@ -11,9 +11,9 @@ really allocates, checked against the tensors of a loaded tiny model in tests/te
 - peft keeps LoRA weights in fp32 (`autocast_adapter_dtype`), hence fp32 gradients too (in
   `model.dtype` under FSDP);
 - activations are the tensors autograd saves per token (derived from Mistral's forward, see
-  `layer_activation_bytes`; MoE layers: the routed experts' loop and MLA attention), the logits cost 12 bytes per token per vocabulary entry at the
-  start of the backward pass (fp32 log-probabilities saved by cross-entropy, their gradient and
-  the gradient of the logits).
+  `layer_activation_bytes`; in MoE layers the routed experts' loop and MLA attention), the
+  logits cost 12 bytes per token per vocabulary entry at the start of the backward pass (fp32
+  log-probabilities saved by cross-entropy, their gradient and the gradient of the logits).
 """
 
 from __future__ import annotations
