@@ -50,6 +50,40 @@ def qlora_cache(tmp_path_factory):
         os.environ["QLORA_CACHE"] = previous
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _converted_tokenizers_read_once(qlora_cache):
+    """Each converted tokenizer folder in the test cache is read by transformers once per session;
+    later loads of the same unchanged files get a fresh copy of that tokenizer.
+
+    Reading a converted folder takes ~0.5 s (transformers parses its 3.5 MB tokenizer.json in
+    Python three times) and the CLI tests load one per command, about a hundred times in the fast
+    tier. A pickle copy of the tokenizer transformers built takes ~0.07 s and is a separate object,
+    so a test that sets a pad token or a chat template changes only its own. Keyed by the folder's
+    files (name, size, mtime, inode): a folder converted again is read again. Other paths and any
+    extra argument go straight to transformers."""
+    import pickle
+
+    from transformers import AutoTokenizer
+
+    read = AutoTokenizer.from_pretrained
+    converted = qlora_cache / "tokenizers"
+    loaded: dict[tuple, bytes] = {}
+
+    def from_pretrained(path, *args, **kwargs):
+        folder = Path(path)
+        if args or kwargs or folder.parent != converted or not folder.is_dir():
+            return read(path, *args, **kwargs)
+        key = (folder, *sorted((f.name, s.st_size, s.st_mtime_ns, s.st_ino) for f in folder.iterdir()
+                               for s in [f.stat()]))
+        if key not in loaded:
+            loaded[key] = pickle.dumps(read(path))
+        return pickle.loads(loaded[key])
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(AutoTokenizer, "from_pretrained", from_pretrained)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _no_user_recipe_path(monkeypatch):
     # A developer's own $QLORA_RECIPE_PATH must not change what the tests find.
