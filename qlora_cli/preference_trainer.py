@@ -19,12 +19,15 @@ from trl import DPOTrainer, KTOTrainer
 from qlora_cli.trainer import TOKENS_KEY, RunTrainer
 
 REFERENCE_ADAPTER = "ref"  # the name TRL gives its frozen copy of a starting adapter
+# The columns TRL's precompute_ref_log_probs adds (DPO: per pair; KTO: per example and its KL twin).
+REFERENCE_LOG_PROBS = ("ref_chosen_logps", "ref_rejected_logps", "ref_logps", "ref_KL_logps")
 
 
 @dataclass
 class PreferenceCollator:
     """Prompt + answer sequences padded to the longest of the batch, with TRL's `completion_mask`
-    taken from our answer masks (DPO: chosen rows first, then rejected; KTO: with its KL rows)."""
+    taken from our answer masks (DPO: chosen rows first, then rejected; KTO: with its KL rows), and
+    the reference log-probs TRL precomputed, where it did."""
 
     pad_token_id: int
     answers: tuple[str, ...]  # ("chosen", "rejected") or ("completion",) [+ "KL_completion"]
@@ -39,6 +42,9 @@ class PreferenceCollator:
             if "KL_completion_ids" in rows[0]:
                 batch |= self._sequences(rows, ("KL_completion",), "KL_")
             batch["label"] = torch.tensor([bool(row["label"]) for row in rows])
+        for key in REFERENCE_LOG_PROBS:  # `training.precompute_ref_log_probs`: TRL added them to the rows
+            if key in rows[0]:
+                batch[key] = torch.tensor([row[key] for row in rows])
         batch[TOKENS_KEY] = int(batch["attention_mask"].sum())
         return batch
 

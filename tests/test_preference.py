@@ -199,3 +199,15 @@ def test_plan_counts_two_sequences_per_pair_and_the_reference_forward(tmp_path):
     assert result.exit_code == 0, result.output
     assert "8 examples per step run as 16 sequences" in result.output
     assert "reference forward with the adapter off" in result.output and "16 x 51 tokens" in result.output
+
+
+def test_collator_keeps_the_reference_log_probs_trl_precomputed():
+    # training.precompute_ref_log_probs: TRL adds them to the rows; dropping them crashed the first step.
+    from qlora_cli.preference_trainer import PreferenceCollator
+
+    rows = [{"prompt_ids": [1, 5], "chosen_ids": [7, 2], "chosen_mask": [1, 1], "rejected_ids": [8], "rejected_mask": [1],
+             "ref_chosen_logps": -1.5, "ref_rejected_logps": -2.5}]
+    batch = PreferenceCollator(pad_token_id=0, answers=("chosen", "rejected"))(rows)
+    assert batch["input_ids"].tolist() == [[1, 5, 7, 2], [1, 5, 8, 0]]
+    assert batch["completion_mask"].tolist() == [[0, 0, 1, 1], [0, 0, 1, 0]]
+    assert batch["ref_chosen_logps"].tolist() == [-1.5] and batch["ref_rejected_logps"].tolist() == [-2.5]
