@@ -4,16 +4,19 @@ qlora: `qlora train recipes/tiny-mistral-dpo.yaml` (pairs encoded by the mistral
 our collator). Baseline: `trl.DPOTrainer` given the same 4-bit base + LoRA and the raw pairs as
 text, tokenized by TRL itself with its own collator (no chat template: the v1 `[INST]` format is
 written into the prompt text). Same schedule, batch, seed. Each side runs in its own process, so
-its peak RSS is its own. Prints pairs/s, peak memory and held-out reward accuracy, and the ratio.
+its peak RSS is its own. The sides alternate --repeats times; prints each run, then each side's
+median pairs/s, peak memory and held-out reward accuracy and the ratios, as RESULTS.md rows.
 
-    python bench/dpo_speed.py [--epochs 2]
+    python bench/dpo_speed.py [--epochs 2] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,28 +77,47 @@ def child(side: str, folder: Path, epochs: int) -> None:
     print("RESULT " + json.dumps(figures))
 
 
+def run_side(side: str, folder: str, epochs: int) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--side", side, "--folder", folder, "--epochs", str(epochs)],
+                          capture_output=True, text=True, cwd=ROOT)
+    line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        sys.exit(f"{side} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each side, alternated (medians reported)")
     parser.add_argument("--side", choices=["qlora", "trl"])
     parser.add_argument("--folder", type=Path)
     options = parser.parse_args()
     if options.side:
         return child(options.side, options.folder, options.epochs)
-    results = {}
+    runs: dict[str, list[dict]] = {"qlora": [], "trl": []}
     with tempfile.TemporaryDirectory() as folder:
-        for side in ("qlora", "trl"):
-            done = subprocess.run([sys.executable, __file__, "--side", side, "--folder", folder,
-                                   "--epochs", str(options.epochs)], capture_output=True, text=True, cwd=ROOT)
-            line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if line is None:
-                sys.exit(f"{side} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-            results[side] = json.loads(line[len("RESULT "):])
-    for side, figures in results.items():
-        print(f"{side:6s} " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()))
-    q, t = results["qlora"], results["trl"]
-    print(f"ratio qlora/trl: pairs/s {q['pairs_per_s'] / t['pairs_per_s']:.2f}x, "
-          f"peak memory {q['peak_rss_mib'] / t['peak_rss_mib']:.2f}x")
+        # On a shared machine the load drifts: alternate the sides (qlora first, then TRL first)
+        # so that neither gets the quiet minutes, and report each side's median.
+        for repeat in range(options.repeats):
+            for side in (("qlora", "trl") if repeat % 2 == 0 else ("trl", "qlora")):
+                figures = run_side(side, folder, options.epochs)
+                runs[side].append(figures)
+                print(f"run {repeat + 1} {side:5s} " + "  ".join(
+                    f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()), flush=True)
+    medians = {side: {key: statistics.median(r[key] for r in results if r[key] is not None)
+                      for key in ("pairs_per_s", "peak_rss_mib", "eval_reward_accuracy")}
+               for side, results in runs.items()}
+    q, t = medians["qlora"], medians["trl"]
+    print(f"\nmedians of {options.repeats} alternated runs per side, {options.epochs} epoch(s); rows for bench/RESULTS.md:\n")
+    print("| date       | side  | pairs/s | peak RSS MiB | held-out reward accuracy |")
+    print("|------------|-------|--------:|-------------:|-------------------------:|")
+    today = datetime.date.today().isoformat()
+    for side, label in (("qlora", "qlora"), ("trl", "TRL")):
+        m = medians[side]
+        print(f"| {today} | {label:5s} | {m['pairs_per_s']:.3f} | {m['peak_rss_mib']:,.0f} | {m['eval_reward_accuracy']:.3f} |")
+    print(f"| ratio      |       | {q['pairs_per_s'] / t['pairs_per_s']:.2f}x | {q['peak_rss_mib'] / t['peak_rss_mib']:.2f}x "
+          f"| {q['eval_reward_accuracy'] - t['eval_reward_accuracy']:+.3f} |")
 
 
 if __name__ == "__main__":
