@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from qlora_cli.errors import UserError
+from qlora_cli.errors import UserError, forget_origins, located
 from qlora_cli.launch import STATUS_VARIABLE, plan_then_launch, run_rank
 
 app = typer.Typer(
@@ -55,11 +55,13 @@ def user_command(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        forget_origins()  # another command's recipe (CliRunner runs several in one process)
         try:
             return func(*args, **kwargs)
         except UserError as err:
             if os.environ.get("RANK", "0") == "0":  # every rank finds the same mistake: say it once
-                err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+                err_console.print(f"[bold red]error:[/] {escape(str(located(err)))}", highlight=False,
+                                  soft_wrap=True)
             raise typer.Exit(2) from None
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise

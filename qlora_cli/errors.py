@@ -46,6 +46,30 @@ def combined(errors: list[UserError]) -> UserError:
     return errors[0] if len(errors) == 1 else UserErrors(errors)
 
 
+# The origins of the recipe the running command loaded: load_recipe remembers them, the CLI edge
+# forgets them when a command starts and reads them when it shows an error, so that an error raised
+# deep in a stage with a bare key (`where="merge.output_dir"`) names the file:line that set it.
+_recipe_origins: dict[str, str] = {}
+
+
+def remember_origins(origins: dict[str, str]) -> None:
+    _recipe_origins.clear()
+    _recipe_origins.update(origins)
+
+
+def forget_origins() -> None:
+    _recipe_origins.clear()
+
+
+def located(err: UserError) -> UserError:
+    """`err` with each bare recipe key it names as its place (`lora.r`) shown as
+    `recipe.yaml:12: lora.r` (or `override: lora.r`), where the loaded recipe set that key."""
+    for error in err.errors:
+        if error.where in _recipe_origins:
+            error.where = f"{_recipe_origins[error.where]}: {error.where}"
+    return err
+
+
 def where_of(origins: dict[str, str], key: str, default: str | None = None) -> str | None:
     """Where a recipe set `key`: its file and line, or the override that did; else `default`
     (a parent key, or where a neighbour was set), by default the key itself."""

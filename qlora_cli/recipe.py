@@ -19,7 +19,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from qlora_cli.errors import UserError, combined, where_of
+from qlora_cli.errors import UserError, combined, remember_origins, where_of
 from qlora_cli.sections import DataSection, MergeSection, ModelSection
 
 SECTIONS = ("model", "quantization", "lora", "data", "training", "merge", "generate", "eval")
@@ -465,6 +465,7 @@ def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
         errors += check_model_objects(typed["model"], raw.origins)
     if errors:
         raise combined(errors)
+    remember_origins(raw.origins)
     return Recipe(
         **typed, quantization=resolved.get("quantization"), lora=resolved.get("lora"),
         training=resolved["training"], generate=resolved.get("generate") or {},

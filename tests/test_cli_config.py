@@ -82,6 +82,21 @@ def test_recipe_file_errors_name_file_and_line_and_are_all_reported(workdir):
     assert "override: `merge.dtype` is 'int8'" in result.stderr
 
 
+@pytest.mark.slow  # train loads the tokenizer and plans before it opens the run folder
+def test_an_error_found_after_loading_names_the_file_and_line_of_its_key(workdir):
+    # The run folder is checked in the train stage, long after the recipe loaded; /proc takes no
+    # new folder, even from root.
+    (workdir / "mine.yaml").write_text("extends: tiny-mistral\ntraining:\n  output_dir: /proc/qlora-run\n")
+    result = qlora("train", "mine.yaml")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "mine.yaml:3: training.output_dir: cannot write the run folder" in result.stderr
+    result = qlora("train", "tiny-mistral", "training.output_dir=/proc/qlora-run")
+    assert result.exit_code == 2 and "override: training.output_dir: cannot write the run folder" in result.stderr
+    # the next command in the same process, whose recipe never loads, is not told the last one's place
+    result = qlora("merge", "no-such-recipe", "training.output_dir=/proc/qlora-run")
+    assert result.exit_code == 2 and "override" not in result.stderr
+
+
 def test_an_extends_cycle_exits_2_naming_both_files(workdir):
     (workdir / "a.yaml").write_text("extends: b.yaml\n")
     (workdir / "b.yaml").write_text("extends: a.yaml\n")
