@@ -69,9 +69,10 @@ def test_kto_reaches_held_out_signed_accuracy(tmp_path, prepared_dir):
     result = qlora("train", "tiny-mistral-kto", *dpo_args(root, prepared_dir)[1:])
     assert result.exit_code == 0, result.output
     metrics = json.loads((root / "run.json").read_text())["metrics"]
-    # Held-out share of examples whose reward has their label's sign: 0.825 measured at 2 epochs
-    # (the base: 0.5 by chance); the 0.9 needs a longer schedule than a test can afford.
-    assert metrics["eval_rewards/accuracies"] >= 0.75, metrics
+    # Held-out share of examples whose reward has their label's sign (the base: 0.5 by chance):
+    # measured as a `qlora train` command at 2 epochs: 0.975 with the recipe's beta 1.0, 0.85 with beta 0.1
+    # (beta 0.5: 0.975 as a command but 0.85 in this test's process, so 0.5 was too close to the edge).
+    assert metrics["eval_rewards/accuracies"] >= 0.9, metrics
     assert metrics["eval_rewards/chosen"] > 0 > metrics["eval_rewards/rejected"]
 
 
