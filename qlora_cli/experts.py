@@ -2,8 +2,8 @@
 
 transformers 5 stores the experts of a MoE layer as fused 3-D parameters (experts x out x in)
 of one module, not as `nn.Linear` layers, so bitsandbytes' Linear replacement leaves them in
-16/32 bits: nearly all of Mixtral's weights. Each of them is quantized here after loading with
-bitsandbytes' own primitive for parameters outside `nn.Linear`
+16/32 bits: nearly all of Mixtral's weights. Each of them is quantized here as it loads (see
+`quantizing_experts_on_load`), with bitsandbytes' own primitive for parameters outside `nn.Linear`
 (`bitsandbytes.nn.parametrize.replace_parameter_4bit`): the uint8 codes and their quantization
 state replace the tensor, and a torch parametrization dequantizes it when the experts' own
 forward reads it. LoRA reaches those tensors through peft's `target_parameters`.
@@ -71,8 +71,6 @@ def quantize_experts(model, expert_modules: tuple[str, ...], quantization: dict 
 
     Per expert: a 4-bit block never spans two experts (each expert's matrix holds a whole
     number of 64-weight blocks), so every expert has its own scales, as a Linear layer would."""
-    from bitsandbytes.nn.parametrize import replace_parameter_4bit
-
     if not quantization or not quantization.get("load_in_4bit"):
         return 0
     skip = tuple(quantization.get("llm_int8_skip_modules") or ())
@@ -85,10 +83,83 @@ def quantize_experts(model, expert_modules: tuple[str, ...], quantization: dict 
             raise UserError(f"expert tensor `{name}.{param_name}` {tuple(shape)} does not split into "
                             f"{BLOCK}-weight blocks per expert", where="model",
                             fix=f"keep it 16-bit with quantization.llm_int8_skip_modules=[{name}]")
-        replace_parameter_4bit(module, param_name, compress_statistics=bool(quantization[
-            "bnb_4bit_use_double_quant"]), quant_type=quantization["bnb_4bit_quant_type"])
+        _quantize(module, param_name, quantization)
         count += 1
     return count
+
+
+def _quantize(module, param_name: str, quantization: dict) -> None:
+    from bitsandbytes.nn.parametrize import replace_parameter_4bit
+
+    replace_parameter_4bit(module, param_name, compress_statistics=bool(quantization[
+        "bnb_4bit_use_double_quant"]), quant_type=quantization["bnb_4bit_quant_type"])
+
+
+@contextmanager
+def quantizing_experts_on_load(expert_modules: tuple[str, ...], quantization: dict | None):
+    """While a `from_pretrained` runs inside it, store each expert tensor in 4 bits (as
+    `quantize_experts` would) right after transformers sets it on its module, before the next
+    tensor loads: the load peak holds the 4-bit weights and one expert tensor in model.dtype,
+    not every expert (Mixtral-8x7B's 87 GiB of bf16 experts would not load on an 80 GB GPU).
+
+    transformers 5.24 has no hook for this: its bitsandbytes quantizer quantizes only what it
+    turned into `Linear4bit` (`param_needs_quantization`), and its quantize op makes `Params4bit`
+    for a Linear layer, not the parametrization bitsandbytes gives a tensor outside one. So this
+    wraps the one function its loading loop calls for every tensor it sets,
+    `core_model_loading.set_param_for_module`, and only for the duration of the block. Tensors it
+    leaves (skipped, not whole 64-weight blocks per expert, offloaded to disk) are left for
+    `quantize_experts`, which runs after loading and skips what is already quantized, as it
+    would all of them on a transformers without that function (tests/test_experts.py notices)."""
+    import transformers.core_model_loading as loading
+
+    if not quantization or not quantization.get("load_in_4bit") or not hasattr(loading, "set_param_for_module"):
+        yield
+        return
+    skip = tuple(quantization.get("llm_int8_skip_modules") or ())
+    original = loading.set_param_for_module
+    quantized: dict[nn.Module, list[str]] = {}
+
+    def set_and_quantize(model, target_name, param_value, *args, **kwargs):
+        original(model, target_name, param_value, *args, **kwargs)
+        module_name, _, param_name = target_name.rpartition(".")
+        if (param_value.ndim != 3 or skipped(target_name, skip) or (param_value.shape[1] * param_value.shape[2]) % BLOCK
+                or not any(module_name == s or module_name.endswith(f".{s}") for s in expert_modules)):
+            return
+        module = model.get_submodule(module_name)
+        loaded = module._parameters.get(param_name)
+        if loaded is None or loaded.shape != param_value.shape:  # not set: unexpected or mismatched
+            return
+        _quantize(module, param_name, quantization)
+        quantized.setdefault(module, []).append(param_name)
+        # the codes are loaded weights: transformers must not initialize the module as missing
+        module.parametrizations[param_name].original._is_hf_initialized = True
+        if all(getattr(t, "_is_hf_initialized", False) for t in [*module.parameters(recurse=False),
+                                                                *module.buffers(recurse=False)]):
+            module._is_hf_initialized = True
+
+    loading.set_param_for_module = set_and_quantize
+    try:
+        yield
+    finally:
+        loading.set_param_for_module = original
+    for module, names in quantized.items():
+        _in_name_order(module, names)
+
+
+def _in_name_order(module, names: list[str]) -> None:
+    """Order `module`'s 4-bit tensors `names` as `quantize_experts` would have: by name.
+
+    The checkpoint's order quantized gate_up_proj before down_proj. The order of
+    `parametrizations` is the model's parameter order and how peft nests the experts' LoRA (an
+    adapter's keys); the order of bitsandbytes' state-dict hooks (one per tensor) is the state
+    dict's. Both are moved, same objects, so the model is the one `quantize_experts` makes."""
+    for name in sorted(names):
+        module.parametrizations._modules[name] = module.parametrizations._modules.pop(name)
+    hooks = module._state_dict_hooks
+    ours = {getattr(hook, "keywords", {}).get("param_name"): key for key, hook in hooks.items()}
+    for name in sorted(names):
+        if name in ours:
+            hooks.move_to_end(ours[name])
 
 
 def quantized_tensors(module, param_name: str) -> list:

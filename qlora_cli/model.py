@@ -114,7 +114,7 @@ def load_base_model(recipe, *, quantized: bool = True, dtype=None, device_map=No
     recipe's when the caller has it (an `init_from_config` model is built with it)."""
     from transformers import AutoConfig
 
-    from qlora_cli.experts import quantize_experts
+    from qlora_cli.experts import quantize_experts, quantizing_experts_on_load
     from qlora_cli.families import auto_model_class, checkpoint_family, kept_16bit
 
     model = recipe.model
@@ -123,16 +123,18 @@ def load_base_model(recipe, *, quantized: bool = True, dtype=None, device_map=No
         config = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code, revision=model.revision)
         family = checkpoint_family(config, trust_remote_code=model.trust_remote_code)
         bnb = build_bnb_config(kept_16bit(family, recipe.quantization), recipe.origins) if quantized else None
-        loaded = auto_model_class(family).from_pretrained(
-            path,
-            config=config,
-            quantization_config=bnb,
-            dtype=dtype or to_dtype(model.dtype, recipe.where("model.dtype"), "model.dtype"),
-            attn_implementation=model.attn_implementation,
-            trust_remote_code=model.trust_remote_code,
-            revision=model.revision,
-            device_map=device_map,
-        )
+        experts_4bit = quantization_values(kept_16bit(family, recipe.quantization)) if bnb is not None else None
+        with quantizing_experts_on_load(family.expert_modules, experts_4bit):
+            loaded = auto_model_class(family).from_pretrained(
+                path,
+                config=config,
+                quantization_config=bnb,
+                dtype=dtype or to_dtype(model.dtype, recipe.where("model.dtype"), "model.dtype"),
+                attn_implementation=model.attn_implementation,
+                trust_remote_code=model.trust_remote_code,
+                revision=model.revision,
+                device_map=device_map,
+            )
     except OSError as err:
         raise UserError(f"cannot load model `{model.name_or_path}`: {err}", where="model.name_or_path",
                         fix="give a local folder with config.json and safetensors weights, or a hub id "
@@ -149,8 +151,8 @@ def load_base_model(recipe, *, quantized: bool = True, dtype=None, device_map=No
                         "the recipe allows it", where="model.trust_remote_code",
                         fix="read that code, then set model.trust_remote_code: true") from None
     _keep_4bit_compute_dtype(loaded)
-    if bnb is not None:
-        quantize_experts(loaded, family.expert_modules, quantization_values(kept_16bit(family, recipe.quantization)))
+    if bnb is not None:  # what loading left: a tensor not quantized on load raises its error here
+        quantize_experts(loaded, family.expert_modules, experts_4bit)
     return loaded
 
 

@@ -52,6 +52,34 @@ def test_a_4bit_mixtral_keeps_no_expert_tensor_in_16_or_32_bits(base):
     assert state.quant_type == "nf4" and state.state2 is not None  # as the recipe says: nf4 + double quant
 
 
+def test_the_experts_turn_4bit_as_they_load_into_the_model_quantizing_after_loading_makes(base):
+    """Each expert tensor is quantized as transformers sets it, so a load never holds all experts
+    in model.dtype (bench/moe_experts.py --load measures the peak); the model is the same one."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_cli.builders import build_bnb_config, quantization_values
+    from qlora_cli.experts import quantize_experts, quantizing_experts_on_load
+    from qlora_cli.families import family_of, kept_16bit
+    from qlora_cli.model import model_path
+
+    recipe = mixtral_recipe()
+    quantization = kept_16bit(family_of("mixtral"), recipe.quantization)
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(model_path(recipe), dtype=torch.float32,
+                                                    quantization_config=build_bnb_config(quantization, {}))
+
+    with quantizing_experts_on_load(EXPERTS, quantization_values(quantization)):
+        on_load = load()
+    assert all(is_quantized(module, p) for _, module, p in expert_parameters(on_load, EXPERTS))
+    after = load()
+    assert quantize_experts(after, EXPERTS, quantization_values(quantization)) == 4
+    assert [n for n, _ in on_load.named_parameters()] == [n for n, _ in after.named_parameters()]
+    ours, theirs = on_load.state_dict(), after.state_dict()
+    assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert list(ours) == list(base.state_dict())
+
+
 def test_fp4_without_double_quantization_is_what_the_recipe_asks_for():
     from qlora_cli.model import load_base_model
 
