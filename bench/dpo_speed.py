@@ -101,7 +101,7 @@ def main() -> None:
         # so that neither gets the quiet minutes, and report each side's median.
         for repeat in range(options.repeats):
             for side in (("qlora", "trl") if repeat % 2 == 0 else ("trl", "qlora")):
-                figures = run_side(side, folder, options.epochs)
+                figures = run_side(side, f"{folder}/{side}-{repeat}", options.epochs)  # a run folder each
                 runs[side].append(figures)
                 print(f"run {repeat + 1} {side:5s} " + "  ".join(
                     f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()), flush=True)
