@@ -32,7 +32,7 @@ def expert_parameters(model, expert_modules: tuple[str, ...]) -> list[tuple[str,
     found = []
     for name, module in model.named_modules():
         plain = name.replace(".base_layer", "")
-        if not any(plain == suffix or plain.endswith(f".{suffix}") for suffix in expert_modules):
+        if not is_expert_module(plain, expert_modules):
             continue
         if type(module).__name__ == "ParamWrapper":
             continue  # peft's wrapper: the experts module is its base_layer
@@ -40,6 +40,11 @@ def expert_parameters(model, expert_modules: tuple[str, ...]) -> list[tuple[str,
             if len(tensor_shape(module, param_name)) == 3:
                 found.append((plain, module, param_name))
     return found
+
+
+def is_expert_module(name: str, expert_modules: tuple[str, ...]) -> bool:
+    """Whether the module called `name` is one the family keeps its experts under (a suffix)."""
+    return any(name == suffix or name.endswith(f".{suffix}") for suffix in expert_modules)
 
 
 def _parameter_names(module) -> list[str]:
@@ -123,7 +128,7 @@ def quantizing_experts_on_load(expert_modules: tuple[str, ...], quantization: di
         original(model, target_name, param_value, *args, **kwargs)
         module_name, _, param_name = target_name.rpartition(".")
         if (param_value.ndim != 3 or skipped(target_name, skip) or (param_value.shape[1] * param_value.shape[2]) % BLOCK
-                or not any(module_name == s or module_name.endswith(f".{s}") for s in expert_modules)):
+                or not is_expert_module(module_name, expert_modules)):
             return
         module = model.get_submodule(module_name)
         loaded = module._parameters.get(param_name)

@@ -185,7 +185,8 @@ def recipe_settings(recipe, shape: ModelShape, on_gpu: bool = True, gpus: int = 
     return Settings(
         quant=quant, double_quant=bool(q.get("bnb_4bit_use_double_quant")), model_dtype=recipe.model.dtype,
         skip_modules=tuple(q.get("llm_int8_skip_modules") or ()), lora_r=int(lora_value(recipe.lora, "r")),
-        lora_targets=lora_targets(recipe, shape), expert_lora=expert_lora_targets(recipe, shape), lora_dropout=float(lora_value(recipe.lora, "lora_dropout")),
+        lora_targets=lora_targets(recipe, shape), expert_lora=expert_lora_targets(recipe, shape),
+        lora_dropout=float(lora_value(recipe.lora, "lora_dropout")),
         use_dora=bool((recipe.lora or {}).get("use_dora")), optim=str(training.get("optim") or _default_optim()),
         checkpointing=checkpointing_on(training) or (sharded and _fsdp_checkpointing(training)),
         autocast_bytes=2 if mixed else None, packed_mask=recipe.data.packing and "flash" not in attn,
