@@ -10,6 +10,12 @@ backward pass and at most one chunk of logits exists at any moment.
 It plugs into the model's own forward (`loss_in_chunks`): the lm_head hands the hidden states
 through, and the model's loss function is ours, so the Trainer, PEFT and DDP see an ordinary
 forward that returns `loss`.
+
+Preference training needs each answer token's log-probability rather than a loss:
+`chunked_log_probs` is the same pass, per token, for the labelled positions only. Its gradient
+with respect to a token's hidden state is that token's (one-hot - softmax) times the head's
+weight, scaled by the upstream gradient of that one log-probability, so it too is computed in
+the forward pass and nothing is recomputed in the backward.
 """
 
 from __future__ import annotations
@@ -105,6 +111,78 @@ def _function():
     return _FUNCTION
 
 
+# What a log-prob pass can report besides the log-probabilities, all without gradient: TRL's names
+# (trl.trainer.utils.FusedCausalLMOutput), which its trainers read for their metrics and weights.
+LOG_PROB_STATISTICS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+def chunked_log_probs(tokens, weight, targets, statistics: tuple[str, ...] = (), *, chunk_tokens: int | None = None):
+    """log softmax(tokens @ weight.T)[target] for each row of `tokens` (N, H), and the requested
+    `LOG_PROB_STATISTICS` of each row's distribution, without the (N, V) logits. Returns the log-probs
+    and a dict of the statistics. Differentiable in `tokens` only (the head must be frozen)."""
+    unknown = set(statistics) - set(LOG_PROB_STATISTICS)
+    if unknown:
+        raise ValueError(f"unknown statistics {sorted(unknown)}; known: {LOG_PROB_STATISTICS}")
+    chunk = chunk_tokens or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    log_probs, *values = _log_prob_function().apply(tokens, weight, targets, chunk, tuple(statistics))
+    return log_probs, dict(zip(statistics, values))
+
+
+_LOG_PROB_FUNCTION = None
+
+
+def _log_prob_function():
+    """The autograd Function behind `chunked_log_probs`, built on first use (see `_function`)."""
+    global _LOG_PROB_FUNCTION
+    if _LOG_PROB_FUNCTION is None:
+        import torch
+
+        class ChunkedLogProbs(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, tokens, weight, targets, chunk, statistics):
+                if ctx.needs_input_grad[1]:
+                    raise ValueError("chunked_log_probs needs a frozen head: it computes no weight gradient")
+                want_grad = ctx.needs_input_grad[0]
+                n = tokens.shape[0]
+                log_probs = torch.empty(n, dtype=torch.float32, device=tokens.device)
+                values = {name: torch.empty(n, dtype=torch.bool if name == "is_top1" else torch.float32,
+                                            device=tokens.device) for name in statistics}
+                grad_tokens = torch.empty_like(tokens) if want_grad else None
+                for start in range(0, n, chunk):
+                    piece, target = tokens[start:start + chunk], targets[start:start + chunk]
+                    rows = torch.arange(len(target), device=tokens.device)
+                    logits = (piece @ weight.t()).float()  # the upcast the library loss does, per chunk
+                    if "mean_logits" in values:
+                        values["mean_logits"][start:start + chunk] = logits.mean(-1)
+                    if "is_top1" in values:  # argmax returns the first maximum: a tie with an earlier token is a miss
+                        values["is_top1"][start:start + chunk] = logits.argmax(-1) == target
+                    log_p = logits.sub_(logits.logsumexp(-1, keepdim=True))  # in place: the logits become log p
+                    log_probs[start:start + chunk] = log_p[rows, target]
+                    if not (want_grad or "entropy" in values or "log_sum_sq_probs" in values):
+                        continue
+                    probs = log_p.exp()
+                    if "entropy" in values:
+                        values["entropy"][start:start + chunk] = -(probs * log_p).sum(-1)
+                    if "log_sum_sq_probs" in values:
+                        values["log_sum_sq_probs"][start:start + chunk] = (2 * log_p).logsumexp(-1)
+                    if want_grad:  # d log p[target] / d logits = one-hot - softmax
+                        probs[rows, target] -= 1
+                        grad_tokens[start:start + chunk] = -(probs.to(tokens.dtype) @ weight)
+                ctx.save_for_backward(grad_tokens)
+                ctx.mark_non_differentiable(*values.values())
+                return (log_probs, *values.values())
+
+            @staticmethod
+            def backward(ctx, grad_log_probs, *_):
+                (grad_tokens,) = ctx.saved_tensors
+                if grad_tokens is None or grad_log_probs is None:
+                    return None, None, None, None, None
+                return grad_tokens * grad_log_probs[:, None].to(grad_tokens.dtype), None, None, None, None
+
+        _LOG_PROB_FUNCTION = ChunkedLogProbs
+    return _LOG_PROB_FUNCTION
+
+
 def output_head(model):
     """The causal LM under PEFT/DDP wrappers, and its lm_head when it is a plain bias-free Linear
     (a LoRA-wrapped or quantized head is left to the ordinary loss)."""
@@ -129,18 +207,28 @@ def loss_in_chunks(model, enabled: bool = True):
         yield
         return
 
-    def pass_hidden(self, hidden_states):
-        return hidden_states
-
     def chunked_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=None,
                      shift_labels=None, **_):
         return chunked_cross_entropy(logits, head.weight, labels, num_items_in_batch,
                                      shift_labels=shift_labels, ignore_index=ignore_index)
 
-    head.forward = types.MethodType(pass_hidden, head)  # an instance attribute: state_dict unchanged
     inner._loss_function = chunked_loss
+    try:
+        with head_passes_hidden(head):
+            yield
+    finally:
+        del inner._loss_function
+
+
+@contextlib.contextmanager
+def head_passes_hidden(head):
+    """While active, the lm_head returns its input: the model's `logits` are its final hidden states."""
+
+    def pass_hidden(self, hidden_states):
+        return hidden_states
+
+    head.forward = types.MethodType(pass_hidden, head)  # an instance attribute: state_dict unchanged
     try:
         yield
     finally:
         del head.forward
-        del inner._loss_function

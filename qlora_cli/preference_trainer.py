@@ -4,6 +4,12 @@ TRL would tokenize the raw text itself with the tokenizer's chat template; qlora
 encoded every pair with the recipe's template (mistral-common's ids, token for token), so the
 trainers here skip TRL's dataset preparation and take a collator that reads our answer masks.
 
+The answers' log-probabilities come from qlora's own pass over the frozen lm_head
+(`install_log_prob_head`, on `model.chunked_loss`), in place of TRL's fused head: only the
+labelled positions are projected on every device (TRL projects every position where Triton is
+missing, e.g. on a CPU), and each token's gradient is computed in the forward pass, so the
+backward does not project the tokens again.
+
 The reference model is never a second copy of the base. A fresh LoRA starts as the identity, so
 the reference is the 4-bit base with the adapter switched off. A run that starts from an adapter
 (`model.adapter`, e.g. an SFT run's) keeps TRL's frozen copy of that adapter's small LoRA weights
@@ -12,10 +18,13 @@ the reference is the 4-bit base with the adapter switched off. A run that starts
 
 from __future__ import annotations
 
+import functools
+import types
 from dataclasses import dataclass
 
 from trl import DPOTrainer, KTOTrainer
 
+from qlora_cli.loss import chunked_log_probs, head_passes_hidden, library_ignore_index, output_head
 from qlora_cli.trainer import TOKENS_KEY, RunTrainer
 
 REFERENCE_ADAPTER = "ref"  # the name TRL gives its frozen copy of a starting adapter
@@ -65,10 +74,52 @@ class PreferenceCollator:
         }
 
 
+def install_log_prob_head(model, statistics: tuple[str, ...]) -> bool:
+    """Make `model(..., labels=..., fused_lm_head=True)` (how TRL's trainers ask for per-token
+    log-probs) run the backbone and `chunked_log_probs` on the labelled positions, returning TRL's
+    `FusedCausalLMOutput` with `statistics`. Every other call goes to the forward it had. False,
+    and nothing changed, where the head is not a frozen plain Linear (TRL's head then stays)."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    inner, head = output_head(model)
+    if head is None or head.weight.requires_grad:
+        return False
+    previous = inner.forward  # TRL's fused forward, an instance attribute
+    ignore_index = library_ignore_index()
+
+    @functools.wraps(type(inner).forward)  # `generate` validates its kwargs against the signature
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        if not fused_lm_head:
+            return previous(*args, labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
+                            **kwargs)
+        kwargs["use_cache"] = False
+        with head_passes_hidden(head):
+            outputs = type(self).forward(self, *args, **kwargs)  # no labels: no loss
+        hidden = outputs.logits
+        if shift_labels is None:  # tokens < n predict token n, as the library loss shifts
+            hidden, shift_labels = hidden[:, :-1], labels[:, 1:]
+        mask = shift_labels != ignore_index
+        log_probs, values = chunked_log_probs(hidden[mask], head.weight, shift_labels[mask], statistics)
+        # masked_scatter keeps an all-padding batch connected to the model (a zero with a gradient)
+        per_token = {name: value.new_zeros(mask.shape).masked_scatter(mask, value)
+                     for name, value in {"log_probs": log_probs, **values}.items()}
+        loss = -per_token["log_probs"].sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None
+                                                else num_items_in_batch)
+        aux_loss = getattr(outputs, "aux_loss", None)  # MoE: the model's own load-balancing loss
+        if aux_loss is not None:
+            loss = loss + getattr(self.config.get_text_config(), "router_aux_loss_coef", 0.0) * aux_loss
+        return FusedCausalLMOutput(loss=loss, label_mask=mask, aux_loss=aux_loss, **per_token)
+
+    inner.forward = types.MethodType(forward, inner)
+    return True
+
+
 class _PreferenceTrainer(RunTrainer):
     """What both TRL trainers need here: our ids as they are, and the adapter kept as qlora made it."""
 
-    def __init__(self, *args, model, from_adapter: bool, **kwargs):
+    statistics: tuple[str, ...] = ()  # what the TRL trainer reads of its fused head besides log-probs
+
+    def __init__(self, *args, model, from_adapter: bool, chunked_loss: bool = True, **kwargs):
         # TRL casts a quantized model's LoRA weights to bf16 (the QLoRA paper's choice); qlora keeps
         # them as peft made them, as SFT does, so a DPO run computes like an SFT run of the recipe.
         kept = {name: p.data for name, p in model.named_parameters() if p.requires_grad}
@@ -79,6 +130,8 @@ class _PreferenceTrainer(RunTrainer):
         if not from_adapter and REFERENCE_ADAPTER in model.peft_config:
             model.delete_adapter(REFERENCE_ADAPTER)  # a fresh LoRA: the reference is the base, adapter off
             model.set_adapter("default")
+        if chunked_loss:
+            install_log_prob_head(model, self.statistics)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset  # already tokenized by `qlora prepare`, with the recipe's template
@@ -87,9 +140,17 @@ class _PreferenceTrainer(RunTrainer):
 class QloraDPOTrainer(_PreferenceTrainer, DPOTrainer):
     """DPOTrainer on prepared pairs."""
 
+    def __init__(self, *args, **kwargs):
+        # its `entropy`, `logits/*` and `mean_token_accuracy` metrics; WPO's weights (`use_weighting`)
+        self.statistics = ("entropy", "mean_logits", "is_top1") + (
+            ("log_sum_sq_probs",) if kwargs["args"].use_weighting else ())
+        super().__init__(*args, **kwargs)
+
 
 class QloraKTOTrainer(_PreferenceTrainer, KTOTrainer):
     """KTOTrainer on prepared signed examples; adds the mismatched completions its KL term needs."""
+
+    statistics = ("entropy", "mean_logits")  # its `entropy` and `logits/*` metrics
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if not self.calculate_KL:
@@ -124,11 +185,11 @@ class QloraKTOTrainer(_PreferenceTrainer, KTOTrainer):
 
 
 def build_preference_trainer(method: str, *, model, args, dataset, tokenizer, callbacks, from_adapter: bool,
-                             from_environment: dict[str, str] | None = None):
+                             chunked_loss: bool = True, from_environment: dict[str, str] | None = None):
     """The TRL trainer for `method` on the prepared dataset."""
     cls, answers = (QloraDPOTrainer, ("chosen", "rejected")) if method == "dpo" else (QloraKTOTrainer, ("completion",))
     return cls(
         model=model, args=args, train_dataset=dataset["train"], eval_dataset=dataset.get("validation"),
         data_collator=PreferenceCollator(tokenizer.pad_token_id, answers), processing_class=tokenizer,
-        callbacks=callbacks, from_adapter=from_adapter, from_environment=from_environment,
+        callbacks=callbacks, from_adapter=from_adapter, chunked_loss=chunked_loss, from_environment=from_environment,
     )

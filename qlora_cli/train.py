@@ -167,6 +167,7 @@ def build_trainer(recipe, args, model, tokenizer, prepared, run: RunFolder, repo
 
         trainer = build_preference_trainer(recipe.method, model=model, args=args, dataset=dataset, tokenizer=tokenizer,
                                            callbacks=[stopper], from_adapter=recipe.model.adapter is not None,
+                                           chunked_loss=recipe.model.chunked_loss,
                                            from_environment=recipe.from_environment)
     else:
         collator = CountingCollator(tokenizer.pad_token_id, recipe.model.attn_implementation)

@@ -90,3 +90,78 @@ def test_the_label_prepare_masks_with_is_the_one_the_librarys_loss_skips():
     from qlora_cli.templates import IGNORE_INDEX
 
     assert IGNORE_INDEX == library_ignore_index() == -100
+
+
+def test_chunked_log_probs_equal_log_softmax_with_statistics_and_gradients():
+    """Per-token log-probs and TRL's statistics equal the full-logits computation; the gradient of
+    any weighting of the log-probs equals autograd's through the full logits."""
+    from qlora_cli.loss import LOG_PROB_STATISTICS, chunked_log_probs
+
+    torch.manual_seed(0)
+    tokens, weight = torch.randn(23, 16), torch.randn(50, 16)
+    targets = torch.randint(0, 50, (23,))
+    targets[0], weight[30], tokens[0] = 30, weight[7], weight[7] * 5  # row 0: its target ties with token 7
+    upstream = torch.randn(23)
+
+    leaf = tokens.clone().requires_grad_()
+    log_p = torch.log_softmax(leaf @ weight.t(), -1)
+    want = log_p.gather(1, targets[:, None]).squeeze(1)
+    (want_grad,) = torch.autograd.grad((want * upstream).sum(), leaf)
+    probs = log_p.detach().exp()
+    logits = tokens @ weight.t()
+    want_statistics = {"entropy": -(probs * log_p.detach()).sum(-1), "log_sum_sq_probs": (probs ** 2).sum(-1).log(),
+                       "mean_logits": logits.mean(-1), "is_top1": logits.argmax(-1) == targets}
+    assert not want_statistics["is_top1"][0]
+
+    leaf = tokens.clone().requires_grad_()
+    got, statistics = chunked_log_probs(leaf, weight, targets, LOG_PROB_STATISTICS, chunk_tokens=5)  # 5 chunks
+    (got_grad,) = torch.autograd.grad((got * upstream).sum(), leaf)
+    assert torch.allclose(got, want.detach(), atol=1e-5)
+    assert torch.allclose(got_grad, want_grad, atol=1e-5)
+    assert statistics.keys() == want_statistics.keys()
+    for name, value in want_statistics.items():
+        assert torch.allclose(statistics[name].to(value.dtype), value, atol=1e-5), name
+    with torch.no_grad():  # the reference pass: no gradient work, same values
+        assert torch.allclose(chunked_log_probs(tokens, weight, targets)[0], got.detach())
+    with pytest.raises(ValueError, match="unknown statistics"):
+        chunked_log_probs(tokens, weight, targets, ("entropy", "perplexity"))
+
+
+@pytest.mark.slow
+def test_preference_log_prob_head_equals_trls_fused_head(tiny_model):
+    """qlora's head for DPO/KTO (install_log_prob_head) returns what TRL's fused head returns on the
+    4-bit + LoRA model: per-token log-probs and statistics, and the same LoRA gradients."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from qlora_cli.loss import LOG_PROB_STATISTICS, output_head
+    from qlora_cli.preference_trainer import install_log_prob_head
+
+    inner, _ = output_head(tiny_model)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22, 23, 24, 0, 0, 0]])
+    attention = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
+    labels = ids.masked_fill(torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 1, 1, 1]]).bool(), -100)
+    tiny_model.train()
+
+    def outputs_and_grads():
+        tiny_model.zero_grad()
+        out = tiny_model(input_ids=ids, attention_mask=attention, labels=labels, fused_lm_head=True)
+        (out.log_probs.sum(-1) * torch.tensor([1.5, -0.5])).sum().backward()
+        grads = {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.requires_grad}
+        return out, grads
+
+    try:
+        add_fused_lm_head(inner, outputs=("log_probs", *LOG_PROB_STATISTICS))
+        trl_out, trl_grads = outputs_and_grads()
+        assert install_log_prob_head(tiny_model, LOG_PROB_STATISTICS)
+        ours, our_grads = outputs_and_grads()
+        plain = tiny_model(input_ids=ids, attention_mask=attention)  # any other call: the model's own forward
+        assert plain.logits.shape == (2, 8, tiny_model.config.vocab_size)
+    finally:
+        del inner.forward
+        tiny_model.zero_grad()
+    assert torch.equal(ours.label_mask, trl_out.label_mask)
+    for name in ("log_probs", "loss", *LOG_PROB_STATISTICS):
+        assert torch.allclose(getattr(ours, name).float(), getattr(trl_out, name).float(), atol=1e-5), name
+    assert trl_grads and trl_grads.keys() == our_grads.keys()
+    for name, grad in trl_grads.items():
+        assert (our_grads[name] - grad).abs().max() <= 1e-5 * grad.abs().max(), name  # fp32 rounding
