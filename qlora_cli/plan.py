@@ -191,7 +191,7 @@ def recipe_settings(recipe, shape: ModelShape, on_gpu: bool = True, gpus: int = 
         checkpointing=checkpointing_on(training) or (sharded and _fsdp_checkpointing(training)),
         autocast_bytes=2 if mixed else None, packed_mask=recipe.data.packing and "flash" not in attn,
         eager_attention=attn == "eager", on_gpu=on_gpu, chunked_loss=recipe.model.chunked_loss,
-        upcast=recipe.model.upcast_to_fp32 and not sharded,
+        log_probs=recipe.method != "sft", upcast=recipe.model.upcast_to_fp32 and not sharded,
         lora_bytes=dtype_bytes(recipe.model.dtype) if sharded else 4,  # see load_trainable_model
         shards=gpus if sharded else 1,
     )

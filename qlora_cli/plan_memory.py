@@ -141,6 +141,7 @@ class Settings:
     eager_attention: bool = False
     on_gpu: bool = True
     chunked_loss: bool = False  # model.chunked_loss: logits never held whole
+    log_probs: bool = False  # DPO/KTO: per-token log-probs (qlora_cli.loss.chunked_log_probs), not a loss
     upcast: bool = False  # model.upcast_to_fp32: unquantized weights and residual stream in fp32
     lora_bytes: int = 4  # peft keeps LoRA weights in fp32 (in the model's dtype under FSDP)
     shards: int = 1  # FSDP across this many GPUs: weights, LoRA, gradients and optimizer state divided
@@ -343,6 +344,8 @@ def logits_bytes(shape: ModelShape, s: Settings, batch: int, seq: int) -> int:
 
         chunk = min(tokens, max(1, CHUNK_ELEMENTS // shape.vocab))
         per_logit = 4 + (s.matmul_bytes if s.matmul_bytes != 4 else 0)
+        if s.log_probs:  # the chunk's softmax beside its log-probs (entropy, gradient)
+            per_logit += 4
         return per_logit * chunk * shape.vocab + 4 * tokens * shape.hidden
     # At the start of backward: cross-entropy's saved fp32 log-probs, their gradient, and the
     # logits' gradient -- three fp32 tensors of batch x seq x vocab.

@@ -127,41 +127,67 @@ def test_chunked_log_probs_equal_log_softmax_with_statistics_and_gradients():
         chunked_log_probs(tokens, weight, targets, ("entropy", "perplexity"))
 
 
-@pytest.mark.slow
-def test_preference_log_prob_head_equals_trls_fused_head(tiny_model):
-    """qlora's head for DPO/KTO (install_log_prob_head) returns what TRL's fused head returns on the
-    4-bit + LoRA model: per-token log-probs and statistics, and the same LoRA gradients."""
+def assert_log_prob_head_equals_trls(model, **forward_kwargs):
+    """qlora's head for DPO/KTO (install_log_prob_head) returns what TRL's fused head returns on a
+    4-bit + LoRA model: per-token log-probs, statistics, loss and MoE aux loss, and the same LoRA
+    gradients; any other call still gets the model's logits."""
     from trl.trainer.utils import add_fused_lm_head
 
     from qlora_cli.loss import LOG_PROB_STATISTICS, output_head
     from qlora_cli.preference_trainer import install_log_prob_head
 
-    inner, _ = output_head(tiny_model)
+    inner, _ = output_head(model)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22, 23, 24, 0, 0, 0]])
     attention = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
     labels = ids.masked_fill(torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 1, 1, 1]]).bool(), -100)
-    tiny_model.train()
+    model.train()
 
     def outputs_and_grads():
-        tiny_model.zero_grad()
-        out = tiny_model(input_ids=ids, attention_mask=attention, labels=labels, fused_lm_head=True)
-        (out.log_probs.sum(-1) * torch.tensor([1.5, -0.5])).sum().backward()
-        grads = {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.requires_grad}
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=attention, labels=labels, fused_lm_head=True, **forward_kwargs)
+        loss = (out.log_probs.sum(-1) * torch.tensor([1.5, -0.5])).sum()
+        (loss if out.aux_loss is None else loss + out.aux_loss).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         return out, grads
 
     try:
         add_fused_lm_head(inner, outputs=("log_probs", *LOG_PROB_STATISTICS))
         trl_out, trl_grads = outputs_and_grads()
-        assert install_log_prob_head(tiny_model, LOG_PROB_STATISTICS)
+        assert install_log_prob_head(model, LOG_PROB_STATISTICS)
         ours, our_grads = outputs_and_grads()
-        plain = tiny_model(input_ids=ids, attention_mask=attention)  # any other call: the model's own forward
-        assert plain.logits.shape == (2, 8, tiny_model.config.vocab_size)
+        plain = model(input_ids=ids, attention_mask=attention)  # any other call: the model's own forward
+        assert plain.logits.shape == (2, 8, inner.config.get_text_config().vocab_size)
     finally:
         del inner.forward
-        tiny_model.zero_grad()
+        model.zero_grad()
     assert torch.equal(ours.label_mask, trl_out.label_mask)
-    for name in ("log_probs", "loss", *LOG_PROB_STATISTICS):
+    names = ("log_probs", "loss", *LOG_PROB_STATISTICS) + (("aux_loss",) if forward_kwargs else ())
+    for name in names:
         assert torch.allclose(getattr(ours, name).float(), getattr(trl_out, name).float(), atol=1e-5), name
     assert trl_grads and trl_grads.keys() == our_grads.keys()
     for name, grad in trl_grads.items():
         assert (our_grads[name] - grad).abs().max() <= 1e-5 * grad.abs().max(), name  # fp32 rounding
+
+
+@pytest.mark.slow
+def test_preference_log_prob_head_equals_trls_fused_head(tiny_model):
+    assert_log_prob_head_equals_trls(tiny_model)
+
+
+@pytest.mark.slow
+def test_preference_log_prob_head_equals_trls_on_a_mixture_of_experts_with_its_aux_loss():
+    from test_experts import mixtral_recipe
+
+    from qlora_cli.model import load_trainable_model
+
+    assert_log_prob_head_equals_trls(load_trainable_model(mixtral_recipe()), output_router_logits=True)
+
+
+@pytest.mark.slow
+def test_preference_log_prob_head_equals_trls_on_a_vision_language_model(tmp_path):
+    from test_families import family_recipe
+
+    from qlora_cli.model import load_trainable_model
+    from qlora_cli.recipe import load_recipe
+
+    assert_log_prob_head_equals_trls(load_trainable_model(load_recipe([family_recipe(tmp_path, "mistral3")])))
