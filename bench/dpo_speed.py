@@ -1,7 +1,7 @@
 """DPO with qlora vs TRL's stock DPOTrainer, same tiny model, same pairs, one invocation.
 
 qlora: `qlora train recipes/tiny-mistral-dpo.yaml` (pairs encoded by the mistral template,
-our collator). Baseline: `trl.DPOTrainer` given the same 4-bit base + LoRA and the raw pairs as
+our collator, our pass over the lm_head for the answers' log-probs). Baseline: `trl.DPOTrainer` given the same 4-bit base + LoRA and the raw pairs as
 text, tokenized by TRL itself with its own collator (no chat template: the v1 `[INST]` format is
 written into the prompt text). Same schedule, batch, seed. Each side runs in its own process, so
 its peak RSS is its own. The sides alternate --repeats times; prints each run, then each side's
