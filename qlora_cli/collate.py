@@ -73,3 +73,47 @@ def _additive(mask):
 
 def _pad(values: list[int], width: int, fill: int) -> list[int]:
     return list(values) + [fill] * (width - len(values))
+
+
+def shared_prefix_rows(input_ids, attention_mask, eager: bool = False):
+    """DPO's batch (chosen rows, then rejected rows, each right-padded) as one row per pair: the
+    pair's common prefix once, then the chosen tail, then the rejected tail, which attends to the
+    prefix and to itself but never to the chosen tail, at the positions it has in its own
+    sequence. So the prompt runs through the model once per pair instead of twice.
+
+    Returns the model inputs of that layout (`input_ids`, 4-D `attention_mask`, `position_ids`)
+    and `index`, shaped like `input_ids`: where each token of the original rows sits in the
+    flattened new rows (padding points at its row's first token)."""
+    import torch
+
+    pairs = input_ids.shape[0] // 2
+    lengths = attention_mask.sum(-1).tolist()
+    ids = input_ids.tolist()
+    rows, positions, index, spans = [], [], [], []
+    for i in range(pairs):
+        chosen, rejected = ids[i][:lengths[i]], ids[pairs + i][:lengths[pairs + i]]
+        shared = next((t for t, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+        rows.append(chosen + rejected[shared:])
+        positions.append(list(range(len(chosen))) + list(range(shared, len(rejected))))
+        spans.append((len(chosen), shared, len(rejected) - shared))
+    width = max(len(row) for row in rows)
+    for i, (chosen_length, shared, _) in enumerate(spans):
+        base = i * width
+        index.append([base + t for t in range(chosen_length)])
+        index.append([base + (t if t < shared else chosen_length + t - shared) for t in range(lengths[pairs + i])])
+    columns = input_ids.shape[1]
+    index = index[0::2] + index[1::2]  # chosen rows first, then rejected, as the batch came
+    mask = torch.zeros(pairs, 1, width, width, dtype=torch.bool)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    for i, (chosen_length, shared, tail) in enumerate(spans):
+        end = chosen_length + tail
+        mask[i, 0, :chosen_length, :chosen_length] = causal[:chosen_length, :chosen_length]
+        mask[i, 0, chosen_length:end, :shared] = True
+        mask[i, 0, chosen_length:end, chosen_length:end] = causal[:tail, :tail]
+        mask[i, 0, end:, end:] = torch.eye(width - end, dtype=torch.bool)  # padding attends to itself (no NaN)
+    device = input_ids.device
+    return {
+        "input_ids": torch.tensor([_pad(row, width, 0) for row in rows], device=device),
+        "attention_mask": (_additive(mask) if eager else mask).to(device),
+        "position_ids": torch.tensor([_pad(p, width, 0) for p in positions], device=device),
+    }, torch.tensor([_pad(row, columns, row[0]) for row in index], device=device)

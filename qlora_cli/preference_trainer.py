@@ -74,18 +74,28 @@ class PreferenceCollator:
         }
 
 
-def install_log_prob_head(model, statistics: tuple[str, ...]) -> bool:
+def install_log_prob_head(model, statistics: tuple[str, ...], share_prompts: bool = False) -> bool:
     """Make `model(..., labels=..., fused_lm_head=True)` (how TRL's trainers ask for per-token
     log-probs) run the backbone and `chunked_log_probs` on the labelled positions, returning TRL's
     `FusedCausalLMOutput` with `statistics`. Every other call goes to the forward it had. False,
-    and nothing changed, where the head is not a frozen plain Linear (TRL's head then stays)."""
+    and nothing changed, where the head is not a frozen plain Linear (TRL's head then stays).
+
+    `share_prompts` (DPO: chosen rows, then rejected rows): each pair runs as one row holding its
+    common prefix once (collate.shared_prefix_rows), where that holds fewer tokens than the batch
+    as it came; the log-probs are those of the batch as it came. Needs attention that takes a 4-D
+    mask (sdpa, eager); not with router logits, whose aux loss reads a 2-D mask."""
     from trl.trainer.utils import FusedCausalLMOutput
+
+    from qlora_cli.collate import shared_prefix_rows
 
     inner, head = output_head(model)
     if head is None or head.weight.requires_grad:
         return False
     previous = inner.forward  # TRL's fused forward, an instance attribute
     ignore_index = library_ignore_index()
+    attention = inner.config._attn_implementation
+    share_prompts = (share_prompts and attention in ("sdpa", "eager")
+                     and not getattr(inner.config.get_text_config(), "output_router_logits", False))
 
     @functools.wraps(type(inner).forward)  # `generate` validates its kwargs against the signature
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
@@ -93,13 +103,24 @@ def install_log_prob_head(model, statistics: tuple[str, ...]) -> bool:
             return previous(*args, labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
                             **kwargs)
         kwargs["use_cache"] = False
+        index = None
+        index = None  # where each token of the batch as it came sits in the shared rows
+        if share_prompts and _shareable(args, kwargs):
+            shared, index = shared_prefix_rows(kwargs["input_ids"], kwargs["attention_mask"], attention == "eager")
+            if shared["input_ids"].numel() < kwargs["input_ids"].numel():
+                kwargs |= shared
+            else:
+                index = None
         with head_passes_hidden(head):
             outputs = type(self).forward(self, *args, **kwargs)  # no labels: no loss
         hidden = outputs.logits
         if shift_labels is None:  # tokens < n predict token n, as the library loss shifts
-            hidden, shift_labels = hidden[:, :-1], labels[:, 1:]
+            shift_labels = labels[:, 1:]
+            hidden, index = (hidden[:, :-1], None) if index is None else (hidden, index[:, :-1])
         mask = shift_labels != ignore_index
-        log_probs, values = chunked_log_probs(hidden[mask], head.weight, shift_labels[mask], statistics)
+        # a shared prefix token's state serves both rows of its pair
+        tokens = hidden[mask] if index is None else hidden.reshape(-1, hidden.shape[-1])[index[mask]]
+        log_probs, values = chunked_log_probs(tokens, head.weight, shift_labels[mask], statistics)
         # masked_scatter keeps an all-padding batch connected to the model (a zero with a gradient)
         per_token = {name: value.new_zeros(mask.shape).masked_scatter(mask, value)
                      for name, value in {"log_probs": log_probs, **values}.items()}
@@ -114,10 +135,20 @@ def install_log_prob_head(model, statistics: tuple[str, ...]) -> bool:
     return True
 
 
+def _shareable(args, kwargs) -> bool:
+    """A DPO batch as our collator makes it: ids and a 2-D padding mask, no router logits (their
+    aux loss reads that mask) and no positions of its own."""
+    mask = kwargs.get("attention_mask")
+    return (not args and kwargs.get("input_ids") is not None and mask is not None and mask.dim() == 2
+            and not kwargs.get("output_router_logits") and kwargs.get("position_ids") is None)
+
+
 class _PreferenceTrainer(RunTrainer):
     """What both TRL trainers need here: our ids as they are, and the adapter kept as qlora made it."""
 
     statistics: tuple[str, ...] = ()  # what the TRL trainer reads of its fused head besides log-probs
+
+    share_prompts = False  # DPO: each pair's prompt runs once (install_log_prob_head)
 
     def __init__(self, *args, model, from_adapter: bool, chunked_loss: bool = True, **kwargs):
         # TRL casts a quantized model's LoRA weights to bf16 (the QLoRA paper's choice); qlora keeps
@@ -131,7 +162,7 @@ class _PreferenceTrainer(RunTrainer):
             model.delete_adapter(REFERENCE_ADAPTER)  # a fresh LoRA: the reference is the base, adapter off
             model.set_adapter("default")
         if chunked_loss:
-            install_log_prob_head(model, self.statistics)
+            install_log_prob_head(model, self.statistics, self.share_prompts)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset  # already tokenized by `qlora prepare`, with the recipe's template
@@ -139,6 +170,8 @@ class _PreferenceTrainer(RunTrainer):
 
 class QloraDPOTrainer(_PreferenceTrainer, DPOTrainer):
     """DPOTrainer on prepared pairs."""
+
+    share_prompts = True
 
     def __init__(self, *args, **kwargs):
         # its `entropy`, `logits/*` and `mean_token_accuracy` metrics; WPO's weights (`use_weighting`)

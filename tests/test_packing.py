@@ -145,3 +145,26 @@ def test_packed_rows_give_the_logits_of_their_examples_run_one_by_one(
                 checked += 1
     assert checked > len(batch_rows), "the rows hold several examples each"
     assert worst < 1e-4
+
+
+def test_a_dpo_pair_runs_as_one_row_with_its_shared_prefix_once():
+    """Chosen [1 2 3 4 5] and rejected [1 2 3 9] (prefix [1 2 3]) become [1 2 3 4 5 9]: the
+    rejected tail sees the prefix and itself, never the chosen tail, at its own positions."""
+    from qlora_cli.collate import shared_prefix_rows
+
+    ids = torch.tensor([[1, 2, 3, 4, 5], [7, 8, 0, 0, 0], [1, 2, 3, 9, 0], [7, 6, 6, 0, 0]])
+    attention = (ids != 0).long()
+    shared, index = shared_prefix_rows(ids, attention)
+    assert shared["input_ids"].tolist() == [[1, 2, 3, 4, 5, 9], [7, 8, 6, 6, 0, 0]]
+    assert shared["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 1, 2, 0, 0]]
+    mask = shared["attention_mask"][0, 0].int().tolist()
+    assert mask[5] == [1, 1, 1, 0, 0, 1]  # the rejected tail: prefix and itself
+    assert mask[4] == [1, 1, 1, 1, 1, 0]  # the chosen tail: causal, never the rejected tail
+    # each original token's place in the flattened rows holds that token
+    flat = shared["input_ids"].reshape(-1)
+    real = attention.bool()
+    assert torch.equal(flat[index][real], ids[real])
+    assert index[2].tolist()[:4] == [0, 1, 2, 5] and index[3].tolist()[:3] == [6, 8, 9]
+    mask = shared["attention_mask"][1, 0].int().tolist()
+    assert mask[2] == [1, 0, 1, 0, 0, 0] and mask[3] == [1, 0, 1, 1, 0, 0]  # prefix [7] only
+    assert mask[4][4] == 1 and mask[5][5] == 1  # padding attends to itself (no empty softmax row)
