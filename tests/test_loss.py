@@ -196,12 +196,29 @@ def test_preference_log_prob_head_equals_trls_on_a_vision_language_model(tmp_pat
 @pytest.mark.slow
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_dpo_pairs_with_their_prompt_run_once_give_the_log_probs_and_gradients_of_separate_rows(tiny_model, attention):
+    assert_shared_rows_equal_separate_rows(tiny_model, attention)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["mixtral", "mistral3"])
+def test_dpo_pairs_run_with_their_prompt_once_on_a_mixture_of_experts_and_a_vision_language_model(family, tmp_path):
+    from test_experts import mixtral_recipe
+    from test_families import family_recipe
+
+    from qlora_cli.model import load_trainable_model
+    from qlora_cli.recipe import load_recipe
+
+    recipe = mixtral_recipe() if family == "mixtral" else load_recipe([family_recipe(tmp_path, family)])
+    assert_shared_rows_equal_separate_rows(load_trainable_model(recipe), "sdpa")
+
+
+def assert_shared_rows_equal_separate_rows(model, attention: str):
     """share_prompts: each pair as one row, its prompt once. Per-token log-probs, statistics and
     every LoRA gradient equal those of the chosen and rejected rows run separately."""
     from qlora_cli.loss import LOG_PROB_STATISTICS, output_head
     from qlora_cli.preference_trainer import install_log_prob_head
 
-    inner, _ = output_head(tiny_model)
+    inner, _ = output_head(model)
     prompts = [[1, 3, 50, 51, 52, 53, 4], [1, 3, 60, 4]]
     answers = [([70, 71, 2], [80, 2]), ([90, 91, 92, 93, 2], [90, 94, 2])]  # pair 2 shares a token past its prompt
     sequences = [p + a[k] for k in (0, 1) for p, a in zip(prompts, answers)]
@@ -212,7 +229,7 @@ def test_dpo_pairs_with_their_prompt_run_once_give_the_log_probs_and_gradients_o
                                for k in (0, 1) for p, a in zip(prompts, answers)])
     labels = ids.masked_fill(completion == 0, -100)
     weights = torch.tensor([1.5, -0.5, 0.7, -1.2])
-    tiny_model.train()
+    model.train()
     before = inner.config._attn_implementation
     inner.set_attn_implementation(attention)
 
@@ -220,12 +237,12 @@ def test_dpo_pairs_with_their_prompt_run_once_give_the_log_probs_and_gradients_o
     hook = inner.get_input_embeddings().register_forward_hook(lambda m, args, out: embedded.append(args[0].shape))
 
     def outputs_and_grads(share: bool):
-        assert install_log_prob_head(tiny_model, LOG_PROB_STATISTICS, share_prompts=share)
-        tiny_model.zero_grad()
-        out = tiny_model(input_ids=ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
+        assert install_log_prob_head(model, LOG_PROB_STATISTICS, share_prompts=share)
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
         (out.log_probs.sum(-1) * weights).sum().backward()
         del inner.forward
-        return out, {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.requires_grad}
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     try:
         separate, separate_grads = outputs_and_grads(False)
@@ -233,7 +250,7 @@ def test_dpo_pairs_with_their_prompt_run_once_give_the_log_probs_and_gradients_o
     finally:
         hook.remove()
         inner.set_attn_implementation(before)
-        tiny_model.zero_grad()
+        model.zero_grad()
     assert embedded == [(4, 10), (2, 12)]  # 2 rows of 12 (prompt once) instead of 4 rows of 10
     assert torch.equal(shared.label_mask, separate.label_mask)
     assert shared.label_mask.sum() == completion.sum()
