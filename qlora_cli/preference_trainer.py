@@ -8,7 +8,8 @@ The answers' log-probabilities come from qlora's own pass over the frozen lm_hea
 (`install_log_prob_head`, on `model.chunked_loss`), in place of TRL's fused head: only the
 labelled positions are projected on every device (TRL projects every position where Triton is
 missing, e.g. on a CPU), and each token's gradient is computed in the forward pass, so the
-backward does not project the tokens again.
+backward does not project the tokens again. For DPO each pair runs as one row holding its
+prompt once (`share_prompts`), where the attention takes a 4-D mask.
 
 The reference model is never a second copy of the base. A fresh LoRA starts as the identity, so
 the reference is the 4-bit base with the adapter switched off. A run that starts from an adapter
