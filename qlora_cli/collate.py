@@ -112,7 +112,7 @@ def shared_prefix_rows(input_ids, attention_mask, eager: bool = False):
         mask[i, 0, chosen_length:end, chosen_length:end] = causal[:tail, :tail]
         mask[i, 0, end:, end:] = torch.eye(width - end, dtype=torch.bool)  # padding attends to itself (no NaN)
     device = input_ids.device
-    return {
+    return {  # padding: token 0, which only padding sees (its mask row is its own diagonal)
         "input_ids": torch.tensor([_pad(row, width, 0) for row in rows], device=device),
         "attention_mask": (_additive(mask) if eager else mask).to(device),
         "position_ids": torch.tensor([_pad(p, width, 0) for p in positions], device=device),

@@ -104,7 +104,6 @@ def install_log_prob_head(model, statistics: tuple[str, ...], share_prompts: boo
             return previous(*args, labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
                             **kwargs)
         kwargs["use_cache"] = False
-        index = None
         index = None  # where each token of the batch as it came sits in the shared rows
         if share_prompts and _shareable(args, kwargs):
             shared, index = shared_prefix_rows(kwargs["input_ids"], kwargs["attention_mask"], attention == "eager")
@@ -148,7 +147,6 @@ class _PreferenceTrainer(RunTrainer):
     """What both TRL trainers need here: our ids as they are, and the adapter kept as qlora made it."""
 
     statistics: tuple[str, ...] = ()  # what the TRL trainer reads of its fused head besides log-probs
-
     share_prompts = False  # DPO: each pair's prompt runs once (install_log_prob_head)
 
     def __init__(self, *args, model, from_adapter: bool, chunked_loss: bool = True, **kwargs):
