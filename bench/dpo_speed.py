@@ -7,7 +7,11 @@ written into the prompt text). Same schedule, batch, seed. Each side runs in its
 its peak RSS is its own. The sides alternate --repeats times; prints each run, then each side's
 median pairs/s, peak memory and held-out reward accuracy and the ratios, as RESULTS.md rows.
 
-    python bench/dpo_speed.py [--epochs 2] [--repeats 3]
+    python bench/dpo_speed.py [--epochs 2] [--repeats 3] [--set KEY=VALUE ...]
+
+`--set` overrides the recipe of both sides alike, e.g. a GPU-sized model:
+`--set model.init_from_config.hidden_size=4096 model.init_from_config.num_hidden_layers=8
+model.dtype=bfloat16 quantization.bnb_4bit_compute_dtype=bfloat16 training.bf16=true`.
 """
 
 from __future__ import annotations
@@ -27,12 +31,12 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPE = "tiny-mistral-dpo"
 
 
-def run_qlora(folder: Path, epochs: int) -> dict:
+def run_qlora(folder: Path, epochs: int, overrides: list[str]) -> dict:
     from qlora_cli.recipe import load_recipe
     from qlora_cli.train import train
 
     recipe = load_recipe([RECIPE], [f"training.output_dir={folder / 'qlora'}", f"data.prepared_dir={folder / 'prepared'}",
-                                    f"training.num_train_epochs={epochs}", "training.eval_strategy=no"])
+                                    f"training.num_train_epochs={epochs}", "training.eval_strategy=no", *overrides])
     started = time.monotonic()
     result = train(recipe)
     seconds = time.monotonic() - started
@@ -40,7 +44,7 @@ def run_qlora(folder: Path, epochs: int) -> dict:
             "eval_reward_accuracy": result.metrics.get("eval_rewards/accuracies")}
 
 
-def run_trl(folder: Path, epochs: int) -> dict:
+def run_trl(folder: Path, epochs: int, overrides: list[str]) -> dict:
     from datasets import Dataset
     from trl import DPOTrainer
 
@@ -52,7 +56,7 @@ def run_trl(folder: Path, epochs: int) -> dict:
     from qlora_cli.sources import _read_jsonl
 
     recipe = load_recipe([RECIPE], [f"training.output_dir={folder / 'trl'}", f"training.num_train_epochs={epochs}",
-                                    "training.eval_strategy=no"])
+                                    "training.eval_strategy=no", *overrides])
     rows = [pair_from_row({k: row.get(k) for k in ("prompt", "messages", "chosen", "rejected")}, where)
             for where, row in _read_jsonl(ROOT / "sample_preference.jsonl")]
     texts = [{"prompt": f"[INST] {p.prompt[-1]['content']} [/INST]", "chosen": f" {p.chosen[0]['content']}",
@@ -71,14 +75,15 @@ def run_trl(folder: Path, epochs: int) -> dict:
             "eval_reward_accuracy": trainer.evaluate().get("eval_rewards/accuracies")}
 
 
-def child(side: str, folder: Path, epochs: int) -> None:
-    figures = (run_qlora if side == "qlora" else run_trl)(folder, epochs)
+def child(side: str, folder: Path, epochs: int, overrides: list[str]) -> None:
+    figures = (run_qlora if side == "qlora" else run_trl)(folder, epochs, overrides)
     figures["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(figures))
 
 
-def run_side(side: str, folder: str, epochs: int) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--side", side, "--folder", folder, "--epochs", str(epochs)],
+def run_side(side: str, folder: str, epochs: int, overrides: list[str]) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--side", side, "--folder", folder, "--epochs", str(epochs),
+                           *(["--set", *overrides] if overrides else [])],
                           capture_output=True, text=True, cwd=ROOT)
     line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
@@ -92,16 +97,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side, alternated (medians reported)")
     parser.add_argument("--side", choices=["qlora", "trl"])
     parser.add_argument("--folder", type=Path)
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="recipe overrides for both sides")
     options = parser.parse_args()
     if options.side:
-        return child(options.side, options.folder, options.epochs)
+        return child(options.side, options.folder, options.epochs, options.set)
     runs: dict[str, list[dict]] = {"qlora": [], "trl": []}
     with tempfile.TemporaryDirectory() as folder:
         # On a shared machine the load drifts: alternate the sides (qlora first, then TRL first)
         # so that neither gets the quiet minutes, and report each side's median.
         for repeat in range(options.repeats):
             for side in (("qlora", "trl") if repeat % 2 == 0 else ("trl", "qlora")):
-                figures = run_side(side, f"{folder}/{side}-{repeat}", options.epochs)  # a run folder each
+                figures = run_side(side, f"{folder}/{side}-{repeat}", options.epochs, options.set)  # a folder each
                 runs[side].append(figures)
                 print(f"run {repeat + 1} {side:5s} " + "  ".join(
                     f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()), flush=True)
@@ -109,7 +115,8 @@ def main() -> None:
                       for key in ("pairs_per_s", "peak_rss_mib", "eval_reward_accuracy")}
                for side, results in runs.items()}
     q, t = medians["qlora"], medians["trl"]
-    print(f"\nmedians of {options.repeats} alternated runs per side, {options.epochs} epoch(s); rows for bench/RESULTS.md:\n")
+    print(f"\nmedians of {options.repeats} alternated runs per side, {options.epochs} epoch(s)"
+          f"{', with ' + ' '.join(options.set) if options.set else ''}; rows for bench/RESULTS.md:\n")
     print("| date       | side  | pairs/s | peak RSS MiB | held-out reward accuracy |")
     print("|------------|-------|--------:|-------------:|-------------------------:|")
     today = datetime.date.today().isoformat()
