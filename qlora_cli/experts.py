@@ -212,25 +212,24 @@ def expand_expert_targets(lora: dict | None, model, expert_modules: tuple[str, .
     asked = lora.get("target_parameters")
     if asked is None:
         return {**lora, "target_parameters": names} if lora.get("target_modules") == "all-linear" and names else lora
-    where = where_of(origins, "lora.target_parameters")
-    matched, unmatched = matching_expert_names(asked, names)
-    if unmatched:
-        have = sorted({n.split(".")[-1] for n in names})
-        raise UserError(f"`lora.target_parameters` {unmatched} match no expert tensor of this model "
-                        f"({'its experts: ' + ', '.join(have) if have else 'it has no fused experts'}): "
-                        "that LoRA would train nothing", where=where,
-                        fix="name experts, gate_up_proj or down_proj, or drop lora.target_parameters")
-    return {**lora, "target_parameters": matched}
+    return {**lora, "target_parameters": matching_expert_names(asked, names, origins)}
 
 
-def matching_expert_names(asked: list[str], names: list[str]) -> tuple[list[str], list[str]]:
-    """(the expert tensor names that `target_parameters` names match, the names that match none)."""
+def matching_expert_names(asked: list[str], names: list[str], origins: dict) -> list[str]:
+    """The expert tensor names that `target_parameters` names match. A name that matches none is
+    the user's mistake (peft would only warn): exit 2 at its line."""
     matched, unmatched = [], []
     for wanted in asked:
         hits = [n for n in names if n == wanted or n.endswith(f".{wanted}") or f".{wanted}." in f".{n}."]
         matched += [n for n in hits if n not in matched]
         unmatched += [] if hits else [wanted]
-    return matched, unmatched
+    if unmatched:
+        have = sorted({n.split(".")[-1] for n in names})
+        raise UserError(f"`lora.target_parameters` {unmatched} match no expert tensor of this model "
+                        f"({'its experts: ' + ', '.join(have) if have else 'it has no fused experts'}): "
+                        "that LoRA would train nothing", where=where_of(origins, "lora.target_parameters"),
+                        fix="name experts, gate_up_proj or down_proj, or drop lora.target_parameters")
+    return matched
 
 
 def expert_lora_rank(model_type: str, param_name: str, r: int, all_linear: bool) -> int:

@@ -226,7 +226,7 @@ def lora_targets(recipe, shape: ModelShape) -> list[str]:
 def expert_lora_targets(recipe, shape: ModelShape) -> list[tuple[str, int, int, int, int]]:
     """(name, experts, out, in, rank) of every tensor outside a Linear that LoRA reaches through
     peft's `target_parameters`: fused experts, and Mixtral's router under `all-linear`."""
-    if not recipe.lora or not shape.experts:
+    if not recipe.lora:
         return []
     from qlora_cli.experts import expert_lora_rank, matching_expert_names, router_lora_names
 
@@ -234,7 +234,10 @@ def expert_lora_targets(recipe, shape: ModelShape) -> list[tuple[str, int, int, 
     all_linear = lora.get("target_modules") == "all-linear"
     names = [name for name, *_ in shape.experts]
     asked = lora.get("target_parameters")
-    chosen = names if asked is None and all_linear else matching_expert_names(asked or [], names)[0]
+    if not names:
+        matching_expert_names(asked or [], names, recipe.origins)  # a name asked of a dense model exits 2
+        return []
+    chosen = names if asked is None and all_linear else matching_expert_names(asked or [], names, recipe.origins)
     model_type = shape.family.model_type if shape.family else ""
     found = [(n, e, o, i, expert_lora_rank(model_type, n, r, all_linear)) for n, e, o, i in shape.experts if n in chosen]
     for name in router_lora_names(model_type, shape.other_params, all_linear):  # (experts, hidden) weights

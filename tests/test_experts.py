@@ -11,7 +11,7 @@ from qlora_cli.experts import dequantized, expert_parameters, is_quantized, quan
 from qlora_cli.plan_memory import quantized_linear_bytes
 from qlora_cli.recipe import load_recipe
 
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, assert_user_error, qlora
 
 MIXTRAL = [
     *TINY_OVERRIDES,
@@ -201,6 +201,19 @@ def test_expert_lora_that_matches_no_expert_is_refused():
                                         r"down_proj, gate_up_proj") as err:
         load_trainable_model(mixtral_recipe("lora.target_parameters=[up_proj_typo]"))
     assert err.value.where == "override"  # where the key came from: the command line here
+
+
+@pytest.mark.parametrize("model, asked, have", [("mixtral", "up_proj_typo", "its experts: down_proj, gate_up_proj"),
+                                                ("mistral", "experts", "it has no fused experts")])
+def test_qlora_plan_refuses_expert_lora_that_matches_nothing_before_any_weight_loads(model, asked, have, tmp_path):
+    """`qlora plan` (and so `qlora train`, which plans first) knows the expert tensors from a
+    weightless build of the config: a target_parameters typo exits 2 there, at its line."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"extends: tiny-mistral\nlora:\n  target_parameters: [{asked}]\n")
+    overrides = MIXTRAL if model == "mixtral" else TINY_OVERRIDES
+    result = qlora("plan", str(recipe), *overrides, f"data.prepared_dir={tmp_path / 'prepared'}")
+    assert_user_error(result, f"{recipe}:3:", f"`lora.target_parameters` ['{asked}'] match no expert tensor", have)
+    assert not (tmp_path / "prepared").exists()
 
 
 def test_expert_lora_with_dropout_is_refused_with_the_key():
