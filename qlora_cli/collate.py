@@ -68,7 +68,7 @@ def block_causal_mask(lengths: list[list[int]], width: int):
 def _additive(mask):
     import torch
 
-    return torch.zeros(mask.shape).masked_fill_(~mask, torch.finfo(torch.float32).min)
+    return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
 
 
 def _pad(values: list[int], width: int, fill: int) -> list[int]:
@@ -83,13 +83,14 @@ def shared_prefix_rows(input_ids, attention_mask, eager: bool = False):
 
     Returns the model inputs of that layout (`input_ids`, 4-D `attention_mask`, `position_ids`)
     and `index`, shaped like `input_ids`: where each token of the original rows sits in the
-    flattened new rows (padding points at its row's first token)."""
+    flattened new rows (padding points at its row's first token). None where the new rows,
+    padded, would hold no fewer tokens than the batch as it came."""
     import torch
 
     pairs = input_ids.shape[0] // 2
     lengths = attention_mask.sum(-1).tolist()
     ids = input_ids.tolist()
-    rows, positions, index, spans = [], [], [], []
+    rows, positions, spans = [], [], []
     for i in range(pairs):
         chosen, rejected = ids[i][:lengths[i]], ids[pairs + i][:lengths[pairs + i]]
         shared = next((t for t, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
@@ -97,23 +98,22 @@ def shared_prefix_rows(input_ids, attention_mask, eager: bool = False):
         positions.append(list(range(len(chosen))) + list(range(shared, len(rejected))))
         spans.append((len(chosen), shared, len(rejected) - shared))
     width = max(len(row) for row in rows)
-    for i, (chosen_length, shared, _) in enumerate(spans):
-        base = i * width
-        index.append([base + t for t in range(chosen_length)])
-        index.append([base + (t if t < shared else chosen_length + t - shared) for t in range(lengths[pairs + i])])
-    columns = input_ids.shape[1]
-    index = index[0::2] + index[1::2]  # chosen rows first, then rejected, as the batch came
-    mask = torch.zeros(pairs, 1, width, width, dtype=torch.bool)
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    if pairs * width >= input_ids.numel():
+        return None
+    device, columns = input_ids.device, input_ids.shape[1]
+    chosen_index, rejected_index = [], []
+    mask = torch.zeros(pairs, 1, width, width, dtype=torch.bool, device=device)
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
     for i, (chosen_length, shared, tail) in enumerate(spans):
-        end = chosen_length + tail
+        base, end = i * width, chosen_length + tail
+        chosen_index.append(_pad(range(base, base + chosen_length), columns, base))
+        rejected_index.append(_pad([*range(base, base + shared), *range(base + chosen_length, base + end)], columns, base))
         mask[i, 0, :chosen_length, :chosen_length] = causal[:chosen_length, :chosen_length]
         mask[i, 0, chosen_length:end, :shared] = True
         mask[i, 0, chosen_length:end, chosen_length:end] = causal[:tail, :tail]
-        mask[i, 0, end:, end:] = torch.eye(width - end, dtype=torch.bool)  # padding attends to itself (no NaN)
-    device = input_ids.device
+        mask[i, 0, end:, end:] = torch.eye(width - end, dtype=torch.bool, device=device)  # padding: itself (no NaN)
     return {  # padding: token 0, which only padding sees (its mask row is its own diagonal)
         "input_ids": torch.tensor([_pad(row, width, 0) for row in rows], device=device),
-        "attention_mask": (_additive(mask) if eager else mask).to(device),
+        "attention_mask": _additive(mask) if eager else mask,
         "position_ids": torch.tensor([_pad(p, width, 0) for p in positions], device=device),
-    }, torch.tensor([_pad(row, columns, row[0]) for row in index], device=device)
+    }, torch.tensor(chosen_index + rejected_index, device=device)

@@ -234,9 +234,7 @@ def expert_lora_targets(recipe, shape: ModelShape) -> list[tuple[str, int, int, 
     all_linear = lora.get("target_modules") == "all-linear"
     names = [name for name, *_ in shape.experts]
     asked = lora.get("target_parameters")
-    if not names:
-        matching_expert_names(asked or [], names, recipe.origins)  # a name asked of a dense model exits 2
-        return []
+    # a name that matches no expert tensor (any name, of a dense model) exits 2
     chosen = names if asked is None and all_linear else matching_expert_names(asked or [], names, recipe.origins)
     model_type = shape.family.model_type if shape.family else ""
     found = [(n, e, o, i, expert_lora_rank(model_type, n, r, all_linear)) for n, e, o, i in shape.experts if n in chosen]

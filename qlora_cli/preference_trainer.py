@@ -105,12 +105,11 @@ def install_log_prob_head(model, statistics: tuple[str, ...], share_prompts: boo
                             **kwargs)
         kwargs["use_cache"] = False
         index = None  # where each token of the batch as it came sits in the shared rows
-        if share_prompts and _shareable(args, kwargs):
-            shared, index = shared_prefix_rows(kwargs["input_ids"], kwargs["attention_mask"], attention == "eager")
-            if shared["input_ids"].numel() < kwargs["input_ids"].numel():
-                kwargs |= shared
-            else:
-                index = None
+        layout = share_prompts and _shareable(args, kwargs) and shared_prefix_rows(
+            kwargs["input_ids"], kwargs["attention_mask"], attention == "eager")
+        if layout:
+            shared, index = layout
+            kwargs |= shared
         with head_passes_hidden(head):
             outputs = type(self).forward(self, *args, **kwargs)  # no labels: no loss
         hidden = outputs.logits

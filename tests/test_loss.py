@@ -142,31 +142,39 @@ def assert_log_prob_head_equals_trls(model, **forward_kwargs):
     labels = ids.masked_fill(torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 1, 1, 1]]).bool(), -100)
     model.train()
 
-    def outputs_and_grads():
-        model.zero_grad()
-        out = model(input_ids=ids, attention_mask=attention, labels=labels, fused_lm_head=True, **forward_kwargs)
-        loss = (out.log_probs.sum(-1) * torch.tensor([1.5, -0.5])).sum()
-        (loss if out.aux_loss is None else loss + out.aux_loss).backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        return out, grads
-
+    inputs = {"input_ids": ids, "attention_mask": attention, "labels": labels, **forward_kwargs}
     try:
         add_fused_lm_head(inner, outputs=("log_probs", *LOG_PROB_STATISTICS))
-        trl_out, trl_grads = outputs_and_grads()
+        trl_out, trl_grads = fused_pass(model, torch.tensor([1.5, -0.5]), **inputs)
         assert install_log_prob_head(model, LOG_PROB_STATISTICS)
-        ours, our_grads = outputs_and_grads()
+        ours, our_grads = fused_pass(model, torch.tensor([1.5, -0.5]), **inputs)
         plain = model(input_ids=ids, attention_mask=attention)  # any other call: the model's own forward
         assert plain.logits.shape == (2, 8, inner.config.get_text_config().vocab_size)
     finally:
         del inner.forward
         model.zero_grad()
-    assert torch.equal(ours.label_mask, trl_out.label_mask)
     names = ("log_probs", "loss", *LOG_PROB_STATISTICS) + (("aux_loss",) if forward_kwargs else ())
+    assert_same_pass(ours, our_grads, trl_out, trl_grads, names)
+
+
+def fused_pass(model, weights, **inputs):
+    """`model(..., fused_lm_head=True)` and the backward of its rows' log-probs weighted by
+    `weights` (plus the MoE aux loss): the outputs and every LoRA gradient."""
+    model.zero_grad()
+    out = model(**inputs, fused_lm_head=True)
+    loss = (out.log_probs.sum(-1) * weights).sum()
+    (loss if out.aux_loss is None else loss + out.aux_loss).backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same_pass(got, got_grads, want, want_grads, names):
+    """The same label mask, the outputs `names` within 1e-5, each LoRA gradient within 1e-5 of its largest entry."""
+    assert torch.equal(got.label_mask, want.label_mask)
     for name in names:
-        assert torch.allclose(getattr(ours, name).float(), getattr(trl_out, name).float(), atol=1e-5), name
-    assert trl_grads and trl_grads.keys() == our_grads.keys()
-    for name, grad in trl_grads.items():
-        assert (our_grads[name] - grad).abs().max() <= 1e-5 * grad.abs().max(), name  # fp32 rounding
+        assert torch.allclose(getattr(got, name).float(), getattr(want, name).float(), atol=1e-5), name
+    assert want_grads and want_grads.keys() == got_grads.keys()
+    for name, grad in want_grads.items():
+        assert (got_grads[name] - grad).abs().max() <= 1e-5 * grad.abs().max(), name  # fp32 rounding
 
 
 @pytest.mark.slow
@@ -238,11 +246,10 @@ def assert_shared_rows_equal_separate_rows(model, attention: str):
 
     def outputs_and_grads(share: bool):
         assert install_log_prob_head(model, LOG_PROB_STATISTICS, share_prompts=share)
-        model.zero_grad()
-        out = model(input_ids=ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
-        (out.log_probs.sum(-1) * weights).sum().backward()
-        del inner.forward
-        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        try:
+            return fused_pass(model, weights, input_ids=ids, attention_mask=attention_mask, labels=labels)
+        finally:
+            del inner.forward
 
     try:
         separate, separate_grads = outputs_and_grads(False)
@@ -252,9 +259,5 @@ def assert_shared_rows_equal_separate_rows(model, attention: str):
         inner.set_attn_implementation(before)
         model.zero_grad()
     assert embedded == [(4, 10), (2, 12)]  # 2 rows of 12 (prompt once) instead of 4 rows of 10
-    assert torch.equal(shared.label_mask, separate.label_mask)
     assert shared.label_mask.sum() == completion.sum()
-    for name in ("log_probs", *LOG_PROB_STATISTICS):
-        assert torch.allclose(getattr(shared, name).float(), getattr(separate, name).float(), atol=1e-5), name
-    for name, grad in separate_grads.items():
-        assert (shared_grads[name] - grad).abs().max() <= 1e-5 * grad.abs().max(), name
+    assert_same_pass(shared, shared_grads, separate, separate_grads, ("log_probs", *LOG_PROB_STATISTICS))

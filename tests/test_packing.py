@@ -168,3 +168,6 @@ def test_a_dpo_pair_runs_as_one_row_with_its_shared_prefix_once():
     mask = shared["attention_mask"][1, 0].int().tolist()
     assert mask[2] == [1, 0, 1, 0, 0, 0] and mask[3] == [1, 0, 1, 1, 0, 0]  # prefix [7] only
     assert mask[4][4] == 1 and mask[5][5] == 1  # padding attends to itself (no empty softmax row)
+    # answers with no common start and no padding to save: the batch runs as it came
+    unshared = torch.tensor([[1, 2], [3, 4]])
+    assert shared_prefix_rows(unshared, torch.ones_like(unshared)) is None
