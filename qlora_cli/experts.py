@@ -76,21 +76,34 @@ def quantize_experts(model, expert_modules: tuple[str, ...], quantization: dict 
 
     Per expert: a 4-bit block never spans two experts (each expert's matrix holds a whole
     number of 64-weight blocks), so every expert has its own scales, as a Linear layer would."""
-    if not quantization or not quantization.get("load_in_4bit"):
+    skip = _kept_as_loaded(quantization)
+    if skip is None:
         return 0
-    skip = tuple(quantization.get("llm_int8_skip_modules") or ())
     count = 0
     for name, module, param_name in expert_parameters(model, expert_modules):
         if is_quantized(module, param_name) or skipped(f"{name}.{param_name}", skip):
             continue
         shape = tensor_shape(module, param_name)
-        if (shape[1] * shape[2]) % BLOCK:
+        if not _whole_blocks(shape):
             raise UserError(f"expert tensor `{name}.{param_name}` {tuple(shape)} does not split into "
                             f"{BLOCK}-weight blocks per expert", where="model",
                             fix=f"keep it 16-bit with quantization.llm_int8_skip_modules=[{name}]")
         _quantize(module, param_name, quantization)
         count += 1
     return count
+
+
+def _kept_as_loaded(quantization: dict | None) -> tuple[str, ...] | None:
+    """The module names whose experts stay as loaded (`llm_int8_skip_modules`); None when the
+    recipe quantizes nothing to 4 bits."""
+    if not quantization or not quantization.get("load_in_4bit"):
+        return None
+    return tuple(quantization.get("llm_int8_skip_modules") or ())
+
+
+def _whole_blocks(shape) -> bool:
+    """Whether each expert's matrix of an (experts, out, in) tensor holds whole 4-bit blocks."""
+    return (shape[1] * shape[2]) % BLOCK == 0
 
 
 def _quantize(module, param_name: str, quantization: dict) -> None:
@@ -117,17 +130,17 @@ def quantizing_experts_on_load(expert_modules: tuple[str, ...], quantization: di
     would all of them on a transformers without that function (tests/test_experts.py notices)."""
     import transformers.core_model_loading as loading
 
-    if not quantization or not quantization.get("load_in_4bit") or not hasattr(loading, "set_param_for_module"):
+    skip = _kept_as_loaded(quantization)
+    if skip is None or not hasattr(loading, "set_param_for_module"):
         yield
         return
-    skip = tuple(quantization.get("llm_int8_skip_modules") or ())
     original = loading.set_param_for_module
     quantized: dict[nn.Module, list[str]] = {}
 
     def set_and_quantize(model, target_name, param_value, *args, **kwargs):
         original(model, target_name, param_value, *args, **kwargs)
         module_name, _, param_name = target_name.rpartition(".")
-        if (param_value.ndim != 3 or skipped(target_name, skip) or (param_value.shape[1] * param_value.shape[2]) % BLOCK
+        if (param_value.ndim != 3 or skipped(target_name, skip) or not _whole_blocks(param_value.shape)
                 or not is_expert_module(module_name, expert_modules)):
             return
         module = model.get_submodule(module_name)
@@ -209,18 +222,20 @@ def expand_expert_targets(lora: dict | None, model, expert_modules: tuple[str, .
     if not lora:
         return lora
     names = [f"{name}.{param}" for name, _, param in expert_parameters(model, expert_modules)]
+    targets = expert_targets(lora, names, origins)
+    return {**lora, "target_parameters": targets} if targets else lora
+
+
+def expert_targets(lora: dict, names: list[str], origins: dict) -> list[str]:
+    """The expert tensors (of `names`) that the lora section puts LoRA on: every one under
+    `target_modules: all-linear` without `target_parameters`, else those its names match. A name
+    that matches none is the user's mistake (peft would only warn): exit 2 at its line."""
     asked = lora.get("target_parameters")
     if asked is None:
-        return {**lora, "target_parameters": names} if lora.get("target_modules") == "all-linear" and names else lora
-    return {**lora, "target_parameters": matching_expert_names(asked, names, origins)}
-
-
-def matching_expert_names(asked: list[str], names: list[str], origins: dict) -> list[str]:
-    """The expert tensor names that `target_parameters` names match. A name that matches none is
-    the user's mistake (peft would only warn): exit 2 at its line."""
+        return names if lora.get("target_modules") == "all-linear" else []
     matched, unmatched = [], []
     for wanted in asked:
-        hits = [n for n in names if n == wanted or n.endswith(f".{wanted}") or f".{wanted}." in f".{n}."]
+        hits = [n for n in names if skipped(n, (wanted,))]  # the name, or a dotted part of it
         matched += [n for n in hits if n not in matched]
         unmatched += [] if hits else [wanted]
     if unmatched:

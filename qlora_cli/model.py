@@ -122,8 +122,9 @@ def load_base_model(recipe, *, quantized: bool = True, dtype=None, device_map=No
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code, revision=model.revision)
         family = checkpoint_family(config, trust_remote_code=model.trust_remote_code)
-        bnb = build_bnb_config(kept_16bit(family, recipe.quantization), recipe.origins) if quantized else None
-        experts_4bit = quantization_values(kept_16bit(family, recipe.quantization)) if bnb is not None else None
+        quantization = kept_16bit(family, recipe.quantization) if quantized else None
+        bnb = build_bnb_config(quantization, recipe.origins) if quantized else None
+        experts_4bit = quantization_values(quantization) if bnb is not None else None
         with quantizing_experts_on_load(family.expert_modules, experts_4bit):
             loaded = auto_model_class(family).from_pretrained(
                 path,

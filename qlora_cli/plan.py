@@ -228,14 +228,12 @@ def expert_lora_targets(recipe, shape: ModelShape) -> list[tuple[str, int, int, 
     peft's `target_parameters`: fused experts, and Mixtral's router under `all-linear`."""
     if not recipe.lora:
         return []
-    from qlora_cli.experts import expert_lora_rank, matching_expert_names, router_lora_names
+    from qlora_cli.experts import expert_lora_rank, expert_targets, router_lora_names
 
     lora, r = recipe.lora, int(lora_value(recipe.lora, "r"))
     all_linear = lora.get("target_modules") == "all-linear"
-    names = [name for name, *_ in shape.experts]
-    asked = lora.get("target_parameters")
     # a name that matches no expert tensor (any name, of a dense model) exits 2
-    chosen = names if asked is None and all_linear else matching_expert_names(asked or [], names, recipe.origins)
+    chosen = expert_targets(lora, [name for name, *_ in shape.experts], recipe.origins)
     model_type = shape.family.model_type if shape.family else ""
     found = [(n, e, o, i, expert_lora_rank(model_type, n, r, all_linear)) for n, e, o, i in shape.experts if n in chosen]
     for name in router_lora_names(model_type, shape.other_params, all_linear):  # (experts, hidden) weights
