@@ -21,7 +21,7 @@ download --python-version 3.12 --only-binary=:all: "multiprocess==$(version mult
 python - "$dest/tokenizer-v1" <<'EOF'
 import sys
 
-from qlora_cli.tokenizer import load_tokenizer
+from qlora_cli.data.tokenizer import load_tokenizer
 
 load_tokenizer("mistral-common:v1").save_pretrained(sys.argv[1])
 EOF

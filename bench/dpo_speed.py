@@ -32,8 +32,8 @@ RECIPE = "tiny-mistral-dpo"
 
 
 def run_qlora(folder: Path, epochs: int, overrides: list[str]) -> dict:
-    from qlora_cli.recipe import load_recipe
-    from qlora_cli.train import train
+    from qlora_cli.recipe.load import load_recipe
+    from qlora_cli.training.run import train
 
     recipe = load_recipe([RECIPE], [f"training.output_dir={folder / 'qlora'}", f"data.prepared_dir={folder / 'prepared'}",
                                     f"training.num_train_epochs={epochs}", "training.eval_strategy=no", *overrides])
@@ -48,12 +48,12 @@ def run_trl(folder: Path, epochs: int, overrides: list[str]) -> dict:
     from datasets import Dataset
     from trl import DPOTrainer
 
-    from qlora_cli.builders import build_training_arguments
-    from qlora_cli.model import load_trainable_model
-    from qlora_cli.tokenizer import load_recipe_tokenizer
-    from qlora_cli.preference import pair_from_row
-    from qlora_cli.recipe import load_recipe
-    from qlora_cli.sources import _read_jsonl
+    from qlora_cli.recipe.builders import build_training_arguments
+    from qlora_cli.model.load import load_trainable_model
+    from qlora_cli.data.tokenizer import load_recipe_tokenizer
+    from qlora_cli.data.preference import pair_from_row
+    from qlora_cli.recipe.load import load_recipe
+    from qlora_cli.data.sources import _read_jsonl
 
     recipe = load_recipe([RECIPE], [f"training.output_dir={folder / 'trl'}", f"training.num_train_epochs={epochs}",
                                     "training.eval_strategy=no", *overrides])

@@ -54,10 +54,10 @@ MOE = {
 
 
 def plan_gib(name: str) -> dict:
-    from qlora_cli.tokenizer import load_recipe_tokenizer
-    from qlora_cli.plan import load_model_config, recipe_settings
-    from qlora_cli.plan_memory import GiB, memory_items, model_shape
-    from qlora_cli.recipe import load_recipe
+    from qlora_cli.data.tokenizer import load_recipe_tokenizer
+    from qlora_cli.plan.estimate import load_model_config, recipe_settings
+    from qlora_cli.plan.memory import GiB, memory_items, model_shape
+    from qlora_cli.recipe.load import load_recipe
 
     recipe = load_recipe([name], ["~model.name_or_path", f"model.init_from_config={json.dumps(PUBLISHED[name])}",
                                   "model.tokenizer=mistral-common:tekken_240911"])
@@ -69,9 +69,9 @@ def plan_gib(name: str) -> dict:
 
 def moe_plan_gib(label: str) -> dict:
     from qlora_cli.families import build_init_config
-    from qlora_cli.plan import recipe_settings
-    from qlora_cli.plan_memory import GiB, memory_items, model_shape
-    from qlora_cli.recipe import load_recipe
+    from qlora_cli.plan.estimate import recipe_settings
+    from qlora_cli.plan.memory import GiB, memory_items, model_shape
+    from qlora_cli.recipe.load import load_recipe
 
     name, values, overrides, gpus = MOE[label]
     recipe = load_recipe([name], ["~model.name_or_path", f"model.init_from_config={json.dumps(values)}", *overrides])

@@ -28,9 +28,9 @@ def make_run(folder: Path, new_tokens: int):
     """A tiny-mistral recipe whose run folder holds a (randomly perturbed) LoRA adapter."""
     import torch
 
-    from qlora_cli.model import load_trainable_model
-    from qlora_cli.tokenizer import load_recipe_tokenizer
-    from qlora_cli.recipe import load_recipe
+    from qlora_cli.model.load import load_trainable_model
+    from qlora_cli.data.tokenizer import load_recipe_tokenizer
+    from qlora_cli.recipe.load import load_recipe
 
     recipe = load_recipe(["tiny-mistral"], [f"training.output_dir={folder / 'run'}",
                                             f"generate.max_new_tokens={new_tokens}",
@@ -48,7 +48,7 @@ def make_run(folder: Path, new_tokens: int):
 
 
 def prompt_records(count: int):
-    from qlora_cli.generate import PromptRecord
+    from qlora_cli.export.generate import PromptRecord
 
     rng = random.Random(0)
     words = ["the", "a", "model", "river", "city", "question", "answer", "why", "how", "green", "seven", "quickly", "under", "paper", "light"]
@@ -58,7 +58,7 @@ def prompt_records(count: int):
 
 def time_batches(generator, records, folder: Path, name: str, new_tokens: int) -> dict[int, float]:
     """Generated tokens per second of `answer_file` at each batch size (after one warm-up batch)."""
-    from qlora_cli.generate import answer_file
+    from qlora_cli.export.generate import answer_file
 
     generator.answer_batch([records[0].messages])  # warm-up: first-call allocations and kernels
     rates = {}
@@ -80,8 +80,8 @@ def main() -> None:
     os.environ.setdefault("QLORA_CACHE", str(folder / "cache"))
     import torch
 
-    from qlora_cli.generate import load_generator
-    from qlora_cli.merge import merge
+    from qlora_cli.export.generate import load_generator
+    from qlora_cli.export.merge import merge
 
     torch.manual_seed(0)
     recipe = make_run(folder, args.new_tokens)

@@ -1,4 +1,4 @@
-"""A tiny Mixtral with its experts in 4 bits (qlora_cli.experts) against the same model with
+"""A tiny Mixtral with its experts in 4 bits (qlora_cli.model.experts) against the same model with
 unquantized (here fp32) experts (`llm_int8_skip_modules: [experts, lm_head]`), in one run: expert weight bytes,
 peak process memory and trained tokens per second, and their ratios.
 
@@ -59,9 +59,9 @@ def rss_anon() -> int:
 def load_variant(sixteen_bit: bool) -> dict:
     import threading
 
-    from qlora_cli.experts import expert_parameters, is_quantized
-    from qlora_cli.model import load_base_model, model_path
-    from qlora_cli.recipe import load_recipe
+    from qlora_cli.model.experts import expert_parameters, is_quantized
+    from qlora_cli.model.load import load_base_model, model_path
+    from qlora_cli.recipe.load import load_recipe
 
     recipe = load_recipe(["tiny-mistral"], [*LOAD_MODEL, *(SIXTEEN_BIT if sixteen_bit else [])])
     model_path(recipe)  # built and saved once, before anything is measured
@@ -85,9 +85,9 @@ def load_variant(sixteen_bit: bool) -> dict:
 def run_variant(sixteen_bit: bool, steps: int, seq: int) -> dict:
     import torch
 
-    from qlora_cli.experts import expert_parameters, is_quantized, quantized_tensors
-    from qlora_cli.model import load_trainable_model
-    from qlora_cli.recipe import load_recipe
+    from qlora_cli.model.experts import expert_parameters, is_quantized, quantized_tensors
+    from qlora_cli.model.load import load_trainable_model
+    from qlora_cli.recipe.load import load_recipe
 
     recipe = load_recipe(["tiny-mistral"], [*MODEL, *(SIXTEEN_BIT if sixteen_bit else [])])
     model = load_trainable_model(recipe)

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from qlora_cli.packing import pack_lengths
+from qlora_cli.data.packing import pack_lengths
 
 SYLLABLES = ["ka", "to", "ri", "men", "sa", "lo", "pe", "qu", "an", "ti", "ver", "dom", "el", "ix", "u", "ar",
              "ble", "ing", "tion", "st", "or", "ge", "ph", "ny"]
@@ -52,8 +52,8 @@ def synthetic_rows(count: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
 
 
 def ours(folder: Path, tokenizer, max_length: int, num_proc: int | None):
-    from qlora_cli.prepare import build_dataset
-    from qlora_cli.sections import DataSection, DataSource
+    from qlora_cli.data.prepare import build_dataset
+    from qlora_cli.recipe.sections import DataSection, DataSource
 
     data = DataSection(sources=[DataSource(str(folder / "chat.jsonl"), format="chat"),
                                 DataSource(str(folder / "text.jsonl"), format="text")],
@@ -103,7 +103,7 @@ def main() -> None:
     os.environ.setdefault("QLORA_CACHE", tempfile.mkdtemp(prefix="qlora-bench-cache-"))
     from datasets import disable_progress_bars
 
-    from qlora_cli.tokenizer import load_tokenizer
+    from qlora_cli.data.tokenizer import load_tokenizer
 
     disable_progress_bars()
     tokenizer = load_tokenizer(args.tokenizer)

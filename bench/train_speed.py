@@ -11,7 +11,7 @@ same model, tokens, LoRA, quantization, optimizer and examples per step:
            `DataCollatorForLanguageModeling(mlm=False)` (the seed's recipe);
 - dynamic: the same, padded only to the longest example of each batch (the best a careful user
            gets from the stock collator);
-- qlora:   `qlora_cli.train.train` on a recipe, its defaults on (packing with block-diagonal
+- qlora:   `qlora_cli.training.run.train` on a recipe, its defaults on (packing with block-diagonal
            attention, chunked loss).
 
 All arms train on every token (`data.train_on: all`, as DataCollatorForLanguageModeling does),
@@ -122,10 +122,10 @@ def write_recipe(folder: Path, config: dict, args) -> Path:
 
 def prepare_everything(folder: Path, config: dict, args) -> dict:
     """Data files, recipe, the built model and both prepared datasets (cached for the arms)."""
-    from qlora_cli.model import model_path
-    from qlora_cli.tokenizer import load_recipe_tokenizer
-    from qlora_cli.prepare import prepare_dataset
-    from qlora_cli.recipe import load_recipe
+    from qlora_cli.model.load import model_path
+    from qlora_cli.data.tokenizer import load_recipe_tokenizer
+    from qlora_cli.data.prepare import prepare_dataset
+    from qlora_cli.recipe.load import load_recipe
 
     folder.mkdir(parents=True, exist_ok=True)
     recipe_path = write_recipe(folder, config, args)
@@ -288,9 +288,9 @@ def held_out_loss(model, rows) -> float:
 
 
 def unpacked_rows(recipe_path: str, source: str | None = None):
-    from qlora_cli.tokenizer import load_recipe_tokenizer
-    from qlora_cli.prepare import prepare_dataset
-    from qlora_cli.recipe import load_recipe
+    from qlora_cli.data.tokenizer import load_recipe_tokenizer
+    from qlora_cli.data.prepare import prepare_dataset
+    from qlora_cli.recipe.load import load_recipe
 
     overrides = ["data.packing=false"] + ([f"data.sources.0.path={source}"] if source else [])
     recipe = load_recipe([recipe_path], overrides)
@@ -310,8 +310,8 @@ def run_stock_arm(arm: str, plan: dict, folder: Path) -> dict:
         set_seed,
     )
 
-    from qlora_cli.model import model_path
-    from qlora_cli.tokenizer import load_recipe_tokenizer
+    from qlora_cli.model.load import model_path
+    from qlora_cli.data.tokenizer import load_recipe_tokenizer
 
     recipe, train_rows = unpacked_rows(plan["recipe"])
     tokenizer = load_recipe_tokenizer(recipe)
@@ -364,10 +364,10 @@ def run_stock_arm(arm: str, plan: dict, folder: Path) -> dict:
 
 def run_qlora_arm(plan: dict, folder: Path, overrides: list[str]) -> dict:
     """`qlora train` itself, through its Python entry point, with the recipe's defaults."""
-    import qlora_cli.trainer as qlora_trainer
-    from qlora_cli.model import load_adapter_model
-    from qlora_cli.recipe import load_recipe
-    from qlora_cli.train import train
+    import qlora_cli.training.trainer as qlora_trainer
+    from qlora_cli.model.load import load_adapter_model
+    from qlora_cli.recipe.load import load_recipe
+    from qlora_cli.training.run import train
 
     recipe = load_recipe([plan["recipe"]], [f"training.per_device_train_batch_size={plan['micro_rows']}",
                                             f"training.gradient_accumulation_steps={plan['accumulation']}",
@@ -394,9 +394,9 @@ def plan_estimate(recipe, rows: int, seq: int) -> int:
     """What `qlora plan` says this arm's recipe needs per device at rows x seq tokens."""
     import torch
 
-    from qlora_cli.tokenizer import load_recipe_tokenizer
-    from qlora_cli.plan import load_model_config, recipe_settings
-    from qlora_cli.plan_memory import model_shape, total_bytes
+    from qlora_cli.data.tokenizer import load_recipe_tokenizer
+    from qlora_cli.plan.estimate import load_model_config, recipe_settings
+    from qlora_cli.plan.memory import model_shape, total_bytes
 
     shape = model_shape(load_model_config(recipe, load_recipe_tokenizer(recipe)))
     return total_bytes(shape, recipe_settings(recipe, shape, on_gpu=torch.cuda.is_available()), rows, seq)

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from qlora_cli.errors import UserError, forget_origins, located
-from qlora_cli.launch import STATUS_VARIABLE, plan_then_launch, run_rank
+from qlora_cli.training.launch import STATUS_VARIABLE, plan_then_launch, run_rank
 
 app = typer.Typer(
     name="qlora",
@@ -98,7 +98,7 @@ def config_show(args: list[str] = RECIPE_ARGS) -> None:
 
     Example: qlora config show tiny-mistral lora.r=8 > my-recipe.yaml
     """
-    from qlora_cli.recipe import load_recipe
+    from qlora_cli.recipe.load import load_recipe
 
     recipes, overrides = split_arguments(args)
     text = load_recipe(recipes, overrides).to_yaml()
@@ -119,8 +119,8 @@ def config_explain(args: list[str] = RECIPE_ARGS) -> None:
     """
     from rich.table import Table
 
-    from qlora_cli.explain import explain_recipe
-    from qlora_cli.recipe import load_recipe
+    from qlora_cli.recipe.explain import explain_recipe
+    from qlora_cli.recipe.load import load_recipe
 
     recipes, overrides = split_arguments(args)
     table = Table("key", "value", "origin", box=None, pad_edge=False)
@@ -137,11 +137,11 @@ def config_validate(args: list[str] = RECIPE_ARGS) -> None:
 
     Example: qlora config validate recipes/mistral7b.yaml lora.r=64
     """
-    from qlora_cli.recipe import load_recipe
+    from qlora_cli.recipe.load import load_recipe
 
     recipes, overrides = split_arguments(args)
     recipe = load_recipe(recipes, overrides)
-    from qlora_cli.recipe import display_path
+    from qlora_cli.recipe.load import display_path
 
     files = " + ".join(display_path(f) for f in recipe.files)
     console.print(f"[green]ok[/]: {escape(files)} is a valid recipe", highlight=False, soft_wrap=True)
@@ -158,10 +158,10 @@ def prepare(
 
     Example: qlora prepare recipes/tiny-mistral.yaml data.max_length=512 --show 2
     """
-    from qlora_cli import render
-    from qlora_cli.tokenizer import load_recipe_tokenizer
-    from qlora_cli.prepare import prepare_dataset
-    from qlora_cli.recipe import load_recipe
+    from qlora_cli.terminal import render
+    from qlora_cli.data.tokenizer import load_recipe_tokenizer
+    from qlora_cli.data.prepare import prepare_dataset
+    from qlora_cli.recipe.load import load_recipe
 
     recipes, overrides = split_arguments(args)
     recipe = load_recipe(recipes, overrides)
@@ -187,9 +187,9 @@ def plan(
 
     Example: qlora plan recipes/mistral7b.yaml --gpu-memory 24
     """
-    from qlora_cli import render
-    from qlora_cli.plan import plan_recipe
-    from qlora_cli.recipe import load_recipe
+    from qlora_cli.terminal import render
+    from qlora_cli.plan.estimate import plan_recipe
+    from qlora_cli.recipe.load import load_recipe
 
     recipes, overrides = split_arguments(args)
     result = plan_recipe(load_recipe(recipes, overrides), gpu_memory=gpu_memory, gpus=gpus)
@@ -212,7 +212,7 @@ def train(
 
     Example: qlora train recipes/tiny-mistral.yaml training.learning_rate=1e-3
     """
-    from qlora_cli.recipe import load_recipe
+    from qlora_cli.recipe.load import load_recipe
 
     recipes, overrides = split_arguments(args)
     recipe = load_recipe(recipes, overrides)
@@ -225,8 +225,8 @@ def train(
             code = _call_qlora(["eval", *args])
         raise typer.Exit(code)
 
-    from qlora_cli.progress import TrainReporter
-    from qlora_cli.train import train as train_run
+    from qlora_cli.terminal.progress import TrainReporter
+    from qlora_cli.training.run import train as train_run
 
     reporter = TrainReporter(console)
     result = train_run(recipe, resume=resume, overwrite=overwrite, force=force, plan_only=plan_only,
@@ -269,8 +269,8 @@ def merge(
 
     Example: qlora merge runs/tiny-mistral merge.dtype=float32
     """
-    from qlora_cli.merge import MergeVerificationFailed, merge as merge_run
-    from qlora_cli.recipe import load_recipe
+    from qlora_cli.export.merge import MergeVerificationFailed, merge as merge_run
+    from qlora_cli.recipe.load import load_recipe
 
     recipes, overrides = split_arguments(args)
     try:
@@ -309,8 +309,8 @@ def generate(
 
     Example: qlora generate runs/tiny-mistral/recipe.yaml --prompt "What is the capital of France?"
     """
-    from qlora_cli.generate import choose_answering, load_generator
-    from qlora_cli.recipe import load_recipe
+    from qlora_cli.export.generate import choose_answering, load_generator
+    from qlora_cli.recipe.load import load_recipe
 
     recipes, overrides = split_arguments(args)
     recipe = load_recipe(recipes, overrides)
@@ -343,7 +343,7 @@ def eval_command(
 
     Example: qlora eval runs/tiny-mistral --input qa.jsonl --tasks arc_easy --limit 50
     """
-    from qlora_cli.recipe import load_recipe
+    from qlora_cli.recipe.load import load_recipe
 
     recipes, overrides = split_arguments(args)
     recipe = load_recipe(recipes, overrides)
@@ -355,7 +355,7 @@ def eval_command(
 
 def _plan_evaluation(recipe, **flags):
     """evaluate.plan_evaluation, and the warning its records need when answers would be cut short."""
-    from qlora_cli.evaluate import plan_evaluation
+    from qlora_cli.eval.evaluate import plan_evaluation
 
     plan = plan_evaluation(recipe, **flags)
     if plan.records is not None:
@@ -364,9 +364,9 @@ def _plan_evaluation(recipe, **flags):
 
 
 def _evaluate_run(recipe, plan) -> None:
-    from qlora_cli import render
-    from qlora_cli.evaluate import evaluate
-    from qlora_cli.progress import StageBars
+    from qlora_cli.terminal import render
+    from qlora_cli.eval.evaluate import evaluate
+    from qlora_cli.terminal.progress import StageBars
 
     with StageBars(err_console) as progress:
         result = evaluate(recipe, plan, progress=progress)
@@ -404,8 +404,8 @@ def _stream_answer(generator, messages: list[dict]) -> str:
 def _answer_file(generator, records, output: Path, recipe, resume: bool) -> None:
     from rich.progress import Progress
 
-    from qlora_cli.builders import split_generate
-    from qlora_cli.generate import answer_file
+    from qlora_cli.recipe.builders import split_generate
+    from qlora_cli.export.generate import answer_file
 
     options, _ = split_generate(recipe.generate)
     with Progress(console=err_console, disable=not err_console.is_terminal) as progress:

@@ -33,7 +33,7 @@ class Family:
     defaults: dict = field(default_factory=dict)
     # Module-name suffixes of the modules that hold fused 3-D expert tensors (experts x out x in):
     # quantized to 4 bits after loading and given LoRA through peft's target_parameters
-    # (see qlora_cli.experts). The router and shared experts are ordinary modules.
+    # (see qlora_cli.model.experts). The router and shared experts are ordinary modules.
     expert_modules: tuple[str, ...] = ()
     # The model types its text_config may have (vision-language models); TEXT_MODEL_TYPES if unset.
     text_model_types: tuple[str, ...] = ()

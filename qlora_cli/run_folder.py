@@ -215,7 +215,7 @@ def recipe_differences(recipe, run: RunFolder) -> list[str]:
     """Every key (dotted) whose value differs between `recipe` and the run's recipe.yaml."""
     import yaml
 
-    from qlora_cli.recipe import expand_home
+    from qlora_cli.recipe.load import expand_home
 
     old = (yaml.safe_load(run.recipe.read_text()) or {}) if run.recipe.is_file() else {}
     if isinstance(old, dict):

@@ -108,7 +108,7 @@ def _no_user_recipe_path(monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_recipe():
     """recipes/tiny-mistral.yaml shrunk to 64 wide: the recipe the model tests load."""
-    from qlora_cli.recipe import load_recipe
+    from qlora_cli.recipe.load import load_recipe
 
     return load_recipe(["tiny-mistral"], TINY_OVERRIDES)
 
@@ -116,7 +116,7 @@ def tiny_recipe():
 @pytest.fixture(scope="session")
 def tiny_model(tiny_recipe):
     """The tiny recipe's 4-bit base + LoRA `PeftModel`, built once per session."""
-    from qlora_cli.model import load_trainable_model
+    from qlora_cli.model.load import load_trainable_model
 
     return load_trainable_model(tiny_recipe)
 
@@ -127,7 +127,7 @@ def tiny_model(tiny_recipe):
 @pytest.fixture(scope="session")
 def v1_tokenizer(qlora_cache):
     """mistral-common's v1 tokenizer as an HF fast tokenizer (the one tiny-mistral uses)."""
-    from qlora_cli.tokenizer import load_tokenizer
+    from qlora_cli.data.tokenizer import load_tokenizer
 
     return load_tokenizer("mistral-common:v1")
 

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from qlora_cli.cli import app
-from qlora_cli.recipe import load_recipe
+from qlora_cli.recipe.load import load_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 SHIPPED = sorted(RECIPES.glob("*.yaml"))

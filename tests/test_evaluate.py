@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from qlora_cli import render
+from qlora_cli.terminal import render
 from qlora_cli.errors import UserError
-from qlora_cli.evaluate import Measured, read_eval_records, write_results
+from qlora_cli.eval.evaluate import Measured, read_eval_records, write_results
 
 from conftest import assert_user_error, qlora, sample_pairs
 
@@ -71,8 +71,8 @@ def test_a_run_folder_without_adapter_exits_2(tmp_path, write_jsonl):
 
 
 def test_a_preference_runs_validation_split_is_not_fed_to_the_loss_and_alone_is_nothing_to_evaluate(tmp_path):
-    from qlora_cli.evaluate import validation_rows
-    from qlora_cli.recipe import load_recipe
+    from qlora_cli.eval.evaluate import validation_rows
+    from qlora_cli.recipe.load import load_recipe
 
     recipe = load_recipe(["tiny-mistral-dpo"], [f"training.output_dir={tmp_path / 'run'}"])
     assert recipe.data.has_validation and validation_rows(recipe, tokenizer=None) is None
@@ -97,7 +97,7 @@ def test_eval_after_training_runs_once_on_global_rank_zero(monkeypatch, env, run
 
 
 def test_tasks_without_lm_eval_installed_say_how_to_install(monkeypatch):
-    from qlora_cli.benchmarks import load_tasks
+    from qlora_cli.eval.tasks import load_tasks
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` raises ImportError
     with pytest.raises(UserError) as caught:
@@ -189,7 +189,7 @@ def test_bad_eval_input_exits_2_before_loading(trained_run, tmp_path):
 
 
 def test_a_local_task_whose_data_cannot_load_is_refused_before_any_model_loads(tmp_path):
-    from qlora_cli.benchmarks import load_tasks
+    from qlora_cli.eval.tasks import load_tasks
 
     task = write_local_task(tmp_path / "tasks")
     (task / "questions.jsonl").unlink()
@@ -200,7 +200,7 @@ def test_a_local_task_whose_data_cannot_load_is_refused_before_any_model_loads(t
 
 
 def test_a_local_task_folder_loads_offline_without_indexing_lm_eval_tasks(tmp_path):
-    from qlora_cli.benchmarks import load_tasks
+    from qlora_cli.eval.tasks import load_tasks
 
     suite = load_tasks([str(write_local_task(tmp_path / "tasks"))])
     assert suite.names == ["sample_qa"] and suite.manager.all_tasks == ["sample_qa"]

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from qlora_cli.errors import UserError
-from qlora_cli.experts import dequantized, expert_parameters, is_quantized, quantized_tensors
-from qlora_cli.plan_memory import quantized_linear_bytes
-from qlora_cli.recipe import load_recipe
+from qlora_cli.model.experts import dequantized, expert_parameters, is_quantized, quantized_tensors
+from qlora_cli.plan.memory import quantized_linear_bytes
+from qlora_cli.recipe.load import load_recipe
 
 from conftest import TINY_OVERRIDES, assert_user_error, qlora
 
@@ -30,14 +30,14 @@ def mixtral_recipe(*overrides):
 
 @pytest.fixture(scope="module")
 def base():
-    from qlora_cli.model import load_base_model
+    from qlora_cli.model.load import load_base_model
 
     return load_base_model(mixtral_recipe())
 
 
 @pytest.fixture(scope="module")
 def trainable():
-    from qlora_cli.model import load_trainable_model
+    from qlora_cli.model.load import load_trainable_model
 
     return load_trainable_model(mixtral_recipe())
 
@@ -57,10 +57,10 @@ def test_the_experts_turn_4bit_as_they_load_into_the_model_quantizing_after_load
     in model.dtype (bench/moe_experts.py --load measures the peak); the model is the same one."""
     from transformers import AutoModelForCausalLM
 
-    from qlora_cli.builders import build_bnb_config, quantization_values
-    from qlora_cli.experts import quantize_experts, quantizing_experts_on_load
+    from qlora_cli.recipe.builders import build_bnb_config, quantization_values
+    from qlora_cli.model.experts import quantize_experts, quantizing_experts_on_load
     from qlora_cli.families import family_of, kept_16bit
-    from qlora_cli.model import model_path
+    from qlora_cli.model.load import model_path
 
     recipe = mixtral_recipe()
     quantization = kept_16bit(family_of("mixtral"), recipe.quantization)
@@ -81,7 +81,7 @@ def test_the_experts_turn_4bit_as_they_load_into_the_model_quantizing_after_load
 
 
 def test_fp4_without_double_quantization_is_what_the_recipe_asks_for():
-    from qlora_cli.model import load_base_model
+    from qlora_cli.model.load import load_base_model
 
     model = load_base_model(mixtral_recipe("quantization.bnb_4bit_quant_type=fp4",
                                            "quantization.bnb_4bit_use_double_quant=false"))
@@ -93,7 +93,7 @@ def test_fp4_without_double_quantization_is_what_the_recipe_asks_for():
 def test_an_unset_quant_type_is_bitsandbytes_configs_default_for_the_experts_too():
     from transformers import BitsAndBytesConfig
 
-    from qlora_cli.model import load_base_model
+    from qlora_cli.model.load import load_base_model
 
     model = load_base_model(mixtral_recipe("~quantization.bnb_4bit_quant_type"))
     _, module, _ = expert_parameters(model, EXPERTS)[0]
@@ -133,8 +133,8 @@ def test_4bit_experts_compute_what_their_dequantized_weights_compute_in_the_mode
 
 
 def test_the_whole_4bit_model_equals_a_16bit_copy_holding_its_dequantized_weights(base):
-    from qlora_cli.model import copy_dequantized_weights
-    from qlora_cli.model import load_base_model
+    from qlora_cli.model.load import copy_dequantized_weights
+    from qlora_cli.model.load import load_base_model
 
     plain = load_base_model(mixtral_recipe(), quantized=False)
     copy_dequantized_weights(base, plain)
@@ -144,7 +144,7 @@ def test_the_whole_4bit_model_equals_a_16bit_copy_holding_its_dequantized_weight
 
 
 def test_skip_modules_keep_the_named_experts_in_16_bits_and_the_router_stays_16_bit():
-    from qlora_cli.model import load_base_model
+    from qlora_cli.model.load import load_base_model
 
     model = load_base_model(mixtral_recipe("quantization.llm_int8_skip_modules=[model.layers.1.mlp.experts,lm_head]"))
     quantized = {f"{n}.{p}": is_quantized(m, p) for n, m, p in expert_parameters(model, EXPERTS)}
@@ -174,7 +174,7 @@ def test_all_linear_puts_lora_on_every_expert_tensor_and_gradients_reach_all_of_
 
 
 def test_the_run_summary_names_the_kinds_of_modules_that_carry_lora(trainable):
-    from qlora_cli.model import summarize_model
+    from qlora_cli.model.load import summarize_model
 
     summary = summarize_model(trainable, {"load_in_4bit": True})
     assert set(summary.lora_by_kind) >= {"attention", "experts"}
@@ -183,7 +183,7 @@ def test_the_run_summary_names_the_kinds_of_modules_that_carry_lora(trainable):
 
 
 def test_lora_can_be_kept_to_attention_or_to_the_experts():
-    from qlora_cli.model import load_trainable_model, lora_by_kind
+    from qlora_cli.model.load import load_trainable_model, lora_by_kind
 
     attention = load_trainable_model(mixtral_recipe("lora.target_modules=[q_proj,k_proj,v_proj,o_proj]"))
     assert set(lora_by_kind(attention)) == {"attention"}
@@ -195,7 +195,7 @@ def test_lora_can_be_kept_to_attention_or_to_the_experts():
 
 
 def test_expert_lora_that_matches_no_expert_is_refused():
-    from qlora_cli.model import load_trainable_model
+    from qlora_cli.model.load import load_trainable_model
 
     with pytest.raises(UserError, match=r"`lora.target_parameters` \['up_proj_typo'\] match no expert tensor.*"
                                         r"down_proj, gate_up_proj") as err:
@@ -217,7 +217,7 @@ def test_qlora_plan_refuses_expert_lora_that_matches_nothing_before_any_weight_l
 
 
 def test_expert_lora_with_dropout_is_refused_with_the_key():
-    from qlora_cli.model import load_trainable_model
+    from qlora_cli.model.load import load_trainable_model
 
     with pytest.raises(UserError, match="`lora.lora_dropout: 0`") as err:
         load_trainable_model(mixtral_recipe("lora.lora_dropout=0.05"))
@@ -321,7 +321,7 @@ MISTRAL_MOE = {  # 64-wide, 2 layers, 4 experts, MLA attention with small ranks
 
 @pytest.mark.parametrize("model_type", list(MISTRAL_MOE))
 def test_mistral_small_and_large_4_load_with_4bit_experts_and_train_their_text_model(model_type):
-    from qlora_cli.model import load_trainable_model, lora_by_kind
+    from qlora_cli.model.load import load_trainable_model, lora_by_kind
 
     model = load_trainable_model(load_recipe(["tiny-mistral"], [
         "lora.r=4", "lora.lora_alpha=8", f"model.init_from_config={MISTRAL_MOE[model_type]}"]))
@@ -345,17 +345,17 @@ def test_an_unsupported_moe_model_type_exits_2_naming_the_key():
 
 
 def planned_shape(recipe):
-    from qlora_cli.plan import load_model_config
-    from qlora_cli.plan_memory import model_shape
-    from qlora_cli.tokenizer import load_recipe_tokenizer
+    from qlora_cli.plan.estimate import load_model_config
+    from qlora_cli.plan.memory import model_shape
+    from qlora_cli.data.tokenizer import load_recipe_tokenizer
 
     return model_shape(load_model_config(recipe, load_recipe_tokenizer(recipe)))
 
 
 def test_plan_counts_the_experts_at_exactly_the_bytes_of_the_loaded_4bit_model(base):
-    from qlora_cli.tokenizer import load_recipe_tokenizer
-    from qlora_cli.plan import load_model_config, recipe_settings
-    from qlora_cli.plan_memory import memory_items, model_shape
+    from qlora_cli.data.tokenizer import load_recipe_tokenizer
+    from qlora_cli.plan.estimate import load_model_config, recipe_settings
+    from qlora_cli.plan.memory import memory_items, model_shape
 
     recipe = mixtral_recipe()
     shape = model_shape(load_model_config(recipe, load_recipe_tokenizer(recipe)))
@@ -378,9 +378,9 @@ PLANNED = {"mixtral": MIXTRAL, "mistral4": ["lora.r=4", "lora.lora_alpha=8", f"m
 
 @pytest.mark.parametrize("model_type", list(PLANNED))
 def test_plan_counts_expert_lora_and_the_activations_of_routed_experts_and_latent_attention(model_type):
-    from qlora_cli.model import load_trainable_model
-    from qlora_cli.plan import recipe_settings
-    from qlora_cli.plan_memory import Settings, activation_bytes, memory_items
+    from qlora_cli.model.load import load_trainable_model
+    from qlora_cli.plan.estimate import recipe_settings
+    from qlora_cli.plan.memory import Settings, activation_bytes, memory_items
     from test_plan import estimated_total, measured_step_peak, saved_activation_bytes
 
     recipe = load_recipe(["tiny-mistral"], PLANNED[model_type])

@@ -9,7 +9,7 @@ import yaml
 
 from conftest import assert_user_error, qlora
 from qlora_cli.errors import UserError
-from qlora_cli.recipe import load_recipe
+from qlora_cli.recipe.load import load_recipe
 
 # The language model of every tiny model: 64 wide, 2 layers, as conftest.TINY_OVERRIDES.
 TINY_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -60,7 +60,7 @@ def test_a_text_config_of_another_family_is_refused(tmp_path):
 
 def test_a_checkpoint_of_an_unsupported_type_is_refused_before_its_weights_load(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')  # no weights: loading them would fail
-    from qlora_cli.model import load_base_model
+    from qlora_cli.model.load import load_base_model
 
     recipe = load_recipe(["tiny-mistral"], ["~model.init_from_config", f"model.name_or_path={tmp_path}"])
     with pytest.raises(UserError, match="'bert', a model type qlora does not support") as error:
@@ -87,8 +87,8 @@ def test_each_family_builds_with_its_auto_class_and_real_defaults(model_type, au
 
 
 def test_plan_counts_the_vision_tower_in_16_bits_and_lora_on_the_language_model_only(tmp_path, v1_tokenizer):
-    from qlora_cli.plan import load_model_config, lora_targets, recipe_settings
-    from qlora_cli.plan_memory import model_shape, weight_items
+    from qlora_cli.plan.estimate import load_model_config, lora_targets, recipe_settings
+    from qlora_cli.plan.memory import model_shape, weight_items
 
     recipe = load_recipe([family_recipe(tmp_path, "mistral3")])
     shape = model_shape(load_model_config(recipe, v1_tokenizer))
@@ -168,7 +168,7 @@ def test_a_vision_language_model_trains_4bit_lora_on_its_language_model_only(tmp
     import bitsandbytes as bnb
     import torch
 
-    from qlora_cli.model import load_trainable_model
+    from qlora_cli.model.load import load_trainable_model
 
     model = load_trainable_model(load_recipe([family_recipe(tmp_path, "mistral3")]))
     quantized = [n.removesuffix(".base_layer") for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -185,10 +185,10 @@ def test_plan_is_within_5_percent_of_the_measured_peak_of_a_training_step_for_ea
     # As tests/test_plan.py measures the mistral one.
     import torch
 
-    from qlora_cli.model import load_trainable_model
-    from qlora_cli.tokenizer import load_recipe_tokenizer
-    from qlora_cli.plan import load_model_config, recipe_settings
-    from qlora_cli.plan_memory import model_shape
+    from qlora_cli.model.load import load_trainable_model
+    from qlora_cli.data.tokenizer import load_recipe_tokenizer
+    from qlora_cli.plan.estimate import load_model_config, recipe_settings
+    from qlora_cli.plan.memory import model_shape
     from test_plan import estimated_total, measured_step_peak
 
     recipe = load_recipe([family_recipe(tmp_path, model_type)])

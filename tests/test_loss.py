@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from qlora_cli.loss import chunked_cross_entropy, loss_in_chunks
+from qlora_cli.model.loss import chunked_cross_entropy, loss_in_chunks
 
 
 def _library_loss(hidden, weight, labels, num_items_in_batch=None):
@@ -47,7 +47,7 @@ def test_chunked_cross_entropy_scales_gradients_by_the_upstream_gradient():
 @pytest.mark.slow
 def test_tiny_qlora_model_trains_with_the_same_loss_and_lora_gradients_in_chunks(tiny_model):
     """The whole 4-bit + LoRA model: loss and every LoRA gradient within 1e-5 of the plain loss."""
-    from qlora_cli.collate import PackedCollator
+    from qlora_cli.data.collate import PackedCollator
 
     rows = [{"input_ids": list(range(5, 45)), "labels": [-100] * 3 + list(range(8, 45)), "seq_lengths": [15, 25]},
             {"input_ids": list(range(100, 130)), "labels": list(range(100, 130)), "seq_lengths": [30]}]
@@ -86,8 +86,8 @@ def test_loss_in_chunks_leaves_evaluation_alone(tiny_model):
 
 
 def test_the_label_prepare_masks_with_is_the_one_the_librarys_loss_skips():
-    from qlora_cli.loss import library_ignore_index
-    from qlora_cli.templates import IGNORE_INDEX
+    from qlora_cli.model.loss import library_ignore_index
+    from qlora_cli.data.templates import IGNORE_INDEX
 
     assert IGNORE_INDEX == library_ignore_index() == -100
 
@@ -95,7 +95,7 @@ def test_the_label_prepare_masks_with_is_the_one_the_librarys_loss_skips():
 def test_chunked_log_probs_equal_log_softmax_with_statistics_and_gradients():
     """Per-token log-probs and TRL's statistics equal the full-logits computation; the gradient of
     any weighting of the log-probs equals autograd's through the full logits."""
-    from qlora_cli.loss import LOG_PROB_STATISTICS, chunked_log_probs
+    from qlora_cli.model.loss import LOG_PROB_STATISTICS, chunked_log_probs
 
     torch.manual_seed(0)
     tokens, weight = torch.randn(23, 16), torch.randn(50, 16)
@@ -133,8 +133,8 @@ def assert_log_prob_head_equals_trls(model, **forward_kwargs):
     gradients; any other call still gets the model's logits."""
     from trl.trainer.utils import add_fused_lm_head
 
-    from qlora_cli.loss import LOG_PROB_STATISTICS, output_head
-    from qlora_cli.preference_trainer import install_log_prob_head
+    from qlora_cli.model.loss import LOG_PROB_STATISTICS, output_head
+    from qlora_cli.training.preference_trainer import install_log_prob_head
 
     inner, _ = output_head(model)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22, 23, 24, 0, 0, 0]])
@@ -186,7 +186,7 @@ def test_preference_log_prob_head_equals_trls_fused_head(tiny_model):
 def test_preference_log_prob_head_equals_trls_on_a_mixture_of_experts_with_its_aux_loss():
     from test_experts import mixtral_recipe
 
-    from qlora_cli.model import load_trainable_model
+    from qlora_cli.model.load import load_trainable_model
 
     assert_log_prob_head_equals_trls(load_trainable_model(mixtral_recipe()), output_router_logits=True)
 
@@ -195,8 +195,8 @@ def test_preference_log_prob_head_equals_trls_on_a_mixture_of_experts_with_its_a
 def test_preference_log_prob_head_equals_trls_on_a_vision_language_model(tmp_path):
     from test_families import family_recipe
 
-    from qlora_cli.model import load_trainable_model
-    from qlora_cli.recipe import load_recipe
+    from qlora_cli.model.load import load_trainable_model
+    from qlora_cli.recipe.load import load_recipe
 
     assert_log_prob_head_equals_trls(load_trainable_model(load_recipe([family_recipe(tmp_path, "mistral3")])))
 
@@ -213,8 +213,8 @@ def test_dpo_pairs_run_with_their_prompt_once_on_a_mixture_of_experts_and_a_visi
     from test_experts import mixtral_recipe
     from test_families import family_recipe
 
-    from qlora_cli.model import load_trainable_model
-    from qlora_cli.recipe import load_recipe
+    from qlora_cli.model.load import load_trainable_model
+    from qlora_cli.recipe.load import load_recipe
 
     recipe = mixtral_recipe() if family == "mixtral" else load_recipe([family_recipe(tmp_path, family)])
     assert_shared_rows_equal_separate_rows(load_trainable_model(recipe), "sdpa")
@@ -223,8 +223,8 @@ def test_dpo_pairs_run_with_their_prompt_once_on_a_mixture_of_experts_and_a_visi
 def assert_shared_rows_equal_separate_rows(model, attention: str):
     """share_prompts: each pair as one row, its prompt once. Per-token log-probs, statistics and
     every LoRA gradient equal those of the chosen and rejected rows run separately."""
-    from qlora_cli.loss import LOG_PROB_STATISTICS, output_head
-    from qlora_cli.preference_trainer import install_log_prob_head
+    from qlora_cli.model.loss import LOG_PROB_STATISTICS, output_head
+    from qlora_cli.training.preference_trainer import install_log_prob_head
 
     inner, _ = output_head(model)
     prompts = [[1, 3, 50, 51, 52, 53, 4], [1, 3, 60, 4]]

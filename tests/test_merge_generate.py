@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_cli.generate import Generator, load_generator
-from qlora_cli.tokenizer import load_recipe_tokenizer
-from qlora_cli.prepare import load_prepared
-from qlora_cli.recipe import load_recipe
-from qlora_cli.templates import IGNORE_INDEX
+from qlora_cli.export.generate import Generator, load_generator
+from qlora_cli.data.tokenizer import load_recipe_tokenizer
+from qlora_cli.data.prepare import load_prepared
+from qlora_cli.recipe.load import load_recipe
+from qlora_cli.data.templates import IGNORE_INDEX
 
 from conftest import assert_user_error, qlora, sample_pairs
 
@@ -165,7 +165,7 @@ def deep_adapter(tmp_path_factory):
     a run folder's adapter; returns (the unmerged bf16 model, the run folder)."""
     from peft import LoraConfig, get_peft_model
 
-    from qlora_cli.model import load_base_model
+    from qlora_cli.model.load import load_base_model
 
     run = tmp_path_factory.mktemp("deep") / "run"
     recipe = load_recipe(["tiny-mistral"], [*DEEP, f"training.output_dir={run}"])
@@ -191,7 +191,7 @@ def test_a_correct_bf16_merge_of_a_deep_model_passes_verification(deep_adapter, 
 def test_a_merge_whose_adapter_changes_less_than_rounding_says_the_check_cannot_tell(tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from qlora_cli.model import load_base_model
+    from qlora_cli.model.load import load_base_model
 
     run = tmp_path / "run"
     recipe = load_recipe(["tiny-mistral"], [f"training.output_dir={run}"])
@@ -207,7 +207,7 @@ def test_a_merge_whose_adapter_changes_less_than_rounding_says_the_check_cannot_
 def test_a_wrong_merge_fails_verification_in_bf16(mistake, deep_adapter):
     import copy
 
-    from qlora_cli.merge import MergeVerificationFailed, _logits, check_merged, rounding_tolerance
+    from qlora_cli.export.merge import MergeVerificationFailed, _logits, check_merged, rounding_tolerance
 
     model = copy.deepcopy(deep_adapter[0])
     tokenizer = load_recipe_tokenizer(load_recipe(["tiny-mistral"]))
@@ -389,8 +389,8 @@ def test_several_answers_to_one_prompt_are_all_printed(answering_run, adapter_an
 @pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parent.parent.glob("recipes/*.yaml")),
                          ids=lambda p: p.name)
 def test_the_shipped_recipes_stream_answers_to_a_prompt(path):
-    from qlora_cli.builders import build_generation_config
-    from qlora_cli.recipe import load_recipe
+    from qlora_cli.recipe.builders import build_generation_config
+    from qlora_cli.recipe.load import load_recipe
 
     config = build_generation_config(load_recipe([str(path)]).generate)
     assert Generator(None, None, "mistral", config).streams
@@ -583,7 +583,7 @@ class _EchoGenerator:
 
 
 def test_resume_drops_a_last_line_cut_short_by_a_kill_and_answers_it_again(tmp_path):
-    from qlora_cli.generate import answer_file, read_prompts
+    from qlora_cli.export.generate import answer_file, read_prompts
 
     records = read_prompts(write_prompts(tmp_path / "prompts.jsonl", PAIRS[:4]))
     output = tmp_path / "answers.jsonl"
@@ -636,7 +636,7 @@ def test_a_full_disk_while_answering_exits_2_with_the_space_needed_and_leaves_no
 
 def test_answer_file_refuses_an_existing_output_without_resume(tmp_path):
     from qlora_cli.errors import UserError
-    from qlora_cli.generate import check_output
+    from qlora_cli.export.generate import check_output
 
     output = tmp_path / "answers.jsonl"
     check_output(output, resume=False)
@@ -660,7 +660,7 @@ def test_an_output_that_cannot_be_written_exits_2_before_loading(output, message
 
 
 def test_an_output_in_a_folder_not_yet_made_is_written(tmp_path):
-    from qlora_cli.generate import answer_file, check_output, read_prompts
+    from qlora_cli.export.generate import answer_file, check_output, read_prompts
 
     output = tmp_path / "new" / "folder" / "answers.jsonl"
     check_output(output, resume=False)
@@ -678,8 +678,8 @@ class _FailingModel:
 def test_a_generation_that_fails_leaves_no_answers_file(tmp_path):
     from transformers import GenerationConfig
 
-    from qlora_cli.generate import answer_file, read_prompts
-    from qlora_cli.tokenizer import load_tokenizer
+    from qlora_cli.export.generate import answer_file, read_prompts
+    from qlora_cli.data.tokenizer import load_tokenizer
 
     generator = Generator(_FailingModel(), load_tokenizer("mistral-common:v1"), "mistral", GenerationConfig())
     output = tmp_path / "answers.jsonl"
@@ -691,7 +691,7 @@ def test_a_generation_that_fails_leaves_no_answers_file(tmp_path):
 def test_streaming_raises_the_models_error_instead_of_waiting_forever():
     import threading
 
-    from qlora_cli.tokenizer import load_tokenizer
+    from qlora_cli.data.tokenizer import load_tokenizer
 
     generator = Generator(_FailingModel(), load_tokenizer("mistral-common:v1"), "mistral", None)
     raised = []

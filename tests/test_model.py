@@ -10,9 +10,9 @@ import torch
 from bitsandbytes.functional import has_avx512bf16
 
 from qlora_cli.errors import UserError
-from qlora_cli.model import build_init_model, load_base_model, summarize_model
-from qlora_cli.tokenizer import load_recipe_tokenizer
-from qlora_cli.recipe import load_recipe
+from qlora_cli.model.load import build_init_model, load_base_model, summarize_model
+from qlora_cli.data.tokenizer import load_recipe_tokenizer
+from qlora_cli.recipe.load import load_recipe
 
 from conftest import TINY_OVERRIDES
 
@@ -65,7 +65,7 @@ def test_the_trainable_count_is_exactly_the_lora_shapes(tiny_model, tiny_recipe)
 @pytest.mark.slow
 @pytest.mark.parametrize("upcast", [False, True])
 def test_unquantized_weights_stay_in_model_dtype_unless_upcast_to_fp32(upcast):
-    from qlora_cli.model import load_trainable_model
+    from qlora_cli.model.load import load_trainable_model
 
     recipe = load_recipe(["tiny-mistral"], [*TINY_OVERRIDES, "model.dtype=bfloat16",
                                             "quantization.bnb_4bit_compute_dtype=bfloat16",
@@ -99,7 +99,7 @@ def test_an_evaluation_forward_leaves_the_training_gradients_as_they_were():
     forward for a bf16 kernel that passes no gradient to its input; qlora's loader turns that off, so
     an evaluation or probe between steps does not change what training computes (on a CPU without
     the instruction bitsandbytes never repacks, and this holds by construction)."""
-    from qlora_cli.model import load_trainable_model
+    from qlora_cli.model.load import load_trainable_model
 
     recipe = load_recipe(["tiny-mistral"], [*TINY_OVERRIDES, "model.dtype=bfloat16",
                                             "quantization.bnb_4bit_compute_dtype=bfloat16"])
@@ -219,7 +219,7 @@ def test_tiny_overrides_keep_the_recipe_valid():
 
 
 def test_a_starting_adapter_of_another_base_is_refused_before_peft_loads_it(tmp_path):
-    from qlora_cli.model import load_starting_adapter
+    from qlora_cli.model.load import load_starting_adapter
 
     adapter = tmp_path / "sft" / "adapter"
     adapter.mkdir(parents=True)

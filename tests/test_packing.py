@@ -8,11 +8,11 @@ import random
 import pytest
 import torch
 
-from qlora_cli.collate import PackedCollator, block_causal_mask
-from qlora_cli.packing import pack_lengths, position_ids
-from qlora_cli.prepare import build_dataset
-from qlora_cli.recipe import load_recipe
-from qlora_cli.templates import IGNORE_INDEX
+from qlora_cli.data.collate import PackedCollator, block_causal_mask
+from qlora_cli.data.packing import pack_lengths, position_ids
+from qlora_cli.data.prepare import build_dataset
+from qlora_cli.recipe.load import load_recipe
+from qlora_cli.data.templates import IGNORE_INDEX
 
 TINY_CONFIG = {"model_type": "mistral", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512, "seed": 0}
@@ -20,7 +20,7 @@ TINY_CONFIG = {"model_type": "mistral", "hidden_size": 64, "intermediate_size": 
 
 @pytest.fixture(scope="module")
 def tiny_model_path(v1_tokenizer):
-    from qlora_cli.model import build_init_model
+    from qlora_cli.model.load import build_init_model
 
     return build_init_model(TINY_CONFIG, v1_tokenizer)
 
@@ -150,7 +150,7 @@ def test_packed_rows_give_the_logits_of_their_examples_run_one_by_one(
 def test_a_dpo_pair_runs_as_one_row_with_its_shared_prefix_once():
     """Chosen [1 2 3 4 5] and rejected [1 2 3 9] (prefix [1 2 3]) become [1 2 3 4 5 9]: the
     rejected tail sees the prefix and itself, never the chosen tail, at its own positions."""
-    from qlora_cli.collate import shared_prefix_rows
+    from qlora_cli.data.collate import shared_prefix_rows
 
     ids = torch.tensor([[1, 2, 3, 4, 5], [7, 8, 0, 0, 0], [1, 2, 3, 9, 0], [7, 6, 6, 0, 0]])
     attention = (ids != 0).long()

@@ -24,10 +24,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from qlora_cli.loss import loss_in_chunks
-from qlora_cli.plan import load_model_config, lora_targets, plan_recipe, recipe_settings
-from qlora_cli.plan_memory import GiB, Settings, activation_bytes, memory_items, model_shape
-from qlora_cli.recipe import load_recipe
+from qlora_cli.model.loss import loss_in_chunks
+from qlora_cli.plan.estimate import load_model_config, lora_targets, plan_recipe, recipe_settings
+from qlora_cli.plan.memory import GiB, Settings, activation_bytes, memory_items, model_shape
+from qlora_cli.recipe.load import load_recipe
 from qlora_cli.run_folder import RunFolder, weight_changes
 
 from conftest import TINY_OVERRIDES
@@ -50,8 +50,8 @@ VARIANTS = {  # unquantized weights and residual stream in: fp32 / bf16 / bf16 u
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def tiny(request, tmp_path_factory):
     """The tiny recipe, its own freshly loaded model (the optimizer step changes it) and its estimate."""
-    from qlora_cli.model import load_trainable_model
-    from qlora_cli.tokenizer import load_recipe_tokenizer
+    from qlora_cli.model.load import load_trainable_model
+    from qlora_cli.data.tokenizer import load_recipe_tokenizer
 
     folder = tmp_path_factory.mktemp("plan")
     recipe = load_recipe(["tiny-mistral"], [*TINY_OVERRIDES, *VARIANTS[request.param],
@@ -192,8 +192,8 @@ def measured_step_peak(model, ids, chunked_loss: bool) -> int:
 
 
 def expert_quant_state_tensors(model) -> list:
-    """The quantization state of every 4-bit expert tensor (qlora_cli.experts keeps it on the parametrization)."""
-    from qlora_cli.experts import is_quantized, quantized_tensors
+    """The quantization state of every 4-bit expert tensor (qlora_cli.model.experts keeps it on the parametrization)."""
+    from qlora_cli.model.experts import is_quantized, quantized_tensors
 
     return [t for m in model.modules() for p in getattr(m, "parametrizations", {}) if is_quantized(m, p)
             for t in quantized_tensors(m, p)]
@@ -221,7 +221,7 @@ def published_shape(model_type: str, **config):
 
 
 def test_mistral_7b_at_the_shipped_recipe_needs_about_10_gib(tmp_path):
-    from qlora_cli.tokenizer import load_recipe_tokenizer
+    from qlora_cli.data.tokenizer import load_recipe_tokenizer
 
     recipe = load_recipe(["mistral7b"], [MISTRAL_7B, "model.name_or_path=null", "model.tokenizer=mistral-common:v1",
                                          f"training.output_dir={tmp_path}/run"])

@@ -7,8 +7,8 @@ import random
 import pytest
 
 from qlora_cli.errors import UserError
-from qlora_cli.preference import encode_preference, fit_to_length, pair_from_row, signed_from_row
-from qlora_cli.tokenizer import load_tokenizer
+from qlora_cli.data.preference import encode_preference, fit_to_length, pair_from_row, signed_from_row
+from qlora_cli.data.tokenizer import load_tokenizer
 from conftest import assert_user_error, qlora
 from test_templates import (  # noqa: F401 (fixtures: references, tekken_folder, tokenizers, each loaded lazily)
     SHIPPED_VERSIONS, VERSIONS, random_conversation, reference_ids, references, tekken_folder, tekken_with_version,
@@ -203,7 +203,7 @@ def test_plan_counts_two_sequences_per_pair_and_the_reference_forward(tmp_path):
 
 def test_collator_keeps_the_reference_log_probs_trl_precomputed():
     # training.precompute_ref_log_probs: TRL adds them to the rows; dropping them crashed the first step.
-    from qlora_cli.preference_trainer import PreferenceCollator
+    from qlora_cli.training.preference_trainer import PreferenceCollator
 
     rows = [{"prompt_ids": [1, 5], "chosen_ids": [7, 2], "chosen_mask": [1, 1], "rejected_ids": [8], "rejected_mask": [1],
              "ref_chosen_logps": -1.5, "ref_rejected_logps": -2.5}]

@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 from qlora_cli.cli import app
 from qlora_cli.errors import UserError
-from qlora_cli.prepare import build_dataset, data_fingerprint, prepare_dataset
-from qlora_cli.recipe import load_recipe
-from qlora_cli.templates import IGNORE_INDEX
+from qlora_cli.data.prepare import build_dataset, data_fingerprint, prepare_dataset
+from qlora_cli.recipe.load import load_recipe
+from qlora_cli.data.templates import IGNORE_INDEX
 
 CHAT = [
     {"role": "system", "content": "Answer briefly."},
@@ -252,7 +252,7 @@ def test_same_fingerprint_is_reused_and_says_so(data_recipe, write_jsonl, v1_tok
 
 def test_fingerprint_changes_with_the_data_bytes_the_data_section_and_the_tokenizer(
         data_recipe, write_jsonl, v1_tokenizer):
-    from qlora_cli.tokenizer import load_tokenizer
+    from qlora_cli.data.tokenizer import load_tokenizer
 
     path = write_jsonl(numbered_texts(4))
     recipe = load_recipe([str(data_recipe({"sources": [{"path": path, "format": "text"}]}))])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_cli.builders import (
+from qlora_cli.recipe.builders import (
     build_bnb_config,
     build_generation_config,
     build_lora_config,
@@ -18,7 +18,7 @@ from qlora_cli.builders import (
     split_generate,
 )
 from qlora_cli.errors import UserError, UserErrors
-from qlora_cli.recipe import find_recipe, load_raw_recipe, load_recipe, recipe_search_path, resolve, to_yaml
+from qlora_cli.recipe.load import find_recipe, load_raw_recipe, load_recipe, recipe_search_path, resolve, to_yaml
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 SHIPPED = sorted(RECIPES.glob("*.yaml"))

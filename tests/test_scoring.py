@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qlora_cli.scoring import chrf, exact_match, normalize_answer, score_answers, token_f1
+from qlora_cli.eval.scoring import chrf, exact_match, normalize_answer, score_answers, token_f1
 
 
 def test_exact_match_ignores_case_punctuation_articles_and_spacing():

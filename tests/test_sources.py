@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from qlora_cli.cli import app
 from qlora_cli.errors import UserError
-from qlora_cli.sections import DataSource
-from qlora_cli.sources import apply_weight, read_source
+from qlora_cli.recipe.sections import DataSource
+from qlora_cli.data.sources import apply_weight, read_source
 
 SYSTEM_CHAT = [
     {"role": "system", "content": "Answer briefly."},

@@ -14,8 +14,8 @@ from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from qlora_cli.errors import UserError
-from qlora_cli.templates import IGNORE_INDEX, encode_chat, encode_prompt, encode_text
-from qlora_cli.tokenizer import MISTRAL_COMMON_FILES, load_tokenizer
+from qlora_cli.data.templates import IGNORE_INDEX, encode_chat, encode_prompt, encode_text
+from qlora_cli.data.tokenizer import MISTRAL_COMMON_FILES, load_tokenizer
 
 VERSIONS = ["v1", "v2", "v3", "v7", "tekken_240718", "tekken_240911"]  # as the recipe names them
 # Converting a tekken vocabulary takes tens of seconds: those versions run in the slow tier.
@@ -425,8 +425,8 @@ def test_a_model_folder_with_only_tekken_json_prepares_mistral_commons_ids(shipp
     # As Mistral publishes its 2025-2026 models: config.json and tekken.json, no tokenizer.json.
     import json
 
-    from qlora_cli.prepare import build_dataset
-    from qlora_cli.recipe import load_recipe
+    from qlora_cli.data.prepare import build_dataset
+    from qlora_cli.recipe.load import load_recipe
 
     raw = json.loads((TEKKEN.parent / shipped).read_text(encoding="utf-8"))
     raw["config"]["version"] = version

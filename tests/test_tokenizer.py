@@ -8,7 +8,7 @@ import pytest
 
 from qlora_cli.errors import UserError
 from qlora_cli.atomic import cache_root
-from qlora_cli.tokenizer import describe_padding, load_tokenizer
+from qlora_cli.data.tokenizer import describe_padding, load_tokenizer
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qlora_cli.prepare import load_prepared
-from qlora_cli.recipe import load_recipe
-from qlora_cli.tokenizer import load_recipe_tokenizer
+from qlora_cli.data.prepare import load_prepared
+from qlora_cli.recipe.load import load_recipe
+from qlora_cli.data.tokenizer import load_recipe_tokenizer
 
 from conftest import assert_user_error, qlora, short_run
 
@@ -247,11 +247,11 @@ def test_a_run_loads_the_tokenizer_once_and_hashes_its_data_once(tmp_path, sampl
                                                                 monkeypatch):
     """Plan, prepare, model building and training share one tokenizer and one fingerprint of the
     data (each costs a tokenizer load or a pass over every source byte). Counted, not mocked."""
-    import qlora_cli.prepare
-    import qlora_cli.tokenizer
+    import qlora_cli.data.prepare
+    import qlora_cli.data.tokenizer
 
     calls = {"load_tokenizer": 0, "data_fingerprint": 0}
-    for module, name in ((qlora_cli.tokenizer, "load_tokenizer"), (qlora_cli.prepare, "data_fingerprint")):
+    for module, name in ((qlora_cli.data.tokenizer, "load_tokenizer"), (qlora_cli.data.prepare, "data_fingerprint")):
         def counted(*args, _original=getattr(module, name), _name=name, **kwargs):
             calls[_name] += 1
             return _original(*args, **kwargs)

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 from trl import DPOTrainer, KTOTrainer
 
-from qlora_cli.loss import chunked_log_probs, head_passes_hidden, library_ignore_index, output_head
-from qlora_cli.trainer import TOKENS_KEY, RunTrainer
+from qlora_cli.model.loss import chunked_log_probs, head_passes_hidden, library_ignore_index, output_head
+from qlora_cli.training.trainer import TOKENS_KEY, RunTrainer
 
 REFERENCE_ADAPTER = "ref"  # the name TRL gives its frozen copy of a starting adapter
 # The columns TRL's precompute_ref_log_probs adds (DPO: per pair; KTO: per example and its KL twin).
@@ -87,7 +87,7 @@ def install_log_prob_head(model, statistics: tuple[str, ...], share_prompts: boo
     mask (sdpa, eager); not with router logits, whose aux loss reads a 2-D mask."""
     from trl.trainer.utils import FusedCausalLMOutput
 
-    from qlora_cli.collate import shared_prefix_rows
+    from qlora_cli.data.collate import shared_prefix_rows
 
     inner, head = output_head(model)
     if head is None or head.weight.requires_grad:

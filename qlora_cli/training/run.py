@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_cli.atomic import atomic_folder, disk_full, folder_size
-from qlora_cli.builders import first_line
+from qlora_cli.recipe.builders import first_line
 from qlora_cli.errors import UserError
-from qlora_cli.launch import hand_over_prepared, planned_by_launcher, prepared_by_launcher, user_command_line
-from qlora_cli.preflight import check_before_loading, check_prepared_data
+from qlora_cli.training.launch import hand_over_prepared, planned_by_launcher, prepared_by_launcher, user_command_line
+from qlora_cli.plan.preflight import check_before_loading, check_prepared_data
 from qlora_cli.run_folder import (
     KIND, RunFolder, claim_run_folder, draw_loss_plot, library_versions, model_card, now, open_run_folder,
     start_run_folder, write_json,
@@ -50,7 +50,7 @@ def train(recipe, *, resume: bool = False, overwrite: bool = False, force: bool 
     """
     from accelerate import PartialState
 
-    from qlora_cli.builders import build_training_arguments
+    from qlora_cli.recipe.builders import build_training_arguments
 
     seen = open_run_folder(recipe, resume=resume, overwrite=overwrite)
     check_before_loading(recipe)
@@ -71,9 +71,9 @@ def train(recipe, *, resume: bool = False, overwrite: bool = False, force: bool 
 def train_in_folder(recipe, run: RunFolder, args, state, *, force: bool, plan_only: bool, gpus: int | None,
                     reporter=None) -> TrainResult | None:
     """The run itself, in a run folder this process holds."""
-    from qlora_cli.model import load_trainable_model, summarize_model
-    from qlora_cli.tokenizer import load_recipe_tokenizer
-    from qlora_cli.trainer import OnTrainBegin
+    from qlora_cli.model.load import load_trainable_model, summarize_model
+    from qlora_cli.data.tokenizer import load_recipe_tokenizer
+    from qlora_cli.training.trainer import OnTrainBegin
 
     tokenizer = load_recipe_tokenizer(recipe)
     prepared = prepared_data(recipe, tokenizer, args)
@@ -132,7 +132,7 @@ def train_in_folder(recipe, run: RunFolder, args, state, *, force: bool, plan_on
 def prepared_data(recipe, tokenizer, args):
     """The run's data: what the `--nproc` launcher's plan prepared, or else prepared (or found in
     the cache) by rank 0 first and then loaded by the other ranks."""
-    from qlora_cli.prepare import load_prepared, prepare_dataset
+    from qlora_cli.data.prepare import load_prepared, prepare_dataset
 
     handed_over = prepared_by_launcher()
     if handed_over:
@@ -143,7 +143,7 @@ def prepared_data(recipe, tokenizer, args):
 
 def plan_run(recipe, tokenizer, prepared, force: bool, gpus: int, reporter=None) -> None:
     """The short plan, shown; a run that cannot fit in GPU memory is refused unless `force`."""
-    from qlora_cli.plan import plan_recipe, refuse_unless_fits
+    from qlora_cli.plan.estimate import plan_recipe, refuse_unless_fits
 
     plan = plan_recipe(recipe, gpus=gpus, tokenizer=tokenizer, prepared=prepared)
     if reporter:
@@ -158,12 +158,12 @@ def _missing_package(err: BaseException) -> bool:
 
 def build_trainer(recipe, args, model, tokenizer, prepared, run: RunFolder, reporter=None):
     """The Trainer for this run, and the callback that stops it cleanly on a signal."""
-    from qlora_cli.trainer import CountingCollator, QloraTrainer, StopOnSignal
+    from qlora_cli.training.trainer import CountingCollator, QloraTrainer, StopOnSignal
 
     dataset = prepared.dataset
     stopper = StopOnSignal()
     if recipe.method != "sft":  # DPO / KTO: TRL's trainers on our prepared pairs
-        from qlora_cli.preference_trainer import build_preference_trainer
+        from qlora_cli.training.preference_trainer import build_preference_trainer
 
         trainer = build_preference_trainer(recipe.method, model=model, args=args, dataset=dataset, tokenizer=tokenizer,
                                            callbacks=[stopper], from_adapter=recipe.model.adapter is not None,
@@ -217,7 +217,7 @@ def _device_map(args):
 
 def final_metrics(trainer, train_metrics: dict, stopped: bool) -> dict:
     """Training metrics, plus validation loss and perplexity of the final adapter."""
-    from qlora_cli.trainer import reduce_over_ranks
+    from qlora_cli.training.trainer import reduce_over_ranks
 
     metrics = {k: v for k, v in train_metrics.items() if isinstance(v, (int, float))}
     metrics["steps"] = trainer.state.global_step

@@ -20,8 +20,8 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import rotate_checkpoints
 
 from qlora_cli.atomic import disk_full, folder_size, share_files
-from qlora_cli.collate import PackedCollator
-from qlora_cli.loss import loss_in_chunks
+from qlora_cli.data.collate import PackedCollator
+from qlora_cli.model.loss import loss_in_chunks
 
 TOKENS_KEY = "num_real_tokens"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_cli.errors import UserError
-from qlora_cli.templates import check_roles
+from qlora_cli.data.templates import check_roles
 
 ROLES = ("system", "user", "assistant")
 
@@ -193,7 +193,7 @@ _FILE_SUFFIXES = {".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt
 
 
 def _looks_like_hub_id(name: str) -> bool:
-    from qlora_cli.tokenizer import is_hub_id
+    from qlora_cli.data.tokenizer import is_hub_id
 
     return name.count("/") == 1 and is_hub_id(name) and Path(name).suffix.lower() not in _FILE_SUFFIXES
 
@@ -227,7 +227,7 @@ def to_example(row: Any, where: str, source):
                             f"(the row has: {have})", where=where, fix=fix)
     value = {name: row.get(column) for name, column in fields.items()}
     if source.format in ("preference", "unpaired"):
-        from qlora_cli.preference import pair_from_row, signed_from_row
+        from qlora_cli.data.preference import pair_from_row, signed_from_row
 
         return (pair_from_row if source.format == "preference" else signed_from_row)(value, where)
     return _BUILDERS[source.format](value, where)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qlora_cli.packing import position_ids
-from qlora_cli.templates import IGNORE_INDEX
+from qlora_cli.data.packing import position_ids
+from qlora_cli.data.templates import IGNORE_INDEX
 
 
 @dataclass

@@ -12,16 +12,16 @@ import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from qlora_cli.builders import (
+from qlora_cli.recipe.builders import (
     checkpointing_on, dataclass_defaults, lora_value, quantization_value, training_class, training_defaults,
     training_value,
 )
 from qlora_cli.errors import UserError
-from qlora_cli.plan_memory import (
+from qlora_cli.plan.memory import (
     GiB, MemoryItem, ModelShape, Settings, dtype_bytes, flops_per_token, largest_fitting, lora_tensors, memory_items,
     model_shape, optimizer_bytes,
 )
-from qlora_cli.plan_data import DataReport, data_warnings, describe_data
+from qlora_cli.plan.data import DataReport, data_warnings, describe_data
 from qlora_cli.run_folder import merge_output_dir
 
 # Dense bf16 TFLOP/s (T4: fp16) from the vendors' data sheets.
@@ -89,8 +89,8 @@ def plan_recipe(recipe, gpu_memory: float | None = None, gpus: int | None = None
                 prepared=None) -> Plan:
     """Plan a run of `recipe` on `gpus` devices of `gpu_memory` GiB (detected when a GPU is present);
     `qlora train` hands over the tokenizer and prepared data it already has."""
-    from qlora_cli.prepare import prepare_dataset
-    from qlora_cli.tokenizer import load_recipe_tokenizer
+    from qlora_cli.data.prepare import prepare_dataset
+    from qlora_cli.data.tokenizer import load_recipe_tokenizer
 
     tokenizer = tokenizer or load_recipe_tokenizer(recipe)
     shape = model_shape(load_model_config(recipe, tokenizer))
@@ -213,7 +213,7 @@ def lora_targets(recipe, shape: ModelShape) -> list[str]:
         return []
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    from qlora_cli.builders import build_lora_config
+    from qlora_cli.recipe.builders import build_lora_config
     from qlora_cli.families import language_model_lora
 
     lora = language_model_lora(shape.family, recipe.lora) if shape.family else recipe.lora
@@ -228,7 +228,7 @@ def expert_lora_targets(recipe, shape: ModelShape) -> list[tuple[str, int, int, 
     peft's `target_parameters`: fused experts, and Mixtral's router under `all-linear`."""
     if not recipe.lora:
         return []
-    from qlora_cli.experts import expert_lora_rank, expert_targets, router_lora_names
+    from qlora_cli.model.experts import expert_lora_rank, expert_targets, router_lora_names
 
     lora, r = recipe.lora, int(lora_value(recipe.lora, "r"))
     all_linear = lora.get("target_modules") == "all-linear"
@@ -251,7 +251,7 @@ def _excluded(config, name: str) -> bool:
 
 
 def _check_training_data(recipe, prepared, plan: Plan) -> None:
-    from qlora_cli.preflight import check_prepared_data, check_trainable
+    from qlora_cli.plan.preflight import check_prepared_data, check_trainable
 
     for check in (lambda: check_trainable(recipe), lambda: check_prepared_data(recipe, prepared)):
         try:

@@ -12,7 +12,7 @@ import typing
 from typing import Any
 
 from qlora_cli.errors import UserError, combined, where_of
-from qlora_cli.sections import (
+from qlora_cli.recipe.sections import (
     METHODS, GenerateOptions, build_schema, check_keys, dataclass_annotations, matches_type, signature_annotations,
     to_dtype,
 )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from qlora_cli.atomic import atomic_folder, can_create_in, nearest_existing, remove_stale_temporaries
 from qlora_cli.errors import UserError
-from qlora_cli.model import adapter_config, base_model_id, check_adapter, load_adapter_model, trained_on_4bit
+from qlora_cli.model.load import adapter_config, base_model_id, check_adapter, load_adapter_model, trained_on_4bit
 from qlora_cli.run_folder import RunFolder, merge_adapter_dir, merge_output_dir
 
 # Merging rounds each merged weight (W + s·BA) to `merge.dtype` once more, which moves the logits
@@ -60,8 +60,8 @@ class MergeResult:
 
 def merge(recipe, *, overwrite: bool = False) -> MergeResult:
     """Merge the run's adapter into the base model and write `merge.output_dir`, verified."""
-    from qlora_cli.experts import drop_unchanged_parametrizations
-    from qlora_cli.tokenizer import load_recipe_tokenizer
+    from qlora_cli.model.experts import drop_unchanged_parametrizations
+    from qlora_cli.data.tokenizer import load_recipe_tokenizer
 
     run = RunFolder(recipe.run_dir)
     adapter, output = merge_adapter_dir(recipe), merge_output_dir(recipe)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_cli.errors import UserError, combined
-from qlora_cli.sections import suggest
+from qlora_cli.recipe.sections import suggest
 
 INSTALL_FIX = "install lm-evaluation-harness: pip install 'qlora-cli[eval]'"
 

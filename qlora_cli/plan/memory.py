@@ -1,6 +1,6 @@
 """The arithmetic of `qlora plan`: bytes per device and FLOPs per token, from a model's shape.
 
-Every figure counts what this CLI's own loading path (`qlora_cli.model.load_trainable_model`)
+Every figure counts what this CLI's own loading path (`qlora_cli.model.load.load_trainable_model`)
 really allocates, checked against the tensors of a loaded tiny model in tests/test_plan.py:
 
 - bitsandbytes 4-bit: two weights per uint8, one absmax per 64-weight block (fp32; with
@@ -94,7 +94,7 @@ def model_shape(config) -> ModelShape:
     config = config.get_text_config()
     linears = [(n, m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     in_linears = {f"{n}.weight" for n, _, _ in linears} | {f"{n}.bias" for n, _, _ in linears}
-    from qlora_cli.experts import expert_parameters
+    from qlora_cli.model.experts import expert_parameters
 
     experts = [(f"{n}.{p}", *getattr(m, p).shape) for n, m, p in
                expert_parameters(model, family.expert_modules if family else ())]
@@ -141,7 +141,7 @@ class Settings:
     eager_attention: bool = False
     on_gpu: bool = True
     chunked_loss: bool = False  # model.chunked_loss: logits never held whole
-    log_probs: bool = False  # DPO/KTO: per-token log-probs (qlora_cli.loss.chunked_log_probs), not a loss
+    log_probs: bool = False  # DPO/KTO: per-token log-probs (qlora_cli.model.loss.chunked_log_probs), not a loss
     upcast: bool = False  # model.upcast_to_fp32: unquantized weights and residual stream in fp32
     lora_bytes: int = 4  # peft keeps LoRA weights in fp32 (in the model's dtype under FSDP)
     shards: int = 1  # FSDP across this many GPUs: weights, LoRA, gradients and optimizer state divided
@@ -182,7 +182,7 @@ def weight_items(shape: ModelShape, s: Settings) -> list[MemoryItem]:
     """Base weights as quantized, and what stays unquantized."""
     quantized = [(n, i, o) for n, i, o in shape.layer_linears if not skipped(n, s.skip_modules)] if s.quantized else []
     quantized_names = {n for n, _, _ in quantized}
-    # Fused experts are quantized by qlora_cli.experts, in 4 bits only (8-bit leaves them as loaded).
+    # Fused experts are quantized by qlora_cli.model.experts, in 4 bits only (8-bit leaves them as loaded).
     experts = [(e * o * i, o) for n, e, o, i in shape.experts
                if s.quant in ("nf4", "fp4") and not skipped(n, s.skip_modules)]
     kept = sum(shape.other_params.values()) + sum(i * o for n, i, o in shape.linears if n not in quantized_names)
@@ -337,10 +337,10 @@ def activation_bytes(shape: ModelShape, s: Settings, batch: int, seq: int) -> in
 def logits_bytes(shape: ModelShape, s: Settings, batch: int, seq: int) -> int:
     tokens = batch * seq
     if s.chunked_loss:
-        # qlora_cli.loss: one chunk of fp32 logits at a time (turned into its own gradient in
+        # qlora_cli.model.loss: one chunk of fp32 logits at a time (turned into its own gradient in
         # place) next to its 16-bit form when the matmul is not fp32, plus the gradient of the
         # hidden states it hands back.
-        from qlora_cli.loss import CHUNK_ELEMENTS
+        from qlora_cli.model.loss import CHUNK_ELEMENTS
 
         chunk = min(tokens, max(1, CHUNK_ELEMENTS // shape.vocab))
         per_logit = 4 + (s.matmul_bytes if s.matmul_bytes != 4 else 0)

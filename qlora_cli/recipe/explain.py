@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from qlora_cli.sections import DataSection, EvalSection, GenerateOptions, MergeSection, ModelSection
+from qlora_cli.recipe.sections import DataSection, EvalSection, GenerateOptions, MergeSection, ModelSection
 
 
 def explain_recipe(recipe) -> list[tuple[str, Any, str]]:
@@ -42,8 +42,8 @@ def _section_defaults(recipe) -> Iterator[tuple[str, str, dict[str, Any]]]:
     from peft import LoraConfig
     from transformers import BitsAndBytesConfig
 
-    from qlora_cli.builders import (dataclass_defaults, generation_defaults, signature_defaults, training_class,
-                                    training_defaults)
+    from qlora_cli.recipe.builders import (dataclass_defaults, generation_defaults, signature_defaults, training_class,
+                                           training_defaults)
 
     yield "model", "qlora", dataclass_defaults(ModelSection)
     yield "data", "qlora", dataclass_defaults(DataSection)

@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.table import Column, Table
 from rich.text import Text
 
-from qlora_cli.templates import IGNORE_INDEX
+from qlora_cli.data.templates import IGNORE_INDEX
 
 
 def prepare_summary(console: Console, prepared) -> None:
@@ -78,7 +78,7 @@ def highlight_trained(ids: list[int], labels: list[int], tokenizer) -> Text:
 
 def plan_report(console: Console, plan) -> None:
     """`qlora plan`: memory item by item against the device, time, data, disk, resume, verdict."""
-    from qlora_cli.plan import format_duration
+    from qlora_cli.plan.estimate import format_duration
 
     gib = 2**30
     console.rule(f"[bold]plan[/]: {plan.model}")

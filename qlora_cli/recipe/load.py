@@ -20,7 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from qlora_cli.errors import UserError, combined, remember_origins, where_of
-from qlora_cli.sections import DataSection, MergeSection, ModelSection
+from qlora_cli.recipe.sections import DataSection, MergeSection, ModelSection
 
 SECTIONS = ("model", "quantization", "lora", "data", "training", "merge", "generate", "eval")
 TOP_LEVEL_KEYS = ("method",)  # keys that are no section: the objective (sft, dpo, kto)
@@ -59,7 +59,7 @@ def _package_recipes() -> Path:
     # Installed wheels carry the recipes inside the package; a source checkout keeps them at
     # the repository root beside the package.
     packaged = Path(str(resources.files("qlora_cli"))) / "recipes"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "recipes"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "recipes"
 
 
 def find_recipe(name: str, relative_to: Path | None = None) -> Path:
@@ -432,10 +432,10 @@ class Recipe:
 
 def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
     """Load, merge, resolve and validate a recipe; every problem is reported at once."""
-    from qlora_cli.builders import check_library_sections
-    from qlora_cli.model_checks import check_model_objects
-    from qlora_cli.sections import (DataSection, EvalSection, MergeSection, ModelSection, build_schema, check_method,
-                                    check_values, suggest)
+    from qlora_cli.recipe.builders import check_library_sections
+    from qlora_cli.recipe.model_checks import check_model_objects
+    from qlora_cli.recipe.sections import (DataSection, EvalSection, MergeSection, ModelSection, build_schema,
+                                           check_method, check_values, suggest)
 
     raw = load_raw_recipe(list(recipe_args), list(overrides))
     resolved = resolve(raw)

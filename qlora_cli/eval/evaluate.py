@@ -18,9 +18,9 @@ from typing import Callable
 
 from qlora_cli.atomic import atomic_folder, can_create_in, nearest_existing
 from qlora_cli.errors import UserError
-from qlora_cli.generate import PromptRecord, read_prompts
+from qlora_cli.export.generate import PromptRecord, read_prompts
 from qlora_cli.run_folder import RunFolder, merge_adapter_dir, merge_output_dir
-from qlora_cli.scoring import exact_match, score_answers, token_f1
+from qlora_cli.eval.scoring import exact_match, score_answers, token_f1
 
 # progress(description, total) -> advance(n): how the CLI shows work as it is done.
 Progress = Callable[[str, int], Callable[[int], None]]
@@ -65,7 +65,7 @@ def plan_evaluation(recipe, *, input: Path | None = None, model_path: str | None
     given, else the recipe's `eval` section. Reads the records, finds the tasks, checks `--model`
     and the output folder: every mistake found before weights load (and, for
     `eval.after_training`, before training starts)."""
-    from qlora_cli.generate import check_model_source
+    from qlora_cli.export.generate import check_model_source
 
     input = input or (Path(recipe.eval.input) if recipe.eval.input else None)
     tasks = recipe.eval.tasks if tasks is None else tasks
@@ -81,8 +81,8 @@ def plan_evaluation(recipe, *, input: Path | None = None, model_path: str | None
 
 def evaluate(recipe, plan: EvalPlan, progress: Progress | None = None) -> EvalResult:
     """Score base, adapter and (when there is one) merged model; write `<run>/eval/` whole."""
-    from qlora_cli.generate import load_generator
-    from qlora_cli.model import check_adapter
+    from qlora_cli.export.generate import load_generator
+    from qlora_cli.model.load import check_adapter
 
     run = RunFolder(recipe.run_dir)
     check_adapter(merge_adapter_dir(recipe), recipe)
@@ -103,7 +103,7 @@ def evaluate(recipe, plan: EvalPlan, progress: Progress | None = None) -> EvalRe
 def _load_tasks(tasks: list[str]):
     if not tasks:
         return None
-    from qlora_cli.benchmarks import load_tasks
+    from qlora_cli.eval.tasks import load_tasks
 
     return load_tasks(tasks)
 
@@ -148,7 +148,7 @@ def check_something_to_measure(recipe, records, suite) -> None:
 def has_held_out_loss(recipe) -> bool:
     """A validation split of prompt/answer rows; preference pairs and signed examples are scored by
     the trainer's rewards (run.json), not by a language-model loss."""
-    from qlora_cli.preference import is_preference_data
+    from qlora_cli.data.preference import is_preference_data
 
     return recipe.data.has_validation and not is_preference_data(recipe.data)
 
@@ -164,7 +164,7 @@ def check_writable(folder: Path) -> None:
 
 
 def _measurer(recipe, plan: EvalPlan, validation, progress: Progress):
-    from qlora_cli.builders import split_generate
+    from qlora_cli.recipe.builders import split_generate
 
     records, suite = plan.records, plan.suite
     batch_size = split_generate(recipe.generate)[0].batch_size
@@ -179,7 +179,7 @@ def _measurer(recipe, plan: EvalPlan, validation, progress: Progress):
                 advance = progress(f"{name}: validation loss", len(validation))
                 measured.scores |= held_out_loss(generator, validation, recipe, advance)
             if suite is not None:
-                from qlora_cli.benchmarks import run_tasks, wrap_model
+                from qlora_cli.eval.tasks import run_tasks, wrap_model
 
                 progress(f"{name}: lm-eval {', '.join(suite.names)}", 0)
                 lm = wrap_model(generator.model, generator.tokenizer, batch_size)  # a wrapper, not a copy
@@ -208,7 +208,7 @@ def validation_rows(recipe, tokenizer):
     """The recipe's validation split, prepared exactly as training saw it (cached), or None."""
     if not has_held_out_loss(recipe):
         return None
-    from qlora_cli.prepare import prepare_dataset
+    from qlora_cli.data.prepare import prepare_dataset
 
     return prepare_dataset(recipe, tokenizer).dataset.get("validation")
 
@@ -217,9 +217,9 @@ def held_out_loss(generator, rows, recipe, advance) -> dict[str, float]:
     """Mean cross-entropy per labelled token over the validation rows, and its perplexity."""
     import torch
 
-    from qlora_cli.builders import training_value
-    from qlora_cli.collate import PackedCollator
-    from qlora_cli.templates import IGNORE_INDEX
+    from qlora_cli.recipe.builders import training_value
+    from qlora_cli.data.collate import PackedCollator
+    from qlora_cli.data.templates import IGNORE_INDEX
 
     model = generator.model
     collate = PackedCollator(generator.tokenizer.pad_token_id, recipe.model.attn_implementation)

@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_cli.atomic import atomic_folder, cache_root
-from qlora_cli.builders import (
+from qlora_cli.recipe.builders import (
     build_bnb_config, build_lora_config, checkpointing_on, quantization_value, quantization_values, training_value,
 )
 from qlora_cli.errors import UserError
 from qlora_cli.run_folder import RunFolder
-from qlora_cli.sections import to_dtype
-from qlora_cli.tokenizer import load_recipe_tokenizer, tokenizer_spec
+from qlora_cli.recipe.sections import to_dtype
+from qlora_cli.data.tokenizer import load_recipe_tokenizer, tokenizer_spec
 
 
 # init_from_config model folders found in this process: merge and generate ask for the base
@@ -114,7 +114,7 @@ def load_base_model(recipe, *, quantized: bool = True, dtype=None, device_map=No
     recipe's when the caller has it (an `init_from_config` model is built with it)."""
     from transformers import AutoConfig
 
-    from qlora_cli.experts import quantize_experts, quantizing_experts_on_load
+    from qlora_cli.model.experts import quantize_experts, quantizing_experts_on_load
     from qlora_cli.families import auto_model_class, checkpoint_family, kept_16bit
 
     model = recipe.model
@@ -175,7 +175,7 @@ def load_trainable_model(recipe, *, device_map=None, tokenizer=None):
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
 
-    from qlora_cli.experts import expand_expert_targets, repair_expert_lora
+    from qlora_cli.model.experts import expand_expert_targets, repair_expert_lora
     from qlora_cli.families import checkpoint_family, language_model_lora
 
     model = load_base_model(recipe, device_map=device_map, tokenizer=tokenizer)
@@ -226,7 +226,7 @@ def load_starting_adapter(model, recipe):
     from it, with its own LoRA config (the recipe's `lora` section does not reshape it)."""
     from peft import PeftModel
 
-    from qlora_cli.experts import repair_expert_lora
+    from qlora_cli.model.experts import repair_expert_lora
 
     adapter, where = recipe.model.adapter, recipe.where("model.adapter")
     fix = "give a folder with adapter_config.json and adapter_model.safetensors (e.g. runs/sft/adapter)"
@@ -254,7 +254,7 @@ def load_adapter_model(recipe, adapter: Path, *, quantized: bool, dequantize: bo
     in `merge.dtype` (with `dequantize`, holding the 4-bit weights training saw, dequantized)."""
     from peft import PeftModel
 
-    from qlora_cli.experts import nest_expert_lora_as_trained, repair_expert_lora
+    from qlora_cli.model.experts import nest_expert_lora_as_trained, repair_expert_lora
     from qlora_cli.families import checkpoint_family
 
     dtype = None if quantized else to_dtype(recipe.merge.dtype, recipe.where("merge.dtype"), "merge.dtype")
@@ -290,7 +290,7 @@ def copy_dequantized_weights(quantized_model, model) -> None:
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
 
-    from qlora_cli.experts import dequantized, is_quantized
+    from qlora_cli.model.experts import dequantized, is_quantized
 
     modules = dict(model.named_modules())
     for name, module in quantized_model.named_modules():
@@ -298,7 +298,7 @@ def copy_dequantized_weights(quantized_model, model) -> None:
             target = modules[name].weight
             value = F.dequantize_4bit(module.weight.data, module.weight.quant_state)
             target.data = value.to(target.device, target.dtype).reshape(target.shape)
-        for param_name in getattr(module, "parametrizations", {}):  # fused experts (qlora_cli.experts)
+        for param_name in getattr(module, "parametrizations", {}):  # fused experts (qlora_cli.model.experts)
             if is_quantized(module, param_name):
                 target = getattr(modules[name], param_name)
                 target.data = dequantized(module, param_name).to(target.device, target.dtype)
@@ -352,7 +352,7 @@ def summarize_model(model, quantization: dict | None) -> ModelSummary:
     """Trainable and total parameters (4-bit weights counted as their logical size)."""
     from peft import PeftModel
 
-    from qlora_cli.experts import packed_expert_numels
+    from qlora_cli.model.experts import packed_expert_numels
 
     # peft's count reads only `named_parameters()`, so it serves a model without LoRA as well. It
     # counts a 4-bit Linear weight (Params4bit) at its logical size, but 4-bit experts are plain

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qlora_cli.errors import UserError
-from qlora_cli.templates import chat_segments, check_roles, encode_prompt
+from qlora_cli.data.templates import chat_segments, check_roles, encode_prompt
 
 PAIRED, UNPAIRED = "preference", "unpaired"
 FORMATS = (PAIRED, UNPAIRED)

@@ -4,7 +4,7 @@ the meta device: no memory, no weights)."""
 
 from __future__ import annotations
 
-from qlora_cli.builders import blamed_key, first_line, quiet_transformers
+from qlora_cli.recipe.builders import blamed_key, first_line, quiet_transformers
 from qlora_cli.errors import UserError, where_of
 
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from qlora_cli.errors import UserError
-from qlora_cli.sections import is_jinja
-from qlora_cli.tokenizer import TEKKEN_FILE, VERSION_KEY
+from qlora_cli.recipe.sections import is_jinja
+from qlora_cli.data.tokenizer import TEKKEN_FILE, VERSION_KEY
 
 IGNORE_INDEX = -100  # the label that the loss skips
 TRAIN_ON = ("responses", "all")

@@ -107,7 +107,7 @@ class TrainReporter:
             self.console.print(f"note: {text}", style="yellow", highlight=False, markup=False)
 
     def data_ready(self, prepared) -> None:
-        from qlora_cli import render
+        from qlora_cli.terminal import render
 
         if self.main:
             render.prepare_summary(self.console, prepared)

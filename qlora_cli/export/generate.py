@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from qlora_cli.builders import build_generation_config, split_generate
+from qlora_cli.recipe.builders import build_generation_config, split_generate
 from qlora_cli.errors import UserError
 from qlora_cli.run_folder import merge_adapter_dir
-from qlora_cli.sources import load_json
-from qlora_cli.templates import check_roles, encode_prompt
+from qlora_cli.data.sources import load_json
+from qlora_cli.data.templates import check_roles, encode_prompt
 
 
 @dataclass
@@ -97,7 +97,7 @@ class Generator:
 def load_generator(recipe, model_path: str | None = None) -> Generator:
     """The run's base + adapter (4-bit as in training, or with generate.quantized=false the base
     as `merge.base` says, in `merge.dtype`), or `model_path`."""
-    from qlora_cli.tokenizer import load_recipe_tokenizer
+    from qlora_cli.data.tokenizer import load_recipe_tokenizer
 
     options, _ = split_generate(recipe.generate)
     if model_path:
@@ -106,7 +106,7 @@ def load_generator(recipe, model_path: str | None = None) -> Generator:
     if model_path:
         model = _load_plain_model(model_path)
     else:
-        from qlora_cli.model import check_adapter, load_adapter_model
+        from qlora_cli.model.load import check_adapter, load_adapter_model
 
         adapter = merge_adapter_dir(recipe)
         check_adapter(adapter, recipe)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qlora_cli.builders import training_value
+from qlora_cli.recipe.builders import training_value
 from qlora_cli.errors import UserError
-from qlora_cli.templates import IGNORE_INDEX
+from qlora_cli.data.templates import IGNORE_INDEX
 
 SMALL_VALIDATION = 50  # fewer validation examples than this give a loss that is mostly noise
 
@@ -85,7 +85,7 @@ def _responses_without_eos(rows, eos_id: int, sample: int = 2000) -> float:
 
 
 def _template_differs(data, tokenizer) -> str | None:
-    from qlora_cli.templates import encode_chat
+    from qlora_cli.data.templates import encode_chat
 
     if data.template == "tokenizer" or not getattr(tokenizer, "chat_template", None):
         return None

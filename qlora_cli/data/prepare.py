@@ -19,13 +19,14 @@ from pathlib import Path
 from qlora_cli.atomic import (
     atomic_folder, can_create_in, disk_full, nearest_existing, remove_stale_temporaries,
 )
-from qlora_cli.builders import training_value
+from qlora_cli.recipe.builders import training_value
 from qlora_cli.errors import UserError
-from qlora_cli.packing import build_rows
-from qlora_cli.preference import encode_preference, fit_to_length, is_preference_data, sequence_lengths, trained_tokens
-from qlora_cli.sources import Example, apply_weight, read_source
-from qlora_cli.templates import IGNORE_INDEX, Ids, chat_segments, ids_of, text_segments
-from qlora_cli.tokenizer import VERSION_KEY
+from qlora_cli.data.packing import build_rows
+from qlora_cli.data.preference import (encode_preference, fit_to_length, is_preference_data, sequence_lengths,
+                                       trained_tokens)
+from qlora_cli.data.sources import Example, apply_weight, read_source
+from qlora_cli.data.templates import IGNORE_INDEX, Ids, chat_segments, ids_of, text_segments
+from qlora_cli.data.tokenizer import VERSION_KEY
 
 # Bump when the prepared format or the tokenization changes, so old caches are not reused.
 PREPARED_FORMAT = 2

@@ -1,0 +1,3 @@
+"""The model stage: the 4-bit base model (its mixture-of-experts tensors quantized as they load)
+with LoRA from peft, or a trained adapter on its base; and the loss computed in chunks so that the
+full logits never exist at once."""
