@@ -199,11 +199,10 @@ def lock_folder(folder: Path, command: str, where: str | None = None):
     with the pid and host of the first."""
     from filelock import FileLock, Timeout
 
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
     lock = FileLock(str(path), timeout=0)
     try:
-        lock.acquire()
+        _acquire(lock, folder)
     except Timeout:
         raise _in_use(folder, path, command, where) from None
     # filelock (>= 4) leaves what a holder wrote in place while others try: this is what they read.
@@ -211,9 +210,26 @@ def lock_folder(folder: Path, command: str, where: str | None = None):
     return lock
 
 
+def _acquire(lock, folder: Path) -> None:
+    for attempt in range(3):
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire()
+            return
+        except FileNotFoundError:  # a run that just let go removed the folder it left empty
+            if attempt == 2:
+                raise
+
+
 def release_folder(lock) -> None:
-    """Let go of a folder `lock_folder` took, leaving no lock file behind (filelock copes with a
-    lock file removed under a process that waits for it)."""
+    """Let go of a folder `lock_folder` took, leaving no lock file behind.
+
+    The file is removed while the lock is still held, then released: this order, not the reverse.
+    A process that opened the file before it was removed and gets the lock after finds a file
+    with no name (link count 0) and filelock makes it try again on the file at the path. Released
+    first and removed after, a process could take the lock between the two, lose its file to our
+    removal, and a third would lock a new file beside it: two holders at work in one folder. Here
+    a new holder can only start once this one has finished everything the lock guarded."""
     Path(lock.lock_file).unlink(missing_ok=True)
     lock.release()
 

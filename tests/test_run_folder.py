@@ -8,6 +8,7 @@ import json
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qlora_cli.atomic import LOCK_FILE, lock_folder, release_folder
+from qlora_cli.errors import UserError
 from qlora_cli.run_folder import checkpoint_damage
 
 from conftest import QLORA, assert_user_error, qlora, short_run
@@ -191,3 +194,23 @@ def test_a_value_from_the_environment_is_written_as_its_interpolation_never_as_t
     assert "${oc.env:FAKE_SECRET}" in (root / "adapter" / "README.md").read_text()
     args = torch.load(root / "checkpoints" / "checkpoint-2" / "training_args.bin", weights_only=False)
     assert args.run_name == "${oc.env:FAKE_SECRET}"
+
+
+def test_a_process_that_takes_the_folder_as_the_first_lets_go_holds_it_alone(tmp_path):
+    # The first holder removes its lock file and then lets go; a process polling for the folder in
+    # between ends up on the file at the path, so a third one is refused, never let in beside it.
+    from filelock import FileLock
+
+    for _ in range(20):
+        first = lock_folder(tmp_path, "qlora train")
+        waiting = FileLock(str(tmp_path / LOCK_FILE), thread_local=False, poll_interval=1e-5)
+        taker = threading.Thread(target=waiting.acquire, kwargs={"timeout": 10})
+        taker.start()
+        time.sleep(0.01)
+        release_folder(first)
+        taker.join()
+        assert waiting.is_locked
+        with pytest.raises(UserError, match="in use"):
+            lock_folder(tmp_path, "qlora train")
+        release_folder(waiting)
+    assert not list(tmp_path.iterdir())  # no lock file left once the last holder let go
