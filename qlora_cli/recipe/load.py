@@ -20,7 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from qlora_cli.errors import UserError, combined, remember_origins, where_of
-from qlora_cli.recipe.sections import DataSection, MergeSection, ModelSection
+from qlora_cli.recipe.sections import DataSection, EvalSection, MergeSection, ModelSection
 
 SECTIONS = ("model", "quantization", "lora", "data", "training", "merge", "generate", "eval")
 TOP_LEVEL_KEYS = ("method",)  # keys that are no section: the objective (sft, dpo, kto)
@@ -126,14 +126,17 @@ def _merge_file(raw: RawRecipe, path: Path, stack: list[Path]) -> None:
 
 
 def _merge_conflict(old: Any, new: Any, prefix: str = "") -> str | None:
-    """The first key that is a mapping on one side and a list on the other."""
-    if not (isinstance(old, DictConfig) and isinstance(new, DictConfig)):
+    """The first key that is a mapping on one side and a list on the other (plain containers,
+    values as written: reading a config's child node by its key would resolve an interpolation)."""
+    if isinstance(old, DictConfig):
+        old, new = (OmegaConf.to_container(c, resolve=False) for c in (old, new))
+    if not (isinstance(old, dict) and isinstance(new, dict)):
         return None
-    for key in new.keys():
+    for key in new:
         if key not in old:
             continue
-        before, after, dotted = old._get_node(key), new._get_node(key), f"{prefix}{key}"
-        if {type(before), type(after)} == {DictConfig, ListConfig}:
+        before, after, dotted = old[key], new[key], f"{prefix}{key}"
+        if {type(before), type(after)} == {dict, list}:
             return dotted
         if found := _merge_conflict(before, after, f"{dotted}."):
             return found
@@ -226,8 +229,9 @@ def _resolve_file_keys(config: DictConfig, folder: Path) -> None:
         for entry in entries:
             if not isinstance(entry, DictConfig):
                 continue
-            for key in _FILE_KEYS & set(entry.keys()):
-                value = entry._get_node(key)._value()
+            written = OmegaConf.to_container(entry, resolve=False)  # `${...}` as written, not resolved
+            for key in _FILE_KEYS & set(written):
+                value = written[key]
                 if isinstance(value, str) and "${" not in value and not Path(value).is_absolute():
                     beside = (folder / value).resolve()
                     if beside.exists():
@@ -280,17 +284,17 @@ def _apply_override(raw: RawRecipe, override: str) -> None:
 def _check_list_indices(config: DictConfig, key: str) -> None:
     """Each index in `key` must name an item its list has (OmegaConf says only "list index out
     of range"); a key that does not exist yet is fine, the override adds it."""
-    node, parts = config, key.split(".")
+    node, parts = OmegaConf.to_container(config, resolve=False), key.split(".")
     for depth, part in enumerate(parts):
-        if isinstance(node, ListConfig):
+        if isinstance(node, list):
             listed = ".".join(parts[:depth])
             if not part.isdigit() or int(part) >= len(node):
                 indices = f"use an index from 0 to {len(node) - 1}, or " if len(node) else ""
                 raise UserError(f"`{listed}` is a list of {len(node)} item(s), and `{part}` is not an index of it",
                                 where=OVERRIDE, fix=f"{indices}give the whole list: {listed}=[...]")
-            node = node._get_node(int(part))
-        elif isinstance(node, DictConfig) and part in node:
-            node = node._get_node(part)
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
         else:
             return
 
@@ -402,7 +406,7 @@ class Recipe:
     model: ModelSection
     data: DataSection
     merge: MergeSection
-    eval: Any
+    eval: EvalSection
     quantization: dict | None
     lora: dict | None
     training: dict
