@@ -183,6 +183,10 @@ class QloraKTOTrainer(_PreferenceTrainer, KTOTrainer):
 
     statistics = ("entropy", "mean_logits")  # its `entropy` and `logits/*` metrics
 
+    def __init__(self, *args, **kwargs):
+        self.eval_accuracies: list[float] = []  # per validation batch, until the next log
+        super().__init__(*args, **kwargs)
+
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if not self.calculate_KL:
             return dataset
@@ -195,11 +199,18 @@ class QloraKTOTrainer(_PreferenceTrainer, KTOTrainer):
         return dataset.map(rotated, batched=True, batch_size=args.per_device_train_batch_size,
                            desc=f"KL completions of {dataset_name}")
 
-    def _compute_loss(self, model, inputs, return_outputs):
-        result = super()._compute_loss(model, inputs, return_outputs)
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if not self.model.training:  # validation: TRL's KTO reports no accuracy, so qlora adds its own
-            self._metrics["eval"]["rewards/accuracies"].append(self._signed_accuracy(model, inputs))
+            self.eval_accuracies.append(self._signed_accuracy(model, inputs))
         return result
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # the mean over the batches since the last log, as TRL averages its own metrics
+        if self.eval_accuracies and not self.model.training:
+            logs["eval_rewards/accuracies"] = sum(self.eval_accuracies) / len(self.eval_accuracies)
+            self.eval_accuracies.clear()
+        super().log(logs, start_time)
 
     def _signed_accuracy(self, model, inputs) -> float:
         """Share of examples whose implied reward (log-ratio to the reference) has the sign of its label."""
