@@ -85,7 +85,7 @@ def install_log_prob_head(model, statistics: tuple[str, ...], share_prompts: boo
     common prefix once (collate.shared_prefix_rows), where that holds fewer tokens than the batch
     as it came; the log-probs are those of the batch as it came. Needs attention that takes a 4-D
     mask (sdpa, eager); not with router logits, whose aux loss reads a 2-D mask."""
-    from trl.trainer.utils import FusedCausalLMOutput
+    from trl.trainer.utils import FusedCausalLMOutput  # what TRL's public `add_fused_lm_head` documents
 
     from qlora_cli.data.collate import shared_prefix_rows
 
@@ -94,7 +94,7 @@ def install_log_prob_head(model, statistics: tuple[str, ...], share_prompts: boo
         return False
     previous = inner.forward  # TRL's fused forward, an instance attribute
     ignore_index = library_ignore_index()
-    attention = inner.config._attn_implementation
+    attention = inner.config._attn_implementation  # a property with no public name (TRL reads it too)
     share_prompts = (share_prompts and attention in ("sdpa", "eager")
                      and not getattr(inner.config.get_text_config(), "output_router_logits", False))
 
@@ -162,7 +162,8 @@ class _PreferenceTrainer(RunTrainer):
         if chunked_loss:
             install_log_prob_head(model, self.statistics, self.share_prompts)
 
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+    # TRL's only switch past its tokenization is a vision dataset; no public option takes ids as they are
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):  # private: see above
         return dataset  # already tokenized by `qlora prepare`, with the recipe's template
 
 
@@ -187,7 +188,7 @@ class QloraKTOTrainer(_PreferenceTrainer, KTOTrainer):
         self.eval_accuracies: list[float] = []  # per validation batch, until the next log
         super().__init__(*args, **kwargs)
 
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):  # private: see _PreferenceTrainer
         if not self.calculate_KL:
             return dataset
         # TRL's estimate: each completion is paired with the previous example's prompt in batches

@@ -48,7 +48,10 @@ class RunTrainer:
         inputs.pop(TOKENS_KEY, None)
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
-    def _save_checkpoint(self, model, trial):
+    # No public hook wraps the whole checkpoint write: `on_save` runs once checkpoint-N is written
+    # in place and rotated, `save_model` writes only the weights (the optimizer, scheduler, RNG and
+    # state files come from private helpers), and a failed write reaches no callback.
+    def _save_checkpoint(self, model, trial):  # private: no public hook serves (see above)
         # Let the Trainer write the whole checkpoint into a staging folder, then rename it into
         # place: `checkpoints/checkpoint-N` exists only once it is complete.
         final_parent = Path(self.args.output_dir)
@@ -56,7 +59,7 @@ class RunTrainer:
         staging_parent = final_parent / f".staging-{step}"
         self.args.output_dir = str(staging_parent)
         try:
-            super()._save_checkpoint(model, trial)
+            super()._save_checkpoint(model, trial)  # the whole checkpoint; no public method writes it
         except Exception as err:
             staged = folder_size(staging_parent)
             shutil.rmtree(staging_parent, ignore_errors=True)  # the previous checkpoint stays as it was
