@@ -27,6 +27,7 @@ PAIRS = [
     ("7 times 8 is 54.", "7 times 8 is 56."),
     ("Saturn", "Jupiter is the largest planet in the solar system."),
     ("ok", "Joyful."),
+    ("Paris is the capital", "Paris"),  # a reference with no 6-grams: its answer's 6-grams are not counted
 ]
 
 

@@ -1,7 +1,7 @@
 """lm-evaluation-harness tasks, run on the model qlora already loaded (4-bit base + adapter).
 
 lm-eval is an optional extra (`pip install 'qlora-cli[eval]'`): it pulls scikit-learn, nltk,
-sacrebleu and more, which training never needs. Tasks are named as lm-eval names them
+evaluate and more, which training never needs. Tasks are named as lm-eval names them
 (`hellaswag`), or given as a task YAML file or a folder of them: a local task reads a local
 dataset, so it runs offline.
 """
