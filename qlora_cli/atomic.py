@@ -170,24 +170,57 @@ def cache_root() -> Path:
 
 # ---------------------------------------------------------------- what qlora made
 
-MARKER = "qlora"  # the field, in a JSON file qlora keeps in a folder it made, that says so
+MARKER = "qlora"  # the field of a JSON file, or the tag of a model card, that says qlora made a folder
+CARD = "README.md"  # a model folder's card (huggingface_hub.ModelCard), where its marker is
 
 
 def marker(kind: str) -> dict:
     """`{"qlora": {"kind": kind, "version": ...}}`: merge it into the JSON file a folder of that
-    kind keeps (a run's run.json), so `--overwrite` can tell the folder from one a user made."""
+    kind keeps (a run's run.json, prepared data's qlora_prepared.json), so qlora can tell the
+    folder from one a user made."""
     from importlib import metadata
 
     return {MARKER: {"kind": kind, "version": metadata.version("qlora-cli")}}
 
 
-def has_marker(json_file: Path, kind: str) -> bool:
-    """Whether `json_file` holds the marker of a folder of `kind`."""
+def model_card(kind: str, base_model: str | None, text: str, *, library_name: str, tags: tuple[str, ...] = ()):
+    """The model card (`huggingface_hub.ModelCard`) of a model folder qlora writes (an adapter, a
+    merged model): `text` under front matter naming the base model and tagged `qlora` and `kind`,
+    the marker `has_marker` reads back. Save it as the folder's README.md."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(base_model=base_model, library_name=library_name, tags=[MARKER, kind, *tags])
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}")
+
+
+def has_marker(path: Path, kind: str) -> bool:
+    """Whether `path` holds qlora's marker for a folder of `kind`: a JSON file with `marker`'s
+    field, or a model card (README.md) that `model_card` tagged. A model card from before
+    `model_card` (front matter `tags: [qlora, merged]`) reads the same."""
+    if path.name == CARD:
+        return {MARKER, kind} <= set(_card_tags(path))
     try:
-        data = json.loads(json_file.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and isinstance(data.get(MARKER), dict) and data[MARKER].get("kind") == kind
+
+
+def _card_tags(path: Path) -> list[str]:
+    import yaml
+    from huggingface_hub import ModelCard
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, ValueError):  # none, or not UTF-8: not a card qlora wrote
+        return []
+    if not text.startswith("---"):  # no front matter (ModelCard would log that it found none)
+        return []
+    try:
+        tags = ModelCard(text).data.tags
+    except (ValueError, TypeError, yaml.YAMLError):  # front matter that is not YAML, or not a card's
+        return []
+    return [tag for tag in tags if isinstance(tag, str)] if isinstance(tags, list) else []
 
 
 LOCK_FILE = ".qlora.lock"  # in the folder it guards; it says which process holds it

@@ -26,11 +26,14 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from qlora_cli.atomic import LOCK_FILE, check_not_in_use, has_marker, lock_folder, marker, release_folder
+from qlora_cli.atomic import (
+    CARD, LOCK_FILE, check_not_in_use, has_marker, lock_folder, marker, model_card, release_folder,
+)
 from qlora_cli.errors import UserError
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 KIND = "run"  # run.json's marker (atomic.marker)
+MERGED = "merged"  # a merged model's card marker (atomic.model_card)
 # What `qlora train` writes in a run folder, and the staging it may leave there when killed.
 OWN_FILES = ("recipe.yaml", "run.json", "checkpoints", "adapter", "logs", "loss.png")
 OWN_STAGING = (".adapter.tmp-*", ".adapter.old-*", ".run.json.tmp", ".loss.tmp.png", "checkpoints/.staging-*")
@@ -70,20 +73,9 @@ class RunFolder:
     def plot(self) -> Path:
         return self.root / "loss.png"
 
-    @property
-    def merged(self) -> Path:
-        """Where `qlora merge` writes unless `merge.output_dir` says otherwise (not train's: not in OWN_FILES)."""
-        return self.root / "merged"
-
     def is_ours(self) -> bool:
-        """Whether qlora made this folder: run.json holds its marker (or, from before the
-        marker, the qlora-cli version that only qlora records)."""
-        if has_marker(self.run_json, KIND):
-            return True
-        try:
-            return "qlora-cli" in json.loads(self.run_json.read_text()).get("versions", {})
-        except (OSError, ValueError, AttributeError, TypeError):
-            return False
+        """Whether qlora made this folder: run.json holds its marker."""
+        return has_marker(self.run_json, KIND)
 
     def saved_anything(self) -> bool:
         """Whether a run saved a checkpoint (complete or not) or an adapter here."""
@@ -381,18 +373,13 @@ def _reward_curves(log_history: list[dict]) -> dict[str, list[tuple[int, float]]
     return {label: points for label, points in curves.items() if points}
 
 
-def model_card(recipe_yaml: str, data_summary: dict, metrics: dict, base_model: str) -> str:
-    """README.md for the adapter folder: what it is, how it was trained, how well it did."""
+def adapter_card(recipe_yaml: str, data_summary: dict, metrics: dict, base_model: str | None):
+    """README.md for the adapter folder (a `ModelCard` carrying qlora's marker): what it is, how it
+    was trained, how well it did."""
     metric_lines = "\n".join(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |"
                              for k, v in metrics.items())
     data_lines = "\n".join(f"- {k}: {v}" for k, v in data_summary.items())
-    return f"""---
-library_name: peft
-base_model: {base_model}
-tags: [qlora, lora, peft]
----
-
-# LoRA adapter trained with qlora
+    return model_card("adapter", base_model, f"""# LoRA adapter trained with qlora
 
 Base model: `{base_model}`. Load it with
 `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "<this folder>")`
@@ -413,7 +400,7 @@ or merge it into a standalone model with `qlora merge <run folder>`.
 
 ```yaml
 {recipe_yaml}```
-"""
+""", library_name="peft", tags=("lora", "peft"))
 
 
 def merge_adapter_dir(recipe) -> Path:
@@ -422,5 +409,11 @@ def merge_adapter_dir(recipe) -> Path:
 
 
 def merge_output_dir(recipe) -> Path:
-    """The merged model's folder: `merge.output_dir`, by default the run's merged/."""
-    return Path(recipe.merge.output_dir or RunFolder(recipe.run_dir).merged)
+    """The merged model's folder: `merge.output_dir`, by default the run's merged/ (the one place
+    that default is made; not train's: merged/ is not in OWN_FILES)."""
+    return Path(recipe.merge.output_dir or Path(recipe.run_dir) / "merged")
+
+
+def is_merged_model(folder: Path) -> bool:
+    """Whether `qlora merge` wrote `folder`: a model (config.json) whose card carries the marker."""
+    return (folder / "config.json").is_file() and has_marker(folder / CARD, MERGED)

@@ -276,6 +276,27 @@ def test_merge_refuses_an_existing_output_unless_overwrite_and_overwrites_only_a
     assert [p.name for p in output.iterdir()] == ["keep.txt"]
 
 
+@pytest.mark.parametrize("card, merged", [
+    (None, True),  # written by qlora merge now: huggingface_hub's ModelCard, tagged qlora and merged
+    ("---\nbase_model: base\ntags: [qlora, merged]\n---\n\n# Merged model\n", True),  # by earlier versions
+    ("---\nbase_model: base\ntags: [merged]\n---\n", False),  # someone else's merge
+    ("# My model\n\ntags: [qlora, merged]\n", False),  # the words, not the card's front matter
+    ("---\ntags: [qlora, merged\n---\n", False),  # front matter that is not YAML
+])
+def test_overwrite_knows_a_merged_folder_by_its_model_card(card, merged, tmp_path):
+    from qlora_cli.atomic import model_card
+    from qlora_cli.export.merge import is_merged_folder
+
+    (tmp_path / "config.json").write_text("{}")
+    if card is None:
+        model_card("merged", "base", "# Merged model\n", library_name="transformers").save(tmp_path / "README.md")
+    else:
+        (tmp_path / "README.md").write_text(card)
+    assert is_merged_folder(tmp_path) is merged
+    (tmp_path / "config.json").unlink()
+    assert not is_merged_folder(tmp_path)  # a card without a model
+
+
 @pytest.mark.slow
 def test_overwriting_a_merge_says_the_adapter_s_lora_settings_are_used(trained_run, merged_small, tmp_path):
     output = tmp_path / "merged"

@@ -250,6 +250,21 @@ def test_same_fingerprint_is_reused_and_says_so(data_recipe, write_jsonl, v1_tok
     assert [p.name for p in first.path.parent.iterdir()] == [first.path.name], "no temporary folder left"
 
 
+def test_a_cache_entry_without_qlora_s_marker_is_prepared_again_and_marked(data_recipe, write_jsonl, v1_tokenizer):
+    from qlora_cli.atomic import has_marker
+    from qlora_cli.data.prepare import SUMMARY_FILE
+
+    recipe = load_recipe([str(data_recipe({"sources": [{"path": write_jsonl(numbered_texts(4)), "format": "text"}]}))])
+    first = prepare_dataset(recipe, v1_tokenizer)
+    summary = first.path / SUMMARY_FILE
+    assert has_marker(summary, "prepared")
+    unmarked = json.loads(summary.read_text())
+    del unmarked["qlora"]  # as a folder someone else made, or an earlier version wrote
+    summary.write_text(json.dumps(unmarked))
+    again = prepare_dataset(recipe, v1_tokenizer)
+    assert again.reused is False and again.path == first.path and has_marker(summary, "prepared")
+
+
 def test_fingerprint_changes_with_the_data_bytes_the_data_section_and_the_tokenizer(
         data_recipe, write_jsonl, v1_tokenizer):
     from qlora_cli.data.tokenizer import load_tokenizer

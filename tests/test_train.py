@@ -116,7 +116,13 @@ def test_adapter_loads_with_peft_and_holds_the_final_weights(trained_run):
 
 @pytest.mark.slow
 def test_adapter_card_holds_the_recipe_and_the_metrics(trained_run):
+    from huggingface_hub import ModelCard
+
     card = (trained_run.adapter / "README.md").read_text()
+    data = ModelCard(card).data
+    config = json.loads((trained_run.adapter / "adapter_config.json").read_text())
+    assert data.base_model == config["base_model_name_or_path"]  # the base peft and merge's card name
+    assert data.library_name == "peft" and {"qlora", "adapter"} <= set(data.tags)
     assert (trained_run.root / "recipe.yaml").read_text() in card
     metrics = json.loads((trained_run.root / "run.json").read_text())["metrics"]
     assert f"| final_train_loss | {metrics['final_train_loss']:.6g} |" in card

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_cli.atomic import (
-    atomic_folder, can_create_in, disk_full, nearest_existing, remove_stale_temporaries,
+    MARKER, atomic_folder, can_create_in, disk_full, has_marker, marker, nearest_existing, remove_stale_temporaries,
 )
 from qlora_cli.recipe.builders import training_value
 from qlora_cli.errors import UserError
@@ -30,7 +30,8 @@ from qlora_cli.data.tokenizer import VERSION_KEY
 
 # Bump when the prepared format or the tokenization changes, so old caches are not reused.
 PREPARED_FORMAT = 2
-SUMMARY_FILE = "qlora_prepared.json"
+SUMMARY_FILE = "qlora_prepared.json"  # the summary, with qlora's marker (atomic.marker)
+KIND = "prepared"
 
 # An encoded example: its token ids, and (length, trained) spans covering them in order. Labels
 # are made from the spans in one numpy step for the whole data set, not list by list.
@@ -84,7 +85,7 @@ def prepare_dataset(recipe, tokenizer, *, force: bool = False) -> PreparedData:
     seed = int(training_value(recipe.training, "seed", recipe.method))
     fingerprint = data_fingerprint(data, tokenizer, seed)
     target = Path(data.prepared_dir) / fingerprint
-    if (target / SUMMARY_FILE).is_file() and not force:
+    if has_marker(target / SUMMARY_FILE, KIND) and not force:
         return load_prepared(target, reused=True)
     where = recipe.where("data.prepared_dir")
     _check_prepared_dir(target.parent, where)
@@ -95,7 +96,7 @@ def prepare_dataset(recipe, tokenizer, *, force: bool = False) -> PreparedData:
     try:
         with atomic_folder(target, replace=True) as tmp:
             dataset.save_to_disk(str(tmp))
-            (tmp / SUMMARY_FILE).write_text(json.dumps(dataclasses.asdict(summary), indent=2))
+            (tmp / SUMMARY_FILE).write_text(json.dumps(marker(KIND) | dataclasses.asdict(summary), indent=2))
     except OSError as err:  # what the check above cannot foresee: a full disk, a read-only mount
         needed = sum(split.data.nbytes for split in dataset.values())
         raise disk_full(err, target, needed, where) or UserError(
@@ -109,6 +110,7 @@ def load_prepared(path: Path, reused: bool = True) -> PreparedData:
     from datasets import load_from_disk
 
     raw = json.loads((path / SUMMARY_FILE).read_text())
+    raw.pop(MARKER, None)
     raw["sources"] = [SourceCounts(**s) for s in raw["sources"]]
     return PreparedData(path, load_from_disk(str(path)), PrepareSummary(**raw), reused)
 

@@ -19,7 +19,7 @@ from typing import Callable
 from qlora_cli.atomic import atomic_folder, can_create_in, nearest_existing
 from qlora_cli.errors import UserError
 from qlora_cli.export.generate import PromptRecord, read_prompts
-from qlora_cli.run_folder import RunFolder, merge_adapter_dir, merge_output_dir
+from qlora_cli.run_folder import RunFolder, is_merged_model, merge_adapter_dir, merge_output_dir
 from qlora_cli.eval.scoring import exact_match, score_answers, token_f1
 
 # progress(description, total) -> advance(n): how the CLI shows work as it is done.
@@ -132,7 +132,7 @@ def read_eval_records(path: Path) -> list[EvalRecord]:
 def existing_merged_model(recipe) -> str | None:
     """The run's merged folder, when `qlora merge` wrote one."""
     merged = merge_output_dir(recipe)
-    return str(merged) if (merged / "config.json").is_file() else None
+    return str(merged) if is_merged_model(merged) else None
 
 
 def check_something_to_measure(recipe, records, suite) -> None:

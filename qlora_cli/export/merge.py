@@ -11,10 +11,10 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qlora_cli.atomic import atomic_folder, can_create_in, nearest_existing, remove_stale_temporaries
+from qlora_cli.atomic import CARD, atomic_folder, can_create_in, model_card, nearest_existing, remove_stale_temporaries
 from qlora_cli.errors import UserError
 from qlora_cli.model.load import adapter_config, base_model_id, check_adapter, load_adapter_model, trained_on_4bit
-from qlora_cli.run_folder import RunFolder, merge_adapter_dir, merge_output_dir
+from qlora_cli.run_folder import MERGED, RunFolder, is_merged_model, merge_adapter_dir, merge_output_dir
 
 # Merging rounds each merged weight (W + s·BA) to `merge.dtype` once more, which moves the logits
 # by about as much as that dtype's arithmetic does on the same model: a fixed bound would refuse
@@ -24,7 +24,6 @@ from qlora_cli.run_folder import RunFolder, merge_adapter_dir, merge_output_dir
 # mis-scaled the adapter moves them by the adapter's whole effect, well beyond.
 FLOAT32_TOLERANCE = 1e-3
 ROUNDING_FACTOR = 4
-MERGED_TAGS = "tags: [qlora, merged]"  # in the model card's front matter: how --overwrite knows a merge
 PROBE_TEXT = "[INST] Explain what a LoRA adapter is. [/INST] A LoRA adapter is a small set of low-rank"
 
 
@@ -85,7 +84,7 @@ def merge(recipe, *, overwrite: bool = False) -> MergeResult:
     with atomic_folder(output, replace=overwrite) as tmp:
         merged.save_pretrained(str(tmp), max_shard_size=recipe.merge.max_shard_size, safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        (tmp / "README.md").write_text(_model_card(recipe, adapter, difference, quantized, type(merged).__name__))
+        _model_card(recipe, adapter, difference, quantized, type(merged).__name__).save(tmp / CARD)
     return MergeResult(output, describe_base(recipe), difference, quantized, effect, tolerance, differences)
 
 
@@ -138,16 +137,8 @@ def check_output(output: Path, overwrite: bool) -> None:
 
 
 def is_merged_folder(folder: Path) -> bool:
-    """An empty folder, or one `qlora merge` wrote: a model (config.json) with the model card
-    that every merge writes, tagged `qlora` and `merged` in its front matter."""
-    if folder.is_dir() and not any(folder.iterdir()):
-        return True
-    try:
-        card = (folder / "README.md").read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return False
-    front, _, _ = card.removeprefix("---\n").partition("\n---")
-    return card.startswith("---\n") and (folder / "config.json").is_file() and MERGED_TAGS in front.splitlines()
+    """An empty folder, or a merged model `qlora merge` wrote (its card carries the marker)."""
+    return (folder.is_dir() and not any(folder.iterdir())) or is_merged_model(folder)
 
 
 def check_disk(output: Path, model) -> None:
@@ -242,16 +233,11 @@ def describe_base(recipe) -> str:
 
 
 def _model_card(recipe, adapter: Path, difference: LogitDifference, quantized: LogitDifference | None,
-                model_class: str) -> str:
+                model_class: str):
     base = base_model_id(recipe)
     how = describe_base(recipe)
     versus = f"\n- logits against the 4-bit base + adapter it was trained as: {quantized}" if quantized else ""
-    return f"""---
-base_model: {base}
-{MERGED_TAGS}
----
-
-# Merged model
+    return model_card(MERGED, base, f"""# Merged model
 
 The LoRA adapter `{adapter}` merged into `{base}` with `qlora merge`, in {recipe.merge.dtype}.
 Merged into {how} (`merge.base: {recipe.merge.base}`).
@@ -260,4 +246,4 @@ Verification on a probe batch:
 - logits against base + adapter unmerged: {difference}{versus}
 
 Load it with `{model_class}.from_pretrained("<this folder>")` (or its family's transformers auto class).
-"""
+""", library_name="transformers")

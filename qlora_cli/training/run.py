@@ -15,13 +15,13 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora_cli.atomic import atomic_folder, disk_full, folder_size
+from qlora_cli.atomic import CARD, atomic_folder, disk_full, folder_size
 from qlora_cli.recipe.builders import first_line
 from qlora_cli.errors import UserError
 from qlora_cli.training.launch import hand_over_prepared, planned_by_launcher, prepared_by_launcher, user_command_line
 from qlora_cli.plan.preflight import check_before_loading, check_prepared_data
 from qlora_cli.run_folder import (
-    KIND, RunFolder, claim_run_folder, draw_loss_plot, library_versions, model_card, now, open_run_folder,
+    KIND, RunFolder, adapter_card, claim_run_folder, draw_loss_plot, library_versions, now, open_run_folder,
     start_run_folder, write_json,
 )
 
@@ -247,13 +247,15 @@ def _final_evaluation(trainer) -> dict:
 
 def save_adapter(trainer, tokenizer, run: RunFolder, recipe, prepared, metrics: dict) -> None:
     """adapter/: LoRA weights (safetensors), tokenizer and model card, appearing whole."""
-    base = recipe.model.name_or_path or f"init_from_config ({recipe.model.init_from_config.get('model_type')})"
+    from qlora_cli.model.load import base_model_id
+
+    card = adapter_card(recipe.to_yaml(), _data_lines(prepared), metrics, base_model_id(recipe))
     try:
         with atomic_folder(run.adapter, replace=True) as tmp:
             # Only the trained adapter: a DPO run from an adapter also holds TRL's frozen reference copy.
             trainer.model.save_pretrained(str(tmp), safe_serialization=True, selected_adapters=["default"])
             tokenizer.save_pretrained(str(tmp))
-            (tmp / "README.md").write_text(model_card(recipe.to_yaml(), _data_lines(prepared), metrics, base))
+            card.save(tmp / CARD)
     except Exception as err:  # the staging is gone; a full disk says how much the adapter needs
         last = run.last_checkpoint()
         raise disk_full(err, run.adapter, folder_size(last) if last else 0, where="training.output_dir") or err
