@@ -127,13 +127,15 @@ def can_create_in(folder: Path) -> bool:
 
 def write_failure(err: OSError, path: Path, needed: int, where: str) -> UserError:
     """The user's error for a write that failed (the caller has removed what it wrote)."""
-    return disk_full(err, path, needed, where) or UserError(f"cannot write {path}: {err.strerror or err}",
+    return disk_full(err, path, needed, where=where) or UserError(f"cannot write {path}: {err.strerror or err}",
                                                             where=where, fix="choose a place you can write")
 
 
-def disk_full(err: BaseException, path: Path, needed: int, where: str) -> UserError | None:
+def disk_full(err: BaseException, path: Path, needed: int, *, where: str | None = None,
+              key: str | None = None) -> UserError | None:
     """If `err` came from a full disk (ENOSPC, or less space left than the write needs: torch's
-    writer reports no errno), the user's error saying how much it needs and how much there is."""
+    writer reports no errno), the user's error saying how much it needs and how much there is
+    (at `where`, or the recipe `key` that named the path)."""
     folder = nearest_existing(path.parent)
     try:
         free = shutil.disk_usage(folder).free
@@ -142,11 +144,11 @@ def disk_full(err: BaseException, path: Path, needed: int, where: str) -> UserEr
     if getattr(err, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) and free >= needed:
         return None
     if not needed:  # nothing to measure the write by
-        return UserError(f"no space left to write {path}: {folder} has {_size(free)} free", where=where,
+        return UserError(f"no space left to write {path}: {folder} has {_size(free)} free", where=where, key=key,
                          fix="free space there, or write to another disk")
     short = needed - free if free < needed else needed
     return UserError(f"no space left to write {path}: it needs about {_size(needed)}, and {folder} has "
-                     f"{_size(free)} free", where=where,
+                     f"{_size(free)} free", where=where, key=key,
                      fix=f"free at least {_size(short)} there, or write to another disk")
 
 
@@ -226,10 +228,10 @@ def _card_tags(path: Path) -> list[str]:
 LOCK_FILE = ".qlora.lock"  # in the folder it guards; it says which process holds it
 
 
-def lock_folder(folder: Path, command: str, where: str | None = None):
+def lock_folder(folder: Path, command: str, key: str | None = None):
     """Hold `folder` for this process until `release_folder` (or the process ends, however it
     ends: the operating system lets go of it). A second holder is refused, exit 2,
-    with the pid and host of the first."""
+    with the pid and host of the first (and the recipe `key` that named the folder)."""
     from filelock import FileLock, Timeout
 
     path = folder / LOCK_FILE
@@ -237,7 +239,7 @@ def lock_folder(folder: Path, command: str, where: str | None = None):
     try:
         _acquire(lock, folder)
     except Timeout:
-        raise _in_use(folder, path, command, where) from None
+        raise _in_use(folder, path, command, key) from None
     # filelock (>= 4) leaves what a holder wrote in place while others try: this is what they read.
     path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command}) + "\n")
     return lock
@@ -267,17 +269,17 @@ def release_folder(lock) -> None:
     lock.release()
 
 
-def check_not_in_use(folder: Path, command: str, where: str | None = None) -> None:
+def check_not_in_use(folder: Path, command: str, key: str | None = None) -> None:
     """Refuse now, before any work, a folder that another process holds (it is not taken here)."""
     if (folder / LOCK_FILE).is_file():
-        release_folder(lock_folder(folder, command, where))
+        release_folder(lock_folder(folder, command, key))
 
 
-def _in_use(folder: Path, path: Path, command: str, where: str | None) -> UserError:
+def _in_use(folder: Path, path: Path, command: str, key: str | None) -> UserError:
     try:
         holder = json.loads(path.read_text())
         who = f"pid {holder['pid']} on {holder['host']} ({holder.get('command', 'qlora')})"
     except (OSError, ValueError, KeyError, TypeError):
         who = "another process"
-    return UserError(f"{folder} is in use by {who}", where=where,
+    return UserError(f"{folder} is in use by {who}", key=key,
                      fix=f"wait until it ends (or stop it), or give this {command} another folder")

@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from qlora_cli.errors import UserError, forget_origins, located
+from qlora_cli.errors import UserError, locating
 from qlora_cli.training.launch import STATUS_VARIABLE, plan_then_launch, run_rank
 
 app = typer.Typer(
@@ -55,12 +55,11 @@ def user_command(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        forget_origins()  # another command's recipe (CliRunner runs several in one process)
         try:
             return func(*args, **kwargs)
         except UserError as err:
             if os.environ.get("RANK", "0") == "0":  # every rank finds the same mistake: say it once
-                err_console.print(f"[bold red]error:[/] {escape(str(located(err)))}", highlight=False,
+                err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False,
                                   soft_wrap=True)
             raise typer.Exit(2) from None
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
@@ -165,11 +164,12 @@ def prepare(
 
     recipes, overrides = split_arguments(args)
     recipe = load_recipe(recipes, overrides)
-    tokenizer = load_recipe_tokenizer(recipe)
-    prepared = prepare_dataset(recipe, tokenizer, force=force)
-    render.prepare_summary(console, prepared)
-    if show:
-        render.show_examples(console, prepared.dataset["train"], tokenizer, show)
+    with locating(recipe.origins):
+        tokenizer = load_recipe_tokenizer(recipe)
+        prepared = prepare_dataset(recipe, tokenizer, force=force)
+        render.prepare_summary(console, prepared)
+        if show:
+            render.show_examples(console, prepared.dataset["train"], tokenizer, show)
 
 
 @app.command("plan")
@@ -192,7 +192,9 @@ def plan(
     from qlora_cli.recipe.load import load_recipe
 
     recipes, overrides = split_arguments(args)
-    result = plan_recipe(load_recipe(recipes, overrides), gpu_memory=gpu_memory, gpus=gpus)
+    recipe = load_recipe(recipes, overrides)
+    with locating(recipe.origins):
+        result = plan_recipe(recipe, gpu_memory=gpu_memory, gpus=gpus)
     render.plan_report(console, result)
     if not result.ok:
         raise typer.Exit(2)
@@ -217,7 +219,8 @@ def train(
     recipes, overrides = split_arguments(args)
     recipe = load_recipe(recipes, overrides)
     # The evaluation that follows a completed run is checked now, not after an hour of training.
-    evaluation = _plan_evaluation(recipe) if recipe.eval.after_training and not plan_only and evaluates_here() else None
+    with locating(recipe.origins):
+        evaluation = _plan_evaluation(recipe) if recipe.eval.after_training and not plan_only and evaluates_here() else None
     flags = [flag for flag, on in (("--resume", resume), ("--overwrite", overwrite), ("--force", force)) if on]
     if nproc > 1 and not plan_only and "LOCAL_RANK" not in os.environ:
         code = plan_then_launch(nproc, ["train", *args, *flags], _debug_flag())
@@ -229,8 +232,9 @@ def train(
     from qlora_cli.training.run import train as train_run
 
     reporter = TrainReporter(console)
-    result = train_run(recipe, resume=resume, overwrite=overwrite, force=force, plan_only=plan_only,
-                       gpus=nproc if plan_only else None, reporter=reporter)
+    with locating(recipe.origins):
+        result = train_run(recipe, resume=resume, overwrite=overwrite, force=force, plan_only=plan_only,
+                           gpus=nproc if plan_only else None, reporter=reporter)
     if plan_only:
         return
     if not reporter.main:
@@ -249,7 +253,8 @@ def train(
                   f"next:      qlora merge {run.recipe}\n"
                   f"           qlora generate {run.recipe} --prompt \"...\"", highlight=False)
     if evaluation is not None:
-        _evaluate_run(recipe, evaluation)
+        with locating(recipe.origins):
+            _evaluate_run(recipe, evaluation)
 
 
 def evaluates_here() -> bool:
@@ -273,8 +278,10 @@ def merge(
     from qlora_cli.recipe.load import load_recipe
 
     recipes, overrides = split_arguments(args)
+    recipe = load_recipe(recipes, overrides)
     try:
-        result = merge_run(load_recipe(recipes, overrides), overwrite=overwrite)
+        with locating(recipe.origins):
+            result = merge_run(recipe, overwrite=overwrite)
     except MergeVerificationFailed as err:
         err_console.print(f"[bold red]merge failed verification:[/] {err}", highlight=False)
         raise typer.Exit(1) from None
@@ -314,18 +321,19 @@ def generate(
 
     recipes, overrides = split_arguments(args)
     recipe = load_recipe(recipes, overrides)
-    # `--model=~/merged` reaches us unexpanded (the shell expands `~` only at a word's start).
-    input, output = (path.expanduser() if path else None for path in (input, output))
-    answering = choose_answering(recipe, prompt=prompt, input=input, output=output, interactive=interactive,
-                                 resume=resume)
-    _warn_of_default_length(recipe)
-    generator = load_generator(recipe, os.path.expanduser(model) if model else None)
-    if answering.prompt is not None:
-        _print_answers(generator, [{"role": "user", "content": answering.prompt}])
-    elif answering.records is not None:
-        _answer_file(generator, answering.records, answering.output, recipe, resume)
-    else:
-        _chat(generator)
+    with locating(recipe.origins):
+        # `--model=~/merged` reaches us unexpanded (the shell expands `~` only at a word's start).
+        input, output = (path.expanduser() if path else None for path in (input, output))
+        answering = choose_answering(recipe, prompt=prompt, input=input, output=output, interactive=interactive,
+                                     resume=resume)
+        _warn_of_default_length(recipe)
+        generator = load_generator(recipe, os.path.expanduser(model) if model else None)
+        if answering.prompt is not None:
+            _print_answers(generator, [{"role": "user", "content": answering.prompt}])
+        elif answering.records is not None:
+            _answer_file(generator, answering.records, answering.output, recipe, resume)
+        else:
+            _chat(generator)
 
 
 @app.command("eval")
@@ -347,10 +355,11 @@ def eval_command(
 
     recipes, overrides = split_arguments(args)
     recipe = load_recipe(recipes, overrides)
-    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks is not None else None
-    plan = _plan_evaluation(recipe, input=input.expanduser() if input else None,
-                            model_path=os.path.expanduser(model) if model else None, tasks=task_list, limit=limit)
-    _evaluate_run(recipe, plan)
+    with locating(recipe.origins):
+        task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks is not None else None
+        plan = _plan_evaluation(recipe, input=input.expanduser() if input else None,
+                                model_path=os.path.expanduser(model) if model else None, tasks=task_list, limit=limit)
+        _evaluate_run(recipe, plan)
 
 
 def _plan_evaluation(recipe, **flags):

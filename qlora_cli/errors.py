@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+
 
 class UserError(Exception):
     """A mistake the user can fix: a recipe key, a data row, an argument, a missing file.
 
-    `where` names the place (``recipe.yaml:12``, ``data.jsonl:7``, ``lora.r``) and `fix` says
-    what to do about it; the CLI prints both and exits 2 without a traceback.
+    `where` names the place (``recipe.yaml:12``, ``data.jsonl:7``) and `fix` says what to do
+    about it; the CLI prints both and exits 2 without a traceback. A mistake in a recipe value names
+    its `key` (``lora.r``) instead of a place: the recipe that set it knows where (`locating`).
     """
 
-    def __init__(self, message: str, *, where: str | None = None, fix: str | None = None):
+    def __init__(self, message: str, *, where: str | None = None, key: str | None = None, fix: str | None = None):
         super().__init__(message)
         self.message = message
         self.where = where
+        self.key = key
         self.fix = fix
 
     @property
@@ -22,7 +26,8 @@ class UserError(Exception):
         return [self]
 
     def __str__(self) -> str:
-        text = f"{self.where}: {self.message}" if self.where else self.message
+        place = self.where or self.key
+        text = f"{place}: {self.message}" if place else self.message
         return f"{text}\n  fix: {self.fix}" if self.fix else text
 
 
@@ -46,34 +51,36 @@ def combined(errors: list[UserError]) -> UserError:
     return errors[0] if len(errors) == 1 else UserErrors(errors)
 
 
-# The origins of the recipe the running command loaded: load_recipe remembers them, the CLI edge
-# forgets them when a command starts and reads them when it shows an error, so that an error raised
-# deep in a stage with a bare key (`where="merge.output_dir"`) names the file:line that set it.
-_recipe_origins: dict[str, str] = {}
-
-
-def remember_origins(origins: dict[str, str]) -> None:
-    _recipe_origins.clear()
-    _recipe_origins.update(origins)
-
-
-def forget_origins() -> None:
-    _recipe_origins.clear()
-
-
-def located(err: UserError) -> UserError:
-    """`err` with each bare recipe key it names as its place (`lora.r`) shown as
-    `recipe.yaml:12: lora.r` (or `override: lora.r`), where the loaded recipe set that key."""
+def locate(err: UserError, origins: dict[str, str]) -> UserError:
+    """`err` with each mistake that names a recipe `key` placed where the recipe set it (its
+    file:line, or `override`), or else the nearest key around it that the recipe set; the key is
+    shown beside the place unless the message names it already."""
     for error in err.errors:
-        if error.where in _recipe_origins:
-            error.where = f"{_recipe_origins[error.where]}: {error.where}"
+        if error.key is None or error.where is not None:
+            continue
+        origin = _origin(error.key, origins)
+        if origin is None:
+            error.where = error.key
+        else:
+            error.where = origin if f"`{error.key}`" in error.message else f"{origin}: {error.key}"
     return err
 
 
-def where_of(origins: dict[str, str], key: str, default: str | None = None) -> str | None:
-    """Where a recipe set `key`: its file and line, or the override that did; else `default`
-    (a parent key, or where a neighbour was set), by default the key itself."""
-    return origins.get(key, key if default is None else default)
+def _origin(key: str, origins: dict[str, str]) -> str | None:
+    while key and key not in origins:
+        key = key.rpartition(".")[0]
+    return origins.get(key)
+
+
+@contextlib.contextmanager
+def locating(origins: dict[str, str]):
+    """Place the mistakes raised inside that name a recipe key (`UserError(..., key="lora.r")`)
+    where that recipe (`origins`: the recipe's `Recipe.origins`) set the key."""
+    try:
+        yield
+    except UserError as err:
+        locate(err, origins)
+        raise
 
 
 def did_you_mean(name: str, valid) -> str:

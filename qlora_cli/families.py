@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from qlora_cli.errors import UserError, did_you_mean, where_of
+from qlora_cli.errors import UserError, did_you_mean
 
 CAUSAL_LM = "AutoModelForCausalLM"
 IMAGE_TEXT_TO_TEXT = "AutoModelForImageTextToText"
@@ -86,19 +86,20 @@ def skipped(name: str, skip: tuple[str, ...]) -> bool:
     return any(name == m or name.endswith(f".{m}") or f".{m}." in f".{name}." for m in skip)
 
 
-def family_of(model_type: str | None, where: str = "model_type", key: str = "model_type") -> Family:
-    """The family of a `model_type`; exit 2 naming `key` (found at `where`) for a type qlora
-    does not support."""
+def family_of(model_type: str | None, *, key: str = "model_type", where: str | None = None,
+              named: str | None = None) -> Family:
+    """The family of a `model_type`; exit 2 for a type qlora does not support, naming it as `named`
+    (default: `key`), placed at `where` or else where the recipe set `key`."""
     family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
     if family is None:
-        raise UserError(f"`{key}` is {model_type!r}{did_you_mean(str(model_type), FAMILIES)}, a model type qlora "
-                        f"does not support (supported: {supported_types()})", where=where,
+        raise UserError(f"`{named or key}` is {model_type!r}{did_you_mean(str(model_type), FAMILIES)}, a model type qlora "
+                        f"does not support (supported: {supported_types()})", where=where, key=key,
                         fix="fine-tune a Mistral checkpoint of one of those types, or give init_from_config one "
                             "of those model_type values")
     return family
 
 
-def init_config_errors(init_config: dict, origins: dict[str, str]) -> list[UserError]:
+def init_config_errors(init_config: dict) -> list[UserError]:
     """What `init_from_config` would fail on, found before anything loads: an unsupported
     model_type, a vision-language config without the text_config of its language model."""
     key = "model.init_from_config"
@@ -106,7 +107,7 @@ def init_config_errors(init_config: dict, origins: dict[str, str]) -> list[UserE
     if model_type is None:
         return []  # sections reports the missing model_type
     try:
-        family = family_of(model_type, where_of(origins, f"{key}.model_type"), f"{key}.model_type")
+        family = family_of(model_type, key=f"{key}.model_type")
     except UserError as err:
         return [err]
     if not family.is_vision_language:
@@ -115,7 +116,7 @@ def init_config_errors(init_config: dict, origins: dict[str, str]) -> list[UserE
     text = init_config.get(family.text_config_key)
     if not isinstance(text, dict):
         return [UserError(f"a `{model_type}` model needs `{text_key}`: the config of its language model",
-                          where=where_of(origins, key),
+                          key=key,
                           fix=f"add {family.text_config_key}: {{model_type: mistral, hidden_size: ..., "
                               "num_hidden_layers: ...} (and vision_config: {model_type: pixtral, ...})")]
     allowed = text_types(family)
@@ -123,7 +124,7 @@ def init_config_errors(init_config: dict, origins: dict[str, str]) -> list[UserE
     if text_type not in allowed:
         return [UserError(f"`{text_key}.model_type` is {text_type!r}{did_you_mean(str(text_type), allowed)}, "
                           f"not a language model qlora supports in `{model_type}` ({', '.join(allowed)})",
-                          where=where_of(origins, f"{text_key}.model_type", text_key),
+                          key=f"{text_key}.model_type",
                           fix=f"use one of {', '.join(allowed)}")]
     return []
 
@@ -135,7 +136,7 @@ def build_init_config(init_config: dict, tokenizer=None):
     from transformers import AutoConfig
 
     values = {k: v for k, v in init_config.items() if k not in ("seed", "model_type")}
-    family = family_of(init_config.get("model_type"), "model.init_from_config", "model.init_from_config.model_type")
+    family = family_of(init_config.get("model_type"), key="model.init_from_config.model_type")
     ids = {} if tokenizer is None else {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                                         "pad_token_id": tokenizer.pad_token_id, "vocab_size": len(tokenizer)}
     if family.is_vision_language:
@@ -150,7 +151,7 @@ def build_init_config(init_config: dict, tokenizer=None):
         return AutoConfig.for_model(family.model_type, **values)
     except (ValueError, TypeError) as err:
         raise UserError(f"cannot build a config from `model.init_from_config`: {err}",
-                        where="model.init_from_config") from None
+                        key="model.init_from_config") from None
 
 
 def _with_defaults(family: Family, values: dict) -> dict:
@@ -167,13 +168,13 @@ def _class_default(model_type: str, name: str):
     return getattr(AutoConfig.for_model(model_type), name)
 
 
-def checkpoint_family(config, *, trust_remote_code: bool = False, where: str = "model.name_or_path") -> Family:
+def checkpoint_family(config, *, trust_remote_code: bool = False, where: str | None = None) -> Family:
     """The family of a checkpoint's config. A model that ships its own code, which the recipe
     trusts (`model.trust_remote_code`), loads as the causal LM its code defines."""
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES and trust_remote_code and getattr(config, "auto_map", None):
         return Family(str(model_type), "a model with its own code")
-    return family_of(model_type, where, "model_type in its config.json")
+    return family_of(model_type, key="model.name_or_path", where=where, named="model_type in its config.json")
 
 
 def auto_model_class(family: Family):

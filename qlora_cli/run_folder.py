@@ -136,19 +136,19 @@ def open_run_folder(recipe, *, resume: bool, overwrite: bool, probe_lock: bool =
         raise UserError("--resume and --overwrite contradict each other", fix="choose one")
     _check_writable(run.root)
     if probe_lock and os.environ.get("RANK", "0") == "0":  # the other ranks follow rank 0, which holds it
-        check_not_in_use(run.root, "qlora train", where="training.output_dir")
+        check_not_in_use(run.root, "qlora train", key="training.output_dir")
     if not _entries(run.root):
         if resume:
-            raise UserError(f"nothing to resume: {run.root} does not exist or is empty", where="training.output_dir",
+            raise UserError(f"nothing to resume: {run.root} does not exist or is empty", key="training.output_dir",
                             fix="train without --resume, or set training.output_dir to the run to continue")
         return run
     if not run.is_ours():
         if overwrite or resume:
             raise UserError(f"{'--overwrite would delete' if overwrite else 'cannot resume'} {run.root}, which is "
                             "not a run folder qlora made (it has no run.json with qlora's marker)",
-                            where="training.output_dir",
+                            key="training.output_dir",
                             fix="set training.output_dir to a new folder, or empty that folder yourself")
-        raise UserError(f"{run.root} already exists and is not a run folder", where="training.output_dir",
+        raise UserError(f"{run.root} already exists and is not a run folder", key="training.output_dir",
                         fix="set training.output_dir to a new folder")
     if not run.saved_anything():  # a run killed before its first save
         run.fresh = True
@@ -157,7 +157,7 @@ def open_run_folder(recipe, *, resume: bool, overwrite: bool, probe_lock: bool =
                              "starting the run afresh")
         return run
     if not (resume or overwrite):
-        raise UserError(f"run folder {run.root} already exists", where="training.output_dir",
+        raise UserError(f"run folder {run.root} already exists", key="training.output_dir",
                         fix="add --resume to continue it, --overwrite to start over, or set training.output_dir")
     if resume:
         _find_resume_point(run)
@@ -182,7 +182,7 @@ def _find_resume_point(run: RunFolder) -> None:
     if run.resume_from is None:
         listed = "; ".join(damaged) or "there are none"
         raise UserError(f"nothing to resume: {run.root} has no complete checkpoint ({listed})",
-                        where="training.output_dir",
+                        key="training.output_dir",
                         fix="start it over with --overwrite instead of --resume, or set training.output_dir")
     if damaged:
         run.notes.append(f"skipping damaged {'; '.join(damaged)}; resuming from {run.resume_from.name} "
@@ -227,7 +227,7 @@ def _check_same_weights(recipe, run: RunFolder) -> None:
     changed = weight_changes(recipe, run)
     if changed:
         raise UserError(f"cannot resume {run.root}: the recipe changes {', '.join(changed)}, which its checkpoints' "
-                        "weights depend on", where=recipe.where(changed[0]),
+                        "weights depend on", key=changed[0],
                         fix=f"resume with the run's own recipe (qlora train {run.recipe} --resume, adding only "
                             "training.* overrides), or start a new run with another training.output_dir")
 
@@ -242,7 +242,7 @@ def claim_run_folder(recipe, seen: RunFolder, *, resume: bool, overwrite: bool, 
     if not main:
         yield seen
         return
-    lock = lock_folder(recipe.run_dir, "qlora train", where="training.output_dir")
+    lock = lock_folder(recipe.run_dir, "qlora train", key="training.output_dir")
     try:
         # Under the lock: what another run did since the first look counts (it may have finished).
         run = open_run_folder(recipe, resume=resume, overwrite=overwrite, probe_lock=False)
@@ -291,10 +291,10 @@ def _check_writable(root: Path) -> None:
     parent = nearest_existing(root)
     if not parent.is_dir():
         raise UserError(f"cannot make the run folder {root}: {parent} is a file, not a folder",
-                        where="training.output_dir", fix="choose another training.output_dir")
+                        key="training.output_dir", fix="choose another training.output_dir")
     if not can_create_in(parent):
         raise UserError(f"cannot write the run folder {root}: {parent} is not writable",
-                        where="training.output_dir", fix="choose a folder you can write")
+                        key="training.output_dir", fix="choose a folder you can write")
 
 
 def library_versions() -> dict[str, str]:

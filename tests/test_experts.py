@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora_cli.errors import UserError
+from qlora_cli.errors import UserError, locating
 from qlora_cli.model.experts import dequantized, expert_parameters, is_quantized, quantized_tensors
 from qlora_cli.plan.memory import quantized_linear_bytes
 from qlora_cli.recipe.load import load_recipe
@@ -197,9 +197,10 @@ def test_lora_can_be_kept_to_attention_or_to_the_experts():
 def test_expert_lora_that_matches_no_expert_is_refused():
     from qlora_cli.model.load import load_trainable_model
 
+    recipe = mixtral_recipe("lora.target_parameters=[up_proj_typo]")
     with pytest.raises(UserError, match=r"`lora.target_parameters` \['up_proj_typo'\] match no expert tensor.*"
-                                        r"down_proj, gate_up_proj") as err:
-        load_trainable_model(mixtral_recipe("lora.target_parameters=[up_proj_typo]"))
+                                        r"down_proj, gate_up_proj") as err, locating(recipe.origins):
+        load_trainable_model(recipe)
     assert err.value.where == "override"  # where the key came from: the command line here
 
 
@@ -219,8 +220,9 @@ def test_qlora_plan_refuses_expert_lora_that_matches_nothing_before_any_weight_l
 def test_expert_lora_with_dropout_is_refused_with_the_key():
     from qlora_cli.model.load import load_trainable_model
 
-    with pytest.raises(UserError, match="`lora.lora_dropout: 0`") as err:
-        load_trainable_model(mixtral_recipe("lora.lora_dropout=0.05"))
+    recipe = mixtral_recipe("lora.lora_dropout=0.05")
+    with pytest.raises(UserError, match="`lora.lora_dropout: 0`") as err, locating(recipe.origins):
+        load_trainable_model(recipe)
     assert err.value.where == "override" and "lora.lora_dropout=0" in err.value.fix
 
 

@@ -65,7 +65,7 @@ def test_a_checkpoint_of_an_unsupported_type_is_refused_before_its_weights_load(
     recipe = load_recipe(["tiny-mistral"], ["~model.init_from_config", f"model.name_or_path={tmp_path}"])
     with pytest.raises(UserError, match="'bert', a model type qlora does not support") as error:
         load_base_model(recipe)
-    assert error.value.where == "model.name_or_path"
+    assert error.value.key == "model.name_or_path"
 
 
 @pytest.mark.parametrize("model_type, auto_class", [

@@ -202,7 +202,7 @@ def test_custom_model_code_does_not_run_unless_the_recipe_allows_it(custom_code_
     assert recipe.model.trust_remote_code is False
     with pytest.raises(UserError, match="custom code") as excinfo:
         load_base_model(recipe)
-    assert excinfo.value.where == "model.trust_remote_code"
+    assert excinfo.value.key == "model.trust_remote_code"
     assert not code_ran(modules_cache) and not code_ran(custom_code_model)
 
 

@@ -233,7 +233,7 @@ def test_weights_that_keep_nothing_exit_2_naming_the_sources(data_recipe, write_
     path = write_jsonl(numbered_texts(4))
     with pytest.raises(UserError, match="weights keep none") as excinfo:
         build(data_recipe, {"sources": [{"path": path, "format": "text", "weight": 0}]}, v1_tokenizer)
-    assert excinfo.value.where == "data.sources"
+    assert excinfo.value.key == "data.sources"
 
 
 # ---------------------------------------------------------------- the cache

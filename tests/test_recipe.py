@@ -17,7 +17,7 @@ from qlora_cli.recipe.builders import (
     build_training_arguments,
     split_generate,
 )
-from qlora_cli.errors import UserError, UserErrors
+from qlora_cli.errors import UserError, UserErrors, combined, locating
 from qlora_cli.recipe.load import find_recipe, load_raw_recipe, load_recipe, recipe_search_path, resolve, to_yaml
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -287,6 +287,24 @@ def test_several_mistakes_are_reported_together(tmp_path):
     assert len(excinfo.value.errors) == 5
 
 
+def test_an_error_naming_a_key_is_placed_where_the_loaded_recipe_set_it_or_the_key_around_it(tmp_path):
+    mine = write(tmp_path, "mine.yaml", "extends: tiny-mistral\nmerge:\n  dtype: float32\n")
+    recipe = load_recipe([str(mine)], ["lora.r=4"])
+    mistakes = [UserError("cannot write it", key="merge.dtype"), UserError("`lora.r` is too large", key="lora.r"),
+                UserError("exists", key="merge.output_dir"), UserError("no such", key="nowhere.at_all"),
+                UserError("bad row", where="data.jsonl:7")]
+    with pytest.raises(UserError) as caught, locating(recipe.origins):
+        raise combined(mistakes)
+    shown = [str(e) for e in caught.value.errors]
+    assert shown[0].endswith("mine.yaml:3: merge.dtype: cannot write it")
+    assert shown[1] == "override: `lora.r` is too large"  # the message names the key: said once
+    assert shown[2].endswith("mine.yaml:2: merge.output_dir: exists")  # unset: where its section is
+    assert shown[3:] == ["nowhere.at_all: no such", "data.jsonl:7: bad row"]
+    # the places belong to that recipe: another one, loaded after, does not move them
+    load_recipe(["tiny-mistral"], ["merge.dtype=float16"])
+    assert str(caught.value.errors[0]).endswith("mine.yaml:3: merge.dtype: cannot write it")
+
+
 def test_a_model_needs_exactly_one_source():
     with pytest.raises(UserError, match="exactly one of `model.name_or_path` and `model.init_from_config`"):
         load_recipe(["tiny-mistral"], ["model.name_or_path=some/model"])
@@ -329,7 +347,7 @@ def test_quantization_becomes_a_bitsandbytes_config_with_torch_dtypes():
 
     recipe = load_recipe(["tiny-mistral"], ["quantization.bnb_4bit_quant_storage=bfloat16",
                                             "quantization.bnb_4bit_compute_dtype=float32"])
-    bnb = build_bnb_config(recipe.quantization, recipe.origins)
+    bnb = build_bnb_config(recipe.quantization)
     assert isinstance(bnb, BitsAndBytesConfig)
     assert bnb.load_in_4bit and bnb.bnb_4bit_quant_type == "nf4" and bnb.bnb_4bit_use_double_quant
     assert bnb.bnb_4bit_compute_dtype is torch.float32
@@ -347,7 +365,7 @@ def test_lora_becomes_a_causal_lm_lora_config():
 
     recipe = load_recipe(["mistral7b"], ["lora.use_rslora=true", "lora.r=12", "lora.lora_alpha=24",
                                          "lora.lora_dropout=0.1", "lora.target_modules=[q_proj,v_proj]"])
-    lora = build_lora_config(recipe.lora, recipe.origins)
+    lora = build_lora_config(recipe.lora)
     assert isinstance(lora, LoraConfig)
     assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (12, 24, 0.1)
     assert set(lora.target_modules) == {"q_proj", "v_proj"}
@@ -359,7 +377,7 @@ def test_training_becomes_training_arguments_with_the_recipe_values(tmp_path):
 
     recipe = load_recipe(["tiny-mistral"], [f"training.output_dir={tmp_path / 'run'}", "training.learning_rate=3e-3",
                                             "training.num_train_epochs=7", "training.per_device_train_batch_size=2"])
-    args = build_training_arguments(recipe.training, recipe.origins, use_cpu=True)
+    args = build_training_arguments(recipe.training, use_cpu=True)
     assert isinstance(args, TrainingArguments)
     assert args.output_dir == str(tmp_path / "run") and recipe.run_dir == tmp_path / "run"
     assert (args.learning_rate, args.num_train_epochs, args.per_device_train_batch_size) == (3e-3, 7, 2)
@@ -376,7 +394,7 @@ def test_generate_becomes_a_generation_config_and_our_own_options():
     from transformers import GenerationConfig
 
     recipe = load_recipe(["tiny-mistral"], ["generate.max_new_tokens=7", "generate.batch_size=2"])
-    config = build_generation_config(recipe.generate, recipe.origins)
+    config = build_generation_config(recipe.generate)
     assert isinstance(config, GenerationConfig)
     assert config.max_new_tokens == 7 and config.do_sample is False
     options, fields = split_generate(recipe.generate)

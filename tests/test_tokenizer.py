@@ -47,7 +47,7 @@ def test_conversion_is_cached_and_leaves_no_temporary_folders():
 def test_unknown_mistral_common_name_is_a_user_error_listing_the_valid_names():
     with pytest.raises(UserError) as error:
         load_tokenizer("mistral-common:v4")
-    assert error.value.where == "model.tokenizer"
+    assert error.value.key == "model.tokenizer"
     assert "mistral-common:v1" in error.value.fix and "mistral-common:v7" in error.value.fix
 
 
@@ -55,7 +55,7 @@ def test_unknown_mistral_common_name_is_a_user_error_listing_the_valid_names():
 def test_missing_path_is_a_user_error(spec):
     with pytest.raises(UserError, match="does not exist") as error:
         load_tokenizer(spec)
-    assert error.value.where == "model.tokenizer"
+    assert error.value.key == "model.tokenizer"
 
 
 def test_local_folder_without_unk_pads_with_eos(tmp_path):

@@ -87,8 +87,7 @@ def prepare_dataset(recipe, tokenizer, *, force: bool = False) -> PreparedData:
     target = Path(data.prepared_dir) / fingerprint
     if has_marker(target / SUMMARY_FILE, KIND) and not force:
         return load_prepared(target, reused=True)
-    where = recipe.where("data.prepared_dir")
-    _check_prepared_dir(target.parent, where)
+    _check_prepared_dir(target.parent)
     if target.parent.is_dir():  # a killed prepare leaves its staging (tens of MB) beside the cache entries
         remove_stale_temporaries(target.parent)
     # Built before any folder is made, so a bad row leaves nothing at all under prepared_dir.
@@ -99,9 +98,9 @@ def prepare_dataset(recipe, tokenizer, *, force: bool = False) -> PreparedData:
             (tmp / SUMMARY_FILE).write_text(json.dumps(marker(KIND) | dataclasses.asdict(summary), indent=2))
     except OSError as err:  # what the check above cannot foresee: a full disk, a read-only mount
         needed = sum(split.data.nbytes for split in dataset.values())
-        raise disk_full(err, target, needed, where) or UserError(
+        raise disk_full(err, target, needed, key="data.prepared_dir") or UserError(
             f"`data.prepared_dir` {target.parent} cannot be written: {err.strerror or err}",
-            where=where, fix="set data.prepared_dir to a folder you can write") from None
+            key="data.prepared_dir", fix="set data.prepared_dir to a folder you can write") from None
     return load_prepared(target, reused=False)
 
 
@@ -115,7 +114,7 @@ def load_prepared(path: Path, reused: bool = True) -> PreparedData:
     return PreparedData(path, load_from_disk(str(path)), PrepareSummary(**raw), reused)
 
 
-def _check_prepared_dir(folder: Path, where: str) -> None:
+def _check_prepared_dir(folder: Path) -> None:
     """Before the data is read and tokenized: a cache folder that is a file, or lies under one or
     under a folder we cannot write, fails at once, naming the key. Nothing is created yet."""
     existing = nearest_existing(folder)
@@ -125,13 +124,13 @@ def _check_prepared_dir(folder: Path, where: str) -> None:
         problem = f"cannot be written ({existing} is read-only)"
     else:
         return
-    raise UserError(f"`data.prepared_dir` {folder} {problem}", where=where,
+    raise UserError(f"`data.prepared_dir` {folder} {problem}", key="data.prepared_dir",
                     fix="set data.prepared_dir to a folder you can write")
 
 
 def _check_data_section(data) -> None:
     if not data.sources:
-        raise UserError("the recipe has no data: `data.sources` is empty", where="data.sources",
+        raise UserError("the recipe has no data: `data.sources` is empty", key="data.sources",
                         fix="add - {path: my.jsonl, format: chat}")
 
 
@@ -191,7 +190,7 @@ def split_examples(per_source: list, validation_sources: list, data, rng: random
         validation = _split_off_validation(per_source, data, rng)
     train = _weighted(per_source, rng)
     if not train:
-        raise UserError("no training examples left: the sources' weights keep none", where="data.sources",
+        raise UserError("no training examples left: the sources' weights keep none", key="data.sources",
                         fix="give at least one source a weight above 0 (2 repeats it, 0.5 keeps half)")
     if data.shuffle:
         rng.shuffle(train)
@@ -222,10 +221,10 @@ def _split_off_validation(per_source: list[_SourceExamples], data, rng: random.R
     count = data.val_size if isinstance(data.val_size, int) else round(data.val_size * len(pool))
     if count < 1:
         raise UserError(f"`data.val_size` {data.val_size} holds out no example of {len(pool)} for validation",
-                        where="data.val_size", fix="use a larger fraction, or a count of at least 1")
+                        key="data.val_size", fix="use a larger fraction, or a count of at least 1")
     if count >= len(pool):
         raise UserError(f"`data.val_size` {data.val_size} would hold out {count} of {len(pool)} examples for "
-                        "validation, leaving none to train on", where="data.val_size",
+                        "validation, leaving none to train on", key="data.val_size",
                         fix=f"use a smaller fraction, or a count below {len(pool)}")
     if data.shuffle:
         rng.shuffle(pool)

@@ -159,7 +159,7 @@ def _mistral_flavour(tokenizer) -> str:
     flavour = _vocabulary(tokenizer).flavour
     if flavour.startswith(UNSUPPORTED):
         raise UserError(f"the tokenizer is mistral-common version {flavour[len(UNSUPPORTED):]}, whose chat format "
-                        "template: mistral does not reproduce", where="data.template",
+                        "template: mistral does not reproduce", key="data.template",
                         fix="set data.template: tokenizer to use the tokenizer's own chat template")
     return flavour
 
@@ -223,7 +223,7 @@ def _mistral_segments(messages: list[dict], tokenizer) -> list[Segment]:
     if system is not None and flavour == UNKNOWN_TEKKEN:
         raise UserError("the conversation has a system prompt, and this tekken tokenizer does not say its "
                         "mistral-common version: v3 puts a system prompt into the last user message, v7 "
-                        "between [SYSTEM_PROMPT] tokens", where="model.tokenizer",
+                        "between [SYSTEM_PROMPT] tokens", key="model.tokenizer",
                         fix=f"put the model's {TEKKEN_FILE} beside the tokenizer (its `version` decides), "
                             "or set data.template: tokenizer")
     segments: list[Segment] = [(ids_of([_vocabulary(tokenizer).bos]), False)]
@@ -389,14 +389,14 @@ def _jinja(template: str, tokenizer) -> str | None:
         if not getattr(tokenizer, "chat_template", None):
             raise UserError(
                 "the tokenizer has no chat_template",
-                where="data.template",
+                key="data.template",
                 fix="use template: mistral, or write a Jinja chat template in data.template",
             )
         return None
     if not is_jinja(template):
         raise UserError(
             f"unknown template {template!r}",
-            where="data.template",
+            key="data.template",
             fix="use mistral, tokenizer, or a Jinja chat template",
         )
     return template
@@ -446,7 +446,7 @@ def _chat_template_segments(
             raise UserError(
                 "the chat template renders earlier turns differently as the conversation grows,"
                 " so the answers cannot be told apart from the prompts",
-                where="data.template",
+                key="data.template",
                 fix="use template: mistral, or set data.train_on: all",
             )
         spans.append((len(before), len(upto)))

@@ -45,7 +45,7 @@ def load_tokenizer(spec: str, *, revision: str | None = None, trust_remote_code:
         try:
             tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as err:  # a hub typo offline, a folder without tokenizer files
-            raise UserError(f"cannot load tokenizer `{spec}`: {err}", where="model.tokenizer",
+            raise UserError(f"cannot load tokenizer `{spec}`: {err}", key="model.tokenizer",
                             fix="give a folder with tokenizer files, a hub id (needs network), or one of "
                                 f"{', '.join(_valid_names())}") from None
         if not getattr(tokenizer, "is_fast", False):
@@ -86,7 +86,7 @@ def _record_tekken_version(tokenizer, spec: str, revision: str | None) -> None:
     try:
         version = json.loads(Path(path).read_text(encoding="utf-8"))["config"]["version"]
     except (ValueError, KeyError, TypeError) as err:
-        raise UserError(f"cannot read the version of {path}: {type(err).__name__}: {err}", where="model.tokenizer",
+        raise UserError(f"cannot read the version of {path}: {type(err).__name__}: {err}", key="model.tokenizer",
                         fix=f"restore the model's original {TEKKEN_FILE}, or remove it") from None
     tokenizer.init_kwargs[VERSION_KEY] = version
 
@@ -134,7 +134,7 @@ def _check_local_path(spec: str) -> None:
     if not is_hub_id(spec) and not Path(spec).expanduser().exists():
         raise UserError(
             f"tokenizer path {spec!r} does not exist",
-            where="model.tokenizer",
+            key="model.tokenizer",
             fix=f"give an existing folder, a hub id, or one of {', '.join(_valid_names())}",
         )
 
@@ -159,7 +159,7 @@ def _converted_mistral_common(name: str) -> Path:
     if name not in MISTRAL_COMMON_FILES:
         raise UserError(
             f"unknown tokenizer {MISTRAL_COMMON_PREFIX}{name}",
-            where="model.tokenizer",
+            key="model.tokenizer",
             fix=f"use one of {', '.join(_valid_names())}",
         )
     if MISTRAL_COMMON_FILES[name].endswith(".json"):

@@ -156,7 +156,7 @@ def has_held_out_loss(recipe) -> bool:
 def check_writable(folder: Path) -> None:
     parent = nearest_existing(folder.parent)
     if not can_create_in(parent):
-        raise UserError(f"cannot write {folder}: {parent} is not writable", where="training.output_dir",
+        raise UserError(f"cannot write {folder}: {parent} is not writable", key="training.output_dir",
                         fix="evaluate a run folder you can write")
 
 

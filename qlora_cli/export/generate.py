@@ -115,7 +115,7 @@ def load_generator(recipe, model_path: str | None = None) -> Generator:
         model = load_adapter_model(recipe, adapter, quantized=options.quantized,
                                    dequantize=recipe.merge.base == "dequantized")
     config = build_generation_config(
-        recipe.generate, recipe.origins, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        recipe.generate, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
     return Generator(model.eval(), tokenizer, recipe.data.template, config, options.system_prompt)
@@ -163,7 +163,7 @@ def check_chat(recipe) -> None:
     if (recipe.generate.get("num_return_sequences") or 1) > 1:
         raise UserError("--interactive continues the conversation from one answer, but "
                         f"generate.num_return_sequences is {recipe.generate['num_return_sequences']}",
-                        where=recipe.where("generate.num_return_sequences"),
+                        key="generate.num_return_sequences",
                         fix="use --prompt or --input for several answers per prompt, or set "
                             "generate.num_return_sequences=1")
 

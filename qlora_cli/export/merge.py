@@ -118,21 +118,21 @@ def check_output_spares_the_run(output: Path, adapter: Path, run: RunFolder, bas
                     else "lies inside" if not_inside and folder in output.parents else None)
         if relation:
             raise UserError(f"merge output {output} {relation} {what} {folder}: writing it could delete or "
-                            "clutter what the merge reads and the run keeps", where="merge.output_dir",
+                            "clutter what the merge reads and the run keeps", key="merge.output_dir",
                             fix="set merge.output_dir to a new folder, e.g. <run>/merged")
 
 
 def check_output(output: Path, overwrite: bool) -> None:
     if output.exists() and not overwrite:
-        raise UserError(f"merge output {output} already exists", where="merge.output_dir",
+        raise UserError(f"merge output {output} already exists", key="merge.output_dir",
                         fix="add --overwrite, or set merge.output_dir")
     if output.exists() and not is_merged_folder(output):
         raise UserError(f"merge output {output} is not a merged model that qlora wrote, and --overwrite replaces "
-                        "only those: it would delete what the folder holds", where="merge.output_dir",
+                        "only those: it would delete what the folder holds", key="merge.output_dir",
                         fix="set merge.output_dir to a new folder, or move this one away yourself")
     parent = nearest_existing(output.parent)
     if not can_create_in(parent):
-        raise UserError(f"cannot write {output}: {parent} is not writable", where="merge.output_dir",
+        raise UserError(f"cannot write {output}: {parent} is not writable", key="merge.output_dir",
                         fix="choose a folder you can write")
 
 
@@ -148,7 +148,7 @@ def check_disk(output: Path, model) -> None:
     free = shutil.disk_usage(parent).free
     if need * 1.05 > free:
         raise UserError(f"the merged model needs about {need / 2**30:.1f} GiB but {parent} has "
-                        f"{free / 2**30:.1f} GiB free", where="merge.output_dir",
+                        f"{free / 2**30:.1f} GiB free", key="merge.output_dir",
                         fix="free space, or set merge.output_dir to another disk")
 
 

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch.nn.utils.parametrize as P
 from torch import nn
 
-from qlora_cli.errors import UserError, where_of
+from qlora_cli.errors import UserError
 from qlora_cli.families import skipped
 
 # bitsandbytes' 4-bit block: one absmax scale per 64 consecutive weights.
@@ -86,7 +86,7 @@ def quantize_experts(model, expert_modules: tuple[str, ...], quantization: dict 
         shape = tensor_shape(module, param_name)
         if not _whole_blocks(shape):
             raise UserError(f"expert tensor `{name}.{param_name}` {tuple(shape)} does not split into "
-                            f"{BLOCK}-weight blocks per expert", where="model",
+                            f"{BLOCK}-weight blocks per expert", key="model",
                             fix=f"keep it 16-bit with quantization.llm_int8_skip_modules=[{name}]")
         _quantize(module, param_name, quantization)
         count += 1
@@ -212,7 +212,7 @@ def dequantized(module, param_name: str):
 # ---------------------------------------------------------------- LoRA on the experts
 
 
-def expand_expert_targets(lora: dict | None, model, expert_modules: tuple[str, ...], origins: dict) -> dict | None:
+def expand_expert_targets(lora: dict | None, model, expert_modules: tuple[str, ...]) -> dict | None:
     """The lora section with `target_parameters` as peft needs them for these experts: the full
     name of each expert tensor (peft matches an already parametrized tensor by its full name only).
 
@@ -222,11 +222,11 @@ def expand_expert_targets(lora: dict | None, model, expert_modules: tuple[str, .
     if not lora:
         return lora
     names = [f"{name}.{param}" for name, _, param in expert_parameters(model, expert_modules)]
-    targets = expert_targets(lora, names, origins)
+    targets = expert_targets(lora, names)
     return {**lora, "target_parameters": targets} if targets else lora
 
 
-def expert_targets(lora: dict, names: list[str], origins: dict) -> list[str]:
+def expert_targets(lora: dict, names: list[str]) -> list[str]:
     """The expert tensors (of `names`) that the lora section puts LoRA on: every one under
     `target_modules: all-linear` without `target_parameters`, else those its names match. A name
     that matches none is the user's mistake (peft would only warn): exit 2 at its line."""
@@ -242,7 +242,7 @@ def expert_targets(lora: dict, names: list[str], origins: dict) -> list[str]:
         have = sorted({n.split(".")[-1] for n in names})
         raise UserError(f"`lora.target_parameters` {unmatched} match no expert tensor of this model "
                         f"({'its experts: ' + ', '.join(have) if have else 'it has no fused experts'}): "
-                        "that LoRA would train nothing", where=where_of(origins, "lora.target_parameters"),
+                        "that LoRA would train nothing", key="lora.target_parameters",
                         fix="name experts, gate_up_proj or down_proj, or drop lora.target_parameters")
     return matched
 

@@ -123,33 +123,33 @@ def load_base_model(recipe, *, quantized: bool = True, dtype=None, device_map=No
         config = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code, revision=model.revision)
         family = checkpoint_family(config, trust_remote_code=model.trust_remote_code)
         quantization = kept_16bit(family, recipe.quantization) if quantized else None
-        bnb = build_bnb_config(quantization, recipe.origins) if quantized else None
+        bnb = build_bnb_config(quantization) if quantized else None
         experts_4bit = quantization_values(quantization) if bnb is not None else None
         with quantizing_experts_on_load(family.expert_modules, experts_4bit):
             loaded = auto_model_class(family).from_pretrained(
                 path,
                 config=config,
                 quantization_config=bnb,
-                dtype=dtype or to_dtype(model.dtype, recipe.where("model.dtype"), "model.dtype"),
+                dtype=dtype or to_dtype(model.dtype, "model.dtype"),
                 attn_implementation=model.attn_implementation,
                 trust_remote_code=model.trust_remote_code,
                 revision=model.revision,
                 device_map=device_map,
             )
     except OSError as err:
-        raise UserError(f"cannot load model `{model.name_or_path}`: {err}", where="model.name_or_path",
+        raise UserError(f"cannot load model `{model.name_or_path}`: {err}", key="model.name_or_path",
                         fix="give a local folder with config.json and safetensors weights, or a hub id "
                             "(needs network)") from None
     except ImportError as err:  # e.g. flash_attention_2 without the flash-attn package
         raise UserError(f"loading model `{model.name_or_path or 'init_from_config'}` needs a package that is not "
-                        f"installed: {err}", where="model.attn_implementation" if "ttention" in str(err) else "model",
+                        f"installed: {err}", key="model.attn_implementation" if "ttention" in str(err) else "model",
                         fix="pip install it, or change the recipe key that asks for it") from None
     except ValueError as err:
         if "trust_remote_code" not in str(err):
             raise
         # transformers refuses a model that ships its own Python code unless told to run it.
         raise UserError(f"model `{model.name_or_path}` ships custom code, which qlora does not run unless "
-                        "the recipe allows it", where="model.trust_remote_code",
+                        "the recipe allows it", key="model.trust_remote_code",
                         fix="read that code, then set model.trust_remote_code: true") from None
     _keep_4bit_compute_dtype(loaded)
     if bnb is not None:  # what loading left: a tensor not quantized on load raises its error here
@@ -195,8 +195,8 @@ def load_trainable_model(recipe, *, device_map=None, tokenizer=None):
     if recipe.model.adapter:
         return load_starting_adapter(model, recipe)
     family = checkpoint_family(model.config, trust_remote_code=recipe.model.trust_remote_code)
-    lora_section = expand_expert_targets(recipe.lora, model, family.expert_modules, recipe.origins)
-    lora = build_lora_config(language_model_lora(family, lora_section), recipe.origins)
+    lora_section = expand_expert_targets(recipe.lora, model, family.expert_modules)
+    lora = build_lora_config(language_model_lora(family, lora_section))
     if lora is None:
         return model
     # Seed right before the LoRA weights' random init, so it is the same for every rank and
@@ -209,13 +209,13 @@ def load_trainable_model(recipe, *, device_map=None, tokenizer=None):
     except ValueError as err:
         if "lora_dropout" in str(err):  # peft's LoRA on a tensor cannot drop out its input
             raise UserError(f"LoRA on the experts needs `lora.lora_dropout: 0`: {err}",
-                            where=recipe.where("lora.lora_dropout"),
+                            key="lora.lora_dropout",
                             fix="set lora.lora_dropout=0, or keep LoRA off the experts (target_modules: "
                                 "[q_proj, k_proj, v_proj, o_proj])") from None
         if "target" not in str(err).lower():
             raise
         raise UserError(f"`lora.target_modules` does not fit this model: {err}",
-                        where=recipe.where("lora.target_modules"),
+                        key="lora.target_modules",
                         fix="name layers the model has, e.g. lora.target_modules=all-linear or [q_proj,v_proj]") from None
     repair_expert_lora(peft_model)
     return peft_model
@@ -228,22 +228,22 @@ def load_starting_adapter(model, recipe):
 
     from qlora_cli.model.experts import repair_expert_lora
 
-    adapter, where = recipe.model.adapter, recipe.where("model.adapter")
+    adapter, key = recipe.model.adapter, "model.adapter"
     fix = "give a folder with adapter_config.json and adapter_model.safetensors (e.g. runs/sft/adapter)"
     if Path(adapter).expanduser().is_dir():  # otherwise a hub id, which peft fetches
         try:
-            check_adapter(Path(adapter).expanduser(), recipe, where=where)
+            check_adapter(Path(adapter).expanduser(), recipe, key=key)
         except UserError as err:
-            raise UserError(f"`model.adapter`: {err.message}", where=err.where, fix=err.fix or fix) from None
+            raise UserError(f"`model.adapter`: {err.message}", where=err.where, key=err.key, fix=err.fix or fix) from None
     try:
         loaded = PeftModel.from_pretrained(model, adapter, is_trainable=True)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot load the adapter `{adapter}` to start from: {err}", where=where, fix=fix) from None
+        raise UserError(f"cannot load the adapter `{adapter}` to start from: {err}", key=key, fix=fix) from None
     except RuntimeError as err:
         if "size mismatch" not in str(err):
             raise
         raise UserError(f"`model.adapter` `{adapter}` does not fit the base model (its weights have other shapes): "
-                        f"{next(line for line in str(err).splitlines() if 'size mismatch' in line).strip()}", where=where,
+                        f"{next(line for line in str(err).splitlines() if 'size mismatch' in line).strip()}", key=key,
                         fix="start from an adapter trained on this recipe's base model and layers") from None
     repair_expert_lora(loaded)
     return loaded
@@ -257,7 +257,7 @@ def load_adapter_model(recipe, adapter: Path, *, quantized: bool, dequantize: bo
     from qlora_cli.model.experts import nest_expert_lora_as_trained, repair_expert_lora
     from qlora_cli.families import checkpoint_family
 
-    dtype = None if quantized else to_dtype(recipe.merge.dtype, recipe.where("merge.dtype"), "merge.dtype")
+    dtype = None if quantized else to_dtype(recipe.merge.dtype, "merge.dtype")
     base = load_base_model(recipe, quantized=quantized, dtype=dtype)
     if dequantize and not quantized and trained_on_4bit(recipe):
         copy_dequantized_weights(load_base_model(recipe, quantized=True), base)
@@ -304,18 +304,18 @@ def copy_dequantized_weights(quantized_model, model) -> None:
                 target.data = dequantized(module, param_name).to(target.device, target.dtype)
 
 
-def check_adapter(adapter: Path, recipe, where: str = "merge.adapter") -> None:
+def check_adapter(adapter: Path, recipe, key: str = "merge.adapter") -> None:
     """The adapter folder exists, is a peft adapter, and was trained on the recipe's base model
-    (`where`: the key that named it)."""
+    (`key`: the key that named it)."""
     config_file = adapter / "adapter_config.json"
     if not adapter.is_dir():
         last = RunFolder(recipe.run_dir).last_checkpoint()
         fix = (f"the run stopped before its end: finish it with `qlora train {recipe.run_dir} --resume`, or set "
                f"merge.adapter={last} to use its last checkpoint" if last and not recipe.merge.adapter else
                "train first (qlora train ...), or point merge.adapter at an adapter folder")
-        raise UserError(f"adapter folder {adapter} does not exist", where=where, fix=fix)
+        raise UserError(f"adapter folder {adapter} does not exist", key=key, fix=fix)
     if not config_file.is_file():
-        raise UserError(f"{adapter} is not a LoRA adapter: it has no adapter_config.json", where=where)
+        raise UserError(f"{adapter} is not a LoRA adapter: it has no adapter_config.json", key=key)
     trained_on = adapter_config(adapter).get("base_model_name_or_path")
     expected = base_model_id(recipe)
     if trained_on and expected and not _same_model(trained_on, expected):

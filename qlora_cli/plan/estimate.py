@@ -139,7 +139,7 @@ def load_model_config(recipe, tokenizer):
         config = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision,
                                             trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot read the config of `{model.name_or_path}`: {err}", where="model.name_or_path",
+        raise UserError(f"cannot read the config of `{model.name_or_path}`: {err}", key="model.name_or_path",
                         fix="give a local folder with config.json, or a hub id (needs network)") from None
     checkpoint_family(config, trust_remote_code=model.trust_remote_code)  # a type qlora does not train: exit 2
     return config
@@ -217,7 +217,7 @@ def lora_targets(recipe, shape: ModelShape) -> list[str]:
     from qlora_cli.families import language_model_lora
 
     lora = language_model_lora(shape.family, recipe.lora) if shape.family else recipe.lora
-    config = build_lora_config(lora, recipe.origins)
+    config = build_lora_config(lora)
     if config.target_modules == "all-linear":  # every Linear but the output layer, as peft does
         return [name for name, _, _ in shape.layer_linears if not _excluded(config, name)]
     return [name for name, _, _ in shape.linears if check_target_module_exists(config, name)]
@@ -233,7 +233,7 @@ def expert_lora_targets(recipe, shape: ModelShape) -> list[tuple[str, int, int, 
     lora, r = recipe.lora, int(lora_value(recipe.lora, "r"))
     all_linear = lora.get("target_modules") == "all-linear"
     # a name that matches no expert tensor (any name, of a dense model) exits 2
-    chosen = expert_targets(lora, [name for name, *_ in shape.experts], recipe.origins)
+    chosen = expert_targets(lora, [name for name, *_ in shape.experts])
     model_type = shape.family.model_type if shape.family else ""
     found = [(n, e, o, i, expert_lora_rank(model_type, n, r, all_linear)) for n, e, o, i in shape.experts if n in chosen]
     for name in router_lora_names(model_type, shape.other_params, all_linear):  # (experts, hidden) weights

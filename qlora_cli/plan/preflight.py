@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qlora_cli.errors import UserError, combined, where_of
+from qlora_cli.errors import UserError, combined
 
 
 def check_before_loading(recipe) -> None:
@@ -27,12 +27,12 @@ def check_machine(recipe) -> None:
     """Refuse, before any weight is loaded, what this machine cannot do."""
     import torch
 
-    training, origins, errors = recipe.training, recipe.origins, []
+    training, errors = recipe.training, []
     no_gpu = not torch.cuda.is_available()
 
     def refuse(key: str, why: str, fix: str) -> None:
         key = key if "." in key else f"training.{key}"
-        errors.append(UserError(why, where=where_of(origins, key), fix=fix))
+        errors.append(UserError(why, key=key, fix=fix))
 
     if no_gpu and training.get("bf16") and not training.get("use_cpu"):
         refuse("bf16", "`training.bf16: true` needs a CUDA GPU, and this machine has none",
@@ -80,7 +80,7 @@ def check_model_folder(recipe) -> None:
     looks_local = path is not None and (path.is_absolute() or name.startswith((".", "~")) or path.exists())
     if looks_local and not (path / "config.json").is_file():
         raise UserError(f"`model.name_or_path` {name} is not a model folder: it has no config.json",
-                        where=recipe.where("model.name_or_path"),
+                        key="model.name_or_path",
                         fix="give a local folder with config.json and safetensors weights, or a hub id")
 
 
@@ -89,7 +89,7 @@ def check_trainable(recipe) -> None:
     all, and a full fine-tune would leave weights that `merge` and `generate` do not read."""
     if recipe.lora is None:
         raise UserError("the recipe has no `lora` section, and qlora trains LoRA adapters",
-                        where=recipe.where("lora"),
+                        key="lora",
                         fix="keep a lora section (e.g. lora.r=16 lora.target_modules=all-linear)")
 
 
@@ -100,8 +100,8 @@ def check_prepared_data(recipe, prepared) -> None:
     if wants_eval and "validation" not in dataset:
         key = "eval_strategy" if str(training.get("eval_strategy", "no")) != "no" else "load_best_model_at_end"
         raise UserError(f"`training.{key}` asks for evaluation but there is no validation split",
-                        where=recipe.where(f"training.{key}"),
+                        key=f"training.{key}",
                         fix="set data.val_size (e.g. 0.1) or data.validation_sources")
     if "validation" in dataset and len(dataset["validation"]) == 0:
-        raise UserError("the validation split is empty", where="data.validation_sources",
+        raise UserError("the validation split is empty", key="data.validation_sources",
                         fix="give validation sources with examples, or set data.val_size")

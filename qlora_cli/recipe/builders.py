@@ -11,7 +11,7 @@ import re
 import typing
 from typing import Any
 
-from qlora_cli.errors import UserError, combined, where_of
+from qlora_cli.errors import UserError, combined
 from qlora_cli.recipe.sections import (
     METHODS, GenerateOptions, build_schema, check_keys, dataclass_annotations, matches_type, signature_annotations,
     to_dtype,
@@ -122,38 +122,36 @@ def checkpointing_on(training: dict) -> bool:
     return bool(training.get("activation_checkpointing") or training.get("gradient_checkpointing"))
 
 
-def build_bnb_config(quantization: dict | None, origins: dict[str, str] | None = None):
+def build_bnb_config(quantization: dict | None):
     """`BitsAndBytesConfig` from the recipe's `quantization` section (None: no quantization)."""
     if not quantization:
         return None
     from transformers import BitsAndBytesConfig
 
-    origins = origins or {}
     values = {
-        key: to_dtype(value, where_of(origins, f"quantization.{key}"), f"quantization.{key}")
+        key: to_dtype(value, f"quantization.{key}")
         if key.endswith(("_dtype", "_storage")) and isinstance(value, str) else value
         for key, value in quantization.items()
     }
-    return _construct(BitsAndBytesConfig, values, "quantization", origins)
+    return _construct(BitsAndBytesConfig, values, "quantization")
 
 
-def build_lora_config(lora: dict | None, origins: dict[str, str] | None = None):
+def build_lora_config(lora: dict | None):
     """`peft.LoraConfig` for a causal LM from the recipe's `lora` section."""
     if lora is None:
         return None
     from peft import LoraConfig
 
-    return _construct(LoraConfig, {"task_type": "CAUSAL_LM", **lora}, "lora", origins or {})
+    return _construct(LoraConfig, {"task_type": "CAUSAL_LM", **lora}, "lora")
 
 
-def build_training_arguments(training: dict, origins: dict[str, str] | None = None, *,
-                             has_validation: bool = False, method: str = "sft", cls=None, **changes):
+def build_training_arguments(training: dict, *, has_validation: bool = False, method: str = "sft", cls=None, **changes):
     """The TrainingArguments a run trains with, assembled in this one place: the recipe's
     `training` section, what this machine needs, the evaluation that validation data implies,
     and `changes` (the run folder's) on top. `cls` defaults to `training_class(method)`."""
     values = {**method_defaults(method, training), **training, **machine_changes(),
               **evaluation_changes(training, has_validation), **changes}
-    return _construct(cls or training_class(method), values, "training", origins or {})
+    return _construct(cls or training_class(method), values, "training")
 
 
 def machine_changes() -> dict:
@@ -173,20 +171,20 @@ def split_generate(generate: dict) -> tuple[GenerateOptions, dict]:
     return options, {k: v for k, v in generate.items() if k not in ours}
 
 
-def build_generation_config(generate: dict, origins: dict[str, str] | None = None, **defaults):
+def build_generation_config(generate: dict, **defaults):
     """`GenerationConfig` from the recipe's `generate` section; `defaults` fill unset keys."""
     from transformers import GenerationConfig
 
     _, fields = split_generate(generate)
-    config = _construct(GenerationConfig, {**defaults, **fields}, "generate", origins or {})
+    config = _construct(GenerationConfig, {**defaults, **fields}, "generate")
     try:
         config.validate(strict=True)
     except ValueError as err:
-        raise _library_error("generate", "GenerationConfig", err, fields, origins or {}) from None
+        raise _library_error("generate", "GenerationConfig", err, fields) from None
     return config
 
 
-def check_library_sections(config: dict, origins: dict[str, str], data=None) -> list[UserError]:
+def check_library_sections(config: dict, data=None) -> list[UserError]:
     """Every unknown key, wrong type and library objection in the four library sections; `data`
     is the typed data section, when it was built."""
     generate_ours = [f.name for f in dataclasses.fields(GenerateOptions)]
@@ -206,24 +204,24 @@ def check_library_sections(config: dict, origins: dict[str, str], data=None) -> 
         if values is None:
             continue
         if not isinstance(values, dict):
-            errors.append(UserError(f"`{section}` must be a mapping of keys", where=where_of(origins, section)))
+            errors.append(UserError(f"`{section}` must be a mapping of keys", key=section))
             continue
         annotations = normalize_yaml_booleans(values, keys())
-        section_errors = check_keys(values, annotations, section, origins, extra_keys=extra)
+        section_errors = check_keys(values, annotations, section, extra_keys=extra)
         if section == "generate":
-            section_errors += _check_generate_options(values, origins)
+            section_errors += _check_generate_options(values)
         if section == "training":
-            section_errors += _check_choices(training_class(method), values, origins)
+            section_errors += _check_choices(training_class(method), values)
         if not section_errors:
             try:
-                build(values, origins)
+                build(values)
             except UserError as err:
                 section_errors = err.errors
         errors += section_errors
     return errors
 
 
-def _check_choices(cls, values: dict, origins: dict[str, str]) -> list[UserError]:
+def _check_choices(cls, values: dict) -> list[UserError]:
     """Values outside the `choices` a config class declares in its field metadata (TRL's KTOConfig
     takes any `loss_type` text and fails mid-training on one it does not know)."""
     errors = []
@@ -233,20 +231,20 @@ def _check_choices(cls, values: dict, origins: dict[str, str]) -> list[UserError
         if choices and isinstance(value, str) and value not in choices:
             dotted = f"training.{f.name}"
             errors.append(UserError(f"`{dotted}` is {value!r}; {cls.__name__} takes {', '.join(map(str, choices))}",
-                                    where=where_of(origins, dotted)))
+                                    key=dotted))
     return errors
 
 
-def _check_generate_options(generate: dict, origins: dict[str, str]) -> list[UserError]:
+def _check_generate_options(generate: dict) -> list[UserError]:
     """Types of our own `generate` keys, which GenerationConfig never sees."""
     ours = {f.name for f in dataclasses.fields(GenerateOptions)}
     try:
-        options = build_schema(GenerateOptions, {k: v for k, v in generate.items() if k in ours}, "generate", origins)
+        options = build_schema(GenerateOptions, {k: v for k, v in generate.items() if k in ours}, "generate")
     except UserError as err:
         return err.errors
     if options.batch_size < 1:  # 0 would crash after the model loads; a negative size would answer nothing
         return [UserError(f"`generate.batch_size` is {options.batch_size}; it must be at least 1",
-                          where=where_of(origins, "generate.batch_size"))]
+                          key="generate.batch_size")]
     return []
 
 
@@ -279,22 +277,21 @@ def evaluation_changes(training: dict, has_validation: bool) -> dict:
             "eval_steps": training.get("eval_steps") or training.get("save_steps")}
 
 
-def _construct(cls, values: dict, section: str, origins: dict[str, str]):
+def _construct(cls, values: dict, section: str):
     try:
         return cls(**values)
     except (ValueError, TypeError, NotImplementedError) as err:
-        raise _library_error(section, cls.__name__, err, values, origins) from None
+        raise _library_error(section, cls.__name__, err, values) from None
     except ImportError as err:  # e.g. training.deepspeed without the deepspeed package
-        raise UserError(f"{cls.__name__} needs a package that is not installed: {err}", where=section,
+        raise UserError(f"{cls.__name__} needs a package that is not installed: {err}", key=section,
                         fix="pip install the package it names, or remove the key that asks for it") from None
 
 
-def _library_error(section: str, cls_name: str, err: Exception, values: dict, origins: dict[str, str]):
+def _library_error(section: str, cls_name: str, err: Exception, values: dict):
     message = str(err).strip()
     named = _keys_named(message, values)
     keys = ", ".join(f"`{section}.{key}`" for key in named) or f"`{section}`"
-    where = where_of(origins, f"{section}.{named[0]}", section) if named else section
-    return UserError(f"{cls_name} rejects {keys}: {message}", where=where)
+    return UserError(f"{cls_name} rejects {keys}: {message}", key=f"{section}.{named[0]}" if named else section)
 
 
 def _keys_named(message: str, values: dict) -> list[str]:
@@ -307,23 +304,23 @@ def _keys_named(message: str, values: dict) -> list[str]:
             or [key for key, value in values.items() if isinstance(value, str) and len(value) > 2 and mentions(value)])
 
 
-def _build_training_for_check(training: dict, origins: dict[str, str], has_validation: bool = False,
+def _build_training_for_check(training: dict, has_validation: bool = False,
                               method: str = "sft"):
     """The run's TrainingArguments, and the values they accept that torch, numpy or the Trainer
     would refuse only once training starts."""
-    args = build_training_arguments(training, origins, has_validation=has_validation, method=method)
-    errors = [*_ask_optimizer(args, training, origins, method), *_ask_seeds(args, origins), *_ask_data_loader(args, origins),
-              *_check_step_counts(args, training, origins), *_check_kto_batches(args, origins, method)]
+    args = build_training_arguments(training, has_validation=has_validation, method=method)
+    errors = [*_ask_optimizer(args, training, method), *_ask_seeds(args), *_ask_data_loader(args),
+              *_check_step_counts(args, training), *_check_kto_batches(args, method)]
     if errors:
         raise combined(errors)
     return args
 
 
-def _refused(key: str, value: Any, reason: str, origins: dict[str, str], fix: str | None = None) -> UserError:
-    return UserError(f"`{key}` is {value!r}: {reason}", where=where_of(origins, key), fix=fix)
+def _refused(key: str, value: Any, reason: str, fix: str | None = None) -> UserError:
+    return UserError(f"`{key}` is {value!r}: {reason}", key=key, fix=fix)
 
 
-def _ask_optimizer(args, training: dict, origins: dict[str, str], method: str = "sft") -> list[UserError]:
+def _ask_optimizer(args, training: dict, method: str = "sft") -> list[UserError]:
     """Build the recipe's optimizer on one throwaway parameter: torch's optimizers judge their
     own learning rate, betas and epsilon (a negative learning rate fails only at the first step)."""
     message = _optimizer_objection(args)
@@ -334,7 +331,7 @@ def _ask_optimizer(args, training: dict, origins: dict[str, str], method: str = 
         return _optimizer_objection(build_training_arguments(values, method=method))
 
     key = "training." + (blamed_key(message, training, objection) or "optim")
-    return [UserError(f"the optimizer ({training.get('optim', args.optim.value)}) refuses `{key}`: {message}", where=where_of(origins, key))]
+    return [UserError(f"the optimizer ({training.get('optim', args.optim.value)}) refuses `{key}`: {message}", key=key)]
 
 
 def _optimizer_objection(args) -> str | None:
@@ -379,7 +376,7 @@ def quiet_transformers():
         logging.set_verbosity(verbosity)
 
 
-def _ask_seeds(args, origins: dict[str, str]) -> list[UserError]:
+def _ask_seeds(args) -> list[UserError]:
     """transformers' set_seed seeds numpy, whose generator takes 0 <= seed < 2**32 only."""
     import numpy as np
 
@@ -390,11 +387,11 @@ def _ask_seeds(args, origins: dict[str, str]) -> list[UserError]:
             np.random.RandomState(value if value is not None else 0)
         except (ValueError, TypeError) as err:
             errors.append(_refused(f"training.{name}", value, f"numpy cannot seed with it ({first_line(err)})",
-                                   origins, fix="use a whole number from 0 to 4294967295"))
+                                   fix="use a whole number from 0 to 4294967295"))
     return errors
 
 
-def _ask_data_loader(args, origins: dict[str, str]) -> list[UserError]:
+def _ask_data_loader(args) -> list[UserError]:
     """torch's DataLoader judges batch sizes and worker counts, which it would see only after the
     model has loaded."""
     from torch.utils.data import DataLoader
@@ -406,29 +403,29 @@ def _ask_data_loader(args, origins: dict[str, str]) -> list[UserError]:
         try:
             DataLoader(range(1), **{option: value})
         except (ValueError, OverflowError) as err:
-            errors.append(_refused(f"training.{key}", value, f"torch refuses it ({first_line(err)})", origins))
+            errors.append(_refused(f"training.{key}", value, f"torch refuses it ({first_line(err)})"))
     return errors
 
 
-def _check_step_counts(args, training: dict, origins: dict[str, str]) -> list[UserError]:
+def _check_step_counts(args, training: dict) -> list[UserError]:
     """Counts no library judges: the Trainer divides by the accumulation steps, trains on with a
     negative number of epochs, and never saves with `save_steps: 0`."""
     errors = []
     if args.gradient_accumulation_steps < 1:
         errors.append(_refused("training.gradient_accumulation_steps", args.gradient_accumulation_steps,
-                               "it must be at least 1", origins, fix="use 1 to update the weights after every batch"))
+                               "it must be at least 1", fix="use 1 to update the weights after every batch"))
     if args.num_train_epochs < 0 or (args.num_train_epochs == 0 and args.max_steps <= 0):
         errors.append(_refused("training.num_train_epochs", args.num_train_epochs, "it must be more than 0 "
-                               "(or training.max_steps set)", origins, fix="train for e.g. 3 epochs"))
+                               "(or training.max_steps set)", fix="train for e.g. 3 epochs"))
     for strategy, key in (("save_strategy", "save_steps"), ("eval_strategy", "eval_steps")):
         value = getattr(args, key)
         if getattr(args, strategy) == "steps" and value is not None and value <= 0:
             errors.append(_refused(f"training.{key}", value, f"with {strategy} steps it must be more than 0 (a whole "
-                                   "number of steps, or a fraction of the run below 1)", origins))
+                                   "number of steps, or a fraction of the run below 1)"))
     return errors
 
 
-def _check_kto_batches(args, origins: dict[str, str], method: str) -> list[UserError]:
+def _check_kto_batches(args, method: str) -> list[UserError]:
     """What TRL's KTOTrainer refuses only once the model has loaded: its KL term (every loss_type
     but apo_zero_unpaired) pairs each completion with the previous example's prompt within a batch,
     so a batch needs 2 examples or more and keeps its order (`train_sampling_strategy: sequential`)."""
@@ -438,23 +435,23 @@ def _check_kto_batches(args, origins: dict[str, str], method: str) -> list[UserE
     if args.per_device_train_batch_size <= 1:
         errors.append(_refused("training.per_device_train_batch_size", args.per_device_train_batch_size,
                                f"KTO's KL term (loss_type {args.loss_type}) pairs each completion with another example's "
-                               "prompt of the same batch, so it needs 2 examples per device or more", origins,
+                               "prompt of the same batch, so it needs 2 examples per device or more",
                                fix="use 2 or more (e.g. 8), or loss_type: apo_zero_unpaired, which has no KL term"))
     if args.train_sampling_strategy != "sequential":
         errors.append(_refused("training.train_sampling_strategy", args.train_sampling_strategy,
                                f"KTO's KL term (loss_type {args.loss_type}) pairs neighbours of a fixed-order batch",
-                               origins, fix="remove the key (KTOConfig's default is sequential; `qlora prepare` "
+                               fix="remove the key (KTOConfig's default is sequential; `qlora prepare` "
                                "already shuffles the examples)"))
     return errors
 
 
-def _build_lora_for_check(lora: dict, origins: dict[str, str]):
+def _build_lora_for_check(lora: dict):
     """LoraConfig accepts any rank and dropout; the LoRA layer refuses them only when the model is
     wrapped. Wrap one meta-device linear layer now with each rank the recipe uses."""
     import torch
     from peft.tuners.lora.layer import Linear
 
-    config = build_lora_config(lora, origins)
+    config = build_lora_config(lora)
     probe = dataclasses.replace(config, init_lora_weights=False)  # pissa/loftq/... initialise from real weights
     errors = []
     for key, rank in [("lora.r", config.r), *((f"lora.rank_pattern.{k}", v) for k, v in config.rank_pattern.items())]:
@@ -463,19 +460,18 @@ def _build_lora_for_check(lora: dict, origins: dict[str, str]):
         except (ValueError, TypeError, OverflowError) as err:  # a rank too large for a tensor's shape: Type/Overflow
             dropout = "dropout" in str(err)
             key = "lora.lora_dropout" if dropout else key
-            errors.append(_refused(key, config.lora_dropout if dropout else rank, f"peft refuses it ({first_line(err)})",
-                                   origins))
+            errors.append(_refused(key, config.lora_dropout if dropout else rank, f"peft refuses it ({first_line(err)})"))
             break
     if errors:
         raise combined(errors)
     return config
 
 
-def _build_generation_for_check(generate: dict, origins: dict[str, str]):
+def _build_generation_for_check(generate: dict):
     """GenerationConfig.validate leaves sampling values (temperature, top_k, penalties) to the
     logits processors that generate() builds: build them now, for a meta-device stand-in model."""
-    config = build_generation_config(generate, origins)
-    errors = [_refused(f"generate.{key}", getattr(config, key), "it must be at least 1", origins)
+    config = build_generation_config(generate)
+    errors = [_refused(f"generate.{key}", getattr(config, key), "it must be at least 1")
               for key in ("num_beams", "num_return_sequences")
               if isinstance(getattr(config, key), int) and getattr(config, key) < 1]
     message = _sampling_objection(config)
@@ -484,7 +480,7 @@ def _build_generation_for_check(generate: dict, origins: dict[str, str]):
             return _sampling_objection(build_generation_config(values))
 
         key = "generate." + (blamed_key(message, split_generate(generate)[1], objection) or "do_sample")
-        errors.append(UserError(f"generate() refuses `{key}`: {message}", where=where_of(origins, key, "generate")))
+        errors.append(UserError(f"generate() refuses `{key}`: {message}", key=key))
     if errors:
         raise combined(errors)
     return config

@@ -19,7 +19,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from qlora_cli.errors import UserError, combined, remember_origins, where_of
+from qlora_cli.errors import UserError, combined, locating
 from qlora_cli.recipe.sections import DataSection, EvalSection, MergeSection, ModelSection
 
 SECTIONS = ("model", "quantization", "lora", "data", "training", "merge", "generate", "eval")
@@ -238,14 +238,14 @@ def _resolve_file_keys(config: DictConfig, folder: Path) -> None:
                         entry[key] = str(beside)
 
 
-def _record_origins(origins: dict[str, str], config: Any, where_of) -> None:
+def _record_origins(origins: dict[str, str], config: Any, origin_of) -> None:
     """Point every key set by this layer at its origin; a list, a value or null replaces the old
     one whole (`quantization=null`), so the keys that were inside it have no origin left."""
     for key, replaces in _walk(config):
         if replaces:
             for old in [k for k in origins if k.startswith(f"{key}.")]:
                 del origins[old]
-        origins[key] = where_of(key)
+        origins[key] = origin_of(key)
 
 
 def _walk(config: Any, prefix: str = ""):
@@ -325,8 +325,7 @@ def resolve(raw: RawRecipe) -> dict[str, Any]:
         return OmegaConf.to_container(raw.config, resolve=True)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or ""
-        where = where_of(raw.origins, key) if key else None
-        raise UserError(f"interpolation failed for `{key}`: {_reason(err)}", where=where) from None
+        raise UserError(f"interpolation failed for `{key}`: {_reason(err)}", key=key or None) from None
 
 
 def to_yaml(config: dict[str, Any]) -> str:
@@ -417,10 +416,6 @@ class Recipe:
     from_environment: dict[str, str] = field(default_factory=dict)  # key -> `${oc.env:...}` as written
     method: str = "sft"  # sft | dpo | kto: which trainer, and which config class `training` is checked against
 
-    def where(self, key: str) -> str:
-        """Where the recipe set `key` (file:line, or the override), for an error about it."""
-        return where_of(self.origins, key)
-
     @property
     def run_dir(self) -> Path:
         return Path(self.training["output_dir"])
@@ -435,13 +430,19 @@ class Recipe:
 
 
 def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
-    """Load, merge, resolve and validate a recipe; every problem is reported at once."""
+    """Load, merge, resolve and validate a recipe; every problem is reported at once, each at the
+    file:line (or override) that set its key."""
+    raw = load_raw_recipe(list(recipe_args), list(overrides))
+    with locating(raw.origins):
+        return _validated(raw)
+
+
+def _validated(raw: RawRecipe) -> Recipe:
     from qlora_cli.recipe.builders import check_library_sections
     from qlora_cli.recipe.model_checks import check_model_objects
     from qlora_cli.recipe.sections import (DataSection, EvalSection, MergeSection, ModelSection, build_schema,
                                            check_method, check_values, suggest)
 
-    raw = load_raw_recipe(list(recipe_args), list(overrides))
     resolved = resolve(raw)
     expand_home(resolved)
     # `training: null` and `output_dir: null` mean "not set", like leaving the key out.
@@ -451,25 +452,23 @@ def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
         resolved["training"]["output_dir"] = f"runs/{raw.files[-1].stem}"
     errors = [
         UserError(f"unknown section `{key}`{suggest(key, SECTIONS + TOP_LEVEL_KEYS)}; a recipe has only "
-                  f"{', '.join(SECTIONS)} and `method`",
-                  where=where_of(raw.origins, str(key)))
+                  f"{', '.join(SECTIONS)} and `method`", key=str(key))
         for key in resolved if key not in SECTIONS + TOP_LEVEL_KEYS
     ]
     typed = {}
     for name, cls in (("model", ModelSection), ("data", DataSection), ("merge", MergeSection), ("eval", EvalSection)):
         try:
-            typed[name] = build_schema(cls, resolved.get(name), name, raw.origins)
+            typed[name] = build_schema(cls, resolved.get(name), name)
         except UserError as err:
             errors += err.errors
-    errors += check_library_sections(resolved, raw.origins, typed.get("data"))
-    errors += check_values(typed, raw.origins)
+    errors += check_library_sections(resolved, typed.get("data"))
+    errors += check_values(typed)
     method = resolved.get("method", "sft")
-    errors += check_method(method, typed.get("data"), raw.origins)
+    errors += check_method(method, typed.get("data"))
     if "model" in typed:
-        errors += check_model_objects(typed["model"], raw.origins)
+        errors += check_model_objects(typed["model"])
     if errors:
         raise combined(errors)
-    remember_origins(raw.origins)
     return Recipe(
         **typed, quantization=resolved.get("quantization"), lora=resolved.get("lora"),
         training=resolved["training"], generate=resolved.get("generate") or {},

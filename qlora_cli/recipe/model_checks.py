@@ -5,28 +5,26 @@ the meta device: no memory, no weights)."""
 from __future__ import annotations
 
 from qlora_cli.recipe.builders import blamed_key, first_line, quiet_transformers
-from qlora_cli.errors import UserError, where_of
+from qlora_cli.errors import UserError
 
 
-def check_model_objects(model, origins: dict[str, str]) -> list[UserError]:
+def check_model_objects(model) -> list[UserError]:
     """What transformers would refuse of the `model` section when it loads: the attention
     implementation, and the model `init_from_config` describes."""
-    errors = check_attn_implementation(model.attn_implementation,
-                                       where_of(origins, "model.attn_implementation"))
+    errors = check_attn_implementation(model.attn_implementation)
     if model.init_from_config is not None and model.init_from_config.get("model_type") is not None:
-        errors += check_init_model(model.init_from_config, origins)
+        errors += check_init_model(model.init_from_config)
     return errors
 
 
-def check_init_model(init_from_config: dict, origins: dict[str, str]) -> list[UserError]:
+def check_init_model(init_from_config: dict) -> list[UserError]:
     """Ask transformers to build the model `init_from_config` describes, on the meta device (no
     memory, no weights): its config class and its layers reject what they cannot hold."""
-    where = where_of(origins, "model.init_from_config")
     with quiet_transformers():  # its warnings about the config (a vocabulary of 0) come again when it loads
-        return _init_model_errors(init_from_config, origins, where)
+        return _init_model_errors(init_from_config)
 
 
-def _init_model_errors(init_from_config: dict, origins: dict[str, str], where: str) -> list[UserError]:
+def _init_model_errors(init_from_config: dict) -> list[UserError]:
     from qlora_cli.families import build_init_config, family_of
 
     try:
@@ -37,14 +35,13 @@ def _init_model_errors(init_from_config: dict, origins: dict[str, str], where: s
         return []  # an unsupported model_type, which sections reports
     except Exception as err:  # noqa: BLE001 - every value is the user's, and the config class judges them
         return [UserError(f"transformers cannot build a config from `model.init_from_config`: {first_line(err)}",
-                          where=where)]
+                          key="model.init_from_config")]
     heads, kv_heads = (getattr(config, name, None) for name in ("num_attention_heads", "num_key_value_heads"))
     if isinstance(heads, int) and isinstance(kv_heads, int) and (kv_heads < 1 or heads % kv_heads):
         # grouped-query attention shares each key/value head among a group of heads: such a model
         # builds, and only its first forward pass fails
         key = "model.init_from_config.num_key_value_heads"
-        return [UserError(f"`{key}` is {kv_heads}; `num_attention_heads` ({heads}) must be a multiple of it",
-                          where=where_of(origins, key, where))]
+        return [UserError(f"`{key}` is {kv_heads}; `num_attention_heads` ({heads}) must be a multiple of it", key=key)]
     message = _init_model_objection(config)
     if message is None:
         return []
@@ -54,8 +51,7 @@ def _init_model_errors(init_from_config: dict, origins: dict[str, str], where: s
 
     named = blamed_key(message, {k: v for k, v in init_from_config.items() if k != "model_type"}, objection)
     key = f"model.init_from_config.{named}" if named else "model.init_from_config"
-    return [UserError(f"transformers cannot build a {config.model_type} model from `{key}`: {message}",
-                      where=where_of(origins, key, where))]
+    return [UserError(f"transformers cannot build a {config.model_type} model from `{key}`: {message}", key=key)]
 
 
 def _init_model_objection(config) -> str | None:
@@ -79,7 +75,7 @@ def _init_model_objection(config) -> str | None:
     return None
 
 
-def check_attn_implementation(value: str | None, where: str) -> list[UserError]:
+def check_attn_implementation(value: str | None) -> list[UserError]:
     """`model.attn_implementation` against transformers' own registry of attention functions (a
     kernel from the Hub, `org/name`, is judged when it loads: it may need a package or a GPU)."""
     from transformers.integrations.hub_kernels import is_kernel
@@ -88,5 +84,6 @@ def check_attn_implementation(value: str | None, where: str) -> list[UserError]:
     known = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
     if value is None or value in known or is_kernel(value):
         return []
-    return [UserError(f"`model.attn_implementation` is {value!r}, which transformers does not know", where=where,
+    return [UserError(f"`model.attn_implementation` is {value!r}, which transformers does not know",
+                      key="model.attn_implementation",
                       fix=f"use one of {', '.join(known)}, or a Hub kernel like kernels-community/flash-attn")]

@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from qlora_cli.errors import UserError, combined, did_you_mean, where_of
+from qlora_cli.errors import UserError, combined, did_you_mean
 from qlora_cli.families import init_config_errors
 
 
@@ -179,7 +179,7 @@ def describe_type(annotation: Any) -> str:
 
 
 def check_keys(
-    values: dict, annotations: dict[str, Any], section: str, origins: dict[str, str], extra_keys=()
+    values: dict, annotations: dict[str, Any], section: str, extra_keys=()
 ) -> list[UserError]:
     """Unknown keys (with the nearest valid one) and wrongly typed values of one section."""
     errors = []
@@ -188,12 +188,12 @@ def check_keys(
         if key not in annotations and key not in extra_keys:
             errors.append(UserError(
                 f"unknown key `{dotted}`{suggest(key, [*annotations, *extra_keys])}",
-                where=where_of(origins, dotted),
+                key=dotted,
             ))
         elif key in annotations and not matches_type(value, annotations[key]):
             errors.append(UserError(
                 f"`{dotted}` is {value!r} ({type(value).__name__}); expected {describe_type(annotations[key])}",
-                where=where_of(origins, dotted), fix=_decode_hint(value, annotations[key]),
+                key=dotted, fix=_decode_hint(value, annotations[key]),
             ))
     return errors
 
@@ -230,35 +230,35 @@ def signature_annotations(func) -> dict[str, Any]:
     }
 
 
-def build_schema(cls, values: dict | None, section: str, origins: dict[str, str]):
+def build_schema(cls, values: dict | None, section: str):
     """One of our section dataclasses from its YAML mapping; raises every problem at once."""
     if values is not None and not isinstance(values, dict):
-        raise UserError(f"`{section}` must be a mapping of keys, not {values!r}", where=where_of(origins, section))
+        raise UserError(f"`{section}` must be a mapping of keys, not {values!r}", key=section)
     values = dict(values or {})
     annotations = dataclass_annotations(cls)
-    errors = check_keys(values, annotations, section, origins)
+    errors = check_keys(values, annotations, section)
     for key, annotation in annotations.items():
         item_type = _listed_dataclass(annotation)
         if item_type and isinstance(values.get(key), list):
-            values[key], item_errors = _build_list(item_type, values[key], f"{section}.{key}", origins)
+            values[key], item_errors = _build_list(item_type, values[key], f"{section}.{key}")
             errors += item_errors
     missing = [f.name for f in dataclasses.fields(cls) if _is_required(f) and f.name not in values]
-    errors += [UserError(f"`{section}.{name}` is required", where=section) for name in missing]
+    errors += [UserError(f"`{section}.{name}` is required", key=section) for name in missing]
     if errors:
         raise combined(errors)
     return cls(**values)
 
 
-def _build_list(cls, items: list, prefix: str, origins: dict[str, str]):
+def _build_list(cls, items: list, prefix: str):
     built, errors = [], []
     for index, item in enumerate(items):
         key = f"{prefix}.{index}"
         if not isinstance(item, dict):
             errors.append(UserError(f"`{key}` must be a mapping like {{path: ..., format: ...}}",
-                                    where=where_of(origins, key)))
+                                    key=key))
             continue
         try:
-            built.append(build_schema(cls, item, key, origins))
+            built.append(build_schema(cls, item, key))
         except UserError as err:
             errors += err.errors
     return built, errors
@@ -278,83 +278,82 @@ def _is_required(f: dataclasses.Field) -> bool:
 # ---------------------------------------------------------------- values a later step would refuse
 
 
-def to_dtype(value: Any, where: str, key: str | None = None):
+def to_dtype(value: Any, key: str | None = None):
     """`"bfloat16"` -> `torch.bfloat16`, with a recipe error for anything that is not a dtype."""
     import torch
 
     dtype = getattr(torch, value, None) if isinstance(value, str) else value
     if not isinstance(dtype, torch.dtype):
         named = f"`{key}` is {value!r}, which" if key else f"{value!r}"
-        raise UserError(f"{named} is not a torch dtype", where=where, fix="use bfloat16, float16 or float32")
+        raise UserError(f"{named} is not a torch dtype", key=key, fix="use bfloat16, float16 or float32")
     return dtype
 
 
-def check_values(typed: dict, origins: dict[str, str]) -> list[UserError]:
+def check_values(typed: dict) -> list[UserError]:
     """Values of the right type that loading, preparing or merging would still refuse, for each
     of our sections that was built: found now, with the rest of the recipe's problems."""
     checks = {"model": _check_model_source, "data": _check_data_limits, "merge": _check_shard_size,
               "eval": _check_eval_limit}
-    return [error for name, section in typed.items() for error in checks[name](section, origins)]
+    return [error for name, section in typed.items() for error in checks[name](section)]
 
 
-def _check_eval_limit(section, origins: dict[str, str]) -> list[UserError]:
+def _check_eval_limit(section) -> list[UserError]:
     if section.limit is not None and section.limit < 1:
         return [UserError(f"eval.limit must be at least 1, not {section.limit}",
-                          where=where_of(origins, "eval.limit"), fix="remove it to score every record")]
+                          key="eval.limit", fix="remove it to score every record")]
     return []
 
 
-def _check_model_source(model, origins: dict[str, str]) -> list[UserError]:
+def _check_model_source(model) -> list[UserError]:
     """What the loader would reject later: checked now, before any weight is read."""
     errors = []
     if (model.name_or_path is None) == (model.init_from_config is None):
         errors.append(UserError("the model needs exactly one of `model.name_or_path` and `model.init_from_config`",
-                                where="model", fix="set model.name_or_path to a path or hub id"))
+                                key="model", fix="set model.name_or_path to a path or hub id"))
     if model.init_from_config is not None and model.tokenizer is None:
         errors.append(UserError("a model built with `model.init_from_config` needs `model.tokenizer`",
-                                where=where_of(origins, "model.init_from_config"),
+                                key="model.init_from_config",
                                 fix="set model.tokenizer, e.g. mistral-common:v1"))
     if model.init_from_config is not None and model.init_from_config.get("model_type") is None:
         errors.append(UserError("`model.init_from_config` needs `model_type`",
-                                where=where_of(origins, "model.init_from_config"),
+                                key="model.init_from_config",
                                 fix="add model_type: mistral"))
     if model.init_from_config is not None:
-        errors += init_config_errors(model.init_from_config, origins)
-    where = where_of(origins, "model.dtype")
+        errors += init_config_errors(model.init_from_config)
     try:
-        if not to_dtype(model.dtype, where, "model.dtype").is_floating_point:
+        if not to_dtype(model.dtype, "model.dtype").is_floating_point:
             errors.append(UserError(f"`model.dtype` is {model.dtype!r}: the weights that stay unquantized (and "
-                                    "LoRA's) must be floating point", where=where, fix="use bfloat16, float16 or float32"))
+                                    "LoRA's) must be floating point", key="model.dtype", fix="use bfloat16, float16 or float32"))
     except UserError as err:
         errors.append(err)
     return errors
 
 
-def _check_data_limits(data, origins: dict[str, str]) -> list[UserError]:
+def _check_data_limits(data) -> list[UserError]:
     """Values of the right type that preparing the data would still refuse."""
     errors = []
     if data.max_length < 8:
         errors.append(UserError(f"`data.max_length` is {data.max_length}; it must be at least 8",
-                                where=where_of(origins, "data.max_length")))
+                                key="data.max_length"))
     if data.val_size < 0 or (isinstance(data.val_size, float) and data.val_size >= 1):
         errors.append(UserError(f"`data.val_size` is {data.val_size}; it must be a fraction in [0, 1) or a count "
-                                "of examples", where=where_of(origins, "data.val_size")))
-    return errors + _check_template(data.template, origins) + _check_source_amounts(data, origins)
+                                "of examples", key="data.val_size"))
+    return errors + _check_template(data.template) + _check_source_amounts(data)
 
 
-def _check_template(template: str, origins: dict[str, str]) -> list[UserError]:
+def _check_template(template: str) -> list[UserError]:
     """A template name with a typo, or Jinja that does not parse, which prepare would refuse only
     after loading the tokenizer."""
     if template in TEMPLATE_NAMES:
         return []
     if is_jinja(template):
-        return _check_jinja(template, where_of(origins, "data.template"))
+        return _check_jinja(template)
     return [UserError(f"`data.template` is {template!r}{suggest(template, TEMPLATE_NAMES)}: neither a template "
-                      "name nor a Jinja chat template", where=where_of(origins, "data.template"),
+                      "name nor a Jinja chat template", key="data.template",
                       fix="use mistral, tokenizer, or a Jinja chat template (with {{ }} and {% %})")]
 
 
-def _check_jinja(template: str, where: str) -> list[UserError]:
+def _check_jinja(template: str) -> list[UserError]:
     """Compile the template in transformers' own sandboxed environment, as apply_chat_template will."""
     import jinja2
     from transformers.utils.chat_template_utils import _compile_jinja_template
@@ -363,11 +362,11 @@ def _check_jinja(template: str, where: str) -> list[UserError]:
         _compile_jinja_template(template)
     except jinja2.TemplateSyntaxError as err:
         return [UserError(f"`data.template` is not valid Jinja: {err.message} (line {err.lineno} of the template)",
-                          where=where, fix="fix the template, or use template: mistral")]
+                          key="data.template", fix="fix the template, or use template: mistral")]
     return []
 
 
-def _check_source_amounts(data, origins: dict[str, str]) -> list[UserError]:
+def _check_source_amounts(data) -> list[UserError]:
     """A negative `limit` would slice rows off the end and a negative `weight` drop the source,
     both silently; neither can mean what was intended."""
     errors = []
@@ -378,15 +377,15 @@ def _check_source_amounts(data, origins: dict[str, str]) -> list[UserError]:
                 value, dotted = getattr(source, name), f"data.{key}.{index}.{name}"
                 if value is not None and value < 0:
                     errors.append(UserError(f"`{dotted}` is {value}; it must be 0 or more",
-                                            where=where_of(origins, dotted), fix=fix))
+                                            key=dotted, fix=fix))
     return errors
 
 
-def check_method(method: Any, data: Any, origins: dict[str, str]) -> list[UserError]:
+def check_method(method: Any, data: Any) -> list[UserError]:
     """`method` is one we know, and every data source is in a format that method trains on."""
     if method not in METHODS:
         return [UserError(f"`method` is {method!r}{suggest(str(method), METHODS)}; it must be one of {', '.join(METHODS)}",
-                          where=where_of(origins, "method"))]
+                          key="method")]
     if data is None:
         return []
     wanted, errors = METHOD_FORMATS[method], []
@@ -397,12 +396,12 @@ def check_method(method: Any, data: Any, origins: dict[str, str]) -> list[UserEr
                 fits = next(name for name, formats in METHOD_FORMATS.items() if source.format in formats)
                 errors.append(UserError(
                     f"`method: {method}` trains on {' or '.join(wanted)} data, and `{dotted}` is {source.format}",
-                    where=where_of(origins, dotted, where_of(origins, f"data.{key}.{index}.path", dotted)),
+                    key=dotted,
                     fix=f"set format: {' or '.join(wanted)} on this source, or method: {fits} for {source.format} data"))
     return errors
 
 
-def _check_shard_size(merge, origins: dict[str, str]) -> list[UserError]:
+def _check_shard_size(merge) -> list[UserError]:
     """`merge.max_shard_size` as transformers' own parser reads it: else it fails after the merge."""
     from transformers.utils.hub import convert_file_size_to_int
 
@@ -413,5 +412,5 @@ def _check_shard_size(merge, origins: dict[str, str]) -> list[UserError]:
     if size > 0:
         return []
     return [UserError(f"`merge.max_shard_size` is {merge.max_shard_size!r}, which is not a size",
-                      where=where_of(origins, "merge.max_shard_size"),
+                      key="merge.max_shard_size",
                       fix="write a number and a unit, e.g. 5GB, 500MB or 2GiB")]

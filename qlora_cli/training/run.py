@@ -55,7 +55,7 @@ def train(recipe, *, resume: bool = False, overwrite: bool = False, force: bool 
     seen = open_run_folder(recipe, resume=resume, overwrite=overwrite)
     check_before_loading(recipe)
     # Building the arguments also joins the process group under torchrun / accelerate launch.
-    args = build_training_arguments(recipe.training, recipe.origins, has_validation=recipe.data.has_validation,
+    args = build_training_arguments(recipe.training, has_validation=recipe.data.has_validation,
                                     method=recipe.method, **run_changes(recipe, seen))
     state = PartialState()
     state.wait_for_everyone()  # every rank has looked at the folder before rank 0 takes it
@@ -111,7 +111,7 @@ def train_in_folder(recipe, run: RunFolder, args, state, *, force: bool, plan_on
                             fix="pip install it, or change the recipe key that asks for it") from None
         if start_from and trainer is not None and not loaded.called and isinstance(err, Exception):
             raise UserError(f"cannot resume from {start_from}, which fails to load: {first_line(err, named=True)}",
-                            where="training.output_dir",
+                            key="training.output_dir",
                             fix=f"delete that checkpoint (rm -r {start_from}) to resume from the one before it, "
                                 "or start over with --overwrite") from None
         raise
@@ -258,7 +258,7 @@ def save_adapter(trainer, tokenizer, run: RunFolder, recipe, prepared, metrics: 
             card.save(tmp / CARD)
     except Exception as err:  # the staging is gone; a full disk says how much the adapter needs
         last = run.last_checkpoint()
-        raise disk_full(err, run.adapter, folder_size(last) if last else 0, where="training.output_dir") or err
+        raise disk_full(err, run.adapter, folder_size(last) if last else 0, key="training.output_dir") or err
 
 
 def _data_lines(prepared) -> dict:

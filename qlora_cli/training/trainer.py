@@ -65,7 +65,7 @@ class RunTrainer:
             shutil.rmtree(staging_parent, ignore_errors=True)  # the previous checkpoint stays as it was
             previous = max((folder_size(p) for p in final_parent.glob("checkpoint-*")), default=0)
             raise disk_full(err, final_parent / f"checkpoint-{step}", max(staged, previous),
-                            where="training.output_dir") or err
+                            key="training.output_dir") or err
         finally:
             self.args.output_dir = str(final_parent)
         self.accelerator.wait_for_everyone()  # every rank has written its RNG state
