@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 
 
 class UserError(Exception):
@@ -62,8 +63,13 @@ def locate(err: UserError, origins: dict[str, str]) -> UserError:
         if origin is None:
             error.where = error.key
         else:
-            error.where = origin if f"`{error.key}`" in error.message else f"{origin}: {error.key}"
+            error.where = origin if _names(error.message, error.key) else f"{origin}: {error.key}"
     return err
+
+
+def _names(message: str, key: str) -> bool:
+    """Whether the message quotes the key (`lora.r` or `lora.r: 0`), so the place need not."""
+    return re.search(rf"`{re.escape(key)}(?![\w.])", message) is not None
 
 
 def _origin(key: str, origins: dict[str, str]) -> str | None:
