@@ -69,8 +69,10 @@ def test_tiny_qlora_model_trains_with_the_same_loss_and_lora_gradients_in_chunks
     assert plain_grads and plain_grads.keys() == chunked_grads.keys()
     for name, grad in plain_grads.items():
         assert torch.allclose(chunked_grads[name], grad, rtol=1e-5, atol=1e-7), name
-    # The context restores the model: real logits again afterwards.
-    assert tiny_model(**batch).logits.shape[-1] == tiny_model.config.vocab_size
+    # The context restores the model: real logits and the library's own loss again afterwards.
+    after = tiny_model(**batch, num_items_in_batch=torch.tensor(60))
+    assert after.logits.shape[-1] == tiny_model.config.vocab_size
+    assert abs(after.loss.item() - plain_loss.item()) <= 1e-6 * abs(plain_loss.item())
 
 
 @pytest.mark.slow

@@ -212,12 +212,12 @@ def loss_in_chunks(model, enabled: bool = True):
         return chunked_cross_entropy(logits, head.weight, labels, num_items_in_batch,
                                      shift_labels=shift_labels, ignore_index=ignore_index)
 
-    inner._loss_function = chunked_loss
+    default, inner.loss_function = inner.loss_function, chunked_loss  # transformers' public setter
     try:
         with head_passes_hidden(head):
             yield
     finally:
-        del inner._loss_function
+        inner.loss_function = default
 
 
 @contextlib.contextmanager
