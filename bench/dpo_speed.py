@@ -64,7 +64,7 @@ def run_trl(folder: Path, epochs: int, overrides: list[str]) -> dict:
     held_out = len(texts) // 5  # as data.val_size: 0.2
     train_set, eval_set = Dataset.from_list(texts[held_out:]), Dataset.from_list(texts[:held_out])
     tokenizer = load_recipe_tokenizer(recipe)
-    args = build_training_arguments(recipe.training, method="dpo", output_dir=str(folder / "trl"),
+    args = build_training_arguments(recipe.written("training"), method="dpo", output_dir=str(folder / "trl"),
                                     disable_tqdm=True, max_length=recipe.data.max_length)
     trainer = DPOTrainer(model=load_trainable_model(recipe), args=args, train_dataset=train_set,
                          eval_dataset=eval_set, processing_class=tokenizer)

@@ -315,7 +315,8 @@ def run_stock_arm(arm: str, plan: dict, folder: Path) -> dict:
 
     recipe, train_rows = unpacked_rows(plan["recipe"])
     tokenizer = load_recipe_tokenizer(recipe)
-    q, training, max_length = recipe.quantization, recipe.training, recipe.data.max_length
+    # the baseline arm builds its own objects from the recipe's keys as written
+    q, training, max_length = recipe.written("quantization"), recipe.written("training"), recipe.data.max_length
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q["bnb_4bit_quant_type"],
                              bnb_4bit_use_double_quant=q["bnb_4bit_use_double_quant"],
                              bnb_4bit_compute_dtype=getattr(torch, q["bnb_4bit_compute_dtype"]))
@@ -326,7 +327,7 @@ def run_stock_arm(arm: str, plan: dict, folder: Path) -> dict:
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     set_seed(training["seed"])  # the same LoRA initialisation as the qlora arm
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **recipe.lora))
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **recipe.written("lora")))
     _, held = unpacked_rows(plan["recipe"], str(folder / "heldout.jsonl"))
     before = held_out_loss(model, held)
     model.train()
@@ -372,7 +373,7 @@ def run_qlora_arm(plan: dict, folder: Path, overrides: list[str]) -> dict:
     recipe = load_recipe([plan["recipe"]], [f"training.per_device_train_batch_size={plan['micro_rows']}",
                                             f"training.gradient_accumulation_steps={plan['accumulation']}",
                                             *overrides])
-    meter = StepMeter(int(recipe.training["gradient_accumulation_steps"]))
+    meter = StepMeter(recipe.training.gradient_accumulation_steps)
 
     class MeteredCollator(qlora_trainer.CountingCollator):  # counts what the real collator makes
         def __call__(self, rows):
@@ -383,7 +384,7 @@ def run_qlora_arm(plan: dict, folder: Path, overrides: list[str]) -> dict:
     qlora_trainer.CountingCollator = MeteredCollator  # train.build_trainer imports it at call time
     result = train(recipe, overwrite=True, reporter=_Reporter(meter))
     peak = peak_memory_bytes()
-    rows, seq = int(recipe.training["per_device_train_batch_size"]), recipe.data.max_length
+    rows, seq = recipe.training.per_device_train_batch_size, recipe.data.max_length
     model = load_adapter_model(recipe, result.run.adapter, quantized=True)
     _, held = unpacked_rows(plan["recipe"], str(folder / "heldout.jsonl"))
     return {**meter.summary(), "peak_bytes": peak, "held_out_loss": held_out_loss(model, held),

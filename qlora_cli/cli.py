@@ -384,7 +384,7 @@ def _evaluate_run(recipe, plan) -> None:
 
 
 def _warn_of_default_length(recipe) -> None:
-    if not {"max_new_tokens", "max_length"} & set(recipe.generate):
+    if not {"max_new_tokens", "max_length"} & set(recipe.written("generate") or {}):
         err_console.print("[yellow]warning:[/] the recipe sets no generate.max_new_tokens: answers stop after "
                           "transformers' default of 20 new tokens; set e.g. generate.max_new_tokens=256",
                           highlight=False)
@@ -413,13 +413,11 @@ def _stream_answer(generator, messages: list[dict]) -> str:
 def _answer_file(generator, records, output: Path, recipe, resume: bool) -> None:
     from rich.progress import Progress
 
-    from qlora_cli.recipe.builders import split_generate
     from qlora_cli.export.generate import answer_file
 
-    options, _ = split_generate(recipe.generate)
     with Progress(console=err_console, disable=not err_console.is_terminal) as progress:
         task = progress.add_task("generate", total=len(records))
-        count = answer_file(generator, records, output, options.batch_size, resume,
+        count = answer_file(generator, records, output, recipe.generate.options.batch_size, resume,
                             on_batch=lambda n: progress.advance(task, n))
     console.print(f"[green]done[/]: {count} answers written to {output}", highlight=False)
 

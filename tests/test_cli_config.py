@@ -137,7 +137,7 @@ def test_show_piped_is_a_recipe_that_loads_to_the_same_config(workdir):
     (workdir / "resolved.yaml").write_text(result.stdout)
     again = load_recipe(["resolved.yaml"])
     assert again.resolved == load_recipe(["tiny-mistral"], overrides).resolved
-    assert again.training["run_name"] == "1e-4"
+    assert again.training.run_name == "1e-4"
     assert qlora("config", "validate", "resolved.yaml").exit_code == 0
 
 
@@ -147,7 +147,7 @@ def test_show_keeps_an_escaped_interpolation_literal(workdir):
     result = qlora("config", "show", "mine.yaml")
     assert result.exit_code == 0, result.output
     (workdir / "resolved.yaml").write_text(result.stdout)
-    assert load_recipe(["resolved.yaml"]).training["run_name"] == "cost ${HOME} ok"
+    assert load_recipe(["resolved.yaml"]).training.run_name == "cost ${HOME} ok"
 
 
 def test_explain_gives_each_value_its_origin(workdir):
@@ -156,7 +156,7 @@ def test_explain_gives_each_value_its_origin(workdir):
     assert result.exit_code == 0, result.output
     rows = explain_rows(result.stdout)
     tiny, base = RECIPES / "tiny-mistral.yaml", RECIPES / "mistral7b.yaml"
-    dropout = load_recipe(["tiny-mistral"]).lora["lora_dropout"]
+    dropout = load_recipe(["tiny-mistral"]).lora.lora_dropout
     assert rows["lora.lora_dropout"] == (str(dropout), f"{tiny}:{line_of(tiny, 'lora_dropout:')}")
     assert rows["training.lr_scheduler_type"] == ("cosine", f"{base}:{line_of(base, 'lr_scheduler_type:')}")
     assert rows["training.learning_rate"] == ("0.0001", "override")

@@ -63,11 +63,11 @@ def test_the_experts_turn_4bit_as_they_load_into_the_model_quantizing_after_load
     from qlora_cli.model.load import model_path
 
     recipe = mixtral_recipe()
-    quantization = kept_16bit(family_of("mixtral"), recipe.quantization)
+    quantization = kept_16bit(family_of("mixtral"), recipe.written("quantization"))
 
     def load():
         return AutoModelForCausalLM.from_pretrained(model_path(recipe), dtype=torch.float32,
-                                                    quantization_config=build_bnb_config(quantization, {}))
+                                                    quantization_config=build_bnb_config(quantization))
 
     with quantizing_experts_on_load(EXPERTS, quantization_values(quantization)):
         on_load = load()

@@ -413,7 +413,7 @@ def test_the_shipped_recipes_stream_answers_to_a_prompt(path):
     from qlora_cli.recipe.builders import build_generation_config
     from qlora_cli.recipe.load import load_recipe
 
-    config = build_generation_config(load_recipe([str(path)]).generate)
+    config = build_generation_config(load_recipe([str(path)]).written("generate"))
     assert Generator(None, None, "mistral", config).streams
     assert not Generator(None, None, "mistral", build_generation_config({"num_beams": 2})).streams
 

@@ -51,7 +51,7 @@ def test_lora_wraps_every_linear_layer_and_only_lora_weights_train(tiny_model):
 
 @pytest.mark.slow
 def test_the_trainable_count_is_exactly_the_lora_shapes(tiny_model, tiny_recipe):
-    r = tiny_recipe.lora["r"]
+    r = tiny_recipe.lora.r
     pairs = lora_pairs(tiny_model)
     assert all(a.weight.shape == (r, base.in_features) and b.weight.shape == (base.out_features, r)
                for base, a, b in pairs)

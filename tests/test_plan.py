@@ -102,7 +102,7 @@ def test_gradient_and_optimizer_entries_equal_a_real_adamw_step(tiny):
     state = tensor_bytes(t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor))
     optimizer.zero_grad(set_to_none=True)
     entries = estimate(shape, settings)
-    assert recipe.training["optim"] == "adamw_torch"
+    assert recipe.training.optim == "adamw_torch"
     assert entries["LoRA gradients"] == grads
     assert entries["optimizer state"] == state
 

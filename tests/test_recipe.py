@@ -69,9 +69,9 @@ def test_extends_never_picks_a_same_named_file_in_the_cwd(tmp_path, monkeypatch)
 def test_extends_by_name_finds_the_shipped_recipe_and_its_own_parents(tmp_path):
     mine = write(tmp_path, "mine.yaml", "extends: tiny-mistral\nlora:\n  r: 2\n")
     recipe = load_recipe([str(mine)])
-    assert recipe.lora["r"] == 2  # mine
+    assert recipe.lora.r == 2  # mine
     assert recipe.model.init_from_config is not None  # tiny-mistral
-    assert recipe.training["lr_scheduler_type"] == "cosine"  # mistral7b, which tiny-mistral extends
+    assert recipe.training.lr_scheduler_type == "cosine"  # mistral7b, which tiny-mistral extends
     assert recipe.files == [RECIPES / "mistral7b.yaml", RECIPES / "tiny-mistral.yaml", mine.resolve()]
 
 
@@ -110,7 +110,7 @@ def test_a_name_is_found_in_a_recipe_path_folder_and_the_package_comes_first(tmp
     monkeypatch.setenv("QLORA_RECIPE_PATH", os.pathsep.join([str(tmp_path / "absent"), str(team)]))
     assert find_recipe("house-style") == (team / "house-style.yaml").resolve()
     assert find_recipe("tiny-mistral") == RECIPES / "tiny-mistral.yaml"
-    assert load_recipe(["tiny-mistral", "house-style"]).lora["r"] == 5
+    assert load_recipe(["tiny-mistral", "house-style"]).lora.r == 5
 
 
 def test_a_missing_recipe_lists_every_folder_of_the_search_path(tmp_path, monkeypatch):
@@ -128,15 +128,15 @@ def test_overrides_are_yaml_typed():
     recipe = load_recipe(["tiny-mistral"], [
         "training.learning_rate=1e-4", "lora.target_modules=[q_proj,v_proj]", "lora.r=8", "data.packing=false",
     ])
-    assert recipe.training["learning_rate"] == 1e-4 and isinstance(recipe.training["learning_rate"], float)
-    assert recipe.lora["target_modules"] == ["q_proj", "v_proj"]
-    assert recipe.lora["r"] == 8 and recipe.data.packing is False
+    assert recipe.training.learning_rate == 1e-4 and isinstance(recipe.written("training")["learning_rate"], float)
+    assert recipe.written("lora")["target_modules"] == ["q_proj", "v_proj"]
+    assert recipe.lora.r == 8 and recipe.data.packing is False
     assert recipe.origins["training.learning_rate"] == "override"
 
 
 def test_an_override_list_replaces_the_recipe_list_instead_of_blending_into_it():
     recipe = load_recipe(["mistral7b"], ["lora.target_modules=[o_proj]"])
-    assert recipe.lora["target_modules"] == ["o_proj"]
+    assert recipe.written("lora")["target_modules"] == ["o_proj"]
 
 
 def test_a_section_set_to_null_keeps_no_origin_for_the_keys_it_had():
@@ -147,8 +147,8 @@ def test_a_section_set_to_null_keeps_no_origin_for_the_keys_it_had():
 
 def test_tilde_deletes_a_key_and_the_library_default_applies():
     recipe = load_recipe(["tiny-mistral"], ["~training.seed", "~generate"])
-    assert "seed" not in recipe.training and recipe.generate == {}
-    assert build_training_arguments(recipe.training, use_cpu=True).seed == 42  # TrainingArguments' default
+    assert "seed" not in recipe.written("training") and recipe.written("generate") is None
+    assert recipe.training.seed == 42  # TrainingArguments' default
     assert "training.seed" not in recipe.origins
 
 
@@ -160,14 +160,14 @@ def test_deleting_a_key_the_recipe_lacks_is_an_error():
 def test_interpolation_in_files_and_overrides_sees_the_whole_recipe(tmp_path):
     mine = write(tmp_path, "mine.yaml", "extends: tiny-mistral\nlora:\n  lora_alpha: ${lora.r}\n")
     recipe = load_recipe([str(mine)], ["lora.r=6", "training.run_name=rank-${lora.r}"])
-    assert recipe.lora["lora_alpha"] == 6
-    assert recipe.training["run_name"] == "rank-6"
+    assert recipe.lora.lora_alpha == 6
+    assert recipe.training.run_name == "rank-6"
 
 
 def test_oc_env_interpolation_reads_the_variable_or_its_default(tmp_path, monkeypatch):
     mine = write(tmp_path, "mine.yaml", "extends: tiny-mistral\ntraining:\n  output_dir: ${oc.env:RUNS_DIR,runs/here}\n")
     monkeypatch.delenv("RUNS_DIR", raising=False)
-    assert load_recipe([str(mine)]).training["output_dir"] == "runs/here"
+    assert load_recipe([str(mine)]).training.output_dir == "runs/here"
     monkeypatch.setenv("RUNS_DIR", str(tmp_path / "runs"))
     assert load_recipe([str(mine)]).run_dir == tmp_path / "runs"
 
@@ -347,7 +347,7 @@ def test_quantization_becomes_a_bitsandbytes_config_with_torch_dtypes():
 
     recipe = load_recipe(["tiny-mistral"], ["quantization.bnb_4bit_quant_storage=bfloat16",
                                             "quantization.bnb_4bit_compute_dtype=float32"])
-    bnb = build_bnb_config(recipe.quantization)
+    bnb = recipe.quantization
     assert isinstance(bnb, BitsAndBytesConfig)
     assert bnb.load_in_4bit and bnb.bnb_4bit_quant_type == "nf4" and bnb.bnb_4bit_use_double_quant
     assert bnb.bnb_4bit_compute_dtype is torch.float32
@@ -365,8 +365,8 @@ def test_lora_becomes_a_causal_lm_lora_config():
 
     recipe = load_recipe(["mistral7b"], ["lora.use_rslora=true", "lora.r=12", "lora.lora_alpha=24",
                                          "lora.lora_dropout=0.1", "lora.target_modules=[q_proj,v_proj]"])
-    lora = build_lora_config(recipe.lora)
-    assert isinstance(lora, LoraConfig)
+    lora = recipe.lora
+    assert isinstance(lora, LoraConfig) and lora == build_lora_config(recipe.written("lora"))
     assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (12, 24, 0.1)
     assert set(lora.target_modules) == {"q_proj", "v_proj"}
     assert lora.use_rslora and lora.task_type == TaskType.CAUSAL_LM
@@ -377,12 +377,21 @@ def test_training_becomes_training_arguments_with_the_recipe_values(tmp_path):
 
     recipe = load_recipe(["tiny-mistral"], [f"training.output_dir={tmp_path / 'run'}", "training.learning_rate=3e-3",
                                             "training.num_train_epochs=7", "training.per_device_train_batch_size=2"])
-    args = build_training_arguments(recipe.training, use_cpu=True)
+    args = recipe.training
     assert isinstance(args, TrainingArguments)
     assert args.output_dir == str(tmp_path / "run") and recipe.run_dir == tmp_path / "run"
     assert (args.learning_rate, args.num_train_epochs, args.per_device_train_batch_size) == (3e-3, 7, 2)
     assert args.lr_scheduler_type == recipe.resolved["training"]["lr_scheduler_type"]  # set by mistral7b
-    assert args.use_cpu
+    assert args.use_cpu == (not torch.cuda.is_available())  # built for this machine
+    assert build_training_arguments(recipe.written("training"), use_cpu=True).learning_rate == 3e-3
+
+
+def test_a_method_gets_its_own_config_class_with_the_recipe_values():
+    from trl import DPOConfig
+
+    recipe = load_recipe(["tiny-mistral-dpo"], ["training.beta=0.25"])
+    assert isinstance(recipe.training, DPOConfig) and recipe.training.beta == 0.25
+    assert recipe.training.bf16 is False and recipe.training.activation_checkpointing is False  # as for sft
 
 
 def test_a_recipe_without_output_dir_runs_in_a_folder_named_after_it(tmp_path):
@@ -394,10 +403,12 @@ def test_generate_becomes_a_generation_config_and_our_own_options():
     from transformers import GenerationConfig
 
     recipe = load_recipe(["tiny-mistral"], ["generate.max_new_tokens=7", "generate.batch_size=2"])
-    config = build_generation_config(recipe.generate)
+    config = recipe.generate.config
     assert isinstance(config, GenerationConfig)
     assert config.max_new_tokens == 7 and config.do_sample is False
-    options, fields = split_generate(recipe.generate)
+    assert recipe.generate.options.batch_size == 2 and not hasattr(config, "batch_size")
+    assert build_generation_config(recipe.written("generate")).max_new_tokens == 7
+    options, fields = split_generate(recipe.written("generate"))
     assert options.batch_size == 2 and "batch_size" not in fields
 
 

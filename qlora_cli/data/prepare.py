@@ -19,7 +19,6 @@ from pathlib import Path
 from qlora_cli.atomic import (
     MARKER, atomic_folder, can_create_in, disk_full, has_marker, marker, nearest_existing, remove_stale_temporaries,
 )
-from qlora_cli.recipe.builders import training_value
 from qlora_cli.errors import UserError
 from qlora_cli.data.packing import build_rows
 from qlora_cli.data.preference import (encode_preference, fit_to_length, is_preference_data, sequence_lengths,
@@ -82,7 +81,7 @@ def prepare_dataset(recipe, tokenizer, *, force: bool = False) -> PreparedData:
     """Prepare the recipe's data, or reuse the cached result with the same fingerprint."""
     data = recipe.data
     _check_data_section(data)
-    seed = int(training_value(recipe.training, "seed", recipe.method))
+    seed = recipe.training.seed
     fingerprint = data_fingerprint(data, tokenizer, seed)
     target = Path(data.prepared_dir) / fingerprint
     if has_marker(target / SUMMARY_FILE, KIND) and not force:

@@ -164,10 +164,8 @@ def check_writable(folder: Path) -> None:
 
 
 def _measurer(recipe, plan: EvalPlan, validation, progress: Progress):
-    from qlora_cli.recipe.builders import split_generate
-
     records, suite = plan.records, plan.suite
-    batch_size = split_generate(recipe.generate)[0].batch_size
+    batch_size = recipe.generate.options.batch_size
 
     def measure(name: str, generator, without_adapter: bool = False) -> Measured:
         measured = Measured()
@@ -217,13 +215,12 @@ def held_out_loss(generator, rows, recipe, advance) -> dict[str, float]:
     """Mean cross-entropy per labelled token over the validation rows, and its perplexity."""
     import torch
 
-    from qlora_cli.recipe.builders import training_value
     from qlora_cli.data.collate import PackedCollator
     from qlora_cli.data.templates import IGNORE_INDEX
 
     model = generator.model
     collate = PackedCollator(generator.tokenizer.pad_token_id, recipe.model.attn_implementation)
-    batch_size = int(training_value(recipe.training, "per_device_eval_batch_size", recipe.method))
+    batch_size = recipe.training.per_device_eval_batch_size
     total, tokens = 0.0, 0
     for start in range(0, len(rows), batch_size):
         batch = collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))])

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from qlora_cli.recipe.builders import build_generation_config, split_generate
+from qlora_cli.recipe.builders import build_generation_config
 from qlora_cli.errors import UserError
 from qlora_cli.run_folder import merge_adapter_dir
 from qlora_cli.data.sources import load_json
@@ -99,7 +99,7 @@ def load_generator(recipe, model_path: str | None = None) -> Generator:
     as `merge.base` says, in `merge.dtype`), or `model_path`."""
     from qlora_cli.data.tokenizer import load_recipe_tokenizer
 
-    options, _ = split_generate(recipe.generate)
+    options = recipe.generate.options
     if model_path:
         check_model_source(model_path)
     tokenizer = load_recipe_tokenizer(recipe)
@@ -114,8 +114,8 @@ def load_generator(recipe, model_path: str | None = None) -> Generator:
         # the 4-bit weights it was trained on, dequantized, not the original ones it never saw.
         model = load_adapter_model(recipe, adapter, quantized=options.quantized,
                                    dequantize=recipe.merge.base == "dequantized")
-    config = build_generation_config(
-        recipe.generate, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    config = build_generation_config(  # the tokenizer's special tokens for what the recipe leaves unset
+        recipe.written("generate") or {}, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
     return Generator(model.eval(), tokenizer, recipe.data.template, config, options.system_prompt)
@@ -141,8 +141,8 @@ def choose_answering(recipe, *, prompt: str | None, input: Path | None, output: 
     `generate.output` are the default mode, not a second one: a flag given now wins."""
     if sum([prompt is not None, input is not None, interactive]) > 1:
         raise UserError(CHOOSE_ONE)
-    prompts_file = None if prompt is not None or interactive else input or recipe.generate.get("input")
-    answers_file = output or recipe.generate.get("output")
+    prompts_file = None if prompt is not None or interactive else input or recipe.generate.options.input
+    answers_file = output or recipe.generate.options.output
     if prompt is None and prompts_file is None and not interactive:
         raise UserError(CHOOSE_ONE)
     if prompt is not None:
@@ -160,9 +160,9 @@ def choose_answering(recipe, *, prompt: str | None, input: Path | None, output: 
 
 def check_chat(recipe) -> None:
     """A chat continues from one answer: which of several would it be?"""
-    if (recipe.generate.get("num_return_sequences") or 1) > 1:
+    if (recipe.generate.config.num_return_sequences or 1) > 1:
         raise UserError("--interactive continues the conversation from one answer, but "
-                        f"generate.num_return_sequences is {recipe.generate['num_return_sequences']}",
+                        f"generate.num_return_sequences is {recipe.generate.config.num_return_sequences}",
                         key="generate.num_return_sequences",
                         fix="use --prompt or --input for several answers per prompt, or set "
                             "generate.num_return_sequences=1")

@@ -65,7 +65,7 @@ def merge(recipe, *, overwrite: bool = False) -> MergeResult:
     run = RunFolder(recipe.run_dir)
     adapter, output = merge_adapter_dir(recipe), merge_output_dir(recipe)
     check_adapter(adapter, recipe)
-    differences = lora_differences(adapter, recipe.lora)
+    differences = lora_differences(adapter, recipe.written("lora"))  # the keys it sets
     check_output_spares_the_run(output, adapter, run, recipe.model.name_or_path)
     check_output(output, overwrite)
     remove_stale_temporaries(output.parent, output.name)  # a killed merge leaves a model-sized folder behind
@@ -215,7 +215,7 @@ def logit_difference(a, b) -> LogitDifference:
 
 def _distance_from_training_view(recipe, adapter: Path, merged, probe) -> LogitDifference | None:
     """How far the merged model is from what was trained: the 4-bit base + adapter."""
-    if not recipe.quantization:
+    if recipe.quantization is None:
         return None
     reference = load_adapter_model(recipe, adapter, quantized=True)
     difference = logit_difference(_logits(merged, probe), _logits(reference, probe))

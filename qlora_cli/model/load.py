@@ -7,15 +7,17 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qlora_cli.atomic import atomic_folder, cache_root
-from qlora_cli.recipe.builders import (
-    build_bnb_config, build_lora_config, checkpointing_on, quantization_value, quantization_values, training_value,
-)
+from qlora_cli.recipe.builders import build_bnb_config, build_lora_config, quantization_values
 from qlora_cli.errors import UserError
 from qlora_cli.run_folder import RunFolder
 from qlora_cli.recipe.sections import to_dtype
 from qlora_cli.data.tokenizer import load_recipe_tokenizer, tokenizer_spec
+
+if TYPE_CHECKING:
+    from transformers import BitsAndBytesConfig
 
 
 # init_from_config model folders found in this process: merge and generate ask for the base
@@ -98,14 +100,14 @@ def lora_by_kind(model) -> dict[str, int]:
     return counts
 
 
-def describe_quantization(quantization: dict | None) -> str:
-    if not quantization:
+def describe_quantization(quantization: BitsAndBytesConfig | None) -> str:
+    if quantization is None:
         return "none (16/32-bit base weights)"
-    if quantization.get("load_in_4bit"):
-        double = " + double quantization" if quantization.get("bnb_4bit_use_double_quant") else ""
-        compute = quantization.get("bnb_4bit_compute_dtype", "float32")
-        return f"4-bit {quantization_value(quantization, 'bnb_4bit_quant_type')}{double}, compute in {compute}"
-    return "8-bit (LLM.int8)" if quantization.get("load_in_8bit") else "none"
+    if quantization.load_in_4bit:
+        double = " + double quantization" if quantization.bnb_4bit_use_double_quant else ""
+        compute = str(quantization.bnb_4bit_compute_dtype).removeprefix("torch.")
+        return f"4-bit {quantization.bnb_4bit_quant_type}{double}, compute in {compute}"
+    return "8-bit (LLM.int8)" if quantization.load_in_8bit else "none"
 
 
 def load_base_model(recipe, *, quantized: bool = True, dtype=None, device_map=None, tokenizer=None):
@@ -122,7 +124,7 @@ def load_base_model(recipe, *, quantized: bool = True, dtype=None, device_map=No
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code, revision=model.revision)
         family = checkpoint_family(config, trust_remote_code=model.trust_remote_code)
-        quantization = kept_16bit(family, recipe.quantization) if quantized else None
+        quantization = kept_16bit(family, recipe.written("quantization")) if quantized else None
         bnb = build_bnb_config(quantization) if quantized else None
         experts_4bit = quantization_values(quantization) if bnb is not None else None
         with quantizing_experts_on_load(family.expert_modules, experts_4bit):
@@ -179,8 +181,8 @@ def load_trainable_model(recipe, *, device_map=None, tokenizer=None):
     from qlora_cli.families import checkpoint_family, language_model_lora
 
     model = load_base_model(recipe, device_map=device_map, tokenizer=tokenizer)
-    checkpointing = checkpointing_on(recipe.training)
-    sharded = bool(recipe.training.get("fsdp"))
+    checkpointing = recipe.training.activation_checkpointing
+    sharded = bool(recipe.training.fsdp)
     if recipe.quantization and recipe.model.upcast_to_fp32 and not sharded:
         # The QLoRA paper's preparation: every weight that is not 4-bit (embeddings, norms, lm_head)
         # becomes fp32, and with the embeddings so does the residual stream. Off by default: the
@@ -195,13 +197,13 @@ def load_trainable_model(recipe, *, device_map=None, tokenizer=None):
     if recipe.model.adapter:
         return load_starting_adapter(model, recipe)
     family = checkpoint_family(model.config, trust_remote_code=recipe.model.trust_remote_code)
-    lora_section = expand_expert_targets(recipe.lora, model, family.expert_modules)
+    lora_section = expand_expert_targets(recipe.written("lora"), model, family.expert_modules)
     lora = build_lora_config(language_model_lora(family, lora_section))
     if lora is None:
         return model
     # Seed right before the LoRA weights' random init, so it is the same for every rank and
     # every run, whether or not this process had to build the base model first.
-    set_seed(int(training_value(recipe.training, "seed", recipe.method)))
+    set_seed(recipe.training.seed)
     # FSDP shards a layer as one flat buffer of one dtype: keep LoRA weights in the model's dtype
     # instead of peft's fp32 (and never upcast the unquantized weights above).
     try:
@@ -270,7 +272,7 @@ def load_adapter_model(recipe, adapter: Path, *, quantized: bool, dequantize: bo
 
 
 def trained_on_4bit(recipe) -> bool:
-    return bool(recipe.quantization and recipe.quantization.get("load_in_4bit"))
+    return recipe.quantization is not None and recipe.quantization.load_in_4bit
 
 
 def copy_dequantized_weights(quantized_model, model) -> None:
@@ -348,7 +350,7 @@ def _same_model(a: str, b: str) -> bool:
 
 
 
-def summarize_model(model, quantization: dict | None) -> ModelSummary:
+def summarize_model(model, quantization: BitsAndBytesConfig | None) -> ModelSummary:
     """Trainable and total parameters (4-bit weights counted as their logical size)."""
     from peft import PeftModel
 

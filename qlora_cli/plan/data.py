@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qlora_cli.recipe.builders import training_value
 from qlora_cli.errors import UserError
 from qlora_cli.data.templates import IGNORE_INDEX
 
@@ -61,7 +60,7 @@ def data_warnings(recipe, prepared, tokenizer) -> list[str]:
     cut = sum(s.truncated for s in summary.sources)
     if cut:
         warnings.append(f"{cut:,} examples were cut at data.max_length={summary.max_length:,}")
-    rows, batch = len(prepared.dataset["train"]), int(training_value(recipe.training, "per_device_train_batch_size", recipe.method))
+    rows, batch = len(prepared.dataset["train"]), recipe.training.per_device_train_batch_size
     if batch > rows:  # legal: every step takes the rows there are (the sample data on the 7B recipe)
         warnings.append(f"training.per_device_train_batch_size is {batch} but the training set has {rows} "
                         f"row{'s' if rows != 1 else ''}: each step trains on {rows}")

@@ -12,10 +12,6 @@ import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from qlora_cli.recipe.builders import (
-    checkpointing_on, dataclass_defaults, lora_value, quantization_value, training_class, training_defaults,
-    training_value,
-)
 from qlora_cli.errors import UserError
 from qlora_cli.plan.memory import (
     GiB, MemoryItem, ModelShape, Settings, dtype_bytes, flops_per_token, largest_fitting, lora_tensors, memory_items,
@@ -95,11 +91,11 @@ def plan_recipe(recipe, gpu_memory: float | None = None, gpus: int | None = None
     tokenizer = tokenizer or load_recipe_tokenizer(recipe)
     shape = model_shape(load_model_config(recipe, tokenizer))
     device, capacity, tflops = detect_device(gpu_memory)
-    settings = recipe_settings(recipe, shape, on_gpu=not recipe.training.get("use_cpu"), gpus=gpus or 1)
+    settings = recipe_settings(recipe, shape, on_gpu=not recipe.written("training").get("use_cpu"), gpus=gpus or 1)
     prepared = prepared or prepare_dataset(recipe, tokenizer)
-    training, gpus = recipe.training, gpus or 1
+    gpus = gpus or 1
     # DPO runs prompt + chosen and prompt + rejected for each pair, KTO each example and its KL twin.
-    examples_per_step = int(training_value(training, "per_device_train_batch_size", recipe.method))
+    examples_per_step = recipe.training.per_device_train_batch_size
     batch = examples_per_step * (2 if recipe.method != "sft" else 1)
     data = describe_data(prepared, batch)
     plan = Plan(model=recipe.model.name_or_path or f"init_from_config ({shape.layers} layers, {shape.hidden} wide)",
@@ -171,24 +167,23 @@ def _measured_tflops(torch) -> float:
 
 def recipe_settings(recipe, shape: ModelShape, on_gpu: bool = True, gpus: int = 1) -> Settings:
     """The recipe's choices that memory depends on, with LoRA targets resolved against the model."""
+    from peft import LoraConfig
+
     from qlora_cli.families import kept_16bit
 
-    q, training = (kept_16bit(shape.family, recipe.quantization) if shape.family else recipe.quantization) or {}, recipe.training
-    quant = "none"
-    if q.get("load_in_4bit"):
-        quant = quantization_value(q, "bnb_4bit_quant_type")
-    elif q.get("load_in_8bit"):
-        quant = "int8"
-    mixed = training.get("bf16") or training.get("fp16")
+    bnb, training = recipe.quantization, recipe.training
+    quant = "none" if bnb is None else bnb.bnb_4bit_quant_type if bnb.load_in_4bit else "int8" if bnb.load_in_8bit else "none"
+    q = (kept_16bit(shape.family, recipe.written("quantization")) if shape.family else recipe.written("quantization")) or {}
+    lora = recipe.lora or LoraConfig()  # no LoRA (no targets either): peft's defaults
+    mixed = training.bf16 or training.fp16
     attn = recipe.model.attn_implementation or "sdpa"
-    sharded = bool(training.get("fsdp"))
+    sharded = bool(training.fsdp)
     return Settings(
-        quant=quant, double_quant=bool(q.get("bnb_4bit_use_double_quant")), model_dtype=recipe.model.dtype,
-        skip_modules=tuple(q.get("llm_int8_skip_modules") or ()), lora_r=int(lora_value(recipe.lora, "r")),
+        quant=quant, double_quant=bnb is not None and bnb.bnb_4bit_use_double_quant, model_dtype=recipe.model.dtype,
+        skip_modules=tuple(q.get("llm_int8_skip_modules") or ()), lora_r=lora.r,
         lora_targets=lora_targets(recipe, shape), expert_lora=expert_lora_targets(recipe, shape),
-        lora_dropout=float(lora_value(recipe.lora, "lora_dropout")),
-        use_dora=bool((recipe.lora or {}).get("use_dora")), optim=str(training.get("optim") or _default_optim()),
-        checkpointing=checkpointing_on(training) or (sharded and _fsdp_checkpointing(training)),
+        lora_dropout=lora.lora_dropout, use_dora=lora.use_dora, optim=training.optim.value,
+        checkpointing=training.activation_checkpointing or (sharded and _fsdp_checkpointing(recipe.written("training"))),
         autocast_bytes=2 if mixed else None, packed_mask=recipe.data.packing and "flash" not in attn,
         eager_attention=attn == "eager", on_gpu=on_gpu, chunked_loss=recipe.model.chunked_loss,
         log_probs=recipe.method != "sft", upcast=recipe.model.upcast_to_fp32 and not sharded,
@@ -203,10 +198,6 @@ def _fsdp_checkpointing(training: dict) -> bool:
     return isinstance(config, dict) and bool(config.get("activation_checkpointing"))
 
 
-def _default_optim() -> str:
-    return str(dataclass_defaults(training_class())["optim"])
-
-
 def lora_targets(recipe, shape: ModelShape) -> list[str]:
     """Names of the Linear layers the recipe's LoRA wraps, matched by peft's own rule."""
     if not recipe.lora:
@@ -216,7 +207,7 @@ def lora_targets(recipe, shape: ModelShape) -> list[str]:
     from qlora_cli.recipe.builders import build_lora_config
     from qlora_cli.families import language_model_lora
 
-    lora = language_model_lora(shape.family, recipe.lora) if shape.family else recipe.lora
+    lora = language_model_lora(shape.family, recipe.written("lora")) if shape.family else recipe.written("lora")
     config = build_lora_config(lora)
     if config.target_modules == "all-linear":  # every Linear but the output layer, as peft does
         return [name for name, _, _ in shape.layer_linears if not _excluded(config, name)]
@@ -230,7 +221,7 @@ def expert_lora_targets(recipe, shape: ModelShape) -> list[tuple[str, int, int, 
         return []
     from qlora_cli.model.experts import expert_lora_rank, expert_targets, router_lora_names
 
-    lora, r = recipe.lora, int(lora_value(recipe.lora, "r"))
+    lora, r = recipe.written("lora"), recipe.lora.r
     all_linear = lora.get("target_modules") == "all-linear"
     # a name that matches no expert tensor (any name, of a dense model) exits 2
     chosen = expert_targets(lora, [name for name, *_ in shape.experts])
@@ -285,8 +276,9 @@ def _faster(plan: Plan, shape: ModelShape, s: Settings, recipe, total) -> list[s
 
     if not s.checkpointing:
         return []
-    keys = [k for k in ("activation_checkpointing", "gradient_checkpointing") if recipe.training.get(k)]
-    if recipe.training.get("fsdp") and _fsdp_checkpointing(recipe.training):
+    written = recipe.written("training")  # the keys that turned it on
+    keys = [k for k in ("activation_checkpointing", "gradient_checkpointing") if written.get(k)]
+    if recipe.training.fsdp and _fsdp_checkpointing(written):
         keys.append("fsdp_config.activation_checkpointing")
     plain = replace(s, checkpointing=False)
     need = total(plan.batch, plan.seq, plain)
@@ -300,8 +292,8 @@ def _faster(plan: Plan, shape: ModelShape, s: Settings, recipe, total) -> list[s
 
 
 def _changes(plan: Plan, shape: ModelShape, s: Settings, recipe, total) -> list[str]:
-    changes, accumulate = [], int(training_value(recipe.training, "gradient_accumulation_steps", recipe.method))
-    sharded = bool(recipe.training.get("fsdp"))
+    changes, accumulate = [], recipe.training.gradient_accumulation_steps
+    sharded = bool(recipe.training.fsdp)
     if not s.checkpointing:
         s = replace(s, checkpointing=True)
         key = "training.fsdp_config.activation_checkpointing" if sharded else "training.activation_checkpointing"
@@ -328,10 +320,10 @@ def _changes(plan: Plan, shape: ModelShape, s: Settings, recipe, total) -> list[
 
 def _plan_time(plan: Plan, shape: ModelShape, s: Settings, recipe, gpus: int, measured: float | None) -> None:
     training, data = recipe.training, plan.data
-    accumulate = int(training_value(training, "gradient_accumulation_steps", recipe.method))
+    accumulate = training.gradient_accumulation_steps
     per_epoch = max(1, math.ceil(math.ceil(data.rows / (plan.batch * gpus)) / accumulate))
-    max_steps = int(training.get("max_steps", -1) or -1)
-    epochs = max_steps / per_epoch if max_steps > 0 else float(training_value(training, "num_train_epochs", recipe.method))
+    max_steps = training.max_steps
+    epochs = max_steps / per_epoch if max_steps > 0 else float(training.num_train_epochs)
     plan.steps = max_steps if max_steps > 0 else math.ceil(per_epoch * epochs)
     plan.epochs = epochs
     per_token = flops_per_token(shape, s, data.mean_context)
@@ -351,12 +343,11 @@ def _plan_disk(plan: Plan, shape: ModelShape, s: Settings, recipe, tokenizer) ->
     tokenizer_bytes = len(tokenizer.backend_tokenizer.to_str()) + 16_384
     adapter = s.lora_bytes * sum(tensors) + tokenizer_bytes
     checkpoint = adapter + optimizer_bytes(s.optim, tensors) + 64 * 1024  # + rng, scheduler, trainer state
-    saves = {"no": 0, "epoch": math.ceil(plan.epochs)}.get(str(training_value(training, "save_strategy", recipe.method)))
+    saves = {"no": 0, "epoch": math.ceil(plan.epochs)}.get(training.save_strategy.value)
     if saves is None:
         # every save_steps, and once more at the last step (the Trainer always saves there)
-        every = training_value(training, "save_steps", recipe.method) or training_defaults(recipe.method)["save_steps"]
-        saves = math.ceil(plan.steps / max(int(every), 1))
-    limit = training.get("save_total_limit")
+        saves = math.ceil(plan.steps / max(int(training.save_steps), 1))
+    limit = training.save_total_limit
     kept = min(saves, int(limit) + 1) if limit else saves  # the Trainer writes a new one before rotating
     merged_dir = merge_output_dir(recipe)
     merged = shape.total_params * dtype_bytes(recipe.merge.dtype)

@@ -27,7 +27,8 @@ def check_machine(recipe) -> None:
     """Refuse, before any weight is loaded, what this machine cannot do."""
     import torch
 
-    training, errors = recipe.training, []
+    # what the recipe asks for: `recipe.training` was built for this machine (use_cpu on a CPU)
+    training, errors = recipe.written("training"), []
     no_gpu = not torch.cuda.is_available()
 
     def refuse(key: str, why: str, fix: str) -> None:
@@ -95,7 +96,7 @@ def check_trainable(recipe) -> None:
 
 def check_prepared_data(recipe, prepared) -> None:
     """Data problems the Trainer would only find later, or never."""
-    dataset, training = prepared.dataset, recipe.training
+    dataset, training = prepared.dataset, recipe.written("training")  # asked for, not implied by validation data
     wants_eval = str(training.get("eval_strategy", "no")) != "no" or training.get("load_best_model_at_end")
     if wants_eval and "validation" not in dataset:
         key = "eval_strategy" if str(training.get("eval_strategy", "no")) != "no" else "load_best_model_at_end"

@@ -13,8 +13,8 @@ from typing import Any
 
 from qlora_cli.errors import UserError, combined
 from qlora_cli.recipe.sections import (
-    METHODS, GenerateOptions, build_schema, check_keys, dataclass_annotations, matches_type, signature_annotations,
-    to_dtype,
+    METHODS, GenerateOptions, GenerateSection, build_schema, check_keys, dataclass_annotations, matches_type,
+    signature_annotations, to_dtype,
 )
 
 
@@ -37,26 +37,9 @@ def signature_defaults(func) -> dict[str, Any]:
             if p.default is not inspect.Parameter.empty}
 
 
-def training_value(training: dict, key: str, method: str = "sft") -> Any:
-    """`training.<key>` as the run will have it: the recipe's, or the default of the method's config class."""
-    return training[key] if key in training else training_defaults(method)[key]
-
-
 def training_defaults(method: str = "sft") -> dict[str, Any]:
     """What an unset `training.<key>` is for `method`: its config class's default, or qlora's."""
     return {**dataclass_defaults(training_class(method)), **method_defaults(method, {})}
-
-
-def lora_value(lora: dict | None, key: str) -> Any:
-    """`lora.<key>` as the run will have it: the recipe's, or LoraConfig's own default."""
-    from peft import LoraConfig
-
-    return (lora or {})[key] if key in (lora or {}) else dataclass_defaults(LoraConfig)[key]
-
-
-def quantization_value(quantization: dict | None, key: str) -> Any:
-    """`quantization.<key>` as the run will have it: the recipe's, or BitsAndBytesConfig's default."""
-    return quantization_values(quantization)[key]
 
 
 def quantization_values(quantization: dict | None) -> dict[str, Any]:
@@ -117,11 +100,6 @@ def generation_keys() -> dict[str, Any]:
     return {name: typing.Any for name in generation_defaults()}
 
 
-def checkpointing_on(training: dict) -> bool:
-    """Whether the recipe recomputes activations: our `activation_checkpointing` or the Trainer's name."""
-    return bool(training.get("activation_checkpointing") or training.get("gradient_checkpointing"))
-
-
 def build_bnb_config(quantization: dict | None):
     """`BitsAndBytesConfig` from the recipe's `quantization` section (None: no quantization)."""
     if not quantization:
@@ -149,9 +127,16 @@ def build_training_arguments(training: dict, *, has_validation: bool = False, me
     """The TrainingArguments a run trains with, assembled in this one place: the recipe's
     `training` section, what this machine needs, the evaluation that validation data implies,
     and `changes` (the run folder's) on top. `cls` defaults to `training_class(method)`."""
-    values = {**method_defaults(method, training), **training, **machine_changes(),
+    values = {**method_defaults(method, training), **training, **_checkpointing(training), **machine_changes(),
               **evaluation_changes(training, has_validation), **changes}
     return _construct(cls or training_class(method), values, "training")
+
+
+def _checkpointing(training: dict) -> dict:
+    """`activation_checkpointing` and its older name `gradient_checkpointing` are one switch, which
+    either turns on (TrainingArguments lets a false new name win over a true old one)."""
+    on = training.get("activation_checkpointing") or training.get("gradient_checkpointing")
+    return {"activation_checkpointing": True} if on else {}
 
 
 def machine_changes() -> dict:
@@ -184,9 +169,10 @@ def build_generation_config(generate: dict, **defaults):
     return config
 
 
-def check_library_sections(config: dict, data=None) -> list[UserError]:
-    """Every unknown key, wrong type and library objection in the four library sections; `data`
-    is the typed data section, when it was built."""
+def build_library_sections(config: dict, data=None) -> tuple[dict[str, Any], list[UserError]]:
+    """The objects the four library sections become (`None` for quantization or lora set to null),
+    and every unknown key, wrong type and library objection in them; `data` is the typed data
+    section, when it was built."""
     generate_ours = [f.name for f in dataclasses.fields(GenerateOptions)]
     has_validation = data is not None and data.has_validation
     method = config.get("method", "sft")
@@ -196,12 +182,15 @@ def check_library_sections(config: dict, data=None) -> list[UserError]:
         ("lora", lora_keys, _build_lora_for_check, ()),
         ("training", functools.partial(training_keys, method),
          functools.partial(_build_training_for_check, has_validation=has_validation, method=method), ()),
-        ("generate", generation_keys, _build_generation_for_check, generate_ours),
+        ("generate", generation_keys, _build_generate_section, generate_ours),
     ]
+    built: dict[str, Any] = {"quantization": None, "lora": None}
     errors: list[UserError] = []
     for section, keys, build, extra in checks:
         values = config.get(section)
         if values is None:
+            if section == "generate":
+                built[section] = _build_generate_section({})
             continue
         if not isinstance(values, dict):
             errors.append(UserError(f"`{section}` must be a mapping of keys", key=section))
@@ -214,11 +203,11 @@ def check_library_sections(config: dict, data=None) -> list[UserError]:
             section_errors += _check_choices(training_class(method), values)
         if not section_errors:
             try:
-                build(values)
+                built[section] = build(values)
             except UserError as err:
                 section_errors = err.errors
         errors += section_errors
-    return errors
+    return built, errors
 
 
 def _check_choices(cls, values: dict) -> list[UserError]:
@@ -465,6 +454,12 @@ def _build_lora_for_check(lora: dict):
     if errors:
         raise combined(errors)
     return config
+
+
+def _build_generate_section(generate: dict) -> GenerateSection:
+    """Our own `generate` options (checked already) and the GenerationConfig of the other keys."""
+    options, _ = split_generate(generate)
+    return GenerateSection(options, _build_generation_for_check(generate) if generate else build_generation_config({}))
 
 
 def _build_generation_for_check(generate: dict):

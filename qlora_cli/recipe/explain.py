@@ -48,7 +48,7 @@ def _section_defaults(recipe) -> Iterator[tuple[str, str, dict[str, Any]]]:
     yield "model", "qlora", dataclass_defaults(ModelSection)
     yield "data", "qlora", dataclass_defaults(DataSection)
     yield "merge", "qlora", dataclass_defaults(MergeSection)
-    if recipe.quantization:
+    if recipe.quantization is not None:
         yield "quantization", "BitsAndBytesConfig", signature_defaults(BitsAndBytesConfig.__init__)
     if recipe.lora is not None:
         yield "lora", "LoraConfig", dataclass_defaults(LoraConfig)

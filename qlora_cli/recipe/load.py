@@ -13,14 +13,18 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from qlora_cli.errors import UserError, combined, locating
-from qlora_cli.recipe.sections import DataSection, EvalSection, MergeSection, ModelSection
+from qlora_cli.recipe.sections import DataSection, EvalSection, GenerateSection, MergeSection, ModelSection
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig, TrainingArguments
 
 SECTIONS = ("model", "quantization", "lora", "data", "training", "merge", "generate", "eval")
 TOP_LEVEL_KEYS = ("method",)  # keys that are no section: the objective (sft, dpo, kto)
@@ -400,16 +404,19 @@ def _as_written(resolved: dict[str, Any], keys: dict[str, str]) -> dict[str, Any
 
 @dataclass
 class Recipe:
-    """A resolved, validated recipe: our typed sections plus the library sections as mappings."""
+    """A resolved, validated recipe, every section typed: our own sections' dataclasses, and the
+    library objects the others become, built once here and on this machine (`training` is the
+    method's config class: TrainingArguments, or TRL's DPOConfig / KTOConfig). `written(section)`
+    gives a section's keys as the recipe set them, before any default."""
 
     model: ModelSection
     data: DataSection
     merge: MergeSection
     eval: EvalSection
-    quantization: dict | None
-    lora: dict | None
-    training: dict
-    generate: dict
+    generate: GenerateSection
+    training: TrainingArguments
+    lora: LoraConfig | None  # `lora: null`: no LoRA
+    quantization: BitsAndBytesConfig | None  # `quantization: null`: 16/32-bit base weights
     resolved: dict[str, Any]
     origins: dict[str, str]
     files: list[Path]
@@ -418,7 +425,12 @@ class Recipe:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.training["output_dir"])
+        return Path(self.training.output_dir)
+
+    def written(self, section: str) -> dict | None:
+        """The keys the recipe set in `section`, resolved but as written (no default, no library
+        conversion); None for a section it left out or set to null."""
+        return self.resolved.get(section)
 
     def as_written(self) -> dict[str, Any]:
         """The recipe as qlora shows it everywhere (recipe.yaml, model card, config show|explain):
@@ -438,7 +450,7 @@ def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
 
 
 def _validated(raw: RawRecipe) -> Recipe:
-    from qlora_cli.recipe.builders import check_library_sections
+    from qlora_cli.recipe.builders import build_library_sections
     from qlora_cli.recipe.model_checks import check_model_objects
     from qlora_cli.recipe.sections import (DataSection, EvalSection, MergeSection, ModelSection, build_schema,
                                            check_method, check_values, suggest)
@@ -461,7 +473,8 @@ def _validated(raw: RawRecipe) -> Recipe:
             typed[name] = build_schema(cls, resolved.get(name), name)
         except UserError as err:
             errors += err.errors
-    errors += check_library_sections(resolved, typed.get("data"))
+    library, library_errors = build_library_sections(resolved, typed.get("data"))
+    errors += library_errors
     errors += check_values(typed)
     method = resolved.get("method", "sft")
     errors += check_method(method, typed.get("data"))
@@ -470,9 +483,7 @@ def _validated(raw: RawRecipe) -> Recipe:
     if errors:
         raise combined(errors)
     return Recipe(
-        **typed, quantization=resolved.get("quantization"), lora=resolved.get("lora"),
-        training=resolved["training"], generate=resolved.get("generate") or {},
-        resolved=resolved, origins=raw.origins, files=raw.files, from_environment=environment_keys(raw, resolved),
+        **typed, **library, resolved=resolved, origins=raw.origins, files=raw.files, from_environment=environment_keys(raw, resolved),
         method=method,
     )
 

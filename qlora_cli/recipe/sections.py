@@ -15,10 +15,13 @@ import inspect
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from qlora_cli.errors import UserError, combined, did_you_mean
 from qlora_cli.families import init_config_errors
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig
 
 
 @dataclass
@@ -104,6 +107,14 @@ class GenerateOptions:
     input: str | None = None
     output: str | None = None
     system_prompt: str | None = None
+
+
+@dataclass
+class GenerateSection:
+    """The `generate` section: our own options, and the `GenerationConfig` its other keys become."""
+
+    options: GenerateOptions
+    config: GenerationConfig
 
 
 @dataclass

@@ -55,7 +55,7 @@ def train(recipe, *, resume: bool = False, overwrite: bool = False, force: bool 
     seen = open_run_folder(recipe, resume=resume, overwrite=overwrite)
     check_before_loading(recipe)
     # Building the arguments also joins the process group under torchrun / accelerate launch.
-    args = build_training_arguments(recipe.training, has_validation=recipe.data.has_validation,
+    args = build_training_arguments(recipe.written("training"), has_validation=recipe.data.has_validation,
                                     method=recipe.method, **run_changes(recipe, seen))
     state = PartialState()
     state.wait_for_everyone()  # every rank has looked at the folder before rank 0 takes it
@@ -203,7 +203,7 @@ def run_changes(recipe, run: RunFolder) -> dict:
         "remove_unused_columns": False,  # `seq_lengths` (or a pair's masks) must reach the collator
         "label_names": ["labels"] if recipe.method == "sft" else [],
         # Every LoRA weight takes part in every step; the search DDP does otherwise costs time.
-        "ddp_find_unused_parameters": recipe.training.get("ddp_find_unused_parameters", False),
+        "ddp_find_unused_parameters": recipe.training.ddp_find_unused_parameters or False,
     }
 
 
