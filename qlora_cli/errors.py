@@ -95,3 +95,13 @@ def did_you_mean(name: str, valid) -> str:
 
     close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
     return f" (did you mean `{close[0]}`?)" if close else ""
+
+
+def first_line(err: BaseException, named: bool = False) -> str:
+    """The start of a library's error, its first two lines; `named`: after its type, and saying how
+    many lines it leaves out (torch lists every mismatched weight of a state dict)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not named:
+        return " ".join(lines[:2]) if lines else type(err).__name__
+    more = f" (and {len(lines) - 2} more lines)" if len(lines) > 2 else ""
+    return f"{type(err).__name__}: {' '.join(lines[:2])}{more}"

@@ -57,7 +57,8 @@ def test_the_experts_turn_4bit_as_they_load_into_the_model_quantizing_after_load
     in model.dtype (bench/moe_experts.py --load measures the peak); the model is the same one."""
     from transformers import AutoModelForCausalLM
 
-    from qlora_cli.recipe.builders import build_bnb_config, quantization_values
+    from qlora_cli.recipe.builders import build_bnb_config
+    from qlora_cli.recipe.library_fields import quantization_values
     from qlora_cli.model.experts import quantize_experts, quantizing_experts_on_load
     from qlora_cli.families import family_of, kept_16bit
     from qlora_cli.model.load import model_path

@@ -1,4 +1,4 @@
-"""recipe.py, sections.py, builders.py: layered recipes merge, override, interpolate and validate
+"""recipe/: load, sections, library_fields, builders, library_checks, probes: layered recipes merge, override, interpolate and validate
 against the library classes, and become the libraries' own config objects."""
 
 from __future__ import annotations

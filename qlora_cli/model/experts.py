@@ -71,7 +71,7 @@ def is_quantized(module, param_name: str) -> bool:
 def quantize_experts(model, expert_modules: tuple[str, ...], quantization: dict | None) -> int:
     """Store every expert tensor of `model` in 4 bits as the recipe's `quantization` says
     (`bnb_4bit_quant_type`, `bnb_4bit_use_double_quant`, BitsAndBytesConfig's defaults filled in:
-    builders.quantization_values); expert modules under a name in
+    recipe.library_fields.quantization_values); expert modules under a name in
     `llm_int8_skip_modules` stay as loaded. Returns how many tensors were quantized.
 
     Per expert: a 4-bit block never spans two experts (each expert's matrix holds a whole

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora_cli.atomic import atomic_folder, cache_root
-from qlora_cli.recipe.builders import build_bnb_config, build_lora_config, quantization_values
+from qlora_cli.recipe.builders import build_bnb_config, build_lora_config
+from qlora_cli.recipe.library_fields import quantization_values
 from qlora_cli.errors import UserError
 from qlora_cli.run_folder import RunFolder
 from qlora_cli.recipe.sections import to_dtype

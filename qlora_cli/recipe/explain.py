@@ -42,8 +42,8 @@ def _section_defaults(recipe) -> Iterator[tuple[str, str, dict[str, Any]]]:
     from peft import LoraConfig
     from transformers import BitsAndBytesConfig
 
-    from qlora_cli.recipe.builders import (dataclass_defaults, generation_defaults, signature_defaults, training_class,
-                                           training_defaults)
+    from qlora_cli.recipe.library_fields import (dataclass_defaults, generation_defaults, signature_defaults,
+                                                 training_class, training_defaults)
 
     yield "model", "qlora", dataclass_defaults(ModelSection)
     yield "data", "qlora", dataclass_defaults(DataSection)

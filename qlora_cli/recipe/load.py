@@ -450,7 +450,7 @@ def load_recipe(recipe_args: list[str], overrides: list[str] = ()) -> Recipe:
 
 
 def _validated(raw: RawRecipe) -> Recipe:
-    from qlora_cli.recipe.builders import build_library_sections
+    from qlora_cli.recipe.library_checks import build_library_sections
     from qlora_cli.recipe.model_checks import check_model_objects
     from qlora_cli.recipe.sections import (DataSection, EvalSection, MergeSection, ModelSection, build_schema,
                                            check_method, check_values, suggest)

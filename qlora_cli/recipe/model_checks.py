@@ -4,8 +4,8 @@ the meta device: no memory, no weights)."""
 
 from __future__ import annotations
 
-from qlora_cli.recipe.builders import blamed_key, first_line, quiet_transformers
-from qlora_cli.errors import UserError
+from qlora_cli.errors import UserError, first_line
+from qlora_cli.recipe.probes import blamed_key, quiet_transformers
 
 
 def check_model_objects(model) -> list[UserError]:

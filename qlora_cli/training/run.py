@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_cli.atomic import CARD, atomic_folder, disk_full, folder_size
-from qlora_cli.recipe.builders import first_line
-from qlora_cli.errors import UserError
+from qlora_cli.errors import UserError, first_line
 from qlora_cli.training.launch import hand_over_prepared, planned_by_launcher, prepared_by_launcher, user_command_line
 from qlora_cli.plan.preflight import check_before_loading, check_prepared_data
 from qlora_cli.run_folder import (
