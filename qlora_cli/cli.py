@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from qlora_cli.errors import UserError, locating
-from qlora_cli.training.launch import STATUS_VARIABLE, plan_then_launch, run_rank
+from qlora_cli.training.launch import STATUS_VARIABLE, launch_processes, run_rank
 
 app = typer.Typer(
     name="qlora",
@@ -208,35 +208,33 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run folder and start over."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Train on N local processes (DDP through torchrun), e.g. one per GPU."),
     force: bool = typer.Option(False, "--force", help="Train even when `qlora plan` says the run will not fit in GPU memory."),
-    plan_only: bool = typer.Option(False, "--plan-only", hidden=True, help="Only the pre-flight plan (for --nproc)."),
 ) -> None:
     """Train a LoRA adapter on a 4-bit base model as the recipe says.
 
     Example: qlora train recipes/tiny-mistral.yaml training.learning_rate=1e-3
     """
     from qlora_cli.recipe.load import load_recipe
+    from qlora_cli.terminal.progress import TrainReporter
+    from qlora_cli.training.run import plan_for_processes, train as train_run
 
     recipes, overrides = split_arguments(args)
     recipe = load_recipe(recipes, overrides)
     # The evaluation that follows a completed run is checked now, not after an hour of training.
     with locating(recipe.origins):
-        evaluation = _plan_evaluation(recipe) if recipe.eval.after_training and not plan_only and evaluates_here() else None
+        evaluation = _plan_evaluation(recipe) if recipe.eval.after_training and evaluates_here() else None
     flags = [flag for flag, on in (("--resume", resume), ("--overwrite", overwrite), ("--force", force)) if on]
-    if nproc > 1 and not plan_only and "LOCAL_RANK" not in os.environ:
-        code = plan_then_launch(nproc, ["train", *args, *flags], _debug_flag())
+    reporter = TrainReporter(console)
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        with locating(recipe.origins):
+            prepared = plan_for_processes(recipe, resume=resume, overwrite=overwrite, force=force, gpus=nproc,
+                                          reporter=reporter)
+        code = launch_processes(nproc, ["train", *args, *flags], prepared, _debug_flag())
         if code == 0 and evaluation is not None:
             code = _call_qlora(["eval", *args])
         raise typer.Exit(code)
 
-    from qlora_cli.terminal.progress import TrainReporter
-    from qlora_cli.training.run import train as train_run
-
-    reporter = TrainReporter(console)
     with locating(recipe.origins):
-        result = train_run(recipe, resume=resume, overwrite=overwrite, force=force, plan_only=plan_only,
-                           gpus=nproc if plan_only else None, reporter=reporter)
-    if plan_only:
-        return
+        result = train_run(recipe, resume=resume, overwrite=overwrite, force=force, reporter=reporter)
     if not reporter.main:
         raise typer.Exit(result.exit_code)
     run = result.run

@@ -17,6 +17,7 @@ How memory is measured on the CPU (there is no torch.cuda here):
 
 from __future__ import annotations
 
+import json
 import weakref
 
 import pytest
@@ -25,7 +26,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from qlora_cli.model.loss import loss_in_chunks
-from qlora_cli.plan.estimate import load_model_config, lora_targets, plan_recipe, recipe_settings
+from qlora_cli.plan.estimate import (
+    detect_device, load_model_config, lora_targets, peak_tflops, plan_recipe, recipe_settings, visible_gpu,
+)
 from qlora_cli.plan.memory import GiB, Settings, activation_bytes, memory_items, model_shape
 from qlora_cli.recipe.load import load_recipe
 from qlora_cli.run_folder import RunFolder, weight_changes
@@ -335,6 +338,46 @@ def test_without_a_gpu_or_gpu_memory_the_fit_is_unknown_but_time_and_data_are_re
     assert set(plan.durations) >= {"A100", "H100 SXM", "T4"} and plan.flops > 0
     assert plan.data.examples == {"train": 34} and 0 < plan.data.trained_fraction < 1
     assert [item.name for item in plan.disk] == ["checkpoints", "adapter", "merged model"]
+
+
+@pytest.mark.parametrize("name, tflops", [
+    ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989),
+    ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA A100 80GB PCIe", 312), ("NVIDIA L40S", 362), ("NVIDIA L4", 121),
+    ("NVIDIA A10G", 125), ("NVIDIA GeForce RTX 4090", 165), ("Tesla T4", 65), ("NVIDIA B200", None),
+])
+def test_a_gpu_is_known_by_the_name_nvml_gives_it(name, tflops):
+    assert peak_tflops(name) == tflops
+
+
+def _has_nvidia_driver() -> bool:
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return False
+    pynvml.nvmlShutdown()
+    return True
+
+
+@pytest.mark.skipif(_has_nvidia_driver(), reason="this machine has an NVIDIA driver")
+def test_without_an_nvidia_driver_the_plan_sees_no_gpu_and_takes_gpu_memory_from_the_user():
+    assert visible_gpu() is None  # NVML's library is absent here: the real failure, not a stand-in
+    assert detect_device(None) == ("unknown (no GPU here; give --gpu-memory GiB)", None, None)
+    assert detect_device(24) == ("--gpu-memory 24 GiB", 24 * GiB, None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_nvml_reads_the_gpu_cuda_sees_without_opening_a_cuda_context():
+    import subprocess
+    import sys
+
+    code = ("import json, torch; from qlora_cli.plan.estimate import visible_gpu; found = visible_gpu(); "
+            "print(json.dumps([*found, torch.cuda.is_initialized()]))")
+    name, total, initialized = json.loads(subprocess.check_output([sys.executable, "-c", code], text=True))
+    assert not initialized
+    assert name == torch.cuda.get_device_name(0)
+    assert abs(total - torch.cuda.get_device_properties(0).total_memory) <= 0.05 * total
 
 
 def test_resume_reports_the_last_complete_checkpoint_and_what_changed(tiny_plan_recipe, tmp_path):

@@ -8,6 +8,7 @@ tokenizer-only and caches what `qlora train` will reuse). The arithmetic is in `
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,8 +21,16 @@ from qlora_cli.plan.memory import (
 from qlora_cli.plan.data import DataReport, data_warnings, describe_data
 from qlora_cli.run_folder import merge_output_dir
 
-# Dense bf16 TFLOP/s (T4: fp16) from the vendors' data sheets.
+# Dense bf16 TFLOP/s (T4: fp16) from the vendors' data sheets, by the name the plan shows.
 GPU_TFLOPS = {"A100": 312, "H100 SXM": 989, "H200": 989, "L4": 121, "A10G": 125, "RTX 4090": 165, "T4": 65}
+# The words of a device name as NVML gives it ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB",
+# "Tesla T4") -> that GPU's dense bf16 peak; the first entry whose words the name holds wins, so
+# the more specific come first (an H100 PCIe is not an SXM; an L40S is not an L4).
+PEAK_BY_NAME_WORDS = [
+    (("H100", "PCIe"), 756), (("H100", "NVL"), 835), (("H100",), 989), (("GH200",), 989),
+    (("H200", "NVL"), 835), (("H200",), 989), (("A100",), 312), (("L40S",), 362), (("L4",), 121),
+    (("A10G",), 125), (("A10",), 125), (("4090",), 165), (("T4",), 65),
+]
 MFU_RANGE = (0.25, 0.45)
 
 
@@ -142,27 +151,57 @@ def load_model_config(recipe, tokenizer):
 
 
 def detect_device(gpu_memory: float | None) -> tuple[str, int | None, float | None]:
-    """(description, bytes per device, measured bf16 TFLOP/s) of this machine's GPU or --gpu-memory."""
-    import torch
-
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        return props.name, props.total_memory, _measured_tflops(torch)
+    """(description, bytes per device, dense bf16 peak TFLOP/s or None) of --gpu-memory, else this
+    machine's first visible GPU as NVML reads it: no CUDA context, so the `--nproc` launcher plans
+    in its own process and leaves every GPU to its workers."""
     if gpu_memory is not None:
         return f"--gpu-memory {gpu_memory:g} GiB", int(gpu_memory * GiB), None
-    return "unknown (no GPU here; give --gpu-memory GiB)", None, None
+    found = visible_gpu()
+    if found is None:
+        return "unknown (no GPU here; give --gpu-memory GiB)", None, None
+    name, total = found
+    return name, total, peak_tflops(name)
 
 
-def _measured_tflops(torch) -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    a @ a  # warm-up
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        a @ a
-    end.record()
-    torch.cuda.synchronize()
-    return 10 * 2 * 8192**3 / (start.elapsed_time(end) / 1000) / 1e12
+def visible_gpu() -> tuple[str, int] | None:
+    """(name, bytes of memory) of the first GPU CUDA_VISIBLE_DEVICES leaves visible; None without
+    an NVIDIA driver (NVML is part of it) or with no GPU visible."""
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:  # no driver, no library: no GPU to plan for
+        return None
+    try:
+        handle = _first_visible(pynvml)
+        if handle is None:
+            return None
+        return pynvml.nvmlDeviceGetName(handle), pynvml.nvmlDeviceGetMemoryInfo(handle).total
+    except pynvml.NVMLError:
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _first_visible(pynvml):
+    """NVML counts every GPU; CUDA sees those CUDA_VISIBLE_DEVICES names (indices or UUIDs)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return pynvml.nvmlDeviceGetHandleByIndex(0) if pynvml.nvmlDeviceGetCount() else None
+    first = visible.split(",")[0].strip()
+    if not first or first.startswith("-"):
+        return None  # CUDA_VISIBLE_DEVICES="" or -1: CUDA sees no GPU
+    if first.isdigit():
+        return pynvml.nvmlDeviceGetHandleByIndex(int(first))
+    return pynvml.nvmlDeviceGetHandleByUUID(first)
+
+
+def peak_tflops(name: str) -> float | None:
+    """The dense bf16 peak of the GPU NVML calls `name`, None for a GPU not in the table."""
+    import re
+
+    words = set(re.split(r"[^A-Za-z0-9]+", name))
+    return next((tflops for needed, tflops in PEAK_BY_NAME_WORDS if words.issuperset(needed)), None)
 
 
 def recipe_settings(recipe, shape: ModelShape, on_gpu: bool = True, gpus: int = 1) -> Settings:
@@ -318,7 +357,7 @@ def _changes(plan: Plan, shape: ModelShape, s: Settings, recipe, total) -> list[
     return changes
 
 
-def _plan_time(plan: Plan, shape: ModelShape, s: Settings, recipe, gpus: int, measured: float | None) -> None:
+def _plan_time(plan: Plan, shape: ModelShape, s: Settings, recipe, gpus: int, peak: float | None) -> None:
     training, data = recipe.training, plan.data
     accumulate = training.gradient_accumulation_steps
     per_epoch = max(1, math.ceil(math.ceil(data.rows / (plan.batch * gpus)) / accumulate))
@@ -330,7 +369,7 @@ def _plan_time(plan: Plan, shape: ModelShape, s: Settings, recipe, gpus: int, me
     if recipe.method != "sft":  # the reference log-probs: one forward, about half of a step without checkpointing
         per_token += flops_per_token(shape, replace(s, checkpointing=False), data.mean_context) / 2
     plan.flops = per_token * data.tokens_computed * epochs
-    rates = {f"this GPU ({plan.device}, measured {measured:.0f} TFLOP/s)": measured} if measured else GPU_TFLOPS
+    rates = {f"this GPU ({plan.device}, {peak:.0f} TFLOP/s peak)": peak} if peak else GPU_TFLOPS
     for name, tflops in rates.items():
         label = f"{gpus} x {name}" if gpus > 1 else name
         seconds = plan.flops / (gpus * tflops * 1e12)

@@ -7,6 +7,10 @@ than one step of a large model takes. So torchrun runs in a session of its own, 
 terminal's reach; each worker writes its pid and its exit code into a folder the launcher reads;
 Ctrl-C and SIGTERM go from the launcher straight to the workers, which finish the step, save a
 checkpoint and stop as they would alone; and the launcher exits with the workers' code.
+
+Before it starts them, the launcher plans the run and prepares its data in its own process
+(`training.run.plan_for_processes`; the plan reads the GPU through NVML, which leaves no CUDA
+context behind): the workers load that folder instead of each hashing every source again.
 """
 
 from __future__ import annotations
@@ -21,54 +25,24 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-STATUS_VARIABLE = "QLORA_RANK_STATUS"  # the folder of pid-N and exit-N files, set by the launcher
-COMMAND_VARIABLE = "QLORA_COMMAND"  # the user's command line, for run.json
-PLANNED_VARIABLE = "QLORA_PLANNED"  # set for the workers: the launcher has planned the run for them
-HANDOVER_VARIABLE = "QLORA_PLAN_HANDOVER"  # a folder where the plan process leaves its prepared data's path
-PREPARED_VARIABLE = "QLORA_PREPARED"  # that path, for the workers: the data is prepared and hashed once a job
+# The one variable a `--nproc` worker gets from its launcher: a folder the launcher made for the
+# job. Each worker writes its pid and exit code there (pid-N, exit-N: how the launcher forwards
+# signals and reports the workers' exit), and reads what the launcher hands over (launcher.json:
+# the user's command line for run.json, and the data it prepared when it planned the run).
+STATUS_VARIABLE = "QLORA_RANK_STATUS"
+HANDOVER = "launcher.json"
 EXPECTED_EXITS = (2, 130, 143)  # a user's mistake, a stop by SIGINT or SIGTERM: not a crash
 
 
-def plan_then_launch(nproc: int, command: list[str], qlora_options: list[str] = ()) -> int:
-    """`qlora train --nproc N`: plan the run (and prepare its data) in a process of its own, then,
-    when the plan passes, train on N workers that reuse what it prepared; the exit code of all.
-
-    The plan runs apart because measuring the GPU would leave a CUDA context on GPU 0 in this
-    launcher for the whole run. It is `qlora train ... --plan-only`; it leaves the path of the
-    prepared data in a handover folder, and the workers load that instead of planning, preparing
-    and hashing every source again, each of them.
-    """
-    handover = Path(tempfile.mkdtemp(prefix="qlora-plan-"))
-    try:
-        plan = [sys.executable, "-m", "qlora_cli", *qlora_options, *command, f"--nproc={nproc}", "--plan-only"]
-        planned = subprocess.call(plan, env={**os.environ, HANDOVER_VARIABLE: str(handover)})
-        if planned:
-            return planned
-        prepared = (handover / "prepared").read_text(encoding="utf-8")
-        return launch_processes(nproc, command, qlora_options, {PREPARED_VARIABLE: prepared})
-    finally:
-        shutil.rmtree(handover, ignore_errors=True)
-
-
-def hand_over_prepared(path: Path) -> None:
-    """In the plan process of `plan_then_launch`: leave the prepared data's folder to the workers."""
-    if os.environ.get(HANDOVER_VARIABLE):
-        (Path(os.environ[HANDOVER_VARIABLE]) / "prepared").write_text(str(path), encoding="utf-8")
-
-
-def prepared_by_launcher() -> Path | None:
-    """In a worker of `plan_then_launch`: the prepared data folder its plan process made."""
-    return Path(os.environ[PREPARED_VARIABLE]) if os.environ.get(PREPARED_VARIABLE) else None
-
-
-def launch_processes(nproc: int, command: list[str], qlora_options: list[str] = (), env: dict | None = None) -> int:
-    """Run `python -m qlora_cli [OPTIONS] COMMAND` on `nproc` local processes (with `env` added to
-    theirs); their exit code."""
+def launch_processes(nproc: int, command: list[str], prepared: Path, qlora_options: list[str] = ()) -> int:
+    """Run `python -m qlora_cli [OPTIONS] COMMAND` on `nproc` local processes, which load the
+    `prepared` data folder (the launcher planned the run and prepared it once); their exit code."""
     status = Path(tempfile.mkdtemp(prefix="qlora-ranks-"))
+    handover = {"command": sys.argv, "prepared": str(prepared)}
+    (status / HANDOVER).write_text(json.dumps(handover), encoding="utf-8")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                 "-m", "qlora_cli", *qlora_options, *command]
-    env = {**os.environ, **(env or {}), PLANNED_VARIABLE: "1", STATUS_VARIABLE: str(status),
-           COMMAND_VARIABLE: json.dumps(sys.argv),
+    env = {**os.environ, STATUS_VARIABLE: str(status),
            # `-m qlora_cli` would import a source checkout in the current folder before the installed package.
            "PYTHONSAFEPATH": "1"}
     child = subprocess.Popen(launcher, env=env, start_new_session=True)
@@ -136,11 +110,19 @@ def _signal(pid: int, number: int) -> None:
         pass
 
 
-def planned_by_launcher() -> bool:
-    """Whether this process is a worker whose launcher has already planned the run."""
-    return bool(os.environ.get(PLANNED_VARIABLE))
+def _handed_over() -> dict:
+    """What the `--nproc` launcher left for this worker; nothing outside a `--nproc` job."""
+    if not os.environ.get(STATUS_VARIABLE):
+        return {}
+    return json.loads((Path(os.environ[STATUS_VARIABLE]) / HANDOVER).read_text(encoding="utf-8"))
+
+
+def prepared_by_launcher() -> Path | None:
+    """In a `--nproc` worker: the data folder its launcher prepared when it planned the run."""
+    prepared = _handed_over().get("prepared")
+    return Path(prepared) if prepared else None
 
 
 def user_command_line() -> list[str]:
     """The command line the user typed: the launcher's, in a worker it started."""
-    return json.loads(os.environ[COMMAND_VARIABLE]) if COMMAND_VARIABLE in os.environ else sys.argv
+    return _handed_over().get("command") or sys.argv

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from qlora_cli.atomic import CARD, atomic_folder, disk_full, folder_size
 from qlora_cli.errors import UserError, first_line
-from qlora_cli.training.launch import hand_over_prepared, planned_by_launcher, prepared_by_launcher, user_command_line
+from qlora_cli.training.launch import prepared_by_launcher, user_command_line
 from qlora_cli.plan.preflight import check_before_loading, check_prepared_data
 from qlora_cli.run_folder import (
     KIND, RunFolder, adapter_card, claim_run_folder, draw_loss_plot, library_versions, now, open_run_folder,
@@ -40,12 +40,12 @@ class TrainResult:
         return EXIT_CODES.get(self.stopped_by, 0)
 
 
-def train(recipe, *, resume: bool = False, overwrite: bool = False, force: bool = False, plan_only: bool = False,
-          gpus: int | None = None, reporter=None) -> TrainResult | None:
+def train(recipe, *, resume: bool = False, overwrite: bool = False, force: bool = False,
+          reporter=None) -> TrainResult:
     """Train a LoRA adapter as the recipe says; `reporter` (from the CLI) shows progress.
 
-    The plan comes first, on rank 0 (or in the `--nproc` launcher, which runs only that part:
-    `plan_only`, for `gpus` processes); a run that cannot fit in GPU memory stops there unless `force`.
+    The plan comes first, on rank 0 (under `--nproc`, in the launcher: `plan_for_processes`); a run
+    that cannot fit in GPU memory stops there unless `force`.
     """
     from accelerate import PartialState
 
@@ -58,30 +58,41 @@ def train(recipe, *, resume: bool = False, overwrite: bool = False, force: bool 
                                     method=recipe.method, **run_changes(recipe, seen))
     state = PartialState()
     state.wait_for_everyone()  # every rank has looked at the folder before rank 0 takes it
-    holds = state.is_main_process and not plan_only  # the `--nproc` launcher only plans
-    with claim_run_folder(recipe, seen, resume=resume, overwrite=overwrite, main=holds) as run:
-        if reporter and not plan_only:
+    with claim_run_folder(recipe, seen, resume=resume, overwrite=overwrite, main=state.is_main_process) as run:
+        if reporter:
             for note in run.notes:
                 reporter.note(note)
-        return train_in_folder(recipe, run, args, state, force=force, plan_only=plan_only, gpus=gpus,
-                               reporter=reporter)
+        return train_in_folder(recipe, run, args, state, force=force, reporter=reporter)
 
 
-def train_in_folder(recipe, run: RunFolder, args, state, *, force: bool, plan_only: bool, gpus: int | None,
-                    reporter=None) -> TrainResult | None:
+def plan_for_processes(recipe, *, resume: bool, overwrite: bool, force: bool, gpus: int, reporter=None) -> Path:
+    """The `--nproc` launcher's part of a run, before any worker starts: the run folder's and the
+    recipe's checks, the data prepared once, and the plan for `gpus` processes (refused unless it
+    fits, or `force`). The prepared folder, for the workers to load."""
+    from qlora_cli.data.prepare import prepare_dataset
+    from qlora_cli.data.tokenizer import load_recipe_tokenizer
+
+    open_run_folder(recipe, resume=resume, overwrite=overwrite)
+    check_before_loading(recipe)
+    tokenizer = load_recipe_tokenizer(recipe)
+    prepared = prepare_dataset(recipe, tokenizer)
+    check_prepared_data(recipe, prepared)
+    plan_run(recipe, tokenizer, prepared, force, gpus, reporter)
+    return prepared.path
+
+
+def train_in_folder(recipe, run: RunFolder, args, state, *, force: bool, reporter=None) -> TrainResult:
     """The run itself, in a run folder this process holds."""
     from qlora_cli.model.load import load_trainable_model, summarize_model
     from qlora_cli.data.tokenizer import load_recipe_tokenizer
     from qlora_cli.training.trainer import OnTrainBegin
 
     tokenizer = load_recipe_tokenizer(recipe)
-    prepared = prepared_data(recipe, tokenizer, args)
+    handed_over = prepared_by_launcher()  # a `--nproc` worker: its launcher prepared and planned
+    prepared = prepared_data(recipe, tokenizer, args, handed_over)
     check_prepared_data(recipe, prepared)
-    if plan_only or (state.is_main_process and not planned_by_launcher()):
-        plan_run(recipe, tokenizer, prepared, force, gpus or state.num_processes, reporter)
-    if plan_only:
-        hand_over_prepared(prepared.path)
-        return None
+    if state.is_main_process and not handed_over:
+        plan_run(recipe, tokenizer, prepared, force, state.num_processes, reporter)
     started = now()
     if reporter:
         reporter.data_ready(prepared)
@@ -128,12 +139,11 @@ def train_in_folder(recipe, run: RunFolder, args, state, *, force: bool, plan_on
     return TrainResult(run, metrics, stopper.signal_number)
 
 
-def prepared_data(recipe, tokenizer, args):
-    """The run's data: what the `--nproc` launcher's plan prepared, or else prepared (or found in
+def prepared_data(recipe, tokenizer, args, handed_over: Path | None):
+    """The run's data: the folder the `--nproc` launcher prepared, or else prepared (or found in
     the cache) by rank 0 first and then loaded by the other ranks."""
     from qlora_cli.data.prepare import load_prepared, prepare_dataset
 
-    handed_over = prepared_by_launcher()
     if handed_over:
         return load_prepared(handed_over)
     with args.main_process_first(local=False, desc="prepare data"):
