@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,19 +44,36 @@ def build_init_model(init_config: dict, tokenizer) -> Path:
     its config, so every later step (train, merge, generate) loads the same base weights."""
     key = hashlib.sha256(json.dumps([init_config, len(tokenizer)], sort_keys=True).encode()).hexdigest()[:16]
     target = cache_root() / "models" / f"{init_config.get('model_type', 'model')}-{key}"
-    if (target / "config.json").is_file():
+    with _rank_zero_first():
+        if (target / "config.json").is_file():
+            return target
+        import torch
+
+        from qlora_cli.families import auto_model_class, build_init_config, family_of
+
+        config = build_init_config(init_config, tokenizer)
+        torch.manual_seed(init_config.get("seed", 0))
+        model = auto_model_class(family_of(config.model_type)).from_config(config, dtype=torch.float32)
+        with atomic_folder(target) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         return target
-    import torch
 
-    from qlora_cli.families import auto_model_class, build_init_config, family_of
 
-    config = build_init_config(init_config, tokenizer)
-    torch.manual_seed(init_config.get("seed", 0))
-    model = auto_model_class(family_of(config.model_type)).from_config(config, dtype=torch.float32)
-    with atomic_folder(target) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return target
+@contextmanager
+def _rank_zero_first():
+    """In a process group, rank 0 runs the block first and the others after it: transformers'
+    `save_pretrained` writes weights only on rank 0, so another rank's folder would hold the
+    tokenizer alone, and could be renamed into the cache before rank 0's."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        yield
+        return
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():
+        yield
 
 
 @dataclass
