@@ -13,7 +13,7 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import typer
 from rich.console import Console
@@ -21,6 +21,9 @@ from rich.markup import escape
 
 from qlora_cli.errors import UserError, locating
 from qlora_cli.training.launch import STATUS_VARIABLE, launch_processes, run_rank
+
+if TYPE_CHECKING:
+    from qlora_cli.recipe.load import Recipe
 
 app = typer.Typer(
     name="qlora",
@@ -360,7 +363,7 @@ def eval_command(
         _evaluate_run(recipe, plan)
 
 
-def _plan_evaluation(recipe, **flags):
+def _plan_evaluation(recipe: Recipe, **flags):
     """evaluate.plan_evaluation, and the warning its records need when answers would be cut short."""
     from qlora_cli.eval.evaluate import plan_evaluation
 
@@ -370,7 +373,7 @@ def _plan_evaluation(recipe, **flags):
     return plan
 
 
-def _evaluate_run(recipe, plan) -> None:
+def _evaluate_run(recipe: Recipe, plan) -> None:
     from qlora_cli.terminal import render
     from qlora_cli.eval.evaluate import evaluate
     from qlora_cli.terminal.progress import StageBars
@@ -381,7 +384,7 @@ def _evaluate_run(recipe, plan) -> None:
     console.print(f"results: {result.folder / 'results.json'}", highlight=False, soft_wrap=True)
 
 
-def _warn_of_default_length(recipe) -> None:
+def _warn_of_default_length(recipe: Recipe) -> None:
     if not {"max_new_tokens", "max_length"} & set(recipe.written("generate") or {}):
         err_console.print("[yellow]warning:[/] the recipe sets no generate.max_new_tokens: answers stop after "
                           "transformers' default of 20 new tokens; set e.g. generate.max_new_tokens=256",
@@ -408,7 +411,7 @@ def _stream_answer(generator, messages: list[dict]) -> str:
     return "".join(pieces).strip()
 
 
-def _answer_file(generator, records, output: Path, recipe, resume: bool) -> None:
+def _answer_file(generator, records, output: Path, recipe: Recipe, resume: bool) -> None:
     from rich.progress import Progress
 
     from qlora_cli.export.generate import answer_file

@@ -25,11 +25,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qlora_cli.atomic import (
     CARD, LOCK_FILE, check_not_in_use, has_marker, lock_folder, marker, model_card, release_folder,
 )
 from qlora_cli.errors import UserError
+
+if TYPE_CHECKING:
+    from qlora_cli.recipe.load import Recipe
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 KIND = "run"  # run.json's marker (atomic.marker)
@@ -124,7 +128,7 @@ def _readable_json(path: Path) -> bool:
         return False
 
 
-def open_run_folder(recipe, *, resume: bool, overwrite: bool, probe_lock: bool = True) -> RunFolder:
+def open_run_folder(recipe: Recipe, *, resume: bool, overwrite: bool, probe_lock: bool = True) -> RunFolder:
     """Open the run folder of `recipe` for a run: a new one, one to resume, one to overwrite, or
     one a killed run claimed before saving anything (reused as new). Only looks: claim_run_folder
     takes it.
@@ -194,7 +198,7 @@ WEIGHT_KEYS = ("model.name_or_path", "model.revision", "model.init_from_config",
                "quantization", "lora")
 
 
-def weight_changes(recipe, run: RunFolder) -> list[str]:
+def weight_changes(recipe: Recipe, run: RunFolder) -> list[str]:
     """Keys that shape the weights and differ between `recipe` and the run's recipe.yaml."""
     return weight_keys(recipe_differences(recipe, run))
 
@@ -203,7 +207,7 @@ def weight_keys(keys: list[str]) -> list[str]:
     return [key for key in keys if key.startswith(WEIGHT_KEYS)]
 
 
-def recipe_differences(recipe, run: RunFolder) -> list[str]:
+def recipe_differences(recipe: Recipe, run: RunFolder) -> list[str]:
     """Every key (dotted) whose value differs between `recipe` and the run's recipe.yaml."""
     import yaml
 
@@ -223,7 +227,7 @@ def _flat(config, prefix: str = "") -> dict:
     return {k: v for key, value in config.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
 
 
-def _check_same_weights(recipe, run: RunFolder) -> None:
+def _check_same_weights(recipe: Recipe, run: RunFolder) -> None:
     changed = weight_changes(recipe, run)
     if changed:
         raise UserError(f"cannot resume {run.root}: the recipe changes {', '.join(changed)}, which its checkpoints' "
@@ -233,7 +237,7 @@ def _check_same_weights(recipe, run: RunFolder) -> None:
 
 
 @contextmanager
-def claim_run_folder(recipe, seen: RunFolder, *, resume: bool, overwrite: bool, main: bool):
+def claim_run_folder(recipe: Recipe, seen: RunFolder, *, resume: bool, overwrite: bool, main: bool):
     """`with claim_run_folder(...) as run:` the run folder, held under its lock by the main
     process until the block ends (the other ranks go on with what they `seen` before it was
     taken). Staging a killed run left is removed; a new folder gets run.json's marker at once, so
@@ -403,12 +407,12 @@ or merge it into a standalone model with `qlora merge <run folder>`.
 """, library_name="peft", tags=("lora", "peft"))
 
 
-def merge_adapter_dir(recipe) -> Path:
+def merge_adapter_dir(recipe: Recipe) -> Path:
     """The adapter merge, generate and eval load: `merge.adapter`, by default the run's adapter/."""
     return Path(recipe.merge.adapter or RunFolder(recipe.run_dir).adapter)
 
 
-def merge_output_dir(recipe) -> Path:
+def merge_output_dir(recipe: Recipe) -> Path:
     """The merged model's folder: `merge.output_dir`, by default the run's merged/ (the one place
     that default is made; not train's: merged/ is not in OWN_FILES)."""
     return Path(recipe.merge.output_dir or Path(recipe.run_dir) / "merged")

@@ -15,6 +15,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qlora_cli.atomic import (
     MARKER, atomic_folder, can_create_in, disk_full, has_marker, marker, nearest_existing, remove_stale_temporaries,
@@ -26,6 +27,9 @@ from qlora_cli.data.preference import (encode_preference, fit_to_length, is_pref
 from qlora_cli.data.sources import Example, apply_weight, read_source
 from qlora_cli.data.templates import IGNORE_INDEX, Ids, chat_segments, ids_of, text_segments
 from qlora_cli.data.tokenizer import VERSION_KEY
+
+if TYPE_CHECKING:
+    from qlora_cli.recipe.load import Recipe
 
 # Bump when the prepared format or the tokenization changes, so old caches are not reused.
 PREPARED_FORMAT = 2
@@ -77,7 +81,7 @@ class PreparedData:
     reused: bool
 
 
-def prepare_dataset(recipe, tokenizer, *, force: bool = False) -> PreparedData:
+def prepare_dataset(recipe: Recipe, tokenizer, *, force: bool = False) -> PreparedData:
     """Prepare the recipe's data, or reuse the cached result with the same fingerprint."""
     data = recipe.data
     _check_data_section(data)

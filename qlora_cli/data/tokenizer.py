@@ -7,9 +7,13 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qlora_cli.atomic import atomic_folder, cache_root
 from qlora_cli.errors import UserError
+
+if TYPE_CHECKING:
+    from qlora_cli.recipe.load import Recipe
 
 MISTRAL_COMMON_PREFIX = "mistral-common:"
 
@@ -62,7 +66,7 @@ def tokenizer_spec(model_section) -> str:
     return model_section.tokenizer or model_section.name_or_path
 
 
-def load_recipe_tokenizer(recipe):
+def load_recipe_tokenizer(recipe: Recipe):
     """The recipe's tokenizer, padding set (`set_pad_token`)."""
     model = recipe.model
     return load_tokenizer(tokenizer_spec(model), revision=model.revision, trust_remote_code=model.trust_remote_code)

@@ -14,13 +14,16 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from qlora_cli.atomic import atomic_folder, can_create_in, nearest_existing
 from qlora_cli.errors import UserError
 from qlora_cli.export.generate import PromptRecord, read_prompts
 from qlora_cli.run_folder import RunFolder, is_merged_model, merge_adapter_dir, merge_output_dir
 from qlora_cli.eval.scoring import exact_match, score_answers, token_f1
+
+if TYPE_CHECKING:
+    from qlora_cli.recipe.load import Recipe
 
 # progress(description, total) -> advance(n): how the CLI shows work as it is done.
 Progress = Callable[[str, int], Callable[[int], None]]
@@ -59,7 +62,7 @@ class EvalResult:
     scores: dict[str, dict[str, float]]  # model (base, adapter, merged) -> metric -> value
 
 
-def plan_evaluation(recipe, *, input: Path | None = None, model_path: str | None = None,
+def plan_evaluation(recipe: Recipe, *, input: Path | None = None, model_path: str | None = None,
                     tasks: list[str] | None = None, limit: int | None = None) -> EvalPlan:
     """What `qlora eval` and the `eval.after_training` step of `qlora train` measure: the flags
     given, else the recipe's `eval` section. Reads the records, finds the tasks, checks `--model`
@@ -79,7 +82,7 @@ def plan_evaluation(recipe, *, input: Path | None = None, model_path: str | None
     return EvalPlan(records, suite, limit, model_path)
 
 
-def evaluate(recipe, plan: EvalPlan, progress: Progress | None = None) -> EvalResult:
+def evaluate(recipe: Recipe, plan: EvalPlan, progress: Progress | None = None) -> EvalResult:
     """Score base, adapter and (when there is one) merged model; write `<run>/eval/` whole."""
     from qlora_cli.export.generate import load_generator
     from qlora_cli.model.load import check_adapter
@@ -129,13 +132,13 @@ def read_eval_records(path: Path) -> list[EvalRecord]:
     return records
 
 
-def existing_merged_model(recipe) -> str | None:
+def existing_merged_model(recipe: Recipe) -> str | None:
     """The run's merged folder, when `qlora merge` wrote one."""
     merged = merge_output_dir(recipe)
     return str(merged) if is_merged_model(merged) else None
 
 
-def check_something_to_measure(recipe, records, suite) -> None:
+def check_something_to_measure(recipe: Recipe, records, suite) -> None:
     if records is None and suite is None and not has_held_out_loss(recipe):
         found = ("the recipe's validation split is preference data, which has no held-out loss here "
                  "(its reward accuracy is in run.json)" if recipe.data.has_validation
@@ -145,7 +148,7 @@ def check_something_to_measure(recipe, records, suite) -> None:
                                                 "--tasks NAMES, or set data.val_size")
 
 
-def has_held_out_loss(recipe) -> bool:
+def has_held_out_loss(recipe: Recipe) -> bool:
     """A validation split of prompt/answer rows; preference pairs and signed examples are scored by
     the trainer's rewards (run.json), not by a language-model loss."""
     from qlora_cli.data.preference import is_preference_data
@@ -163,7 +166,7 @@ def check_writable(folder: Path) -> None:
 # ---------------------------------------------------------------- measuring one model
 
 
-def _measurer(recipe, plan: EvalPlan, validation, progress: Progress):
+def _measurer(recipe: Recipe, plan: EvalPlan, validation, progress: Progress):
     records, suite = plan.records, plan.suite
     batch_size = recipe.generate.options.batch_size
 
@@ -202,7 +205,7 @@ def answer_records(generator, records: list[EvalRecord], batch_size: int, advanc
     return lines
 
 
-def validation_rows(recipe, tokenizer):
+def validation_rows(recipe: Recipe, tokenizer):
     """The recipe's validation split, prepared exactly as training saw it (cached), or None."""
     if not has_held_out_loss(recipe):
         return None
@@ -211,7 +214,7 @@ def validation_rows(recipe, tokenizer):
     return prepare_dataset(recipe, tokenizer).dataset.get("validation")
 
 
-def held_out_loss(generator, rows, recipe, advance) -> dict[str, float]:
+def held_out_loss(generator, rows, recipe: Recipe, advance) -> dict[str, float]:
     """Mean cross-entropy per labelled token over the validation rows, and its perplexity."""
     import torch
 

@@ -10,13 +10,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from qlora_cli.recipe.builders import build_generation_config
 from qlora_cli.errors import UserError
 from qlora_cli.run_folder import merge_adapter_dir
 from qlora_cli.data.sources import load_json
 from qlora_cli.data.templates import check_roles, encode_prompt
+
+if TYPE_CHECKING:
+    from qlora_cli.recipe.load import Recipe
 
 
 @dataclass
@@ -94,7 +97,7 @@ class Generator:
             raise failures[0]
 
 
-def load_generator(recipe, model_path: str | None = None) -> Generator:
+def load_generator(recipe: Recipe, model_path: str | None = None) -> Generator:
     """The run's base + adapter (4-bit as in training, or with generate.quantized=false the base
     as `merge.base` says, in `merge.dtype`), or `model_path`."""
     from qlora_cli.data.tokenizer import load_recipe_tokenizer
@@ -134,7 +137,7 @@ class Answering:
     interactive: bool = False
 
 
-def choose_answering(recipe, *, prompt: str | None, input: Path | None, output: Path | None,
+def choose_answering(recipe: Recipe, *, prompt: str | None, input: Path | None, output: Path | None,
                      interactive: bool, resume: bool) -> Answering:
     """Which one of --prompt, --input (with --output) and --interactive this run answers, every
     file read and checked before minutes of model loading. The recipe's `generate.input` and
@@ -158,7 +161,7 @@ def choose_answering(recipe, *, prompt: str | None, input: Path | None, output: 
     return Answering(records=records, output=Path(answers_file))
 
 
-def check_chat(recipe) -> None:
+def check_chat(recipe: Recipe) -> None:
     """A chat continues from one answer: which of several would it be?"""
     if (recipe.generate.config.num_return_sequences or 1) > 1:
         raise UserError("--interactive continues the conversation from one answer, but "

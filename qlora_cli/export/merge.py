@@ -10,11 +10,15 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qlora_cli.atomic import CARD, atomic_folder, can_create_in, model_card, nearest_existing, remove_stale_temporaries
 from qlora_cli.errors import UserError
 from qlora_cli.model.load import adapter_config, base_model_id, check_adapter, load_adapter_model, trained_on_4bit
 from qlora_cli.run_folder import MERGED, RunFolder, is_merged_model, merge_adapter_dir, merge_output_dir
+
+if TYPE_CHECKING:
+    from qlora_cli.recipe.load import Recipe
 
 # Merging rounds each merged weight (W + s·BA) to `merge.dtype` once more, which moves the logits
 # by about as much as that dtype's arithmetic does on the same model: a fixed bound would refuse
@@ -57,7 +61,7 @@ class MergeResult:
         return self.adapter_effect is not None and self.adapter_effect.max <= self.tolerance
 
 
-def merge(recipe, *, overwrite: bool = False) -> MergeResult:
+def merge(recipe: Recipe, *, overwrite: bool = False) -> MergeResult:
     """Merge the run's adapter into the base model and write `merge.output_dir`, verified."""
     from qlora_cli.model.experts import drop_unchanged_parametrizations
     from qlora_cli.data.tokenizer import load_recipe_tokenizer
@@ -213,7 +217,7 @@ def logit_difference(a, b) -> LogitDifference:
     return LogitDifference(difference.max().item(), difference.mean().item())
 
 
-def _distance_from_training_view(recipe, adapter: Path, merged, probe) -> LogitDifference | None:
+def _distance_from_training_view(recipe: Recipe, adapter: Path, merged, probe) -> LogitDifference | None:
     """How far the merged model is from what was trained: the 4-bit base + adapter."""
     if recipe.quantization is None:
         return None
@@ -223,7 +227,7 @@ def _distance_from_training_view(recipe, adapter: Path, merged, probe) -> LogitD
     return difference
 
 
-def describe_base(recipe) -> str:
+def describe_base(recipe: Recipe) -> str:
     """What the adapter is merged into, as the CLI and the model card say it."""
     if recipe.merge.base == "original":
         return "the original unquantized base weights"
@@ -232,7 +236,7 @@ def describe_base(recipe) -> str:
     return "the unquantized base weights (the recipe has no 4-bit quantization: there was nothing to dequantize)"
 
 
-def _model_card(recipe, adapter: Path, difference: LogitDifference, quantized: LogitDifference | None,
+def _model_card(recipe: Recipe, adapter: Path, difference: LogitDifference, quantized: LogitDifference | None,
                 model_class: str):
     base = base_model_id(recipe)
     how = describe_base(recipe)

@@ -19,6 +19,7 @@ from qlora_cli.recipe.sections import to_dtype
 from qlora_cli.data.tokenizer import load_recipe_tokenizer, tokenizer_spec
 
 if TYPE_CHECKING:
+    from qlora_cli.recipe.load import Recipe
     from transformers import BitsAndBytesConfig
 
 
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 _BUILT: dict[str, Path] = {}
 
 
-def model_path(recipe, tokenizer=None) -> str:
+def model_path(recipe: Recipe, tokenizer=None) -> str:
     """A path or hub id `from_pretrained` can load: `init_from_config` models are built first
     (with `tokenizer` when the caller has loaded the recipe's already)."""
     model = recipe.model
@@ -129,7 +130,7 @@ def describe_quantization(quantization: BitsAndBytesConfig | None) -> str:
     return "8-bit (LLM.int8)" if quantization.load_in_8bit else "none"
 
 
-def load_base_model(recipe, *, quantized: bool = True, dtype=None, device_map=None, tokenizer=None):
+def load_base_model(recipe: Recipe, *, quantized: bool = True, dtype=None, device_map=None, tokenizer=None):
     """The base model as the recipe says: 4-bit / 8-bit through BitsAndBytesConfig, or not,
     loaded with the auto class of its family (causal LM, or image-text-to-text); `tokenizer`, the
     recipe's when the caller has it (an `init_from_config` model is built with it)."""
@@ -191,7 +192,7 @@ def _keep_4bit_compute_dtype(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load_trainable_model(recipe, *, device_map=None, tokenizer=None):
+def load_trainable_model(recipe: Recipe, *, device_map=None, tokenizer=None):
     """4-bit base prepared for k-bit training, wrapped with LoRA: a `PeftModel`."""
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
@@ -242,7 +243,7 @@ def load_trainable_model(recipe, *, device_map=None, tokenizer=None):
     return peft_model
 
 
-def load_starting_adapter(model, recipe):
+def load_starting_adapter(model, recipe: Recipe):
     """`model.adapter` (an SFT run's adapter/, or a hub id) on the base, trainable: the run goes on
     from it, with its own LoRA config (the recipe's `lora` section does not reshape it)."""
     from peft import PeftModel
@@ -270,7 +271,7 @@ def load_starting_adapter(model, recipe):
     return loaded
 
 
-def load_adapter_model(recipe, adapter: Path, *, quantized: bool, dequantize: bool = False):
+def load_adapter_model(recipe: Recipe, adapter: Path, *, quantized: bool, dequantize: bool = False):
     """A trained adapter on its base, for merge and generate: the base 4-bit as in training, or
     in `merge.dtype` (with `dequantize`, holding the 4-bit weights training saw, dequantized)."""
     from peft import PeftModel
@@ -290,7 +291,7 @@ def load_adapter_model(recipe, adapter: Path, *, quantized: bool, dequantize: bo
     return model
 
 
-def trained_on_4bit(recipe) -> bool:
+def trained_on_4bit(recipe: Recipe) -> bool:
     return recipe.quantization is not None and recipe.quantization.load_in_4bit
 
 
@@ -325,7 +326,7 @@ def copy_dequantized_weights(quantized_model, model) -> None:
                 target.data = dequantized(module, param_name).to(target.device, target.dtype)
 
 
-def check_adapter(adapter: Path, recipe, key: str = "merge.adapter") -> None:
+def check_adapter(adapter: Path, recipe: Recipe, key: str = "merge.adapter") -> None:
     """The adapter folder exists, is a peft adapter, and was trained on the recipe's base model
     (`key`: the key that named it)."""
     config_file = adapter / "adapter_config.json"
@@ -359,7 +360,7 @@ def adapter_config(adapter: Path) -> dict:
     return config
 
 
-def base_model_id(recipe) -> str | None:
+def base_model_id(recipe: Recipe) -> str | None:
     """What peft records as the base model: a hub id or path, or the built model's cache folder."""
     return recipe.model.name_or_path or model_path(recipe)
 

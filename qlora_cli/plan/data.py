@@ -4,9 +4,13 @@ what in it is legal but probably not what the user meant."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from qlora_cli.errors import UserError
 from qlora_cli.data.templates import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from qlora_cli.recipe.load import Recipe
 
 SMALL_VALIDATION = 50  # fewer validation examples than this give a loss that is mostly noise
 
@@ -47,7 +51,7 @@ def _sequences_of(train) -> list[list[int]]:
     return [[side[i]] for i in range(len(prompts)) for side in sides]
 
 
-def data_warnings(recipe, prepared, tokenizer) -> list[str]:
+def data_warnings(recipe: Recipe, prepared, tokenizer) -> list[str]:
     """What is legal but probably not what the user meant."""
     summary, warnings = prepared.summary, []
     if summary.trained_fraction < 0.05:

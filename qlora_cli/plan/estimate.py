@@ -12,6 +12,7 @@ import os
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qlora_cli.errors import UserError
 from qlora_cli.plan.memory import (
@@ -20,6 +21,9 @@ from qlora_cli.plan.memory import (
 )
 from qlora_cli.plan.data import DataReport, data_warnings, describe_data
 from qlora_cli.run_folder import merge_output_dir
+
+if TYPE_CHECKING:
+    from qlora_cli.recipe.load import Recipe
 
 # Dense bf16 TFLOP/s (T4: fp16) from the vendors' data sheets, by the name the plan shows.
 GPU_TFLOPS = {"A100": 312, "H100 SXM": 989, "H200": 989, "L4": 121, "A10G": 125, "RTX 4090": 165, "T4": 65}
@@ -90,7 +94,7 @@ class Plan:
         return lines
 
 
-def plan_recipe(recipe, gpu_memory: float | None = None, gpus: int | None = None, *, tokenizer=None,
+def plan_recipe(recipe: Recipe, gpu_memory: float | None = None, gpus: int | None = None, *, tokenizer=None,
                 prepared=None) -> Plan:
     """Plan a run of `recipe` on `gpus` devices of `gpu_memory` GiB (detected when a GPU is present);
     `qlora train` hands over the tokenizer and prepared data it already has."""
@@ -131,7 +135,7 @@ def refuse_unless_fits(plan: Plan, force: bool) -> None:
                         fix="apply a change above as KEY=VALUE, see `qlora plan`, or add --force to try anyway")
 
 
-def load_model_config(recipe, tokenizer):
+def load_model_config(recipe: Recipe, tokenizer):
     """The transformers config of the recipe's model; never its weights."""
     from transformers import AutoConfig
 
@@ -204,7 +208,7 @@ def peak_tflops(name: str) -> float | None:
     return next((tflops for needed, tflops in PEAK_BY_NAME_WORDS if words.issuperset(needed)), None)
 
 
-def recipe_settings(recipe, shape: ModelShape, on_gpu: bool = True, gpus: int = 1) -> Settings:
+def recipe_settings(recipe: Recipe, shape: ModelShape, on_gpu: bool = True, gpus: int = 1) -> Settings:
     """The recipe's choices that memory depends on, with LoRA targets resolved against the model."""
     from peft import LoraConfig
 
@@ -237,7 +241,7 @@ def _fsdp_checkpointing(training: dict) -> bool:
     return isinstance(config, dict) and bool(config.get("activation_checkpointing"))
 
 
-def lora_targets(recipe, shape: ModelShape) -> list[str]:
+def lora_targets(recipe: Recipe, shape: ModelShape) -> list[str]:
     """Names of the Linear layers the recipe's LoRA wraps, matched by peft's own rule."""
     if not recipe.lora:
         return []
@@ -253,7 +257,7 @@ def lora_targets(recipe, shape: ModelShape) -> list[str]:
     return [name for name, _, _ in shape.linears if check_target_module_exists(config, name)]
 
 
-def expert_lora_targets(recipe, shape: ModelShape) -> list[tuple[str, int, int, int, int]]:
+def expert_lora_targets(recipe: Recipe, shape: ModelShape) -> list[tuple[str, int, int, int, int]]:
     """(name, experts, out, in, rank) of every tensor outside a Linear that LoRA reaches through
     peft's `target_parameters`: fused experts, and Mixtral's router under `all-linear`."""
     if not recipe.lora:
@@ -280,7 +284,7 @@ def _excluded(config, name: str) -> bool:
     return any(name == m or name.endswith(f".{m}") for m in exclude or ())
 
 
-def _check_training_data(recipe, prepared, plan: Plan) -> None:
+def _check_training_data(recipe: Recipe, prepared, plan: Plan) -> None:
     from qlora_cli.plan.preflight import check_prepared_data, check_trainable
 
     for check in (lambda: check_trainable(recipe), lambda: check_prepared_data(recipe, prepared)):
@@ -291,7 +295,7 @@ def _check_training_data(recipe, prepared, plan: Plan) -> None:
             plan.errors.append(err)
 
 
-def _plan_fit(plan: Plan, shape: ModelShape, s: Settings, recipe) -> None:
+def _plan_fit(plan: Plan, shape: ModelShape, s: Settings, recipe: Recipe) -> None:
     """Largest batch and length that fit, and what to change when the recipe does not."""
     if plan.capacity is None:
         return
@@ -310,7 +314,7 @@ def _plan_fit(plan: Plan, shape: ModelShape, s: Settings, recipe) -> None:
     plan.changes = _changes(plan, shape, s, recipe, total)
 
 
-def _faster(plan: Plan, shape: ModelShape, s: Settings, recipe, total) -> list[str]:
+def _faster(plan: Plan, shape: ModelShape, s: Settings, recipe: Recipe, total) -> list[str]:
     """Activation checkpointing recomputes every layer's forward pass; say so when the run fits without it."""
 
     if not s.checkpointing:
@@ -330,7 +334,7 @@ def _faster(plan: Plan, shape: ModelShape, s: Settings, recipe, total) -> list[s
             f"and skips the second forward pass: {saved:.0%} fewer FLOPs per step"]
 
 
-def _changes(plan: Plan, shape: ModelShape, s: Settings, recipe, total) -> list[str]:
+def _changes(plan: Plan, shape: ModelShape, s: Settings, recipe: Recipe, total) -> list[str]:
     changes, accumulate = [], recipe.training.gradient_accumulation_steps
     sharded = bool(recipe.training.fsdp)
     if not s.checkpointing:
@@ -357,7 +361,7 @@ def _changes(plan: Plan, shape: ModelShape, s: Settings, recipe, total) -> list[
     return changes
 
 
-def _plan_time(plan: Plan, shape: ModelShape, s: Settings, recipe, gpus: int, peak: float | None) -> None:
+def _plan_time(plan: Plan, shape: ModelShape, s: Settings, recipe: Recipe, gpus: int, peak: float | None) -> None:
     training, data = recipe.training, plan.data
     accumulate = training.gradient_accumulation_steps
     per_epoch = max(1, math.ceil(math.ceil(data.rows / (plan.batch * gpus)) / accumulate))
@@ -376,7 +380,7 @@ def _plan_time(plan: Plan, shape: ModelShape, s: Settings, recipe, gpus: int, pe
         plan.durations[label] = (seconds / MFU_RANGE[1], seconds / MFU_RANGE[0])
 
 
-def _plan_disk(plan: Plan, shape: ModelShape, s: Settings, recipe, tokenizer) -> None:
+def _plan_disk(plan: Plan, shape: ModelShape, s: Settings, recipe: Recipe, tokenizer) -> None:
     training = recipe.training
     tensors = lora_tensors(shape, s)
     tokenizer_bytes = len(tokenizer.backend_tokenizer.to_str()) + 16_384
@@ -410,7 +414,7 @@ def _free_bytes(path: Path) -> int:
     return shutil.disk_usage(nearest_existing(path)).free
 
 
-def describe_resume(recipe) -> list[str]:
+def describe_resume(recipe: Recipe) -> list[str]:
     """Whether an existing run folder can be resumed, and what differs from its recipe."""
     from qlora_cli.run_folder import RunFolder, recipe_differences, weight_keys
 

@@ -7,11 +7,15 @@ is (`check_prepared_data`); `qlora plan` reports the same problems with its plan
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qlora_cli.errors import UserError, combined
 
+if TYPE_CHECKING:
+    from qlora_cli.recipe.load import Recipe
 
-def check_before_loading(recipe) -> None:
+
+def check_before_loading(recipe: Recipe) -> None:
     """The quick checks, every problem at once: this machine, the model folder, a LoRA section."""
     errors = []
     for check in (check_machine, check_model_folder, check_trainable):
@@ -23,7 +27,7 @@ def check_before_loading(recipe) -> None:
         raise combined(errors)
 
 
-def check_machine(recipe) -> None:
+def check_machine(recipe: Recipe) -> None:
     """Refuse, before any weight is loaded, what this machine cannot do."""
     import torch
 
@@ -74,7 +78,7 @@ def _flash_attention_available(attention: str) -> bool:
     return is_flash_attn_3_available() if attention.endswith("_3") else is_flash_attn_2_available()
 
 
-def check_model_folder(recipe) -> None:
+def check_model_folder(recipe: Recipe) -> None:
     """A local model path that is not a model folder fails now, not after the data is prepared."""
     name = recipe.model.name_or_path
     path = Path(name).expanduser() if name else None
@@ -85,7 +89,7 @@ def check_model_folder(recipe) -> None:
                         fix="give a local folder with config.json and safetensors weights, or a hub id")
 
 
-def check_trainable(recipe) -> None:
+def check_trainable(recipe: Recipe) -> None:
     """qlora trains LoRA adapters: without a `lora` section a quantized base could not train at
     all, and a full fine-tune would leave weights that `merge` and `generate` do not read."""
     if recipe.lora is None:
@@ -94,7 +98,7 @@ def check_trainable(recipe) -> None:
                         fix="keep a lora section (e.g. lora.r=16 lora.target_modules=all-linear)")
 
 
-def check_prepared_data(recipe, prepared) -> None:
+def check_prepared_data(recipe: Recipe, prepared) -> None:
     """Data problems the Trainer would only find later, or never."""
     dataset, training = prepared.dataset, recipe.written("training")  # asked for, not implied by validation data
     wants_eval = str(training.get("eval_strategy", "no")) != "no" or training.get("load_best_model_at_end")

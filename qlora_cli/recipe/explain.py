@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from qlora_cli.recipe.sections import DataSection, EvalSection, GenerateOptions, MergeSection, ModelSection
 
+if TYPE_CHECKING:
+    from qlora_cli.recipe.load import Recipe
 
-def explain_recipe(recipe) -> list[tuple[str, Any, str]]:
+
+def explain_recipe(recipe: Recipe) -> list[tuple[str, Any, str]]:
     """(dotted key, value, origin) for each leaf set by the recipe, then each default it inherits.
     A value from the environment shows as written (`${oc.env:NAME}`): a secret is never printed."""
     rows = [(key, value, recipe.origins.get(key, "default (qlora)")) for key, value in _leaves(recipe.as_written())]
@@ -38,7 +41,7 @@ def _has_containers(items: list) -> bool:
     return any(isinstance(item, (dict, list)) for item in items)
 
 
-def _section_defaults(recipe) -> Iterator[tuple[str, str, dict[str, Any]]]:
+def _section_defaults(recipe: Recipe) -> Iterator[tuple[str, str, dict[str, Any]]]:
     from peft import LoraConfig
     from transformers import BitsAndBytesConfig
 

@@ -14,6 +14,7 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qlora_cli.atomic import CARD, atomic_folder, disk_full, folder_size
 from qlora_cli.errors import UserError, first_line
@@ -23,6 +24,9 @@ from qlora_cli.run_folder import (
     KIND, RunFolder, adapter_card, claim_run_folder, draw_loss_plot, library_versions, now, open_run_folder,
     start_run_folder, write_json,
 )
+
+if TYPE_CHECKING:
+    from qlora_cli.recipe.load import Recipe
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -40,7 +44,7 @@ class TrainResult:
         return EXIT_CODES.get(self.stopped_by, 0)
 
 
-def train(recipe, *, resume: bool = False, overwrite: bool = False, force: bool = False,
+def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, force: bool = False,
           reporter=None) -> TrainResult:
     """Train a LoRA adapter as the recipe says; `reporter` (from the CLI) shows progress.
 
@@ -65,7 +69,7 @@ def train(recipe, *, resume: bool = False, overwrite: bool = False, force: bool 
         return train_in_folder(recipe, run, args, state, force=force, reporter=reporter)
 
 
-def plan_for_processes(recipe, *, resume: bool, overwrite: bool, force: bool, gpus: int, reporter=None) -> Path:
+def plan_for_processes(recipe: Recipe, *, resume: bool, overwrite: bool, force: bool, gpus: int, reporter=None) -> Path:
     """The `--nproc` launcher's part of a run, before any worker starts: the run folder's and the
     recipe's checks, the data prepared once, and the plan for `gpus` processes (refused unless it
     fits, or `force`). The prepared folder, for the workers to load."""
@@ -81,7 +85,7 @@ def plan_for_processes(recipe, *, resume: bool, overwrite: bool, force: bool, gp
     return prepared.path
 
 
-def train_in_folder(recipe, run: RunFolder, args, state, *, force: bool, reporter=None) -> TrainResult:
+def train_in_folder(recipe: Recipe, run: RunFolder, args, state, *, force: bool, reporter=None) -> TrainResult:
     """The run itself, in a run folder this process holds."""
     from qlora_cli.model.load import load_trainable_model, summarize_model
     from qlora_cli.data.tokenizer import load_recipe_tokenizer
@@ -139,7 +143,7 @@ def train_in_folder(recipe, run: RunFolder, args, state, *, force: bool, reporte
     return TrainResult(run, metrics, stopper.signal_number)
 
 
-def prepared_data(recipe, tokenizer, args, handed_over: Path | None):
+def prepared_data(recipe: Recipe, tokenizer, args, handed_over: Path | None):
     """The run's data: the folder the `--nproc` launcher prepared, or else prepared (or found in
     the cache) by rank 0 first and then loaded by the other ranks."""
     from qlora_cli.data.prepare import load_prepared, prepare_dataset
@@ -150,7 +154,7 @@ def prepared_data(recipe, tokenizer, args, handed_over: Path | None):
         return prepare_dataset(recipe, tokenizer)
 
 
-def plan_run(recipe, tokenizer, prepared, force: bool, gpus: int, reporter=None) -> None:
+def plan_run(recipe: Recipe, tokenizer, prepared, force: bool, gpus: int, reporter=None) -> None:
     """The short plan, shown; a run that cannot fit in GPU memory is refused unless `force`."""
     from qlora_cli.plan.estimate import plan_recipe, refuse_unless_fits
 
@@ -165,7 +169,7 @@ def _missing_package(err: BaseException) -> bool:
     return isinstance(err, ImportError) or (isinstance(err, ValueError) and "install" in str(err).lower())
 
 
-def build_trainer(recipe, args, model, tokenizer, prepared, run: RunFolder, reporter=None):
+def build_trainer(recipe: Recipe, args, model, tokenizer, prepared, run: RunFolder, reporter=None):
     """The Trainer for this run, and the callback that stops it cleanly on a signal."""
     from qlora_cli.training.trainer import CountingCollator, QloraTrainer, StopOnSignal
 
@@ -204,7 +208,7 @@ def _log_to(trainer, logs: Path) -> None:
             callback.logging_dir = str(logs)
 
 
-def run_changes(recipe, run: RunFolder) -> dict:
+def run_changes(recipe: Recipe, run: RunFolder) -> dict:
     """TrainingArguments that follow from the run folder and our own collator, not from the user."""
     return {
         "output_dir": str(run.checkpoints),
@@ -254,7 +258,7 @@ def _final_evaluation(trainer) -> dict:
     return trainer.evaluate()
 
 
-def save_adapter(trainer, tokenizer, run: RunFolder, recipe, prepared, metrics: dict) -> None:
+def save_adapter(trainer, tokenizer, run: RunFolder, recipe: Recipe, prepared, metrics: dict) -> None:
     """adapter/: LoRA weights (safetensors), tokenizer and model card, appearing whole."""
     from qlora_cli.model.load import base_model_id
 
@@ -290,7 +294,7 @@ def _resumed(run: RunFolder, checkpoint: Path) -> dict:
     return {"resumed_from": checkpoint.name, "first_started": earlier.get("first_started", earlier.get("started"))}
 
 
-def run_record(recipe, prepared, summary, metrics: dict, started: str, stopped_by: int | None) -> dict:
+def run_record(recipe: Recipe, prepared, summary, metrics: dict, started: str, stopped_by: int | None) -> dict:
     """run.json: everything needed to tell later how this run was made and how it went."""
     import torch
 
