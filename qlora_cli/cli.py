@@ -222,39 +222,38 @@ def train(
 
     recipes, overrides = split_arguments(args)
     recipe = load_recipe(recipes, overrides)
-    # The evaluation that follows a completed run is checked now, not after an hour of training.
-    with locating(recipe.origins):
+    with locating(recipe.origins):  # every mistake about a key, at the file:line that set it
+        # The evaluation that follows a completed run is checked now, not after an hour of training.
         evaluation = _plan_evaluation(recipe) if recipe.eval.after_training and evaluates_here() else None
-    flags = [flag for flag, on in (("--resume", resume), ("--overwrite", overwrite), ("--force", force)) if on]
-    reporter = TrainReporter(console)
-    if nproc > 1 and "LOCAL_RANK" not in os.environ:
-        with locating(recipe.origins):
+        flags = [flag for flag, on in (("--resume", resume), ("--overwrite", overwrite), ("--force", force)) if on]
+        reporter = TrainReporter(console)
+        if nproc > 1 and "LOCAL_RANK" not in os.environ:
             prepared = plan_for_processes(recipe, resume=resume, overwrite=overwrite, force=force, gpus=nproc,
                                           reporter=reporter)
-        code = launch_processes(nproc, ["train", *args, *flags], prepared, _debug_flag())
-        if code == 0 and evaluation is not None:
-            code = _call_qlora(["eval", *args])
-        raise typer.Exit(code)
+            code = launch_processes(nproc, ["train", *args, *flags], prepared, _debug_flag())
+            if code == 0 and evaluation is not None:
+                code = _call_qlora(["eval", *args])
+            raise typer.Exit(code)
 
-    with locating(recipe.origins):
         result = train_run(recipe, resume=resume, overwrite=overwrite, force=force, reporter=reporter)
-    if not reporter.main:
-        raise typer.Exit(result.exit_code)
-    run = result.run
-    if result.stopped_by:
-        processes = int(os.environ.get("WORLD_SIZE", "1"))
-        again = shlex.join(["qlora", "train", *args, "--resume", *([f"--nproc={processes}"] if processes > 1 else [])])
-        console.print(f"[yellow]stopped[/] at a checkpoint in {run.checkpoints}; loss plot: {run.plot}\n"
-                      f"resume with: {again}", highlight=False)
-        raise typer.Exit(result.exit_code)
-    shown = {k: round(v, 4) for k, v in result.metrics.items() if k in ("final_train_loss", "eval_loss", "eval_perplexity",
-                                                                   "eval_rewards/accuracies", "eval_rewards/margins")}
-    console.print(f"[green]done[/]: {shown}\n"
-                  f"adapter:   {run.adapter}\nloss plot: {run.plot}\nrun record: {run.run_json}\n"
-                  f"next:      qlora merge {run.recipe}\n"
-                  f"           qlora generate {run.recipe} --prompt \"...\"", highlight=False)
-    if evaluation is not None:
-        with locating(recipe.origins):
+        if not reporter.main:
+            raise typer.Exit(result.exit_code)
+        run = result.run
+        if result.stopped_by:
+            processes = int(os.environ.get("WORLD_SIZE", "1"))
+            nproc_flag = [f"--nproc={processes}"] if processes > 1 else []
+            again = shlex.join(["qlora", "train", *args, "--resume", *nproc_flag])
+            console.print(f"[yellow]stopped[/] at a checkpoint in {run.checkpoints}; loss plot: {run.plot}\n"
+                          f"resume with: {again}", highlight=False)
+            raise typer.Exit(result.exit_code)
+        shown = {k: round(v, 4) for k, v in result.metrics.items()
+                 if k in ("final_train_loss", "eval_loss", "eval_perplexity", "eval_rewards/accuracies",
+                          "eval_rewards/margins")}
+        console.print(f"[green]done[/]: {shown}\n"
+                      f"adapter:   {run.adapter}\nloss plot: {run.plot}\nrun record: {run.run_json}\n"
+                      f"next:      qlora merge {run.recipe}\n"
+                      f"           qlora generate {run.recipe} --prompt \"...\"", highlight=False)
+        if evaluation is not None:
             _evaluate_run(recipe, evaluation)
 
 
