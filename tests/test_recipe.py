@@ -394,6 +394,16 @@ def test_a_method_gets_its_own_config_class_with_the_recipe_values():
     assert recipe.training.bf16 is False and recipe.training.activation_checkpointing is False  # as for sft
 
 
+def test_each_method_has_its_data_formats_and_a_training_class_that_extends_training_arguments():
+    from transformers import TrainingArguments
+
+    from qlora_cli.recipe.library_fields import training_class
+    from qlora_cli.recipe.sections import METHOD_FORMATS, METHODS, TRAINING_CLASSES
+
+    assert set(METHODS) == set(METHOD_FORMATS) == set(TRAINING_CLASSES)
+    assert all(issubclass(training_class(method), TrainingArguments) for method in METHODS)
+
+
 def test_a_recipe_without_output_dir_runs_in_a_folder_named_after_it(tmp_path):
     mine = write(tmp_path, "my-run.yaml", "extends: tiny-mistral\n")
     assert load_recipe([str(mine)], ["~training.output_dir"]).run_dir == Path("runs/my-run")

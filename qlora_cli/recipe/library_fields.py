@@ -1,6 +1,6 @@
 """What the library classes the sections become declare, asked of the classes themselves and
-never copied: which class each method's `training` is (one table), their fields with their types,
-and their defaults."""
+never copied: which class each method's `training` is, their fields with their types, and their
+defaults."""
 
 from __future__ import annotations
 
@@ -11,11 +11,7 @@ import inspect
 import typing
 from typing import Any
 
-from qlora_cli.recipe.sections import dataclass_annotations, signature_annotations
-
-# The class a `training` section becomes, by `method`: TrainingArguments, or TRL's configs that
-# extend it. The one place that chooses it; a method adds its line here.
-TRAINING_CLASSES = {"sft": ("transformers", "TrainingArguments"), "dpo": ("trl", "DPOConfig"), "kto": ("trl", "KTOConfig")}
+from qlora_cli.recipe.sections import TRAINING_CLASSES, dataclass_annotations, signature_annotations
 
 
 @functools.cache
@@ -38,7 +34,7 @@ def signature_defaults(func) -> dict[str, Any]:
 
 
 def training_class(method: str = "sft"):
-    """The class a recipe's `training` section becomes for `method` (TRAINING_CLASSES)."""
+    """The class a recipe's `training` section becomes for `method` (sections.TRAINING_CLASSES)."""
     module, name = TRAINING_CLASSES[method]
     return getattr(importlib.import_module(module), name)
 

@@ -52,9 +52,12 @@ class DataSource:
     weight: float = 1.0
 
 
-# The top-level `method`: the objective, and the data formats it trains on (see qlora_cli/preference.py).
-METHODS = ("sft", "dpo", "kto")
+# The top-level `method`, the objective: the data formats it trains on (qlora_cli/data/preference.py) and
+# the class its `training` section becomes (TrainingArguments, or TRL's configs that extend it). The
+# one place that says both: a method adds its line to each.
 METHOD_FORMATS = {"sft": ("text", "alpaca", "chat", "completion"), "dpo": ("preference",), "kto": ("unpaired",)}
+TRAINING_CLASSES = {"sft": ("transformers", "TrainingArguments"), "dpo": ("trl", "DPOConfig"), "kto": ("trl", "KTOConfig")}
+METHODS = tuple(METHOD_FORMATS)
 
 TEMPLATE_NAMES = ("mistral", "tokenizer")  # data.template: one of these, or a Jinja chat template
 
