@@ -224,7 +224,12 @@ def train(
     recipe = load_recipe(recipes, overrides)
     with locating(recipe.origins):  # every mistake about a key, at the file:line that set it
         # The evaluation that follows a completed run is checked now, not after an hour of training.
-        evaluation = _plan_evaluation(recipe) if recipe.eval.after_training and evaluates_here() else None
+        evaluation = None
+        if recipe.eval.after_training and evaluates_here():
+            from qlora_cli.eval.evaluate import plan_evaluation
+
+            evaluation = plan_evaluation(recipe, after_training=True)
+            _warn(evaluation.warnings)
         flags = [flag for flag, on in (("--resume", resume), ("--overwrite", overwrite), ("--force", force)) if on]
         reporter = TrainReporter(console)
         if nproc > 1 and "LOCAL_RANK" not in os.environ:
@@ -253,8 +258,8 @@ def train(
                       f"adapter:   {run.adapter}\nloss plot: {run.plot}\nrun record: {run.run_json}\n"
                       f"next:      qlora merge {run.recipe}\n"
                       f"           qlora generate {run.recipe} --prompt \"...\"", highlight=False)
-        if evaluation is not None:
-            _evaluate_run(recipe, evaluation)
+        if evaluation is not None:  # the tokenizer and prepared data the run loaded, not loaded again
+            _evaluate_run(recipe, evaluation, tokenizer=result.tokenizer, prepared=result.prepared)
 
 
 def evaluates_here() -> bool:
@@ -316,7 +321,7 @@ def generate(
 
     Example: qlora generate runs/tiny-mistral/recipe.yaml --prompt "What is the capital of France?"
     """
-    from qlora_cli.export.generate import choose_answering, load_generator
+    from qlora_cli.export.generate import choose_answering, default_length_warning, load_generator
     from qlora_cli.recipe.load import load_recipe
 
     recipes, overrides = split_arguments(args)
@@ -324,10 +329,11 @@ def generate(
     with locating(recipe.origins):
         # `--model=~/merged` reaches us unexpanded (the shell expands `~` only at a word's start).
         input, output = (path.expanduser() if path else None for path in (input, output))
+        model = os.path.expanduser(model) if model else None
         answering = choose_answering(recipe, prompt=prompt, input=input, output=output, interactive=interactive,
-                                     resume=resume)
-        _warn_of_default_length(recipe)
-        generator = load_generator(recipe, os.path.expanduser(model) if model else None)
+                                     resume=resume, model_path=model)
+        _warn([default_length_warning(recipe)])
+        generator = load_generator(recipe, model)
         if answering.prompt is not None:
             _print_answers(generator, [{"role": "user", "content": answering.prompt}])
         elif answering.records is not None:
@@ -351,43 +357,33 @@ def eval_command(
 
     Example: qlora eval runs/tiny-mistral --input qa.jsonl --tasks arc_easy --limit 50
     """
+    from qlora_cli.eval.evaluate import plan_evaluation
     from qlora_cli.recipe.load import load_recipe
 
     recipes, overrides = split_arguments(args)
     recipe = load_recipe(recipes, overrides)
     with locating(recipe.origins):
         task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks is not None else None
-        plan = _plan_evaluation(recipe, input=input.expanduser() if input else None,
-                                model_path=os.path.expanduser(model) if model else None, tasks=task_list, limit=limit)
+        plan = plan_evaluation(recipe, input=input.expanduser() if input else None,
+                               model_path=os.path.expanduser(model) if model else None, tasks=task_list, limit=limit)
+        _warn(plan.warnings)
         _evaluate_run(recipe, plan)
 
 
-def _plan_evaluation(recipe: Recipe, **flags):
-    """evaluate.plan_evaluation, and the warning its records need when answers would be cut short."""
-    from qlora_cli.eval.evaluate import plan_evaluation
-
-    plan = plan_evaluation(recipe, **flags)
-    if plan.records is not None:
-        _warn_of_default_length(recipe)
-    return plan
-
-
-def _evaluate_run(recipe: Recipe, plan) -> None:
+def _evaluate_run(recipe: Recipe, plan, **loaded) -> None:
     from qlora_cli.terminal import render
     from qlora_cli.eval.evaluate import evaluate
     from qlora_cli.terminal.progress import StageBars
 
     with StageBars(err_console) as progress:
-        result = evaluate(recipe, plan, progress=progress)
+        result = evaluate(recipe, plan, progress=progress, **loaded)
     render.eval_table(console, result.scores)
     console.print(f"results: {result.folder / 'results.json'}", highlight=False, soft_wrap=True)
 
 
-def _warn_of_default_length(recipe: Recipe) -> None:
-    if not {"max_new_tokens", "max_length"} & set(recipe.written("generate") or {}):
-        err_console.print("[yellow]warning:[/] the recipe sets no generate.max_new_tokens: answers stop after "
-                          "transformers' default of 20 new tokens; set e.g. generate.max_new_tokens=256",
-                          highlight=False)
+def _warn(warnings: list[str | None]) -> None:
+    for warning in filter(None, warnings):
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
 
 
 def _print_answers(generator, messages: list[dict]) -> str:
@@ -411,14 +407,12 @@ def _stream_answer(generator, messages: list[dict]) -> str:
 
 
 def _answer_file(generator, records, output: Path, recipe: Recipe, resume: bool) -> None:
-    from rich.progress import Progress
-
     from qlora_cli.export.generate import answer_file
+    from qlora_cli.terminal.progress import StageBars
 
-    with Progress(console=err_console, disable=not err_console.is_terminal) as progress:
-        task = progress.add_task("generate", total=len(records))
+    with StageBars(err_console) as stage:
         count = answer_file(generator, records, output, recipe.generate.options.batch_size, resume,
-                            on_batch=lambda n: progress.advance(task, n))
+                            on_batch=stage("generate", len(records)))
     console.print(f"[green]done[/]: {count} answers written to {output}", highlight=False)
 
 

@@ -207,17 +207,33 @@ def test_a_local_task_folder_loads_offline_without_indexing_lm_eval_tasks(tmp_pa
 
 
 @pytest.mark.slow
-def test_train_runs_the_recipes_eval_section_at_its_end(tmp_path, sample_subset, prepared_dir):
+def test_train_runs_the_recipes_eval_section_at_its_end(tmp_path, sample_subset, prepared_dir, monkeypatch):
     from conftest import short_run
 
+    import qlora_cli.data.prepare as prepare
+    import qlora_cli.data.tokenizer as tokenizer
+
+    loads = {"data fingerprints": 0, "tokenizers": 0}
+
+    def counted(name, function):
+        def count(*args, **kwargs):
+            loads[name] += 1
+            return function(*args, **kwargs)
+        return count
+
+    # The eval after training reuses the run's tokenizer and prepared data (its validation split).
+    monkeypatch.setattr(prepare, "data_fingerprint", counted("data fingerprints", prepare.data_fingerprint))
+    monkeypatch.setattr(tokenizer, "load_recipe_tokenizer", counted("tokenizers", tokenizer.load_recipe_tokenizer))
     questions = write_references(tmp_path / "qa.jsonl")
     root = tmp_path / "run"
     result = qlora("train", "tiny-mistral", *short_run(sample_subset, root, prepared_dir, "training.num_train_epochs=1",
-                                                        "training.save_steps=100"),
+                                                        "training.save_steps=100", "data.val_size=2"),
                    "eval.after_training=true", f"eval.input={questions}", "eval.limit=2", "generate.max_new_tokens=4")
     assert result.exit_code == 0, result.output
+    assert loads == {"data fingerprints": 1, "tokenizers": 1}
     scores = json.loads((root / "eval" / "results.json").read_text())
     assert list(scores) == ["base", "adapter"] and {"exact_match", "token_f1", "chrf"} <= set(scores["adapter"])
+    assert "eval_loss" in scores["adapter"]  # the validation split the run prepared
     assert len((root / "eval" / "answers-adapter.jsonl").read_text().splitlines()) == 2  # eval.limit
     assert result.stdout.index("done") < result.stdout.index("exact_match")
 

@@ -285,7 +285,7 @@ def test_merge_refuses_an_existing_output_unless_overwrite_and_overwrites_only_a
 ])
 def test_overwrite_knows_a_merged_folder_by_its_model_card(card, merged, tmp_path):
     from qlora_cli.atomic import model_card
-    from qlora_cli.export.merge import is_merged_folder
+    from qlora_cli.plan.preflight import is_merged_folder
 
     (tmp_path / "config.json").write_text("{}")
     if card is None:

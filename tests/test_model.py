@@ -219,15 +219,15 @@ def test_tiny_overrides_keep_the_recipe_valid():
 
 
 def test_a_starting_adapter_of_another_base_is_refused_before_peft_loads_it(tmp_path):
-    from qlora_cli.model.load import load_starting_adapter
+    from qlora_cli.plan.preflight import check_before_training
 
     adapter = tmp_path / "sft" / "adapter"
     adapter.mkdir(parents=True)
     recipe = load_recipe(["tiny-mistral-dpo"], [f"model.adapter={adapter}"])
     with pytest.raises(UserError) as caught:  # no adapter_config.json: not an adapter at all
-        load_starting_adapter(None, recipe)
+        check_before_training(recipe)
     assert caught.value.message.startswith("`model.adapter`") and "no adapter_config.json" in caught.value.message
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "someone/other-7b"}))
     with pytest.raises(UserError) as caught:
-        load_starting_adapter(None, recipe)
+        check_before_training(recipe)
     assert caught.value.message.startswith("`model.adapter`") and "trained on `someone/other-7b`" in caught.value.message

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from qlora_cli.atomic import atomic_folder, can_create_in, nearest_existing
+from qlora_cli.atomic import atomic_folder
 from qlora_cli.errors import UserError
 from qlora_cli.export.generate import PromptRecord, read_prompts
-from qlora_cli.run_folder import RunFolder, is_merged_model, merge_adapter_dir, merge_output_dir
+from qlora_cli.plan.preflight import check_before_eval, has_held_out_loss
+from qlora_cli.run_folder import RunFolder, is_merged_model, merge_output_dir
 from qlora_cli.eval.scoring import exact_match, score_answers, token_f1
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ class EvalPlan:
     suite: object | None  # benchmarks.TaskSuite
     limit: int | None = None
     model_path: str | None = None  # --model: scored as `merged`
+    warnings: list[str] = field(default_factory=list)  # for the user, before the models load
 
 
 @dataclass
@@ -63,42 +65,45 @@ class EvalResult:
 
 
 def plan_evaluation(recipe: Recipe, *, input: Path | None = None, model_path: str | None = None,
-                    tasks: list[str] | None = None, limit: int | None = None) -> EvalPlan:
+                    tasks: list[str] | None = None, limit: int | None = None,
+                    after_training: bool = False) -> EvalPlan:
     """What `qlora eval` and the `eval.after_training` step of `qlora train` measure: the flags
-    given, else the recipe's `eval` section. Reads the records, finds the tasks, checks `--model`
-    and the output folder: every mistake found before weights load (and, for
-    `eval.after_training`, before training starts)."""
-    from qlora_cli.export.generate import check_model_source
+    given, else the recipe's `eval` section. Reads the records, finds the tasks, and runs eval's
+    pre-flight: every mistake found before weights load (and, `after_training`, before training
+    starts: the adapter it will make is not looked for)."""
+    from qlora_cli.export.generate import default_length_warning
 
     input = input or (Path(recipe.eval.input) if recipe.eval.input else None)
     tasks = recipe.eval.tasks if tasks is None else tasks
     limit = limit or recipe.eval.limit
     records = read_eval_records(input)[:limit] if input else None
     suite = _load_tasks(list(tasks))
-    if model_path:
-        check_model_source(model_path)
-    check_something_to_measure(recipe, records, suite)
-    check_writable(RunFolder(recipe.run_dir).root / "eval")
-    return EvalPlan(records, suite, limit, model_path)
+    check_before_eval(recipe, model_path=model_path, measures=records is not None or suite is not None,
+                      adapter_trained=not after_training)
+    warning = default_length_warning(recipe) if records is not None else None
+    return EvalPlan(records, suite, limit, model_path, [warning] if warning else [])
 
 
-def evaluate(recipe: Recipe, plan: EvalPlan, progress: Progress | None = None) -> EvalResult:
-    """Score base, adapter and (when there is one) merged model; write `<run>/eval/` whole."""
+def evaluate(recipe: Recipe, plan: EvalPlan, progress: Progress | None = None, *, tokenizer=None,
+             prepared=None) -> EvalResult:
+    """Score base, adapter and (when there is one) merged model; write `<run>/eval/` whole.
+
+    `tokenizer` and `prepared` (data): what `qlora train` loaded, reused after training. The
+    adapter is loaded again, from its folder: eval scores what merge and generate will load
+    (4-bit, or as `generate.quantized` says), not the model as it trained (its checkpointing, its
+    upcast norms)."""
     from qlora_cli.export.generate import load_generator
-    from qlora_cli.model.load import check_adapter
 
-    run = RunFolder(recipe.run_dir)
-    check_adapter(merge_adapter_dir(recipe), recipe)
     merged = plan.model_path or existing_merged_model(recipe)
-    folder = run.root / "eval"
     progress = progress or _no_progress
-    generator = load_generator(recipe)  # the 4-bit base + adapter, as trained
-    validation = validation_rows(recipe, generator.tokenizer)
+    generator = load_generator(recipe, tokenizer=tokenizer)  # the 4-bit base + adapter, as trained
+    validation = validation_rows(recipe, generator.tokenizer, prepared)
     measure = _measurer(recipe, plan, validation, progress)
     results = {"base": measure("base", generator, without_adapter=True), "adapter": measure("adapter", generator)}
     if merged:
         del generator  # one model in memory at a time
-        results["merged"] = measure("merged", load_generator(recipe, merged))
+        results["merged"] = measure("merged", load_generator(recipe, merged, tokenizer=tokenizer))
+    folder = RunFolder(recipe.run_dir).root / "eval"
     write_results(folder, results)
     return EvalResult(folder, {name: m.scores for name, m in results.items()})
 
@@ -136,31 +141,6 @@ def existing_merged_model(recipe: Recipe) -> str | None:
     """The run's merged folder, when `qlora merge` wrote one."""
     merged = merge_output_dir(recipe)
     return str(merged) if is_merged_model(merged) else None
-
-
-def check_something_to_measure(recipe: Recipe, records, suite) -> None:
-    if records is None and suite is None and not has_held_out_loss(recipe):
-        found = ("the recipe's validation split is preference data, which has no held-out loss here "
-                 "(its reward accuracy is in run.json)" if recipe.data.has_validation
-                 else "the recipe has no validation split")
-        raise UserError(f"nothing to evaluate: no --input, no --tasks, and {found}",
-                        where="qlora eval", fix="give --input FILE (JSONL of prompt + reference), "
-                                                "--tasks NAMES, or set data.val_size")
-
-
-def has_held_out_loss(recipe: Recipe) -> bool:
-    """A validation split of prompt/answer rows; preference pairs and signed examples are scored by
-    the trainer's rewards (run.json), not by a language-model loss."""
-    from qlora_cli.data.preference import is_preference_data
-
-    return recipe.data.has_validation and not is_preference_data(recipe.data)
-
-
-def check_writable(folder: Path) -> None:
-    parent = nearest_existing(folder.parent)
-    if not can_create_in(parent):
-        raise UserError(f"cannot write {folder}: {parent} is not writable", key="training.output_dir",
-                        fix="evaluate a run folder you can write")
 
 
 # ---------------------------------------------------------------- measuring one model
@@ -205,13 +185,16 @@ def answer_records(generator, records: list[EvalRecord], batch_size: int, advanc
     return lines
 
 
-def validation_rows(recipe: Recipe, tokenizer):
-    """The recipe's validation split, prepared exactly as training saw it (cached), or None."""
+def validation_rows(recipe: Recipe, tokenizer, prepared=None):
+    """The recipe's validation split, prepared exactly as training saw it (`prepared`, or the
+    cache), or None."""
     if not has_held_out_loss(recipe):
         return None
-    from qlora_cli.data.prepare import prepare_dataset
+    if prepared is None:
+        from qlora_cli.data.prepare import prepare_dataset
 
-    return prepare_dataset(recipe, tokenizer).dataset.get("validation")
+        prepared = prepare_dataset(recipe, tokenizer)
+    return prepared.dataset.get("validation")
 
 
 def held_out_loss(generator, rows, recipe: Recipe, advance) -> dict[str, float]:

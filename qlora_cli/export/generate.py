@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from qlora_cli.recipe.builders import build_generation_config
 from qlora_cli.errors import UserError
+from qlora_cli.plan.preflight import MODEL_FIX, check_before_generate
 from qlora_cli.run_folder import merge_adapter_dir
 from qlora_cli.data.sources import load_json
 from qlora_cli.data.templates import check_roles, encode_prompt
@@ -97,22 +98,20 @@ class Generator:
             raise failures[0]
 
 
-def load_generator(recipe: Recipe, model_path: str | None = None) -> Generator:
+def load_generator(recipe: Recipe, model_path: str | None = None, tokenizer=None) -> Generator:
     """The run's base + adapter (4-bit as in training, or with generate.quantized=false the base
-    as `merge.base` says, in `merge.dtype`), or `model_path`."""
+    as `merge.base` says, in `merge.dtype`), or `model_path`; `tokenizer`, the recipe's when the
+    caller has it. What it loads was checked before (preflight.check_before_generate)."""
     from qlora_cli.data.tokenizer import load_recipe_tokenizer
 
     options = recipe.generate.options
-    if model_path:
-        check_model_source(model_path)
-    tokenizer = load_recipe_tokenizer(recipe)
+    tokenizer = tokenizer or load_recipe_tokenizer(recipe)
     if model_path:
         model = _load_plain_model(model_path)
     else:
-        from qlora_cli.model.load import check_adapter, load_adapter_model
+        from qlora_cli.model.load import load_adapter_model
 
         adapter = merge_adapter_dir(recipe)
-        check_adapter(adapter, recipe)
         # Unquantized, the adapter runs on the base as `qlora merge` would merge it: by default
         # the 4-bit weights it was trained on, dequantized, not the original ones it never saw.
         model = load_adapter_model(recipe, adapter, quantized=options.quantized,
@@ -122,6 +121,14 @@ def load_generator(recipe: Recipe, model_path: str | None = None) -> Generator:
         bos_token_id=tokenizer.bos_token_id,
     )
     return Generator(model.eval(), tokenizer, recipe.data.template, config, options.system_prompt)
+
+
+def default_length_warning(recipe: Recipe) -> str | None:
+    """What to tell a user whose recipe lets answers stop at transformers' default length."""
+    if {"max_new_tokens", "max_length"} & set(recipe.written("generate") or {}):
+        return None
+    return ("the recipe sets no generate.max_new_tokens: answers stop after transformers' default of 20 new "
+            "tokens; set e.g. generate.max_new_tokens=256")
 
 
 CHOOSE_ONE = "choose one of --prompt TEXT, --input FILE (with --output FILE) and --interactive"
@@ -138,10 +145,18 @@ class Answering:
 
 
 def choose_answering(recipe: Recipe, *, prompt: str | None, input: Path | None, output: Path | None,
-                     interactive: bool, resume: bool) -> Answering:
+                     interactive: bool, resume: bool, model_path: str | None = None) -> Answering:
     """Which one of --prompt, --input (with --output) and --interactive this run answers, every
-    file read and checked before minutes of model loading. The recipe's `generate.input` and
-    `generate.output` are the default mode, not a second one: a flag given now wins."""
+    file read and checked, and what answers (`model_path`, else the run's adapter) checked too,
+    before minutes of model loading. The recipe's `generate.input` and `generate.output` are the
+    default mode, not a second one: a flag given now wins."""
+    answering = _answering(recipe, prompt=prompt, input=input, output=output, interactive=interactive, resume=resume)
+    check_before_generate(recipe, model_path)
+    return answering
+
+
+def _answering(recipe: Recipe, *, prompt: str | None, input: Path | None, output: Path | None, interactive: bool,
+               resume: bool) -> Answering:
     if sum([prompt is not None, input is not None, interactive]) > 1:
         raise UserError(CHOOSE_ONE)
     prompts_file = None if prompt is not None or interactive else input or recipe.generate.options.input
@@ -169,22 +184,6 @@ def check_chat(recipe: Recipe) -> None:
                         key="generate.num_return_sequences",
                         fix="use --prompt or --input for several answers per prompt, or set "
                             "generate.num_return_sequences=1")
-
-
-MODEL_FIX = "give a merged model folder (qlora merge writes one), a model path or a hub id"
-
-
-def check_model_source(path: str) -> None:
-    """What `--model` names is a model folder, or could be a hub id: a path that does not exist
-    is not reported as a malformed repo id, a run folder not as an unrecognized model."""
-    local = Path(path).expanduser()
-    if local.is_dir() and not (local / "config.json").is_file():
-        raise UserError(f"{path} is a folder without a model: it has no config.json", where="--model", fix=MODEL_FIX)
-    if local.is_file():
-        raise UserError(f"{path} is a file; a model is a folder", where="--model", fix=MODEL_FIX)
-    # A hub id is `name` or `namespace/name`; anything else not found on disk was meant as a path.
-    if not local.exists() and (local.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1):
-        raise UserError(f"model folder {path} does not exist", where="--model", fix=MODEL_FIX)
 
 
 def _load_plain_model(path: str):

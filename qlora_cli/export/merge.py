@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qlora_cli.atomic import CARD, atomic_folder, can_create_in, model_card, nearest_existing, remove_stale_temporaries
+from qlora_cli.atomic import CARD, atomic_folder, model_card, nearest_existing, remove_stale_temporaries
 from qlora_cli.errors import UserError
-from qlora_cli.model.load import adapter_config, base_model_id, check_adapter, load_adapter_model, trained_on_4bit
-from qlora_cli.run_folder import MERGED, RunFolder, is_merged_model, merge_adapter_dir, merge_output_dir
+from qlora_cli.model.load import adapter_config, base_model_id, load_adapter_model, trained_on_4bit
+from qlora_cli.plan.preflight import check_before_merge
+from qlora_cli.run_folder import MERGED, merge_adapter_dir, merge_output_dir
 
 if TYPE_CHECKING:
     from qlora_cli.recipe.load import Recipe
@@ -66,12 +67,9 @@ def merge(recipe: Recipe, *, overwrite: bool = False) -> MergeResult:
     from qlora_cli.model.experts import drop_unchanged_parametrizations
     from qlora_cli.data.tokenizer import load_recipe_tokenizer
 
-    run = RunFolder(recipe.run_dir)
+    check_before_merge(recipe, overwrite=overwrite)
     adapter, output = merge_adapter_dir(recipe), merge_output_dir(recipe)
-    check_adapter(adapter, recipe)
     differences = lora_differences(adapter, recipe.written("lora"))  # the keys it sets
-    check_output_spares_the_run(output, adapter, run, recipe.model.name_or_path)
-    check_output(output, overwrite)
     remove_stale_temporaries(output.parent, output.name)  # a killed merge leaves a model-sized folder behind
     tokenizer = load_recipe_tokenizer(recipe)
     model = load_adapter_model(recipe, adapter, quantized=False, dequantize=recipe.merge.base == "dequantized")
@@ -103,46 +101,6 @@ def lora_differences(adapter: Path, lora: dict | None) -> list[str]:
     trained = adapter_config(adapter)
     return [f"lora.{key}: the recipe says {lora[key]!r}, the adapter was trained with {trained[key]!r}"
             for key in MERGED_LORA_KEYS if key in (lora or {}) and key in trained and lora[key] != trained[key]]
-
-
-def check_output_spares_the_run(output: Path, adapter: Path, run: RunFolder, base: str | None) -> None:
-    """The merged folder may go inside the run folder (the default), but writing it (replacing it,
-    with --overwrite) must never delete what the merge reads or the run keeps: the adapter, a
-    local base model, the checkpoints, the run folder itself."""
-    output = output.resolve()
-    local_base = Path(base).expanduser() if base and Path(base).expanduser().is_dir() else None
-    # (what, folder, whether lying inside it is refused too)
-    kept = [("the adapter folder", adapter, True), ("the base model's folder", local_base, True),
-            ("the run's checkpoints", run.checkpoints, False), ("the run folder", run.root, False)]
-    for what, folder, not_inside in kept:
-        if folder is None:
-            continue
-        folder = folder.resolve()
-        relation = ("is" if output == folder else "holds" if output in folder.parents
-                    else "lies inside" if not_inside and folder in output.parents else None)
-        if relation:
-            raise UserError(f"merge output {output} {relation} {what} {folder}: writing it could delete or "
-                            "clutter what the merge reads and the run keeps", key="merge.output_dir",
-                            fix="set merge.output_dir to a new folder, e.g. <run>/merged")
-
-
-def check_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and not overwrite:
-        raise UserError(f"merge output {output} already exists", key="merge.output_dir",
-                        fix="add --overwrite, or set merge.output_dir")
-    if output.exists() and not is_merged_folder(output):
-        raise UserError(f"merge output {output} is not a merged model that qlora wrote, and --overwrite replaces "
-                        "only those: it would delete what the folder holds", key="merge.output_dir",
-                        fix="set merge.output_dir to a new folder, or move this one away yourself")
-    parent = nearest_existing(output.parent)
-    if not can_create_in(parent):
-        raise UserError(f"cannot write {output}: {parent} is not writable", key="merge.output_dir",
-                        fix="choose a folder you can write")
-
-
-def is_merged_folder(folder: Path) -> bool:
-    """An empty folder, or a merged model `qlora merge` wrote (its card carries the marker)."""
-    return (folder.is_dir() and not any(folder.iterdir())) or is_merged_model(folder)
 
 
 def check_disk(output: Path, model) -> None:

@@ -14,7 +14,6 @@ from qlora_cli.atomic import atomic_folder, cache_root
 from qlora_cli.recipe.builders import build_bnb_config, build_lora_config
 from qlora_cli.recipe.library_fields import quantization_values
 from qlora_cli.errors import UserError
-from qlora_cli.run_folder import RunFolder
 from qlora_cli.recipe.sections import to_dtype
 from qlora_cli.data.tokenizer import load_recipe_tokenizer, tokenizer_spec
 
@@ -250,13 +249,9 @@ def load_starting_adapter(model, recipe: Recipe):
 
     from qlora_cli.model.experts import repair_expert_lora
 
+    # A local folder was checked before loading (preflight.check_starting_adapter).
     adapter, key = recipe.model.adapter, "model.adapter"
     fix = "give a folder with adapter_config.json and adapter_model.safetensors (e.g. runs/sft/adapter)"
-    if Path(adapter).expanduser().is_dir():  # otherwise a hub id, which peft fetches
-        try:
-            check_adapter(Path(adapter).expanduser(), recipe, key=key)
-        except UserError as err:
-            raise UserError(f"`model.adapter`: {err.message}", where=err.where, key=err.key, fix=err.fix or fix) from None
     try:
         loaded = PeftModel.from_pretrained(model, adapter, is_trainable=True)
     except (OSError, ValueError) as err:
@@ -326,26 +321,6 @@ def copy_dequantized_weights(quantized_model, model) -> None:
                 target.data = dequantized(module, param_name).to(target.device, target.dtype)
 
 
-def check_adapter(adapter: Path, recipe: Recipe, key: str = "merge.adapter") -> None:
-    """The adapter folder exists, is a peft adapter, and was trained on the recipe's base model
-    (`key`: the key that named it)."""
-    config_file = adapter / "adapter_config.json"
-    if not adapter.is_dir():
-        last = RunFolder(recipe.run_dir).last_checkpoint()
-        fix = (f"the run stopped before its end: finish it with `qlora train {recipe.run_dir} --resume`, or set "
-               f"merge.adapter={last} to use its last checkpoint" if last and not recipe.merge.adapter else
-               "train first (qlora train ...), or point merge.adapter at an adapter folder")
-        raise UserError(f"adapter folder {adapter} does not exist", key=key, fix=fix)
-    if not config_file.is_file():
-        raise UserError(f"{adapter} is not a LoRA adapter: it has no adapter_config.json", key=key)
-    trained_on = adapter_config(adapter).get("base_model_name_or_path")
-    expected = base_model_id(recipe)
-    if trained_on and expected and not _same_model(trained_on, expected):
-        raise UserError(f"the adapter was trained on `{trained_on}`, but the recipe's base model is `{expected}`",
-                        where=str(config_file), fix="use the recipe the adapter was trained with "
-                        "(its run folder's recipe.yaml)")
-
-
 def adapter_config(adapter: Path) -> dict:
     """The adapter's adapter_config.json, which peft loads it by: damaged, it is the user's to fix."""
     config_file = adapter / "adapter_config.json"
@@ -363,11 +338,6 @@ def adapter_config(adapter: Path) -> dict:
 def base_model_id(recipe: Recipe) -> str | None:
     """What peft records as the base model: a hub id or path, or the built model's cache folder."""
     return recipe.model.name_or_path or model_path(recipe)
-
-
-def _same_model(a: str, b: str) -> bool:
-    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
-
 
 
 def summarize_model(model, quantization: BitsAndBytesConfig | None) -> ModelSummary:

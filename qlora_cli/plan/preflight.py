@@ -1,7 +1,10 @@
-"""Pre-flight: what can be checked about a run before a weight loads, in one place.
+"""Pre-flight: what can be checked about a command before a weight loads, in one place.
 
-`qlora train` runs these once, before the data is prepared (`check_before_loading`) and once it
-is (`check_prepared_data`); `qlora plan` reports the same problems with its plan.
+Each command calls its entry once, before any model loads: `qlora train` `check_before_training`
+(and `check_prepared_data` once the data is prepared; `qlora plan` reports the same problems with
+its plan), `qlora merge` `check_before_merge`, `qlora generate` `check_before_generate`, `qlora
+eval` (and `eval.after_training`) `check_before_eval`. Reading the command's own input files (the
+prompts, the eval records, the lm-eval tasks) stays with the command that parses them.
 """
 
 from __future__ import annotations
@@ -9,16 +12,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qlora_cli.atomic import can_create_in, nearest_existing
 from qlora_cli.errors import UserError, combined
+from qlora_cli.run_folder import RunFolder, is_merged_model, merge_adapter_dir, merge_output_dir
 
 if TYPE_CHECKING:
     from qlora_cli.recipe.load import Recipe
 
 
-def check_before_loading(recipe: Recipe) -> None:
-    """The quick checks, every problem at once: this machine, the model folder, a LoRA section."""
+def check_before_training(recipe: Recipe) -> None:
+    """The quick checks, every problem at once: this machine, the model folder, a LoRA section,
+    the adapter a run starts from."""
     errors = []
-    for check in (check_machine, check_model_folder, check_trainable):
+    for check in (check_machine, check_model_folder, check_trainable, check_starting_adapter):
         try:
             check(recipe)
         except UserError as err:
@@ -110,3 +116,151 @@ def check_prepared_data(recipe: Recipe, prepared) -> None:
     if "validation" in dataset and len(dataset["validation"]) == 0:
         raise UserError("the validation split is empty", key="data.validation_sources",
                         fix="give validation sources with examples, or set data.val_size")
+
+
+def check_starting_adapter(recipe: Recipe) -> None:
+    """`model.adapter`, when it is a folder (else a hub id, which peft fetches), is an adapter of
+    the recipe's base model."""
+    adapter = recipe.model.adapter
+    if not adapter or not Path(adapter).expanduser().is_dir():
+        return
+    try:
+        check_adapter(Path(adapter).expanduser(), recipe, key="model.adapter")
+    except UserError as err:
+        raise UserError(f"`model.adapter`: {err.message}", where=err.where, key=err.key, fix=err.fix or
+                        "give a folder with adapter_config.json and adapter_model.safetensors "
+                        "(e.g. runs/sft/adapter)") from None
+
+
+# ---------------------------------------------------------------- merge, generate, eval
+
+
+def check_before_merge(recipe: Recipe, *, overwrite: bool) -> None:
+    """The adapter to merge, and an output folder that can be written without deleting anything
+    but an earlier merge."""
+    adapter, output = merge_adapter_dir(recipe), merge_output_dir(recipe)
+    check_adapter(adapter, recipe)
+    check_output_spares_the_run(output, adapter, RunFolder(recipe.run_dir), recipe.model.name_or_path)
+    check_merge_output(output, overwrite)
+
+
+def check_before_generate(recipe: Recipe, model_path: str | None = None) -> None:
+    """What answers: `--model` (a model folder or a hub id), else the run's adapter."""
+    if model_path:
+        check_model_source(model_path)
+    else:
+        check_adapter(merge_adapter_dir(recipe), recipe)
+
+
+def check_before_eval(recipe: Recipe, *, model_path: str | None, measures: bool, adapter_trained: bool = True) -> None:
+    """The adapter (unless training is about to make it), `--model`, something to measure
+    (`measures`: records or tasks were given, else the validation loss), a writable <run>/eval."""
+    if model_path:
+        check_model_source(model_path)
+    if not measures and not has_held_out_loss(recipe):
+        found = ("the recipe's validation split is preference data, which has no held-out loss here "
+                 "(its reward accuracy is in run.json)" if recipe.data.has_validation
+                 else "the recipe has no validation split")
+        raise UserError(f"nothing to evaluate: no --input, no --tasks, and {found}",
+                        where="qlora eval", fix="give --input FILE (JSONL of prompt + reference), "
+                                                "--tasks NAMES, or set data.val_size")
+    check_writable(RunFolder(recipe.run_dir).root / "eval")
+    if adapter_trained:
+        check_adapter(merge_adapter_dir(recipe), recipe)
+
+
+def has_held_out_loss(recipe: Recipe) -> bool:
+    """A validation split of prompt/answer rows; preference pairs and signed examples are scored by
+    the trainer's rewards (run.json), not by a language-model loss."""
+    from qlora_cli.data.preference import is_preference_data
+
+    return recipe.data.has_validation and not is_preference_data(recipe.data)
+
+
+def check_writable(folder: Path) -> None:
+    parent = nearest_existing(folder.parent)
+    if not can_create_in(parent):
+        raise UserError(f"cannot write {folder}: {parent} is not writable", key="training.output_dir",
+                        fix="evaluate a run folder you can write")
+
+
+def check_adapter(adapter: Path, recipe: Recipe, key: str = "merge.adapter") -> None:
+    """The adapter folder exists, is a peft adapter, and was trained on the recipe's base model
+    (`key`: the key that named it)."""
+    from qlora_cli.model.load import adapter_config, base_model_id
+
+    config_file = adapter / "adapter_config.json"
+    if not adapter.is_dir():
+        last = RunFolder(recipe.run_dir).last_checkpoint()
+        fix = (f"the run stopped before its end: finish it with `qlora train {recipe.run_dir} --resume`, or set "
+               f"merge.adapter={last} to use its last checkpoint" if last and not recipe.merge.adapter else
+               "train first (qlora train ...), or point merge.adapter at an adapter folder")
+        raise UserError(f"adapter folder {adapter} does not exist", key=key, fix=fix)
+    if not config_file.is_file():
+        raise UserError(f"{adapter} is not a LoRA adapter: it has no adapter_config.json", key=key)
+    trained_on = adapter_config(adapter).get("base_model_name_or_path")
+    expected = base_model_id(recipe)
+    if trained_on and expected and not _same_model(trained_on, expected):
+        raise UserError(f"the adapter was trained on `{trained_on}`, but the recipe's base model is `{expected}`",
+                        where=str(config_file), fix="use the recipe the adapter was trained with "
+                        "(its run folder's recipe.yaml)")
+
+
+def _same_model(a: str, b: str) -> bool:
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+
+MODEL_FIX = "give a merged model folder (qlora merge writes one), a model path or a hub id"
+
+
+def check_model_source(path: str) -> None:
+    """What `--model` names is a model folder, or could be a hub id: a path that does not exist
+    is not reported as a malformed repo id, a run folder not as an unrecognized model."""
+    local = Path(path).expanduser()
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise UserError(f"{path} is a folder without a model: it has no config.json", where="--model", fix=MODEL_FIX)
+    if local.is_file():
+        raise UserError(f"{path} is a file; a model is a folder", where="--model", fix=MODEL_FIX)
+    # A hub id is `name` or `namespace/name`; anything else not found on disk was meant as a path.
+    if not local.exists() and (local.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1):
+        raise UserError(f"model folder {path} does not exist", where="--model", fix=MODEL_FIX)
+
+
+def check_output_spares_the_run(output: Path, adapter: Path, run: RunFolder, base: str | None) -> None:
+    """The merged folder may go inside the run folder (the default), but writing it (replacing it,
+    with --overwrite) must never delete what the merge reads or the run keeps: the adapter, a
+    local base model, the checkpoints, the run folder itself."""
+    output = output.resolve()
+    local_base = Path(base).expanduser() if base and Path(base).expanduser().is_dir() else None
+    # (what, folder, whether lying inside it is refused too)
+    kept = [("the adapter folder", adapter, True), ("the base model's folder", local_base, True),
+            ("the run's checkpoints", run.checkpoints, False), ("the run folder", run.root, False)]
+    for what, folder, not_inside in kept:
+        if folder is None:
+            continue
+        folder = folder.resolve()
+        relation = ("is" if output == folder else "holds" if output in folder.parents
+                    else "lies inside" if not_inside and folder in output.parents else None)
+        if relation:
+            raise UserError(f"merge output {output} {relation} {what} {folder}: writing it could delete or "
+                            "clutter what the merge reads and the run keeps", key="merge.output_dir",
+                            fix="set merge.output_dir to a new folder, e.g. <run>/merged")
+
+
+def check_merge_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and not overwrite:
+        raise UserError(f"merge output {output} already exists", key="merge.output_dir",
+                        fix="add --overwrite, or set merge.output_dir")
+    if output.exists() and not is_merged_folder(output):
+        raise UserError(f"merge output {output} is not a merged model that qlora wrote, and --overwrite replaces "
+                        "only those: it would delete what the folder holds", key="merge.output_dir",
+                        fix="set merge.output_dir to a new folder, or move this one away yourself")
+    parent = nearest_existing(output.parent)
+    if not can_create_in(parent):
+        raise UserError(f"cannot write {output}: {parent} is not writable", key="merge.output_dir",
+                        fix="choose a folder you can write")
+
+
+def is_merged_folder(folder: Path) -> bool:
+    """An empty folder, or a merged model `qlora merge` wrote (its card carries the marker)."""
+    return (folder.is_dir() and not any(folder.iterdir())) or is_merged_model(folder)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from qlora_cli.atomic import CARD, atomic_folder, disk_full, folder_size
 from qlora_cli.errors import UserError, first_line
 from qlora_cli.training.launch import prepared_by_launcher, user_command_line
-from qlora_cli.plan.preflight import check_before_loading, check_prepared_data
+from qlora_cli.plan.preflight import check_before_training, check_prepared_data
 from qlora_cli.run_folder import (
     KIND, RunFolder, adapter_card, claim_run_folder, draw_loss_plot, library_versions, now, open_run_folder,
     start_run_folder, write_json,
@@ -38,6 +38,8 @@ class TrainResult:
     run: RunFolder
     metrics: dict
     stopped_by: int | None = None  # the signal that stopped it, if any
+    tokenizer: object = None  # what the run loaded, for the `eval.after_training` that follows
+    prepared: object = None  # its data (data.prepare.PreparedData)
 
     @property
     def exit_code(self) -> int:
@@ -56,7 +58,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, forc
     from qlora_cli.recipe.builders import build_training_arguments
 
     seen = open_run_folder(recipe, resume=resume, overwrite=overwrite)
-    check_before_loading(recipe)
+    check_before_training(recipe)
     # Building the arguments also joins the process group under torchrun / accelerate launch.
     args = build_training_arguments(recipe.written("training"), has_validation=recipe.data.has_validation,
                                     method=recipe.method, **run_changes(recipe, seen))
@@ -77,7 +79,7 @@ def plan_for_processes(recipe: Recipe, *, resume: bool, overwrite: bool, force: 
     from qlora_cli.data.tokenizer import load_recipe_tokenizer
 
     open_run_folder(recipe, resume=resume, overwrite=overwrite)
-    check_before_loading(recipe)
+    check_before_training(recipe)
     tokenizer = load_recipe_tokenizer(recipe)
     prepared = prepare_dataset(recipe, tokenizer)
     check_prepared_data(recipe, prepared)
@@ -140,7 +142,7 @@ def train_in_folder(recipe: Recipe, run: RunFolder, args, state, *, force: bool,
         record = run_record(recipe, prepared, summary, metrics, started, stopper.signal_number)
         write_json(run.run_json, record | (_resumed(run, start_from) if start_from else {}))
     state.wait_for_everyone()
-    return TrainResult(run, metrics, stopper.signal_number)
+    return TrainResult(run, metrics, stopper.signal_number, tokenizer, prepared)
 
 
 def prepared_data(recipe: Recipe, tokenizer, args, handed_over: Path | None):
