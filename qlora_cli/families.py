@@ -193,19 +193,3 @@ def kept_16bit(family: Family, quantization: dict | None) -> dict | None:
     if not quantization or not family.outside_language_model or quantization.get("llm_int8_skip_modules"):
         return quantization
     return {**quantization, "llm_int8_skip_modules": [*family.outside_language_model, "lm_head"]}
-
-
-def language_model_lora(family: Family, lora: dict | None) -> dict | None:
-    """The lora section with LoRA kept to the language model: `all-linear` and names such as
-    q_proj match only its layers (peft's `exclude_modules`), unless the recipe names a module
-    outside it, gives a regex, or sets exclude_modules itself."""
-    if not lora or not family.outside_language_model or lora.get("exclude_modules"):
-        return lora
-    targets = lora.get("target_modules")
-    names = [targets] if isinstance(targets, str) and targets != "all-linear" else list(targets or [])
-    regex = isinstance(targets, str) and targets != "all-linear"
-    outside = [prefix.rsplit(".", 1)[-1] for prefix in family.outside_language_model]
-    if regex or any(part in str(name) for name in names for part in outside):
-        return lora
-    pattern = "|".join(prefix.replace(".", r"\.") for prefix in family.outside_language_model)
-    return {**lora, "exclude_modules": rf"(?:{pattern})(?:\..*)?"}

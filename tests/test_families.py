@@ -92,7 +92,7 @@ def test_plan_counts_the_vision_tower_in_16_bits_and_lora_on_the_language_model_
 
     recipe = load_recipe([family_recipe(tmp_path, "mistral3")])
     shape = model_shape(load_model_config(recipe, v1_tokenizer))
-    targets = lora_targets(recipe, shape)
+    targets = lora_targets(recipe, shape).modules
     assert len(targets) == 2 * 7 and all(name.startswith("model.language_model.layers.") for name in targets)
     assert shape.layers == 2 and shape.hidden == 64
     items = {item.name: item for item in weight_items(shape, recipe_settings(recipe, shape))}

@@ -94,6 +94,23 @@ def test_weight_and_lora_entries_equal_the_bytes_of_the_loaded_tensors(tiny):
 
 
 @pytest.mark.slow
+def test_the_plan_counts_the_lora_peft_gives_the_loaded_model_under_peft_s_own_rules(tmp_path):
+    from qlora_cli.data.tokenizer import load_recipe_tokenizer
+    from qlora_cli.model.load import load_trainable_model
+
+    # layers_to_transform and exclude_modules are peft's to apply: the plan asks peft, on the skeleton
+    recipe = load_recipe(["tiny-mistral"], [*TINY_OVERRIDES, "lora.target_modules=[q_proj, v_proj, o_proj, down_proj]",
+                                            "lora.layers_to_transform=[1]", "lora.exclude_modules=[o_proj]",
+                                            f"training.output_dir={tmp_path}/run"])
+    shape = model_shape(load_model_config(recipe, load_recipe_tokenizer(recipe)))
+    targets = lora_targets(recipe, shape)
+    assert sorted(name.rsplit(".", 1)[-1] for name in targets.modules) == ["down_proj", "q_proj", "v_proj"]
+    assert all(".layers.1." in name for name in targets.modules) and not targets.tensors
+    trainable = [p for p in load_trainable_model(recipe).parameters() if p.requires_grad]
+    assert estimate(shape, recipe_settings(recipe, shape, on_gpu=False))["LoRA parameters"] == tensor_bytes(trainable)
+
+
+@pytest.mark.slow
 def test_gradient_and_optimizer_entries_equal_a_real_adamw_step(tiny):
     recipe, model, shape, settings = tiny
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -232,7 +249,7 @@ def test_mistral_7b_at_the_shipped_recipe_needs_about_10_gib(tmp_path):
     settings = recipe_settings(recipe, shape)
     entries = estimate(shape, settings, batch=4, seq=2048)
     assert shape.total_params == 7_241_732_096  # Mistral-7B-v0.1's published count
-    assert len(lora_targets(recipe, shape)) == 4 * 32
+    assert len(lora_targets(recipe, shape).modules) == 4 * 32
     # NF4 + double quantization: 4 bits + 8-bit absmax per 64 + fp32 per 256 x 64 = 4.127 bits/param.
     assert entries["base weights"] / 6_979_321_856 == pytest.approx(4.127 / 8, rel=1e-3)
     # 9.6: the chunked loss holds no full logits, and the residual stream stays in bf16.

@@ -212,59 +212,6 @@ def dequantized(module, param_name: str):
 # ---------------------------------------------------------------- LoRA on the experts
 
 
-def expand_expert_targets(lora: dict | None, model, expert_modules: tuple[str, ...]) -> dict | None:
-    """The lora section with `target_parameters` as peft needs them for these experts: the full
-    name of each expert tensor (peft matches an already parametrized tensor by its full name only).
-
-    `target_modules: all-linear` adds every expert tensor; `target_parameters` names (`experts`,
-    `gate_up_proj`, `mlp.experts.down_proj`) match the expert tensors whose name ends with them.
-    A name that matches no expert tensor is the user's mistake (peft would only warn)."""
-    if not lora:
-        return lora
-    names = [f"{name}.{param}" for name, _, param in expert_parameters(model, expert_modules)]
-    targets = expert_targets(lora, names)
-    return {**lora, "target_parameters": targets} if targets else lora
-
-
-def expert_targets(lora: dict, names: list[str]) -> list[str]:
-    """The expert tensors (of `names`) that the lora section puts LoRA on: every one under
-    `target_modules: all-linear` without `target_parameters`, else those its names match. A name
-    that matches none is the user's mistake (peft would only warn): exit 2 at its line."""
-    asked = lora.get("target_parameters")
-    if asked is None:
-        return names if lora.get("target_modules") == "all-linear" else []
-    matched, unmatched = [], []
-    for wanted in asked:
-        hits = [n for n in names if skipped(n, (wanted,))]  # the name, or a dotted part of it
-        matched += [n for n in hits if n not in matched]
-        unmatched += [] if hits else [wanted]
-    if unmatched:
-        have = sorted({n.split(".")[-1] for n in names})
-        raise UserError(f"`lora.target_parameters` {unmatched} match no expert tensor of this model "
-                        f"({'its experts: ' + ', '.join(have) if have else 'it has no fused experts'}): "
-                        "that LoRA would train nothing", key="lora.target_parameters",
-                        fix="name experts, gate_up_proj or down_proj, or drop lora.target_parameters")
-    return matched
-
-
-def expert_lora_rank(model_type: str, param_name: str, r: int, all_linear: bool) -> int:
-    """The LoRA rank peft gives a fused expert tensor: under `all-linear`, peft maps the v4 names of
-    Mixtral's experts (w1, w3) onto the fused `gate_up_proj` and gives it r per fused matrix."""
-    from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN, _MOE_FUSED_TARGETS
-
-    fused = _MOE_FUSED_TARGETS.get(_MODEL_TO_CONVERSION_PATTERN.get(model_type, ""), {})
-    return r * len(fused.get(param_name.rsplit(".", 1)[-1], [None])) if all_linear else r
-
-
-def router_lora_names(model_type: str, parameter_names, all_linear: bool) -> list[str]:
-    """The router weights peft puts LoRA on under `all-linear` (Mixtral's `gate.weight`, its v4 Linear)."""
-    from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN, _MOE_TARGET_MODULE_MAPPING
-
-    mapping = _MOE_TARGET_MODULE_MAPPING.get(_MODEL_TO_CONVERSION_PATTERN.get(model_type, ""), {})
-    suffixes = [new for new in mapping.values() if new.endswith(".weight")] if all_linear else []
-    return [n for n in parameter_names if any(n.endswith(f".{suffix}") for suffix in suffixes)]
-
-
 def repair_expert_lora(model) -> None:
     """Make peft's LoRA on 4-bit expert tensors train and run more than once (peft 0.21).
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora_cli.atomic import atomic_folder, cache_root
-from qlora_cli.recipe.builders import build_bnb_config, build_lora_config
+from qlora_cli.recipe.builders import build_bnb_config
 from qlora_cli.recipe.library_fields import quantization_values
 from qlora_cli.errors import UserError
 from qlora_cli.recipe.sections import to_dtype
@@ -196,8 +196,9 @@ def load_trainable_model(recipe: Recipe, *, device_map=None, tokenizer=None):
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
 
-    from qlora_cli.model.experts import expand_expert_targets, repair_expert_lora
-    from qlora_cli.families import checkpoint_family, language_model_lora
+    from qlora_cli.model.experts import repair_expert_lora
+    from qlora_cli.model.lora_targets import lora_config, refused_by_peft
+    from qlora_cli.families import checkpoint_family
 
     model = load_base_model(recipe, device_map=device_map, tokenizer=tokenizer)
     checkpointing = recipe.training.activation_checkpointing
@@ -216,8 +217,7 @@ def load_trainable_model(recipe: Recipe, *, device_map=None, tokenizer=None):
     if recipe.model.adapter:
         return load_starting_adapter(model, recipe)
     family = checkpoint_family(model.config, trust_remote_code=recipe.model.trust_remote_code)
-    lora_section = expand_expert_targets(recipe.written("lora"), model, family.expert_modules)
-    lora = build_lora_config(language_model_lora(family, lora_section))
+    lora = lora_config(recipe, model, family)
     if lora is None:
         return model
     # Seed right before the LoRA weights' random init, so it is the same for every rank and
@@ -225,19 +225,8 @@ def load_trainable_model(recipe: Recipe, *, device_map=None, tokenizer=None):
     set_seed(recipe.training.seed)
     # FSDP shards a layer as one flat buffer of one dtype: keep LoRA weights in the model's dtype
     # instead of peft's fp32 (and never upcast the unquantized weights above).
-    try:
+    with refused_by_peft():
         peft_model = get_peft_model(model, lora, autocast_adapter_dtype=not sharded)
-    except ValueError as err:
-        if "lora_dropout" in str(err):  # peft's LoRA on a tensor cannot drop out its input
-            raise UserError(f"LoRA on the experts needs `lora.lora_dropout: 0`: {err}",
-                            key="lora.lora_dropout",
-                            fix="set lora.lora_dropout=0, or keep LoRA off the experts (target_modules: "
-                                "[q_proj, k_proj, v_proj, o_proj])") from None
-        if "target" not in str(err).lower():
-            raise
-        raise UserError(f"`lora.target_modules` does not fit this model: {err}",
-                        key="lora.target_modules",
-                        fix="name layers the model has, e.g. lora.target_modules=all-linear or [q_proj,v_proj]") from None
     repair_expert_lora(peft_model)
     return peft_model
 

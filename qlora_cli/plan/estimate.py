@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora_cli.errors import UserError
+from qlora_cli.families import Family
+from qlora_cli.model.lora_targets import LoraTargets, planned_targets
 from qlora_cli.plan.memory import (
     GiB, MemoryItem, ModelShape, Settings, dtype_bytes, flops_per_token, largest_fitting, lora_tensors, memory_items,
-    model_shape, optimizer_bytes,
+    model_shape, model_skeleton, optimizer_bytes,
 )
 from qlora_cli.plan.data import DataReport, data_warnings, describe_data
 from qlora_cli.run_folder import merge_output_dir
@@ -202,8 +205,6 @@ def _first_visible(pynvml):
 
 def peak_tflops(name: str) -> float | None:
     """The dense bf16 peak of the GPU NVML calls `name`, None for a GPU not in the table."""
-    import re
-
     words = set(re.split(r"[^A-Za-z0-9]+", name))
     return next((tflops for needed, tflops in PEAK_BY_NAME_WORDS if words.issuperset(needed)), None)
 
@@ -218,13 +219,14 @@ def recipe_settings(recipe: Recipe, shape: ModelShape, on_gpu: bool = True, gpus
     quant = "none" if bnb is None else bnb.bnb_4bit_quant_type if bnb.load_in_4bit else "int8" if bnb.load_in_8bit else "none"
     q = (kept_16bit(shape.family, recipe.written("quantization")) if shape.family else recipe.written("quantization")) or {}
     lora = recipe.lora or LoraConfig()  # no LoRA (no targets either): peft's defaults
+    targets = lora_targets(recipe, shape)
     mixed = training.bf16 or training.fp16
     attn = recipe.model.attn_implementation or "sdpa"
     sharded = bool(training.fsdp)
     return Settings(
         quant=quant, double_quant=bnb is not None and bnb.bnb_4bit_use_double_quant, model_dtype=recipe.model.dtype,
         skip_modules=tuple(q.get("llm_int8_skip_modules") or ()), lora_r=lora.r,
-        lora_targets=lora_targets(recipe, shape), expert_lora=expert_lora_targets(recipe, shape),
+        lora_targets=targets.modules, expert_lora=targets.tensors,
         lora_dropout=lora.lora_dropout, use_dora=lora.use_dora, optim=training.optim.value,
         checkpointing=training.activation_checkpointing or (sharded and _fsdp_checkpointing(recipe.written("training"))),
         autocast_bytes=2 if mixed else None, packed_mask=recipe.data.packing and "flash" not in attn,
@@ -241,47 +243,13 @@ def _fsdp_checkpointing(training: dict) -> bool:
     return isinstance(config, dict) and bool(config.get("activation_checkpointing"))
 
 
-def lora_targets(recipe: Recipe, shape: ModelShape) -> list[str]:
-    """Names of the Linear layers the recipe's LoRA wraps, matched by peft's own rule."""
+def lora_targets(recipe: Recipe, shape: ModelShape) -> LoraTargets:
+    """The Linear layers and the tensors outside them that the recipe's LoRA reaches, as peft
+    decides on the model's skeleton (qlora_cli.model.lora_targets)."""
     if not recipe.lora:
-        return []
-    from peft.tuners.tuners_utils import check_target_module_exists
-
-    from qlora_cli.recipe.builders import build_lora_config
-    from qlora_cli.families import language_model_lora
-
-    lora = language_model_lora(shape.family, recipe.written("lora")) if shape.family else recipe.written("lora")
-    config = build_lora_config(lora)
-    if config.target_modules == "all-linear":  # every Linear but the output layer, as peft does
-        return [name for name, _, _ in shape.layer_linears if not _excluded(config, name)]
-    return [name for name, _, _ in shape.linears if check_target_module_exists(config, name)]
-
-
-def expert_lora_targets(recipe: Recipe, shape: ModelShape) -> list[tuple[str, int, int, int, int]]:
-    """(name, experts, out, in, rank) of every tensor outside a Linear that LoRA reaches through
-    peft's `target_parameters`: fused experts, and Mixtral's router under `all-linear`."""
-    if not recipe.lora:
-        return []
-    from qlora_cli.model.experts import expert_lora_rank, expert_targets, router_lora_names
-
-    lora, r = recipe.written("lora"), recipe.lora.r
-    all_linear = lora.get("target_modules") == "all-linear"
-    # a name that matches no expert tensor (any name, of a dense model) exits 2
-    chosen = expert_targets(lora, [name for name, *_ in shape.experts])
-    model_type = shape.family.model_type if shape.family else ""
-    found = [(n, e, o, i, expert_lora_rank(model_type, n, r, all_linear)) for n, e, o, i in shape.experts if n in chosen]
-    for name in router_lora_names(model_type, shape.other_params, all_linear):  # (experts, hidden) weights
-        found.append((name, 1, shape.other_params[name] // shape.hidden, shape.hidden, r))
-    return found
-
-
-def _excluded(config, name: str) -> bool:
-    import re
-
-    exclude = config.exclude_modules
-    if isinstance(exclude, str):
-        return re.fullmatch(exclude, name) is not None
-    return any(name == m or name.endswith(f".{m}") for m in exclude or ())
+        return LoraTargets()
+    family = shape.family or Family(shape.config.model_type, "")
+    return planned_targets(recipe, model_skeleton(shape.config), family)
 
 
 def _check_training_data(recipe: Recipe, prepared, plan: Plan) -> None:

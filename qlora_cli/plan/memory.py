@@ -58,6 +58,7 @@ class ModelShape:
     # Multi-head latent attention (mistral4): (q_lora_rank or 0, kv_lora_rank, qk_nope_head_dim,
     # qk_rope_head_dim, v_head_dim) from the config; None for grouped-query attention.
     mla: tuple[int, int, int, int, int] | None = None
+    config: object = None  # the transformers config it was read from (`model_skeleton` builds the model again)
 
     @property
     def outside_language_model(self) -> tuple[str, ...]:
@@ -84,13 +85,10 @@ class ModelShape:
 def model_shape(config) -> ModelShape:
     """The shape of the model a transformers config describes, built on the meta device with
     its family's auto class; the layer figures are the language model's (its text config)."""
-    import torch
     from torch import nn
 
-    # The arithmetic holds for any decoder; `qlora plan` refuses the types qlora does not train.
     family = FAMILIES.get(config.model_type)
-    with torch.device("meta"):
-        model = auto_model_class(family or Family(config.model_type, "")).from_config(config)
+    model, full_config = model_skeleton(config), config
     config = config.get_text_config()
     linears = [(n, m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     in_linears = {f"{n}.weight" for n, _, _ in linears} | {f"{n}.bias" for n, _, _ in linears}
@@ -110,7 +108,18 @@ def model_shape(config) -> ModelShape:
         other_params=other, buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
         output_linear=output_name, max_positions=getattr(config, "max_position_embeddings", 0) or 0, family=family,
         experts=experts, experts_per_token=getattr(config, "num_experts_per_tok", 0) or 0, mla=_mla(config),
+        config=full_config,
     )
+
+
+def model_skeleton(config):
+    """The model a transformers config describes, built by its family's auto class on the meta
+    device: every module and shape, no memory."""
+    import torch
+
+    # The arithmetic holds for any decoder; `qlora plan` refuses the types qlora does not train.
+    with torch.device("meta"):
+        return auto_model_class(FAMILIES.get(config.model_type) or Family(config.model_type, "")).from_config(config)
 
 
 def _mla(config) -> tuple[int, int, int, int, int] | None:
