@@ -281,6 +281,18 @@ def tiny_plan_recipe(tmp_path):
     return make
 
 
+def test_planning_leaves_the_recipe_s_lora_config_as_written_for_the_run_that_follows(tiny_plan_recipe):
+    from qlora_cli.data.tokenizer import load_recipe_tokenizer
+
+    # train plans, then loads, in one process: peft resolves all-linear on the plan's copy only
+    recipe = tiny_plan_recipe()
+    shape = model_shape(load_model_config(recipe, load_recipe_tokenizer(recipe)))
+    targets = lora_targets(recipe, shape)
+    assert len(targets.modules) == 2 * 7
+    assert recipe.lora.target_modules == "all-linear" and recipe.lora.target_parameters is None
+    assert lora_targets(recipe, shape) == targets
+
+
 def test_a_recipe_that_does_not_fit_is_refused_with_changes_that_would_fit(tiny_plan_recipe):
     plan = plan_recipe(tiny_plan_recipe(), gpu_memory=0.5)  # the CUDA context alone takes 0.75
     assert plan.fits is False and not plan.ok
