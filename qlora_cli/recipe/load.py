@@ -418,7 +418,7 @@ class Recipe:
     lora: LoraConfig | None  # `lora: null`: no LoRA
     quantization: BitsAndBytesConfig | None  # `quantization: null`: 16/32-bit base weights
     resolved: dict[str, Any]
-    origins: dict[str, str]
+    origins: dict[str, str]  # dotted key -> the file:line or override that set it (what errors.locating reads)
     files: list[Path]
     from_environment: dict[str, str] = field(default_factory=dict)  # key -> `${oc.env:...}` as written
     method: str = "sft"  # sft | dpo | kto: which trainer, and which config class `training` is checked against
