@@ -177,10 +177,13 @@ def test_all_linear_puts_lora_on_every_expert_tensor_and_gradients_reach_all_of_
 def test_the_run_summary_names_the_kinds_of_modules_that_carry_lora(trainable):
     from qlora_cli.model.load import summarize_model
 
-    summary = summarize_model(trainable, {"load_in_4bit": True})
+    from transformers import BitsAndBytesConfig
+
+    summary = summarize_model(trainable, BitsAndBytesConfig(load_in_4bit=True))
     assert set(summary.lora_by_kind) >= {"attention", "experts"}
     assert summary.lora_by_kind["experts"] == sum(p.numel() for p in expert_lora(trainable).values())
     assert any(line.startswith("LoRA on: ") and "experts" in line for line in summary.lines())
+    assert summary.quantization == "4-bit fp4, compute in float32"  # BitsAndBytesConfig's defaults
 
 
 def test_lora_can_be_kept_to_attention_or_to_the_experts():
