@@ -24,6 +24,7 @@ from qlora_cli.errors import UserError
 from qlora_cli.data.packing import build_rows
 from qlora_cli.data.preference import (encode_preference, fit_to_length, is_preference_data, sequence_lengths,
                                        trained_tokens)
+from qlora_cli.data.prompts import IDS, check_alike, encode_prompt_row, is_prompt_data
 from qlora_cli.data.sources import Example, apply_weight, read_source
 from qlora_cli.data.templates import IGNORE_INDEX, Ids, chat_segments, ids_of, text_segments
 from qlora_cli.data.tokenizer import VERSION_KEY
@@ -169,6 +170,8 @@ def build_dataset(data, tokenizer, seed: int, fingerprint: str):
 
     if is_preference_data(data):  # pairs and signed examples: their own columns, never packed
         return _build_preference_dataset(data, tokenizer, seed, fingerprint)
+    if is_prompt_data(data):  # GRPO's prompts: the model writes the answers while it trains
+        return _build_prompt_dataset(data, tokenizer, seed, fingerprint)
 
     summary = PrepareSummary(fingerprint=fingerprint, max_length=data.max_length)
     rng = random.Random(seed)
@@ -402,3 +405,47 @@ def _preference_dataset_dict(splits: dict[str, list[dict]], fingerprint: str):
         columns = list(rows[0])
         tables[name] = Dataset(pa.table({c: column(rows, c) for c in columns}), fingerprint=f"{fingerprint}-{name}")
     return DatasetDict(tables)
+
+
+def _build_prompt_dataset(data, tokenizer, seed: int, fingerprint: str):
+    """Read, encode and split prompt sources; (DatasetDict, PrepareSummary). A prompt longer than
+    max_length is cut, dropped or refused as `data.overlong` says."""
+    import pyarrow as pa
+    from datasets import Dataset, DatasetDict
+
+    summary = PrepareSummary(fingerprint=fingerprint, max_length=data.max_length)
+    rng = random.Random(seed)
+    per_source = _encode_prompt_sources(data.sources, data, tokenizer, summary)
+    splits = split_examples(per_source, _encode_prompt_sources(data.validation_sources, data, tokenizer, summary), data, rng)
+    summary.length_percentiles = length_percentiles([len(row[IDS]) for row in splits["train"]])
+    tables = {}
+    for name, rows in splits.items():
+        check_alike(rows, data.sources[0].path)
+        summary.examples[name] = summary.rows[name] = len(rows)
+        summary.tokens[name] = sum(len(row[IDS]) for row in rows)
+        summary.trained_tokens[name] = 0  # the answers are the model's own, written while it trains
+        try:
+            tables[name] = Dataset(pa.Table.from_pylist(rows), fingerprint=f"{fingerprint}-{name}")
+        except (TypeError, ValueError) as err:  # pyarrow's errors are ValueErrors: a column of mixed types
+            raise UserError(f"the rows' columns do not make one table: {err}", where=data.sources[0].path,
+                            fix="give each column one type in every row (all numbers, or all text, ...)") from None
+    return DatasetDict(tables), summary
+
+
+def _encode_prompt_sources(sources, data, tokenizer, summary):
+    per_source = []
+    for source in sources:
+        counts = SourceCounts(source.path)
+        examples = read_source(source)
+        counts.read = len(examples)
+        encoded = []
+        for example in examples:
+            row, length = encode_prompt_row(example, data.template, tokenizer, data.max_length)
+            if length > data.max_length and _drops_overlong(example, length, data, counts):
+                continue
+            counts.truncated += length > data.max_length
+            encoded.append(row)
+            counts.kept += 1
+        summary.sources.append(counts)
+        per_source.append(_SourceExamples(source.weight, counts, encoded))
+    return per_source

@@ -30,8 +30,11 @@ FORMAT_FIELDS = {
     # the shared start of two whole conversations.
     "preference": ("prompt", "messages", "chosen", "rejected"),
     "unpaired": ("prompt", "messages", "completion", "label"),
+    # Prompts for GRPO (qlora_cli/data/prompts.py): the other columns of a row reach the rewards.
+    "prompt": ("prompt", "messages"),
 }
-OPTIONAL_FIELDS = {"alpaca": {"input"}, "preference": {"prompt", "messages"}, "unpaired": {"prompt", "messages"}}
+OPTIONAL_FIELDS = {"alpaca": {"input"}, "preference": {"prompt", "messages"}, "unpaired": {"prompt", "messages"},
+                   "prompt": {"prompt", "messages"}}
 
 
 @dataclass
@@ -230,6 +233,11 @@ def to_example(row: Any, where: str, source):
         from qlora_cli.data.preference import pair_from_row, signed_from_row
 
         return (pair_from_row if source.format == "preference" else signed_from_row)(value, where)
+    if source.format == "prompt":
+        from qlora_cli.data.prompts import prompt_from_row
+
+        others = {name: cell for name, cell in row.items() if name not in fields.values()}
+        return prompt_from_row(value, others, where)
     return _BUILDERS[source.format](value, where)
 
 
@@ -237,7 +245,8 @@ def _likely_format(row: dict, current: str) -> str | None:
     """Another format whose fields the row has: `format:` left at its default (text) on a chat
     file is a likelier mistake than a column to rename."""
     for name, fields in FORMAT_FIELDS.items():
-        if name != current and all(f in row for f in fields if f not in OPTIONAL_FIELDS.get(name, ())):
+        required = [f for f in fields if f not in OPTIONAL_FIELDS.get(name, ())]
+        if name != current and required and all(f in row for f in required):
             return name
     return None
 

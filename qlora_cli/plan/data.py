@@ -46,6 +46,8 @@ def _sequences_of(train) -> list[list[int]]:
     prompt + each answer; a KTO example also runs the mismatched completion of its KL term."""
     answers = [name for name in ("chosen", "rejected", "completion") if f"{name}_ids" in train.column_names]
     prompts = [len(ids) for ids in train["prompt_ids"]]
+    if not answers:  # GRPO's prompts: the generations are not counted yet, only the prompts
+        return [[p] for p in prompts]
     sides = [[p + len(ids) for p, ids in zip(prompts, train[f"{name}_ids"])] for name in answers]
     sides = sides * 2 if len(sides) == 1 else sides
     return [[side[i]] for i in range(len(prompts)) for side in sides]
@@ -54,7 +56,7 @@ def _sequences_of(train) -> list[list[int]]:
 def data_warnings(recipe: Recipe, prepared, tokenizer) -> list[str]:
     """What is legal but probably not what the user meant."""
     summary, warnings = prepared.summary, []
-    if summary.trained_fraction < 0.05:
+    if summary.trained_fraction < 0.05 and recipe.method != "grpo":  # GRPO trains on its own generations
         warnings.append(f"only {summary.trained_fraction:.1%} of tokens carry a loss: almost every label is masked")
     packed = "seq_lengths" in prepared.dataset["train"].column_names
     unended = _responses_without_eos(prepared.dataset["train"], tokenizer.eos_token_id) if packed else 0

@@ -52,6 +52,12 @@ def show_preference_examples(console: Console, dataset, tokenizer, count: int) -
     """Each pair as its two whole sequences (or a signed example as one): prompt dim, answers bright."""
     for number, row in enumerate(dataset.select(range(min(count, len(dataset)))), start=1):
         names = [name for name in ("chosen", "rejected", "completion") if f"{name}_ids" in row]
+        if not names:  # GRPO's prompts: the model writes the answers, the other columns go to the rewards
+            console.rule(f"example {number} prompt ({len(row['prompt_ids'])} tokens)")
+            console.print(highlight_trained(row["prompt_ids"], [IGNORE_INDEX] * len(row["prompt_ids"]), tokenizer))
+            columns = {key: value for key, value in row.items() if key not in ("prompt", "prompt_ids")}
+            if columns:
+                console.print(f"columns for the rewards: {columns}", highlight=False, markup=False)
         for name in names:
             ids = row["prompt_ids"] + row[f"{name}_ids"]
             labels = [IGNORE_INDEX] * len(row["prompt_ids"]) + [
