@@ -6,12 +6,13 @@ in a cycle (tests/test_imports.py holds the code to this map):
 
     errors, atomic, families   a user's mistake (exit 2); write to a temporary path, then rename;
                                the Mistral architectures (auto class, language model, 16-bit parts)
+    rewards                    GRPO's reward functions a recipe names: built in, or a user's file.py:function
     recipe/                    files + overrides -> a layered, validated Recipe; `config explain`
     data/                      tokenizers; data files -> exact ids and labels -> packed rows, cached
     run_folder                 a run's folder: layout, lock, checkpoints, what resumes
     model/                     the 4-bit base (4-bit experts) with LoRA, an adapter on its base; the loss
     plan/                      what is checked, and what will fit, before a weight loads
-    training/                  the Trainer (TRL's for dpo/kto), stop and resume, --nproc: `qlora train`
+    training/                  the Trainer (TRL's for dpo/kto/grpo), stop and resume, --nproc: `qlora train`
     export/                    base + adapter -> merged model; prompts -> answers
     eval/                      base, adapter and merged scored side by side: `qlora eval`
     terminal/                  what a person sees: examples, plans, training and eval progress

@@ -26,7 +26,9 @@ if TYPE_CHECKING:
     from peft import LoraConfig
     from transformers import BitsAndBytesConfig, TrainingArguments
 
-SECTIONS = ("model", "quantization", "lora", "data", "training", "merge", "generate", "eval")
+    from qlora_cli.rewards import RewardSection
+
+SECTIONS = ("model", "quantization", "lora", "data", "training", "merge", "generate", "eval", "rewards")
 TOP_LEVEL_KEYS = ("method",)  # keys that are no section: the objective (sft, dpo, kto)
 RECIPE_PATH_VARIABLE = "QLORA_RECIPE_PATH"
 OVERRIDE = "override"
@@ -35,6 +37,7 @@ OVERRIDE = "override"
 # so a shared recipe finds its data wherever it is run from; else left relative to the cwd.
 _FILE_KEYS = {"path"}
 _FILE_KEY_PARENTS = ("data.sources", "data.validation_sources")
+REWARD_FILE = re.compile(r"(?P<path>.+\.py):(?P<name>\w+)")  # `rewards[].function: path/to/file.py:name`
 # Keys whose values name files or folders: a leading `~` is the user's home, as in a shell (which
 # leaves `key=~/x` alone). TrainingArguments expands it in output_dir; every path must agree.
 _HOME_KEYS = ("model.name_or_path", "model.tokenizer", "model.adapter", "data.prepared_dir", "merge.output_dir", "merge.adapter",
@@ -240,6 +243,13 @@ def _resolve_file_keys(config: DictConfig, folder: Path) -> None:
                     beside = (folder / value).resolve()
                     if beside.exists():
                         entry[key] = str(beside)
+    for entry in OmegaConf.select(config, "rewards", default=None) or []:
+        written = OmegaConf.to_container(entry, resolve=False) if isinstance(entry, DictConfig) else {}
+        found = REWARD_FILE.fullmatch(str(written.get("function", "")))
+        if found and "${" not in found["path"] and not Path(found["path"]).is_absolute():
+            beside = (folder / found["path"]).resolve()
+            if beside.exists():
+                entry["function"] = f"{beside}:{found['name']}"
 
 
 def _record_origins(origins: dict[str, str], config: Any, origin_of) -> None:
@@ -421,7 +431,8 @@ class Recipe:
     origins: dict[str, str]  # dotted key -> the file:line or override that set it (what errors.locating reads)
     files: list[Path]
     from_environment: dict[str, str] = field(default_factory=dict)  # key -> `${oc.env:...}` as written
-    method: str = "sft"  # sft | dpo | kto: which trainer, and which config class `training` is checked against
+    method: str = "sft"  # sft | dpo | kto | grpo: which trainer, and which config class `training` is checked against
+    rewards: list[RewardSection] = field(default_factory=list)  # method: grpo: what scores its answers, in order
 
     @property
     def run_dir(self) -> Path:
@@ -480,12 +491,26 @@ def _validated(raw: RawRecipe) -> Recipe:
     errors += check_method(method, typed.get("data"))
     if "model" in typed:
         errors += check_model_objects(typed["model"])
+    rewards, reward_errors = _rewards(resolved.get("rewards"), method)
+    errors += reward_errors
     if errors:
         raise combined(errors)
     return Recipe(
         **typed, **library, resolved=resolved, origins=raw.origins, files=raw.files, from_environment=environment_keys(raw, resolved),
-        method=method,
+        method=method, rewards=rewards,
     )
+
+
+def _rewards(section, method: str):
+    """`method: grpo`'s rewards, typed, with every problem of the section (a reward file that does not
+    import, a missing function, a wrong signature)."""
+    from qlora_cli.recipe.sections import _build_list
+    from qlora_cli.rewards import RewardSection, check_rewards
+
+    if section is not None and not isinstance(section, list):
+        return [], [UserError("`rewards` must be a list of {function, weight}", key="rewards")]
+    rewards, errors = _build_list(RewardSection, section or [], "rewards")
+    return rewards, errors + (check_rewards(rewards, method) if not errors else [])
 
 
 def expand_home(resolved: dict) -> None:

@@ -45,18 +45,20 @@ class DataSource:
     """One data file, folder or hub dataset, and how to read it."""
 
     path: str
-    format: Literal["text", "alpaca", "chat", "completion", "preference", "unpaired"] = "text"
+    format: Literal["text", "alpaca", "chat", "completion", "preference", "unpaired", "prompt"] = "text"
     columns: dict[str, str] = field(default_factory=dict)  # our field name -> the file's column
     split: str = "train"
     limit: int | None = None
     weight: float = 1.0
 
 
-# The top-level `method`, the objective: the data formats it trains on (qlora_cli/data/preference.py) and
-# the class its `training` section becomes (TrainingArguments, or TRL's configs that extend it). The
-# one place that says both: a method adds its line to each.
-METHOD_FORMATS = {"sft": ("text", "alpaca", "chat", "completion"), "dpo": ("preference",), "kto": ("unpaired",)}
-TRAINING_CLASSES = {"sft": ("transformers", "TrainingArguments"), "dpo": ("trl", "DPOConfig"), "kto": ("trl", "KTOConfig")}
+# The top-level `method`, the objective: the data formats it trains on (qlora_cli/data/preference.py,
+# qlora_cli/data/prompts.py) and the class its `training` section becomes (TrainingArguments, or TRL's
+# configs that extend it). The one place that says both: a method adds its line to each.
+METHOD_FORMATS = {"sft": ("text", "alpaca", "chat", "completion"), "dpo": ("preference",), "kto": ("unpaired",),
+                  "grpo": ("prompt",)}
+TRAINING_CLASSES = {"sft": ("transformers", "TrainingArguments"), "dpo": ("trl", "DPOConfig"), "kto": ("trl", "KTOConfig"),
+                    "grpo": ("trl", "GRPOConfig")}
 METHODS = tuple(METHOD_FORMATS)
 
 TEMPLATE_NAMES = ("mistral", "tokenizer")  # data.template: one of these, or a Jinja chat template
