@@ -343,7 +343,8 @@ def draw_loss_plot(log_history: list[dict], target: Path) -> bool:
             reward_axis.plot(*zip(*points), "o-" if label.startswith("validation") else "-", label=label)
         reward_axis.axhline(0, color="tab:gray", linewidth=0.5)
         reward_axis.set_xlabel("step")
-        reward_axis.set_ylabel("reward (beta x log-ratio to the reference)")
+        grpo = any(label in GRPO_TOTALS.values() for label in rewards)
+        reward_axis.set_ylabel("reward (the recipe's rewards)" if grpo else "reward (beta x log-ratio to the reference)")
         reward_axis.legend(loc="upper left")
     else:
         fig, loss_axis = plt.subplots(figsize=(8, 4.5))
@@ -371,9 +372,20 @@ REWARD_CURVES = {"rewards/chosen": "chosen", "rewards/rejected": "rejected", "re
                  "eval_rewards/margins": "validation margin", "eval_rewards/accuracies": "validation reward accuracy"}
 
 
+GRPO_TOTALS = {"reward": "reward (weighted sum)", "eval_reward": "validation reward (weighted sum)"}
+
+
 def _reward_curves(log_history: list[dict]) -> dict[str, list[tuple[int, float]]]:
-    """The reward curves TRL's DPO/KTO trainers log, by label; empty for SFT runs."""
-    curves = {label: [(e["step"], e[key]) for e in log_history if key in e] for key, label in REWARD_CURVES.items()}
+    """The reward curves TRL's DPO/KTO/GRPO trainers log, by label; empty for SFT runs. GRPO logs
+    each reward function's mean as `rewards/<name>/mean` (`eval_` before it on validation)."""
+    labels = dict(REWARD_CURVES)
+    for key in {key for entry in log_history for key in entry}:
+        name = key.removeprefix("eval_")
+        if name.startswith("rewards/") and name.endswith("/mean"):
+            labels[key] = ("validation " if key.startswith("eval_") else "") + name.split("/")[1]
+    labels |= GRPO_TOTALS
+    curves = {label: [(e["step"], e[key]) for e in log_history if e.get(key) is not None]
+              for key, label in sorted(labels.items())}
     return {label: points for label, points in curves.items() if points}
 
 

@@ -37,11 +37,13 @@ SKIPPED = {
     "qlora train recipes/tiny-mistral.yaml training.learning_rate=1e-3 training.output_dir=runs/tiny-lr1e-3": _TRAINS,
     "qlora train recipes/tiny-mistral-dpo.yaml": _TRAINS,
     "qlora train recipes/tiny-mistral-kto.yaml": _TRAINS,
+    "qlora train recipes/tiny-mistral-grpo.yaml": _TRAINS + "; tests/test_grpo.py trains it from an SFT adapter",
     "qlora train recipes/tiny-mistral-dpo.yaml model.adapter=runs/tiny-mistral/adapter training.learning_rate=1e-3 "
     "training.output_dir=runs/tiny-sft-dpo": _TRAINS,
     "qlora train tiny-mistral model.init_from_config.model_type=mixtral model.init_from_config.num_local_experts=4 "
     "training.output_dir=runs/tiny-mixtral": _TRAINS,
     "qlora train recipes/mistral7b-dpo.yaml": _GPU,
+    "qlora train recipes/magistral-grpo.yaml": _GPU,
     "qlora train recipes/mixtral-8x7b.yaml": _GPU,
     "qlora train recipes/mistral-small-3.2-24b.yaml": _GPU,
     "qlora train recipes/mistral7b.yaml --nproc 4": _GPU + "s",

@@ -70,6 +70,8 @@ class TrainingProgress(TrainerCallback):
             parts.append(f"margin {self.latest['rewards/margins']:.3f}")
         if "rewards/accuracies" in self.latest:
             parts.append(f"reward acc {self.latest['rewards/accuracies']:.2f}")
+        if self.latest.get("reward") is not None:  # GRPO: the weighted sum, then each reward's mean
+            parts.append(f"reward {self.latest['reward']:.3f}{_each_reward(self.latest, '')}")
         parts.append(f"{self.tokens_per_second():,.0f} tok/s{self.per_rank}")
         return "  ".join(parts)
 
@@ -80,7 +82,10 @@ class TrainingProgress(TrainerCallback):
             accuracy = logs.get("eval_rewards/accuracies")
             perplexity = f"  reward margin {logs['eval_rewards/margins']:.3f}" + (
                 f"  reward accuracy {accuracy:.3f}" if accuracy is not None else "")
-        text = f"eval at step {state.global_step}: loss {loss:.4f}{perplexity}" if loss is not None else str(logs)
+        if logs.get("eval_reward") is not None:  # GRPO: its loss says nothing of how good the answers are
+            text = f"eval at step {state.global_step}: reward {logs['eval_reward']:.3f}{_each_reward(logs, 'eval_')}"
+        else:
+            text = f"eval at step {state.global_step}: loss {loss:.4f}{perplexity}" if loss is not None else str(logs)
         (self.progress.console if self.progress else self.console).print(text, highlight=False)
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -88,6 +93,13 @@ class TrainingProgress(TrainerCallback):
             self.progress.update(self.task, completed=state.global_step, info=self._info(state))
             self.progress.stop()
             self.progress = None
+
+
+def _each_reward(logs: dict, prefix: str) -> str:
+    """` (name mean, ...)` of a GRPO log with more than one reward function; empty otherwise."""
+    means = {key.split("/")[1]: value for key, value in logs.items()
+             if key.startswith(f"{prefix}rewards/") and key.endswith("/mean") and value is not None}
+    return " (" + ", ".join(f"{name} {value:.3f}" for name, value in means.items()) + ")" if len(means) > 1 else ""
 
 
 class TrainReporter:

@@ -177,7 +177,15 @@ def build_trainer(recipe: Recipe, args, model, tokenizer, prepared, run: RunFold
 
     dataset = prepared.dataset
     stopper = StopOnSignal()
-    if recipe.method != "sft":  # DPO / KTO: TRL's trainers on our prepared pairs
+    if recipe.method == "grpo":  # TRL's GRPOTrainer, generating from our prepared prompts
+        from qlora_cli.rewards import reward_functions
+        from qlora_cli.training.grpo_trainer import build_grpo_trainer
+
+        trainer = build_grpo_trainer(model=model, args=args, dataset=dataset, tokenizer=tokenizer,
+                                     rewards=reward_functions(recipe.rewards, args.max_completion_length),
+                                     callbacks=[stopper], from_adapter=recipe.model.adapter is not None,
+                                     from_environment=recipe.from_environment)
+    elif recipe.method != "sft":  # DPO / KTO: TRL's trainers on our prepared pairs
         from qlora_cli.training.preference_trainer import build_preference_trainer
 
         trainer = build_preference_trainer(recipe.method, model=model, args=args, dataset=dataset, tokenizer=tokenizer,
@@ -219,7 +227,7 @@ def run_changes(recipe: Recipe, run: RunFolder) -> dict:
         "label_names": ["labels"] if recipe.method == "sft" else [],
         # Every LoRA weight takes part in every step; the search DDP does otherwise costs time.
         "ddp_find_unused_parameters": recipe.training.ddp_find_unused_parameters or False,
-    }
+    } | ({"reward_weights": [reward.weight for reward in recipe.rewards]} if recipe.method == "grpo" else {})
 
 
 def _device_map(args):
@@ -244,7 +252,8 @@ def final_metrics(trainer, train_metrics: dict, stopped: bool) -> dict:
     metrics["tokens_per_second"] = metrics["real_tokens"] / runtime if runtime else 0.0
     if trainer.eval_dataset is not None and not stopped:
         metrics.update(_final_evaluation(trainer))
-    if "eval_loss" in metrics and "eval_rewards/accuracies" not in metrics and "eval_kl" not in metrics:
+    preference = {"eval_rewards/accuracies", "eval_kl", "eval_reward"} & metrics.keys()  # DPO, KTO, GRPO
+    if "eval_loss" in metrics and not preference:
         metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
     return metrics
 
