@@ -237,7 +237,7 @@ def test_the_trainer_generates_from_the_prepared_ids_and_stops_at_eos(tmp_path):
     for recipe, row in zip(recipes, rows):
         tokenizer = load_recipe_tokenizer(recipe)
         dataset = prepare_dataset(recipe, tokenizer).dataset
-        args = build_training_arguments(recipe.training, method="grpo", output_dir=str(tmp_path / "out"),
+        args = build_training_arguments(recipe.written("training"), method="grpo", output_dir=str(tmp_path / "out"),
                                         remove_unused_columns=False, reward_weights=[1.0, 1.0])
         trainer = build_grpo_trainer(model=load_trainable_model(recipe, tokenizer=tokenizer), args=args,
                                      dataset=dataset, tokenizer=tokenizer, callbacks=[], from_adapter=False,

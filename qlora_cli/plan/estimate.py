@@ -112,12 +112,15 @@ def plan_recipe(recipe: Recipe, gpu_memory: float | None = None, gpus: int | Non
     gpus = gpus or 1
     # DPO runs prompt + chosen and prompt + rejected for each pair, KTO each example and its KL twin.
     examples_per_step = recipe.training.per_device_train_batch_size
-    batch = examples_per_step * (2 if recipe.method != "sft" else 1)
+    batch = examples_per_step * (2 if recipe.method in ("dpo", "kto") else 1)
     data = describe_data(prepared, batch)
     plan = Plan(model=recipe.model.name_or_path or f"init_from_config ({shape.layers} layers, {shape.hidden} wide)",
                 device=device, capacity=capacity, batch=batch, seq=data.row_width,
                 memory=memory_items(shape, settings, batch, data.row_width), data=data)
-    if recipe.method != "sft":
+    if recipe.method == "grpo":  # its completions are written during the run: not in the prepared data
+        plan.notes.append("grpo: the generations (num_generations x prompt + max_completion_length, and their KV "
+                          "cache while sampling) are not counted yet: memory and time are the prompts' alone")
+    elif recipe.method != "sft":
         plan.notes.append(f"{recipe.method}: {examples_per_step} examples per step run as {batch} sequences, plus a "
                           "no-grad reference forward with the adapter off (no second copy of the weights)")
     plan.warnings += data_warnings(recipe, prepared, tokenizer)
