@@ -3,6 +3,7 @@ tracebacks, output that is a recipe again, and origins for every value."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -119,6 +120,18 @@ def test_the_real_command_exits_2_without_a_traceback(workdir):
     assert result.returncode == 2
     assert "unknown key `lora.rank` (did you mean `r`?)" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None, reason="deepspeed is installed here")
+def test_deepspeed_without_its_package_exits_2_naming_the_install(workdir):
+    # A fresh process: TrainingArguments leaves its half-built DeepSpeed config registered, and the
+    # next model build of the process (validate's generation probe) crashed on it.
+    result = subprocess.run([sys.executable, "-m", "qlora_cli", "config", "validate", "tiny-mistral",
+                             f"training.deepspeed={RECIPES / 'deepspeed-zero2.json'}"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "TrainingArguments needs a package that is not installed" in result.stderr and "deepspeed" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout and "internal error" not in result.stderr
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])

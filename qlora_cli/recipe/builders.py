@@ -96,8 +96,17 @@ def _construct(cls, values: dict, section: str):
     except (ValueError, TypeError, NotImplementedError) as err:
         raise _library_error(section, cls.__name__, err, values) from None
     except ImportError as err:  # e.g. training.deepspeed without the deepspeed package
+        _forget_deepspeed_config()
         raise UserError(f"{cls.__name__} needs a package that is not installed: {err}", key=section,
                         fix="pip install the package it names, or remove the key that asks for it") from None
+
+
+def _forget_deepspeed_config() -> None:
+    """TrainingArguments registers its DeepSpeed config globally before it checks that deepspeed is
+    installed; left behind, that half-built config breaks every later model build in the process."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
 
 
 def _library_error(section: str, cls_name: str, err: Exception, values: dict):
