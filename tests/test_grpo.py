@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import json
 import random
+import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from safetensors.torch import load_file
 
 from qlora_cli.data.prompts import encode_prompt_row, prompt_from_row
 from qlora_cli.errors import UserError
 from qlora_cli.rewards import RewardSection, exact_match, length, regex, reward_functions
-from conftest import TINY_OVERRIDES, assert_user_error, qlora
+from conftest import QLORA, TINY_OVERRIDES, assert_user_error, qlora, stop_at_first_step
 from test_templates import MISTRAL_COMMON_FILES, SHIPPED_VERSIONS, VERSIONS, random_conversation, tokenizers  # noqa: F401
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -272,3 +275,30 @@ def test_tiny_grpo_raises_the_reward_on_held_out_prompts(answering_run, tmp_path
     assert record["metrics"]["eval_rewards/length/mean"] > -0.5  # shorter answers...
     assert record["metrics"]["eval_rewards/regex/mean"] > 0.75  # ...that still hold a word
     assert (tmp_path / "run" / "loss.png").is_file()
+
+
+@pytest.mark.slow
+def test_grpo_resume_after_sigterm_equals_an_uninterrupted_run(tmp_path):
+    """The sampling RNG included: the resumed run draws the answers the uninterrupted one drew."""
+    # A reward that tells a random model's answers apart, so that every step moves the adapter.
+    (tmp_path / "vowels.py").write_text("def vowels(completions, **kwargs):\n"
+                                        "    return [sum(map(c.count, 'aeiou')) / (len(c) or 1) for c in completions]\n")
+
+    def args(output_dir: Path) -> list[str]:
+        return ["tiny-mistral-grpo", *TINY_OVERRIDES_64, "model.adapter=null", f"training.output_dir={output_dir}",
+                f"rewards=[{{function: {tmp_path / 'vowels.py'}:vowels}}]",
+                f"data.prepared_dir={tmp_path / 'prepared'}", "training.max_steps=4", "training.save_steps=2",
+                "training.eval_strategy=no", "training.eval_on_start=false", "training.learning_rate=1e-2"]
+
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert qlora("train", *args(straight)).exit_code == 0
+    returncode, output = stop_at_first_step(args(stopped))
+    assert returncode == 143, output
+    command = output.split("resume with:", 1)[1].replace("\n", "").strip()
+    done = subprocess.run([QLORA, *shlex.split(command)[1:]], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    resumed = load_file(str(stopped / "adapter" / "adapter_model.safetensors"))
+    uninterrupted = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
+    assert resumed.keys() == uninterrupted.keys()
+    assert max((resumed[k] - uninterrupted[k]).abs().max().item() for k in resumed) <= 1e-5
+    assert max(uninterrupted[k].abs().max().item() for k in resumed if "lora_B" in k) > 1e-3  # it trained
