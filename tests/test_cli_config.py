@@ -134,6 +134,17 @@ def test_deepspeed_without_its_package_exits_2_naming_the_install(workdir):
     assert "Traceback" not in result.stderr + result.stdout and "internal error" not in result.stderr
 
 
+def test_every_file_a_shipped_recipe_names_beside_the_recipes_ships_in_the_wheel():
+    # An installed package finds `recipes/x.yaml`'s `../sample_*.jsonl` only if pyproject ships it.
+    import tomllib
+
+    pyproject = tomllib.loads((RECIPES.parent / "pyproject.toml").read_text())
+    shipped = pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["force-include"]
+    named = {match for path in SHIPPED for match in re.findall(r"\.\./([\w.-]+)", path.read_text())}
+    assert named and named <= set(shipped), f"add {sorted(named - set(shipped))} to pyproject's force-include"
+    assert all(shipped[name] == f"qlora_cli/{name}" for name in named)
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
 def test_validate_exits_0_on_every_shipped_recipe(workdir, path):
     by_path, by_name = qlora("config", "validate", str(path)), qlora("config", "validate", path.stem)
