@@ -70,14 +70,17 @@ def test_a_run_folder_without_adapter_exits_2(tmp_path, write_jsonl):
     assert not (tmp_path / "no-run").exists()
 
 
-def test_a_preference_runs_validation_split_is_not_fed_to_the_loss_and_alone_is_nothing_to_evaluate(tmp_path):
+@pytest.mark.parametrize("recipe_name", ["tiny-mistral-dpo", "tiny-mistral-grpo"])
+def test_a_preference_or_grpo_runs_validation_split_is_not_fed_to_the_loss_and_alone_is_nothing_to_evaluate(
+        tmp_path, recipe_name):
+    # GRPO's prompts have no answer: fed to the loss they crashed the collator (KeyError, exit 1).
     from qlora_cli.eval.evaluate import validation_rows
     from qlora_cli.recipe.load import load_recipe
 
-    recipe = load_recipe(["tiny-mistral-dpo"], [f"training.output_dir={tmp_path / 'run'}"])
+    recipe = load_recipe([recipe_name], [f"training.output_dir={tmp_path / 'run'}"])
     assert recipe.data.has_validation and validation_rows(recipe, tokenizer=None) is None
-    result = qlora("eval", "tiny-mistral-dpo", f"training.output_dir={tmp_path / 'run'}")
-    assert_user_error(result, "nothing to evaluate", "preference data", "run.json", wrapped=True)
+    result = qlora("eval", recipe_name, f"training.output_dir={tmp_path / 'run'}")
+    assert_user_error(result, "nothing to evaluate", "preference data or GRPO prompts", "run.json", wrapped=True)
 
 
 @pytest.mark.parametrize("env, runs", [

@@ -158,8 +158,8 @@ def check_before_eval(recipe: Recipe, *, model_path: str | None, measures: bool,
     if model_path:
         check_model_source(model_path)
     if not measures and not has_held_out_loss(recipe):
-        found = ("the recipe's validation split is preference data, which has no held-out loss here "
-                 "(its reward accuracy is in run.json)" if recipe.data.has_validation
+        found = ("the recipe's validation split is preference data or GRPO prompts, which have no held-out "
+                 "loss here (their rewards are in run.json)" if recipe.data.has_validation
                  else "the recipe has no validation split")
         raise UserError(f"nothing to evaluate: no --input, no --tasks, and {found}",
                         where="qlora eval", fix="give --input FILE (JSONL of prompt + reference), "
@@ -171,10 +171,11 @@ def check_before_eval(recipe: Recipe, *, model_path: str | None, measures: bool,
 
 def has_held_out_loss(recipe: Recipe) -> bool:
     """A validation split of prompt/answer rows; preference pairs and signed examples are scored by
-    the trainer's rewards (run.json), not by a language-model loss."""
+    the trainer's rewards (run.json), and GRPO's prompts have no answer to take a loss on."""
     from qlora_cli.data.preference import is_preference_data
+    from qlora_cli.data.prompts import is_prompt_data
 
-    return recipe.data.has_validation and not is_preference_data(recipe.data)
+    return recipe.data.has_validation and not is_preference_data(recipe.data) and not is_prompt_data(recipe.data)
 
 
 def check_writable(folder: Path) -> None:
