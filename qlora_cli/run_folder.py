@@ -78,8 +78,14 @@ class RunFolder:
         return self.root / "loss.png"
 
     def is_ours(self) -> bool:
-        """Whether qlora made this folder: run.json holds its marker."""
-        return has_marker(self.run_json, KIND)
+        """Whether qlora made this folder: run.json holds its marker, or, written before the marker
+        existed, the qlora-cli version that only qlora records (so such a run still resumes)."""
+        if has_marker(self.run_json, KIND):
+            return True
+        try:
+            return "qlora-cli" in json.loads(self.run_json.read_text()).get("versions", {})
+        except (OSError, ValueError, AttributeError, TypeError):
+            return False
 
     def saved_anything(self) -> bool:
         """Whether a run saved a checkpoint (complete or not) or an adapter here."""

@@ -214,3 +214,15 @@ def test_a_process_that_takes_the_folder_as_the_first_lets_go_holds_it_alone(tmp
             lock_folder(tmp_path, "qlora train")
         release_folder(waiting)
     assert not list(tmp_path.iterdir())  # no lock file left once the last holder let go
+
+
+@pytest.mark.parametrize("record, ours", [
+    ({"versions": {"qlora-cli": "0.1.0", "torch": "2.4"}}, True),  # written before the marker
+    ({"versions": {"torch": "2.4"}}, False),  # someone else's run.json
+    (["not", "a", "record"], False),
+])
+def test_a_run_folder_from_before_the_marker_is_still_ours_to_resume(tmp_path, record, ours):
+    from qlora_cli.run_folder import RunFolder
+
+    (tmp_path / "run.json").write_text(json.dumps(record))
+    assert RunFolder(tmp_path).is_ours() is ours
