@@ -215,6 +215,7 @@ def test_train_runs_the_recipes_eval_section_at_its_end(tmp_path, sample_subset,
 
     import qlora_cli.data.prepare as prepare
     import qlora_cli.data.tokenizer as tokenizer
+    import qlora_cli.model.load as model_load
 
     loads = {"data fingerprints": 0, "tokenizers": 0}
 
@@ -226,7 +227,10 @@ def test_train_runs_the_recipes_eval_section_at_its_end(tmp_path, sample_subset,
 
     # The eval after training reuses the run's tokenizer and prepared data (its validation split).
     monkeypatch.setattr(prepare, "data_fingerprint", counted("data fingerprints", prepare.data_fingerprint))
-    monkeypatch.setattr(tokenizer, "load_recipe_tokenizer", counted("tokenizers", tokenizer.load_recipe_tokenizer))
+    # model/load.py bound load_recipe_tokenizer at import: count the loads made through it too
+    count_tokenizers = counted("tokenizers", tokenizer.load_recipe_tokenizer)
+    monkeypatch.setattr(tokenizer, "load_recipe_tokenizer", count_tokenizers)
+    monkeypatch.setattr(model_load, "load_recipe_tokenizer", count_tokenizers)
     questions = write_references(tmp_path / "qa.jsonl")
     root = tmp_path / "run"
     result = qlora("train", "tiny-mistral", *short_run(sample_subset, root, prepared_dir, "training.num_train_epochs=1",
