@@ -381,7 +381,7 @@ def run_qlora_arm(plan: dict, folder: Path, overrides: list[str]) -> dict:
             meter.record(batch[qlora_trainer.TOKENS_KEY], batch["input_ids"].numel())
             return batch
 
-    qlora_trainer.CountingCollator = MeteredCollator  # train.build_trainer imports it at call time
+    qlora_trainer.CountingCollator = MeteredCollator  # training.run.build_trainer imports it at call time
     result = train(recipe, overwrite=True, reporter=_Reporter(meter))
     peak = peak_memory_bytes()
     rows, seq = recipe.training.per_device_train_batch_size, recipe.data.max_length

@@ -1,4 +1,4 @@
-"""qlora_cli/loss.py: the chunked loss equals the library's loss, value and gradients."""
+"""model/loss.py: the chunked loss equals the library's loss, value and gradients."""
 
 from __future__ import annotations
 

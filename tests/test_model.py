@@ -1,4 +1,4 @@
-"""model.py: the tiny recipe loads as a 4-bit base with trainable LoRA on the CPU, its random base
+"""model/load.py: the tiny recipe loads as a 4-bit base with trainable LoRA on the CPU, its random base
 model is built once and reused, and custom model code never runs unless the recipe allows it."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""plan.py / plan_memory.py: the estimate against the tensors and the memory of a real tiny model,
+"""plan/estimate.py / plan/memory.py: the estimate against the tensors and the memory of a real tiny model,
 the 7B/13B/70B figures against published ones, and the verdicts `qlora plan` turns into exit codes.
 
 How memory is measured on the CPU (there is no torch.cuda here):

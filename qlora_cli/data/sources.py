@@ -26,7 +26,7 @@ FORMAT_FIELDS = {
     "alpaca": ("instruction", "input", "output"),
     "chat": ("messages",),
     "completion": ("prompt", "completion"),
-    # Preference data (qlora_cli/preference.py): the prompt is `prompt` or `messages`, or, for pairs,
+    # Preference data (data/preference.py): the prompt is `prompt` or `messages`, or, for pairs,
     # the shared start of two whole conversations.
     "preference": ("prompt", "messages", "chosen", "rejected"),
     "unpaired": ("prompt", "messages", "completion", "label"),

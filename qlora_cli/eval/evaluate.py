@@ -52,7 +52,7 @@ class EvalPlan:
     """What an evaluation will measure, checked before any weights load."""
 
     records: list[EvalRecord] | None
-    suite: object | None  # benchmarks.TaskSuite
+    suite: object | None  # eval.tasks.TaskSuite
     limit: int | None = None
     model_path: str | None = None  # --model: scored as `merged`
     warnings: list[str] = field(default_factory=list)  # for the user, before the models load

@@ -2,7 +2,7 @@
 
 Reads only the model's config (a transformers config; `init_from_config` builds one with
 `AutoConfig.for_model`), the tokenizer and the prepared data (`prepare_dataset` is
-tokenizer-only and caches what `qlora train` will reuse). The arithmetic is in `plan_memory`.
+tokenizer-only and caches what `qlora train` will reuse). The arithmetic is in `plan.memory`.
 """
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ class QloraTrainer(RunTrainer, Trainer):
 
     def __init__(self, *args, chunked_loss: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.chunked_loss = chunked_loss  # `model.chunked_loss`: see qlora_cli/loss.py
+        self.chunked_loss = chunked_loss  # `model.chunked_loss`: see model/loss.py
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         with loss_in_chunks(model, enabled=self.chunked_loss):
