@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from qlora_cli.rewards import RewardSection
 
 SECTIONS = ("model", "quantization", "lora", "data", "training", "merge", "generate", "eval", "rewards")
-TOP_LEVEL_KEYS = ("method",)  # keys that are no section: the objective (sft, dpo, kto)
+TOP_LEVEL_KEYS = ("method",)  # keys that are no section: the objective, one of sections.METHODS
 RECIPE_PATH_VARIABLE = "QLORA_RECIPE_PATH"
 OVERRIDE = "override"
 

@@ -1,10 +1,13 @@
-"""The seven recipe sections: our own typed schemas, and introspection of the library classes.
+"""The nine recipe sections (load.SECTIONS): our own typed schemas, and introspection of the library classes.
 
-`quantization`, `lora`, `training` and `generate` map onto `BitsAndBytesConfig`, `LoraConfig`,
-`TrainingArguments` and `GenerationConfig`: their keys are checked against those classes'
-own signatures and dataclass fields, never a copied list, so a field a library adds tomorrow
-works tomorrow. `model`, `data` and `merge` are ours and are described by the dataclasses below,
-with the value limits (`check_values`) that loading, preparing and merging would enforce later.
+`quantization`, `lora` and `training` map onto `BitsAndBytesConfig`, `LoraConfig` and
+`TrainingArguments` (or TRL's config for the method, TRAINING_CLASSES), and `generate`'s keys
+other than our `GenerateOptions` onto `GenerationConfig`: their keys are checked against those
+classes' own signatures and dataclass fields, never a copied list, so a field a library adds
+tomorrow works tomorrow. `model`, `data`, `merge` and `eval` are ours and are described by the
+dataclasses below, with the value limits (`check_values`) that loading, preparing and merging would
+enforce later; `rewards` (method: grpo) is a list of ours too, its items' schema in
+qlora_cli/rewards.py.
 """
 
 from __future__ import annotations
