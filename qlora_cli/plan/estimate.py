@@ -28,16 +28,18 @@ from qlora_cli.run_folder import merge_output_dir
 if TYPE_CHECKING:
     from qlora_cli.recipe.load import Recipe
 
-# Dense bf16 TFLOP/s (T4: fp16) from the vendors' data sheets, by the name the plan shows.
-GPU_TFLOPS = {"A100": 312, "H100 SXM": 989, "H200": 989, "L4": 121, "A10G": 125, "RTX 4090": 165, "T4": 65}
-# The words of a device name as NVML gives it ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB",
-# "Tesla T4") -> that GPU's dense bf16 peak; the first entry whose words the name holds wins, so
-# the more specific come first (an H100 PCIe is not an SXM; an L40S is not an L4).
-PEAK_BY_NAME_WORDS = [
-    (("H100", "PCIe"), 756), (("H100", "NVL"), 835), (("H100",), 989), (("GH200",), 989),
-    (("H200", "NVL"), 835), (("H200",), 989), (("A100",), 312), (("L40S",), 362), (("L4",), 121),
-    (("A10G",), 125), (("A10",), 125), (("4090",), 165), (("T4",), 65),
-]
+# Dense bf16 TFLOP/s (T4: fp16) from the vendors' data sheets: the name the plan shows -> the words
+# of the device name as NVML gives it ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB", "Tesla T4")
+# and the peak. The first entry whose words the name holds wins, so the more specific come first
+# (an H100 PCIe is not an SXM; an L40S is not an L4).
+PEAK_TFLOPS = {
+    "H100 PCIe": (("H100", "PCIe"), 756), "H100 NVL": (("H100", "NVL"), 835), "H100 SXM": (("H100",), 989),
+    "GH200": (("GH200",), 989), "H200 NVL": (("H200", "NVL"), 835), "H200": (("H200",), 989),
+    "A100": (("A100",), 312), "L40S": (("L40S",), 362), "L4": (("L4",), 121), "A10G": (("A10G",), 125),
+    "A10": (("A10",), 125), "RTX 4090": (("4090",), 165), "T4": (("T4",), 65),
+}
+# Where this machine's GPU is unknown (none, or not in the table) the plan times the run on these.
+GPU_TFLOPS = {name: PEAK_TFLOPS[name][1] for name in ("A100", "H100 SXM", "H200", "L4", "A10G", "RTX 4090", "T4")}
 MFU_RANGE = (0.25, 0.45)
 
 
@@ -194,7 +196,11 @@ def visible_gpu() -> tuple[str, int] | None:
 
 
 def _first_visible(pynvml):
-    """NVML counts every GPU; CUDA sees those CUDA_VISIBLE_DEVICES names (indices or UUIDs)."""
+    """NVML counts every GPU; CUDA sees those CUDA_VISIBLE_DEVICES names (indices or UUIDs).
+
+    An index is read as NVML's, which counts in PCI bus order; CUDA counts fastest first unless
+    CUDA_DEVICE_ORDER=PCI_BUS_ID, so the two agree only under that setting, or on a machine whose
+    GPUs are all one model (equals are ordered by bus)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
         return pynvml.nvmlDeviceGetHandleByIndex(0) if pynvml.nvmlDeviceGetCount() else None
@@ -209,7 +215,7 @@ def _first_visible(pynvml):
 def peak_tflops(name: str) -> float | None:
     """The dense bf16 peak of the GPU NVML calls `name`, None for a GPU not in the table."""
     words = set(re.split(r"[^A-Za-z0-9]+", name))
-    return next((tflops for needed, tflops in PEAK_BY_NAME_WORDS if words.issuperset(needed)), None)
+    return next((tflops for needed, tflops in PEAK_TFLOPS.values() if words.issuperset(needed)), None)
 
 
 def recipe_settings(recipe: Recipe, shape: ModelShape, on_gpu: bool = True, gpus: int = 1) -> Settings:
