@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qlora_cli.errors import UserError
+from qlora_cli.errors import UserError, locate
 from qlora_cli.families import Family
 from qlora_cli.model.lora_targets import LoraTargets, planned_targets
 from qlora_cli.plan.memory import (
@@ -68,7 +68,6 @@ class Plan:
     notes: list[str] = field(default_factory=list)  # what the method adds (DPO/KTO)
     warnings: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
-    errors: list[UserError] = field(default_factory=list)  # the problems `qlora train` checks for itself
 
     @property
     def total(self) -> int:
@@ -100,9 +99,10 @@ class Plan:
 
 
 def plan_recipe(recipe: Recipe, gpu_memory: float | None = None, gpus: int | None = None, *, tokenizer=None,
-                prepared=None) -> Plan:
+                prepared=None, checked: bool = False) -> Plan:
     """Plan a run of `recipe` on `gpus` devices of `gpu_memory` GiB (detected when a GPU is present);
-    `qlora train` hands over the tokenizer and prepared data it already has."""
+    `qlora train` hands over the tokenizer and prepared data it already has, and `checked`: it ran
+    the pre-flight's checks of the recipe and the data itself (`qlora plan` reports them as problems)."""
     from qlora_cli.data.prepare import prepare_dataset
     from qlora_cli.data.tokenizer import load_recipe_tokenizer
 
@@ -126,7 +126,8 @@ def plan_recipe(recipe: Recipe, gpu_memory: float | None = None, gpus: int | Non
         plan.notes.append(f"{recipe.method}: {examples_per_step} examples per step run as {batch} sequences, plus a "
                           "no-grad reference forward with the adapter off (no second copy of the weights)")
     plan.warnings += data_warnings(recipe, prepared, tokenizer)
-    _check_training_data(recipe, prepared, plan)
+    if not checked:
+        _check_training_data(recipe, prepared, plan)
     _plan_fit(plan, shape, settings, recipe)
     _plan_time(plan, shape, settings, recipe, gpus, tflops)
     _plan_disk(plan, shape, settings, recipe, tokenizer)
@@ -262,14 +263,15 @@ def lora_targets(recipe: Recipe, shape: ModelShape) -> LoraTargets:
 
 
 def _check_training_data(recipe: Recipe, prepared, plan: Plan) -> None:
+    """The pre-flight's problems with the recipe and the data, each at the file:line of its key."""
     from qlora_cli.plan.preflight import check_prepared_data, check_trainable
 
     for check in (lambda: check_trainable(recipe), lambda: check_prepared_data(recipe, prepared)):
         try:
             check()
         except UserError as err:
-            plan.problems.append(err.message)
-            plan.errors.append(err)
+            plan.problems += [f"{e.where}: {e.message}" if e.where else e.message
+                              for e in locate(err, recipe.origins).errors]
 
 
 def _plan_fit(plan: Plan, shape: ModelShape, s: Settings, recipe: Recipe) -> None:

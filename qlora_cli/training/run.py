@@ -96,9 +96,10 @@ def train_in_folder(recipe: Recipe, run: RunFolder, args, state, *, force: bool,
     tokenizer = load_recipe_tokenizer(recipe)
     handed_over = prepared_by_launcher()  # a `--nproc` worker: its launcher prepared and planned
     prepared = prepared_data(recipe, tokenizer, args, handed_over)
-    check_prepared_data(recipe, prepared)
-    if state.is_main_process and not handed_over:
-        plan_run(recipe, tokenizer, prepared, force, state.num_processes, reporter)
+    if not handed_over:
+        check_prepared_data(recipe, prepared)
+        if state.is_main_process:
+            plan_run(recipe, tokenizer, prepared, force, state.num_processes, reporter)
     started = now()
     if reporter:
         reporter.data_ready(prepared)
@@ -160,7 +161,7 @@ def plan_run(recipe: Recipe, tokenizer, prepared, force: bool, gpus: int, report
     """The short plan, shown; a run that cannot fit in GPU memory is refused unless `force`."""
     from qlora_cli.plan.estimate import plan_recipe, refuse_unless_fits
 
-    plan = plan_recipe(recipe, gpus=gpus, tokenizer=tokenizer, prepared=prepared)
+    plan = plan_recipe(recipe, gpus=gpus, tokenizer=tokenizer, prepared=prepared, checked=True)
     if reporter:
         reporter.plan_ready(plan)
     refuse_unless_fits(plan, force)
