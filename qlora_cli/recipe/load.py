@@ -504,12 +504,12 @@ def _validated(raw: RawRecipe) -> Recipe:
 def _rewards(section, method: str):
     """`method: grpo`'s rewards, typed, with every problem of the section (a reward file that does not
     import, a missing function, a wrong signature)."""
-    from qlora_cli.recipe.sections import _build_list
+    from qlora_cli.recipe.sections import build_list
     from qlora_cli.rewards import RewardSection, check_rewards
 
     if section is not None and not isinstance(section, list):
         return [], [UserError("`rewards` must be a list of {function, weight}", key="rewards")]
-    rewards, errors = _build_list(RewardSection, section or [], "rewards")
+    rewards, errors = build_list(RewardSection, section or [], "rewards")
     return rewards, errors + (check_rewards(rewards, method) if not errors else [])
 
 

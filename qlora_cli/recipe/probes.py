@@ -169,6 +169,8 @@ def probed_generation_config(generate: dict):
 
 
 def _sampling_objection(config) -> str | None:
+    # Private, but the one way to hear these objections before a weight loads: the public generate()
+    # builds its logits processors only inside a generation, from this same method.
     try:
         _generation_probe_model()._get_logits_processor(config, input_ids_seq_length=1, device="cpu")
     except (ValueError, OverflowError) as err:

@@ -259,7 +259,7 @@ def build_schema(cls, values: dict | None, section: str):
     for key, annotation in annotations.items():
         item_type = _listed_dataclass(annotation)
         if item_type and isinstance(values.get(key), list):
-            values[key], item_errors = _build_list(item_type, values[key], f"{section}.{key}")
+            values[key], item_errors = build_list(item_type, values[key], f"{section}.{key}")
             errors += item_errors
     missing = [f.name for f in dataclasses.fields(cls) if _is_required(f) and f.name not in values]
     errors += [UserError(f"`{section}.{name}` is required", key=section) for name in missing]
@@ -268,7 +268,8 @@ def build_schema(cls, values: dict | None, section: str):
     return cls(**values)
 
 
-def _build_list(cls, items: list, prefix: str):
+def build_list(cls, items: list, prefix: str):
+    """A list section's items (`data.sources`, `rewards`) as `cls`, and every item's errors, keyed `prefix.N`."""
     built, errors = [], []
     for index, item in enumerate(items):
         key = f"{prefix}.{index}"
