@@ -436,3 +436,9 @@ def test_the_eval_section_is_checked_like_our_other_sections(tmp_path):
     assert "unknown key `eval.tsks` (did you mean `tasks`?)" in str(excinfo.value)
     recipe = load_recipe(["tiny-mistral"], ["eval.tasks=[arc_easy]", "eval.limit=5"])
     assert (recipe.eval.tasks, recipe.eval.limit, recipe.eval.after_training) == (["arc_easy"], 5, False)
+
+
+def test_what_a_caller_does_with_a_written_section_leaves_the_recipe_as_written():
+    recipe = load_recipe(["tiny-mistral"])
+    recipe.written("training")["learning_rate"] = 1.0
+    assert recipe.written("training")["learning_rate"] != 1.0 and "learning_rate: 1.0" not in recipe.to_yaml()

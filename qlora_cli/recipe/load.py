@@ -8,6 +8,7 @@ are YAML-typed and `~a.b` deletes a key. Every leaf remembers where it was set (
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from dataclasses import dataclass, field
@@ -439,9 +440,10 @@ class Recipe:
         return Path(self.training.output_dir)
 
     def written(self, section: str) -> dict | None:
-        """The keys the recipe set in `section`, resolved but as written (no default, no library
-        conversion); None for a section it left out or set to null."""
-        return self.resolved.get(section)
+        """A copy of the keys the recipe set in `section`, resolved but before any library default
+        or conversion (qlora's own `training.output_dir` default is in); None for a section it left
+        out or set to null. A copy: what a caller changes must not change recipe.yaml."""
+        return copy.deepcopy(self.resolved.get(section))
 
     def as_written(self) -> dict[str, Any]:
         """The recipe as qlora shows it everywhere (recipe.yaml, model card, config show|explain):
