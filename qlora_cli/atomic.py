@@ -187,12 +187,28 @@ def marker(kind: str) -> dict:
 
 def model_card(kind: str, base_model: str | None, text: str, *, library_name: str, tags: tuple[str, ...] = ()):
     """The model card (`huggingface_hub.ModelCard`) of a model folder qlora writes (an adapter, a
-    merged model): `text` under front matter naming the base model and tagged `qlora` and `kind`,
-    the marker `has_marker` reads back. Save it as the folder's README.md."""
+    merged model): `text` under front matter naming the base model when it is a hub id and tagged
+    `qlora` and `kind`, the marker `has_marker` reads back. Save it as the folder's README.md."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    data = ModelCardData(base_model=base_model, library_name=library_name, tags=[MARKER, kind, *tags])
+    data = ModelCardData(base_model=hub_id(base_model), library_name=library_name, tags=[MARKER, kind, *tags])
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}")
+
+
+def hub_id(name: str | None) -> str | None:
+    """`name` when it names a hub repository, else None. The hub reads a card's `base_model` as a
+    repository to link; a local folder (the user's own, or the cache folder a model built from its
+    config lives in) is none, and its path would show the machine's home folder to whoever reads the card."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if name is None or Path(name).exists():
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
 
 
 def has_marker(path: Path, kind: str) -> bool:

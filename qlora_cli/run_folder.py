@@ -395,15 +395,16 @@ def _reward_curves(log_history: list[dict]) -> dict[str, list[tuple[int, float]]
     return {label: points for label, points in curves.items() if points}
 
 
-def adapter_card(recipe_yaml: str, data_summary: dict, metrics: dict, base_model: str | None):
+def adapter_card(recipe_yaml: str, data_summary: dict, metrics: dict, base_model: str | None, base_described: str):
     """README.md for the adapter folder (a `ModelCard` carrying qlora's marker): what it is, how it
-    was trained, how well it did."""
+    was trained, how well it did. `base_model` goes in the front matter where it is a hub id;
+    `base_described` names it in the text."""
     metric_lines = "\n".join(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |"
                              for k, v in metrics.items())
     data_lines = "\n".join(f"- {k}: {v}" for k, v in data_summary.items())
     return model_card("adapter", base_model, f"""# LoRA adapter trained with qlora
 
-Base model: `{base_model}`. Load it with
+Base model: {base_described}. Load it with
 `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "<this folder>")`
 (`AutoModelForImageTextToText` for a vision-language base such as Mistral Small 3.x),
 or merge it into a standalone model with `qlora merge <run folder>`.

@@ -72,7 +72,9 @@ def merged_small(trained_run, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_merged_folder_holds_safetensors_shards_config_tokenizer_and_card(merged_small):
+def test_merged_folder_holds_safetensors_shards_config_tokenizer_and_card(merged_small, trained_run):
+    from huggingface_hub import ModelCard
+
     files = {p.name for p in merged_small.iterdir()}
     index = json.loads((merged_small / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -82,6 +84,10 @@ def test_merged_folder_holds_safetensors_shards_config_tokenizer_and_card(merged
     assert not [name for name in files if name.endswith((".bin", ".pt", ".pth"))]  # safetensors only
     card = (merged_small / "README.md").read_text()
     assert "merge.base: dequantized" in card and "quantized and dequantized again" in card
+    # a built base: the card names what it was built from, never its cache folder on this machine
+    built = json.loads((trained_run.adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert ModelCard(card).data.base_model is None and built not in card
+    assert "into a model built from its config (init_from_config, mistral) with `qlora merge`" in card
 
 
 @pytest.mark.slow

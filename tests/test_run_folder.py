@@ -226,3 +226,22 @@ def test_a_run_folder_from_before_the_marker_is_still_ours_to_resume(tmp_path, r
 
     (tmp_path / "run.json").write_text(json.dumps(record))
     assert RunFolder(tmp_path).is_ours() is ours
+
+
+@pytest.mark.parametrize("base, written", [
+    ("mistralai/Mistral-7B-v0.1", "mistralai/Mistral-7B-v0.1"),  # a hub id: the hub links the card to it
+    ("local-model", None),  # a folder here of a name a hub id could have
+    ("/home/someone/.cache/qlora/models/mistral-0123456789abcdef", None),  # a built model's cache folder
+    (None, None),
+])
+def test_a_model_card_names_its_base_in_the_front_matter_only_when_it_is_a_hub_id(base, written, tmp_path,
+                                                                                   monkeypatch):
+    from huggingface_hub import ModelCard
+
+    from qlora_cli.atomic import model_card
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "local-model").mkdir()
+    card = str(model_card("adapter", base, "# Adapter\n", library_name="peft"))
+    assert ModelCard(card).data.base_model == written
+    assert "/home/someone" not in card and "local-model" not in card

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 from qlora_cli.atomic import CARD, atomic_folder, model_card, nearest_existing, remove_stale_temporaries
 from qlora_cli.errors import UserError
-from qlora_cli.model.load import adapter_config, base_model_id, load_adapter_model, trained_on_4bit
+from qlora_cli.model.load import (adapter_config, base_model_id, describe_base_model, load_adapter_model,
+                                  trained_on_4bit)
 from qlora_cli.plan.preflight import check_before_merge
 from qlora_cli.run_folder import MERGED, merge_adapter_dir, merge_output_dir
 
@@ -201,7 +202,7 @@ def _model_card(recipe: Recipe, adapter: Path, difference: LogitDifference, quan
     versus = f"\n- logits against the 4-bit base + adapter it was trained as: {quantized}" if quantized else ""
     return model_card(MERGED, base, f"""# Merged model
 
-The LoRA adapter `{adapter}` merged into `{base}` with `qlora merge`, in {recipe.merge.dtype}.
+The LoRA adapter `{adapter}` merged into {describe_base_model(recipe)} with `qlora merge`, in {recipe.merge.dtype}.
 Merged into {how} (`merge.base: {recipe.merge.base}`).
 
 Verification on a probe batch:

@@ -329,6 +329,15 @@ def base_model_id(recipe: Recipe) -> str | None:
     return recipe.model.name_or_path or model_path(recipe)
 
 
+def describe_base_model(recipe: Recipe) -> str:
+    """The base model as a model card's text names it: the recipe's hub id or path, or what a built
+    model was built from (its cache folder is this machine's, no name a reader could load)."""
+    model = recipe.model
+    if model.init_from_config is None:
+        return f"`{model.name_or_path}`"
+    return f"a model built from its config (init_from_config, {model.init_from_config.get('model_type')})"
+
+
 def summarize_model(model, quantization: BitsAndBytesConfig | None) -> ModelSummary:
     """Trainable and total parameters (4-bit weights counted as their logical size)."""
     from peft import PeftModel

@@ -272,9 +272,10 @@ def _final_evaluation(trainer) -> dict:
 
 def save_adapter(trainer, tokenizer, run: RunFolder, recipe: Recipe, prepared, metrics: dict) -> None:
     """adapter/: LoRA weights (safetensors), tokenizer and model card, appearing whole."""
-    from qlora_cli.model.load import base_model_id
+    from qlora_cli.model.load import base_model_id, describe_base_model
 
-    card = adapter_card(recipe.to_yaml(), _data_lines(prepared), metrics, base_model_id(recipe))
+    card = adapter_card(recipe.to_yaml(), _data_lines(prepared), metrics, base_model_id(recipe),
+                        describe_base_model(recipe))
     try:
         with atomic_folder(run.adapter, replace=True) as tmp:
             # Only the trained adapter: a DPO run from an adapter also holds TRL's frozen reference copy.
