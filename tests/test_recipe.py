@@ -18,7 +18,8 @@ from qlora_cli.recipe.builders import (
     split_generate,
 )
 from qlora_cli.errors import UserError, UserErrors, combined, locating
-from qlora_cli.recipe.load import find_recipe, load_raw_recipe, load_recipe, recipe_search_path, resolve, to_yaml
+from qlora_cli.recipe.load import find_recipe, load_raw_recipe, load_recipe, recipe_search_path, resolve
+from qlora_cli.recipe.written import to_yaml
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 SHIPPED = sorted(RECIPES.glob("*.yaml"))
