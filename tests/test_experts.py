@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -405,3 +407,17 @@ def test_plan_counts_expert_lora_and_the_activations_of_routed_experts_and_laten
     measured = measured_step_peak(model, ids, settings.chunked_loss)
     estimated = estimated_total(shape, settings, 2, 64)
     assert abs(estimated - measured) <= 0.05 * measured, (estimated, measured)  # measured: 2.3% / 2.0% over
+
+
+def test_peft_does_not_warn_that_the_fused_experts_rank_was_ignored_but_still_warns_of_a_users_pattern():
+    from qlora_cli.model.load import load_trainable_model
+
+    def pattern_warnings(*overrides) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load_trainable_model(mixtral_recipe(*overrides))
+        return [str(w.message) for w in caught if "_pattern keys did not match" in str(w.message)]
+
+    # all-linear: peft's own `.*\.gate_up_proj` doubles the fused tensor's rank, and it did apply.
+    assert pattern_warnings() == []
+    assert any("nope_proj" in message for message in pattern_warnings("lora.rank_pattern={nope_proj: 4}"))

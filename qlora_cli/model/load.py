@@ -225,7 +225,7 @@ def load_trainable_model(recipe: Recipe, *, device_map=None, tokenizer=None):
     set_seed(recipe.training.seed)
     # FSDP shards a layer as one flat buffer of one dtype: keep LoRA weights in the model's dtype
     # instead of peft's fp32 (and never upcast the unquantized weights above).
-    with refused_by_peft():
+    with refused_by_peft(lora):
         peft_model = get_peft_model(model, lora, autocast_adapter_dtype=not sharded)
     repair_expert_lora(peft_model)
     return peft_model

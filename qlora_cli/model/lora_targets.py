@@ -17,8 +17,11 @@ adds two rules of its own to the LoraConfig before peft sees it:
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
+import re
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -101,8 +104,33 @@ def _all_linear(config: LoraConfig) -> bool:
 
 
 @contextmanager
-def refused_by_peft():
-    """Around peft adding LoRA: what it refuses in the recipe's `lora` section exits 2 at its key."""
+def refused_by_peft(config: LoraConfig):
+    """Around peft adding LoRA: what it refuses in the recipe's `lora` section exits 2 at its key,
+    and its warnings pass on, but for its false one about `config`'s expert tensors."""
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught, _refusals_as_user_errors():
+            warnings.simplefilter("always")
+            yield
+    finally:
+        for warning in caught:  # outside the catching, so that the usual filters apply again
+            if not _false_pattern_warning(str(warning.message), config):
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+def _false_pattern_warning(message: str, config: LoraConfig) -> bool:
+    """peft warns that a rank/alpha pattern matched no targeted module when it matches a targeted
+    tensor (its own `.*\\.gate_up_proj` for fused experts, at twice the rank): those did apply."""
+    found = re.match(r"The following (?:rank|alpha)_pattern keys did not match any targeted module "
+                     r"and were ignored: (\[.*\])", message)
+    if found is None:
+        return False
+    keys = ast.literal_eval(found[1])
+    return all(any(re.match(rf"(.*\.)?({key})$", name) for name in config.target_parameters or ()) for key in keys)
+
+
+@contextmanager
+def _refusals_as_user_errors():
     try:
         yield
     except ValueError as err:
@@ -126,7 +154,7 @@ def planned_targets(recipe: Recipe, skeleton, family: Family) -> LoraTargets:
     config = lora_config(recipe, skeleton, family)
     if config is None:
         return LoraTargets()
-    with refused_by_peft():
+    with refused_by_peft(config):
         inject_adapter_in_model(config, skeleton, low_cpu_mem_usage=True)
     return wrapped_targets(skeleton)
 
