@@ -25,7 +25,10 @@ def prepare_summary(console: Console, prepared) -> None:
     for split, examples in summary.examples.items():
         console.print(f"{split}: {examples:,} examples in {summary.rows[split]:,} rows, "
                       f"{summary.tokens[split]:,} tokens, {summary.trained_tokens[split]:,} trained", highlight=False)
-    console.print(f"trained on {100 * summary.trained_fraction:.1f}% of tokens", highlight=False)
+    if summary.trained_tokens.get("train"):
+        console.print(f"trained on {100 * summary.trained_fraction:.1f}% of tokens", highlight=False)
+    else:  # GRPO's prompts
+        console.print("no answers in the data: the model writes them while it trains", highlight=False)
     if summary.packing_efficiency is not None:
         console.print(f"packing efficiency: {100 * summary.packing_efficiency:.1f}% of row capacity holds real tokens",
                       highlight=False)
