@@ -441,3 +441,15 @@ def test_responses_without_eos_and_a_small_validation_split_are_warned(data_reci
     warnings = " | ".join(plan_recipe(recipe).warnings)
     assert "without </s>" in warnings
     assert "only 10 examples" in warnings
+
+
+def test_a_grpo_plan_counts_each_completion_and_the_kv_cache_while_sampling(tmp_path):
+    # tiny-mistral: 2 layers, 2 KV heads of 256 / 4 = 64 dims, float32; 8 completions per step.
+    recipe = load_recipe(["tiny-mistral-grpo"], ["model.adapter=null", f"training.output_dir={tmp_path}/run",
+                                                 f"data.prepared_dir={tmp_path}/prepared"])
+    plan = plan_recipe(recipe, gpu_memory=8)
+    assert plan.seq == plan.data.row_width + 16 and plan.batch == 8
+    kv = next(item for item in plan.memory if item.name == "KV cache while sampling")
+    assert kv.bytes == 4 * 2 * (2 * 2 * 64) * 8 * plan.seq
+    assert plan.total == sum(item.bytes for item in plan.memory) and plan.fits
+    assert any(note.startswith("grpo: 8 completions per step") for note in plan.notes)

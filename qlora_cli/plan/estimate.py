@@ -20,7 +20,7 @@ from qlora_cli.families import Family
 from qlora_cli.model.lora_targets import LoraTargets, planned_targets
 from qlora_cli.plan.memory import (
     GiB, MemoryItem, ModelShape, Settings, dtype_bytes, flops_per_token, largest_fitting, lora_tensors, memory_items,
-    model_shape, model_skeleton, optimizer_bytes,
+    model_shape, model_skeleton, optimizer_bytes, sampling_kv_item,
 )
 from qlora_cli.plan.data import DataReport, data_warnings, describe_data
 from qlora_cli.run_folder import merge_output_dir
@@ -116,12 +116,17 @@ def plan_recipe(recipe: Recipe, gpu_memory: float | None = None, gpus: int | Non
     examples_per_step = recipe.training.per_device_train_batch_size
     batch = examples_per_step * (2 if recipe.method in ("dpo", "kto") else 1)
     data = describe_data(prepared, batch)
+    # GRPO's rows are the prompts; each trains with a completion of up to max_completion_length.
+    seq = data.row_width + (recipe.training.max_completion_length if recipe.method == "grpo" else 0)
     plan = Plan(model=recipe.model.name_or_path or f"init_from_config ({shape.layers} layers, {shape.hidden} wide)",
-                device=device, capacity=capacity, batch=batch, seq=data.row_width,
-                memory=memory_items(shape, settings, batch, data.row_width), data=data)
-    if recipe.method == "grpo":  # its completions are written during the run: not in the prepared data
-        plan.notes.append("grpo: the generations (num_generations x prompt + max_completion_length, and their KV "
-                          "cache while sampling) are not counted yet: memory and time are the prompts' alone")
+                device=device, capacity=capacity, batch=batch, seq=seq, data=data,
+                memory=memory_items(shape, settings, batch, seq))
+    if recipe.method == "grpo":
+        sampled = recipe.training.per_device_train_batch_size * recipe.training.steps_per_generation
+        plan.memory.append(sampling_kv_item(shape, settings, sampled, seq))
+        plan.notes.append(f"grpo: {batch} completions per step, each the longest prompt + max_completion_length "
+                          f"({seq:,} tokens); {sampled} sampled at once; the time counts the prompts alone, not the "
+                          "completions nor their sampling")
     elif recipe.method != "sft":
         plan.notes.append(f"{recipe.method}: {examples_per_step} examples per step run as {batch} sequences, plus a "
                           "no-grad reference forward with the adapter off (no second copy of the weights)")
@@ -279,8 +284,10 @@ def _plan_fit(plan: Plan, shape: ModelShape, s: Settings, recipe: Recipe) -> Non
     if plan.capacity is None:
         return
 
+    beside = plan.total - sum(item.bytes for item in memory_items(shape, s, plan.batch, plan.seq))  # GRPO's KV cache
+
     def total(batch: int, seq: int, settings: Settings = s) -> int:
-        return sum(item.bytes for item in memory_items(shape, settings, batch, seq))
+        return sum(item.bytes for item in memory_items(shape, settings, batch, seq)) + beside
 
     plan.max_batch = largest_fitting(1024, lambda b: total(b, plan.seq) <= plan.capacity)
     positions = max(plan.seq, shape.max_positions)

@@ -394,6 +394,15 @@ def memory_items(shape: ModelShape, s: Settings, batch: int, seq: int) -> list[M
     return items
 
 
+def sampling_kv_item(shape: ModelShape, s: Settings, sequences: int, seq: int) -> MemoryItem:
+    """GRPO's sampling: generate() keeps every layer's keys and values for `sequences` rows of up to
+    `seq` tokens (multi-head latent attention caches each head's keys and values expanded)."""
+    q_rank, kv_rank, nope, rope, v = shape.mla or (0, 0, 0, 0, 0)
+    per_token = shape.heads * (nope + rope + v) if shape.mla else 2 * shape.kv_heads * shape.head_dim
+    return MemoryItem("KV cache while sampling", s.matmul_bytes * shape.layers * per_token * sequences * seq,
+                      f"{sequences} completions x {seq:,} tokens, counted beside the step (an upper bound)")
+
+
 def _sharded(items: list[MemoryItem], shape: ModelShape, s: Settings) -> list[MemoryItem]:
     """FSDP keeps 1/shards of every weight, gradient and optimizer state on each GPU. It gathers
     a decoder layer whole while computing it (two at a time, with the one it prefetches) and keeps
