@@ -318,7 +318,7 @@ def test_a_list_item_can_be_deleted_and_interpolation_errors_carry_no_omegaconf_
 REFUSED_VALUES = {
     "lora.r=0": ("lora.r", "positive integer"),
     "lora.r=-4": ("lora.r", "positive integer"),
-    "lora.lora_dropout=2": ("lora.lora_dropout", "between 0 and 1"),
+    "lora.lora_dropout=2": ("lora.lora_dropout", "in [0, 1)"),  # peft refuses above 1 only: sections.BOUNDS
     "training.seed=-1": ("training.seed", "0 to 4294967295"),
     "training.learning_rate=-1": ("training.learning_rate", "Invalid learning rate"),
     "training.adam_beta1=2": ("training.adam_beta1", "beta"),
@@ -379,6 +379,53 @@ def test_zero_negative_and_huge_numbers_are_accepted_or_refused_never_a_crash(wo
     result = qlora("config", "validate", "tiny-mistral", f"{key}={value}", *extra)
     assert result.exit_code in (0, 2), result.output
     assert "Traceback" not in result.output and "internal error" not in result.output
+
+
+# Issue 33's values that `config validate` passed and a run then could not use: NaN and infinity
+# wherever a number is read, counts no run can use, and names the libraries lack (recipe, override, key)
+DPO, KTO = str(RECIPES / "tiny-mistral-dpo.yaml"), str(RECIPES / "tiny-mistral-kto.yaml")
+UNUSABLE = [
+    ("tiny-mistral", "training.learning_rate=.inf", "training.learning_rate"),
+    ("tiny-mistral", "training.max_grad_norm=.nan", "training.max_grad_norm"),
+    ("tiny-mistral", "training.num_train_epochs=.nan", "training.num_train_epochs"),
+    ("tiny-mistral", "training.num_train_epochs=.inf", "training.num_train_epochs"),
+    ("tiny-mistral", "data.val_size=.nan", "data.val_size"),
+    ("tiny-mistral", "data.val_size=.inf", "data.val_size"),
+    ("tiny-mistral", "data.sources.0.weight=.nan", "data.sources.0.weight"),
+    ("tiny-mistral", "data.sources.0.weight=-.inf", "data.sources.0.weight"),
+    ("tiny-mistral", "model.init_from_config.initializer_range=.nan", "model.init_from_config.initializer_range"),
+    ("tiny-mistral", "generate.temperature=.inf", "generate.temperature"),
+    ("tiny-mistral", "lora.lora_dropout=-0.1", "lora.lora_dropout"),
+    ("tiny-mistral", "training.max_steps=-5", "training.max_steps"),
+    ("tiny-mistral", "training.logging_steps=-1", "training.logging_steps"),
+    ("tiny-mistral", "training.eval_steps=0", "training.eval_steps"),
+    ("tiny-mistral", "training.weight_decay=-1", "training.weight_decay"),
+    ("tiny-mistral", "training.save_total_limit=-3", "training.save_total_limit"),
+    ("tiny-mistral", "data.num_proc=0", "data.num_proc"),
+    ("tiny-mistral", "data.num_proc=-2", "data.num_proc"),
+    (DPO, "training.beta=-0.1", "training.beta"),
+    (KTO, "training.desirable_weight=-1", "training.desirable_weight"),
+    ("tiny-mistral", "generate.top_p=1.5", "generate.top_p"),
+    ("tiny-mistral", "lora.r=1e8", "lora.r"),
+    ("tiny-mistral", "training.report_to=carrier_pigeon", "training.report_to"),
+    ("tiny-mistral", "quantization.bnb_4bit_quant_type=nf3", "quantization.bnb_4bit_quant_type"),
+    (DPO, "training.loss_type=bogus", "training.loss_type"),
+    (DPO, "training.loss_type=[sigmoid,bogus]", "training.loss_type"),
+]
+
+
+@pytest.mark.parametrize("recipe, override, key", UNUSABLE, ids=[case[1] for case in UNUSABLE])
+def test_a_value_no_run_can_use_exits_2_at_validate_naming_its_key(workdir, recipe, override, key):
+    stderr = refused_by_validate(recipe, override)
+    assert f"override: `{key}` is" in stderr, stderr
+
+
+def test_unusable_values_in_one_recipe_file_are_all_reported_at_their_lines(workdir):
+    (workdir / "mine.yaml").write_text("extends: tiny-mistral\nlora:\n  lora_dropout: -0.1\n"
+                                       "training:\n  max_steps: -5\n  max_grad_norm: .nan\n")
+    stderr = refused_by_validate("mine.yaml")
+    for line, key in ((3, "lora.lora_dropout"), (5, "training.max_steps"), (6, "training.max_grad_norm")):
+        assert f"mine.yaml:{line}: `{key}` is" in stderr, stderr
 
 
 def test_explain_keeps_a_secret_from_the_environment_as_written(workdir, monkeypatch):

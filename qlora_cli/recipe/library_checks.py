@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import typing
 from typing import Any
 
 from qlora_cli.errors import UserError
 from qlora_cli.recipe.library_fields import generation_keys, lora_keys, quantization_keys, training_class, training_keys
-from qlora_cli.recipe.builders import build_bnb_config, build_generation_config, split_generate
-from qlora_cli.recipe.probes import probed_generation_config, probed_lora_config, probed_training_arguments
-from qlora_cli.recipe.sections import METHODS, GenerateOptions, GenerateSection, build_schema, check_keys, matches_type
+from qlora_cli.recipe.builders import build_generation_config, split_generate
+from qlora_cli.recipe.probes import (probed_bnb_config, probed_generation_config, probed_lora_config,
+                                     probed_training_arguments)
+from qlora_cli.recipe.sections import (METHODS, GenerateOptions, GenerateSection, build_schema, check_bounds, check_keys,
+                                       matches_type)
 
 
 def build_library_sections(config: dict, data=None) -> tuple[dict[str, Any], list[UserError]]:
@@ -25,7 +28,7 @@ def build_library_sections(config: dict, data=None) -> tuple[dict[str, Any], lis
     method = config.get("method", "sft")
     method = method if method in METHODS else "sft"  # an unknown one is reported by check_method
     checks = [
-        ("quantization", quantization_keys, build_bnb_config, ()),
+        ("quantization", quantization_keys, probed_bnb_config, ()),
         ("lora", lora_keys, probed_lora_config, ()),
         ("training", functools.partial(training_keys, method),
          functools.partial(probed_training_arguments, has_validation=has_validation, method=method), ()),
@@ -44,6 +47,7 @@ def build_library_sections(config: dict, data=None) -> tuple[dict[str, Any], lis
             continue
         annotations = normalize_yaml_booleans(values, keys())
         section_errors = check_keys(values, annotations, section, extra_keys=extra)
+        section_errors += check_bounds(section, values, annotations)
         if section == "generate":
             section_errors += _check_generate_options(values)
         if section == "training":
@@ -58,17 +62,27 @@ def build_library_sections(config: dict, data=None) -> tuple[dict[str, Any], lis
 
 
 def _check_choices(cls, values: dict) -> list[UserError]:
-    """Values outside the `choices` a config class declares in its field metadata (TRL's KTOConfig
-    takes any `loss_type` text and fails mid-training on one it does not know)."""
+    """Values outside the `choices` a config class declares in its field metadata, or lists in its
+    help (TRL's KTOConfig and DPOConfig take any `loss_type` text and fail mid-training on one they
+    do not know)."""
     errors = []
     for f in dataclasses.fields(cls):
-        choices = list(f.metadata.get("choices") or [])
+        choices = list(f.metadata.get("choices") or []) or _listed_in_help(f.metadata.get("help", ""))
         value = values.get(f.name)
-        if choices and isinstance(value, str) and value not in choices:
-            dotted = f"training.{f.name}"
-            errors.append(UserError(f"`{dotted}` is {value!r}; {cls.__name__} takes {', '.join(map(str, choices))}",
-                                    key=dotted))
+        for item in value if isinstance(value, list) else [value]:  # DPOConfig's loss_type: one or a list
+            if choices and isinstance(item, str) and item not in choices:
+                dotted = f"training.{f.name}"
+                errors.append(UserError(f"`{dotted}` is {item!r}; {cls.__name__} takes {', '.join(map(str, choices))}",
+                                        key=dotted))
     return errors
+
+
+def _listed_in_help(text: str) -> list[str]:
+    """The values a field's help lists after "Possible values are:" (TRL's DPOConfig declares its
+    `loss_type` and `f_divergence_type` this way, with no `choices`, and fails on another only in
+    the loss)."""
+    _, found, tail = text.partition("Possible values are:")
+    return re.findall(r"`'?([\w-]+)'?`", tail.split(".")[0]) if found else []
 
 
 def _check_generate_options(generate: dict) -> list[UserError]:

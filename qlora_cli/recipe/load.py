@@ -397,7 +397,7 @@ def _validated(raw: RawRecipe) -> Recipe:
     from qlora_cli.recipe.library_checks import build_library_sections
     from qlora_cli.recipe.model_checks import check_model_objects
     from qlora_cli.recipe.sections import (DataSection, EvalSection, MergeSection, ModelSection, build_schema,
-                                           check_method, check_values, suggest)
+                                           check_finite, check_method, check_values, suggest)
 
     resolved = resolve(raw)
     expand_home(resolved)
@@ -426,12 +426,19 @@ def _validated(raw: RawRecipe) -> Recipe:
         errors += check_model_objects(typed["model"])
     rewards, reward_errors = _rewards(resolved.get("rewards"), method)
     errors += reward_errors
+    errors = _finite_first(check_finite(resolved), errors)
     if errors:
         raise combined(errors)
     return Recipe(
         **typed, **library, resolved=resolved, origins=raw.origins, files=raw.files, from_environment=environment_keys(raw.config, resolved),
         method=method, rewards=rewards,
     )
+
+
+def _finite_first(non_finite: list[UserError], errors: list[UserError]) -> list[UserError]:
+    """A NaN or infinity once, as such: whatever a later check made of the same key says less."""
+    keys = {error.key for error in non_finite}
+    return non_finite + [error for error in errors if error.key not in keys]
 
 
 def _rewards(section, method: str):

@@ -1,6 +1,7 @@
-"""What torch, numpy, peft and generate() would refuse only once a run starts, asked at load on
-throwaway objects (one parameter, a meta-device layer or model): the optimizer, the seeds, the data
-loader, step counts, KTO's batches, LoRA ranks and dropout, sampling values."""
+"""What torch, numpy, peft, bitsandbytes, the Trainer and generate() would refuse only once a run
+starts, asked at load on throwaway objects (one parameter, a meta-device layer or model, 64 zeros):
+the optimizer, the seeds, the data loader, the reporting integrations, epochs, KTO's batches, LoRA
+ranks and dropout, the 4-bit data type, sampling values."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 from qlora_cli.errors import UserError, combined, first_line
 from qlora_cli.recipe.builders import (
-    build_generation_config, build_lora_config, build_training_arguments, keys_named, split_generate,
+    build_bnb_config, build_generation_config, build_lora_config, build_training_arguments, keys_named, split_generate,
 )
 
 
@@ -20,7 +21,7 @@ def probed_training_arguments(training: dict, has_validation: bool = False, meth
     would refuse only once training starts."""
     args = build_training_arguments(training, has_validation=has_validation, method=method)
     errors = [*_ask_optimizer(args, training, method), *_ask_seeds(args), *_ask_data_loader(args),
-              *_check_step_counts(args, training), *_check_kto_batches(args, method)]
+              *_ask_reporting(args), *_check_epochs(args), *_check_kto_batches(args, method)]
     if errors:
         raise combined(errors)
     return args
@@ -89,22 +90,24 @@ def _ask_data_loader(args) -> list[UserError]:
     return errors
 
 
-def _check_step_counts(args, training: dict) -> list[UserError]:
-    """Counts no library judges: the Trainer divides by the accumulation steps, trains on with a
-    negative number of epochs, and never saves with `save_steps: 0`."""
-    errors = []
-    if args.gradient_accumulation_steps < 1:
-        errors.append(_refused("training.gradient_accumulation_steps", args.gradient_accumulation_steps,
-                               "it must be at least 1", fix="use 1 to update the weights after every batch"))
+def _ask_reporting(args) -> list[UserError]:
+    """The Trainer looks up each `report_to` integration only when it is built, after the model loads."""
+    from transformers.integrations import get_reporting_integration_callbacks
+
+    try:
+        get_reporting_integration_callbacks(args.report_to)
+    except ValueError as err:
+        return [_refused("training.report_to", args.report_to, f"transformers has no such integration ({first_line(err)})",
+                         fix="name integrations transformers has, or none")]
+    return []
+
+
+def _check_epochs(args) -> list[UserError]:
+    """The Trainer trains on with a negative number of epochs (the other counts are sections.BOUNDS)."""
     if args.num_train_epochs < 0 or (args.num_train_epochs == 0 and args.max_steps <= 0):
-        errors.append(_refused("training.num_train_epochs", args.num_train_epochs, "it must be more than 0 "
-                               "(or training.max_steps set)", fix="train for e.g. 3 epochs"))
-    for strategy, key in (("save_strategy", "save_steps"), ("eval_strategy", "eval_steps")):
-        value = getattr(args, key)
-        if getattr(args, strategy) == "steps" and value is not None and value <= 0:
-            errors.append(_refused(f"training.{key}", value, f"with {strategy} steps it must be more than 0 (a whole "
-                                   "number of steps, or a fraction of the run below 1)"))
-    return errors
+        return [_refused("training.num_train_epochs", args.num_train_epochs, "it must be more than 0 "
+                         "(or training.max_steps set)", fix="train for e.g. 3 epochs")]
+    return []
 
 
 def _check_kto_batches(args, method: str) -> list[UserError]:
@@ -129,7 +132,7 @@ def _check_kto_batches(args, method: str) -> list[UserError]:
 
 def probed_lora_config(lora: dict):
     """LoraConfig accepts any rank and dropout; the LoRA layer refuses them only when the model is
-    wrapped. Wrap one meta-device linear layer now with each rank the recipe uses."""
+    wrapped. Wrap one meta-device linear layer now (its LoRA matrices on meta too) with each rank the recipe uses."""
     import torch
     from peft.tuners.lora.layer import Linear
 
@@ -138,7 +141,8 @@ def probed_lora_config(lora: dict):
     errors = []
     for key, rank in [("lora.r", config.r), *((f"lora.rank_pattern.{k}", v) for k, v in config.rank_pattern.items())]:
         try:
-            Linear(torch.nn.Linear(8, 8, device="meta"), "probe", config=probe, r=rank, lora_alpha=config.lora_alpha)
+            with torch.device("meta"):  # peft makes the LoRA matrices on the default device: a huge rank took minutes
+                Linear(torch.nn.Linear(8, 8), "probe", config=probe, r=rank, lora_alpha=config.lora_alpha)
         except (ValueError, TypeError, OverflowError) as err:  # a rank too large for a tensor's shape: Type/Overflow
             dropout = "dropout" in str(err)
             key = "lora.lora_dropout" if dropout else key
@@ -146,6 +150,25 @@ def probed_lora_config(lora: dict):
             break
     if errors:
         raise combined(errors)
+    return config
+
+
+def probed_bnb_config(quantization: dict):
+    """BitsAndBytesConfig takes any `bnb_4bit_quant_type` text; bitsandbytes refuses one it lacks only
+    when it quantizes the first weight. Quantize 64 zeros with it now."""
+    import torch
+    from bitsandbytes.functional import quantize_4bit
+
+    config = build_bnb_config(quantization)
+    if config is None or not config.load_in_4bit:
+        return config
+    try:
+        quantize_4bit(torch.zeros(64), quant_type=config.bnb_4bit_quant_type)
+    except ValueError as err:
+        raise _refused("quantization.bnb_4bit_quant_type", config.bnb_4bit_quant_type,
+                       f"bitsandbytes refuses it ({first_line(err)})", fix="use nf4 (or fp4)") from None
+    except Exception:  # noqa: BLE001 - a bitsandbytes without a kernel for this machine judges it where it runs
+        return config
     return config
 
 

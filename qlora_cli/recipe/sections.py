@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -298,6 +299,59 @@ def _is_required(f: dataclasses.Field) -> bool:
 # ---------------------------------------------------------------- values a later step would refuse
 
 
+def check_finite(resolved: Any, prefix: str = "") -> list[UserError]:
+    """Every NaN and infinity in the recipe, wherever a number is read: no library refuses them all
+    (a NaN compares false with every bound, so each check passes it), and a run turns them into a NaN
+    loss, a crash or a schedule that never ends. No field of ours or the libraries' documents an
+    infinity as meaningful (TrainingArguments' max_grad_norm turns clipping off with 0, not inf)."""
+    if isinstance(resolved, float) and not math.isfinite(resolved):
+        return [UserError(f"`{prefix}` is {resolved}; it must be a finite number", key=prefix,
+                          fix="write a number (YAML reads .nan and .inf as not-a-number and infinity)")]
+    items = resolved.items() if isinstance(resolved, dict) else enumerate(resolved) if isinstance(resolved, list) else ()
+    return [error for key, value in items for error in check_finite(value, f"{prefix}.{key}" if prefix else str(key))]
+
+
+def _positive(value) -> bool:
+    return value > 0
+
+
+# Counts, rates and probabilities that no run can use and no library refuses (it takes them, then
+# trains on quietly or fails mid-run), keyed by field name: checked in whichever section or config
+# class has the field (TrainingArguments or the method's TRL config, LoraConfig, GenerationConfig,
+# our data section). A fraction below 1 is a share of the run for the *_steps keys.
+BOUNDS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "lora_dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "max_steps": (lambda v: v == -1 or v > 0, "more than 0, or -1 to train for num_train_epochs"),
+    "logging_steps": (_positive, "more than 0 (a whole number of steps, or a fraction of the run below 1)"),
+    "eval_steps": (_positive, "more than 0 (a whole number of steps, or a fraction of the run below 1)"),
+    "save_steps": (_positive, "more than 0 (a whole number of steps, or a fraction of the run below 1)"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, "at least 1 (1 updates the weights after every batch)"),
+    "weight_decay": (lambda v: v >= 0, "0 or more"),
+    "max_grad_norm": (lambda v: v >= 0, "0 or more (0 turns clipping off)"),
+    "save_total_limit": (lambda v: v >= 1, "at least 1 (remove it to keep every checkpoint)"),
+    "num_proc": (lambda v: v >= 1, "at least 1 (remove it to prepare in this process)"),
+    "beta": (lambda v: v >= 0, "0 or more"),  # DPO/KTO's deviation from the reference; GRPO's KL weight (0: none)
+    "desirable_weight": (_positive, "more than 0"),
+    "undesirable_weight": (_positive, "more than 0"),
+    "top_p": (lambda v: 0 < v <= 1, "a probability in (0, 1]"),
+}
+
+
+def check_bounds(section: str, values: dict, fields: typing.Iterable[str]) -> list[UserError]:
+    """The BOUNDS of `values` (a section as written) for the keys its class has (`fields`); a value
+    of the wrong type, NaN or infinity is reported by the type and finite checks instead."""
+    errors = []
+    for key in BOUNDS.keys() & set(fields) & values.keys():
+        value = values[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            continue
+        allowed, wanted = BOUNDS[key]
+        if not allowed(value):
+            errors.append(UserError(f"`{section}.{key}` is {value}; it must be {wanted}", key=f"{section}.{key}",
+                                    fix="write a value in that range, or remove the key for its default"))
+    return errors
+
+
 def to_dtype(value: Any, key: str | None = None):
     """`"bfloat16"` -> `torch.bfloat16`, with a recipe error for anything that is not a dtype."""
     import torch
@@ -358,6 +412,7 @@ def _check_data_limits(data) -> list[UserError]:
     if data.val_size < 0 or (isinstance(data.val_size, float) and data.val_size >= 1):
         errors.append(UserError(f"`data.val_size` is {data.val_size}; it must be a fraction in [0, 1) or a count "
                                 "of examples", key="data.val_size"))
+    errors += check_bounds("data", vars(data), [f.name for f in dataclasses.fields(data)])
     return errors + _check_template(data.template) + _check_source_amounts(data)
 
 
