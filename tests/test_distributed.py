@@ -182,3 +182,25 @@ def test_dpo_trains_on_two_processes_as_on_one(tmp_path):
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-4
     record = json.loads((two_run / "run.json").read_text())
     assert record["processes"] == 2 and record["metrics"]["steps"] == 2
+
+
+@pytest.mark.slow
+def test_grpo_trains_on_two_processes(tmp_path):
+    # Each rank samples its own answers, so the adapter cannot equal one process's: it trains, every
+    # rank's rewards reach the log, and rank 0 alone writes the run.
+    (tmp_path / "vowels.py").write_text("def vowels(completions, **kwargs):\n"
+                                        "    return [sum(map(c.count, 'aeiou')) / (len(c) or 1) for c in completions]\n")
+    run = tmp_path / "run"
+    result = subprocess.run([
+        sys.executable, "-m", "qlora_cli", "train", "tiny-mistral-grpo", *TINY_OVERRIDES, "model.adapter=null",
+        f"rewards=[{{function: {tmp_path / 'vowels.py'}:vowels}}]", f"data.prepared_dir={tmp_path / 'prepared'}",
+        f"training.output_dir={run}", "training.max_steps=2", "training.eval_strategy=no",
+        "training.eval_on_start=false", "training.save_strategy=no", "training.learning_rate=1e-2", "--nproc=2",
+    ], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    adapter = _adapter(run)
+    assert max(adapter[k].abs().max().item() for k in adapter if "lora_B" in k) > 1e-3  # it trained
+    record = json.loads((run / "run.json").read_text())
+    assert record["processes"] == 2 and record["metrics"]["steps"] == 2
+    steps = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert len(steps) == 2 and all(" reward " in line for line in steps)  # rank 0's progress alone
