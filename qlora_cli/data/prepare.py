@@ -367,6 +367,21 @@ def _build_preference_dataset(data, tokenizer, seed: int, fingerprint: str):
 
 
 def _encode_preference_sources(sources, data, tokenizer, summary):
+    def encode(example):
+        row = encode_preference(example, data.template, tokenizer)
+        longest = max(sequence_lengths(row))
+        return (fit_to_length(row, data.max_length) if longest > data.max_length else row), longest
+
+    per_source = _encode_one_by_one(sources, data, summary, encode)
+    if sources and not any(source.encoded for source in per_source):
+        raise UserError("no examples left after filtering: every one is longer than data.max_length",
+                        where=sources[0].path, fix="raise data.max_length or set data.overlong: truncate")
+    return per_source
+
+
+def _encode_one_by_one(sources, data, summary, encode) -> list[_SourceExamples]:
+    """Each source's rows, `encode(example)` giving the row cut to data.max_length and its length
+    before the cut; what each source read, kept, dropped for its length and cut, in the summary."""
     per_source = []
     for source in sources:
         counts = SourceCounts(source.path)
@@ -374,20 +389,14 @@ def _encode_preference_sources(sources, data, tokenizer, summary):
         counts.read = len(examples)
         encoded = []
         for example in examples:
-            row = encode_preference(example, data.template, tokenizer)
-            longest = max(sequence_lengths(row))
-            if longest > data.max_length:
-                if _drops_overlong(example, longest, data, counts):
-                    continue
-                row = fit_to_length(row, data.max_length)
-                counts.truncated += 1
+            row, length = encode(example)
+            if length > data.max_length and _drops_overlong(example, length, data, counts):
+                continue
+            counts.truncated += length > data.max_length
             encoded.append(row)
             counts.kept += 1
         summary.sources.append(counts)
         per_source.append(_SourceExamples(source.weight, counts, encoded))
-    if sources and not any(source.encoded for source in per_source):
-        raise UserError("no examples left after filtering: every one is longer than data.max_length",
-                        where=sources[0].path, fix="raise data.max_length or set data.overlong: truncate")
     return per_source
 
 
@@ -433,19 +442,5 @@ def _build_prompt_dataset(data, tokenizer, seed: int, fingerprint: str):
 
 
 def _encode_prompt_sources(sources, data, tokenizer, summary):
-    per_source = []
-    for source in sources:
-        counts = SourceCounts(source.path)
-        examples = read_source(source)
-        counts.read = len(examples)
-        encoded = []
-        for example in examples:
-            row, length = encode_prompt_row(example, data.template, tokenizer, data.max_length)
-            if length > data.max_length and _drops_overlong(example, length, data, counts):
-                continue
-            counts.truncated += length > data.max_length
-            encoded.append(row)
-            counts.kept += 1
-        summary.sources.append(counts)
-        per_source.append(_SourceExamples(source.weight, counts, encoded))
-    return per_source
+    return _encode_one_by_one(sources, data, summary,
+                              lambda example: encode_prompt_row(example, data.template, tokenizer, data.max_length))

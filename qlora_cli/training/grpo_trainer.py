@@ -20,7 +20,7 @@ import json
 from trl import GRPOTrainer
 
 from qlora_cli.data.prompts import IDS
-from qlora_cli.training.preference_trainer import REFERENCE_ADAPTER
+from qlora_cli.training.preference_trainer import lora_as_peft_made_it
 from qlora_cli.training.trainer import RunTrainer
 
 
@@ -33,16 +33,8 @@ class QloraGRPOTrainer(RunTrainer, GRPOTrainer):
     """GRPOTrainer on prepared prompts, with the adapter kept as qlora made it."""
 
     def __init__(self, *args, model, from_adapter: bool, **kwargs):
-        # TRL casts a quantized model's LoRA weights to bf16; qlora keeps them as peft made them, as
-        # SFT and DPO do, so a GRPO run computes like an SFT run of the recipe.
-        kept = {name: p.data for name, p in model.named_parameters() if p.requires_grad}
-        super().__init__(*args, model=model, **kwargs)
-        for name, param in model.named_parameters():
-            if name in kept:
-                param.data = kept[name]
-        if not from_adapter and REFERENCE_ADAPTER in model.peft_config:
-            model.delete_adapter(REFERENCE_ADAPTER)  # a fresh LoRA: the reference is the base, adapter off
-            model.set_adapter("default")
+        with lora_as_peft_made_it(model, from_adapter):
+            super().__init__(*args, model=model, **kwargs)
         datasets = [self.train_dataset, *((self.eval_dataset or {}).values() if isinstance(self.eval_dataset, dict)
                                           else [self.eval_dataset])]
         self.prompt_ids = {prompt_key(prompt): ids for dataset in datasets if dataset is not None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import types
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from trl import DPOTrainer, KTOTrainer
@@ -31,6 +32,22 @@ from qlora_cli.training.trainer import TOKENS_KEY, RunTrainer
 REFERENCE_ADAPTER = "ref"  # the name TRL gives its frozen copy of a starting adapter
 # The columns TRL's precompute_ref_log_probs adds (DPO: per pair; KTO: per example and its KL twin).
 REFERENCE_LOG_PROBS = ("ref_chosen_logps", "ref_rejected_logps", "ref_logps", "ref_KL_logps")
+
+
+@contextmanager
+def lora_as_peft_made_it(model, from_adapter: bool):
+    """Around a TRL trainer's construction: TRL casts a quantized model's LoRA weights to bf16 (the
+    QLoRA paper's choice); qlora keeps them as peft made them, as SFT does, so a DPO/KTO/GRPO run
+    computes like an SFT run of the recipe. From a fresh LoRA the reference is the base with the
+    adapter off, so TRL's copy of the adapter for it goes."""
+    kept = {name: p.data for name, p in model.named_parameters() if p.requires_grad}
+    yield
+    for name, param in model.named_parameters():
+        if name in kept:
+            param.data = kept[name]
+    if not from_adapter and REFERENCE_ADAPTER in model.peft_config:
+        model.delete_adapter(REFERENCE_ADAPTER)
+        model.set_adapter("default")
 
 
 @dataclass
@@ -149,16 +166,8 @@ class _PreferenceTrainer(RunTrainer):
     share_prompts = False  # DPO: each pair's prompt runs once (install_log_prob_head)
 
     def __init__(self, *args, model, from_adapter: bool, chunked_loss: bool = True, **kwargs):
-        # TRL casts a quantized model's LoRA weights to bf16 (the QLoRA paper's choice); qlora keeps
-        # them as peft made them, as SFT does, so a DPO run computes like an SFT run of the recipe.
-        kept = {name: p.data for name, p in model.named_parameters() if p.requires_grad}
-        super().__init__(*args, model=model, **kwargs)
-        for name, param in model.named_parameters():
-            if name in kept:
-                param.data = kept[name]
-        if not from_adapter and REFERENCE_ADAPTER in model.peft_config:
-            model.delete_adapter(REFERENCE_ADAPTER)  # a fresh LoRA: the reference is the base, adapter off
-            model.set_adapter("default")
+        with lora_as_peft_made_it(model, from_adapter):
+            super().__init__(*args, model=model, **kwargs)
         if chunked_loss:
             install_log_prob_head(model, self.statistics, self.share_prompts)
 
