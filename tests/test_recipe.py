@@ -76,6 +76,16 @@ def test_extends_by_name_finds_the_shipped_recipe_and_its_own_parents(tmp_path):
     assert recipe.files == [RECIPES / "mistral7b.yaml", RECIPES / "tiny-mistral.yaml", mine.resolve()]
 
 
+def test_extends_by_name_finds_a_sibling_file_before_the_shipped_recipe(tmp_path):
+    # A team's copy of the recipes (or a checkout's) edits its own tiny-mistral.yaml, not the installed one.
+    write(tmp_path, "tiny-mistral.yaml", "extends: mistral7b\nlora:\n  lora_alpha: 3\n")
+    mine = write(tmp_path, "mine.yaml", "extends: tiny-mistral\nlora:\n  r: 2\n")
+    raw = load_raw_recipe([str(mine)], [])
+    assert resolve(raw)["lora"]["lora_alpha"] == 3 and raw.origins["lora.lora_alpha"].endswith("tiny-mistral.yaml:3")
+    assert raw.files[-2:] == [(tmp_path / "tiny-mistral.yaml").resolve(), mine.resolve()]
+    assert raw.files[0] == RECIPES / "mistral7b.yaml"  # no sibling of that name: the search path's
+
+
 def test_extends_a_list_merges_in_order_and_the_file_itself_wins(tmp_path):
     write(tmp_path, "one.yaml", "lora:\n  r: 1\n  lora_alpha: 1\n  lora_dropout: 0.1\n")
     write(tmp_path, "two.yaml", "lora:\n  r: 2\n  lora_alpha: 2\n")

@@ -77,6 +77,8 @@ def find_recipe(name: str, relative_to: Path | None = None) -> Path:
     if relative_to is not None and not path.is_absolute():
         path = relative_to / path  # an `extends` path is relative to the file that says it, never the cwd
     candidates = [path, path / "recipe.yaml"]  # a run folder
+    if relative_to is not None and not path.suffix:  # `extends: base` finds the sibling base.yaml first
+        candidates += [path.with_name(f"{path.name}.yaml"), path.with_name(f"{path.name}.yml")]
     if not Path(name).is_absolute():
         for folder in recipe_search_path():
             candidates += [folder / name, folder / f"{name}.yaml", folder / f"{name}.yml"]
