@@ -84,6 +84,11 @@ def test_extends_by_name_finds_a_sibling_file_before_the_shipped_recipe(tmp_path
     assert resolve(raw)["lora"]["lora_alpha"] == 3 and raw.origins["lora.lora_alpha"].endswith("tiny-mistral.yaml:3")
     assert raw.files[-2:] == [(tmp_path / "tiny-mistral.yaml").resolve(), mine.resolve()]
     assert raw.files[0] == RECIPES / "mistral7b.yaml"  # no sibling of that name: the search path's
+    # A file that extends the shipped recipe of its own name is no cycle: it is not its own parent.
+    write(tmp_path, "mistral7b.yaml", "extends: mistral7b\nlora:\n  r: 5\n")
+    raw = load_raw_recipe([str(mine)], [])
+    assert raw.files[:2] == [RECIPES / "mistral7b.yaml", (tmp_path / "mistral7b.yaml").resolve()]
+    assert resolve(raw)["lora"]["r"] == 2 and resolve(raw)["lora"]["lora_alpha"] == 3
 
 
 def test_extends_a_list_merges_in_order_and_the_file_itself_wins(tmp_path):

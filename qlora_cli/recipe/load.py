@@ -71,14 +71,17 @@ def _package_recipes() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "recipes"
 
 
-def find_recipe(name: str, relative_to: Path | None = None) -> Path:
-    """Turn a recipe argument (a path, or a name on the search path) into an existing file."""
+def find_recipe(name: str, relative_to: Path | None = None, extending: tuple[Path, ...] = ()) -> Path:
+    """Turn a recipe argument (a path, or a name on the search path) into an existing file; an
+    `extends` name finds the file of that name beside the recipe (`relative_to`) first, unless that
+    is a file being extended (a team's mistral7b.yaml that extends the shipped mistral7b)."""
     path = Path(name).expanduser()
     if relative_to is not None and not path.is_absolute():
         path = relative_to / path  # an `extends` path is relative to the file that says it, never the cwd
     candidates = [path, path / "recipe.yaml"]  # a run folder
-    if relative_to is not None and not path.suffix:  # `extends: base` finds the sibling base.yaml first
-        candidates += [path.with_name(f"{path.name}.yaml"), path.with_name(f"{path.name}.yml")]
+    if relative_to is not None and not path.suffix:
+        siblings = [path.with_name(f"{path.name}.yaml"), path.with_name(f"{path.name}.yml")]
+        candidates += [sibling for sibling in siblings if sibling.resolve() not in extending]
     if not Path(name).is_absolute():
         for folder in recipe_search_path():
             candidates += [folder / name, folder / f"{name}.yaml", folder / f"{name}.yml"]
@@ -115,7 +118,7 @@ def _merge_file(raw: RawRecipe, path: Path, stack: list[Path]) -> None:
     config, lines = _parse_yaml(text, path)
     for index, parent in enumerate(_parents(config.pop("extends", None), _where(path, lines, "extends"))):
         try:
-            found = find_recipe(parent, relative_to=path.parent)
+            found = find_recipe(parent, relative_to=path.parent, extending=(*stack, path))
         except UserError as err:  # say which file asked for it, and where
             raise UserError(err.message, where=_where(path, lines, f"extends.{index}"), fix=err.fix) from None
         _merge_file(raw, found, [*stack, path])
