@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import resource
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from sides import alternated, medians, report
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = "tiny-mistral-dpo"
@@ -76,19 +73,7 @@ def run_trl(folder: Path, epochs: int, overrides: list[str]) -> dict:
 
 
 def child(side: str, folder: Path, epochs: int, overrides: list[str]) -> None:
-    figures = (run_qlora if side == "qlora" else run_trl)(folder, epochs, overrides)
-    figures["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps(figures))
-
-
-def run_side(side: str, folder: str, epochs: int, overrides: list[str]) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--side", side, "--folder", folder, "--epochs", str(epochs),
-                           *(["--set", *overrides] if overrides else [])],
-                          capture_output=True, text=True, cwd=ROOT)
-    line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if line is None:
-        sys.exit(f"{side} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+    report((run_qlora if side == "qlora" else run_trl)(folder, epochs, overrides))
 
 
 def main() -> None:
@@ -101,27 +86,18 @@ def main() -> None:
     options = parser.parse_args()
     if options.side:
         return child(options.side, options.folder, options.epochs, options.set)
-    runs: dict[str, list[dict]] = {"qlora": [], "trl": []}
     with tempfile.TemporaryDirectory() as folder:
-        # On a shared machine the load drifts: alternate the sides (qlora first, then TRL first)
-        # so that neither gets the quiet minutes, and report each side's median.
-        for repeat in range(options.repeats):
-            for side in (("qlora", "trl") if repeat % 2 == 0 else ("trl", "qlora")):
-                figures = run_side(side, f"{folder}/{side}-{repeat}", options.epochs, options.set)  # a folder each
-                runs[side].append(figures)
-                print(f"run {repeat + 1} {side:5s} " + "  ".join(
-                    f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()), flush=True)
-    medians = {side: {key: statistics.median(r[key] for r in results if r[key] is not None)
-                      for key in ("pairs_per_s", "peak_rss_mib", "eval_reward_accuracy")}
-               for side, results in runs.items()}
-    q, t = medians["qlora"], medians["trl"]
+        args = ["--epochs", str(options.epochs), *(["--set", *options.set] if options.set else [])]
+        runs = alternated(__file__, options.repeats, folder, args)
+    typical = medians(runs, ("pairs_per_s", "peak_rss_mib", "eval_reward_accuracy"))
+    q, t = typical["qlora"], typical["trl"]
     print(f"\nmedians of {options.repeats} alternated runs per side, {options.epochs} epoch(s)"
           f"{', with ' + ' '.join(options.set) if options.set else ''}; rows for bench/RESULTS.md:\n")
     print("| date       | side  | pairs/s | peak RSS MiB | held-out reward accuracy |")
     print("|------------|-------|--------:|-------------:|-------------------------:|")
     today = datetime.date.today().isoformat()
     for side, label in (("qlora", "qlora"), ("trl", "TRL")):
-        m = medians[side]
+        m = typical[side]
         print(f"| {today} | {label:5s} | {m['pairs_per_s']:.3f} | {m['peak_rss_mib']:,.0f} | {m['eval_reward_accuracy']:.3f} |")
     print(f"| ratio      |       | {q['pairs_per_s'] / t['pairs_per_s']:.2f}x | {q['peak_rss_mib'] / t['peak_rss_mib']:.2f}x "
           f"| {q['eval_reward_accuracy'] - t['eval_reward_accuracy']:+.3f} |")

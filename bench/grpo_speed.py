@@ -20,15 +20,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import resource
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from sides import alternated, medians, report
+
 RECIPE = "tiny-mistral-grpo"
 
 
@@ -92,19 +89,7 @@ def run_trl(folder: Path, steps: int, overrides: list[str]) -> dict:
 
 
 def child(side: str, folder: Path, steps: int, overrides: list[str]) -> None:
-    figures = (run_qlora if side == "qlora" else run_trl)(folder, steps, overrides)
-    figures["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps(figures))
-
-
-def run_side(side: str, folder: str, steps: int, overrides: list[str]) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--side", side, "--folder", folder, "--steps", str(steps),
-                           *(["--set", *overrides] if overrides else [])],
-                          capture_output=True, text=True, cwd=ROOT)
-    line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if line is None:
-        sys.exit(f"{side} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+    report((run_qlora if side == "qlora" else run_trl)(folder, steps, overrides))
 
 
 def main() -> None:
@@ -117,26 +102,18 @@ def main() -> None:
     options = parser.parse_args()
     if options.side:
         return child(options.side, options.folder, options.steps, options.set)
-    runs: dict[str, list[dict]] = {"qlora": [], "trl": []}
     with tempfile.TemporaryDirectory() as folder:
-        # On a shared machine the load drifts: alternate the sides so that neither gets the quiet minutes.
-        for repeat in range(options.repeats):
-            for side in (("qlora", "trl") if repeat % 2 == 0 else ("trl", "qlora")):
-                figures = run_side(side, f"{folder}/{side}-{repeat}", options.steps, options.set)
-                runs[side].append(figures)
-                print(f"run {repeat + 1} {side:5s} " + "  ".join(
-                    f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()), flush=True)
-    medians = {side: {key: statistics.median(r[key] for r in results if r[key] is not None)
-                      for key in ("completions_per_s", "peak_rss_mib", "eval_reward", "completion_tokens", "step_s")}
-               for side, results in runs.items()}
-    q, t = medians["qlora"], medians["trl"]
+        args = ["--steps", str(options.steps), *(["--set", *options.set] if options.set else [])]
+        runs = alternated(__file__, options.repeats, folder, args)
+    typical = medians(runs, ("completions_per_s", "peak_rss_mib", "eval_reward", "completion_tokens", "step_s"))
+    q, t = typical["qlora"], typical["trl"]
     print(f"\nmedians of {options.repeats} alternated runs per side, {options.steps} steps"
           f"{', with ' + ' '.join(options.set) if options.set else ''}; rows for bench/RESULTS.md:\n")
     print("| date       | side  | completions/s | peak RSS MiB | held-out reward | tokens per completion | s per step |")
     print("|------------|-------|--------------:|-------------:|----------------:|----------------------:|-----------:|")
     today = datetime.date.today().isoformat()
     for side, label in (("qlora", "qlora"), ("trl", "TRL")):
-        m = medians[side]
+        m = typical[side]
         print(f"| {today} | {label:5s} | {m['completions_per_s']:.3f} | {m['peak_rss_mib']:,.0f} | {m['eval_reward']:.3f} "
               f"| {m['completion_tokens']:.1f} | {m['step_s']:.2f} |")
     print(f"| ratio      |       | {q['completions_per_s'] / t['completions_per_s']:.2f}x "
