@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qlora_cli.data.images import ImageSettings, pixels
 from qlora_cli.data.packing import position_ids
 from qlora_cli.data.templates import IGNORE_INDEX
 
@@ -16,11 +17,15 @@ class PackedCollator:
     and, for `sdpa`/`eager` attention, a 4-D block-diagonal causal mask: with those kernels
     position ids alone do not stop a token attending to the previous example. Flash-attention
     kernels read the boundaries from the position ids instead and take no mask.
+
+    Rows with `images` (file bytes) add `pixel_values` and `image_sizes` (image_batch), all the
+    batch's images in row order, as Mistral3 / Llava(Pixtral) models take them.
     """
 
     pad_token_id: int
     attn_implementation: str | None = "sdpa"
     pad_to_multiple_of: int | None = None
+    image_settings: ImageSettings | None = None
 
     def __call__(self, rows: list[dict]) -> dict:
         import torch
@@ -34,6 +39,11 @@ class PackedCollator:
             "labels": torch.tensor([_pad(r["labels"], width, IGNORE_INDEX) for r in rows]),
             "position_ids": torch.tensor([_pad(position_ids(ls), width, 0) for ls in lengths]),
         }
+        images = [image for row in rows for image in (row.get("images") or ())]
+        if images:
+            if self.image_settings is None:
+                raise ValueError("rows hold images and the collator was given no image_settings")
+            batch.update(image_batch(images, self.image_settings))
         if "flash" in (self.attn_implementation or ""):
             return batch  # boundaries come from position_ids; pads sit after the last example
         if all(len(ls) == 1 for ls in lengths):
@@ -44,6 +54,22 @@ class PackedCollator:
             # sdpa takes a boolean mask as is; eager attention adds the mask to its scores.
             batch["attention_mask"] = mask if self.attn_implementation != "eager" else _additive(mask)
         return batch
+
+
+def image_batch(images: list[bytes], settings: ImageSettings) -> dict:
+    """`pixel_values` float32 (N, 3, Hmax, Wmax), each image mistral-common's pixels zero-padded
+    at the bottom and right, and `image_sizes` (N, 2) = each image's (H, W) before padding."""
+    import numpy as np
+    import torch
+
+    arrays = [pixels(image, settings) for image in images]
+    height = max(a.shape[1] for a in arrays)
+    width = max(a.shape[2] for a in arrays)
+    batch = np.zeros((len(arrays), 3, height, width), np.float32)
+    for i, array in enumerate(arrays):
+        batch[i, :, : array.shape[1], : array.shape[2]] = array
+    sizes = [array.shape[1:] for array in arrays]
+    return {"pixel_values": torch.from_numpy(batch), "image_sizes": torch.tensor(sizes, dtype=torch.long)}
 
 
 def block_causal_mask(lengths: list[list[int]], width: int):

@@ -42,6 +42,7 @@ class Rows:
     labels: object  # numpy int32, aligned with input_ids
     row_offsets: object  # numpy int32, where each row starts (and the end)
     seq_lengths: list[list[int]]  # the lengths of the examples in each row
+    images: list[list[bytes]] | None = None  # each row's image file bytes in order; None: no images at all
 
     def __len__(self) -> int:
         return len(self.seq_lengths)
@@ -50,19 +51,22 @@ class Rows:
         import pyarrow as pa
 
         offsets = pa.array(self.row_offsets)
-        return pa.table({
+        columns = {
             "input_ids": pa.ListArray.from_arrays(offsets, pa.array(self.input_ids)),
             "labels": pa.ListArray.from_arrays(offsets, pa.array(self.labels)),
             "seq_lengths": pa.array(self.seq_lengths, type=pa.list_(pa.int32())),
-        })
+        }
+        if self.images is not None:
+            columns["images"] = pa.array(self.images, type=pa.list_(pa.binary()))
+        return pa.table(columns)
 
 
-def build_rows(encoded: list[tuple[object, list[tuple[int, bool]]]], max_length: int, packing: bool, rng,
-               ignore_index: int) -> Rows:
+def build_rows(encoded: list[tuple], max_length: int, packing: bool, rng, ignore_index: int) -> Rows:
     """One row per example, or examples packed into rows of `max_length` (shuffled with `rng`).
 
-    Each example is its token ids (an int32 `array`) and the (length, trained) spans that cover
-    them; labels are the ids where trained, `ignore_index` elsewhere.
+    Each example is its token ids (an int32 `array`), the (length, trained) spans that cover
+    them and, optionally, its images' bytes; labels are the ids where trained, `ignore_index`
+    elsewhere. A packed row carries its examples' images in the order of its examples.
 
     Works on one flat numpy buffer: the examples' tokens are gathered into row order in a
     single indexing step instead of concatenating Python lists row by row.
@@ -70,12 +74,12 @@ def build_rows(encoded: list[tuple[object, list[tuple[int, bool]]]], max_length:
     import numpy as np
 
     count = len(encoded)
-    lengths = np.fromiter((len(ids) for ids, _ in encoded), np.int64, count)
+    lengths = np.fromiter((len(example[0]) for example in encoded), np.int64, count)
     starts = np.concatenate(([0], np.cumsum(lengths)))
     total = int(starts[-1])
-    ids = np.frombuffer(b"".join(ids for ids, _ in encoded), np.int32)  # int32 arrays: no per-token work
-    span_lengths = np.fromiter((size for _, spans in encoded for size, _ in spans), np.int64)
-    span_trained = np.fromiter((trained for _, spans in encoded for _, trained in spans), bool)
+    ids = np.frombuffer(b"".join(example[0] for example in encoded), np.int32)  # int32 arrays: no per-token work
+    span_lengths = np.fromiter((size for example in encoded for size, _ in example[1]), np.int64)
+    span_trained = np.fromiter((bool(trained) for example in encoded for _, trained in example[1]), bool)
     labels = np.where(np.repeat(span_trained, span_lengths), ids, np.int32(ignore_index)).astype(np.int32)
     if packing:
         rows = pack_lengths(lengths.tolist(), max_length)
@@ -89,4 +93,7 @@ def build_rows(encoded: list[tuple[object, list[tuple[int, bool]]]], max_length:
     gather = np.repeat(starts[order] - new_starts[:-1], ordered) + np.arange(total)
     row_ends = np.cumsum([len(members) for members in rows])
     row_offsets = new_starts[np.concatenate(([0], row_ends))].astype(np.int32)
-    return Rows(ids[gather], labels[gather], row_offsets, [lengths[members].tolist() for members in rows])
+    images = None
+    if any(len(example) > 2 and example[2] for example in encoded):
+        images = [[image for i in members for image in encoded[i][2]] for members in rows]
+    return Rows(ids[gather], labels[gather], row_offsets, [lengths[members].tolist() for members in rows], images)

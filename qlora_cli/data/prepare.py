@@ -26,7 +26,8 @@ from qlora_cli.data.preference import (encode_preference, fit_to_length, is_pref
                                        trained_tokens)
 from qlora_cli.data.prompts import IDS, check_alike, encode_prompt_row, is_prompt_data
 from qlora_cli.data.sources import Example, apply_weight, read_source
-from qlora_cli.data.templates import IGNORE_INDEX, Ids, chat_segments, ids_of, text_segments
+from qlora_cli.data.images import images_of
+from qlora_cli.data.templates import IGNORE_INDEX, NEVER, Ids, chat_segments, ids_of, text_segments
 from qlora_cli.data.tokenizer import VERSION_KEY
 
 if TYPE_CHECKING:
@@ -37,9 +38,10 @@ PREPARED_FORMAT = 2
 SUMMARY_FILE = "qlora_prepared.json"  # the summary, with qlora's marker (atomic.marker)
 KIND = "prepared"
 
-# An encoded example: its token ids, and (length, trained) spans covering them in order. Labels
-# are made from the spans in one numpy step for the whole data set, not list by list.
-Encoded = tuple[Ids, list[tuple[int, bool]]]
+# An encoded example: its token ids, (length, trained) spans covering them in order, and its
+# images' file bytes in order. Labels are made from the spans in one numpy step for the whole data
+# set, not list by list; a span trained `None` (image tokens) is never trained.
+Encoded = tuple[Ids, list[tuple[int, "bool | None"]], list[bytes]]
 
 
 @dataclass
@@ -148,7 +150,23 @@ def data_fingerprint(data, tokenizer, seed: int) -> str:
                               getattr(tokenizer, "init_kwargs", {}).get(VERSION_KEY)], default=str).encode())
     for source in [*data.sources, *data.validation_sources]:
         _hash_path(digest, Path(source.path))
+        _hash_image_files(digest, source)
     return digest.hexdigest()[:16]
+
+
+def _hash_image_files(digest, source) -> None:
+    """The bytes of the image files a source's rows name: a changed PNG rebuilds the cache."""
+    from qlora_cli.data.images import image_path, referenced_files
+    from qlora_cli.data.sources import image_base, read_rows
+
+    path = Path(source.path)
+    if not path.exists() or (path.is_file() and b"image" not in path.read_bytes()):
+        return  # a hub dataset (its images are in its own files), or no image anywhere in the file
+    base = image_base(source.path)
+    for _, row in read_rows(source):
+        for name in referenced_files(row, source.columns.get("images", "images")):
+            digest.update(name.encode())
+            _hash_path(digest, image_path(name, base))
 
 
 def _hash_path(digest, path: Path) -> None:
@@ -181,7 +199,7 @@ def build_dataset(data, tokenizer, seed: int, fingerprint: str):
     for name, encoded in splits.items():
         rows[name] = build_rows(encoded, data.max_length, data.packing, rng, IGNORE_INDEX)
         _count_split(summary, name, encoded, rows[name])
-    summary.length_percentiles = length_percentiles([len(ids) for ids, _ in splits["train"]])
+    summary.length_percentiles = length_percentiles([len(example[0]) for example in splits["train"]])
     if data.packing:
         summary.packing_efficiency = summary.tokens["train"] / (summary.rows["train"] * data.max_length)
     # Our own fingerprint names each split: datasets would otherwise hash the whole table again.
@@ -258,17 +276,20 @@ def _encode_sources(sources, data, tokenizer, summary: PrepareSummary) -> list[_
         examples = read_source(source)
         counts.read = len(examples)
         encoded = []
-        for example, (ids, spans) in zip(examples, encode_examples(examples, data, tokenizer)):
+        for example, (ids, spans, images) in zip(examples, encode_examples(examples, data, tokenizer)):
             truncated = len(ids) > data.max_length
             if truncated:
                 if _drops_overlong(example, len(ids), data, counts):
+                    continue
+                if _image_end(spans) > data.max_length:  # a cut image would not match its pixels
+                    counts.dropped += 1
                     continue
                 ids, spans = ids[: data.max_length], _cut_spans(spans, data.max_length)
             if not any(trained for _, trained in spans):
                 counts.dropped += 1  # nothing left to learn from (the response was cut off)
                 continue
             counts.truncated += truncated  # counted among the kept, never twice
-            encoded.append((ids, spans))
+            encoded.append((ids, spans, images))
             counts.kept += 1
         summary.sources.append(counts)
         per_source.append(_SourceExamples(source.weight, counts, encoded))
@@ -289,6 +310,16 @@ def _drops_overlong(example, length: int, data, counts: SourceCounts) -> bool:
         counts.dropped += 1
         return True
     return False
+
+
+def _image_end(spans) -> int:
+    """Where the last image's tokens end (0 without images): a cut must not fall before it."""
+    end = position = 0
+    for size, trained in spans:
+        position += size
+        if trained is NEVER:
+            end = position
+    return end
 
 
 def _cut_spans(spans: list[tuple[int, bool]], length: int) -> list[tuple[int, bool]]:
@@ -338,7 +369,8 @@ def encode_example(example: Example, data, tokenizer) -> Encoded:
     ids = ids_of()
     for piece, _ in segments:
         ids += piece
-    return ids, [(len(piece), trained or everything) for piece, trained in segments]
+    spans = [(len(piece), trained if trained is NEVER else trained or everything) for piece, trained in segments]
+    return ids, spans, [image.data for image in images_of(example.messages or [])]
 
 
 def _count_split(summary: PrepareSummary, name: str, encoded, rows) -> None:

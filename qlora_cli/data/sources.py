@@ -24,7 +24,8 @@ ROLES = ("system", "user", "assistant")
 FORMAT_FIELDS = {
     "text": ("text",),
     "alpaca": ("instruction", "input", "output"),
-    "chat": ("messages",),
+    # `images`: the Hugging Face layout, each {"type": "image"} placeholder taking the next one.
+    "chat": ("messages", "images"),
     "completion": ("prompt", "completion"),
     # Preference data (data/preference.py): the prompt is `prompt` or `messages`, or, for pairs,
     # the shared start of two whole conversations.
@@ -33,7 +34,7 @@ FORMAT_FIELDS = {
     # Prompts for GRPO (qlora_cli/data/prompts.py): the other columns of a row reach the rewards.
     "prompt": ("prompt", "messages"),
 }
-OPTIONAL_FIELDS = {"alpaca": {"input"}, "preference": {"prompt", "messages"}, "unpaired": {"prompt", "messages"},
+OPTIONAL_FIELDS = {"chat": {"images"}, "alpaca": {"input"}, "preference": {"prompt", "messages"}, "unpaired": {"prompt", "messages"},
                    "prompt": {"prompt", "messages"}}
 
 
@@ -64,6 +65,11 @@ def apply_weight(examples: list, weight: float, rng: random.Random) -> list:
     whole, fraction = divmod(weight, 1)
     extra = rng.sample(examples, round(fraction * len(examples)))
     return examples * int(whole) + extra
+
+
+def read_rows(source) -> list[tuple[str, Any]]:
+    """The raw rows of a source, each with its file:line (or file:row)."""
+    return _read_rows(source)
 
 
 def _read_rows(source) -> list[tuple[str, Any]]:
@@ -188,7 +194,17 @@ def _read_saved_dataset(path: Path, split: str) -> list[tuple[str, Any]]:
             raise UserError(f"saved dataset has no split `{split}` (it has {', '.join(data)})", where=str(path),
                             fix="set `split:` on this source")
         data = data[split]
-    return [(f"{path}:row {i + 1}", row) for i, row in enumerate(data)]
+    return [(f"{path}:row {i + 1}", row) for i, row in enumerate(_undecoded(data))]
+
+
+def _undecoded(data):
+    """The rows of a `datasets` table, with `datasets.Image` columns as their stored {bytes, path}:
+    decoding to PIL and back would lose the file's own bytes, which the prepared cache keeps."""
+    from datasets.features.features import require_decoding
+
+    if not any(require_decoding(feature) for feature in data.features.values()):
+        return data
+    return data.with_format("arrow")[:].to_pylist()
 
 
 # A missing `data/train.parquet` is a typo in a path, not a hub id to look up over the network.
@@ -209,7 +225,7 @@ def _read_hub_dataset(name: str, split: str) -> list[tuple[str, Any]]:
     except Exception as err:  # offline, unknown id, missing split: all the user's to fix
         raise UserError(f"cannot load hub dataset `{name}` (split `{split}`): {err}", where=name,
                         fix="check the id and the network, or give a local file") from None
-    return [(f"{name}:row {i + 1}", row) for i, row in enumerate(data)]
+    return [(f"{name}:row {i + 1}", row) for i, row in enumerate(_undecoded(data))]
 
 
 _READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
@@ -238,7 +254,16 @@ def to_example(row: Any, where: str, source):
 
         others = {name: cell for name, cell in row.items() if name not in fields.values()}
         return prompt_from_row(value, others, where)
+    if source.format == "chat":
+        return _chat(value, where, image_base(source.path))
     return _BUILDERS[source.format](value, where)
+
+
+def image_base(source_path: str) -> Path | None:
+    """Where a source's relative image paths start: beside a data file, inside a saved dataset's
+    folder, the current folder for a hub dataset."""
+    path = Path(source_path)
+    return path.parent if path.is_file() else path if path.is_dir() else None
 
 
 def _likely_format(row: dict, current: str) -> str | None:
@@ -270,25 +295,45 @@ def _completion(value: dict, where: str) -> Example:
                                     {"role": "assistant", "content": _string(value, "completion", where)}])
 
 
-def _chat(value: dict, where: str) -> Example:
+def _chat(value: dict, where: str, base: Path | None = None) -> Example:
+    from qlora_cli.data.images import check_all_images_used, message_content
+
     messages = value["messages"]
     if not isinstance(messages, list) or not messages:
         raise UserError("`messages` must be a non-empty list of {role, content} objects", where=where)
+    row_images = _row_images(value.get("images"), where)
+    contents = []
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise UserError(f"message {index + 1} needs `role` (one of {', '.join(ROLES)})", where=where)
-        if not isinstance(message.get("content"), str):
+        content = message.get("content")
+        if isinstance(content, list):  # parts: text and images
+            content = message_content(content, message["role"], row_images, base, where, index + 1)
+        if not isinstance(content, (str, list)):
             raise UserError(f"message {index + 1} needs `content` as text", where=where)
+        contents.append(content)
+    check_all_images_used(row_images, where)
+    for index, (message, content) in enumerate(zip(messages, contents)):
         # mistral-common refuses an empty answer; a blank one would train a bare </s>, as an
         # empty `completion` or `output` would, which those formats refuse too.
-        if message["role"] == "assistant" and not message["content"].strip():
+        if message["role"] == "assistant" and not content.strip():
             raise UserError(f"message {index + 1} (assistant) is empty", where=where,
                             fix="give every assistant message the answer to learn, or drop the row")
+    messages = [{"role": m["role"], "content": content} for m, content in zip(messages, contents)]
     try:
         check_roles(messages, last="assistant")
     except UserError as err:  # the template knows what is wrong, the row knows where
         raise UserError(err.message, where=where, fix=err.fix) from None
-    return Example(where, messages=[{"role": m["role"], "content": m["content"]} for m in messages])
+    return Example(where, messages=messages)
+
+
+def _row_images(images, where: str) -> list:
+    """The row's `images` column (the Hugging Face layout) as a list to take placeholders' images from."""
+    if images is None:
+        return []
+    if not isinstance(images, list):
+        images = [images]  # one image given alone
+    return list(images)
 
 
 def _string(value: dict, name: str, where: str) -> str:

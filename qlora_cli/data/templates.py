@@ -36,7 +36,8 @@ SPACE = "\u2581"  # SentencePiece's visible space, "▁"
 # Token ids travel as int32 arrays: a word's ids are joined as bytes (a memcpy) and handed to
 # numpy without a Python int per token, which is most of what preparing data costs.
 Ids = array
-Segment = tuple[Ids, bool]  # token ids, and whether the loss trains on them
+Segment = tuple[Ids, "bool | None"]  # token ids, and whether the loss trains on them
+NEVER = None  # a segment never trained, whatever train_on says: image tokens
 
 
 def ids_of(values=()) -> Ids:
@@ -65,6 +66,7 @@ def chat_segments(
     check_roles(messages, last="assistant")
     if template == "mistral":
         return _mistral_segments(messages, tokenizer)
+    _refuse_images(messages)
     chat_template = _jinja(template, tokenizer)
     return _chat_template_segments(messages, tokenizer, chat_template, find_answers=train_on != "all")
 
@@ -77,6 +79,7 @@ def encode_prompt(messages: list[dict], tokenizer, template: str = "mistral") ->
     check_roles(messages, last="user")
     if template == "mistral":
         return [i for ids, _ in _mistral_segments(messages, tokenizer) for i in ids]
+    _refuse_images(messages)
     chat_template = _jinja(template, tokenizer)
     return _tokenize(tokenizer, _render(tokenizer, messages, chat_template, generation_prompt=True))
 
@@ -127,14 +130,18 @@ def check_roles(messages: list[dict], *, last: str) -> None:
     if not messages:
         raise UserError("the conversation has no messages")
     for number, message in enumerate(messages, start=1):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), (str, list)):
             raise UserError(f"message {number} needs a 'role' and a string 'content'")
-        try:  # bytes the shell could not decode reach a --prompt as lone surrogates, which no tokenizer encodes
-            message["content"].encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise UserError(f"message {number} holds {message['content'][err.start:err.end]!r}, which is not "
-                            "UTF-8 text (half of a UTF-16 surrogate pair, or an undecodable byte)",
-                            fix="write the text as UTF-8") from None
+        for text in _texts(message["content"]):
+            try:  # bytes the shell could not decode reach a --prompt as lone surrogates, which no tokenizer encodes
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise UserError(f"message {number} holds {text[err.start:err.end]!r}, which is not "
+                                "UTF-8 text (half of a UTF-16 surrogate pair, or an undecodable byte)",
+                                fix="write the text as UTF-8") from None
+        if isinstance(message["content"], list) and message.get("role") != "user":
+            raise UserError(f"message {number} ({message.get('role')}) holds an image: images go in user "
+                            "messages only", fix="move the image into the user message before it")
     roles = [m.get("role") for m in messages]
     start = 1 if roles[0] == "system" else 0
     for number, role in enumerate(roles[start:], start=start + 1):
@@ -149,6 +156,22 @@ def check_roles(messages: list[dict], *, last: str) -> None:
         article, purpose = ("an", "to learn from") if last == "assistant" else ("a", "to answer")
         raise UserError(f"the conversation must end with {article} {last} message: it has no {last} turn "
                         f"{purpose} at its end", fix=f"end each conversation with {article} {last} message")
+
+
+def _refuse_images(messages: list[dict]) -> None:
+    if any(isinstance(m["content"], list) for m in messages):
+        raise UserError("conversations with images need data.template: mistral (mistral-common's image tokens); "
+                        "a Jinja chat template cannot say where an image's tokens go", key="data.template",
+                        fix="set data.template: mistral")
+
+
+def _texts(content) -> list[str]:
+    """The text of a message's content: itself, or its text parts (data/images.py's parts)."""
+    if isinstance(content, str):
+        return [content]
+    if not all(isinstance(part, dict) and part.get("type") in ("text", "image") for part in content):
+        raise UserError("a message's content parts must be text and image parts")
+    return [part["text"] for part in content if part["type"] == "text"]
 
 
 # ---------------------------------------------------------------- mistral-common's format
@@ -235,10 +258,67 @@ def _mistral_segments(messages: list[dict], tokenizer) -> list[Segment]:
         if message["role"] == "assistant":
             segments.append((_assistant_ids(tokenizer, flavour, content), True))
             continue
-        if system and flavour != "v7" and i == system_at:
-            content = f"{system}\n\n{content}"
+        prefix = system if system and flavour != "v7" and i == system_at else None
+        if isinstance(content, list):
+            segments += _user_image_segments(tokenizer, flavour, content, prefix)
+            continue
+        if prefix:
+            content = f"{prefix}\n\n{content}"
         segments.append((_user_ids(tokenizer, flavour, content), False))
     return segments
+
+
+def _user_image_segments(tokenizer, flavour: str, parts: list[dict], system: str | None) -> list[Segment]:
+    """A user message with images, as mistral-common's v3/v7 instruct tokenizers encode chunks:
+    adjacent text parts joined by a blank line, a lone trailing image after text moved first,
+    each chunk encoded on its own (a v3 system prompt + "\n\n" too, before the first chunk);
+    image tokens never trained (NEVER), whatever train_on says."""
+    from qlora_cli.data.images import image_tokens
+
+    if flavour == "v1":
+        raise UserError("this tokenizer (mistral-common v1) has no image tokens", key="model.tokenizer",
+                        fix="use the vision model's own tokenizer (a tekken.json with an image section)")
+    settings, ids = _image_encoding(tokenizer)
+    chunks = _joined_chunks(parts)
+    if len(chunks) >= 2 and not isinstance(chunks[-1], str) and all(isinstance(c, str) for c in chunks[:-1]):
+        chunks = [chunks[-1], *chunks[:-1]]  # mistral-common's force_img_first
+    backend = tokenizer.backend_tokenizer
+    segments: list[Segment] = [(ids_of([backend.token_to_id("[INST]")]), False)]
+    if system:
+        segments.append((_text_ids(tokenizer, f"{system}\n\n"), False))
+    for chunk in chunks:
+        if isinstance(chunk, str):
+            segments.append((_text_ids(tokenizer, chunk), False))
+        else:
+            segments.append((ids_of(image_tokens(chunk.width, chunk.height, settings, ids)), NEVER))
+    segments.append((ids_of([backend.token_to_id("[/INST]")]), False))
+    return segments
+
+
+def _joined_chunks(parts: list[dict]) -> list:
+    """Text runs joined by "\n\n" (empty texts skipped) and images, as mistral-common normalises."""
+    chunks: list = []
+    for part in parts:
+        if part["type"] == "image":
+            chunks.append(part["image"])
+        elif part["text"]:
+            if chunks and isinstance(chunks[-1], str):
+                chunks[-1] += "\n\n" + part["text"]
+            else:
+                chunks.append(part["text"])
+    return chunks
+
+
+def _image_encoding(tokenizer):
+    """The tokenizer's image settings and [IMG]/[IMG_BREAK]/[IMG_END] ids, or a UserError."""
+    from qlora_cli.data.images import image_settings, image_token_ids
+
+    settings, ids = image_settings(tokenizer), image_token_ids(tokenizer)
+    if settings is None or ids is None:
+        raise UserError("the conversation holds an image, and the tokenizer is text-only (no image section in its "
+                        f"{TEKKEN_FILE}, or no [IMG] tokens)", key="model.tokenizer",
+                        fix="use a vision model and its tokenizer (mistral3, pixtral), or remove the images")
+    return settings, ids
 
 
 def _user_ids(tokenizer, flavour: str, content: str) -> Ids:
@@ -464,5 +544,5 @@ def _ids_and_labels(segments: list[Segment], train_on: str) -> tuple[list[int], 
     input_ids, labels = [], []
     for ids, trained in segments:
         input_ids.extend(ids)
-        labels.extend(ids if trained or train_on == "all" else [IGNORE_INDEX] * len(ids))
+        labels.extend(ids if trained or (train_on == "all" and trained is not NEVER) else [IGNORE_INDEX] * len(ids))
     return input_ids, labels

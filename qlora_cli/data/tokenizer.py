@@ -21,6 +21,8 @@ MISTRAL_COMMON_PREFIX = "mistral-common:"
 # save_pretrained writes to tokenizer_config.json, so the tokenizer saved with an adapter or a
 # merged model (without the model's tekken.json beside it) still formats chats the same way.
 VERSION_KEY = "mistral_common_version"
+# And its image settings (tekken.json's `image` section), kept the same way; data/images.py reads them.
+IMAGE_KEY = "mistral_common_image"
 TEKKEN_FILE = "tekken.json"
 
 # The SentencePiece files that mistral-common ships in mistral_common/data/, by the name a recipe uses.
@@ -88,11 +90,19 @@ def _record_tekken_version(tokenizer, spec: str, revision: str | None) -> None:
     if path is None:
         return
     try:
-        version = json.loads(Path(path).read_text(encoding="utf-8"))["config"]["version"]
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        version = raw["config"]["version"]
     except (ValueError, KeyError, TypeError) as err:
         raise UserError(f"cannot read the version of {path}: {type(err).__name__}: {err}", key="model.tokenizer",
                         fix=f"restore the model's original {TEKKEN_FILE}, or remove it") from None
     tokenizer.init_kwargs[VERSION_KEY] = version
+    if image := _image_section(raw):
+        tokenizer.init_kwargs[IMAGE_KEY] = image
+
+
+def _image_section(raw: dict) -> dict | None:
+    """tekken.json's image settings (`multimodal` in older files), as mistral-common reads them."""
+    return raw.get("image") or raw.get("multimodal") or None
 
 
 def _local_tekken_only(spec: str) -> bool:
@@ -194,6 +204,7 @@ def _converted_tekken(tekken: Path) -> Path:
     this file's mistral-common version in the tokenizer's config (see VERSION_KEY)."""
     raw = json.loads(tekken.read_text(encoding="utf-8"))
     version = raw["config"].pop("version", None)
+    image = _image_section(raw)
     digest = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
     converted = cache_root() / "tokenizers" / f"tekken-{digest}"
     if not (converted / "tokenizer.json").exists():
@@ -201,11 +212,13 @@ def _converted_tekken(tekken: Path) -> Path:
 
         with atomic_folder(converted) as work:
             convert_tekken_tokenizer(str(tekken)).save_pretrained(work)
-    target = cache_root() / "tokenizers" / f"tekken-{digest}-{version}"
+    # "-image": folders converted before image settings were recorded lack them.
+    target = cache_root() / "tokenizers" / f"tekken-{digest}-{version}{'-image' if image else ''}"
     if not (target / "tokenizer.json").exists():
         with atomic_folder(target) as work:
             for file in converted.iterdir():
                 shutil.copyfile(file, Path(work) / file.name)
             config = json.loads((Path(work) / "tokenizer_config.json").read_text(encoding="utf-8"))
-            (Path(work) / "tokenizer_config.json").write_text(json.dumps({**config, VERSION_KEY: version}, indent=2))
+            recorded = {VERSION_KEY: version} | ({IMAGE_KEY: image} if image else {})
+            (Path(work) / "tokenizer_config.json").write_text(json.dumps({**config, **recorded}, indent=2))
     return target

@@ -1,0 +1,198 @@
+"""data/images.py and the image paths of templates, prepare and collate: an image conversation's ids
+equal mistral-common's `encode_chat_completion`, its pixels equal mistral-common's arrays, image
+tokens are never trained, and packed rows carry their examples' images in order."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+from pathlib import Path
+
+import mistral_common
+import numpy as np
+import pytest
+from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
+from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.validator import ValidationMode
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+from PIL import Image, ImageDraw
+
+from qlora_cli.data.collate import PackedCollator
+from qlora_cli.data.images import (ImageSettings, image_grid, image_settings, image_token_count, pixels,
+                                   read_image)
+from qlora_cli.data.templates import IGNORE_INDEX, encode_chat, encode_prompt
+from qlora_cli.data.tokenizer import load_tokenizer
+
+TEKKEN = Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"
+# Two checkpoint shapes: Pixtral 12B's (v3, 16-pixel patches, no merge, up to 1024 pixels) and a
+# Mistral Small 3.1-like one (v7, 14-pixel patches merged 2x2) with a small maximum size, so that
+# large images are scaled down as mistral-common does.
+SHAPES = {
+    "v3-patch16": ("v3", {"image_patch_size": 16, "max_image_size": 1024, "spatial_merge_size": 1}),
+    "v7-patch14-merge2": ("v7", {"image_patch_size": 14, "max_image_size": 224, "spatial_merge_size": 2}),
+}
+
+
+def write_tiny_tekken(folder: Path, version: str, image: dict | None) -> Path:
+    """A tekken.json of mistral-common's shipped vocabulary cut to 2,000 tokens (converts in
+    seconds), with this version and image section: a model folder as Mistral publishes it."""
+    raw = json.loads(TEKKEN.read_text(encoding="utf-8"))
+    raw["vocab"] = raw["vocab"][:2000]
+    raw["config"].update(version=version, default_vocab_size=3000, num_vocab_tokens=2000)
+    raw.pop("image", None)
+    if image:
+        raw["image"] = image
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tekken.json").write_text(json.dumps(raw), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vision(tmp_path_factory) -> dict:
+    """shape -> (HF tokenizer, mistral-common reference) for each tiny tekken with an image section."""
+    class Loaded(dict):
+        folders: dict = {}
+
+    loaded = Loaded()
+    for name, (version, image) in SHAPES.items():
+        folder = write_tiny_tekken(tmp_path_factory.mktemp(name), version, image)
+        loaded.folders[name] = folder
+        loaded[name] = (load_tokenizer(str(folder)),
+                        MistralTokenizer.from_file(folder / "tekken.json", mode=ValidationMode.finetuning))
+    return loaded
+
+
+# ---------------------------------------------------------------- random pictures and conversations
+
+
+def random_png(rng: random.Random, width: int | None = None, height: int | None = None, fmt: str = "PNG") -> bytes:
+    width, height = width or rng.randint(1, 400), height or rng.randint(1, 400)
+    mode = rng.choice(["RGB", "RGBA", "L"])
+    image = Image.new(mode, (width, height), tuple(rng.randrange(256) for _ in mode) if mode != "L" else 128)
+    draw = ImageDraw.Draw(image)
+    for _ in range(3):
+        box = sorted(rng.sample(range(max(width, 2)), 2)), sorted(rng.sample(range(max(height, 2)), 2))
+        draw.ellipse([box[0][0], box[1][0], box[0][1], box[1][1]],
+                     fill=tuple(rng.randrange(256) for _ in mode) if mode != "L" else rng.randrange(256))
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+WORDS = ["What", "colour", "is", "this?", "Describe", "the", "picture.", "red", "circle", "\n", "é", "  ", "42"]
+
+
+def random_text(rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 5))).strip() or "x"
+
+
+def random_image_conversation(rng: random.Random, end: str = "assistant") -> list[dict]:
+    messages = [{"role": "system", "content": random_text(rng)}] if rng.random() < 0.4 else []
+    for _ in range(rng.randint(1, 3)):
+        parts = [{"type": "image", "image": read_image(random_png(rng), "random.png", "test")}
+                 for _ in range(rng.randint(0, 3))]
+        parts += [{"type": "text", "text": random_text(rng)} for _ in range(rng.randint(0, 2))]
+        rng.shuffle(parts)
+        if not any(p["type"] == "image" for p in parts):
+            parts.append({"type": "image", "image": read_image(random_png(rng), "random.png", "test")})
+        messages.append({"role": "user", "content": parts})
+        messages.append({"role": "assistant", "content": random_text(rng)})
+    return messages if end == "assistant" else messages[:-1]
+
+
+def reference_request(messages: list[dict]) -> ChatCompletionRequest:
+    kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+
+    def chunk(part):
+        if part["type"] == "text":
+            return TextChunk(text=part["text"])
+        return ImageChunk(image=Image.open(io.BytesIO(part["image"].data)))
+
+    return ChatCompletionRequest(messages=[
+        kinds[m["role"]](content=m["content"] if isinstance(m["content"], str) else [chunk(p) for p in m["content"]])
+        for m in messages])
+
+
+# ---------------------------------------------------------------- exact ids and pixels
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_image_conversations_encode_as_mistral_commons_ids_and_pixels(shape, vision):
+    tokenizer, reference = vision[shape]
+    settings = image_settings(tokenizer)
+    rng = random.Random(shape)
+    for _ in range(25):
+        messages = random_image_conversation(rng)
+        expected = reference.encode_chat_completion(reference_request(messages))
+        ids, _ = encode_chat(messages, tokenizer)
+        assert ids == expected.tokens, messages
+        images = [p["image"] for m in messages if isinstance(m["content"], list) for p in m["content"]
+                  if p["type"] == "image"]
+        assert len(images) == len(expected.images)
+        for image, array in zip(images, expected.images):
+            ours = pixels(image.data, settings)
+            assert ours.dtype == np.float32 and ours.shape == array.shape
+            np.testing.assert_allclose(ours, array, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_image_prompt_equals_mistral_commons_prompt(shape, vision):
+    tokenizer, _ = vision[shape]
+    serving = MistralTokenizer.from_file(vision.folders[shape] / "tekken.json")  # ends with the user's turn
+    rng = random.Random(7)
+    for _ in range(10):
+        messages = random_image_conversation(rng, end="user")
+        prompt = encode_prompt(messages, tokenizer)
+        assert prompt == serving.encode_chat_completion(reference_request(messages)).tokens
+        full = encode_chat([*messages, {"role": "assistant", "content": "Red."}], tokenizer)[0]
+        assert full[: len(prompt)] == prompt
+
+
+def test_image_grid_follows_patch_merge_and_maximum_size():
+    pixtral = ImageSettings(patch_size=16, spatial_merge_size=1, max_image_size=1024)
+    small = ImageSettings(patch_size=14, spatial_merge_size=2, max_image_size=1540)
+    assert image_grid(448, 336, pixtral) == (21, 28)  # rows, cols: 336/16, 448/16
+    assert image_grid(448, 336, small) == (12, 16)  # 28-pixel tokens: ceil(336/28), 448/28
+    assert image_grid(4000, 1000, pixtral) == (16, 64)  # scaled to 1024x256 first
+    assert image_grid(1, 1, small) == (1, 1)
+    assert image_token_count(448, 336, small) == 12 * 17  # each row ends in [IMG_BREAK] / [IMG_END]
+
+
+def test_image_tokens_are_never_trained_and_answers_are(vision):
+    tokenizer, _ = vision["v7-patch14-merge2"]
+    image_ids = {tokenizer.convert_tokens_to_ids(t) for t in ("[IMG]", "[IMG_BREAK]", "[IMG_END]")}
+    rng = random.Random(3)
+    messages = random_image_conversation(rng)
+    for train_on in ("responses", "all"):
+        ids, labels = encode_chat(messages, tokenizer, train_on=train_on)
+        at_images = [label for token, label in zip(ids, labels) if token in image_ids]
+        assert at_images and set(at_images) == {IGNORE_INDEX}, train_on
+        others = [(token, label) for token, label in zip(ids, labels) if token not in image_ids]
+        if train_on == "all":
+            assert all(token == label for token, label in others)
+    ids, labels = encode_chat(messages, tokenizer)
+    trained = [token for token, label in zip(ids, labels) if label != IGNORE_INDEX]
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    assert tokenizer.decode(trained).replace("</s>", "|") == "".join(a.rstrip(" ") + "|" for a in answers)
+
+
+# ---------------------------------------------------------------- collate
+
+
+def test_collate_pads_images_of_different_sizes_into_pixel_values_and_image_sizes(vision):
+    tokenizer, _ = vision["v3-patch16"]
+    settings = image_settings(tokenizer)
+    rng = random.Random(5)
+    images = [random_png(rng, 50, 37), random_png(rng, 300, 20), random_png(rng, 16, 200)]
+    rows = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3], "images": images[:2]},
+            {"input_ids": [1, 2], "labels": [1, 2], "images": images[2:]}]
+    batch = PackedCollator(tokenizer.pad_token_id, image_settings=settings)(rows)
+    assert batch["pixel_values"].dtype.is_floating_point and batch["pixel_values"].shape == (3, 3, 208, 304)
+    assert batch["image_sizes"].tolist() == [[48, 64], [32, 304], [208, 16]]
+    for i, image in enumerate(images):
+        height, width = batch["image_sizes"][i].tolist()
+        np.testing.assert_array_equal(batch["pixel_values"][i, :, :height, :width].numpy(), pixels(image, settings))
+        assert not batch["pixel_values"][i, :, height:, :].any() and not batch["pixel_values"][i, :, :, width:].any()
