@@ -214,6 +214,10 @@ def load_trainable_model(recipe: Recipe, *, device_map=None, tokenizer=None):
     elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    if recipe.model.tiled_mlp:  # the MLPs' own forward is replaced; peft's LoRA layers inside run as usual
+        from qlora_cli.model.tiling import tile_mlps
+
+        tile_mlps(model)
     if recipe.model.adapter:
         return load_starting_adapter(model, recipe)
     family = checkpoint_family(model.config, trust_remote_code=recipe.model.trust_remote_code)

@@ -40,6 +40,7 @@ class ModelSection:
     attn_implementation: str | None = "sdpa"
     trust_remote_code: bool = False
     chunked_loss: bool = True  # loss (DPO/KTO: log-probs) in chunks of tokens, never the full-vocabulary logits
+    tiled_mlp: bool = False  # each layer's MLP over slices of the row, recomputed per slice (long rows)
     upcast_to_fp32: bool = False  # under quantization (not FSDP): embeddings, norms, lm_head in fp32 (peft's k-bit prep)
     adapter: str | None = None  # a LoRA adapter folder or hub id to train on from (SFT -> DPO); else a fresh LoRA
 
