@@ -377,3 +377,36 @@ def test_evaluating_during_training_does_not_change_what_is_trained(validated_ru
     evaluated = adapter_weights(root / "checkpoints" / "checkpoint-6")
     not_evaluated = adapter_weights(plain / "adapter")
     assert max((evaluated[k] - not_evaluated[k]).abs().max().item() for k in evaluated) <= 1e-5
+
+
+@pytest.mark.slow
+def test_activation_offloading_gives_the_same_loss_and_gradients(tiny_model):
+    """training.activation_offloading: a checkpointed 4-bit + LoRA step through the offloading hooks
+    (on this CPU torch's save_on_cpu; on a GPU TRL's) gives the same loss and LoRA gradients, and the
+    hooks are gone afterwards."""
+    from qlora_cli.data.collate import PackedCollator
+    from qlora_cli.training.trainer import offloading_context
+
+    rows = [{"input_ids": list(range(5, 45)), "labels": [-100] * 3 + list(range(8, 45)), "seq_lengths": [15, 25]}]
+    batch = PackedCollator(pad_token_id=0)(rows)
+    tiny_model.train()
+    tiny_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    tiny_model.enable_input_require_grads()
+
+    def loss_and_grads(context):
+        tiny_model.zero_grad()
+        with context:
+            loss = tiny_model(**batch).loss
+            loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.requires_grad}
+
+    try:
+        plain_loss, plain_grads = loss_and_grads(torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t))
+        offloaded_loss, offloaded_grads = loss_and_grads(offloading_context(tiny_model))
+    finally:
+        tiny_model.zero_grad()
+        tiny_model.activation_checkpointing_disable()
+    assert offloaded_loss.item() == plain_loss.item()
+    assert plain_grads.keys() == offloaded_grads.keys()
+    for name, grad in plain_grads.items():
+        assert torch.equal(offloaded_grads[name], grad), name

@@ -8,7 +8,7 @@ import dataclasses
 import re
 
 from qlora_cli.errors import UserError
-from qlora_cli.recipe.library_fields import method_defaults, training_class
+from qlora_cli.recipe.library_fields import OWN_TRAINING_KEYS, method_defaults, training_class
 from qlora_cli.recipe.sections import GenerateOptions, to_dtype
 
 
@@ -41,6 +41,8 @@ def build_training_arguments(training: dict, *, has_validation: bool = False, me
     and `changes` (the run folder's) on top. `cls` defaults to `training_class(method)`."""
     values = {**method_defaults(method, training), **training, **_checkpointing(training), **machine_changes(),
               **evaluation_changes(training, has_validation), **changes}
+    for key in OWN_TRAINING_KEYS:  # qlora's trainers act on these (TRL's own handling stays off)
+        values.pop(key, None)
     return _construct(cls or training_class(method), values, "training")
 
 

@@ -39,8 +39,14 @@ def training_class(method: str = "sft"):
     return getattr(importlib.import_module(module), name)
 
 
+# `training` keys qlora acts on itself, for every method: `activation_offloading` is TRL's SFTConfig
+# name (TrainingArguments has none; qlora's trainers offload for DPO/KTO/GRPO too, also on a CPU).
+OWN_TRAINING_KEYS: dict[str, tuple[Any, Any]] = {"activation_offloading": (bool, False)}
+
+
 def training_keys(method: str = "sft") -> dict[str, Any]:
     keys = dataclass_annotations(training_class(method))
+    keys.update({key: kind for key, (kind, _) in OWN_TRAINING_KEYS.items()})
     if method == "dpo":  # DPOConfig takes one loss as text (`loss_type: ipo`) and makes it a list itself
         keys["loss_type"] = str | keys["loss_type"]
     return keys
@@ -57,7 +63,8 @@ def method_defaults(method: str, training: dict) -> dict:
 
 def training_defaults(method: str = "sft") -> dict[str, Any]:
     """What an unset `training.<key>` is for `method`: its config class's default, or qlora's."""
-    return {**dataclass_defaults(training_class(method)), **method_defaults(method, {})}
+    return {**dataclass_defaults(training_class(method)), **method_defaults(method, {}),
+            **{key: default for key, (_, default) in OWN_TRAINING_KEYS.items()}}
 
 
 def quantization_keys() -> dict[str, Any]:

@@ -200,6 +200,8 @@ def build_trainer(recipe: Recipe, args, model, tokenizer, prepared, run: RunFold
             data_collator=collator, processing_class=tokenizer, callbacks=[stopper],
             chunked_loss=recipe.model.chunked_loss, from_environment=recipe.from_environment,
         )
+    if recipe.written("training").get("activation_offloading"):
+        trainer.offload_activations()
     _log_to(trainer, run.logs)
     if reporter:
         from transformers import PrinterCallback

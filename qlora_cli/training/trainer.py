@@ -4,11 +4,14 @@
   kill -9 at any moment leaves the previous checkpoint loadable;
 - SIGINT/SIGTERM finish the current step, save a checkpoint and stop (every rank at the same step);
 - real (non-pad) tokens are counted, for tokens per second;
-- the loss is computed in chunks of tokens, without full-vocabulary logits (`model.chunked_loss`).
+- the loss is computed in chunks of tokens, without full-vocabulary logits (`model.chunked_loss`);
+- with `training.activation_offloading`, what a step saves for its backward outside the checkpointed
+  layers (each layer's input) waits in CPU memory (`offload_activations`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 from pathlib import Path
@@ -40,9 +43,16 @@ class RunTrainer:
                 self.remove_callback(callback)
                 self.add_callback(RedactedTensorBoard(lambda args: redacted_arguments(args, self.from_environment)))
 
+    offloading = None  # `offload_activations`: the context each training step runs in
+
+    def offload_activations(self) -> None:
+        """From the next step on, keep the tensors autograd saves in CPU memory (see `offloading_context`)."""
+        self.offloading = offloading_context(self.model)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.real_tokens_seen += int(inputs.pop(TOKENS_KEY, 0))
-        return super().training_step(model, inputs, num_items_in_batch)
+        with self.offloading or contextlib.nullcontext():
+            return super().training_step(model, inputs, num_items_in_batch)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs.pop(TOKENS_KEY, None)
@@ -98,6 +108,27 @@ class QloraTrainer(RunTrainer, Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         with loss_in_chunks(model, enabled=self.chunked_loss):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def offloading_context(model):
+    """The context that moves what autograd saves during a forward pass to CPU memory and brings it
+    back for the backward (`training.activation_offloading`).
+
+    Under activation checkpointing a checkpointed layer saves only its input (torch's checkpoint
+    keeps the rest to recompute): so what moves is one hidden state per layer per token, the final
+    norm's input and the chunked loss's hidden-state gradient. On a GPU: TRL's `OffloadActivations`
+    (torchtune's), which copies to pinned memory on a side stream overlapped with compute and
+    prefetches in the backward; it leaves the lm_head's input and tensors under 1 KiB on the GPU.
+    Without a GPU the activations are in CPU memory already: torch's own `save_on_cpu` hooks, the
+    same path through autograd with nothing to move.
+    """
+    import torch
+
+    if any(p.is_cuda for p in model.parameters()):
+        from trl.models.activation_offloading import get_act_offloading_ctx_manager
+
+        return get_act_offloading_ctx_manager(model, warn_if_no_head=False)
+    return torch.autograd.graph.save_on_cpu(pin_memory=False)
 
 
 def redacted_arguments(args, from_environment: dict[str, str]):
