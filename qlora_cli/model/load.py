@@ -136,6 +136,8 @@ def load_base_model(recipe: Recipe, *, quantized: bool = True, dtype=None, devic
     from transformers import AutoConfig
 
     from qlora_cli.model.experts import quantize_experts, quantizing_experts_on_load
+    from qlora_cli.model.fp8 import (bf16_repo, check_fp8_layout, dequantized_fp8, dequantizing_fp8_on_load,
+                                     fp8_quantization, without_fp8_quantization)
     from qlora_cli.families import auto_model_class, checkpoint_family, kept_16bit
 
     model = recipe.model
@@ -146,11 +148,17 @@ def load_base_model(recipe: Recipe, *, quantized: bool = True, dtype=None, devic
         quantization = kept_16bit(family, recipe.written("quantization")) if quantized else None
         bnb = build_bnb_config(quantization) if quantized else None
         experts_4bit = quantization_values(quantization) if bnb is not None else None
-        with quantizing_experts_on_load(family.expert_modules, experts_4bit):
+        fp8 = fp8_quantization(config)
+        if fp8 is not None:
+            check_fp8_layout(path, model.revision, model.name_or_path)
+            if bnb is not None:
+                without_fp8_quantization(config)
+        with quantizing_experts_on_load(family.expert_modules, experts_4bit), \
+                dequantizing_fp8_on_load(fp8 if bnb is not None else None):
             loaded = auto_model_class(family).from_pretrained(
                 path,
                 config=config,
-                quantization_config=bnb,
+                quantization_config=bnb if fp8 is None or bnb is not None else dequantized_fp8(fp8),
                 dtype=dtype or to_dtype(model.dtype, "model.dtype"),
                 attn_implementation=model.attn_implementation,
                 trust_remote_code=model.trust_remote_code,
@@ -166,6 +174,12 @@ def load_base_model(recipe: Recipe, *, quantized: bool = True, dtype=None, devic
                         f"installed: {err}", key="model.attn_implementation" if "ttention" in str(err) else "model",
                         fix="pip install it, or change the recipe key that asks for it") from None
     except ValueError as err:
+        if "The model is quantized with" in str(err):  # a checkpoint quantized another way than bitsandbytes
+            raise UserError(f"`{model.name_or_path}` holds weights quantized by another method "
+                            f"({type(config.quantization_config).__name__}), which bitsandbytes cannot quantize "
+                            "again", key="model.name_or_path",
+                            fix=f"use its 16-bit release ({bf16_repo(model.name_or_path)}), or set quantization: null "
+                                "to train LoRA on it as it loads") from None
         if "trust_remote_code" not in str(err):
             raise
         # transformers refuses a model that ships its own Python code unless told to run it.
