@@ -66,6 +66,7 @@ class MergeResult:
 def merge(recipe: Recipe, *, overwrite: bool = False) -> MergeResult:
     """Merge the run's adapter into the base model and write `merge.output_dir`, verified."""
     from qlora_cli.model.experts import drop_unchanged_parametrizations
+    from qlora_cli.data.chat_template import save_tokenizer
     from qlora_cli.data.tokenizer import load_recipe_tokenizer
 
     check_before_merge(recipe, overwrite=overwrite)
@@ -86,7 +87,7 @@ def merge(recipe: Recipe, *, overwrite: bool = False) -> MergeResult:
     quantized = _distance_from_training_view(recipe, adapter, merged, probe)
     with atomic_folder(output, replace=overwrite) as tmp:
         merged.save_pretrained(str(tmp), max_shard_size=recipe.merge.max_shard_size, safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
+        save_tokenizer(tokenizer, tmp, recipe.data.template)  # with the chat template it trained on
         _model_card(recipe, adapter, difference, quantized, type(merged).__name__).save(tmp / CARD)
     return MergeResult(output, describe_base(recipe), difference, quantized, effect, tolerance, differences)
 

@@ -274,6 +274,7 @@ def _final_evaluation(trainer) -> dict:
 
 def save_adapter(trainer, tokenizer, run: RunFolder, recipe: Recipe, prepared, metrics: dict) -> None:
     """adapter/: LoRA weights (safetensors), tokenizer and model card, appearing whole."""
+    from qlora_cli.data.chat_template import save_tokenizer
     from qlora_cli.model.load import base_model_id, describe_base_model
 
     card = adapter_card(recipe.to_yaml(), _data_lines(prepared), metrics, base_model_id(recipe),
@@ -282,7 +283,7 @@ def save_adapter(trainer, tokenizer, run: RunFolder, recipe: Recipe, prepared, m
         with atomic_folder(run.adapter, replace=True) as tmp:
             # Only the trained adapter: a DPO run from an adapter also holds TRL's frozen reference copy.
             trainer.model.save_pretrained(str(tmp), safe_serialization=True, selected_adapters=["default"])
-            tokenizer.save_pretrained(str(tmp))
+            save_tokenizer(tokenizer, tmp, recipe.data.template)  # with the chat template it trained on
             card.save(tmp / CARD)
     except Exception as err:  # the staging is gone; a full disk says how much the adapter needs
         last = run.last_checkpoint()
