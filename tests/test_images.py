@@ -196,3 +196,134 @@ def test_collate_pads_images_of_different_sizes_into_pixel_values_and_image_size
         height, width = batch["image_sizes"][i].tolist()
         np.testing.assert_array_equal(batch["pixel_values"][i, :, :height, :width].numpy(), pixels(image, settings))
         assert not batch["pixel_values"][i, :, height:, :].any() and not batch["pixel_values"][i, :, :, width:].any()
+
+
+# ---------------------------------------------------------------- rows -> prepared data
+
+QUESTION = "What colour is the shape?"
+
+
+def image_folder(root: Path, rng: random.Random, count: int = 3) -> list[Path]:
+    (root / "imgs").mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = root / "imgs" / f"{i}.png"
+        path.write_bytes(random_png(rng))
+        paths.append(path)
+    return paths
+
+
+def vision_recipe(tmp_path: Path, data: dict, tokenizer_folder: Path, name: str = "recipe.yaml",
+                  model: dict | None = None) -> Path:
+    """A recipe extending tiny-mistral3-vision (a tiny mistral3) with this tokenizer and data section."""
+    import yaml
+
+    for source in data.get("sources", []):
+        source["path"] = str(source["path"])
+    section = {"prepared_dir": str(tmp_path / "prepared"), "val_size": 0, "shuffle": False, "max_length": 4096, **data}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump({"extends": "tiny-mistral3-vision",
+                                    "model": {"tokenizer": str(tokenizer_folder), **(model or {})},
+                                    "data": section}, sort_keys=False))
+    return path
+
+
+def prepared(tmp_path: Path, vision, rows: list[dict], name: str, shape: str = "v3-patch16", **data):
+    from qlora_cli.data.prepare import build_dataset
+    from qlora_cli.recipe.load import load_recipe
+
+    path = tmp_path / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    section = {"sources": [{"path": path, "format": "chat"}], "packing": False, "max_length": 4096, **data}
+    recipe = load_recipe([str(vision_recipe(tmp_path, section, vision.folders[shape], f"{name}.yaml"))])
+    return build_dataset(recipe.data, vision[shape][0], 0, "test")
+
+
+def test_every_image_layout_prepares_the_same_ids_and_file_bytes(vision, tmp_path):
+    rng = random.Random(11)
+    a, b = image_folder(tmp_path, rng, 2)
+    data_uri = "data:image/png;base64," + base64.b64encode(b.read_bytes()).decode()
+
+    def row(first: dict, second: dict, **extra) -> dict:
+        return {"messages": [{"role": "user", "content": [first, {"type": "text", "text": QUESTION}, second]},
+                             {"role": "assistant", "content": "Red."}], **extra}
+
+    layouts = {
+        "path": row({"type": "image", "path": "imgs/0.png"}, {"type": "image", "path": str(b)}),
+        "uris": row({"type": "image_url", "image_url": f"file://{a}"},
+                    {"type": "image_url", "image_url": {"url": data_uri}}),
+        "hf": row({"type": "image"}, {"type": "image"}, images=["imgs/0.png", {"bytes": None, "path": str(b)}]),
+        "trl": row({"type": "image", "image": "imgs/0.png"}, {"type": "image", "image": data_uri}),
+    }
+    results = {name: prepared(tmp_path, vision, [layout], name)[0]["train"][0] for name, layout in layouts.items()}
+    for name, result in results.items():
+        assert result["images"] == [a.read_bytes(), b.read_bytes()], name
+        assert result["input_ids"] == results["path"]["input_ids"], name
+    _, reference, = vision["v3-patch16"]
+    messages = [{"role": "user", "content": [
+        {"type": "image", "image": read_image(a.read_bytes(), "a", "t")}, {"type": "text", "text": QUESTION},
+        {"type": "image", "image": read_image(b.read_bytes(), "b", "t")}]}, {"role": "assistant", "content": "Red."}]
+    assert results["path"]["input_ids"] == reference.encode_chat_completion(reference_request(messages)).tokens
+
+
+def test_a_saved_dataset_with_the_datasets_image_feature_keeps_the_files_bytes(vision, tmp_path):
+    from datasets import Dataset, Features, Image as ImageFeature, List, Value
+
+    from qlora_cli.data.prepare import build_dataset
+    from qlora_cli.recipe.load import load_recipe
+
+    rng = random.Random(12)
+    files = [random_png(rng), random_png(rng, fmt="JPEG")]
+    part = {"type": Value("string"), "text": Value("string")}
+    features = Features({"messages": List({"role": Value("string"), "content": List(part)}),
+                         "images": List(ImageFeature())})
+    rows = {"messages": [[{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": QUESTION},
+                                                        {"type": "image", "text": None}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "Red."}]}]],
+            "images": [[{"bytes": files[0], "path": None}, {"bytes": files[1], "path": None}]]}
+    Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "saved"))
+    section = {"sources": [{"path": tmp_path / "saved", "format": "chat"}], "packing": False}
+    recipe = load_recipe([str(vision_recipe(tmp_path, section, vision.folders["v3-patch16"]))])
+    row = build_dataset(recipe.data, vision["v3-patch16"][0], 0, "test")[0]["train"][0]
+    assert row["images"] == files
+
+
+def test_packed_rows_carry_their_examples_images_in_order_and_count_image_tokens(vision, tmp_path):
+    from qlora_cli.data.images import image_spans, image_token_ids, image_size
+
+    tokenizer = vision["v7-patch14-merge2"][0]
+    settings, ids = image_settings(tokenizer), image_token_ids(tokenizer)
+    rng = random.Random(13)
+    paths = image_folder(tmp_path, rng, 12)
+    rows = [{"messages": [{"role": "user", "content": [{"type": "text", "text": f"Question {i}"}]
+                           + [{"type": "image", "path": f"imgs/{(i + k) % 12}.png"} for k in range(i % 3 + 1)]},
+                          {"role": "assistant", "content": f"Answer {i}"}]} for i in range(12)]
+    dataset, summary = prepared(tmp_path, vision, rows, "packed", "v7-patch14-merge2", packing=True, max_length=512)
+    train = dataset["train"]
+    assert len(train) < 12 and sum(len(row["seq_lengths"]) for row in train) == 12
+    for row in train:
+        spans = image_spans(row["input_ids"], ids)
+        assert len(spans) == len(row["images"])
+        for (start, end, cols, rows_), image in zip(spans, row["images"]):
+            assert image_grid(*image_size(image), settings) == (rows_, cols)  # this image's own grid, in order
+            assert set(row["labels"][start:end]) == {IGNORE_INDEX}
+    assert summary.images["train"] == sum(i % 3 + 1 for i in range(12))
+    assert summary.image_tokens["train"] == sum(image_token_count(*image_size(paths[(i + k) % 12].read_bytes()), settings)
+                                                for i in range(12) for k in range(i % 3 + 1))
+
+
+def test_a_changed_image_file_changes_the_data_fingerprint(vision, tmp_path):
+    from qlora_cli.data.prepare import data_fingerprint
+    from qlora_cli.recipe.load import load_recipe
+
+    rng = random.Random(14)
+    image_folder(tmp_path, rng, 1)
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": [{"type": "image", "path": "imgs/0.png"}]},
+                                             {"role": "assistant", "content": "Red."}]}) + "\n")
+    recipe = load_recipe([str(vision_recipe(tmp_path, {"sources": [{"path": path, "format": "chat"}]},
+                                            vision.folders["v3-patch16"]))])
+    before = data_fingerprint(recipe.data, vision["v3-patch16"][0], 0)
+    assert data_fingerprint(recipe.data, vision["v3-patch16"][0], 0) == before
+    (tmp_path / "imgs" / "0.png").write_bytes(random_png(rng))
+    assert data_fingerprint(recipe.data, vision["v3-patch16"][0], 0) != before

@@ -18,7 +18,7 @@ class PackedCollator:
     position ids alone do not stop a token attending to the previous example. Flash-attention
     kernels read the boundaries from the position ids instead and take no mask.
 
-    Rows with `images` (file bytes) add `pixel_values` and `image_sizes` (image_batch), all the
+    Rows with `images` (file bytes) add `pixel_values` and `image_sizes` (pixel_batch), all the
     batch's images in row order, as Mistral3 / Llava(Pixtral) models take them.
     """
 
@@ -43,7 +43,7 @@ class PackedCollator:
         if images:
             if self.image_settings is None:
                 raise ValueError("rows hold images and the collator was given no image_settings")
-            batch.update(image_batch(images, self.image_settings))
+            batch.update(pixel_batch(images, self.image_settings))
         if "flash" in (self.attn_implementation or ""):
             return batch  # boundaries come from position_ids; pads sit after the last example
         if all(len(ls) == 1 for ls in lengths):
@@ -56,12 +56,14 @@ class PackedCollator:
         return batch
 
 
-def image_batch(images: list[bytes], settings: ImageSettings) -> dict:
+def pixel_batch(images: list[bytes], settings: ImageSettings) -> dict:
     """`pixel_values` float32 (N, 3, Hmax, Wmax), each image mistral-common's pixels zero-padded
     at the bottom and right, and `image_sizes` (N, 2) = each image's (H, W) before padding."""
     import numpy as np
     import torch
 
+    if not images:
+        return {}
     arrays = [pixels(image, settings) for image in images]
     height = max(a.shape[1] for a in arrays)
     width = max(a.shape[2] for a in arrays)

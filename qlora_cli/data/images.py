@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -157,7 +158,10 @@ def read_image(data: bytes, name: str, where: str) -> ImageFile:
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with warnings.catch_warnings():  # a large image is refused below, by its size, not warned about
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+        with image:
             width, height = image.size
             if width * height == 0:
                 raise UserError(f"image {name} has no pixels ({width}x{height})", where=where,
@@ -333,3 +337,26 @@ def referenced_files(row: Any, images_column: str = "images") -> list[str]:
         if isinstance(value, str) and not value.startswith(("data:", "http://", "https://")):
             names.append(value)
     return names
+
+
+def image_spans(ids: list[int], token_ids: tuple[int, int, int]) -> list[tuple[int, int, int, int]]:
+    """(start, end, cols, rows) of each image's tokens in a row of ids, in order (prepare --show)."""
+    img, brk, end = token_ids
+    spans, start = [], None
+    for position, token in enumerate(ids):
+        if token in (img, brk) and start is None:
+            start = position
+        elif token == end and start is not None:
+            tokens = ids[start:position + 1]
+            rows = tokens.count(brk) + 1
+            spans.append((start, position + 1, tokens.count(img) // rows, rows))
+            start = None
+    return spans
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of an image's file bytes, read from its header."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return image.size

@@ -68,6 +68,9 @@ class PrepareSummary:
     length_percentiles: dict[str, int] = field(default_factory=dict)  # p50/p90/p99/max of examples
     packing_efficiency: float | None = None  # real tokens / (rows x max_length)
     max_length: int = 0
+    images: dict[str, int] = field(default_factory=dict)  # split -> images (none for text data)
+    image_tokens: dict[str, int] = field(default_factory=dict)  # split -> [IMG]/[IMG_BREAK]/[IMG_END] tokens
+    first_image: str | None = None  # file:line of the first example with an image
 
     @property
     def trained_fraction(self) -> float:
@@ -98,6 +101,8 @@ def prepare_dataset(recipe: Recipe, tokenizer, *, force: bool = False) -> Prepar
         remove_stale_temporaries(target.parent)
     # Built before any folder is made, so a bad row leaves nothing at all under prepared_dir.
     dataset, summary = build_dataset(data, tokenizer, seed, fingerprint)
+    if summary.first_image:
+        check_model_sees_images(recipe.model, summary.first_image)
     try:
         with atomic_folder(target, replace=True) as tmp:
             dataset.save_to_disk(str(tmp))
@@ -108,6 +113,38 @@ def prepare_dataset(recipe: Recipe, tokenizer, *, force: bool = False) -> Prepar
             f"`data.prepared_dir` {target.parent} cannot be written: {err.strerror or err}",
             key="data.prepared_dir", fix="set data.prepared_dir to a folder you can write") from None
     return load_prepared(target, reused=False)
+
+
+def check_model_sees_images(model, where: str) -> None:
+    """Images in the data need a model with a vision tower: refused where its config says it has none."""
+    sees = _model_sees_images(model)
+    if sees is False:
+        key = "model.init_from_config" if model.init_from_config is not None else "model.name_or_path"
+        raise UserError(f"this example holds an image, and the model ({key}) is text-only: it has no vision tower",
+                        where=where, fix="fine-tune a vision-language model (mistral3, pixtral), or remove the images")
+
+
+def _model_sees_images(model) -> bool | None:
+    """Whether the recipe's model has a vision tower, from its config alone; None where its config
+    cannot be read without the network (a hub id not downloaded)."""
+    from qlora_cli.families import FAMILIES
+
+    if model.init_from_config is not None:
+        family = FAMILIES.get(model.init_from_config.get("model_type"))
+        return "vision_config" in model.init_from_config or bool(family and family.is_vision_language)
+    from transformers.utils import cached_file
+
+    try:
+        path = cached_file(model.name_or_path, "config.json", revision=model.revision,
+                           _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
+    except (OSError, ValueError):  # not a folder nor a hub id: the model stage says so
+        return None
+    if path is None:
+        return None
+    try:
+        return "vision_config" in json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError:
+        return None  # the model stage reports a damaged config.json
 
 
 def load_prepared(path: Path, reused: bool = True) -> PreparedData:
@@ -277,6 +314,8 @@ def _encode_sources(sources, data, tokenizer, summary: PrepareSummary) -> list[_
         counts.read = len(examples)
         encoded = []
         for example, (ids, spans, images) in zip(examples, encode_examples(examples, data, tokenizer)):
+            if images and summary.first_image is None:
+                summary.first_image = example.where
             truncated = len(ids) > data.max_length
             if truncated:
                 if _drops_overlong(example, len(ids), data, counts):
@@ -378,6 +417,10 @@ def _count_split(summary: PrepareSummary, name: str, encoded, rows) -> None:
     summary.rows[name] = len(rows)
     summary.tokens[name] = len(rows.input_ids)
     summary.trained_tokens[name] = int((rows.labels != IGNORE_INDEX).sum())
+    images = sum(len(example[2]) for example in encoded)
+    if images:
+        summary.images[name] = images
+        summary.image_tokens[name] = sum(size for example in encoded for size, trained in example[1] if trained is NEVER)
 
 
 # ---------------------------------------------------------------- the prepared dataset

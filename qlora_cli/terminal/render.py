@@ -7,6 +7,7 @@ from rich.console import Console
 from rich.table import Column, Table
 from rich.text import Text
 
+from qlora_cli.data.images import image_size, image_spans, image_token_ids
 from qlora_cli.data.templates import IGNORE_INDEX
 
 
@@ -23,8 +24,11 @@ def prepare_summary(console: Console, prepared) -> None:
     lengths = ", ".join(f"{k} {v:,}" for k, v in summary.length_percentiles.items())
     console.print(f"tokens per example: {lengths} (max_length {summary.max_length:,})", highlight=False)
     for split, examples in summary.examples.items():
+        images = getattr(summary, "images", {}).get(split)
+        pictures = f" ({summary.image_tokens[split]:,} in {images:,} images, never trained)" if images else ""
         console.print(f"{split}: {examples:,} examples in {summary.rows[split]:,} rows, "
-                      f"{summary.tokens[split]:,} tokens, {summary.trained_tokens[split]:,} trained", highlight=False)
+                      f"{summary.tokens[split]:,} tokens{pictures}, {summary.trained_tokens[split]:,} trained",
+                      highlight=False)
     if summary.trained_tokens.get("train"):
         console.print(f"trained on {100 * summary.trained_fraction:.1f}% of tokens", highlight=False)
     else:  # GRPO's prompts
@@ -39,16 +43,35 @@ def show_examples(console: Console, dataset, tokenizer, count: int) -> None:
     if "prompt_ids" in dataset.column_names:
         return show_preference_examples(console, dataset, tokenizer, count)
     shown = 0
+    token_ids = image_token_ids(tokenizer) if "images" in dataset.column_names else None
     for row in dataset:
         start = 0
+        images = list(row.get("images") or [])
         for length in row["seq_lengths"]:
             if shown == count:
                 return
             ids, labels = row["input_ids"][start:start + length], row["labels"][start:start + length]
-            console.rule(f"example {shown + 1} ({length} tokens, {sum(l != IGNORE_INDEX for l in labels[1:])} trained)")
-            console.print(highlight_trained(ids, labels, tokenizer))
+            spans = image_spans(ids, token_ids) if token_ids else []
+            pictures = f", {len(spans)} image{'s' * (len(spans) != 1)}" if spans else ""
+            console.rule(f"example {shown + 1} ({length} tokens, {sum(l != IGNORE_INDEX for l in labels[1:])} "
+                         f"trained{pictures})")
+            console.print(highlight_with_images(ids, labels, tokenizer, spans, images[:len(spans)]))
+            images = images[len(spans):]
             start += length
             shown += 1
+
+
+def highlight_with_images(ids: list[int], labels: list[int], tokenizer, spans: list, images: list[bytes]) -> Text:
+    """highlight_trained, each image's tokens shown as `[image 1: 448x336 -> 28x21 tokens]`
+    (its size as given, then its grid of tokens: columns x rows)."""
+    text, position = Text(), 0
+    for number, ((start, end, cols, rows), image) in enumerate(zip(spans, images), start=1):
+        text.append_text(highlight_trained(ids[position:start], labels[position:start], tokenizer))
+        width, height = image_size(image)
+        text.append(f"[image {number}: {width}x{height} -> {cols}x{rows} tokens]", style="bold cyan")
+        position = end
+    text.append_text(highlight_trained(ids[position:], labels[position:], tokenizer))
+    return text
 
 
 def show_preference_examples(console: Console, dataset, tokenizer, count: int) -> None:
@@ -74,6 +97,8 @@ def highlight_trained(ids: list[int], labels: list[int], tokenizer) -> Text:
     """The decoded text with untrained spans dim and trained spans bold green."""
     text = Text()
     decoded_before = ""
+    if not ids:
+        return text
     for end in range(1, len(ids) + 1):
         trained = labels[end - 1] != IGNORE_INDEX
         if end == len(ids) or (labels[end] != IGNORE_INDEX) != trained:
