@@ -20,6 +20,7 @@ from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from PIL import Image, ImageDraw
 
+from conftest import assert_user_error, qlora
 from qlora_cli.data.collate import PackedCollator
 from qlora_cli.data.images import (ImageSettings, image_grid, image_settings, image_token_count, pixels,
                                    read_image)
@@ -213,8 +214,8 @@ def image_folder(root: Path, rng: random.Random, count: int = 3) -> list[Path]:
     return paths
 
 
-def vision_recipe(tmp_path: Path, data: dict, tokenizer_folder: Path, name: str = "recipe.yaml",
-                  model: dict | None = None) -> Path:
+def vision_recipe(tmp_path: Path, data: dict, tokenizer: Path | str, name: str = "recipe.yaml",
+                  extends: str = "tiny-mistral3-vision") -> Path:
     """A recipe extending tiny-mistral3-vision (a tiny mistral3) with this tokenizer and data section."""
     import yaml
 
@@ -222,9 +223,8 @@ def vision_recipe(tmp_path: Path, data: dict, tokenizer_folder: Path, name: str 
         source["path"] = str(source["path"])
     section = {"prepared_dir": str(tmp_path / "prepared"), "val_size": 0, "shuffle": False, "max_length": 4096, **data}
     path = tmp_path / name
-    path.write_text(yaml.safe_dump({"extends": "tiny-mistral3-vision",
-                                    "model": {"tokenizer": str(tokenizer_folder), **(model or {})},
-                                    "data": section}, sort_keys=False))
+    path.write_text(yaml.safe_dump({"extends": extends, "model": {"tokenizer": str(tokenizer)}, "data": section},
+                                   sort_keys=False))
     return path
 
 
@@ -327,3 +327,70 @@ def test_a_changed_image_file_changes_the_data_fingerprint(vision, tmp_path):
     assert data_fingerprint(recipe.data, vision["v3-patch16"][0], 0) == before
     (tmp_path / "imgs" / "0.png").write_bytes(random_png(rng))
     assert data_fingerprint(recipe.data, vision["v3-patch16"][0], 0) != before
+
+
+# ---------------------------------------------------------------- bad input, through `qlora prepare`
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header says width x height (its pixel data is empty): what PIL reads first."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def user_turn(*parts: dict, answer: str = "Red.") -> list[dict]:
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": QUESTION}]},
+            {"role": "assistant", "content": answer}]
+
+
+IMAGE = {"type": "image", "path": "imgs/good.png"}
+PLACEHOLDER = {"type": "image"}
+BAD_ROWS = {  # name: (the bad row, what the message names besides the row's file:line)
+    "missing image": ({"messages": user_turn({"type": "image", "path": "imgs/nope.png"})}, ["imgs/nope.png", "does not exist"]),
+    "not an image": ({"messages": user_turn({"type": "image", "path": "imgs/notes.png"})}, ["imgs/notes.png", "cannot be read"]),
+    "truncated png": ({"messages": user_turn({"type": "image", "path": "imgs/cut.png"})}, ["imgs/cut.png", "cannot be read"]),
+    "0-pixel image": ({"messages": user_turn({"type": "image", "path": "imgs/empty.png"})}, ["imgs/empty.png"]),
+    "100-megapixel image": ({"messages": user_turn({"type": "image", "path": "imgs/huge.png"})},
+                            ["imgs/huge.png", "10000x10000", "megapixels"]),
+    "bad data uri": ({"messages": user_turn({"type": "image_url", "image_url": "data:image/png;base64,%%%"})},
+                     ["not valid base64"]),
+    "more placeholders than images": ({"messages": user_turn(PLACEHOLDER, PLACEHOLDER), "images": ["imgs/good.png"]},
+                                      ["more image placeholders"]),
+    "fewer placeholders than images": ({"messages": user_turn(PLACEHOLDER), "images": ["imgs/good.png"] * 2},
+                                       ["1 more image(s) than its messages have"]),
+    "image in an assistant turn": ({"messages": [{"role": "user", "content": QUESTION},
+                                                 {"role": "assistant", "content": [IMAGE]}]},
+                                   ["message 2 (assistant) holds an image", "user messages only"]),
+    "image for a text-only tokenizer": ({"messages": user_turn(IMAGE)}, ["mistral-common v1", "no image tokens"]),
+    "image for a text-only model": ({"messages": user_turn(IMAGE)}, ["text-only", "model.init_from_config"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ROWS)
+def test_bad_images_exit_2_naming_the_row_and_write_nothing(case, vision, tmp_path):
+    rng = random.Random(15)
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "good.png").write_bytes(random_png(rng, 40, 30))
+    (tmp_path / "imgs" / "notes.png").write_text("not a picture")
+    whole = random_png(rng, 300, 300)
+    (tmp_path / "imgs" / "cut.png").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "imgs" / "empty.png").write_bytes(png_claiming(0, 10))
+    (tmp_path / "imgs" / "huge.png").write_bytes(png_claiming(10000, 10000))
+    row, needles = BAD_ROWS[case]
+    good = {"messages": user_turn(IMAGE)}
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n", encoding="utf-8")
+    tokenizer = "mistral-common:v1" if case == "image for a text-only tokenizer" else vision.folders["v3-patch16"]
+    extends = "tiny-mistral" if case == "image for a text-only model" else "tiny-mistral3-vision"
+    recipe = vision_recipe(tmp_path, {"sources": [{"path": data, "format": "chat"}]}, tokenizer, extends=extends)
+    result = qlora("prepare", recipe)
+    text_only = case.startswith("image for a text-only")  # found at the first row with an image
+    where = f"{data}:1" if text_only else f"{data}:2"
+    assert_user_error(result, where, *needles, wrapped=True)
+    assert not (tmp_path / "prepared").exists() or not any((tmp_path / "prepared").iterdir())
