@@ -394,3 +394,31 @@ def test_bad_images_exit_2_naming_the_row_and_write_nothing(case, vision, tmp_pa
     where = f"{data}:1" if text_only else f"{data}:2"
     assert_user_error(result, where, *needles, wrapped=True)
     assert not (tmp_path / "prepared").exists() or not any((tmp_path / "prepared").iterdir())
+
+
+def test_preference_pairs_on_image_prompts_carry_the_images_and_mistral_commons_prompt_ids(vision, tmp_path):
+    from qlora_cli.data.prepare import build_dataset
+    from qlora_cli.recipe.load import load_recipe
+
+    rng = random.Random(16)
+    a, b = image_folder(tmp_path, rng, 2)
+    rows = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
+             "images": ["imgs/0.png"], "chosen": "Red.", "rejected": "Blue."},
+            {"chosen": [{"role": "user", "content": [{"type": "image", "path": "imgs/1.png"}]},
+                        {"role": "assistant", "content": "A circle."}],
+             "rejected": [{"role": "user", "content": [{"type": "image", "path": "imgs/1.png"}]},
+                          {"role": "assistant", "content": "A square."}]}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    section = {"sources": [{"path": path, "format": "preference"}]}
+    recipe = load_recipe([str(vision_recipe(tmp_path, section, vision.folders["v3-patch16"]))], ["method=dpo"])
+    tokenizer, _ = vision["v3-patch16"]
+    train = build_dataset(recipe.data, tokenizer, 0, "test")[0]["train"]
+    serving = MistralTokenizer.from_file(vision.folders["v3-patch16"] / "tekken.json")
+    for row, image, question in zip(train, (a, b), (QUESTION, None)):
+        assert row["images"] == [image.read_bytes()]
+        parts = [{"type": "image", "image": read_image(image.read_bytes(), "i", "t")}]
+        parts += [{"type": "text", "text": question}] if question else []
+        expected = serving.encode_chat_completion(reference_request([{"role": "user", "content": parts}])).tokens
+        assert row["prompt_ids"] == expected
+        assert row["chosen_ids"] != row["rejected_ids"] and all(row["chosen_mask"])

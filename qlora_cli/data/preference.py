@@ -17,7 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pathlib import Path
+
 from qlora_cli.errors import UserError
+from qlora_cli.data.images import check_all_images_used, images_of, message_content
 from qlora_cli.data.templates import chat_segments, check_roles, encode_prompt
 
 PAIRED, UNPAIRED = "preference", "unpaired"
@@ -45,13 +48,16 @@ def is_preference_data(data) -> bool:
 # ---------------------------------------------------------------- rows -> examples
 
 
-def pair_from_row(value: dict, where: str) -> PreferenceExample:
-    """A `preference` row (fields as sources.to_example found them) as a checked pair."""
-    prompt = _prompt(value, where)
+def pair_from_row(value: dict, where: str, base: Path | None = None) -> PreferenceExample:
+    """A `preference` row (fields as sources.to_example found them) as a checked pair. Images sit
+    in the prompt's user messages (data/images.py's parts; the `images` column fills placeholders)."""
+    images = _RowImages(value.get("images"), base)
+    prompt = _prompt(value, where, images)
     if prompt is None:  # the hub layout: whole conversations sharing their prompt
-        prompt, chosen, rejected = _split_shared_prompt(value["chosen"], value["rejected"], where)
+        prompt, chosen, rejected = _split_shared_prompt(value["chosen"], value["rejected"], where, images)
     else:
         chosen, rejected = _answer(value["chosen"], "chosen", where), _answer(value["rejected"], "rejected", where)
+        check_all_images_used(images.row, where)
     for answer in (chosen, rejected):
         _check_conversation(prompt + answer, where)
     if chosen == rejected:
@@ -60,9 +66,11 @@ def pair_from_row(value: dict, where: str) -> PreferenceExample:
     return PreferenceExample(where, prompt, chosen, rejected)
 
 
-def signed_from_row(value: dict, where: str) -> PreferenceExample:
+def signed_from_row(value: dict, where: str, base: Path | None = None) -> PreferenceExample:
     """An `unpaired` row as a checked signed example."""
-    prompt = _prompt(value, where)
+    images = _RowImages(value.get("images"), base)
+    prompt = _prompt(value, where, images)
+    check_all_images_used(images.row, where)
     if prompt is None:
         raise UserError("row has no `prompt` or `messages` field, which the `unpaired` format needs", where=where,
                         fix="give the prompt as `prompt` (text or messages) or `messages`, or map it with `columns:`")
@@ -75,7 +83,15 @@ def signed_from_row(value: dict, where: str) -> PreferenceExample:
     return PreferenceExample(where, prompt, completion, label=label)
 
 
-def _prompt(value: dict, where: str) -> list[dict] | None:
+class _RowImages:
+    """A row's `images` column (placeholders take them in order) and where relative paths start."""
+
+    def __init__(self, column, base: Path | None):
+        self.row = [] if column is None else list(column) if isinstance(column, list) else [column]
+        self.base = base
+
+
+def _prompt(value: dict, where: str, images: _RowImages | None = None) -> list[dict] | None:
     prompt, messages = value.get("prompt"), value.get("messages")
     if prompt is not None and messages is not None:
         raise UserError("row has both `prompt` and `messages`", where=where, fix="give the prompt in one of them")
@@ -86,7 +102,7 @@ def _prompt(value: dict, where: str) -> list[dict] | None:
         if not prompt.strip():
             raise UserError("`prompt` is empty", where=where)
         return [{"role": "user", "content": prompt}]
-    messages = _messages(prompt, "prompt", where)
+    messages = _messages(prompt, "prompt", where, images)
     if messages[-1]["role"] != "user":
         raise UserError("the prompt must end with a user message", where=where,
                         fix="end `prompt`/`messages` with the user turn the answers reply to")
@@ -106,25 +122,38 @@ def _answer(value, name: str, where: str) -> list[dict]:
     return messages
 
 
-def _messages(value, name: str, where: str) -> list[dict]:
+def _messages(value, name: str, where: str, images: _RowImages | None = None, row: list | None = None) -> list[dict]:
+    """Checked messages; user messages' image parts read (`row`: the images placeholders take,
+    the row's own list unless given)."""
     if not isinstance(value, list) or not value:
         raise UserError(f"`{name}` must be text or a non-empty list of {{role, content}} messages", where=where)
+    messages = []
     for number, message in enumerate(value, start=1):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str) or not message.get("role"):
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and message.get("role"):
+            if images is None:
+                raise UserError(f"`{name}` message {number} holds parts: images go in the prompt's user messages",
+                                where=where, fix="give the answers as text")
+            content = message_content(content, message["role"], images.row if row is None else row, images.base,
+                                      where, number)
+        if not isinstance(content, (str, list)) or not message.get("role"):
             raise UserError(f"`{name}` message {number} needs `role` and text `content`", where=where)
-        if message["role"] == "assistant" and not message["content"].strip():
+        if message["role"] == "assistant" and not content.strip():
             raise UserError(f"`{name}` message {number} (assistant) is empty", where=where,
                             fix="give every answer some text, or drop the row")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+        messages.append({"role": message["role"], "content": content})
+    return messages
 
 
-def _split_shared_prompt(chosen, rejected, where: str):
-    """Whole conversations -> (shared prompt, chosen answer, rejected answer)."""
+def _split_shared_prompt(chosen, rejected, where: str, images: _RowImages | None = None):
+    """Whole conversations -> (shared prompt, chosen answer, rejected answer). Each conversation
+    repeats the prompt's image placeholders, so each takes the row's images from the start."""
     if isinstance(chosen, str) or isinstance(rejected, str):
         raise UserError("row has no `prompt` or `messages` field, and `chosen`/`rejected` are not whole "
                         "conversations to take a shared prompt from", where=where,
                         fix="add the prompt as `prompt` (or map your field with `columns: {prompt: ...}`)")
-    chosen, rejected = _messages(chosen, "chosen", where), _messages(rejected, "rejected", where)
+    chosen = _messages(chosen, "chosen", where, images, list(images.row) if images else None)
+    rejected = _messages(rejected, "rejected", where, images, list(images.row) if images else None)
     shared = 0
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1
@@ -161,6 +190,8 @@ def encode_preference(example: PreferenceExample, template: str, tokenizer) -> d
     prompt_length = min(_shared_length(prompt, ids) for ids, _ in encoded)
     names = ANSWERS[PAIRED] if example.rejected is not None else ANSWERS[UNPAIRED]
     row = {"prompt_ids": encoded[0][0][:prompt_length]}
+    if images := images_of(example.prompt):
+        row["images"] = [image.data for image in images]
     for name, (ids, mask) in zip(names, encoded):
         row[f"{name}_ids"], row[f"{name}_mask"] = ids[prompt_length:], mask[prompt_length:]
     if example.label is not None:
@@ -172,7 +203,7 @@ def _encode_side(messages: list[dict], template: str, tokenizer) -> tuple[list[i
     ids, mask = [], []
     for piece, trained in chat_segments(messages, tokenizer, template, "responses"):
         ids.extend(piece)
-        mask.extend([int(trained)] * len(piece))
+        mask.extend([int(bool(trained))] * len(piece))  # image tokens (NEVER) are never trained
     return ids, mask
 
 
@@ -190,6 +221,8 @@ def fit_to_length(row: dict, max_length: int) -> dict:
     names = [name for name in ("chosen", "rejected", "completion") if f"{name}_ids" in row]
     prompt, longest = row["prompt_ids"], max(len(row[f"{name}_ids"]) for name in names)
     keep = max(max_length - longest, min(len(prompt), max_length // 2))
+    if row.get("images"):
+        keep = len(prompt)  # a cut through an image's tokens would not match its pixels: the answers are cut
     if keep < len(prompt):
         prompt = prompt[:1] + prompt[len(prompt) - keep + 1:]
     room = max_length - len(prompt)

@@ -482,11 +482,13 @@ def _preference_dataset_dict(splits: dict[str, list[dict]], fingerprint: str):
     def column(rows, name):
         if name == "label":
             return pa.array([row[name] for row in rows], pa.bool_())
+        if name == "images":
+            return pa.array([row.get(name, []) for row in rows], pa.list_(pa.binary()))
         return pa.array([row[name] for row in rows], pa.list_(pa.int32()))
 
     tables = {}
     for name, rows in splits.items():
-        columns = list(rows[0])
+        columns = list(dict.fromkeys(column for row in rows for column in row))  # `images` may be in some rows only
         tables[name] = Dataset(pa.table({c: column(rows, c) for c in columns}), fingerprint=f"{fingerprint}-{name}")
     return DatasetDict(tables)
 

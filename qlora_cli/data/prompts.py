@@ -75,6 +75,9 @@ def _checked_messages(value, where: str) -> list[dict]:
     if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
         raise UserError("the prompt must be text or a non-empty list of {role, content} messages", where=where)
     messages = [{"role": m.get("role"), "content": m.get("content")} for m in value]
+    if any(isinstance(m["content"], list) for m in messages):
+        raise UserError("a GRPO prompt holds content parts (images): prompts for `method: grpo` are text only",
+                        where=where, fix="give each message's content as text")
     try:
         check_roles(messages, last="user")
     except UserError as err:  # the template knows what is wrong, the row knows where

@@ -29,12 +29,13 @@ FORMAT_FIELDS = {
     "completion": ("prompt", "completion"),
     # Preference data (data/preference.py): the prompt is `prompt` or `messages`, or, for pairs,
     # the shared start of two whole conversations.
-    "preference": ("prompt", "messages", "chosen", "rejected"),
-    "unpaired": ("prompt", "messages", "completion", "label"),
+    "preference": ("prompt", "messages", "chosen", "rejected", "images"),
+    "unpaired": ("prompt", "messages", "completion", "label", "images"),
     # Prompts for GRPO (qlora_cli/data/prompts.py): the other columns of a row reach the rewards.
     "prompt": ("prompt", "messages"),
 }
-OPTIONAL_FIELDS = {"chat": {"images"}, "alpaca": {"input"}, "preference": {"prompt", "messages"}, "unpaired": {"prompt", "messages"},
+OPTIONAL_FIELDS = {"chat": {"images"}, "alpaca": {"input"}, "preference": {"prompt", "messages", "images"},
+                   "unpaired": {"prompt", "messages", "images"},
                    "prompt": {"prompt", "messages"}}
 
 
@@ -248,7 +249,8 @@ def to_example(row: Any, where: str, source):
     if source.format in ("preference", "unpaired"):
         from qlora_cli.data.preference import pair_from_row, signed_from_row
 
-        return (pair_from_row if source.format == "preference" else signed_from_row)(value, where)
+        return (pair_from_row if source.format == "preference" else signed_from_row)(value, where,
+                                                                                     image_base(source.path))
     if source.format == "prompt":
         from qlora_cli.data.prompts import prompt_from_row
 
