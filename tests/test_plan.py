@@ -453,3 +453,84 @@ def test_a_grpo_plan_counts_each_completion_and_the_kv_cache_while_sampling(tmp_
     assert kv.bytes == 4 * 2 * (2 * 2 * 64) * 8 * plan.seq
     assert plan.total == sum(item.bytes for item in plan.memory) and plan.fits
     assert any(note.startswith("grpo: 8 completions per step") for note in plan.notes)
+
+
+LONG_ROWS_7B = [MISTRAL_7B, "model.name_or_path=null", "model.tokenizer=mistral-common:v1", "lora.r=32",
+                "lora.target_modules=all-linear", "training.activation_checkpointing=true", "training.bf16=true"]
+
+
+def _longest_row(shape, settings, gib: float) -> int:
+    from qlora_cli.plan.memory import largest_fitting, total_bytes
+
+    return largest_fitting(1 << 24, lambda n: total_bytes(shape, settings, 1, n) <= gib * GiB)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_mistral_7b_long_rows_fit_with_tiling_and_offloading(tmp_path, packing):
+    """Issue 31's shapes (r=32 on every linear layer, bf16, checkpointing, batch 1): 64K tokens on
+    24 GiB and 256K on 80 GiB once both are on, for rows that hold one document each; packed rows
+    under sdpa carry a tokens x tokens mask, which caps them lower."""
+    from qlora_cli.data.tokenizer import load_recipe_tokenizer
+    from qlora_cli.plan.memory import offloaded_bytes
+
+    recipe = load_recipe(["mistral7b"], [*LONG_ROWS_7B, f"data.packing={str(packing).lower()}",
+                                         f"training.output_dir={tmp_path}/run"])
+    shape = model_shape(load_model_config(recipe, load_recipe_tokenizer(recipe)))
+    plain = recipe_settings(recipe, shape)
+    both = Settings(**{**vars(plain), "tiled_mlp": True, "offloading": True})
+    assert _longest_row(shape, plain, 24) < 32_768  # what issue 31 started from (26,042 and 97,829)
+    if packing:  # the mask alone is 64 GiB at 256K tokens
+        assert _longest_row(shape, both, 24) > 2 * _longest_row(shape, plain, 24)
+        assert _longest_row(shape, both, 80) < 262_144
+        return
+    assert _longest_row(shape, both, 24) >= 65_536 and _longest_row(shape, both, 80) >= 262_144
+    # Each alone helps less than both; offloading moves one bf16 hidden state per layer per token.
+    for alone in ({"tiled_mlp": True}, {"offloading": True}):
+        assert _longest_row(shape, plain, 24) < _longest_row(shape, Settings(**{**vars(plain), **alone}), 24) \
+            < _longest_row(shape, both, 24)
+    per_token = offloaded_bytes(shape, both, 1, 1 << 16) / (1 << 16)
+    assert per_token >= 2 * shape.layers * shape.hidden
+
+
+@pytest.mark.slow
+def test_offloaded_bytes_are_what_autograd_saves_outside_the_checkpointed_layers(tiny):
+    """What activation offloading moves (the plan's host memory) against what the decoder saves
+    through saved_tensors_hooks under checkpointing: each layer's input and the final norm's tensors."""
+    from qlora_cli.plan.memory import offloaded_bytes
+
+    _, model, shape, settings = tiny
+    batch, seq = 2, 96
+    ids = torch.randint(0, shape.vocab, (batch, seq))
+    model.train()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        measured = saved_activation_bytes(model, ids)
+    finally:
+        model.activation_checkpointing_disable()
+        model.disable_input_require_grads()
+    s = Settings(**{**vars(settings), "packed_mask": False, "checkpointing": True, "offloading": True})
+    loss_gradient = s.residual_bytes * shape.hidden * batch * seq  # saved by the chunked loss, outside the decoder
+    estimated = offloaded_bytes(shape, s, batch, seq) - loss_gradient
+    assert abs(estimated - measured) <= 0.10 * measured, (estimated, measured)
+
+
+@pytest.mark.slow
+def test_a_tiled_mlp_saves_only_its_input_for_the_whole_row(tiny):
+    """With model.tiled_mlp the forward saves the MLP's input per token and nothing wider (the plan's
+    activations less the one slice the backward recomputes), and less than untiled."""
+    from qlora_cli.model.tiling import tile_mlps, untile_mlps
+    from qlora_cli.plan.memory import mlp_slice_bytes
+
+    _, model, shape, settings = tiny
+    seq = 1100  # two slices of max(64, 1024) tokens
+    ids = torch.randint(0, shape.vocab, (1, seq))
+    whole = saved_activation_bytes(model, ids)
+    tile_mlps(model)
+    try:
+        measured = saved_activation_bytes(model, ids)
+    finally:
+        untile_mlps(model)
+    s = Settings(**{**vars(settings), "packed_mask": False, "tiled_mlp": True})
+    estimated = activation_bytes(shape, s, 1, seq) - mlp_slice_bytes(shape, s, 1, seq)
+    assert abs(estimated - measured) <= 0.10 * measured, (estimated, measured)
+    assert measured < 0.8 * whole

@@ -20,7 +20,7 @@ from qlora_cli.families import Family
 from qlora_cli.model.lora_targets import LoraTargets, planned_targets
 from qlora_cli.plan.memory import (
     GiB, MemoryItem, ModelShape, Settings, dtype_bytes, flops_per_token, largest_fitting, lora_tensors, memory_items,
-    model_shape, model_skeleton, optimizer_bytes, sampling_kv_item,
+    model_shape, model_skeleton, offloaded_bytes, optimizer_bytes, sampling_kv_item,
 )
 from qlora_cli.plan.data import DataReport, data_warnings, describe_data
 from qlora_cli.run_folder import merge_output_dir
@@ -41,6 +41,13 @@ PEAK_TFLOPS = {
 # Where this machine's GPU is unknown (none, or not in the table) the plan times the run on these.
 GPU_TFLOPS = {name: PEAK_TFLOPS[name][1] for name in ("A100", "H100 SXM", "H200", "L4", "A10G", "RTX 4090", "T4")}
 MFU_RANGE = (0.25, 0.45)
+# Host <-> GPU copy rate for activation offloading: what a PCIe 4.0 x16 link sustains with pinned
+# memory (32 GB/s raw); PCIe 5.0 (H100/H200 SXM hosts) doubles it.
+PCIE_BYTES_PER_S = 25e9
+LONG_ROWS = {"neither": {"tiled_mlp": False, "offloading": False},
+             "model.tiled_mlp": {"tiled_mlp": True, "offloading": False},
+             "training.activation_offloading": {"tiled_mlp": False, "offloading": True},
+             "both": {"tiled_mlp": True, "offloading": True}}
 
 
 @dataclass
@@ -55,6 +62,8 @@ class Plan:
     memory: list[MemoryItem]
     max_batch: int | None = None
     max_seq: int | None = None
+    longest: dict[str, int | None] = field(default_factory=dict)  # LONG_ROWS -> longest row at this batch
+    max_positions: int = 0  # the model's max_position_embeddings
     changes: list[str] = field(default_factory=list)
     faster: list[str] = field(default_factory=list)  # changes that still fit and train faster
     data: DataReport | None = None
@@ -120,7 +129,7 @@ def plan_recipe(recipe: Recipe, gpu_memory: float | None = None, gpus: int | Non
     seq = data.row_width + (recipe.training.max_completion_length if recipe.method == "grpo" else 0)
     plan = Plan(model=recipe.model.name_or_path or f"init_from_config ({shape.layers} layers, {shape.hidden} wide)",
                 device=device, capacity=capacity, batch=batch, seq=seq, data=data,
-                memory=memory_items(shape, settings, batch, seq))
+                memory=memory_items(shape, settings, batch, seq), max_positions=shape.max_positions)
     if recipe.method == "grpo":
         sampled = recipe.training.per_device_train_batch_size * recipe.training.steps_per_generation
         plan.memory.append(sampling_kv_item(shape, settings, sampled, seq))
@@ -135,6 +144,7 @@ def plan_recipe(recipe: Recipe, gpu_memory: float | None = None, gpus: int | Non
         _check_training_data(recipe, prepared, plan)
     _plan_fit(plan, shape, settings, recipe)
     _plan_time(plan, shape, settings, recipe, gpus, tflops)
+    _plan_offloading(plan, shape, settings, tflops)
     _plan_disk(plan, shape, settings, recipe, tokenizer)
     plan.resume = describe_resume(recipe)
     return plan
@@ -246,6 +256,7 @@ def recipe_settings(recipe: Recipe, shape: ModelShape, on_gpu: bool = True, gpus
         checkpointing=training.activation_checkpointing or (sharded and _fsdp_checkpointing(recipe.written("training"))),
         autocast_bytes=2 if mixed else None, packed_mask=recipe.data.packing and "flash" not in attn,
         eager_attention=attn == "eager", on_gpu=on_gpu, chunked_loss=recipe.model.chunked_loss,
+        tiled_mlp=recipe.model.tiled_mlp, offloading=on_gpu and bool(recipe.written("training").get("activation_offloading")),
         log_probs=recipe.method != "sft", upcast=recipe.model.upcast_to_fp32 and not sharded,
         lora_bytes=dtype_bytes(recipe.model.dtype) if sharded else 4,  # see load_trainable_model
         shards=gpus if sharded else 1,
@@ -292,6 +303,9 @@ def _plan_fit(plan: Plan, shape: ModelShape, s: Settings, recipe: Recipe) -> Non
     plan.max_batch = largest_fitting(1024, lambda b: total(b, plan.seq) <= plan.capacity)
     positions = max(plan.seq, shape.max_positions)
     plan.max_seq = largest_fitting(positions, lambda n: total(plan.batch, n) <= plan.capacity)
+    if s.on_gpu and not s.shards > 1:
+        plan.longest = {name: largest_fitting(1 << 24, lambda n, c=replace(s, **change): total(plan.batch, n, c) <= plan.capacity)
+                        for name, change in LONG_ROWS.items()}
     if plan.fits:
         plan.faster = _faster(plan, shape, s, recipe, total)
         return
@@ -331,6 +345,14 @@ def _changes(plan: Plan, shape: ModelShape, s: Settings, recipe: Recipe, total) 
         changes.append("training.optim=paged_adamw_8bit (optimizer state 4x smaller)")
     if not s.quantized:
         changes.append("quantization.load_in_4bit=true quantization.bnb_4bit_quant_type=nf4")
+    if s.on_gpu and not (s.tiled_mlp and s.offloading):
+        long = replace(s, tiled_mlp=True, offloading=True)
+        need = total(plan.batch, plan.seq, long)
+        keys = [k for k, on in (("model.tiled_mlp=true", s.tiled_mlp), ("training.activation_offloading=true", s.offloading))
+                if not on]
+        changes.append(f"{' '.join(keys)} ({need / GiB:.1f} GiB; same loss, the rows' activations in slices "
+                       f"and in CPU memory){'' if need <= plan.capacity else ': still too much alone'}")
+        s = long if need < total(plan.batch, plan.seq, s) else s
     rows = accumulate * plan.batch  # per optimizer step and device: keep it
     fitting = largest_fitting(plan.batch, lambda b: total(b, plan.seq, s) <= plan.capacity)
     batch = max((b for b in range(1, (fitting or 0) + 1) if rows % b == 0), default=None)
@@ -364,6 +386,22 @@ def _plan_time(plan: Plan, shape: ModelShape, s: Settings, recipe: Recipe, gpus:
         label = f"{gpus} x {name}" if gpus > 1 else name
         seconds = plan.flops / (gpus * tflops * 1e12)
         plan.durations[label] = (seconds / MFU_RANGE[1], seconds / MFU_RANGE[0])
+
+
+def _plan_offloading(plan: Plan, shape: ModelShape, s: Settings, peak: float | None) -> None:
+    """What activation offloading costs: host memory, and PCIe traffic against the compute it hides behind."""
+    if not s.offloading:
+        return
+    host = offloaded_bytes(shape, s, plan.batch, plan.seq)
+    copy = 2 * host / PCIE_BYTES_PER_S  # to the host in the forward, back in the backward
+    context = plan.data.mean_context if plan.data else plan.seq / 2
+    tflops = peak or PEAK_TFLOPS["H100 SXM"][1]
+    compute = flops_per_token(shape, s, context) * plan.batch * plan.seq / (tflops * 1e12 * MFU_RANGE[1])
+    gpu = f"this GPU" if peak else "an H100 SXM"
+    plan.notes.append(f"activation offloading: {host / GiB:.2f} GiB of pinned CPU memory per process; "
+                      f"{2 * host / GiB:.2f} GiB over PCIe per micro-batch, {copy:.2g} s at {PCIE_BYTES_PER_S / 1e9:.0f} GB/s "
+                      f"against {compute:.2g} s of compute on {gpu} at {MFU_RANGE[1]:.0%} MFU"
+                      + (": hidden behind it" if copy <= compute else ": the copies, not the GPU, set the pace"))
 
 
 def _plan_disk(plan: Plan, shape: ModelShape, s: Settings, recipe: Recipe, tokenizer) -> None:

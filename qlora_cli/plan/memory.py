@@ -150,6 +150,8 @@ class Settings:
     eager_attention: bool = False
     on_gpu: bool = True
     chunked_loss: bool = False  # model.chunked_loss: logits never held whole
+    tiled_mlp: bool = False  # model.tiled_mlp: a dense MLP's activations are a slice's (qlora_cli.model.tiling)
+    offloading: bool = False  # training.activation_offloading: saved activations wait in CPU memory
     log_probs: bool = False  # DPO/KTO: per-token log-probs (qlora_cli.model.loss.chunked_log_probs), not a loss
     upcast: bool = False  # model.upcast_to_fp32: unquantized weights and residual stream in fp32
     lora_bytes: int = 4  # peft keeps LoRA weights in fp32 (in the model's dtype under FSDP)
@@ -248,18 +250,44 @@ def layer_activation_bytes(shape: ModelShape, s: Settings, dropout: bool | None 
     v, its output (o_proj's input) and an fp32 logsumexp per head; SiLU saves the gate output and
     the product saves both its factors; bitsandbytes' 4-bit matmul saves no input (the base
     weight gets no gradient), but each LoRA A saves its input and each LoRA B its r-wide input.
+    With `model.tiled_mlp` a dense MLP saves only its input per token (`mlp_slice_bytes` holds the rest).
     """
+    dropout = s.lora_dropout > 0 if dropout is None else dropout
     res, mm = s.residual_bytes, s.matmul_bytes
     attn = shape.heads * shape.head_dim
     kv = shape.kv_heads * shape.head_dim
     saved = 2 * (4 * shape.hidden + 4)  # two norms: input cast to fp32 + 1/rms
     saved += _mla_bytes(shape, s) if shape.mla else mm * (2 * attn + 2 * kv) + 4 * shape.heads  # sdpa: q, k, v, out, lse
+    if _tiled(shape, s):  # each MLP saves its input; the rest is a slice's (mlp_slice_bytes)
+        return saved + res * shape.hidden + _lora_input_bytes(shape, s, dropout, mlp=False)
     moe_layers = shape.moe_layers
     # Averaged over the layers: dense MLPs save SiLU's input and output and up_proj's output.
     saved += (3 * res * shape.intermediate * (shape.layers - moe_layers) + _routed_expert_bytes(shape, s) * moe_layers) \
         // shape.layers
-    saved += _lora_input_bytes(shape, s, s.lora_dropout > 0 if dropout is None else dropout)
+    saved += _lora_input_bytes(shape, s, dropout)
     return saved
+
+
+def _tiled(shape: ModelShape, s: Settings) -> bool:
+    """`model.tiled_mlp` on a dense model (MoE blocks are left whole, so their layers count as untiled)."""
+    return s.tiled_mlp and not shape.moe_layers
+
+
+def _dense_mlp_bytes(shape: ModelShape, s: Settings, dropout: bool) -> int:
+    """What a dense MLP saves per token: SiLU's input and output, up_proj's output, its LoRA inputs."""
+    return 3 * s.residual_bytes * shape.intermediate + _lora_input_bytes(shape, s, dropout, mlp=True)
+
+
+def mlp_slice_tokens(shape: ModelShape, s: Settings, batch: int, seq: int) -> int:
+    """Tokens of the slice a tiled MLP recomputes at a time (qlora_cli.model.tiling); 0 untiled."""
+    from qlora_cli.model.tiling import slice_tokens
+
+    return batch * min(seq, slice_tokens(shape.hidden)) if _tiled(shape, s) else 0
+
+
+def mlp_slice_bytes(shape: ModelShape, s: Settings, batch: int, seq: int) -> int:
+    """A tiled MLP's backward: one slice's MLP activations, recomputed, at a time."""
+    return _dense_mlp_bytes(shape, s, s.lora_dropout > 0) * mlp_slice_tokens(shape, s, batch, seq)
 
 
 def _mla_bytes(shape: ModelShape, s: Settings) -> int:
@@ -297,8 +325,9 @@ def expert_weight_bytes(shape: ModelShape, s: Settings) -> int:
     return s.matmul_bytes * shape.expert_params // shape.moe_layers
 
 
-def _lora_input_bytes(shape: ModelShape, s: Settings, dropout: bool) -> int:
-    """What the LoRA matmuls of one layer save per token.
+def _lora_input_bytes(shape: ModelShape, s: Settings, dropout: bool, mlp: bool | None = None) -> int:
+    """What the LoRA matmuls of one layer save per token (`mlp`: only those of the dense MLP, or
+    only the others; None: all).
 
     peft casts a module's input to the LoRA weights' dtype (its bitsandbytes layers leave that to
     CUDA autocast when it is on; CPU autocast they do not see), then autocast casts it to its own:
@@ -306,6 +335,8 @@ def _lora_input_bytes(shape: ModelShape, s: Settings, dropout: bool) -> int:
     one tensor (q/k/v, gate/up) save that same tensor.
     """
     layer0 = [n for n in s.lora_targets if ".layers.0." in f".{n}."]
+    if mlp is not None:
+        layer0 = [n for n in layer0 if (_input_group(n) in ("mlp", "down") and ".mlp." in f".{n}.") == mlp]
     sizes = {n: i for n, i, _ in shape.linears}
     cuda_autocast = s.autocast_bytes is not None and s.on_gpu
     peft_casts = s.residual_bytes != s.lora_bytes and not (s.quantized and cuda_autocast)
@@ -327,20 +358,47 @@ def _input_group(name: str) -> str:
             "down_proj": "down", "o_proj": "o_proj"}.get(leaf, name)
 
 
+# TRL's OffloadActivations keeps up to this many saved tensors on the GPU while their copies to the
+# host run (its max_fwd_stash_size), and brings the next one back while the backward uses the last.
+OFFLOAD_STASH = 5
+
+
 def activation_bytes(shape: ModelShape, s: Settings, batch: int, seq: int) -> int:
-    """Activations kept for the backward pass of one micro-batch, at their peak."""
+    """Activations kept for the backward pass of one micro-batch, at their peak, on the device."""
+    return _activations(shape, s, batch, seq)[0]
+
+
+def offloaded_bytes(shape: ModelShape, s: Settings, batch: int, seq: int) -> int:
+    """What `training.activation_offloading` keeps in (pinned) CPU memory for one micro-batch: what
+    autograd saves outside the checkpointed layers. Each byte crosses PCIe twice per micro-batch."""
+    return _activations(shape, s, batch, seq)[1]
+
+
+def _activations(shape: ModelShape, s: Settings, batch: int, seq: int) -> tuple[int, int]:
+    """(bytes on the device at the peak, bytes in CPU memory) of the activations."""
     tokens = batch * seq
     layer = layer_activation_bytes(shape, s) * tokens
     final_norm = ((4 + s.residual_bytes) * shape.hidden + 4) * tokens  # fp32 input, 1/rms, lm_head's input
+    working = mlp_slice_bytes(shape, s, batch, seq)  # a tiled MLP's slice, recomputed in its backward
     if s.checkpointing:
         # Each layer keeps only its input; the backward pass recomputes one layer at a time.
-        kept = shape.layers * s.residual_bytes * shape.hidden * tokens + layer + expert_weight_bytes(shape, s)
+        each, working = s.residual_bytes * shape.hidden * tokens, working + layer + expert_weight_bytes(shape, s)
+        kept = shape.layers * each
     else:
         kept = shape.layers * layer + shape.moe_layers * expert_weight_bytes(shape, s)
+        each = kept // shape.layers
     masks = batch * seq * seq if s.packed_mask else 0
     if s.eager_attention:  # eager attention saves the softmax of the scores in every layer
         masks += (1 if s.checkpointing else shape.layers) * batch * shape.heads * seq * seq * s.matmul_bytes * 2
-    return kept + final_norm + masks
+    if not s.offloading:
+        return kept + working + final_norm + masks, 0
+    # Offloaded: the layers' saved tensors, the final norm's and the chunked loss's hidden-state
+    # gradient go to the host; the device holds the copies in flight (a few layer inputs under
+    # checkpointing, two layers' tensors without), and the final norm's when the backward starts.
+    in_flight = min(shape.layers, OFFLOAD_STASH) * each if s.checkpointing else 2 * each
+    # (The chunked loss's gradient is in the model's dtype; the final norm saves its fp32 input and 1/rms.)
+    host = kept + (4 * shape.hidden + 4) * tokens + s.residual_bytes * shape.hidden * tokens
+    return in_flight + working + final_norm + masks, host
 
 
 def logits_bytes(shape: ModelShape, s: Settings, batch: int, seq: int) -> int:
@@ -365,6 +423,9 @@ def temporary_bytes(shape: ModelShape, s: Settings, batch: int, seq: int) -> int
     """Short-lived buffers: a dequantized weight in the backward pass, a few hidden-size gradients."""
     largest = max([i * o for _, i, o in shape.layer_linears] + [e * o * i for _, e, o, i in shape.experts], default=0)
     dequantized = largest * s.matmul_bytes if s.quantized else 0
+    sliced = mlp_slice_tokens(shape, s, batch, seq)  # a tiled MLP's intermediate gradients are a slice's
+    if sliced:
+        return dequantized + 4 * s.residual_bytes * (batch * seq * shape.hidden + sliced * shape.intermediate)
     return dequantized + 4 * batch * seq * max(shape.hidden, shape.intermediate) * s.residual_bytes
 
 
@@ -382,8 +443,7 @@ def memory_items(shape: ModelShape, s: Settings, batch: int, seq: int) -> list[M
     if s.shards > 1:
         items = _sharded(items, shape, s)
     items += [
-        MemoryItem("activations", activation_bytes(shape, s, batch, seq),
-                   f"{batch} x {seq:,} tokens, checkpointing {'on' if s.checkpointing else 'off'}"),
+        MemoryItem("activations", activation_bytes(shape, s, batch, seq), _activations_how(shape, s, batch, seq)),
         MemoryItem("logits", logits_bytes(shape, s, batch, seq),
                    "one fp32 chunk at a time (model.chunked_loss)" if s.chunked_loss
                    else f"3 fp32 copies of {batch} x {seq:,} x {shape.vocab:,}"),
@@ -392,6 +452,15 @@ def memory_items(shape: ModelShape, s: Settings, batch: int, seq: int) -> list[M
     if s.on_gpu:
         items.append(MemoryItem("CUDA context", CUDA_CONTEXT_BYTES, "0.5-1 GiB: context, cuBLAS workspace"))
     return items
+
+
+def _activations_how(shape: ModelShape, s: Settings, batch: int, seq: int) -> str:
+    how = f"{batch} x {seq:,} tokens, checkpointing {'on' if s.checkpointing else 'off'}"
+    if mlp_slice_tokens(shape, s, 1, seq) < seq:
+        how += f", MLP in slices of {mlp_slice_tokens(shape, s, 1, seq):,} tokens"
+    if s.offloading:
+        how += f", {offloaded_bytes(shape, s, batch, seq) / GiB:.1f} GiB offloaded to CPU memory"
+    return how
 
 
 def sampling_kv_item(shape: ModelShape, s: Settings, sequences: int, seq: int) -> MemoryItem:

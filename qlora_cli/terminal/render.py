@@ -110,6 +110,17 @@ def highlight_trained(ids: list[int], labels: list[int], tokenizer) -> Text:
     return text
 
 
+def _plan_longest(console: Console, plan) -> None:
+    """The longest row that fits at this batch, as the recipe is and with each long-row switch."""
+    figures = ", ".join(f"{name} {f'{n:,}' if n else 'none'}" for name, n in plan.longest.items())
+    console.print(f"longest rows by memory at batch {plan.batch}, with model.tiled_mlp / training.activation_offloading "
+                  f"on: {figures}", highlight=False)
+    positions = plan.max_positions
+    if positions and max(n or 0 for n in plan.longest.values()) > positions:
+        console.print(f"  the model's positions end at {positions:,} (max_position_embeddings): longer rows need the "
+                      "rope scaling its config gives", highlight=False)
+
+
 def plan_report(console: Console, plan) -> None:
     """`qlora plan`: memory item by item against the device, time, data, disk, resume, verdict."""
     from qlora_cli.plan.estimate import format_duration
@@ -126,6 +137,8 @@ def plan_report(console: Console, plan) -> None:
         console.print(f"{verdict} in {plan.capacity / gib:.1f} GiB; largest batch at {plan.seq:,} tokens: "
                       f"{plan.max_batch or 'none'}; longest rows at batch {plan.batch}: "
                       f"{f'{plan.max_seq:,}' if plan.max_seq else 'none'} tokens", highlight=False)
+        if plan.longest:
+            _plan_longest(console, plan)
     else:
         console.print("device memory unknown: no GPU here; pass --gpu-memory GiB to check the fit", highlight=False)
     for change in plan.changes:
