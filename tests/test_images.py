@@ -312,7 +312,7 @@ def test_packed_rows_carry_their_examples_images_in_order_and_count_image_tokens
                                                 for i in range(12) for k in range(i % 3 + 1))
 
 
-def test_a_changed_image_file_changes_the_data_fingerprint(vision, tmp_path):
+def test_a_changed_image_file_or_image_section_changes_the_data_fingerprint(vision, tmp_path):
     from qlora_cli.data.prepare import data_fingerprint
     from qlora_cli.recipe.load import load_recipe
 
@@ -326,7 +326,11 @@ def test_a_changed_image_file_changes_the_data_fingerprint(vision, tmp_path):
     before = data_fingerprint(recipe.data, vision["v3-patch16"][0], 0)
     assert data_fingerprint(recipe.data, vision["v3-patch16"][0], 0) == before
     (tmp_path / "imgs" / "0.png").write_bytes(random_png(rng))
-    assert data_fingerprint(recipe.data, vision["v3-patch16"][0], 0) != before
+    changed = data_fingerprint(recipe.data, vision["v3-patch16"][0], 0)
+    assert changed != before
+    other_shape = load_tokenizer(str(vision.folders["v3-patch16"]))  # the same vocabulary, another image section
+    other_shape.init_kwargs["mistral_common_image"] = SHAPES["v7-patch14-merge2"][1]
+    assert data_fingerprint(recipe.data, other_shape, 0) != changed
 
 
 # ---------------------------------------------------------------- bad input, through `qlora prepare`
@@ -422,3 +426,20 @@ def test_preference_pairs_on_image_prompts_carry_the_images_and_mistral_commons_
         expected = serving.encode_chat_completion(reference_request([{"role": "user", "content": parts}])).tokens
         assert row["prompt_ids"] == expected
         assert row["chosen_ids"] != row["rejected_ids"] and all(row["chosen_mask"])
+
+
+def test_prepare_show_draws_each_image_with_its_size_and_grid(vision, tmp_path):
+    rng = random.Random(17)
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(random_png(rng, 40, 30))
+    (tmp_path / "imgs" / "b.png").write_bytes(random_png(rng, 448, 336))
+    data = tmp_path / "data.jsonl"
+    row = {"messages": user_turn({"type": "image", "path": "imgs/a.png"}, {"type": "image", "path": "imgs/b.png"})}
+    data.write_text(json.dumps(row) + "\n")
+    recipe = vision_recipe(tmp_path, {"sources": [{"path": data, "format": "chat"}]}, vision.folders["v3-patch16"])
+    result = qlora("prepare", recipe, "--show", "1")
+    assert result.exit_code == 0, result.output
+    assert "[image 1: 40x30 -> 3x2 tokens][image 2: 448x336 -> 28x21 tokens]" + QUESTION in result.output
+    assert "2 images" in result.output and "[IMG]" not in result.output
+    tokens = 2 * 4 + 21 * 29  # rows x (cols + 1) each
+    assert f"({tokens:,} in 2 images, never trained)" in result.output

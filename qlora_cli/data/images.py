@@ -18,7 +18,7 @@ import base64
 import binascii
 import io
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -36,8 +36,8 @@ class ImageSettings:
     patch_size: int
     spatial_merge_size: int
     max_image_size: int
-    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)  # mistral-common's DATASET_MEAN
-    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)  # and DATASET_STD
+    mean: tuple[float, float, float] = field(default_factory=lambda: _normalisation()[0])
+    std: tuple[float, float, float] = field(default_factory=lambda: _normalisation()[1])
 
     def image_config(self):
         """mistral-common's ImageConfig of these settings."""
@@ -49,6 +49,14 @@ class ImageSettings:
     def as_dict(self) -> dict:
         return {"image_patch_size": self.patch_size, "max_image_size": self.max_image_size,
                 "spatial_merge_size": self.spatial_merge_size}
+
+
+def _normalisation() -> tuple[tuple, tuple]:
+    """mistral-common's per-channel mean and std (its transform_image applies these, whatever the
+    checkpoint's processor config says). Imported when asked: `qlora --help` stays fast."""
+    from mistral_common.tokens.tokenizers.image import DATASET_MEAN, DATASET_STD
+
+    return tuple(DATASET_MEAN), tuple(DATASET_STD)
 
 
 @dataclass(frozen=True, eq=False)

@@ -28,7 +28,7 @@ from qlora_cli.data.prompts import IDS, check_alike, encode_prompt_row, is_promp
 from qlora_cli.data.sources import Example, apply_weight, read_source
 from qlora_cli.data.images import images_of
 from qlora_cli.data.templates import IGNORE_INDEX, NEVER, Ids, chat_segments, ids_of, text_segments
-from qlora_cli.data.tokenizer import VERSION_KEY
+from qlora_cli.data.tokenizer import IMAGE_KEY, VERSION_KEY
 
 if TYPE_CHECKING:
     from qlora_cli.recipe.load import Recipe
@@ -183,8 +183,11 @@ def data_fingerprint(data, tokenizer, seed: int) -> str:
     section = {k: v for k, v in dataclasses.asdict(data).items() if k not in ("prepared_dir", "num_proc")}
     digest.update(json.dumps([section, seed, PREPARED_FORMAT], sort_keys=True, default=str).encode())
     digest.update(tokenizer.backend_tokenizer.to_str().encode())
+    recorded = getattr(tokenizer, "init_kwargs", {})
     digest.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None),
-                              getattr(tokenizer, "init_kwargs", {}).get(VERSION_KEY)], default=str).encode())
+                              recorded.get(VERSION_KEY)], default=str).encode())
+    if recorded.get(IMAGE_KEY):  # the patch size, merge and maximum size lay out the image tokens
+        digest.update(json.dumps(recorded[IMAGE_KEY], sort_keys=True).encode())
     for source in [*data.sources, *data.validation_sources]:
         _hash_path(digest, Path(source.path))
         _hash_image_files(digest, source)

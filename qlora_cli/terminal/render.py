@@ -90,7 +90,9 @@ def show_preference_examples(console: Console, dataset, tokenizer, count: int) -
                 i if m else IGNORE_INDEX for i, m in zip(row[f"{name}_ids"], row[f"{name}_mask"])]
             title = name if "label" not in row else f"completion, label {str(row['label']).lower()}"
             console.rule(f"example {number} {title} ({len(ids)} tokens, {sum(row[f'{name}_mask'])} trained)")
-            console.print(highlight_trained(ids, labels, tokenizer))
+            images = row.get("images") or []
+            spans = image_spans(ids, image_token_ids(tokenizer)) if images else []
+            console.print(highlight_with_images(ids, labels, tokenizer, spans, images))
 
 
 def highlight_trained(ids: list[int], labels: list[int], tokenizer) -> Text:
