@@ -15,6 +15,8 @@ from qlora_cli.errors import UserError, did_you_mean
 
 CAUSAL_LM = "AutoModelForCausalLM"
 IMAGE_TEXT_TO_TEXT = "AutoModelForImageTextToText"
+# The language-model types a vision-language config may nest under its text_config.
+TEXT_MODEL_TYPES = ("mistral", "ministral", "ministral3")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,8 @@ class Family:
     expert_modules: tuple[str, ...] = ()
     # The model types its text_config may have (vision-language models); TEXT_MODEL_TYPES if unset.
     text_model_types: tuple[str, ...] = ()
+    # The model types its vision_config may have (vision-language models): Mistral's Pixtral tower.
+    vision_model_types: tuple[str, ...] = ()
 
     @property
     def is_vision_language(self) -> bool:
@@ -53,10 +57,21 @@ FAMILIES: dict[str, Family] = {
         Family("ministral3", "Ministral 3 3B / 8B / 14B (text only)"),
         # Mistral3Config ties lm_head to the embeddings by default; the 24B checkpoints (Mistral
         # Small 3.1 / 3.2, Magistral Small, Devstral Small) do not (init_from_config may set it).
+        # Mistral Small 4 with its vision tower is a mistral3 whose text model is a mistral4 (MoE).
         Family("mistral3", "Mistral Small 3.1 / 3.2 24B, Magistral Small 2509, Devstral Small, Ministral 3 "
-               "3B / 8B / 14B (vision-language)", auto_class=IMAGE_TEXT_TO_TEXT,
+               "3B / 8B / 14B, Mistral Small 4 (vision-language)", auto_class=IMAGE_TEXT_TO_TEXT,
                outside_language_model=("model.vision_tower", "model.multi_modal_projector"),
-               text_config_key="text_config", defaults={"tie_word_embeddings": False}),
+               text_config_key="text_config", defaults={"tie_word_embeddings": False},
+               expert_modules=("mlp.experts",), text_model_types=(*TEXT_MODEL_TYPES, "mistral4"),
+               vision_model_types=("pixtral",)),
+        # Pixtral 12B as transformers converts it (mistral-community/pixtral-12b): a Llava with a
+        # Pixtral vision tower and a Mistral Nemo text model. A Llava of another vision tower
+        # (CLIP, SigLIP) is not a Mistral model.
+        Family("llava", "Pixtral 12B (2409, vision-language)", auto_class=IMAGE_TEXT_TO_TEXT,
+               outside_language_model=("model.vision_tower", "model.multi_modal_projector"),
+               text_config_key="text_config", defaults={"tie_word_embeddings": False, "image_token_index": 10,  # [IMG] in tekken
+                                                     "vision_feature_select_strategy": "full"},  # no CLS to drop
+               text_model_types=("mistral",), vision_model_types=("pixtral",)),
         Family("mixtral", "Mixtral 8x7B / 8x22B", expert_modules=("mlp.experts",)),
         # transformers lists Mistral Small 4 as image-text-to-text; that auto class gives its
         # causal LM (MLA attention, 128 routed experts + a shared expert per layer).
@@ -65,11 +80,9 @@ FAMILIES: dict[str, Family] = {
         Family("mistral_large4", "Mistral Large 4 (vision-language)", auto_class=IMAGE_TEXT_TO_TEXT,
                outside_language_model=("model.vision_tower", "model.multi_modal_projector"),
                text_config_key="text_config", expert_modules=("mlp.experts",),
-               text_model_types=("mistral_large4_text",)),
+               text_model_types=("mistral_large4_text",), vision_model_types=("pixtral",)),
     ]
 }
-# The language-model types a vision-language config may nest under its text_config.
-TEXT_MODEL_TYPES = ("mistral", "ministral", "ministral3")
 
 
 def text_types(family: Family) -> tuple[str, ...]:
@@ -126,6 +139,12 @@ def init_config_errors(init_config: dict) -> list[UserError]:
                           f"not a language model qlora supports in `{model_type}` ({', '.join(allowed)})",
                           key=f"{text_key}.model_type",
                           fix=f"use one of {', '.join(allowed)}")]
+    vision = init_config.get("vision_config")
+    vision_type = vision.get("model_type") if isinstance(vision, dict) else None  # None: Pixtral (build_init_config)
+    if vision_type is not None and family.vision_model_types and vision_type not in family.vision_model_types:
+        return [UserError(f"`{key}.vision_config.model_type` is {vision_type!r}, not a vision tower of Mistral's "
+                          f"(`{model_type}` takes {', '.join(family.vision_model_types)})",
+                          key=f"{key}.vision_config.model_type", fix="use model_type: pixtral")]
     return []
 
 
@@ -139,6 +158,8 @@ def build_init_config(init_config: dict, tokenizer=None):
     family = family_of(init_config.get("model_type"), key="model.init_from_config.model_type")
     ids = {} if tokenizer is None else {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                                         "pad_token_id": tokenizer.pad_token_id, "vocab_size": len(tokenizer)}
+    if family.vision_model_types:  # LlavaConfig's own default is a CLIP tower
+        values["vision_config"] = {"model_type": family.vision_model_types[0], **(values.get("vision_config") or {})}
     if family.is_vision_language:
         text = dict(values.get(family.text_config_key) or {})
         text_type = text.setdefault("model_type", text_types(family)[0])
@@ -174,7 +195,14 @@ def checkpoint_family(config, *, trust_remote_code: bool = False, where: str | N
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES and trust_remote_code and getattr(config, "auto_map", None):
         return Family(str(model_type), "a model with its own code")
-    return family_of(model_type, key="model.name_or_path", where=where, named="model_type in its config.json")
+    family = family_of(model_type, key="model.name_or_path", where=where, named="model_type in its config.json")
+    vision_type = getattr(getattr(config, "vision_config", None), "model_type", None)
+    if family.vision_model_types and vision_type not in family.vision_model_types:
+        raise UserError(f"the checkpoint is a `{model_type}` with a `{vision_type}` vision tower, not Mistral's "
+                        f"({', '.join(family.vision_model_types)}): not a Mistral model", where=where,
+                        key="model.name_or_path", fix="fine-tune a Mistral checkpoint (Pixtral 12B is a llava with a "
+                                                      "pixtral vision_config)")
+    return family
 
 
 def auto_model_class(family: Family):

@@ -4,6 +4,8 @@ a vision-language model fine-tunes its language model only."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -23,6 +25,23 @@ TINY_CONFIGS = {
     "ministral3": {"model_type": "ministral3", **TINY_TEXT, "head_dim": 16},
     "mistral3": {"model_type": "mistral3", "text_config": {"model_type": "mistral", **TINY_TEXT, "head_dim": 16},
                  "vision_config": TINY_VISION},
+    # Pixtral 12B: a Llava with a Pixtral tower and a Mistral Nemo text model (no merge of patches)
+    "llava": {"model_type": "llava", "text_config": {"model_type": "mistral", **TINY_TEXT, "head_dim": 16},
+              "vision_config": TINY_VISION},
+}
+# 64-wide MoE text models with MLA attention, 4 experts (as tests/test_experts.py's)
+TINY_MOE = {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 4, "num_local_experts": 4, "num_experts_per_tok": 2,
+            "n_group": 1, "topk_group": 1, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 8, "v_head_dim": 16, "initializer_range": 0.1}
+VISION_CONFIGS = {
+    "mistral3": TINY_CONFIGS["mistral3"],
+    "llava": TINY_CONFIGS["llava"],
+    # Mistral Small 4 with its vision tower: a mistral3 whose text model is a mistral4
+    "mistral3-mistral4": {"model_type": "mistral3", "text_config": {"model_type": "mistral4", **TINY_MOE},
+                          "vision_config": TINY_VISION},
+    "mistral_large4": {"model_type": "mistral_large4", "text_config": {**TINY_MOE, "first_k_dense_replace": 1},
+                       "vision_config": TINY_VISION},
 }
 
 
@@ -31,7 +50,8 @@ def family_recipe(folder, model_type: str, **sections) -> str:
     reset = folder / "no-model.yaml"  # drops tiny-mistral's init_from_config keys before ours
     reset.write_text(yaml.safe_dump({"extends": "tiny-mistral", "model": {"init_from_config": None}}))
     path = folder / f"tiny-{model_type}.yaml"
-    body = {"extends": str(reset), "model": {"init_from_config": {**TINY_CONFIGS[model_type], "seed": 0}},
+    config = {**VISION_CONFIGS, **TINY_CONFIGS}[model_type]
+    body = {"extends": str(reset), "model": {"init_from_config": {**config, "seed": 0}},
             "lora": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}, **sections}
     path.write_text(yaml.safe_dump(body, sort_keys=False))
     return str(path)
@@ -70,7 +90,8 @@ def test_a_checkpoint_of_an_unsupported_type_is_refused_before_its_weights_load(
 
 @pytest.mark.parametrize("model_type, auto_class", [
     ("mistral", "MistralForCausalLM"), ("ministral", "MinistralForCausalLM"),
-    ("ministral3", "Ministral3ForCausalLM"), ("mistral3", "Mistral3ForConditionalGeneration")])
+    ("ministral3", "Ministral3ForCausalLM"), ("mistral3", "Mistral3ForConditionalGeneration"),
+    ("llava", "LlavaForConditionalGeneration")])
 def test_each_family_builds_with_its_auto_class_and_real_defaults(model_type, auto_class, tmp_path, v1_tokenizer):
     import torch
 
@@ -150,7 +171,7 @@ def test_a_merged_vision_language_model_keeps_its_vision_weights_bit_for_bit(fam
     from transformers import AutoModelForImageTextToText
 
     model_type, run, _ = family_run
-    if model_type != "mistral3":
+    if model_type not in VISION_CONFIGS:
         pytest.skip("a text-only family")
     base = json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
     base_weights, merged = load_file(f"{base}/model.safetensors"), load_file(str(run / "merged" / "model.safetensors"))
@@ -160,23 +181,46 @@ def test_a_merged_vision_language_model_keeps_its_vision_weights_bit_for_bit(fam
     changed = [k for k in base_weights if not torch.equal(merged[k], base_weights[k])]
     assert changed and all(".layers." in k and k.startswith("language_model.") for k in changed)
     assert type(AutoModelForImageTextToText.from_pretrained(run / "merged")).__name__ == \
-        "Mistral3ForConditionalGeneration"
+        {"mistral3": "Mistral3ForConditionalGeneration", "llava": "LlavaForConditionalGeneration"}[model_type]
 
 
 @pytest.mark.slow
-def test_a_vision_language_model_trains_4bit_lora_on_its_language_model_only(tmp_path):
+@pytest.mark.parametrize("name", list(VISION_CONFIGS))
+def test_each_vision_family_sees_the_image_and_trains_4bit_lora_on_its_language_model_only(name, tmp_path):
     import bitsandbytes as bnb
     import torch
 
+    from qlora_cli.model.experts import expert_parameters, is_quantized
     from qlora_cli.model.load import load_trainable_model
 
-    model = load_trainable_model(load_recipe([family_recipe(tmp_path, "mistral3")]))
+    model = load_trainable_model(load_recipe([family_recipe(tmp_path, name)]))
     quantized = [n.removesuffix(".base_layer") for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert quantized and all(".language_model.layers." in n for n in quantized)
     lora = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if "lora_A" in n}
-    assert lora == set(quantized) and len(lora) == 2 * 7  # every Linear of both text layers
+    # every 4-bit Linear of the text layers gets LoRA (all-linear); Mistral Large 4 keeps its
+    # indexer's weights_proj unquantized (transformers' _keep_in_fp32_modules), LoRA on it all the same
+    assert set(quantized) <= lora
+    assert all(".language_model.layers." in n for n in lora)
+    if name == "mistral3":
+        assert lora == set(quantized) and len(lora) == 2 * 7
+    experts = expert_parameters(model, ("mlp.experts",))
+    assert all(is_quantized(m, p) for _, m, p in experts) and bool(experts) == name.endswith("4")
     vision = [m for n, m in model.named_modules() if "vision_tower" in n and isinstance(m, torch.nn.Linear)]
     assert vision and all(type(m) is torch.nn.Linear and m.weight.dtype == torch.float32 for m in vision)
+
+    # One 56 x 56 image: 4 x 4 patches of 14 pixels, merged 2 x 2 where the family merges them.
+    config = model.config
+    tokens = 16 // getattr(config, "spatial_merge_size", 1) ** 2
+    ids = torch.tensor([[1] + [config.image_token_index] * tokens + [5, 6, 7, 8]])
+    torch.manual_seed(0)
+    images = [torch.randn(1, 3, 56, 56), torch.randn(1, 3, 56, 56)]
+    losses = [model(input_ids=ids, pixel_values=image, image_sizes=torch.tensor([[56, 56]]), labels=ids).loss
+              for image in images]
+    assert abs(losses[0].item() - losses[1].item()) > 1e-4  # the answer depends on the picture
+    losses[0].backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained and all(".lora_" in n and ".language_model." in n for n in trained)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "vision_tower" in n or "projector" in n)
 
 
 @pytest.mark.slow
@@ -224,4 +268,22 @@ def test_qlora_plan_reports_each_family_and_its_vision_tower(model_type, tmp_pat
     result = qlora("plan", recipe, "--gpu-memory", "24")
     assert result.exit_code == 0, result.output
     assert "LoRA parameters" in result.output and "14 modules" in result.output  # 2 text layers x 7 Linears
-    assert ("unquantized: vision tower" in result.output) == (model_type == "mistral3")  # the table may wrap the rest
+    assert ("unquantized: vision tower" in result.output) == (model_type in VISION_CONFIGS)  # the table may wrap the rest
+
+
+@pytest.mark.slow  # converts the tekken vocabulary
+def test_images_for_a_text_only_model_exit_2_before_it_loads(tmp_path):
+    from pathlib import Path
+
+    # tekken_240911 has an image section, so the images prepare; a ministral3 has no vision tower
+    root = Path(__file__).resolve().parent.parent
+    data = tmp_path / "two.jsonl"
+    rows = (root / "sample_images" / "train.jsonl").read_text().splitlines()[:2]
+    data.write_text("\n".join(rows).replace('"path": "imgs/', f'"path": "{root}/sample_images/imgs/') + "\n")
+    text_only = {"model_type": "ministral3", **TINY_TEXT, "head_dim": 16}
+    result = qlora("train", "tiny-mistral3-vision", "~model.init_from_config",
+                   f"model.init_from_config={json.dumps(text_only)}", f"data.sources=[{{path: {data}, format: chat}}]",
+                   f"data.prepared_dir={tmp_path / 'prepared'}", f"training.output_dir={tmp_path / 'run'}")
+    assert_user_error(result, "model.init_from_config", "holds images", "`ministral3`", "no vision tower",
+                      "llava", wrapped=True)
+    assert not (tmp_path / "run").exists()
