@@ -373,6 +373,8 @@ BAD_ROWS = {  # name: (the bad row, what the message names besides the row's fil
                                    ["message 2 (assistant) holds an image", "user messages only"]),
     "image for a text-only tokenizer": ({"messages": user_turn(IMAGE)}, ["mistral-common v1", "no image tokens"]),
     "image for a text-only model": ({"messages": user_turn(IMAGE)}, ["text-only", "model.init_from_config"]),
+    "tokenizer and vision tower disagree": ({"messages": user_turn(IMAGE)},
+                                            ["14-pixel patches merged 2x2", "16-pixel patches merged 1x1"]),
 }
 
 
@@ -390,12 +392,14 @@ def test_bad_images_exit_2_naming_the_row_and_write_nothing(case, vision, tmp_pa
     good = {"messages": user_turn(IMAGE)}
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n", encoding="utf-8")
-    tokenizer = "mistral-common:v1" if case == "image for a text-only tokenizer" else vision.folders["v3-patch16"]
+    tokenizer = {"image for a text-only tokenizer": "mistral-common:v1",
+                 "tokenizer and vision tower disagree": vision.folders["v7-patch14-merge2"]}.get(
+        case, vision.folders["v3-patch16"])
     extends = "tiny-mistral" if case == "image for a text-only model" else "tiny-mistral3-vision"
     recipe = vision_recipe(tmp_path, {"sources": [{"path": data, "format": "chat"}]}, tokenizer, extends=extends)
     result = qlora("prepare", recipe)
-    text_only = case.startswith("image for a text-only")  # found at the first row with an image
-    where = f"{data}:1" if text_only else f"{data}:2"
+    model_side = case.startswith("image for a text-only") or case.endswith("disagree")  # at the first image
+    where = str(recipe) if case.endswith("disagree") else f"{data}:1" if model_side else f"{data}:2"
     assert_user_error(result, where, *needles, wrapped=True)
     assert not (tmp_path / "prepared").exists() or not any((tmp_path / "prepared").iterdir())
 
@@ -443,3 +447,22 @@ def test_prepare_show_draws_each_image_with_its_size_and_grid(vision, tmp_path):
     assert "2 images" in result.output and "[IMG]" not in result.output
     tokens = 2 * 4 + 21 * 29  # rows x (cols + 1) each
     assert f"({tokens:,} in 2 images, never trained)" in result.output
+
+
+def test_an_overlong_example_is_cut_only_after_its_last_image(vision, tmp_path):
+    rng = random.Random(18)
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(random_png(rng, 40, 30))
+    image = {"type": "image", "path": "imgs/a.png"}
+    long = " ".join(["word"] * 200)
+    rows = [{"messages": user_turn(image, answer=long)},  # the cut falls in the answer: kept, cut
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": long}, image]},
+                          {"role": "assistant", "content": "Red."}]}]  # the cut would fall before the image ends
+    dataset, summary = prepared(tmp_path, vision, rows, "overlong", max_length=64, overlong="truncate")
+    (counts,) = summary.sources
+    assert (counts.read, counts.kept, counts.truncated, counts.dropped) == (2, 1, 1, 1)
+    (row,) = dataset["train"]
+    assert len(row["input_ids"]) == 64 and row["images"] == [(tmp_path / "imgs" / "a.png").read_bytes()]
+    from qlora_cli.data.images import image_spans, image_token_ids
+
+    assert [span[2:] for span in image_spans(row["input_ids"], image_token_ids(vision["v3-patch16"][0]))] == [(3, 2)]

@@ -100,6 +100,44 @@ def image_settings(tokenizer, model_config=None) -> ImageSettings | None:
                          max_image_size=int(getattr(vision, "image_size", 1024)))
 
 
+def check_model_for_images(model, tokenizer, where: str) -> None:
+    """Images in the data (first at `where`) need a model with a vision tower, whose patch size and
+    spatial merge are the ones the tokenizer lays image tokens out for: else the number of image
+    tokens would not match the tower's features, which fails deep in the first training step."""
+    config = _model_config(model)
+    if config is None:
+        return  # a hub model not downloaded: the model stage reads its config
+    key = "model.init_from_config" if model.init_from_config is not None else "model.name_or_path"
+    if getattr(config, "vision_config", None) is None:
+        raise UserError(f"this example holds an image, and the model ({key}) is text-only: it has no vision tower",
+                        where=where, fix="fine-tune a vision-language model (mistral3, pixtral), or remove the images")
+    ours, theirs = image_settings(tokenizer), image_settings(None, config)
+    if ours and theirs and (ours.patch_size, ours.spatial_merge_size) != (theirs.patch_size, theirs.spatial_merge_size):
+        raise UserError(f"the tokenizer lays images out in {ours.patch_size}-pixel patches merged "
+                        f"{ours.spatial_merge_size}x{ours.spatial_merge_size}, and the model's vision tower ({key}) "
+                        f"takes {theirs.patch_size}-pixel patches merged {theirs.spatial_merge_size}x"
+                        f"{theirs.spatial_merge_size}", key="model.tokenizer",
+                        fix="use the model's own tokenizer (its tekken.json), or make the model's vision_config."
+                            "patch_size and spatial_merge_size those of the tokenizer's image section")
+
+
+def _model_config(model):
+    """The recipe's model config, read without weights; None where it cannot be without the network."""
+    if model.init_from_config is not None:
+        from qlora_cli.families import build_init_config
+
+        return build_init_config(dict(model.init_from_config))
+    from transformers import AutoConfig
+    from transformers.utils import cached_file
+
+    try:
+        path = cached_file(model.name_or_path, "config.json", revision=model.revision,
+                           _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
+        return None if path is None else AutoConfig.from_pretrained(Path(path).parent)
+    except (OSError, ValueError):  # not a folder nor a hub id, a damaged config: the model stage says so
+        return None
+
+
 def set_image_settings(tokenizer, settings: ImageSettings) -> None:
     """Record settings on a tokenizer (kept by save_pretrained), for a tokenizer whose files lack them."""
     tokenizer.init_kwargs[IMAGE_KEY] = settings.as_dict()

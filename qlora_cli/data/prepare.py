@@ -26,7 +26,7 @@ from qlora_cli.data.preference import (encode_preference, fit_to_length, is_pref
                                        trained_tokens)
 from qlora_cli.data.prompts import IDS, check_alike, encode_prompt_row, is_prompt_data
 from qlora_cli.data.sources import Example, apply_weight, read_source
-from qlora_cli.data.images import images_of
+from qlora_cli.data.images import check_model_for_images, images_of
 from qlora_cli.data.templates import IGNORE_INDEX, NEVER, Ids, chat_segments, ids_of, text_segments
 from qlora_cli.data.tokenizer import IMAGE_KEY, VERSION_KEY
 
@@ -102,7 +102,7 @@ def prepare_dataset(recipe: Recipe, tokenizer, *, force: bool = False) -> Prepar
     # Built before any folder is made, so a bad row leaves nothing at all under prepared_dir.
     dataset, summary = build_dataset(data, tokenizer, seed, fingerprint)
     if summary.first_image:
-        check_model_sees_images(recipe.model, summary.first_image)
+        check_model_for_images(recipe.model, tokenizer, summary.first_image)
     try:
         with atomic_folder(target, replace=True) as tmp:
             dataset.save_to_disk(str(tmp))
@@ -113,38 +113,6 @@ def prepare_dataset(recipe: Recipe, tokenizer, *, force: bool = False) -> Prepar
             f"`data.prepared_dir` {target.parent} cannot be written: {err.strerror or err}",
             key="data.prepared_dir", fix="set data.prepared_dir to a folder you can write") from None
     return load_prepared(target, reused=False)
-
-
-def check_model_sees_images(model, where: str) -> None:
-    """Images in the data need a model with a vision tower: refused where its config says it has none."""
-    sees = _model_sees_images(model)
-    if sees is False:
-        key = "model.init_from_config" if model.init_from_config is not None else "model.name_or_path"
-        raise UserError(f"this example holds an image, and the model ({key}) is text-only: it has no vision tower",
-                        where=where, fix="fine-tune a vision-language model (mistral3, pixtral), or remove the images")
-
-
-def _model_sees_images(model) -> bool | None:
-    """Whether the recipe's model has a vision tower, from its config alone; None where its config
-    cannot be read without the network (a hub id not downloaded)."""
-    from qlora_cli.families import FAMILIES
-
-    if model.init_from_config is not None:
-        family = FAMILIES.get(model.init_from_config.get("model_type"))
-        return "vision_config" in model.init_from_config or bool(family and family.is_vision_language)
-    from transformers.utils import cached_file
-
-    try:
-        path = cached_file(model.name_or_path, "config.json", revision=model.revision,
-                           _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
-    except (OSError, ValueError):  # not a folder nor a hub id: the model stage says so
-        return None
-    if path is None:
-        return None
-    try:
-        return "vision_config" in json.loads(Path(path).read_text(encoding="utf-8"))
-    except ValueError:
-        return None  # the model stage reports a damaged config.json
 
 
 def load_prepared(path: Path, reused: bool = True) -> PreparedData:
@@ -468,6 +436,8 @@ def _encode_one_by_one(sources, data, summary, encode) -> list[_SourceExamples]:
         encoded = []
         for example in examples:
             row, length = encode(example)
+            if row.get("images") and summary.first_image is None:
+                summary.first_image = example.where
             if length > data.max_length and _drops_overlong(example, length, data, counts):
                 continue
             counts.truncated += length > data.max_length
