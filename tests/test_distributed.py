@@ -1,4 +1,5 @@
-"""Two-process DDP on the CPU (gloo, through `qlora train --nproc 2`) against one process."""
+"""Several processes on the CPU (gloo, through `qlora train --nproc 2`) against one process: DDP,
+and FSDP2 with the 4-bit base sharded (training/distributed.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from conftest import TINY_OVERRIDES
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _train(tmp_path: Path, name: str, batch: int, nproc: int, *extra: str) -> Path:
+def _command(tmp_path: Path, name: str, batch: int, nproc: int, *extra: str) -> list[str]:
     data = tmp_path / "data.jsonl"
     if not data.exists():
         data.write_text("".join((ROOT / "sample_data.jsonl").read_text().splitlines(keepends=True)[:32]))
@@ -34,18 +35,29 @@ def _train(tmp_path: Path, name: str, batch: int, nproc: int, *extra: str) -> Pa
     ]
     if nproc > 1:
         command.append(f"--nproc={nproc}")
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    return command
+
+
+def _train(tmp_path: Path, name: str, batch: int, nproc: int, *extra: str) -> Path:
+    result = subprocess.run(_command(tmp_path, name, batch, nproc, *extra), capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return run
+    return tmp_path / name
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("ddp")
-    return {
-        "one": _train(tmp_path, "one", batch=4, nproc=1),
-        "two": _train(tmp_path, "two", batch=2, nproc=2),
-    }
+def shared_folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("distributed")  # one data file and prepared folder for the module
+
+
+@pytest.fixture(scope="module")
+def one_process_run(shared_folder):
+    return _train(shared_folder, "one", batch=4, nproc=1)
+
+
+@pytest.fixture(scope="module")
+def runs(shared_folder, one_process_run):
+    return {"one": one_process_run, "two": _train(shared_folder, "two", batch=2, nproc=2)}
 
 
 def _adapter(run: Path) -> dict:
@@ -204,3 +216,68 @@ def test_grpo_trains_on_two_processes(tmp_path):
     assert record["processes"] == 2 and record["metrics"]["steps"] == 2
     steps = [line for line in result.stdout.splitlines() if line.startswith("step ")]
     assert len(steps) == 2 and all(" reward " in line for line in steps)  # rank 0's progress alone
+
+
+# FSDP2 over the processes: each rank keeps half of every weight, the 4-bit ones too (stored in the
+# model's float32 words so that they flatten with their layer), and sharded checkpoints.
+FSDP = ["training.fsdp=true", "quantization.bnb_4bit_quant_storage=float32",
+        "training.fsdp_config={auto_wrap_policy: TRANSFORMER_BASED_WRAP, "
+        "transformer_layer_cls_to_wrap: [MistralDecoderLayer], state_dict_type: SHARDED_STATE_DICT}"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_resumed_run(shared_folder):
+    """Two processes under FSDP2, stopped by SIGTERM after their first step, then resumed."""
+    import signal
+
+    command = _command(shared_folder, "fsdp", 2, 2, *FSDP)
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in launcher.stdout:
+        lines.append(line)
+        if line.startswith("step 1/"):
+            launcher.send_signal(signal.SIGTERM)
+            break
+    stopped = "".join(lines) + launcher.stdout.read()
+    assert launcher.wait(timeout=300) == 143, stopped[-3000:]
+    checkpoint = next((shared_folder / "fsdp" / "checkpoints").glob("checkpoint-*"))
+    shards = sorted(p.name for p in checkpoint.rglob("*.distcp"))
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    return shared_folder / "fsdp", stopped + resumed.stdout, shards
+
+
+@pytest.mark.slow
+def test_fsdp_shards_the_4bit_model_stops_resumes_and_trains_the_adapter_of_one_process(one_process_run,
+                                                                                       fsdp_resumed_run):
+    run, output, shards = fsdp_resumed_run
+    record = json.loads((run / "run.json").read_text())
+    distributed = record["distributed"]
+    assert distributed["strategy"] == "FSDP" and distributed["version"] == 2, distributed
+    assert distributed["processes"] == 2 and distributed["nodes"] == 1 and distributed["backend"] == "gloo"
+    assert distributed["units"]["MistralDecoderLayer"] == 2
+    counts = distributed["parameter_elements"]
+    assert counts["whole_frozen"] == counts["whole_trainable"] == 0 and counts["sharded_trainable"] > 0
+    assert output.count("distributed: FSDP2 over 2 processes, 1 node (gloo)") == 2  # stopped, then resumed
+    # The checkpoint holds each rank's shard of the LoRA weights and of the optimizer state.
+    assert shards == ["__0_0.distcp", "__0_0.distcp", "__1_0.distcp", "__1_0.distcp"]
+    assert record["resumed_from"].startswith("checkpoint-") and record["metrics"]["steps"] == 8
+    # The adapter, gathered from the shards and saved by rank 0, in the PEFT layout of one process's.
+    one, fsdp = _adapter(one_process_run), _adapter(run)
+    assert one.keys() == fsdp.keys()
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    # Measured 2.1e-7 (lora_B weights up to 0.31), as DDP: only the order of the sums differs.
+    assert max((one[k] - fsdp[k]).abs().max().item() for k in one) < 1e-4
+
+
+@pytest.mark.slow
+def test_a_parallelism_this_machine_cannot_give_exits_2_before_loading(shared_folder):
+    result = subprocess.run(_command(shared_folder, "refused", 4, 1, "training.fsdp=true",
+                                     "training.fsdp_config={version: 1}"), capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert "`training.fsdp` shards the model across processes, and this run has one" in output
+    assert "FSDP1 (`fsdp_config.version: 1`) runs on GPUs only" in output
+    assert "quantization.bnb_4bit_quant_storage: FSDP shards the 4-bit weights only when" in output
+    assert "Traceback" not in output and "quantization:" not in output  # refused before the model loaded
+    assert not (shared_folder / "refused").exists()

@@ -9,6 +9,7 @@ prompts, the eval records, the lm-eval tasks) stays with the command that parses
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,15 +21,52 @@ if TYPE_CHECKING:
     from qlora_cli.recipe.load import Recipe
 
 
-def check_before_training(recipe: Recipe) -> None:
-    """The quick checks, every problem at once: this machine, the model folder, a LoRA section,
-    the adapter a run starts from."""
+def check_before_training(recipe: Recipe, processes: int | None = None) -> None:
+    """The quick checks, every problem at once: this machine, the parallelism asked of it over
+    `processes` (this job's WORLD_SIZE unless given: the `--nproc` launcher gives its N), the model
+    folder, a LoRA section, the adapter a run starts from."""
+    processes = processes or int(os.environ.get("WORLD_SIZE", "1"))
     errors = []
-    for check in (check_machine, check_model_folder, check_trainable, check_starting_adapter):
+    for check in (check_machine, lambda r: check_parallelism(r, processes), check_model_folder, check_trainable,
+                  check_starting_adapter):
         try:
             check(recipe)
         except UserError as err:
             errors += err.errors
+    if errors:
+        raise combined(errors)
+
+
+def check_parallelism(recipe: Recipe, processes: int) -> None:
+    """Refuse a sharding this job cannot give, instead of training another way without a word:
+    FSDP on one process, FSDP1 without GPUs (FSDP2 runs on CPU processes: training.distributed),
+    4-bit weights FSDP would leave whole on every rank, more local processes than GPUs."""
+    import torch
+
+    training, errors = recipe.written("training"), []
+    fsdp = training.get("fsdp")
+    config = training.get("fsdp_config") if isinstance(training.get("fsdp_config"), dict) else {}
+    if fsdp and processes < 2:
+        errors.append(UserError("`training.fsdp` shards the model across processes, and this run has one",
+                                key="training.fsdp", fix="train with --nproc 2 (or more), torchrun or accelerate "
+                                "launch, or set training.fsdp=false"))
+    if fsdp and str(config.get("version", 2)) == "1" and not torch.cuda.is_available():
+        errors.append(UserError("FSDP1 (`fsdp_config.version: 1`) runs on GPUs only, and this machine has none",
+                                key="training.fsdp_config.version", fix="set training.fsdp_config.version=2 "
+                                "(FSDP2 runs on CPU processes too)"))
+    if fsdp and recipe.quantization is not None and recipe.quantization.load_in_4bit:
+        storage = str(recipe.written("quantization").get("bnb_4bit_quant_storage") or "uint8").removeprefix("torch.")
+        if storage != str(recipe.model.dtype):
+            errors.append(UserError(
+                f"FSDP shards the 4-bit weights only when they are stored in the model's dtype "
+                f"(`{recipe.model.dtype}`), and `bnb_4bit_quant_storage` is `{storage}`: each rank would hold "
+                "all of them", key="quantization.bnb_4bit_quant_storage",
+                fix=f"set quantization.bnb_4bit_quant_storage={recipe.model.dtype}"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", processes))  # on this machine (torchrun sets it)
+    if torch.cuda.is_available() and local > torch.cuda.device_count():
+        errors.append(UserError(f"{local} processes on this machine, and it has {torch.cuda.device_count()} GPU(s): "
+                                "two processes would share one", key="training",
+                                fix=f"train with --nproc {torch.cuda.device_count()} (one process per GPU)"))
     if errors:
         raise combined(errors)
 

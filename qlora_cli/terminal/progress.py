@@ -130,6 +130,10 @@ class TrainReporter:
                 self.console.print(line, highlight=False)
             self.console.print(f"run folder: {run.root}", highlight=False)
 
+    def distributed(self, line: str) -> None:
+        if self.main:
+            self.console.print(line, highlight=False, markup=False)
+
     def training_callback(self, tokens_seen: Callable[[], int]) -> TrainerCallback:
         return TrainingProgress(self.console, tokens_seen)
 

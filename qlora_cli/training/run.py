@@ -79,7 +79,7 @@ def plan_for_processes(recipe: Recipe, *, resume: bool, overwrite: bool, force: 
     from qlora_cli.data.tokenizer import load_recipe_tokenizer
 
     open_run_folder(recipe, resume=resume, overwrite=overwrite)
-    check_before_training(recipe)
+    check_before_training(recipe, processes=gpus)
     tokenizer = load_recipe_tokenizer(recipe)
     prepared = prepare_dataset(recipe, tokenizer)
     check_prepared_data(recipe, prepared)
@@ -91,6 +91,7 @@ def train_in_folder(recipe: Recipe, run: RunFolder, args, state, *, force: bool,
     """The run itself, in a run folder this process holds."""
     from qlora_cli.model.load import load_trainable_model, summarize_model
     from qlora_cli.data.tokenizer import load_recipe_tokenizer
+    from qlora_cli.training.distributed import gathered_trainable_weights
     from qlora_cli.training.trainer import OnTrainBegin
 
     tokenizer = load_recipe_tokenizer(recipe)
@@ -114,10 +115,10 @@ def train_in_folder(recipe: Recipe, run: RunFolder, args, state, *, force: bool,
     state.wait_for_everyone()
     if reporter:
         reporter.model_ready(summary, run)
-    trainer, stopper = None, None
+    trainer, stopper, distribution = None, None, None
     loaded = OnTrainBegin(lambda: run.recipe.write_text(recipe.to_yaml()) if start_from else None)
     try:
-        trainer, stopper = build_trainer(recipe, args, model, tokenizer, prepared, run, reporter)
+        trainer, stopper, distribution = build_trainer(recipe, args, model, tokenizer, prepared, run, reporter)
         trainer.add_callback(loaded)
         stopper.install()
         output = trainer.train(resume_from_checkpoint=str(start_from) if start_from else None)
@@ -136,11 +137,13 @@ def train_in_folder(recipe: Recipe, run: RunFolder, args, state, *, force: bool,
         if stopper:
             stopper.uninstall()
     metrics = final_metrics(trainer, output.metrics, stopped=stopper.signal_number is not None)
+    # Under FSDP each rank holds a shard of the LoRA weights: gathered on every rank, saved by rank 0.
+    gathered = gathered_trainable_weights(trainer) if stopper.signal_number is None else None
     if state.is_main_process:
         if stopper.signal_number is None:
-            save_adapter(trainer, tokenizer, run, recipe, prepared, metrics)
+            save_adapter(trainer, tokenizer, run, recipe, prepared, metrics, gathered)
         draw_loss_plot(trainer.state.log_history, run.plot)
-        record = run_record(recipe, prepared, summary, metrics, started, stopper.signal_number)
+        record = run_record(recipe, prepared, summary, metrics, started, stopper.signal_number, distribution.record)
         write_json(run.run_json, record | (_resumed(run, start_from) if start_from else {}))
     state.wait_for_everyone()
     return TrainResult(run, metrics, stopper.signal_number, tokenizer, prepared)
@@ -173,7 +176,9 @@ def _missing_package(err: BaseException) -> bool:
 
 
 def build_trainer(recipe: Recipe, args, model, tokenizer, prepared, run: RunFolder, reporter=None):
-    """The Trainer for this run, and the callback that stops it cleanly on a signal."""
+    """The Trainer for this run, the callback that stops it cleanly on a signal, and the one that
+    records how the Trainer distributed the model."""
+    from qlora_cli.training.distributed import RecordDistribution
     from qlora_cli.training.trainer import CountingCollator, QloraTrainer, StopOnSignal
 
     dataset = prepared.dataset
@@ -203,12 +208,14 @@ def build_trainer(recipe: Recipe, args, model, tokenizer, prepared, run: RunFold
     if recipe.written("training").get("activation_offloading"):
         trainer.offload_activations()
     _log_to(trainer, run.logs)
+    distribution = RecordDistribution(trainer, reporter.distributed if reporter else None)
+    trainer.add_callback(distribution)
     if reporter:
         from transformers import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # it prints raw dicts; the reporter shows progress
         trainer.add_callback(reporter.training_callback(lambda: trainer.real_tokens_seen))
-    return trainer, stopper
+    return trainer, stopper, distribution
 
 
 def _log_to(trainer, logs: Path) -> None:
@@ -272,8 +279,10 @@ def _final_evaluation(trainer) -> dict:
     return trainer.evaluate()
 
 
-def save_adapter(trainer, tokenizer, run: RunFolder, recipe: Recipe, prepared, metrics: dict) -> None:
-    """adapter/: LoRA weights (safetensors), tokenizer and model card, appearing whole."""
+def save_adapter(trainer, tokenizer, run: RunFolder, recipe: Recipe, prepared, metrics: dict,
+                 gathered: dict | None = None) -> None:
+    """adapter/: LoRA weights (safetensors), tokenizer and model card, appearing whole; `gathered`,
+    the trainable weights whole when the model is sharded (distributed.gathered_trainable_weights)."""
     from qlora_cli.data.chat_template import save_tokenizer
     from qlora_cli.model.load import base_model_id, describe_base_model
 
@@ -282,7 +291,8 @@ def save_adapter(trainer, tokenizer, run: RunFolder, recipe: Recipe, prepared, m
     try:
         with atomic_folder(run.adapter, replace=True) as tmp:
             # Only the trained adapter: a DPO run from an adapter also holds TRL's frozen reference copy.
-            trainer.model.save_pretrained(str(tmp), safe_serialization=True, selected_adapters=["default"])
+            trainer.model.save_pretrained(str(tmp), safe_serialization=True, selected_adapters=["default"],
+                                          state_dict=gathered)
             save_tokenizer(tokenizer, tmp, recipe.data.template)  # with the chat template it trained on
             card.save(tmp / CARD)
     except Exception as err:  # the staging is gone; a full disk says how much the adapter needs
@@ -310,7 +320,8 @@ def _resumed(run: RunFolder, checkpoint: Path) -> dict:
     return {"resumed_from": checkpoint.name, "first_started": earlier.get("first_started", earlier.get("started"))}
 
 
-def run_record(recipe: Recipe, prepared, summary, metrics: dict, started: str, stopped_by: int | None) -> dict:
+def run_record(recipe: Recipe, prepared, summary, metrics: dict, started: str, stopped_by: int | None,
+               distributed: dict | None = None) -> dict:
     """run.json: everything needed to tell later how this run was made and how it went."""
     import torch
 
@@ -325,6 +336,7 @@ def run_record(recipe: Recipe, prepared, summary, metrics: dict, started: str, s
         "versions": library_versions(),
         "device": device,
         "processes": int(os.environ.get("WORLD_SIZE", "1")),
+        "distributed": distributed,  # strategy, version, processes, nodes, what was sharded (distributed.py)
         "data_fingerprint": prepared.summary.fingerprint,
         "parameters": {"trainable": summary.trainable, "total": summary.total},
         "metrics": metrics,

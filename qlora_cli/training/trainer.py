@@ -25,6 +25,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from qlora_cli.atomic import disk_full, folder_size, share_files
 from qlora_cli.data.collate import PackedCollator
 from qlora_cli.model.loss import loss_in_chunks
+from qlora_cli.training.distributed import shard_on_cpu
 
 TOKENS_KEY = "num_real_tokens"
 
@@ -48,6 +49,10 @@ class RunTrainer:
     def offload_activations(self) -> None:
         """From the next step on, keep the tensors autograd saves in CPU memory (see `offloading_context`)."""
         self.offloading = offloading_context(self.model)
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        shard_on_cpu(self)  # the FSDP a recipe asks for, on CPU processes as well
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.real_tokens_seen += int(inputs.pop(TOKENS_KEY, 0))
