@@ -466,3 +466,12 @@ def test_an_overlong_example_is_cut_only_after_its_last_image(vision, tmp_path):
     from qlora_cli.data.images import image_spans, image_token_ids
 
     assert [span[2:] for span in image_spans(row["input_ids"], image_token_ids(vision["v3-patch16"][0]))] == [(3, 2)]
+
+
+def test_a_pil_image_is_kept_as_lossless_png_bytes():
+    from qlora_cli.data.images import load_image
+
+    picture = Image.open(io.BytesIO(random_png(random.Random(19), 33, 21))).convert("RGB")
+    image = load_image(picture, None, "test")
+    assert (image.width, image.height) == (33, 21)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(image.data))), np.asarray(picture))
