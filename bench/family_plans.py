@@ -23,8 +23,22 @@ PUBLISHED = {  # recipe -> its checkpoint's architecture (config.json values)
                          "max_position_embeddings": 1024000, "rope_theta": 1.0e6, "sliding_window": None},
     "mistral-small-3.2-24b": {"model_type": "mistral3", "text_config": TEXT_24B, "vision_config": PIXTRAL},
     "ministral-3-8b": {"model_type": "mistral3", "text_config": TEXT_MINISTRAL_3_8B, "vision_config": PIXTRAL},
+    "mistral-small-3.2-24b-vision": {"model_type": "mistral3", "text_config": TEXT_24B, "vision_config": PIXTRAL},
 }
 SHAPES = [(1, 2048), (4, 2048)]
+# The image rows of the vision recipe: one 1024 x 1024 picture in each 2,048-token row, laid out as
+# mistral-common does for Mistral Small 3.x (14-pixel patches, 2 x 2 merge, 1,540-pixel maximum).
+IMAGE = (1024, 1024)
+SMALL_3_IMAGES = {"patch_size": 14, "spatial_merge_size": 2, "max_image_size": 1540}
+
+
+def image_row(size=IMAGE) -> dict:
+    """The image tokens and vision-tower patches one picture of `size` takes in Mistral Small 3.x."""
+    from qlora_cli.data.images import ImageSettings, image_grid
+
+    settings = ImageSettings(**SMALL_3_IMAGES)
+    rows, cols = image_grid(*size, settings)
+    return {"image_tokens": rows * (cols + 1), "patches": rows * cols * settings.spatial_merge_size ** 2}
 
 # Mixture-of-experts rows: (recipe, config values, overrides, GPUs). Mixtral's values are its
 # checkpoints' config.json as remembered (8x22B: v0.1's vocabulary of 32,000), not read from the
@@ -54,6 +68,8 @@ MOE = {
 
 
 def plan_gib(name: str) -> dict:
+    from dataclasses import replace
+
     from qlora_cli.data.tokenizer import load_recipe_tokenizer
     from qlora_cli.plan.estimate import load_model_config, recipe_settings
     from qlora_cli.plan.memory import GiB, memory_items, model_shape
@@ -63,6 +79,8 @@ def plan_gib(name: str) -> dict:
                                   "model.tokenizer=mistral-common:tekken_240911"])
     shape = model_shape(load_model_config(recipe, load_recipe_tokenizer(recipe)))
     settings = recipe_settings(recipe, shape)
+    if name.endswith("-vision"):  # one picture per row (image_row): its tokens are part of the 2,048
+        settings = replace(settings, image_patches=image_row()["patches"])
     totals = {f"{b}x{s}": sum(i.bytes for i in memory_items(shape, settings, b, s)) / GiB for b, s in SHAPES}
     return {"params": shape.total_params, **totals}
 

@@ -246,7 +246,8 @@ def test_plan_is_within_5_percent_of_the_measured_peak_of_a_training_step_for_ea
 
 
 @pytest.mark.slow  # converts the tekken vocabulary
-@pytest.mark.parametrize("name", ["mistral-nemo-12b", "mistral-small-3.2-24b", "ministral-3-8b"])
+@pytest.mark.parametrize("name", ["mistral-nemo-12b", "mistral-small-3.2-24b", "ministral-3-8b",
+                                  "mistral-small-3.2-24b-vision"])
 def test_a_family_recipes_header_states_its_plan_at_1_and_4_rows_of_2048_tokens(name):
     import importlib.util
     from pathlib import Path

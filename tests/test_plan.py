@@ -534,3 +534,62 @@ def test_a_tiled_mlp_saves_only_its_input_for_the_whole_row(tiny):
     estimated = activation_bytes(shape, s, 1, seq) - mlp_slice_bytes(shape, s, 1, seq)
     assert abs(estimated - measured) <= 0.10 * measured, (estimated, measured)
     assert measured < 0.8 * whole
+
+
+# ---------------------------------------------------------------- images
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type, sizes", [("mistral3", [(224, 224), (112, 168), (56, 56)]),
+                                               ("llava", [(448, 224)])])
+def test_the_vision_tower_estimate_is_within_5_percent_of_its_measured_forward_peak(model_type, sizes):
+    # A Pixtral tower shaped as the real one (intermediate 4 x hidden), frozen as training keeps it.
+    from qlora_cli.families import FAMILIES, auto_model_class, build_init_config
+    from qlora_cli.plan.memory import vision_tower_bytes
+
+    config = build_init_config({"model_type": model_type, "text_config": {
+        "model_type": "mistral", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}, "vision_config": {
+        "model_type": "pixtral", "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "head_dim": 32, "image_size": 1024, "patch_size": 14}})
+    config._attn_implementation = config.vision_config._attn_implementation = "sdpa"
+    model = auto_model_class(FAMILIES[model_type]).from_config(config).requires_grad_(False)
+    width, height = max(w for w, _ in sizes), max(h for _, h in sizes)
+    pixels = torch.zeros(len(sizes), 3, height, width)  # padded bottom/right, as the collator pads
+    for i, (w, h) in enumerate(sizes):
+        pixels[i, :, :h, :w] = torch.randn(3, h, w)
+    existing = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), pixels]}
+    with torch.enable_grad(), LiveBytes(existing) as tracker:
+        model.model.get_image_features(pixels, image_sizes=torch.tensor([[h, w] for w, h in sizes]))
+    patches = sum((w // 14) * (h // 14) for w, h in sizes)
+    estimated = vision_tower_bytes(model_shape(config), Settings(model_dtype="float32", image_patches=patches), 1)
+    assert abs(estimated - tracker.peak) <= 0.05 * tracker.peak, (estimated, tracker.peak)
+
+
+@pytest.mark.slow  # converts the tekken vocabulary
+def test_qlora_plan_counts_the_image_tokens_the_rows_hold_and_the_vision_towers_memory(tmp_path):
+    from pathlib import Path
+
+    from datasets import load_from_disk
+    from PIL import Image
+
+    sizes = [(40, 24), (96, 64), (16, 16)]
+    for i, size in enumerate(sizes):
+        Image.new("RGB", size, (200, 30, 30)).save(tmp_path / f"{i}.png")
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "path": f"{i}.png"},
+                                                      {"type": "text", "text": "What colour?"}]},
+                          {"role": "assistant", "content": "red"}]} for i in range(len(sizes))]
+    rows[0]["messages"][0]["content"].insert(0, {"type": "image", "path": "1.png"})  # two images in one row
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    from conftest import qlora
+
+    result = qlora("plan", "tiny-mistral3-vision", "--gpu-memory", "24", f"data.sources=[{{path: {tmp_path}/data.jsonl, "
+                   "format: chat}]", f"data.prepared_dir={tmp_path}/prepared", "data.packing=false")
+    assert result.exit_code == 0, result.output
+    # the image tokens the prepared rows hold ([IMG], [IMG_BREAK], [IMG_END]: ids 10, 12, 13 in tekken)
+    prepared = load_from_disk(str(next(p for p in (tmp_path / "prepared").iterdir() if p.is_dir())))
+    in_rows = sum(sum(t in (10, 12, 13) for t in ids) for ids in prepared["train"]["input_ids"])
+    text = " ".join(result.output.split())
+    assert f"images: 4 in the training rows, {in_rows:,} image tokens" in text
+    # 16-pixel patches, no merge: the row with 40x24 and 96x64 runs on 3x2 + 6x4 = 30 patches
+    assert "up to 2 image(s), 30 patches, per row" in text and "vision tower activations" in text

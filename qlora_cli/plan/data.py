@@ -25,6 +25,24 @@ class DataReport:
     mean_context: float  # tokens each token attends to, on average (causal, within its example)
     row_width: int  # the widest row: the micro-batch width memory must hold
     rows: int
+    images: ImageCounts | None = None  # image data only
+
+
+@dataclass
+class ImageCounts:
+    """The training split's images as the model sees them: their tokens in the rows, and the Pixtral
+    patches the vision tower runs on (before its spatial merge) in the row that has the most."""
+
+    images: int
+    image_tokens: int
+    tokens: int  # every real token of the split, image tokens included
+    max_row_images: int
+    max_row_patches: int
+
+    def line(self) -> str:
+        return (f"images: {self.images:,} in the training rows, {self.image_tokens:,} image tokens "
+                f"({self.image_tokens / max(self.tokens, 1):.1%} of tokens, never trained); the vision tower runs on "
+                f"up to {self.max_row_images} image(s), {self.max_row_patches:,} patches, per row")
 
 
 def describe_data(prepared, batch: int) -> DataReport:
@@ -39,6 +57,27 @@ def describe_data(prepared, batch: int) -> DataReport:
     context = sum(n * (n + 1) / 2 for n in examples) / max(sum(examples), 1)
     return DataReport(dict(summary.examples), dict(summary.length_percentiles), summary.trained_fraction,
                       summary.packing_efficiency, computed, context, max(widths), len(widths))
+
+
+def count_images(prepared, settings) -> ImageCounts | None:
+    """Image tokens and vision-tower patches of the prepared training split, from each image's size
+    (its file header: no pixel is decoded, no weight loaded); None without images or settings."""
+    import io
+
+    from PIL import Image
+
+    from qlora_cli.data.images import image_grid
+
+    train = prepared.dataset["train"]
+    if settings is None or "images" not in train.column_names:
+        return None
+    images = tokens = most_images = most_patches = 0
+    for row in train["images"]:
+        grids = [image_grid(*Image.open(io.BytesIO(data)).size, settings) for data in row]
+        patches = sum(rows * cols for rows, cols in grids) * settings.spatial_merge_size ** 2
+        images, tokens = images + len(grids), tokens + sum(rows * (cols + 1) for rows, cols in grids)
+        most_images, most_patches = max(most_images, len(grids)), max(most_patches, patches)
+    return ImageCounts(images, tokens, prepared.summary.tokens.get("train", 0), most_images, most_patches)
 
 
 def _sequences_of(train) -> list[list[int]]:

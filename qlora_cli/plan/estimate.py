@@ -22,7 +22,7 @@ from qlora_cli.plan.memory import (
     GiB, MemoryItem, ModelShape, Settings, dtype_bytes, flops_per_token, largest_fitting, lora_tensors, memory_items,
     model_shape, model_skeleton, offloaded_bytes, optimizer_bytes, sampling_kv_item,
 )
-from qlora_cli.plan.data import DataReport, data_warnings, describe_data
+from qlora_cli.plan.data import DataReport, count_images, data_warnings, describe_data
 from qlora_cli.run_folder import merge_output_dir
 
 if TYPE_CHECKING:
@@ -112,6 +112,7 @@ def plan_recipe(recipe: Recipe, gpu_memory: float | None = None, gpus: int | Non
     """Plan a run of `recipe` on `gpus` devices of `gpu_memory` GiB (detected when a GPU is present);
     `qlora train` hands over the tokenizer and prepared data it already has, and `checked`: it ran
     the pre-flight's checks of the recipe and the data itself (`qlora plan` reports them as problems)."""
+    from qlora_cli.data.images import image_settings
     from qlora_cli.data.prepare import prepare_dataset
     from qlora_cli.data.tokenizer import load_recipe_tokenizer
 
@@ -125,6 +126,9 @@ def plan_recipe(recipe: Recipe, gpu_memory: float | None = None, gpus: int | Non
     examples_per_step = recipe.training.per_device_train_batch_size
     batch = examples_per_step * (2 if recipe.method in ("dpo", "kto") else 1)
     data = describe_data(prepared, batch)
+    data.images = count_images(prepared, image_settings(tokenizer, shape.config))
+    if data.images:
+        settings = replace(settings, image_patches=data.images.max_row_patches)
     # GRPO's rows are the prompts; each trains with a completion of up to max_completion_length.
     seq = data.row_width + (recipe.training.max_completion_length if recipe.method == "grpo" else 0)
     plan = Plan(model=recipe.model.name_or_path or f"init_from_config ({shape.layers} layers, {shape.hidden} wide)",

@@ -156,6 +156,7 @@ class Settings:
     upcast: bool = False  # model.upcast_to_fp32: unquantized weights and residual stream in fp32
     lora_bytes: int = 4  # peft keeps LoRA weights in fp32 (in the model's dtype under FSDP)
     shards: int = 1  # FSDP across this many GPUs: weights, LoRA, gradients and optimizer state divided
+    image_patches: int = 0  # vision-tower patches (before the spatial merge) of the row with the most
 
     @property
     def quantized(self) -> bool:
@@ -449,9 +450,37 @@ def memory_items(shape: ModelShape, s: Settings, batch: int, seq: int) -> list[M
                    else f"3 fp32 copies of {batch} x {seq:,} x {shape.vocab:,}"),
         MemoryItem("temporaries", temporary_bytes(shape, s, batch, seq), "dequantized weight, hidden-state gradients"),
     ]
+    vision = vision_tower_bytes(shape, s, batch)
+    if vision:
+        trained = _vision_trained(shape, s)
+        items.append(MemoryItem("vision tower activations", vision,
+                                f"{batch} x {s.image_patches:,} patches, {'LoRA: every layer kept' if trained else 'frozen: one layer at a time'}"
+                                f" + the images' block attention mask ({batch * s.image_patches:,}^2)"))
     if s.on_gpu:
         items.append(MemoryItem("CUDA context", CUDA_CONTEXT_BYTES, "0.5-1 GiB: context, cuBLAS workspace"))
     return items
+
+
+def vision_tower_bytes(shape: ModelShape, s: Settings, batch: int) -> int:
+    """The Pixtral tower's forward over one micro-batch's images (`s.image_patches` per row).
+
+    The tower runs every image of the batch as one sequence of patches under a block-diagonal
+    attention mask in its dtype (patches^2). Frozen (no LoRA in it), autograd saves none of its
+    activations: the peak is one layer's, whose MLP dominates when intermediate >= 2 x hidden (as
+    Pixtral's 4x): its input, norm, gate, up and their product, 3 x intermediate + 6 x hidden per
+    patch (tests/test_plan.py measures a tiny one). With LoRA
+    in the tower, every layer keeps about that much for the backward pass."""
+    vision = getattr(shape.config, "vision_config", None)
+    if not s.image_patches or vision is None:
+        return 0
+    patches = batch * s.image_patches
+    per_patch = (3 * vision.intermediate_size + 6 * vision.hidden_size) * s.residual_bytes
+    layers = vision.num_hidden_layers if _vision_trained(shape, s) else 1
+    return layers * patches * per_patch + patches * patches * s.residual_bytes
+
+
+def _vision_trained(shape: ModelShape, s: Settings) -> bool:
+    return any(skipped(name, shape.outside_language_model) for name in s.lora_targets)
 
 
 def _activations_how(shape: ModelShape, s: Settings, batch: int, seq: int) -> str:

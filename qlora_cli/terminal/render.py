@@ -182,6 +182,8 @@ def _plan_data(console: Console, plan) -> None:
     console.print(f"data: examples {splits}; tokens per example {lengths}; {data.trained_fraction:.1%} of tokens "
                   f"carry a loss{packing}; {data.tokens_computed:,} tokens computed per epoch (padding included)",
                   highlight=False)
+    if data.images:
+        console.print(data.images.line(), highlight=False)
 
 
 
