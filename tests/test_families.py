@@ -45,11 +45,12 @@ VISION_CONFIGS = {
 }
 
 
-def family_recipe(folder, model_type: str, **sections) -> str:
-    """A recipe file: tiny-mistral with the model replaced by the tiny `model_type` one."""
+def family_recipe(folder, model_type: str, name: str | None = None, **sections) -> str:
+    """A recipe file (tiny-`name`.yaml, by default tiny-`model_type`.yaml): tiny-mistral with the
+    model replaced by the tiny `model_type` one."""
     reset = folder / "no-model.yaml"  # drops tiny-mistral's init_from_config keys before ours
     reset.write_text(yaml.safe_dump({"extends": "tiny-mistral", "model": {"init_from_config": None}}))
-    path = folder / f"tiny-{model_type}.yaml"
+    path = folder / f"tiny-{name or model_type}.yaml"
     config = {**VISION_CONFIGS, **TINY_CONFIGS}[model_type]
     body = {"extends": str(reset), "model": {"init_from_config": {**config, "seed": 0}},
             "lora": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}, **sections}

@@ -20,7 +20,7 @@ LAYOUTS = {"blocks": (32, 32), "per-tensor": None}  # Mistral Small 4's block sc
 def fp8_recipe(folder, checkpoint, **sections) -> str:
     """The tiny mistral3 recipe with its model read from `checkpoint` (not built from its config)."""
     path = folder / "fp8.yaml"
-    body = {"extends": family_recipe(folder, "mistral3"), "model": {"init_from_config": None,
+    body = {"extends": family_recipe(folder, "mistral3", "base"), "model": {"init_from_config": None,
                                                                     "name_or_path": str(checkpoint)}, **sections}
     path.write_text(yaml.safe_dump(body, sort_keys=False))
     return str(path)
@@ -145,3 +145,31 @@ def test_the_bf16_repo_is_named_after_the_fp8_one():
 
     assert bf16_repo("mistralai/Ministral-3-8B-Instruct-2512") == "`mistralai/Ministral-3-8B-Instruct-2512-BF16`"
     assert "-BF16" in bf16_repo("/models/local-fp8")
+
+
+@pytest.mark.slow
+def test_mistral_small_4s_fp8_layout_loads_with_4_bit_experts(tmp_path):
+    # Mistral Small 4 with its vision tower: a mistral3 whose mistral4 text model has FP8 Linear
+    # weights (attention, shared experts) beside fused expert tensors, which bitsandbytes-4-bit
+    # experts (qlora_cli.model.experts) take as they load.
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from qlora_cli.model.experts import expert_parameters, is_quantized
+    from qlora_cli.model.load import load_base_model, model_path
+
+    built = model_path(load_recipe([family_recipe(tmp_path, "mistral3-mistral4")]))
+    checkpoint = save_fp8_checkpoint(built, tmp_path / "fp8", (16, 16))
+    recipe = load_recipe([fp8_recipe(tmp_path, checkpoint)])
+    model = load_base_model(recipe)
+    reference = dict(AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).named_modules())
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert any("shared_experts" in n for n in quantized) and any("kv_b_proj" in n for n in quantized)
+    for name, module in quantized.items():
+        codes, _ = F.quantize_4bit(reference[name].weight.data.contiguous(), quant_type="nf4",
+                                   blocksize=module.weight.quant_state.blocksize)
+        assert torch.equal(codes.flatten(), module.weight.data.flatten()), name
+    experts = expert_parameters(model, ("mlp.experts",))
+    assert len(experts) == 2 * 2 and all(is_quantized(m, p) for _, m, p in experts)

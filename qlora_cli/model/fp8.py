@@ -69,6 +69,18 @@ def check_fp8_layout(path: str, revision: str | None, name_or_path: str | None) 
                         key="model.name_or_path", fix=f"use {bf16_repo(name_or_path)}")
 
 
+def check_fp8_folder(folder: Path, name_or_path: str) -> None:
+    """`check_fp8_layout` for a local model folder, from its config.json alone (no transformers):
+    what `qlora train` checks before it prepares data."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # transformers reports an unreadable config where it reads it
+    sections = [config.get("quantization_config"), (config.get("text_config") or {}).get("quantization_config")]
+    if any(isinstance(q, dict) and str(q.get("quant_method", "")).lower() == "fp8" for q in sections):
+        check_fp8_layout(str(folder), None, name_or_path)
+
+
 def _scaled_name(scale_name: str) -> str:
     """The tensor a scale belongs to: `x.weight_scale_inv`, `x.scale`, `x.qscale_weight` -> `x.weight`."""
     if scale_name.endswith("_scale_inv"):

@@ -131,6 +131,10 @@ def check_model_folder(recipe: Recipe) -> None:
         raise UserError(f"`model.name_or_path` {name} is not a model folder: it has no config.json",
                         key="model.name_or_path",
                         fix="give a local folder with config.json and safetensors weights, or a hub id")
+    if looks_local:
+        from qlora_cli.model.fp8 import check_fp8_folder
+
+        check_fp8_folder(path, name)  # FP8 tensors transformers cannot dequantize: now, not after prepare
 
 
 def check_trainable(recipe: Recipe) -> None:
