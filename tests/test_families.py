@@ -4,8 +4,6 @@ a vision-language model fine-tunes its language model only."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import yaml
 
@@ -271,21 +269,3 @@ def test_qlora_plan_reports_each_family_and_its_vision_tower(model_type, tmp_pat
     assert result.exit_code == 0, result.output
     assert "LoRA parameters" in result.output and "14 modules" in result.output  # 2 text layers x 7 Linears
     assert ("unquantized: vision tower" in result.output) == (model_type in VISION_CONFIGS)  # the table may wrap the rest
-
-
-@pytest.mark.slow  # converts the tekken vocabulary
-def test_images_for_a_text_only_model_exit_2_before_it_loads(tmp_path):
-    from pathlib import Path
-
-    # tekken_240911 has an image section, so the images prepare; a ministral3 has no vision tower
-    root = Path(__file__).resolve().parent.parent
-    data = tmp_path / "two.jsonl"
-    rows = (root / "sample_images" / "train.jsonl").read_text().splitlines()[:2]
-    data.write_text("\n".join(rows).replace('"path": "imgs/', f'"path": "{root}/sample_images/imgs/') + "\n")
-    text_only = {"model_type": "ministral3", **TINY_TEXT, "head_dim": 16}
-    result = qlora("train", "tiny-mistral3-vision", "~model.init_from_config",
-                   f"model.init_from_config={json.dumps(text_only)}", f"data.sources=[{{path: {data}, format: chat}}]",
-                   f"data.prepared_dir={tmp_path / 'prepared'}", f"training.output_dir={tmp_path / 'run'}")
-    assert_user_error(result, "model.init_from_config", "holds images", "`ministral3`", "no vision tower",
-                      "llava", wrapped=True)
-    assert not (tmp_path / "run").exists()

@@ -158,40 +158,6 @@ def check_prepared_data(recipe: Recipe, prepared) -> None:
     if "validation" in dataset and len(dataset["validation"]) == 0:
         raise UserError("the validation split is empty", key="data.validation_sources",
                         fix="give validation sources with examples, or set data.val_size")
-    if any("images" in split.column_names for split in dataset.values()):  # the column exists only with images
-        check_model_sees_images(recipe)
-
-
-def check_model_sees_images(recipe: Recipe) -> None:
-    """Image data needs a model with a vision tower: a text-only family (a tekken tokenizer with an
-    image section may still have prepared the images) would fail at its first step."""
-    from qlora_cli.families import FAMILIES
-
-    family = _model_family(recipe)
-    if family is None or family.is_vision_language:
-        return
-    seeing = ", ".join(f.model_type for f in FAMILIES.values() if f.is_vision_language)
-    raise UserError(f"the data holds images, and the model is a `{family.model_type}`, which has no vision tower",
-                    key="model.init_from_config" if recipe.model.init_from_config else "model.name_or_path",
-                    fix=f"fine-tune a vision-language checkpoint ({seeing}: e.g. Mistral Small 3.2, Pixtral 12B; "
-                        "Mistral Small 4 as its mistral3 repo), or remove the images from the data")
-
-
-def _model_family(recipe: Recipe):
-    """The recipe's model family from its config alone (no weights); None where the config cannot
-    be read here (a hub id offline): loading says more."""
-    from qlora_cli.families import FAMILIES
-
-    if recipe.model.init_from_config:
-        return FAMILIES.get(recipe.model.init_from_config.get("model_type"))
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(recipe.model.name_or_path, revision=recipe.model.revision,
-                                            trust_remote_code=recipe.model.trust_remote_code)
-    except (OSError, ValueError):
-        return None
-    return FAMILIES.get(config.model_type)
 
 
 def check_starting_adapter(recipe: Recipe) -> None:
