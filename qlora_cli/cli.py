@@ -316,12 +316,13 @@ def generate(
     interactive: bool = typer.Option(False, "--interactive", help="Chat in the terminal (/reset, /exit)."),
     model: str = typer.Option(None, "--model", help="A merged folder or any model path / hub id instead of the run's adapter."),
     resume: bool = typer.Option(False, "--resume", help="With --output: skip the records already answered."),
+    image: list[Path] = typer.Option(None, "--image", help="An image the --prompt asks about (repeat for several)."),
 ) -> None:
     """Answer prompts with the trained adapter (or --model), formatted exactly as in training.
 
     Example: qlora generate runs/tiny-mistral/recipe.yaml --prompt "What is the capital of France?"
     """
-    from qlora_cli.export.generate import choose_answering, default_length_warning, load_generator
+    from qlora_cli.export.generate import choose_answering, default_length_warning, load_generator, prompt_messages
     from qlora_cli.recipe.load import load_recipe
 
     recipes, overrides = split_arguments(args)
@@ -331,11 +332,11 @@ def generate(
         input, output = (path.expanduser() if path else None for path in (input, output))
         model = os.path.expanduser(model) if model else None
         answering = choose_answering(recipe, prompt=prompt, input=input, output=output, interactive=interactive,
-                                     resume=resume, model_path=model)
+                                     resume=resume, model_path=model, images=[p.expanduser() for p in image or []])
         _warn([default_length_warning(recipe)])
         generator = load_generator(recipe, model)
         if answering.prompt is not None:
-            _print_answers(generator, [{"role": "user", "content": answering.prompt}])
+            _print_answers(generator, prompt_messages(answering.prompt, answering.images))
         elif answering.records is not None:
             _answer_file(generator, answering.records, answering.output, recipe, resume)
         else:

@@ -205,7 +205,8 @@ def held_out_loss(generator, rows, recipe: Recipe, advance) -> dict[str, float]:
     from qlora_cli.data.templates import IGNORE_INDEX
 
     model = generator.model
-    collate = PackedCollator(generator.tokenizer.pad_token_id, recipe.model.attn_implementation)
+    collate = PackedCollator(generator.tokenizer.pad_token_id, recipe.model.attn_implementation,
+                             image_settings=generator.image_settings)
     batch_size = recipe.training.per_device_eval_batch_size
     total, tokens = 0.0, 0
     for start in range(0, len(rows), batch_size):

@@ -1,7 +1,8 @@
-"""`qlora generate`: prompts -> answers from the trained adapter (or a merged / any model).
+"""`qlora generate`: prompts (and images) -> answers from the trained adapter (or a merged / any model).
 
 Prompts are formatted with the recipe's template and tokenizer, exactly as training formatted
-the same instruction, so the model sees at inference what it learned from.
+the same instruction, so the model sees at inference what it learned from: an image's tokens
+and pixels are mistral-common's, made by the same functions as the training batches'.
 """
 
 from __future__ import annotations
@@ -32,12 +33,27 @@ class Generator:
     template: str
     generation_config: object
     system_prompt: str | None = None
+    image_settings: object = None  # data.images.ImageSettings of a vision-language model, else None
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """Token ids of a conversation ending with a user turn, as training formatted it."""
         if self.system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
         return encode_prompt(messages, self.tokenizer, self.template)
+
+    def image_inputs(self, conversations: list[list[dict]]) -> dict:
+        """`pixel_values` and `image_sizes` of the conversations' images in order (as a training
+        batch has them), on the model's device; {} when they hold none."""
+        from qlora_cli.data.collate import image_batch
+        from qlora_cli.data.images import images_of
+
+        images = [image.data for messages in conversations for image in images_of(messages)]
+        if not images:
+            return {}
+        if self.image_settings is None:
+            raise UserError("the prompt holds an image, and this model sees no images (it has no vision tower)",
+                            where="--image", fix="use a vision-language model (mistral3), or drop the images")
+        return {key: value.to(self.model.device) for key, value in image_batch(images, self.image_settings).items()}
 
     @property
     def answers_per_prompt(self) -> int:
@@ -62,6 +78,7 @@ class Generator:
         with torch.no_grad():
             output = self.model.generate(input_ids=batch["input_ids"].to(self.model.device),
                                          attention_mask=batch["attention_mask"].to(self.model.device),
+                                         **self.image_inputs(conversations),
                                          generation_config=self.generation_config, tokenizer=self.tokenizer)
         sequences = getattr(output, "sequences", output)  # a GenerateOutput with return_dict_in_generate
         answers = [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in sequences]
@@ -80,7 +97,7 @@ class Generator:
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         # The tokenizer lets generate() find generation_config.stop_strings in the text.
         kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                      generation_config=self.generation_config, tokenizer=self.tokenizer)
+                      generation_config=self.generation_config, tokenizer=self.tokenizer, **self.image_inputs([messages]))
         failures = []
 
         def generate() -> None:
@@ -120,7 +137,17 @@ def load_generator(recipe: Recipe, model_path: str | None = None, tokenizer=None
         recipe.written("generate") or {}, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
-    return Generator(model.eval(), tokenizer, recipe.data.template, config, options.system_prompt)
+    return Generator(model.eval(), tokenizer, recipe.data.template, config, options.system_prompt,
+                     image_settings_of(model, tokenizer))
+
+
+def image_settings_of(model, tokenizer):
+    """How the model sees images (the tokenizer's tekken.json image section, else the model's
+    vision config), or None for a model without a vision tower."""
+    from qlora_cli.data.images import image_settings
+
+    config = model.config
+    return image_settings(tokenizer, config) if getattr(config, "vision_config", None) is not None else None
 
 
 def default_length_warning(recipe: Recipe) -> str | None:
@@ -139,20 +166,42 @@ class Answering:
     """What one `qlora generate` answers: a prompt, the records of a prompts file, or a chat."""
 
     prompt: str | None = None
+    images: list | None = None  # with `prompt`: data.images.ImageFile, shown before its text
     records: list[PromptRecord] | None = None
     output: Path | None = None  # where the records' answers go
     interactive: bool = False
 
 
 def choose_answering(recipe: Recipe, *, prompt: str | None, input: Path | None, output: Path | None,
-                     interactive: bool, resume: bool, model_path: str | None = None) -> Answering:
-    """Which one of --prompt, --input (with --output) and --interactive this run answers, every
-    file read and checked, and what answers (`model_path`, else the run's adapter) checked too,
-    before minutes of model loading. The recipe's `generate.input` and `generate.output` are the
-    default mode, not a second one: a flag given now wins."""
+                     interactive: bool, resume: bool, model_path: str | None = None,
+                     images: list[Path] | None = None) -> Answering:
+    """Which one of --prompt (with its --image files), --input (with --output) and --interactive
+    this run answers, every file read and checked, and what answers (`model_path`, else the run's
+    adapter) checked too, before minutes of model loading. The recipe's `generate.input` and
+    `generate.output` are the default mode, not a second one: a flag given now wins."""
     answering = _answering(recipe, prompt=prompt, input=input, output=output, interactive=interactive, resume=resume)
+    if images and answering.prompt is None:
+        raise UserError("--image goes with --prompt (the question about it)", where="--image",
+                        fix='add --prompt "...", or put image parts in the --input lines')
+    if images:
+        answering.images = read_images(images)
     check_before_generate(recipe, model_path)
     return answering
+
+
+def read_images(paths: list[Path]) -> list:
+    """The --image files, each read and checked (a whole, decodable image of sensible size)."""
+    from qlora_cli.data.images import load_image
+
+    return [load_image(str(path), Path.cwd(), "--image") for path in paths]
+
+
+def prompt_messages(prompt: str, images: list | None = None) -> list[dict]:
+    """The one user turn of --prompt: its images first (as mistral-common puts a lone image), then its text."""
+    if not images:
+        return [{"role": "user", "content": prompt}]
+    return [{"role": "user", "content": [*({"type": "image", "image": image} for image in images),
+                                         {"type": "text", "text": prompt}]}]
 
 
 def _answering(recipe: Recipe, *, prompt: str | None, input: Path | None, output: Path | None, interactive: bool,
@@ -225,7 +274,7 @@ def read_prompts(path: Path) -> list[PromptRecord]:
         if not line.strip():
             continue
         record = load_json(line, where)
-        records.append(PromptRecord(where, _messages_of(record, where), record))
+        records.append(PromptRecord(where, _messages_of(record, where, path.parent), record))
     if not records:
         raise UserError(f"prompts file {path} has no prompts", where="--input")
     return records
@@ -239,18 +288,31 @@ def _utf8(raw: bytes, where: str) -> str:
                         fix="save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
-def _messages_of(record, where: str) -> list[dict]:
+def _messages_of(record, where: str, base: Path) -> list[dict]:
     if not isinstance(record, dict):
         raise UserError("each line must be a JSON object with `prompt` or `messages`", where=where)
     if isinstance(record.get("prompt"), str):
         messages = [{"role": "user", "content": record["prompt"]}]
     elif isinstance(record.get("messages"), list):
-        messages = record["messages"]
+        messages = _with_images(record["messages"], base, where)
     else:
         raise UserError(f"line needs `prompt` (text) or `messages` (a list); it has: {', '.join(record) or 'none'}",
                         where=where)
     check_prompt(messages, where)
     return messages
+
+
+def _with_images(messages: list, base: Path, where: str) -> list:
+    """Messages whose content lists parts: their images read (relative paths beside the prompts
+    file) and checked, as training data's are."""
+    from qlora_cli.data.images import message_content
+
+    if not any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in messages):
+        return messages
+    row_images = []  # a prompts line has no `images` column: every image part names its file
+    return [{**m, "content": message_content(m["content"], m.get("role"), row_images, base, where, number)}
+            if isinstance(m, dict) and isinstance(m.get("content"), list) else m
+            for number, m in enumerate(messages, start=1)]
 
 
 def check_prompt(messages: list[dict], where: str) -> None:
@@ -259,7 +321,8 @@ def check_prompt(messages: list[dict], where: str) -> None:
         check_roles(messages, last="user")
     except UserError as err:
         raise UserError(err.message, where=where, fix=err.fix) from None
-    if not messages[-1]["content"].strip():
+    content = messages[-1]["content"]
+    if isinstance(content, str) and not content.strip():  # parts hold an image: a question in itself
         raise UserError("the prompt is empty", where=where, fix="write a question")
 
 

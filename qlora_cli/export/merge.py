@@ -3,6 +3,11 @@
 The adapter was trained against 4-bit weights. By default (`merge.base: dequantized`) it is
 merged into the base as training saw it — each weight transformers quantized, dequantized
 again — rather than into the original 16-bit weights, which the adapter never saw.
+
+A vision-language model's probe holds an image as well as text, so that LoRA on the vision tower
+or a trained projector (`lora.modules_to_save`) is verified too, and its folder gets the image
+processor transformers pairs with it (Pixtral's, set to the model's patch size, spatial merge and
+maximum image size), so that `AutoModelForImageTextToText` with its image processor loads it.
 """
 
 from __future__ import annotations
@@ -76,7 +81,7 @@ def merge(recipe: Recipe, *, overwrite: bool = False) -> MergeResult:
     tokenizer = load_recipe_tokenizer(recipe)
     model = load_adapter_model(recipe, adapter, quantized=False, dequantize=recipe.merge.base == "dequantized")
     check_disk(output, model)
-    probe = tokenizer(PROBE_TEXT, return_tensors="pt").input_ids
+    probe = probe_inputs(model, tokenizer)
     unmerged = _logits(model, probe)
     with model.disable_adapter():
         effect = logit_difference(unmerged, _logits(model, probe))
@@ -88,6 +93,7 @@ def merge(recipe: Recipe, *, overwrite: bool = False) -> MergeResult:
     with atomic_folder(output, replace=overwrite) as tmp:
         merged.save_pretrained(str(tmp), max_shard_size=recipe.merge.max_shard_size, safe_serialization=True)
         save_tokenizer(tokenizer, tmp, recipe.data.template)  # with the chat template it trained on
+        save_image_processor(tmp, merged, tokenizer)
         _model_card(recipe, adapter, difference, quantized, type(merged).__name__).save(tmp / CARD)
     return MergeResult(output, describe_base(recipe), difference, quantized, effect, tolerance, differences)
 
@@ -165,11 +171,69 @@ class computing_in_float32:
             param.data = param.data.to(dtype)
 
 
-def _logits(model, input_ids):
+def _logits(model, probe: dict):
     import torch
 
     with torch.no_grad():
-        return model(input_ids=input_ids.to(model.device)).logits.float().cpu()
+        return model(**{key: value.to(model.device) for key, value in probe.items()}).logits.float().cpu()
+
+
+def probe_inputs(model, tokenizer) -> dict:
+    """The probe batch: PROBE_TEXT's ids; for a model that sees images, a question about a drawn
+    image (its tokens and pixels as training makes them) before it."""
+    from qlora_cli.export.generate import image_settings_of
+
+    settings = image_settings_of(model, tokenizer)
+    if settings is None:
+        return {"input_ids": tokenizer(PROBE_TEXT, return_tensors="pt").input_ids}
+    import torch
+
+    from qlora_cli.data.collate import image_batch
+    from qlora_cli.data.templates import encode_prompt
+
+    image = _probe_image()
+    ids = encode_prompt([{"role": "user", "content": [{"type": "image", "image": image},
+                                                      {"type": "text", "text": "What is drawn here?"}]}],
+                        tokenizer, "mistral")
+    return {"input_ids": torch.tensor([ids]), **image_batch([image.data], settings)}
+
+
+def _probe_image():
+    """A 48x32 PNG with a gradient and a square on it: every patch differs."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    from qlora_cli.data.images import read_image
+
+    image = Image.linear_gradient("L").resize((48, 32)).convert("RGB")
+    ImageDraw.Draw(image).rectangle((8, 8, 24, 24), fill=(200, 40, 40))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return read_image(buffer.getvalue(), "(probe image)", "merge")
+
+
+def save_image_processor(folder: Path, model, tokenizer) -> None:
+    """The processor transformers pairs with a vision-language model, for a model that sees images:
+    Pixtral's image processor and processor settings with the model's patch size, spatial merge and
+    maximum image size (its resize is bicubic, as mistral-common's). Written as files:
+    transformers' PixtralProcessor class needs torchvision, which qlora does not."""
+    from qlora_cli.export.generate import image_settings_of
+
+    settings = image_settings_of(model, tokenizer)
+    if settings is None:
+        return
+    import json
+
+    from transformers import PixtralImageProcessorPil
+
+    patch = {"height": settings.patch_size, "width": settings.patch_size}
+    PixtralImageProcessorPil(patch_size=patch, size={"longest_edge": settings.max_image_size},
+                             image_mean=list(settings.mean), image_std=list(settings.std)).save_pretrained(str(folder))
+    (folder / "processor_config.json").write_text(json.dumps({
+        "processor_class": "PixtralProcessor", "patch_size": settings.patch_size,
+        "spatial_merge_size": settings.spatial_merge_size, "image_token": "[IMG]",
+        "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"}, indent=2) + "\n")
 
 
 def logit_difference(a, b) -> LogitDifference:

@@ -9,7 +9,10 @@ adds two rules of its own to the LoraConfig before peft sees it:
 
 - LoRA stays on the language model: a vision tower and its projector
   (`Family.outside_language_model`) get none unless the recipe names them, through peft's
-  `exclude_modules`;
+  `exclude_modules`; naming one (`vision_tower`, `multi_modal_projector`) in a list of
+  `target_modules` means every Linear layer inside it, and the list's other names still mean the
+  language model's layers only (peft alone would refuse the container module, or put `q_proj`'s
+  LoRA in the vision tower's attention too);
 - fused expert tensors are named in full in `target_parameters` (peft matches a 4-bit,
   parametrized tensor only by its full name), and a name that matches none is the user's
   mistake (peft would only warn): exit 2 at its line.
@@ -51,10 +54,30 @@ def lora_config(recipe: Recipe, model, family: Family) -> LoraConfig | None:
     if recipe.lora is None:
         return None
     # a copy: peft writes what it resolves (all-linear's names, v4 expert names) into the config it is given
-    config = kept_to_language_model(copy.deepcopy(recipe.lora), family)
+    config = kept_to_language_model(named_parts_expanded(copy.deepcopy(recipe.lora), model, family), family)
     names = [f"{name}.{param}" for name, _, param in expert_parameters(model, family.expert_modules)]
     tensors = expert_targets(config, names)
     return dataclasses.replace(config, target_parameters=tensors) if tensors else config
+
+
+def named_parts_expanded(config: LoraConfig, model, family: Family) -> LoraConfig:
+    """`config` with a list of `target_modules` that names a part outside the language model
+    (`vision_tower`, `multi_modal_projector`) turned into the full names of the Linear layers
+    that LoRA gets: every one inside the named parts, and the language model's that the list's
+    other names match (as peft matches a name: the module itself, or ending in `.name`)."""
+    import torch
+
+    targets = config.target_modules
+    parts = {prefix.rsplit(".", 1)[-1]: prefix for prefix in family.outside_language_model}
+    if config.exclude_modules or isinstance(targets, str) or not set(targets or ()) & parts.keys():
+        return config
+    named = [parts[name] for name in targets if name in parts]
+    others = [name for name in targets if name not in parts]
+    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    chosen = [name for name in linear if skipped(name, tuple(named)) or (
+        not skipped(name, family.outside_language_model)
+        and any(name == other or name.endswith(f".{other}") for other in others))]
+    return dataclasses.replace(config, target_modules=chosen)
 
 
 def kept_to_language_model(config: LoraConfig, family: Family) -> LoraConfig:

@@ -178,6 +178,7 @@ def _missing_package(err: BaseException) -> bool:
 def build_trainer(recipe: Recipe, args, model, tokenizer, prepared, run: RunFolder, reporter=None):
     """The Trainer for this run, the callback that stops it cleanly on a signal, and the one that
     records how the Trainer distributed the model."""
+    from qlora_cli.data.images import image_settings
     from qlora_cli.training.distributed import RecordDistribution
     from qlora_cli.training.trainer import CountingCollator, QloraTrainer, StopOnSignal
 
@@ -199,7 +200,8 @@ def build_trainer(recipe: Recipe, args, model, tokenizer, prepared, run: RunFold
                                            chunked_loss=recipe.model.chunked_loss,
                                            from_environment=recipe.from_environment)
     else:
-        collator = CountingCollator(tokenizer.pad_token_id, recipe.model.attn_implementation)
+        collator = CountingCollator(tokenizer.pad_token_id, recipe.model.attn_implementation,
+                                    image_settings=image_settings(tokenizer, model.config))
         trainer = QloraTrainer(
             model=model, args=args, train_dataset=dataset["train"], eval_dataset=dataset.get("validation"),
             data_collator=collator, processing_class=tokenizer, callbacks=[stopper],
