@@ -30,11 +30,13 @@ def run_side(script: str, side: str, folder: str, args: list[str]) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
-def alternated(script: str, repeats: int, folder: str, args: list[str]) -> dict[str, list[dict]]:
-    """Each side `repeats` times, qlora first then the peer first, each run in a folder of its own."""
-    runs: dict[str, list[dict]] = {"qlora": [], "trl": []}
+def alternated(script: str, repeats: int, folder: str, args: list[str],
+               sides: tuple[str, ...] = ("qlora", "trl")) -> dict[str, list[dict]]:
+    """Each side `repeats` times, in `sides` order then reversed (qlora first, then the peer
+    first), each run in a folder of its own."""
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
     for repeat in range(repeats):
-        for side in (("qlora", "trl") if repeat % 2 == 0 else ("trl", "qlora")):
+        for side in (sides if repeat % 2 == 0 else sides[::-1]):
             figures = run_side(script, side, f"{folder}/{side}-{repeat}", args)
             runs[side].append(figures)
             print(f"run {repeat + 1} {side:5s} " + "  ".join(

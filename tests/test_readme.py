@@ -32,6 +32,7 @@ SETUP = {
 
 _TRAINS = "trains a second model; the suite trains the tiny recipe once (the quick start's)"
 _GPU = "a real checkpoint from the hub, trained on a GPU"
+_VISION = "reads the vision run above; tests/test_vision.py runs it on its own trained vision run"
 _HUB_PLAN = "reads the checkpoint's config and tokenizer from the hub"
 SKIPPED = {
     "qlora train recipes/tiny-mistral.yaml training.learning_rate=1e-3 training.output_dir=runs/tiny-lr1e-3": _TRAINS,
@@ -42,10 +43,13 @@ SKIPPED = {
     "training.output_dir=runs/tiny-sft-dpo": _TRAINS,
     "qlora train tiny-mistral model.init_from_config.model_type=mixtral model.init_from_config.num_local_experts=4 "
     "training.output_dir=runs/tiny-mixtral": _TRAINS,
+    "qlora train recipes/tiny-mistral3-vision.yaml": _TRAINS + "; tests/test_vision.py trains it once",
+    "qlora eval runs/tiny-mistral3-vision --input sample_images/heldout.jsonl": _VISION,
+    "qlora generate runs/tiny-mistral3-vision --image sample_images/imgs/heldout-000.png --prompt "
+    "'What colour is the shape?'": _VISION,
     "qlora train recipes/mistral7b-dpo.yaml": _GPU,
     "qlora train recipes/magistral-grpo.yaml": _GPU,
     "qlora train recipes/mixtral-8x7b.yaml": _GPU,
-    "qlora train recipes/mistral-small-3.2-24b.yaml": _GPU,
     "qlora train recipes/mistral7b.yaml --nproc 4": _GPU + "s",
     "qlora train recipes/mistral7b-fsdp.yaml --nproc 2": _GPU + "s",
     "qlora train recipes/mistral7b.yaml --nproc 4 training.deepspeed=recipes/deepspeed-zero2.json "

@@ -44,7 +44,7 @@ class Generator:
     def image_inputs(self, conversations: list[list[dict]]) -> dict:
         """`pixel_values` and `image_sizes` of the conversations' images in order (as a training
         batch has them), on the model's device; {} when they hold none."""
-        from qlora_cli.data.collate import image_batch
+        from qlora_cli.data.collate import pixel_batch
         from qlora_cli.data.images import images_of
 
         images = [image.data for messages in conversations for image in images_of(messages)]
@@ -53,7 +53,7 @@ class Generator:
         if self.image_settings is None:
             raise UserError("the prompt holds an image, and this model sees no images (it has no vision tower)",
                             where="--image", fix="use a vision-language model (mistral3), or drop the images")
-        return {key: value.to(self.model.device) for key, value in image_batch(images, self.image_settings).items()}
+        return {key: value.to(self.model.device) for key, value in pixel_batch(images, self.image_settings).items()}
 
     @property
     def answers_per_prompt(self) -> int:

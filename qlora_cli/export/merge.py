@@ -188,14 +188,14 @@ def probe_inputs(model, tokenizer) -> dict:
         return {"input_ids": tokenizer(PROBE_TEXT, return_tensors="pt").input_ids}
     import torch
 
-    from qlora_cli.data.collate import image_batch
+    from qlora_cli.data.collate import pixel_batch
     from qlora_cli.data.templates import encode_prompt
 
     image = _probe_image()
     ids = encode_prompt([{"role": "user", "content": [{"type": "image", "image": image},
                                                       {"type": "text", "text": "What is drawn here?"}]}],
                         tokenizer, "mistral")
-    return {"input_ids": torch.tensor([ids]), **image_batch([image.data], settings)}
+    return {"input_ids": torch.tensor([ids]), **pixel_batch([image.data], settings)}
 
 
 def _probe_image():
