@@ -69,8 +69,9 @@ FAMILIES: dict[str, Family] = {
         # (CLIP, SigLIP) is not a Mistral model.
         Family("llava", "Pixtral 12B (2409, vision-language)", auto_class=IMAGE_TEXT_TO_TEXT,
                outside_language_model=("model.vision_tower", "model.multi_modal_projector"),
-               text_config_key="text_config", defaults={"tie_word_embeddings": False, "image_token_index": 10,  # [IMG] in tekken
-                                                     "vision_feature_select_strategy": "full"},  # no CLS to drop
+               text_config_key="text_config",
+               # [IMG] is 10 in tekken; Pixtral has no CLS token for Llava's "default" strategy to drop
+               defaults={"tie_word_embeddings": False, "image_token_index": 10, "vision_feature_select_strategy": "full"},
                text_model_types=("mistral",), vision_model_types=("pixtral",)),
         Family("mixtral", "Mixtral 8x7B / 8x22B", expert_modules=("mlp.experts",)),
         # transformers lists Mistral Small 4 as image-text-to-text; that auto class gives its

@@ -63,7 +63,8 @@ def check_fp8_layout(path: str, revision: str | None, name_or_path: str | None) 
     unscaled = sorted(name for name, dtype in dtypes.items() if dtype in FP8_DTYPES
                       and not (name.endswith(".weight") and name in scaled))
     if unscaled:
-        shown = ", ".join(f"`{n}`" for n in unscaled[:3]) + (f" and {len(unscaled) - 3} more" if len(unscaled) > 3 else "")
+        more = f" and {len(unscaled) - 3} more" if len(unscaled) > 3 else ""
+        shown = ", ".join(f"`{n}`" for n in unscaled[:3]) + more
         raise UserError(f"`{name_or_path or path}` is an FP8 checkpoint with FP8 tensors that transformers cannot "
                         f"dequantize while loading ({shown}: not a Linear `weight` with its `weight_scale_inv`)",
                         key="model.name_or_path", fix=f"use {bf16_repo(name_or_path)}")

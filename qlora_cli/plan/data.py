@@ -66,17 +66,19 @@ def count_images(prepared, settings) -> ImageCounts | None:
 
     from PIL import Image
 
-    from qlora_cli.data.images import image_grid
+    from qlora_cli.data.images import image_grid, image_token_count
 
     train = prepared.dataset["train"]
     if settings is None or "images" not in train.column_names:
         return None
     images = tokens = most_images = most_patches = 0
-    for row in train["images"]:
-        grids = [image_grid(*Image.open(io.BytesIO(data)).size, settings) for data in row]
-        patches = sum(rows * cols for rows, cols in grids) * settings.spatial_merge_size ** 2
-        images, tokens = images + len(grids), tokens + sum(rows * (cols + 1) for rows, cols in grids)
-        most_images, most_patches = max(most_images, len(grids)), max(most_patches, patches)
+    for batch in train.select_columns(["images"]).iter(batch_size=256):  # not every image's bytes at once
+        for row in batch["images"]:
+            sizes = [Image.open(io.BytesIO(data)).size for data in row]
+            patches = sum(r * c for r, c in (image_grid(w, h, settings) for w, h in sizes))
+            images, tokens = images + len(sizes), tokens + sum(image_token_count(w, h, settings) for w, h in sizes)
+            most_images = max(most_images, len(sizes))
+            most_patches = max(most_patches, patches * settings.spatial_merge_size ** 2)
     return ImageCounts(images, tokens, prepared.summary.tokens.get("train", 0), most_images, most_patches)
 
 

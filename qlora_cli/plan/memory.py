@@ -452,10 +452,9 @@ def memory_items(shape: ModelShape, s: Settings, batch: int, seq: int) -> list[M
     ]
     vision = vision_tower_bytes(shape, s, batch)
     if vision:
-        trained = _vision_trained(shape, s)
-        items.append(MemoryItem("vision tower activations", vision,
-                                f"{batch} x {s.image_patches:,} patches, {'LoRA: every layer kept' if trained else 'frozen: one layer at a time'}"
-                                f" + the images' block attention mask ({batch * s.image_patches:,}^2)"))
+        kept = "LoRA: every layer kept" if _vision_trained(shape, s) else "frozen: one layer at a time"
+        items.append(MemoryItem("vision tower activations", vision, f"{batch} x {s.image_patches:,} patches, {kept} "
+                                f"+ the images' block attention mask ({batch * s.image_patches:,}^2)"))
     if s.on_gpu:
         items.append(MemoryItem("CUDA context", CUDA_CONTEXT_BYTES, "0.5-1 GiB: context, cuBLAS workspace"))
     return items
