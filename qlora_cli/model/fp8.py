@@ -136,7 +136,7 @@ def dequantizing_fp8_on_load(fp8: dict | None):
     `Fp8Dequantize` on every weight with its scales. A load with bitsandbytes quantizing on the fly
     loads one tensor at a time, so the peak holds the 4-bit model and one weight in 16 bits.
     (In bf16 the scales reach the op rounded to bf16, as every tensor quantized on load is cast to
-    the model's dtype first: the 4-bit codes then differ in about 1% of weights by one step from
+    the model's dtype first: the 4-bit codes then differ in up to 3% of weights by one step from
     quantizing transformers' own bf16 dequantization; in float32 they are equal.)"""
     if fp8 is None:
         yield
