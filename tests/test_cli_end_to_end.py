@@ -5,6 +5,7 @@ and resumes to the same adapter as a run never stopped."""
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import subprocess
 
@@ -98,3 +99,41 @@ def test_resume_after_sigterm_ends_with_the_adapter_of_an_uninterrupted_run(resu
     assert resumed.keys() == uninterrupted.keys()
     assert max((resumed[k] - uninterrupted[k]).abs().max().item() for k in resumed) <= 1e-5
     assert any(not torch.equal(t, torch.zeros_like(t)) for k, t in resumed.items() if "lora_B" in k)
+
+
+@pytest.mark.slow
+def test_rows_of_64k_tokens_prepare_show_plan_and_train_tiled_and_offloaded(tmp_path, qlora_cache):
+    """Long documents: data.max_length=65,536 prepares and packs them, --show elides the middle of a
+    long example, plan reports the rows and warns past the model's positions. Training runs at
+    2,048-token rows (64K rows take minutes of attention on a CPU) with the MLP tiled (2 slices),
+    activations offloaded, checkpointing, and the YaRN rope scaling the model's config gives."""
+    import random
+
+    from conftest import TINY_OVERRIDES, qlora
+
+    rng = random.Random(0)
+    words = "contract party clause shall agreement term notice payment schedule breach remedy law court".split()
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(n))}) + "\n"
+                            for n in (60_000, 25_000, 800)), encoding="utf-8")
+    base = ["tiny-mistral", *TINY_OVERRIDES, f"data.sources=[{{path: {data}, format: text}}]", "data.train_on=all",
+            f"data.prepared_dir={tmp_path}/prepared", f"training.output_dir={tmp_path}/run"]
+    shown = qlora("prepare", *base, "data.max_length=65536", "--show", "1")
+    assert shown.exit_code == 0, shown.output
+    assert "max 65,536 (max_length 65,536)" in shown.output  # the 60,000-word document, cut at 65,536
+    assert "tokens not shown ...]" in shown.output and len(shown.output) < 20_000
+    plan = qlora("plan", *base, "data.max_length=65536", "--gpu-memory", "24")
+    assert plan.exit_code == 0, plan.output
+    assert "1 x 65,536 tokens" in plan.output and "run past the model's max_position_embeddings (2,048" in plan.output
+    assert "longest rows by memory at batch 1" in plan.output
+    yarn = ("model.init_from_config.rope_parameters={rope_type: yarn, factor: 4.0, "
+            "original_max_position_embeddings: 1024, rope_theta: 10000.0}")
+    trained = qlora("train", *base, "data.max_length=2048", yarn, "model.init_from_config.max_position_embeddings=4096",
+                    "model.tiled_mlp=true", "training.activation_offloading=true",
+                    "training.activation_checkpointing=true", "training.max_steps=2", "training.logging_steps=1")
+    assert trained.exit_code == 0, trained.output
+    assert "run past" not in trained.output  # within the 4,096 positions the scaled config declares
+    state = json.loads(next((tmp_path / "run" / "checkpoints").glob("checkpoint-*/trainer_state.json")).read_text())
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()

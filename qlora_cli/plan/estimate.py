@@ -144,6 +144,7 @@ def plan_recipe(recipe: Recipe, gpu_memory: float | None = None, gpus: int | Non
         plan.notes.append(f"{recipe.method}: {examples_per_step} examples per step run as {batch} sequences, plus a "
                           "no-grad reference forward with the adapter off (no second copy of the weights)")
     plan.warnings += data_warnings(recipe, prepared, tokenizer)
+    plan.warnings += position_warnings(shape, data.row_width)
     if not checked:
         _check_training_data(recipe, prepared, plan)
     _plan_fit(plan, shape, settings, recipe)
@@ -152,6 +153,19 @@ def plan_recipe(recipe: Recipe, gpu_memory: float | None = None, gpus: int | Non
     _plan_disk(plan, shape, settings, recipe, tokenizer)
     plan.resume = describe_resume(recipe)
     return plan
+
+
+def position_warnings(shape: ModelShape, width: int) -> list[str]:
+    """Rows longer than the positions the model's config declares: RoPE computes them (with the rope
+    scaling the config gives, applied by transformers), but the model never saw them."""
+    if not shape.max_positions or width <= shape.max_positions:
+        return []
+    rope = (getattr(shape.config.get_text_config(), "rope_parameters", None) or {}) if shape.config else {}
+    scaling = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
+    how = "its rope scaling is `default`" if scaling == "default" else f"even with its rope scaling ({scaling})"
+    return [f"rows of {width:,} tokens run past the model's max_position_embeddings ({shape.max_positions:,}; "
+            f"{how}): positions beyond it were never trained; use a checkpoint whose config extends them (e.g. "
+            "YaRN rope_parameters) or a shorter data.max_length"]
 
 
 def refuse_unless_fits(plan: Plan, force: bool) -> None:

@@ -38,6 +38,9 @@ def prepare_summary(console: Console, prepared) -> None:
                       highlight=False)
 
 
+SHOWN_TOKENS = 1024  # `prepare --show`: an example longer than this shows its first and last halves
+
+
 def show_examples(console: Console, dataset, tokenizer, count: int) -> None:
     """The first `count` training examples: tokens without loss dimmed, trained tokens bright."""
     if "prompt_ids" in dataset.column_names:
@@ -55,10 +58,22 @@ def show_examples(console: Console, dataset, tokenizer, count: int) -> None:
             pictures = f", {len(spans)} image{'s' * (len(spans) != 1)}" if spans else ""
             console.rule(f"example {shown + 1} ({length} tokens, {sum(l != IGNORE_INDEX for l in labels[1:])} "
                          f"trained{pictures})")
-            console.print(highlight_with_images(ids, labels, tokenizer, spans, images[:len(spans)]))
+            if spans or length <= SHOWN_TOKENS:
+                console.print(highlight_with_images(ids, labels, tokenizer, spans, images[:len(spans)]))
+            else:  # a long row (64K tokens of a contract) would fill the scrollback
+                console.print(highlight_elided(ids, labels, tokenizer))
             images = images[len(spans):]
             start += length
             shown += 1
+
+
+def highlight_elided(ids: list[int], labels: list[int], tokenizer, shown: int = SHOWN_TOKENS) -> Text:
+    """highlight_trained of the first and the last `shown / 2` tokens, and how many lie between."""
+    half = shown // 2
+    text = highlight_trained(ids[:half], labels[:half], tokenizer)
+    text.append(f"\n[... {len(ids) - 2 * half:,} tokens not shown ...]\n", style="bold cyan")
+    text.append_text(highlight_trained(ids[-half:], labels[-half:], tokenizer))
+    return text
 
 
 def highlight_with_images(ids: list[int], labels: list[int], tokenizer, spans: list, images: list[bytes]) -> Text:
