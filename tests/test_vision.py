@@ -73,7 +73,7 @@ def vision_run(tmp_path_factory, prepared_dir, qlora_cache) -> TrainedRun:
             "training.num_train_epochs=4", "lora.modules_to_save=[multi_modal_projector]"]
     trained = qlora("train", *args)
     assert trained.exit_code == 0, trained.output
-    scored = qlora("eval", root / "recipe.yaml", "--input", HELDOUT)
+    scored = qlora("eval", root / "recipe.yaml", "--input", HELDOUT, "generate.max_new_tokens=3")  # a word and </s>
     assert scored.exit_code == 0, scored.output
     return TrainedRun(root, args, trained.output + scored.output)
 
@@ -173,6 +173,7 @@ def test_packing_images_gives_each_example_the_loss_it_has_alone_in_its_row(tmp_
     import torch
 
     from qlora_cli.data.collate import PackedCollator
+    from qlora_cli.data.images import image_settings
     from qlora_cli.data.prepare import prepare_dataset
     from qlora_cli.data.tokenizer import load_recipe_tokenizer
     from qlora_cli.model.load import load_trainable_model
@@ -189,7 +190,8 @@ def test_packing_images_gives_each_example_the_loss_it_has_alone_in_its_row(tmp_
         tokenizer = load_recipe_tokenizer(recipe)
         rows = prepare_dataset(recipe, tokenizer).dataset["train"]
         model = load_trainable_model(recipe, tokenizer=tokenizer) if packing else model
-        batch = PackedCollator(tokenizer.pad_token_id, "sdpa")([rows[i] for i in range(len(rows))])
+        settings = image_settings(tokenizer, model.config)
+        batch = PackedCollator(tokenizer.pad_token_id, "sdpa", image_settings=settings)([rows[i] for i in range(len(rows))])
         assert len(batch["image_sizes"]) == 8
         with torch.no_grad():
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
