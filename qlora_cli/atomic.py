@@ -241,6 +241,71 @@ def _card_tags(path: Path) -> list[str]:
     return [tag for tag in tags if isinstance(tag, str)] if isinstance(tags, list) else []
 
 
+CHECKSUMS = "qlora_checksums.json"  # beside the weights of a folder qlora wrote: each file's size and sha256
+
+
+def write_checksums(folder: Path) -> None:
+    """Record the size and sha256 of each weights file in `folder` (before it is renamed into
+    place), so a later load can tell bytes changed on disk from the weights that were written."""
+    files = {path.name: {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+             for path in sorted(folder.glob("*.safetensors"))}
+    (folder / CHECKSUMS).write_text(json.dumps({"files": files}, indent=1) + "\n")
+
+
+def weights_damage(folder: Path, required: tuple[str, ...] = (), *, contents: bool = True) -> str | None:
+    """Why the weights in `folder` cannot be what was written (a `required` file missing, a file
+    empty or cut short, a shard its index names missing, a header safetensors cannot read, a size
+    or, with `contents`, a sha256 other than the one recorded beside them), or None.
+    Merged models are checked by size and header only: hashing gigabytes at every load costs more
+    than the flipped bit it would find."""
+    from safetensors import SafetensorError, safe_open
+
+    for name in required:
+        if not (folder / name).is_file():
+            return f"{folder / name} is missing"
+    for index in folder.glob("*.safetensors.index.json"):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return f"{index} is cut short or corrupt"
+        missing = sorted(shard for shard in shards if not (folder / shard).is_file())
+        if missing:
+            return f"{folder / missing[0]} is missing (its index {index.name} names it)"
+    recorded = _recorded_checksums(folder)
+    for path in sorted(folder.glob("*.safetensors")):
+        expected = recorded.get(path.name, {})
+        if path.stat().st_size == 0:
+            return f"{path} is empty"
+        if expected.get("bytes") not in (None, path.stat().st_size):
+            return f"{path} holds {path.stat().st_size} bytes; {expected['bytes']} were written"
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            return f"{path} is cut short or corrupt ({err})"
+        if contents and expected.get("sha256") not in (None, _sha256(path)):
+            return f"{path} is not what was written: its sha256 differs from the one in {CHECKSUMS}"
+    return None
+
+
+def _recorded_checksums(folder: Path) -> dict:
+    try:
+        files = json.loads((folder / CHECKSUMS).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):  # none (written before checksums were), or damaged itself
+        return {}
+    return files if isinstance(files, dict) else {}
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 LOCK_FILE = ".qlora.lock"  # in the folder it guards; it says which process holds it
 
 

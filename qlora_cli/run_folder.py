@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora_cli.atomic import (
-    CARD, LOCK_FILE, check_not_in_use, has_marker, lock_folder, marker, model_card, release_folder,
+    CARD, LOCK_FILE, check_not_in_use, has_marker, lock_folder, marker, model_card, release_folder, weights_damage,
 )
 from qlora_cli.errors import UserError
 
@@ -107,14 +107,9 @@ def checkpoint_damage(checkpoint: Path) -> str | None:
     Read without unpickling: safetensors headers, and the checksums of torch's zip files."""
     if not _readable_json(checkpoint / "trainer_state.json"):  # the Trainer writes it last
         return "its trainer_state.json is missing or incomplete"
-    from safetensors import SafetensorError, safe_open
-
-    for path in sorted(checkpoint.glob("*.safetensors")):
-        try:
-            with safe_open(str(path), "pt"):
-                pass
-        except (SafetensorError, OSError) as err:
-            return f"{path.name} is cut short or corrupt ({err})"
+    damage = weights_damage(checkpoint)
+    if damage:
+        return damage.replace(f"{checkpoint}/", "")
     for path in sorted([*checkpoint.glob("*.pt"), *checkpoint.glob("*.pth"), *checkpoint.glob("*.bin")]):
         try:
             with zipfile.ZipFile(path) as archive:

@@ -261,6 +261,46 @@ def test_merge_refuses_a_wrong_adapter_with_exit_2(adapter, message, trained_run
     assert not output.exists()
 
 
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF  # in the tensors, past the header: only the recorded sha256 tells
+    path.write_bytes(bytes(data))
+
+
+WEIGHTS_DAMAGE = {
+    "truncated": (lambda path: path.write_bytes(path.read_bytes()[:5000]), "bytes;"),
+    "empty": (lambda path: path.write_bytes(b""), "is empty"),
+    "missing": (lambda path: path.unlink(), "is missing"),
+    "flipped": (_flip_a_byte, "sha256 differs"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", WEIGHTS_DAMAGE)
+@pytest.mark.parametrize("command", ["generate", "merge"])
+def test_a_damaged_adapter_exits_2_naming_the_file_and_the_way_back(command, damage, trained_run, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained_run.adapter, adapter)
+    spoil, message = WEIGHTS_DAMAGE[damage]
+    spoil(adapter / "adapter_model.safetensors")
+    asked = ["--prompt", "Hi"] if command == "generate" else [f"merge.output_dir={tmp_path / 'merged'}"]
+    result = qlora(command, trained_run.root, f"merge.adapter={adapter}", *asked)
+    assert_user_error(result, "adapter is damaged", f"{adapter / 'adapter_model.safetensors'}", message,
+                      "checkpoint-12", wrapped=True)
+    assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_damaged_merged_model_exits_2_naming_the_shard(damage, merged_small, trained_run, tmp_path):
+    merged = tmp_path / "merged"
+    shutil.copytree(merged_small, merged)
+    shard = sorted(merged.glob("*.safetensors"))[1]
+    WEIGHTS_DAMAGE[damage][0](shard)
+    result = qlora("generate", trained_run.root, "--model", merged, "--prompt", "Hi")
+    assert_user_error(result, "--model", "model is damaged", shard.name, "qlora merge", wrapped=True)
+
+
 @pytest.mark.slow
 def test_merging_a_stopped_run_points_at_resume_and_its_last_checkpoint(trained_run, tmp_path):
     run = tmp_path / "run"

@@ -265,6 +265,31 @@ def test_a_cache_entry_without_qlora_s_marker_is_prepared_again_and_marked(data_
     assert again.reused is False and again.path == first.path and has_marker(summary, "prepared")
 
 
+def _cut_arrow(entry: Path) -> None:
+    arrow = next((entry / "train").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:len(arrow.read_bytes()) // 2])
+
+
+@pytest.mark.parametrize("damage", [
+    _cut_arrow,
+    lambda entry: (entry / "qlora_prepared.json").write_text('{"qlora": {"kind": "prepared"}, "sources": 3}'),
+    lambda entry: (entry / "train" / "state.json").unlink(),
+    lambda entry: (entry / "dataset_dict.json").write_text('{"splits": ["train", "validation"]}'),
+], ids=["truncated-arrow", "corrupt-summary", "missing-state", "split-missing"])
+def test_a_damaged_cache_entry_is_named_and_prepared_again(damage, data_recipe, write_jsonl):
+    recipe = data_recipe({"sources": [{"path": write_jsonl(numbered_texts(40)), "format": "text"}]})
+    first = CliRunner().invoke(app, ["prepare", str(recipe)])
+    assert first.exit_code == 0, first.output
+    entry = next((recipe.parent / "prepared").iterdir())
+    rows = (entry / "train" / "state.json").read_text()
+    damage(entry)
+    again = CliRunner().invoke(app, ["prepare", str(recipe)])
+    assert again.exit_code == 0, again.output
+    assert "data prepared" in again.stdout and "the cached entry was damaged" in again.stdout, again.stdout
+    assert (entry / "train" / "state.json").read_text() == rows
+    assert "data reused" in CliRunner().invoke(app, ["prepare", str(recipe)]).stdout
+
+
 def test_fingerprint_changes_with_the_data_bytes_the_data_section_and_the_tokenizer(
         data_recipe, write_jsonl, v1_tokenizer):
     from qlora_cli.data.tokenizer import load_tokenizer

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from qlora_cli.atomic import (
     MARKER, atomic_folder, can_create_in, disk_full, has_marker, marker, nearest_existing, remove_stale_temporaries,
 )
-from qlora_cli.errors import UserError
+from qlora_cli.errors import UserError, first_line
 from qlora_cli.data.packing import build_rows
 from qlora_cli.data.preference import (encode_preference, fit_to_length, is_preference_data, sequence_lengths,
                                        trained_tokens)
@@ -85,6 +85,7 @@ class PreparedData:
     dataset: object  # datasets.DatasetDict
     summary: PrepareSummary
     reused: bool
+    rebuilt_because: str | None = None  # why the cached entry of the same fingerprint could not be read
 
 
 def prepare_dataset(recipe: Recipe, tokenizer, *, force: bool = False) -> PreparedData:
@@ -94,8 +95,12 @@ def prepare_dataset(recipe: Recipe, tokenizer, *, force: bool = False) -> Prepar
     seed = recipe.training.seed
     fingerprint = data_fingerprint(data, tokenizer, seed)
     target = Path(data.prepared_dir) / fingerprint
+    damage = None
     if has_marker(target / SUMMARY_FILE, KIND) and not force:
-        return load_prepared(target, reused=True)
+        try:
+            return load_prepared(target, reused=True)
+        except (OSError, ValueError, KeyError, TypeError) as err:  # pyarrow's, datasets' and json's objections
+            damage = first_line(err, named=True)  # a cut .arrow, a missing state.json, a split it lacks: rebuilt
     _check_prepared_dir(target.parent)
     if target.parent.is_dir():  # a killed prepare leaves its staging (tens of MB) beside the cache entries
         remove_stale_temporaries(target.parent)
@@ -112,7 +117,9 @@ def prepare_dataset(recipe: Recipe, tokenizer, *, force: bool = False) -> Prepar
         raise disk_full(err, target, needed, key="data.prepared_dir") or UserError(
             f"`data.prepared_dir` {target.parent} cannot be written: {err.strerror or err}",
             key="data.prepared_dir", fix="set data.prepared_dir to a folder you can write") from None
-    return load_prepared(target, reused=False)
+    prepared = load_prepared(target, reused=False)
+    prepared.rebuilt_because = damage
+    return prepared
 
 
 def load_prepared(path: Path, reused: bool = True) -> PreparedData:

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Callable
 from qlora_cli.atomic import atomic_folder
 from qlora_cli.errors import UserError
 from qlora_cli.export.generate import PromptRecord, read_prompts
-from qlora_cli.plan.preflight import check_before_eval, has_held_out_loss
-from qlora_cli.run_folder import RunFolder, is_merged_model, merge_output_dir
+from qlora_cli.plan.preflight import check_before_eval, existing_merged_model, has_held_out_loss
+from qlora_cli.run_folder import RunFolder
 from qlora_cli.eval.scoring import exact_match, score_answers, token_f1
 
 if TYPE_CHECKING:
@@ -135,12 +135,6 @@ def read_eval_records(path: Path) -> list[EvalRecord]:
                             where=prompt.where, fix='add "reference": "<the expected answer>" to each line')
         records.append(EvalRecord(prompt, reference))
     return records
-
-
-def existing_merged_model(recipe: Recipe) -> str | None:
-    """The run's merged folder, when `qlora merge` wrote one."""
-    merged = merge_output_dir(recipe)
-    return str(merged) if is_merged_model(merged) else None
 
 
 # ---------------------------------------------------------------- measuring one model

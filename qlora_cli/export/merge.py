@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qlora_cli.atomic import CARD, atomic_folder, model_card, nearest_existing, remove_stale_temporaries
+from qlora_cli.atomic import CARD, atomic_folder, model_card, nearest_existing, remove_stale_temporaries, write_checksums
 from qlora_cli.errors import UserError
 from qlora_cli.model.load import (adapter_config, base_model_id, describe_base_model, load_adapter_model,
                                   trained_on_4bit)
@@ -95,6 +95,7 @@ def merge(recipe: Recipe, *, overwrite: bool = False) -> MergeResult:
         save_tokenizer(tokenizer, tmp, recipe.data.template)  # with the chat template it trained on
         save_image_processor(tmp, merged, tokenizer)
         _model_card(recipe, adapter, difference, quantized, type(merged).__name__).save(tmp / CARD)
+        write_checksums(tmp)
     return MergeResult(output, describe_base(recipe), difference, quantized, effect, tolerance, differences)
 
 

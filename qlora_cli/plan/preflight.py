@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qlora_cli.atomic import can_create_in, nearest_existing
+from qlora_cli.atomic import can_create_in, hub_id, nearest_existing, weights_damage
 from qlora_cli.errors import UserError, combined
 from qlora_cli.run_folder import RunFolder, is_merged_model, merge_adapter_dir, merge_output_dir
 
@@ -164,6 +164,9 @@ def check_starting_adapter(recipe: Recipe) -> None:
     """`model.adapter`, when it is a folder (else a hub id, which peft fetches), is an adapter of
     the recipe's base model."""
     adapter = recipe.model.adapter
+    if adapter and not Path(adapter).expanduser().exists() and not hub_id(adapter):
+        raise UserError(f"adapter folder {adapter} does not exist (and it is no hub id)", key="model.adapter",
+                        fix="give a folder with adapter_config.json and adapter_model.safetensors (e.g. runs/sft/adapter)")
     if not adapter or not Path(adapter).expanduser().is_dir():
         return
     try:
@@ -197,8 +200,9 @@ def check_before_generate(recipe: Recipe, model_path: str | None = None) -> None
 def check_before_eval(recipe: Recipe, *, model_path: str | None, measures: bool, adapter_trained: bool = True) -> None:
     """The adapter (unless training is about to make it), `--model`, something to measure
     (`measures`: records or tasks were given, else the validation loss), a writable <run>/eval."""
-    if model_path:
-        check_model_source(model_path)
+    merged = model_path or existing_merged_model(recipe)
+    if merged:
+        check_model_source(merged, where="--model" if model_path else "the run's merged model")
     if not measures and not has_held_out_loss(recipe):
         found = ("the recipe's validation split is preference data or GRPO prompts, which have no held-out "
                  "loss here (their rewards are in run.json)" if recipe.data.has_validation
@@ -209,6 +213,12 @@ def check_before_eval(recipe: Recipe, *, model_path: str | None, measures: bool,
     check_writable(RunFolder(recipe.run_dir).root / "eval")
     if adapter_trained:
         check_adapter(merge_adapter_dir(recipe), recipe)
+
+
+def existing_merged_model(recipe: Recipe) -> str | None:
+    """The run's merged folder, when `qlora merge` wrote one (eval scores it as `merged`)."""
+    merged = merge_output_dir(recipe)
+    return str(merged) if is_merged_model(merged) else None
 
 
 def has_held_out_loss(recipe: Recipe) -> bool:
@@ -241,6 +251,13 @@ def check_adapter(adapter: Path, recipe: Recipe, key: str = "merge.adapter") -> 
         raise UserError(f"adapter folder {adapter} does not exist", key=key, fix=fix)
     if not config_file.is_file():
         raise UserError(f"{adapter} is not a LoRA adapter: it has no adapter_config.json", key=key)
+    damage = weights_damage(adapter, ("adapter_model.safetensors",))
+    if damage:
+        last = RunFolder(recipe.run_dir).last_checkpoint()
+        raise UserError(f"the adapter is damaged: {damage}", key=key,
+                        fix=f"train it again (qlora train RECIPE --overwrite), or set {key}={last} to use the run's "
+                            "last checkpoint" if last else "train it again (qlora train RECIPE --overwrite), or point "
+                            f"{key} at an undamaged adapter folder")
     trained_on = adapter_config(adapter).get("base_model_name_or_path")
     expected = base_model_id(recipe)
     if trained_on and expected and not _same_model(trained_on, expected):
@@ -256,7 +273,7 @@ def _same_model(a: str, b: str) -> bool:
 MODEL_FIX = "give a merged model folder (qlora merge writes one), a model path or a hub id"
 
 
-def check_model_source(path: str) -> None:
+def check_model_source(path: str, where: str = "--model") -> None:
     """What `--model` names is a model folder, or could be a hub id: a path that does not exist
     is not reported as a malformed repo id, a run folder not as an unrecognized model."""
     local = Path(path).expanduser()
@@ -264,6 +281,10 @@ def check_model_source(path: str) -> None:
         raise UserError(f"{path} is a folder without a model: it has no config.json", where="--model", fix=MODEL_FIX)
     if local.is_file():
         raise UserError(f"{path} is a file; a model is a folder", where="--model", fix=MODEL_FIX)
+    damage = weights_damage(local, contents=False) if local.is_dir() else None
+    if damage:
+        raise UserError(f"the model is damaged: {damage}", where=where,
+                        fix="merge it again (qlora merge RUN --overwrite) if qlora wrote it, else download or copy it again")
     # A hub id is `name` or `namespace/name`; anything else not found on disk was meant as a path.
     if not local.exists() and (local.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1):
         raise UserError(f"model folder {path} does not exist", where="--model", fix=MODEL_FIX)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Column, Table
 from rich.text import Text
 
@@ -16,6 +17,8 @@ def prepare_summary(console: Console, prepared) -> None:
     summary = prepared.summary
     state = "reused" if prepared.reused else "prepared"
     console.print(f"[bold]data[/] {state}: {prepared.path} (fingerprint {summary.fingerprint})", highlight=False)
+    if prepared.rebuilt_because:
+        console.print(f"the cached entry was damaged ({escape(prepared.rebuilt_because)}): prepared again", highlight=False)
     # A long path wraps rather than being cut to "…": the file name is what the user needs to see.
     table = Table(Column("source", overflow="fold"), "read", "kept", "truncated", "dropped", box=None, pad_edge=False)
     for counts in summary.sources:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qlora_cli.atomic import CARD, atomic_folder, disk_full, folder_size
+from qlora_cli.atomic import CARD, atomic_folder, disk_full, folder_size, write_checksums
 from qlora_cli.errors import UserError, first_line
 from qlora_cli.training.launch import prepared_by_launcher, user_command_line
 from qlora_cli.plan.preflight import check_before_training, check_prepared_data
@@ -297,6 +297,7 @@ def save_adapter(trainer, tokenizer, run: RunFolder, recipe: Recipe, prepared, m
                                           state_dict=gathered)
             save_tokenizer(tokenizer, tmp, recipe.data.template)  # with the chat template it trained on
             card.save(tmp / CARD)
+            write_checksums(tmp)
     except Exception as err:  # the staging is gone; a full disk says how much the adapter needs
         last = run.last_checkpoint()
         raise disk_full(err, run.adapter, folder_size(last) if last else 0, key="training.output_dir") or err
