@@ -141,7 +141,7 @@ def disk_full(err: BaseException, path: Path, needed: int, *, where: str | None 
         free = shutil.disk_usage(folder).free
     except OSError:
         return None
-    if getattr(err, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) and free >= needed:
+    if not _says_disk_full(err) and free >= needed:
         return None
     if not needed:  # nothing to measure the write by
         return UserError(f"no space left to write {path}: {folder} has {_size(free)} free", where=where, key=key,
@@ -150,6 +150,18 @@ def disk_full(err: BaseException, path: Path, needed: int, *, where: str | None 
     return UserError(f"no space left to write {path}: it needs about {_size(needed)}, and {folder} has "
                      f"{_size(free)} free", where=where, key=key,
                      fix=f"free at least {_size(short)} there, or write to another disk")
+
+
+def _says_disk_full(err: BaseException) -> bool:
+    """ENOSPC or EDQUOT, as an OSError's errno or only in the text: the tokenizers library raises a
+    bare `Exception("No space left on device (os error 28)")`."""
+    codes = (errno.ENOSPC, errno.EDQUOT)
+    return getattr(err, "errno", None) in codes or any(os.strerror(code) in str(err) for code in codes)
+
+
+def size_text(count: int) -> str:
+    """A byte count as a person reads it: `512 bytes`, `3.4 MiB`, `12.0 GiB`."""
+    return _size(count)
 
 
 def folder_size(folder: Path) -> int:

@@ -168,12 +168,29 @@ def test_staging_left_by_a_killed_run_is_removed_by_the_next_run_on_the_folder(c
 def test_a_full_disk_at_a_checkpoint_exits_2_with_the_space_needed_and_keeps_the_one_before(small_disk,
                                                                                            sample_subset, prepared_dir):
     root = small_disk(6 * 1024) / "run"  # room for one checkpoint of the tiny run (3.6 MB), not two
-    result = qlora("train", "tiny-mistral", *short_run(sample_subset, root, prepared_dir, "training.max_steps=6"))
+    # --force: the plan sees that three checkpoints cannot fit, and would stop the run before it starts
+    result = qlora("train", "tiny-mistral", *short_run(sample_subset, root, prepared_dir, "training.max_steps=6"),
+                   "--force")
     assert_user_error(result, "no space left to write", "checkpoint-4", "it needs about", "free at least",
                       wrapped=True)
     assert [p.name for p in (root / "checkpoints").iterdir()] == ["checkpoint-2"]  # no staging beside it
     assert checkpoint_damage(root / "checkpoints" / "checkpoint-2") is None
     assert not list(root.rglob(".*"))
+
+
+@pytest.mark.slow
+def test_a_disk_too_small_for_the_run_stops_it_before_training_and_one_full_at_the_first_checkpoint_exits_2(
+        small_disk, sample_subset, prepared_dir):
+    root = small_disk(1024) / "run"  # the tokenizer alone (3.5 MB) is more than the disk holds
+    args = ["tiny-mistral", *short_run(sample_subset, root, prepared_dir, "training.max_steps=3")]
+    result = qlora("train", *args)
+    assert_user_error(result, "training.output_dir", "the run needs", "MiB on disk", "KiB free under",
+                      "save_total_limit", "--force", wrapped=True)
+    assert not root.exists() and "parameters:" not in result.output  # no model loaded, nothing written
+    # forced, the tokenizers library's bare `Exception: No space left on device` is the user's error too
+    result = qlora("train", *args, "--force")
+    assert_user_error(result, "no space left to write", "checkpoint-2", wrapped=True)
+    assert not list(root.parent.rglob("checkpoint-*"))
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qlora_cli.atomic import size_text
 from qlora_cli.errors import UserError, locate
 from qlora_cli.families import Family
 from qlora_cli.model.lora_targets import LoraTargets, planned_targets
@@ -77,6 +78,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)  # what the method adds (DPO/KTO)
     warnings: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    disk_short: str | None = None  # the run's checkpoints and adapter cannot fit on its disk (train stops)
 
     @property
     def total(self) -> int:
@@ -98,8 +100,8 @@ class Plan:
                  f"(batch {self.batch} x {self.seq:,} tokens, {self.model})"]
         if self.durations:
             name, (fast, slow) = next(iter(self.durations.items()))
-            lines.append(f"plan: {self.steps:,} steps, {self.flops:.3g} FLOPs, {format_duration(fast)}-{format_duration(slow)} on {name} "
-                         f"at {MFU_RANGE[1]:.0%}-{MFU_RANGE[0]:.0%} MFU")
+            lines.append(f"plan: {self.steps:,} steps, {self.flops:.3g} FLOPs, {format_durations(fast, slow)} on {name} "
+                         f"at {MFU_RANGE[0]:.0%} to {MFU_RANGE[1]:.0%} MFU")
         lines += [f"plan: {note}" for note in self.notes]
         lines += [f"plan hint: {f}" for f in self.faster]
         lines += [f"plan warning: {w}" for w in self.warnings]
@@ -169,7 +171,12 @@ def position_warnings(shape: ModelShape, width: int) -> list[str]:
 
 
 def refuse_unless_fits(plan: Plan, force: bool) -> None:
-    """`qlora train` stops here when the plan says the run cannot fit in GPU memory, unless --force."""
+    """`qlora train` stops here when the plan says the run cannot fit in GPU memory or on its disk,
+    unless --force."""
+    if plan.disk_short and not force:
+        raise UserError(plan.disk_short, key="training.output_dir",
+                        fix="free space there, set training.output_dir to another disk, or lower "
+                            "training.save_total_limit; add --force to try anyway")
     if plan.fits is False and not force:
         changes = "".join(f"\n    {change}" for change in plan.changes)
         raise UserError(f"this run needs {plan.total / 2**30:.1f} GiB per GPU and the GPU has "
@@ -443,10 +450,11 @@ def _plan_disk(plan: Plan, shape: ModelShape, s: Settings, recipe: Recipe, token
     run_free, merged_free = _free_bytes(recipe.run_dir), _free_bytes(merged_dir)
     plan.disk_free = {str(recipe.run_dir): run_free, str(merged_dir): merged_free}
     if kept * checkpoint + adapter > run_free:
-        plan.problems.append(f"the run needs {(kept * checkpoint + adapter) / GiB:.2f} GiB on disk; "
-                             f"{run_free / GiB:.2f} GiB free under {recipe.run_dir}")
+        plan.disk_short = (f"the run needs {size_text(kept * checkpoint + adapter)} on disk; "
+                           f"{size_text(run_free)} free under {recipe.run_dir}")
+        plan.problems.append(plan.disk_short)
     if merged > merged_free:
-        plan.warnings.append(f"`qlora merge` will need {merged / GiB:.1f} GiB; {merged_free / GiB:.1f} GiB free "
+        plan.warnings.append(f"`qlora merge` will need {size_text(merged)}; {size_text(merged_free)} free "
                              f"under {merged_dir}")
 
 
@@ -488,3 +496,9 @@ def format_duration(seconds: float) -> str:
     if seconds >= 60:
         return f"{seconds / 60:.1f} min"
     return f"{seconds:.0f} s" if seconds >= 1 else "under 1 s"
+
+
+def format_durations(fast: float, slow: float) -> str:
+    """`2.5 h to 4.5 h`, or one figure where both read the same (`under 1 s`)."""
+    fast_text, slow_text = format_duration(fast), format_duration(slow)
+    return fast_text if fast_text == slow_text else f"{fast_text} to {slow_text}"

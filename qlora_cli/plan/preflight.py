@@ -251,6 +251,12 @@ def check_adapter(adapter: Path, recipe: Recipe, key: str = "merge.adapter") -> 
         raise UserError(f"adapter folder {adapter} does not exist", key=key, fix=fix)
     if not config_file.is_file():
         raise UserError(f"{adapter} is not a LoRA adapter: it has no adapter_config.json", key=key)
+    trained_on = adapter_config(adapter).get("base_model_name_or_path")
+    expected = base_model_id(recipe)
+    if trained_on and expected and not _same_model(trained_on, expected):
+        raise UserError(f"the adapter was trained on `{trained_on}`, but the recipe's base model is `{expected}`",
+                        where=str(config_file), fix="use the recipe the adapter was trained with "
+                        "(its run folder's recipe.yaml)")
     damage = weights_damage(adapter, ("adapter_model.safetensors",))
     if damage:
         last = RunFolder(recipe.run_dir).last_checkpoint()
@@ -258,12 +264,6 @@ def check_adapter(adapter: Path, recipe: Recipe, key: str = "merge.adapter") -> 
                         fix=f"train it again (qlora train RECIPE --overwrite), or set {key}={last} to use the run's "
                             "last checkpoint" if last else "train it again (qlora train RECIPE --overwrite), or point "
                             f"{key} at an undamaged adapter folder")
-    trained_on = adapter_config(adapter).get("base_model_name_or_path")
-    expected = base_model_id(recipe)
-    if trained_on and expected and not _same_model(trained_on, expected):
-        raise UserError(f"the adapter was trained on `{trained_on}`, but the recipe's base model is `{expected}`",
-                        where=str(config_file), fix="use the recipe the adapter was trained with "
-                        "(its run folder's recipe.yaml)")
 
 
 def _same_model(a: str, b: str) -> bool:

@@ -143,7 +143,7 @@ def _plan_longest(console: Console, plan) -> None:
 
 def plan_report(console: Console, plan) -> None:
     """`qlora plan`: memory item by item against the device, time, data, disk, resume, verdict."""
-    from qlora_cli.plan.estimate import format_duration
+    from qlora_cli.plan.estimate import format_durations
 
     gib = 2**30
     console.rule(f"[bold]plan[/]: {plan.model}")
@@ -172,9 +172,9 @@ def plan_report(console: Console, plan) -> None:
     if plan.durations:
         table = Table("time", Column("duration", justify="right"), box=None, pad_edge=False)
         for name, (fast, slow) in plan.durations.items():
-            table.add_row(name, f"{format_duration(fast)} - {format_duration(slow)}")
+            table.add_row(name, format_durations(fast, slow))
         console.print(f"{plan.steps:,} optimizer steps ({plan.epochs:.3g} epochs), {plan.flops:.3g} FLOPs; "
-                      "duration assumes 45% to 25% of the GPU's dense bf16 peak (MFU)", highlight=False)
+                      "duration assumes 25% to 45% of the GPU's dense bf16 peak (MFU)", highlight=False)
         console.print(table)
     disk = Table("disk", Column("GiB", justify="right"), "how", box=None, pad_edge=False)
     for item in plan.disk:
