@@ -407,6 +407,7 @@ UNUSABLE = [
     (KTO, "training.desirable_weight=-1", "training.desirable_weight"),
     ("tiny-mistral", "generate.top_p=1.5", "generate.top_p"),
     ("tiny-mistral", "lora.r=1e8", "lora.r"),
+    ("tiny-mistral", "lora.r=100000000", "lora.r"),
     ("tiny-mistral", "training.report_to=carrier_pigeon", "training.report_to"),
     ("tiny-mistral", "quantization.bnb_4bit_quant_type=nf3", "quantization.bnb_4bit_quant_type"),
     (DPO, "training.loss_type=bogus", "training.loss_type"),
@@ -426,6 +427,20 @@ def test_unusable_values_in_one_recipe_file_are_all_reported_at_their_lines(work
     stderr = refused_by_validate("mine.yaml")
     for line, key in ((3, "lora.lora_dropout"), (5, "training.max_steps"), (6, "training.max_grad_norm")):
         assert f"mine.yaml:{line}: `{key}` is" in stderr, stderr
+
+
+def test_a_nan_is_said_once_and_no_library_objects_to_it_again(workdir):
+    stderr = refused_by_validate("tiny-mistral", "generate.temperature=.nan")
+    assert stderr.count("generate.temperature") == 1 and "GenerationConfig" not in stderr, stderr
+    assert "generation flags" not in stderr, stderr
+
+
+@pytest.mark.parametrize("override", ["lora.r=${oc.env:FAKE_SECRET}", "training.learning_rate=${oc.env:FAKE_SECRET}",
+                                      "model.init_from_config.hidden_size=${oc.env:FAKE_SECRET}"])
+def test_an_error_shows_a_value_from_the_environment_as_written_never_the_value(workdir, monkeypatch, override):
+    monkeypatch.setenv("FAKE_SECRET", "hf_s3cr3t")
+    stderr = refused_by_validate("tiny-mistral", override)
+    assert "hf_s3cr3t" not in stderr and "${oc.env:FAKE_SECRET}" in stderr, stderr
 
 
 def test_explain_keeps_a_secret_from_the_environment_as_written(workdir, monkeypatch):

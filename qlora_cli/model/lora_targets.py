@@ -172,12 +172,15 @@ def _refusals_as_user_errors():
 def planned_targets(recipe: Recipe, skeleton, family: Family) -> LoraTargets:
     """What LoRA reaches in `skeleton`, a model on the meta device, as peft decides: it adds the
     recipe's LoRA to it (allocating nothing) and this reads off what it wrapped."""
+    import torch
     from peft import inject_adapter_in_model
 
     config = lora_config(recipe, skeleton, family)
     if config is None:
         return LoraTargets()
-    with refused_by_peft(config):
+    # low_cpu_mem_usage still makes a Linear layer's LoRA matrices on the default device: a rank of
+    # 100,000,000 asked for 100 GB
+    with refused_by_peft(config), torch.device("meta"):
         inject_adapter_in_model(config, skeleton, low_cpu_mem_usage=True)
     return wrapped_targets(skeleton)
 

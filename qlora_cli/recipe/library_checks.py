@@ -19,10 +19,11 @@ from qlora_cli.recipe.sections import (METHODS, GenerateOptions, GenerateSection
                                        matches_type)
 
 
-def build_library_sections(config: dict, data=None) -> tuple[dict[str, Any], list[UserError]]:
+def build_library_sections(config: dict, data=None, unbuilt=()) -> tuple[dict[str, Any], list[UserError]]:
     """The objects the four library sections become (`None` for quantization or lora set to null),
     and every unknown key, wrong type and library objection in them; `data` is the typed data
-    section, when it was built."""
+    section, when it was built; `unbuilt`: sections only checked, not built (a NaN in them is
+    reported already, and a library would only object to it again)."""
     generate_ours = [f.name for f in dataclasses.fields(GenerateOptions)]
     has_validation = data is not None and data.has_validation
     method = config.get("method", "sft")
@@ -52,7 +53,7 @@ def build_library_sections(config: dict, data=None) -> tuple[dict[str, Any], lis
             section_errors += _check_generate_options(values)
         if section == "training":
             section_errors += _check_choices(training_class(method), values)
-        if not section_errors:
+        if not section_errors and section not in unbuilt:
             try:
                 built[section] = build(values)
             except UserError as err:

@@ -422,28 +422,62 @@ def _validated(raw: RawRecipe) -> Recipe:
             typed[name] = build_schema(cls, resolved.get(name), name)
         except UserError as err:
             errors += err.errors
-    library, library_errors = build_library_sections(resolved, typed.get("data"))
+    non_finite = check_finite(resolved)
+    library, library_errors = build_library_sections(resolved, typed.get("data"),
+                                                     unbuilt={error.key.split(".")[0] for error in non_finite})
     errors += library_errors
     errors += check_values(typed)
     method = resolved.get("method", "sft")
     errors += check_method(method, typed.get("data"))
     if "model" in typed:
-        errors += check_model_objects(typed["model"])
+        lora = resolved.get("lora")
+        errors += check_model_objects(typed["model"], lora if isinstance(lora, dict) else None)
     rewards, reward_errors = _rewards(resolved.get("rewards"), method)
     errors += reward_errors
-    errors = _finite_first(check_finite(resolved), errors)
+    errors = _finite_first(non_finite, errors)
+    from_environment = environment_keys(raw.config, resolved)
     if errors:
-        raise combined(errors)
+        raise combined(_redacted(errors, resolved, from_environment))
     return Recipe(
-        **typed, **library, resolved=resolved, origins=raw.origins, files=raw.files, from_environment=environment_keys(raw.config, resolved),
+        **typed, **library, resolved=resolved, origins=raw.origins, files=raw.files, from_environment=from_environment,
         method=method, rewards=rewards,
     )
 
 
+def _redacted(errors: list[UserError], resolved: dict, from_environment: dict[str, str]) -> list[UserError]:
+    """The errors with each value that came from the environment (a token, a password) shown as its
+    `${oc.env:NAME}` as written: a message is printed, pasted into issues, kept in CI logs."""
+    replacements = []
+    for key, written in from_environment.items():
+        value = _value_at(resolved, key)
+        if value is not None and str(value):
+            replacements += [(repr(value), written), (repr(str(value)), written)]
+            if len(str(value)) >= 4:  # a short value (`8`) would garble the text around it
+                replacements.append((str(value), written))
+    for error in errors:
+        for secret, written in replacements:
+            error.message = error.message.replace(secret, written)
+            error.fix = error.fix.replace(secret, written) if error.fix else error.fix
+    return errors
+
+
+def _value_at(config: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if isinstance(config, dict):
+            config = config.get(part)
+        elif isinstance(config, list) and part.isdigit() and int(part) < len(config):
+            config = config[int(part)]
+        else:
+            return None
+    return config
+
+
 def _finite_first(non_finite: list[UserError], errors: list[UserError]) -> list[UserError]:
-    """A NaN or infinity once, as such: whatever a later check made of the same key says less."""
+    """A NaN or infinity once, as such: whatever a later check made of the same key (or a library's
+    objection that names it, such as GenerationConfig's about `temperature`) says less."""
     keys = {error.key for error in non_finite}
-    return non_finite + [error for error in errors if error.key not in keys]
+    return non_finite + [error for error in errors if error.key not in keys
+                         and not any(f"`{key}`" in error.message for key in keys)]
 
 
 def _rewards(section, method: str):

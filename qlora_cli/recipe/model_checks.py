@@ -8,13 +8,27 @@ from qlora_cli.errors import UserError, first_line
 from qlora_cli.recipe.probes import blamed_key, quiet_transformers
 
 
-def check_model_objects(model) -> list[UserError]:
+def check_model_objects(model, lora: dict | None = None) -> list[UserError]:
     """What transformers would refuse of the `model` section when it loads: the attention
-    implementation, and the model `init_from_config` describes."""
+    implementation, and the model `init_from_config` describes; and a LoRA rank (`lora`: the
+    section as written) wider than every layer of that model."""
     errors = check_attn_implementation(model.attn_implementation)
     if model.init_from_config is not None and model.init_from_config.get("model_type") is not None:
-        errors += check_init_model(model.init_from_config)
+        errors += check_init_model(model.init_from_config) or check_rank(model.init_from_config, lora or {})
     return errors
+
+
+def check_rank(init_from_config: dict, lora: dict) -> list[UserError]:
+    """A rank above the widest side of every layer: the update B @ A can have no rank above that, and
+    the matrices would only take memory (an r of 100,000,000 asks for 100 GB per layer)."""
+    widths = [init_from_config.get(name) for name in ("hidden_size", "intermediate_size", "vocab_size")]
+    widest = max((width for width in widths if isinstance(width, int)), default=None)
+    rank = lora.get("r")
+    if widest is None or not isinstance(rank, int) or isinstance(rank, bool) or rank <= widest:
+        return []
+    return [UserError(f"`lora.r` is {rank:,}, above the widest side of any layer of this model ({widest:,}): "
+                      "the update can have no higher rank, and its matrices would fill memory", key="lora.r",
+                      fix=f"use a rank such as 8-64, at most {widest:,}")]
 
 
 def check_init_model(init_from_config: dict) -> list[UserError]:
