@@ -325,14 +325,24 @@ def lock_folder(folder: Path, command: str, key: str | None = None):
     """Hold `folder` for this process until `release_folder` (or the process ends, however it
     ends: the operating system lets go of it). A second holder is refused, exit 2,
     with the pid and host of the first (and the recipe `key` that named the folder)."""
+    return _lock(folder, folder / LOCK_FILE, command, key)
+
+
+def lock_output_file(output: Path, command: str):
+    """Hold the file `output` as `lock_folder` holds a folder (its lock file `.NAME.qlora.lock`
+    lies beside it, and is gone once `release_folder` lets go): two commands writing one output
+    would interleave their lines."""
+    return _lock(output, output.parent / f".{output.name}{LOCK_FILE}", command, None, "file")
+
+
+def _lock(target: Path, path: Path, command: str, key: str | None, what: str = "folder"):
     from filelock import FileLock, Timeout
 
-    path = folder / LOCK_FILE
     lock = FileLock(str(path), timeout=0)
     try:
-        _acquire(lock, folder)
+        _acquire(lock, path.parent)
     except Timeout:
-        raise _in_use(folder, path, command, key) from None
+        raise _in_use(target, path, command, key, what) from None
     # filelock (>= 4) leaves what a holder wrote in place while others try: this is what they read.
     path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command}) + "\n")
     return lock
@@ -368,11 +378,11 @@ def check_not_in_use(folder: Path, command: str, key: str | None = None) -> None
         release_folder(lock_folder(folder, command, key))
 
 
-def _in_use(folder: Path, path: Path, command: str, key: str | None) -> UserError:
+def _in_use(target: Path, path: Path, command: str, key: str | None, what: str) -> UserError:
     try:
         holder = json.loads(path.read_text())
         who = f"pid {holder['pid']} on {holder['host']} ({holder.get('command', 'qlora')})"
     except (OSError, ValueError, KeyError, TypeError):
         who = "another process"
-    return UserError(f"{folder} is in use by {who}", key=key,
-                     fix=f"wait until it ends (or stop it), or give this {command} another folder")
+    return UserError(f"{target} is in use by {who}", key=key,
+                     fix=f"wait until it ends (or stop it), or give this {command} another {what}")

@@ -312,7 +312,7 @@ def generate(
     args: list[str] = RECIPE_ARGS,
     prompt: str = typer.Option(None, "--prompt", help="One user message; the answer is streamed."),
     input: Path = typer.Option(None, "--input", help="JSONL of {prompt} or {messages} records to answer."),
-    output: Path = typer.Option(None, "--output", help="JSONL to write: each input record plus `response`."),
+    output: Path = typer.Option(None, "--output", help="JSONL to write: each input record (or the --prompt) plus `response`."),
     interactive: bool = typer.Option(False, "--interactive", help="Chat in the terminal (/reset, /exit)."),
     model: str = typer.Option(None, "--model", help="A merged folder or any model path / hub id instead of the run's adapter."),
     resume: bool = typer.Option(False, "--resume", help="With --output: skip the records already answered."),
@@ -322,6 +322,7 @@ def generate(
 
     Example: qlora generate runs/tiny-mistral/recipe.yaml --prompt "What is the capital of France?"
     """
+    from qlora_cli.atomic import lock_output_file, release_folder
     from qlora_cli.export.generate import choose_answering, default_length_warning, load_generator, prompt_messages
     from qlora_cli.recipe.load import load_recipe
 
@@ -334,13 +335,19 @@ def generate(
         answering = choose_answering(recipe, prompt=prompt, input=input, output=output, interactive=interactive,
                                      resume=resume, model_path=model, images=[p.expanduser() for p in image or []])
         _warn([default_length_warning(recipe)])
-        generator = load_generator(recipe, model)
-        if answering.prompt is not None:
-            _print_answers(generator, prompt_messages(answering.prompt, answering.images))
-        elif answering.records is not None:
-            _answer_file(generator, answering.records, answering.output, recipe, resume)
-        else:
-            _chat(generator)
+        # Two commands appending to one answers file would interleave (and double) its lines.
+        lock = lock_output_file(answering.output, "generate") if answering.output else None
+        try:
+            generator = load_generator(recipe, model)
+            if answering.records is not None:
+                _answer_file(generator, answering.records, answering.output, recipe, resume)
+            elif answering.prompt is not None:
+                _print_answers(generator, prompt_messages(answering.prompt, answering.images))
+            else:
+                _chat(generator)
+        finally:
+            if lock:
+                release_folder(lock)
 
 
 @app.command("eval")

@@ -105,7 +105,7 @@ def test_tasks_without_lm_eval_installed_say_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` raises ImportError
     with pytest.raises(UserError) as caught:
         load_tasks(["hellaswag"])
-    assert "pip install 'qlora-cli[eval]'" in str(caught.value)
+    assert "pip install '.[eval]'" in str(caught.value) and "qlora-cli[" not in str(caught.value)
 
 
 def test_an_interrupted_write_keeps_the_previous_results_whole(tmp_path):
@@ -117,6 +117,19 @@ def test_an_interrupted_write_keeps_the_previous_results_whole(tmp_path):
         write_results(folder, {"base": Measured({"exact_match": 0.5}), "adapter": broken})
     assert (folder / "results.json").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]  # no temporary folder left
+
+
+def test_results_replace_only_the_files_eval_writes_and_keep_the_users(tmp_path):
+    folder = tmp_path / "eval"
+    write_results(folder, {"base": Measured({"exact_match": 0.0}, answers=[{"response": "a"}]),
+                           "merged": Measured({"exact_match": 0.0}, answers=[{"response": "b"}])})
+    (folder / "notes.md").write_text("my notes")
+    (folder / "answers-mine.jsonl").write_text("{}\n")
+    write_results(folder, {"base": Measured({"exact_match": 1.0}, answers=[{"response": "c"}])})
+    assert sorted(p.name for p in folder.iterdir()) == ["answers-base.jsonl", "answers-mine.jsonl", "notes.md",
+                                                        "results.json"]  # the old merged answers are gone
+    assert json.loads((folder / "results.json").read_text()) == {"base": {"exact_match": 1.0}}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
 
 
 def test_plain_table_has_a_row_per_metric_a_column_per_model_and_the_difference():

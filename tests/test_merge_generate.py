@@ -655,7 +655,8 @@ def test_resume_drops_a_last_line_cut_short_by_a_kill_and_answers_it_again(tmp_p
     records = read_prompts(write_prompts(tmp_path / "prompts.jsonl", PAIRS[:4]))
     output = tmp_path / "answers.jsonl"
     whole = json.dumps({**records[0].record, "response": "before"}, ensure_ascii=False) + "\n"
-    output.write_bytes(whole.encode() + '{"id": 1, "prompt": "caf\u00e9'.encode()[:-1])  # cut inside a character
+    cut = json.dumps({**records[1].record, "response": "caf\u00e9"}, ensure_ascii=False).encode()[:-3]
+    output.write_bytes(whole.encode() + cut)  # the next answer, cut inside a character
     assert answer_file(_EchoGenerator(), records, output, batch_size=2, resume=True) == 3
     rows = read_jsonl(output)
     assert [row["id"] for row in rows] == [0, 1, 2, 3] and rows[0]["response"] == "before"
@@ -666,6 +667,8 @@ NOT_ANSWERS = {
     "one line without a newline": "hello",
     "JSON lines without a response": '{"id": 0, "prompt": "x"}\n',
     "answers to other prompts": json.dumps({"id": 7, "prompt": "another question", "response": "r"}) + "\n",
+    "a partial line of the user's": json.dumps({"id": 0, "prompt": PAIRS[0][0], "expected": PAIRS[0][1],
+                                                "response": "r"}) + "\n" + '{"note": "mine, not finished',
     "more answers than prompts": "".join(json.dumps({"id": i, "prompt": q, "expected": a, "response": a}) + "\n"
                                          for i, (q, a) in enumerate(PAIRS[:3])),
 }
@@ -679,6 +682,28 @@ def test_resume_refuses_a_file_that_is_not_its_answers_and_leaves_it_whole(text,
                    "--output", output, "--resume")
     assert_user_error(result, "not this command's answers file", f"{output}:", wrapped=True)
     assert output.read_text() == text
+
+
+@pytest.mark.slow
+def test_a_prompt_with_output_writes_its_answer_there(answering_run, adapter_answers, tmp_path):
+    output = tmp_path / "one.jsonl"
+    result = qlora("generate", answering_run.root, "--prompt", PAIRS[0][0], "--output", output)
+    assert result.exit_code == 0, result.output
+    assert read_jsonl(output) == [{"prompt": PAIRS[0][0], "response": adapter_answers[0]["response"]}]
+
+
+def test_a_second_generate_into_an_answers_file_being_written_exits_2_before_loading(trained_run, tmp_path):
+    from qlora_cli.atomic import lock_output_file, release_folder
+
+    output = tmp_path / "answers.jsonl"
+    first = lock_output_file(output, "generate")  # as a first `qlora generate --output` holds it
+    try:
+        result = qlora("generate", trained_run.root, "--input", write_prompts(tmp_path / "prompts.jsonl", PAIRS[:2]),
+                       "--output", output)
+    finally:
+        release_folder(first)
+    assert_user_error(result, f"{output} is in use by pid", "another file", wrapped=True)
+    assert not output.exists() and not list(tmp_path.glob(".answers*"))
 
 
 @pytest.mark.slow

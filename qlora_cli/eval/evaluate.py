@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -218,15 +220,35 @@ def held_out_loss(generator, rows, recipe: Recipe, advance) -> dict[str, float]:
 # ---------------------------------------------------------------- results
 
 
+MODELS = ("base", "adapter", "merged")
+# What write_results may write in <run>/eval/, and so all it may remove there
+RESULT_FILES = ("results.json", *(f"answers-{m}.jsonl" for m in MODELS), *(f"lm-eval-{m}.json" for m in MODELS))
+
+
 def write_results(folder: Path, results: dict[str, Measured]) -> None:
-    """results.json, answers-<model>.jsonl and lm-eval-<model>.json, all appearing at once: an
-    interrupted eval leaves the previous results whole, never half of new ones."""
-    with atomic_folder(folder, replace=True) as tmp:
-        for name, measured in results.items():
-            if measured.answers is not None:
-                (tmp / f"answers-{name}.jsonl").write_text(
-                    "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in measured.answers), encoding="utf-8")
-            if measured.lm_eval is not None:
-                (tmp / f"lm-eval-{name}.json").write_text(json.dumps(measured.lm_eval, indent=2, default=str))
-        scores = {name: measured.scores for name, measured in results.items()}
-        (tmp / "results.json").write_text(json.dumps(scores, indent=2) + "\n")
+    """results.json, answers-<model>.jsonl and lm-eval-<model>.json, each file whole (written
+    beside, renamed in; results.json last), and the previous eval's files of those names that this
+    one does not write removed. Nothing else in the folder is touched: it may hold the user's files."""
+    staging = folder.with_name(f".{folder.name}.new")
+    with atomic_folder(staging, replace=True) as tmp:
+        _write_result_files(tmp, results)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = sorted(staging.iterdir(), key=lambda path: path.name == "results.json")
+    for path in written:
+        os.replace(path, folder / path.name)
+    shutil.rmtree(staging, ignore_errors=True)
+    names = {path.name for path in written}
+    for name in RESULT_FILES:
+        if name not in names:
+            (folder / name).unlink(missing_ok=True)
+
+
+def _write_result_files(tmp: Path, results: dict[str, Measured]) -> None:
+    for name, measured in results.items():
+        if measured.answers is not None:
+            (tmp / f"answers-{name}.jsonl").write_text(
+                "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in measured.answers), encoding="utf-8")
+        if measured.lm_eval is not None:
+            (tmp / f"lm-eval-{name}.json").write_text(json.dumps(measured.lm_eval, indent=2, default=str))
+    scores = {name: measured.scores for name, measured in results.items()}
+    (tmp / "results.json").write_text(json.dumps(scores, indent=2) + "\n")

@@ -1,6 +1,6 @@
 """lm-evaluation-harness tasks, run on the model qlora already loaded (4-bit base + adapter).
 
-lm-eval is an optional extra (`pip install 'qlora-cli[eval]'`): it pulls scikit-learn, nltk,
+lm-eval is an optional extra (`pip install '.[eval]'` in the checkout): it pulls scikit-learn, nltk,
 evaluate and more, which training never needs. Tasks are named as lm-eval names them
 (`hellaswag`), or given as a task YAML file or a folder of them: a local task reads a local
 dataset, so it runs offline.
@@ -15,7 +15,8 @@ from pathlib import Path
 from qlora_cli.errors import UserError, combined
 from qlora_cli.recipe.sections import suggest
 
-INSTALL_FIX = "install lm-evaluation-harness: pip install 'qlora-cli[eval]'"
+INSTALL_FIX = ("install lm-evaluation-harness: pip install '.[eval]' in the qlora checkout "
+               "(or pip install 'lm_eval>=0.4.13,<0.5')")
 
 
 @dataclass

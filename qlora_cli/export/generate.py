@@ -179,6 +179,9 @@ def choose_answering(recipe: Recipe, *, prompt: str | None, input: Path | None, 
     this run answers, every file read and checked, and what answers (`model_path`, else the run's
     adapter) checked too, before minutes of model loading. The recipe's `generate.input` and
     `generate.output` are the default mode, not a second one: a flag given now wins."""
+    if images and prompt is not None and output is not None:
+        raise UserError("--output takes the answers of --input lines; an answer about --image is printed",
+                        where="--output", fix="drop --output, or put the image parts in an --input line")
     answering = _answering(recipe, prompt=prompt, input=input, output=output, interactive=interactive, resume=resume)
     if images and answering.prompt is None:
         raise UserError("--image goes with --prompt (the question about it)", where="--image",
@@ -214,6 +217,10 @@ def _answering(recipe: Recipe, *, prompt: str | None, input: Path | None, output
         raise UserError(CHOOSE_ONE)
     if prompt is not None:
         check_prompt([{"role": "user", "content": prompt}], "--prompt")
+        if output is not None:  # asked for a file: the prompt is its one record
+            check_output(output, resume)
+            record = PromptRecord("--prompt", [{"role": "user", "content": prompt}], {"prompt": prompt})
+            return Answering(records=[record], output=output)
         return Answering(prompt=prompt)
     if interactive:
         check_chat(recipe)
@@ -417,12 +424,10 @@ def answered_lines(path: Path, records: list[PromptRecord]) -> tuple[int, int]:
     lines = path.read_bytes().split(b"\n")
     # After the last newline: empty, or a line cut short. A last line that ends in a newline but is
     # not JSON was also interrupted (a disk that filled up mid-write). Either is cut off only if it
-    # starts as each of our lines does.
-    kept = lines[:-1]
-    if lines[-1] and not lines[-1].startswith(b'{"'):
-        raise _not_answers(path, len(lines), "its last line is not a cut-off answer")
-    if kept and kept[-1].startswith(b'{"') and not _is_json(kept[-1]):
-        kept.pop()
+    # starts as the answer to the next prompt would: a line of the user's is never cut.
+    kept, cut = lines[:-1], lines[-1]
+    if not cut and kept and kept[-1].strip() and not _is_json(kept[-1]):
+        cut = kept.pop()
     count = 0
     for number, line in enumerate(kept, start=1):
         if not line.strip():
@@ -431,7 +436,16 @@ def answered_lines(path: Path, records: list[PromptRecord]) -> tuple[int, int]:
             raise _not_answers(path, number, f"it has more answers than the {len(records)} prompts")
         _check_answer(path, number, line, records[count])
         count += 1
+    if cut and (count == len(records) or not _begins_answer(cut, records[count])):
+        raise _not_answers(path, len(kept) + 1, "its last line is not a cut-off answer to the next prompt")
     return count, sum(len(line) + 1 for line in kept)
+
+
+def _begins_answer(cut: bytes, prompt: PromptRecord) -> bool:
+    """Whether `cut` is the start of the line `answer_file` writes for `prompt`: the record's own
+    fields, in its order, then the answer."""
+    head = json.dumps(prompt.record, ensure_ascii=False)[:-1].encode()  # without its closing brace
+    return head.startswith(cut) or cut.startswith(head)
 
 
 def _check_answer(path: Path, number: int, line: bytes, prompt: PromptRecord) -> None:
