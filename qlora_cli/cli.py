@@ -79,7 +79,7 @@ def user_command(func: Callable) -> Callable:
 
 
 @app.callback()
-def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of internal errors.")) -> None:
+def main(debug: bool = typer.Option(False, "--debug", metavar="", help="Show tracebacks of internal errors.")) -> None:
     """Fine-tune Mistral-family models with QLoRA, driven by layered YAML recipes."""
     _state["debug"] = debug
     # Our own displays replace the libraries' progress bars; peft calls a transformers alias
@@ -154,7 +154,7 @@ def config_validate(args: list[str] = RECIPE_ARGS) -> None:
 def prepare(
     args: list[str] = RECIPE_ARGS,
     show: int = typer.Option(0, "--show", metavar="N", min=0, help="Print N prepared examples, trained tokens bright."),
-    force: bool = typer.Option(False, "--force", help="Prepare again even when a cached result matches."),
+    force: bool = typer.Option(False, "--force", metavar="", help="Prepare again even when a cached result matches."),
 ) -> None:
     """Tokenize, mask, pack and cache the recipe's data exactly as training will see it.
 
@@ -207,10 +207,13 @@ def plan(
 @user_command
 def train(
     args: list[str] = RECIPE_ARGS,
-    resume: bool = typer.Option(False, "--resume", help="Continue the run folder from its last complete checkpoint."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run folder and start over."),
+    resume: bool = typer.Option(False, "--resume", metavar="",
+                                help="Continue the run folder from its last complete checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="Start over in an existing run folder: "
+                                   "remove what qlora wrote there (checkpoints, adapter, logs), keep anything else."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Train on N local processes (DDP through torchrun), e.g. one per GPU."),
-    force: bool = typer.Option(False, "--force", help="Train even when `qlora plan` says the run will not fit in GPU memory."),
+    force: bool = typer.Option(False, "--force", metavar="",
+                               help="Train even when `qlora plan` says the run will not fit in GPU memory or on disk."),
 ) -> None:
     """Train a LoRA adapter on a 4-bit base model as the recipe says.
 
@@ -273,7 +276,8 @@ def evaluates_here() -> bool:
 @user_command
 def merge(
     args: list[str] = RECIPE_ARGS,
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing merged folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", metavar="",
+                                   help="Replace an existing merged folder that qlora wrote (never another folder)."),
 ) -> None:
     """Merge the run's LoRA adapter into its base model and write a standalone model, verified.
 
@@ -313,9 +317,9 @@ def generate(
     prompt: str = typer.Option(None, "--prompt", help="One user message; the answer is streamed."),
     input: Path = typer.Option(None, "--input", help="JSONL of {prompt} or {messages} records to answer."),
     output: Path = typer.Option(None, "--output", help="JSONL to write: each input record (or the --prompt) plus `response`."),
-    interactive: bool = typer.Option(False, "--interactive", help="Chat in the terminal (/reset, /exit)."),
+    interactive: bool = typer.Option(False, "--interactive", help="Chat in the terminal (/reset, /exit).", metavar=""),
     model: str = typer.Option(None, "--model", help="A merged folder or any model path / hub id instead of the run's adapter."),
-    resume: bool = typer.Option(False, "--resume", help="With --output: skip the records already answered."),
+    resume: bool = typer.Option(False, "--resume", metavar="", help="With --output: skip the records already answered."),
     image: list[Path] = typer.Option(None, "--image", help="An image the --prompt asks about (repeat for several)."),
 ) -> None:
     """Answer prompts with the trained adapter (or --model), formatted exactly as in training.

@@ -197,6 +197,10 @@ def load_model_config(recipe: Recipe, tokenizer):
         config = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision,
                                             trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError) as err:
+        if "trust_remote_code" in str(err):  # transformers refuses to run a model's own code unless told to
+            raise UserError(f"model `{model.name_or_path}` ships custom code, which qlora does not run unless the "
+                            "recipe allows it", key="model.trust_remote_code",
+                            fix="read that code, then set model.trust_remote_code: true") from None
         raise UserError(f"cannot read the config of `{model.name_or_path}`: {err}", key="model.name_or_path",
                         fix="give a local folder with config.json, or a hub id (needs network)") from None
     checkpoint_family(config, trust_remote_code=model.trust_remote_code)  # a type qlora does not train: exit 2
