@@ -6,6 +6,7 @@ in a cycle (tests/test_imports.py holds the code to this map):
 
     errors, atomic, families   a user's mistake (exit 2); write to a temporary path, then rename;
                                the Mistral architectures (auto class, language model, 16-bit parts)
+    hub                        whether the Hugging Face Hub answers; the shipped checkpoints' published shapes
     rewards                    GRPO's reward functions a recipe names: built in, or a user's file.py:function
     recipe/                    files + overrides -> a layered, validated Recipe; `config explain`
     data/                      tokenizers; data files -> exact ids and labels -> packed rows, cached

@@ -18,7 +18,9 @@ How memory is measured on the CPU (there is no torch.cuda here):
 from __future__ import annotations
 
 import json
+import os
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -593,3 +595,56 @@ def test_qlora_plan_counts_the_image_tokens_the_rows_hold_and_the_vision_towers_
     assert f"images: 4 in the training rows, {in_rows:,} image tokens" in text
     # 16-pixel patches, no merge: the row with 40x24 and 96x64 runs on 3x2 + 6x4 = 30 patches
     assert "up to 2 image(s), 30 patches, per row" in text and "vision tower activations" in text
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """This process finds the hub unreachable, as on a machine without network (CI sets HF_HUB_OFFLINE)."""
+    import huggingface_hub.constants
+
+    from qlora_cli import hub
+
+    monkeypatch.setitem(hub._found, "reason", "HF_HUB_OFFLINE is set")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.mark.parametrize("recipe, params", [("mistral7b.yaml", "7,241,732,096"), ("mixtral-8x7b.yaml", "46,702,792,704")])
+def test_a_shipped_recipe_plans_offline_from_its_published_architecture(recipe, params, unreachable_hub, tmp_path):
+    from conftest import qlora
+
+    result = qlora("plan", Path(__file__).resolve().parent.parent / "recipes" / recipe, "--gpu-memory", "24", f"training.output_dir={tmp_path}/run",
+                   f"data.prepared_dir={tmp_path}/prepared")
+    assert result.exit_code in (0, 2), result.output  # 2: Mixtral does not fit in 24 GiB
+    text = " ".join(result.output.split())
+    assert f"{params} params" in text and "planned from its published config.json values" in text, text
+    assert "stands in for the tokenizer" in text and "internal error" not in text and "Retry" not in text
+
+
+def test_a_hub_tokenizer_that_is_not_cached_fails_at_once_saying_the_hub_is_unreachable(unreachable_hub, tmp_path):
+    from conftest import qlora
+
+    result = qlora("prepare", "tiny-mistral", "model.tokenizer=someone/not-cached", f"data.prepared_dir={tmp_path}")
+    assert result.exit_code == 2, result.output
+    assert "the hub is unreachable (HF_HUB_OFFLINE is set)" in " ".join(result.output.split()), result.output
+
+
+def test_a_hub_that_cannot_be_reached_turns_the_process_offline_within_seconds(monkeypatch):
+    import socket
+    import time
+
+    import huggingface_hub.constants
+
+    from qlora_cli import hub
+
+    with socket.socket() as closed:  # a port nothing listens on: the connection is refused at once
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(hub, "_found", {})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    start = time.monotonic()
+    assert "127.0.0.1 cannot be reached" in hub.unreachable()
+    assert time.monotonic() - start < hub.PROBE_SECONDS + 1
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is True and os.environ["HF_HUB_OFFLINE"] == "1"

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from qlora_cli.atomic import atomic_folder, cache_root
 from qlora_cli.errors import UserError
+from qlora_cli.hub import is_hub_id, unreachable
 
 if TYPE_CHECKING:
     from qlora_cli.recipe.load import Recipe
@@ -48,9 +49,15 @@ def load_tokenizer(spec: str, *, revision: str | None = None, trust_remote_code:
         tokenizer = AutoTokenizer.from_pretrained(_converted_tekken(Path(spec).expanduser() / TEKKEN_FILE))
     else:
         _check_local_path(spec)
+        offline = unreachable() if is_hub_id(spec) else None  # fail at once, not after a minute of retries
         try:
             tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as err:  # a hub typo offline, a folder without tokenizer files
+            if offline:
+                raise UserError(f"cannot load tokenizer `{spec}`: the hub is unreachable ({offline}) and it is not "
+                                "in the local cache", key="model.tokenizer",
+                                fix=f"connect once to download it, or give a folder with its files, or one of "
+                                    f"{', '.join(_valid_names())}") from None
             raise UserError(f"cannot load tokenizer `{spec}`: {err}", key="model.tokenizer",
                             fix="give a folder with tokenizer files, a hub id (needs network), or one of "
                                 f"{', '.join(_valid_names())}") from None

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from qlora_cli.atomic import size_text
 from qlora_cli.errors import UserError, locate
+from qlora_cli.hub import PUBLISHED, is_hub_id, unreachable
 from qlora_cli.families import Family
 from qlora_cli.model.lora_targets import LoraTargets, planned_targets
 from qlora_cli.plan.memory import (
@@ -118,8 +119,9 @@ def plan_recipe(recipe: Recipe, gpu_memory: float | None = None, gpus: int | Non
     from qlora_cli.data.prepare import prepare_dataset
     from qlora_cli.data.tokenizer import load_recipe_tokenizer
 
-    tokenizer = tokenizer or load_recipe_tokenizer(recipe)
-    shape = model_shape(load_model_config(recipe, tokenizer))
+    stand_in = []
+    tokenizer = tokenizer or _tokenizer_or_stand_in(recipe, stand_in)
+    shape = model_shape(load_model_config(recipe, tokenizer, stand_in))
     device, capacity, tflops = detect_device(gpu_memory)
     settings = recipe_settings(recipe, shape, on_gpu=not recipe.written("training").get("use_cpu"), gpus=gpus or 1)
     prepared = prepared or prepare_dataset(recipe, tokenizer)
@@ -145,6 +147,7 @@ def plan_recipe(recipe: Recipe, gpu_memory: float | None = None, gpus: int | Non
     elif recipe.method != "sft":
         plan.notes.append(f"{recipe.method}: {examples_per_step} examples per step run as {batch} sequences, plus a "
                           "no-grad reference forward with the adapter off (no second copy of the weights)")
+    plan.notes += stand_in
     plan.warnings += data_warnings(recipe, prepared, tokenizer)
     plan.warnings += position_warnings(shape, data.row_width)
     if not checked:
@@ -184,8 +187,26 @@ def refuse_unless_fits(plan: Plan, force: bool) -> None:
                         fix="apply a change above as KEY=VALUE, see `qlora plan`, or add --force to try anyway")
 
 
-def load_model_config(recipe: Recipe, tokenizer):
-    """The transformers config of the recipe's model; never its weights."""
+def _tokenizer_or_stand_in(recipe: Recipe, notes: list[str]):
+    """The recipe's tokenizer; when the hub cannot be reached and it is not cached, for a checkpoint
+    a shipped recipe names, the mistral-common tokenizer of the same vocabulary (said in `notes`)."""
+    from qlora_cli.data.tokenizer import load_recipe_tokenizer, load_tokenizer, tokenizer_spec
+
+    try:
+        return load_recipe_tokenizer(recipe)
+    except UserError:
+        spec = tokenizer_spec(recipe.model)
+        if spec not in PUBLISHED or not unreachable():
+            raise
+    notes.append(f"the hub is unreachable ({unreachable()}): {PUBLISHED[spec][1]} stands in for the tokenizer of "
+                 f"{spec} (the same vocabulary)")
+    return load_tokenizer(PUBLISHED[spec][1])
+
+
+def load_model_config(recipe: Recipe, tokenizer, notes: list[str] | None = None):
+    """The transformers config of the recipe's model; never its weights. When the hub cannot be
+    reached and the config is not cached, a checkpoint a shipped recipe names is planned from its
+    published architecture (said in `notes`)."""
     from transformers import AutoConfig
 
     from qlora_cli.families import build_init_config, checkpoint_family
@@ -193,6 +214,14 @@ def load_model_config(recipe: Recipe, tokenizer):
     model = recipe.model
     if model.init_from_config is not None:
         return build_init_config(model.init_from_config, tokenizer)  # as build_init_model does
+    if model.name_or_path in PUBLISHED and is_hub_id(model.name_or_path) and unreachable():
+        try:
+            return AutoConfig.from_pretrained(model.name_or_path, revision=model.revision)  # from the cache
+        except OSError:
+            if notes is not None:
+                notes.append(f"the hub is unreachable ({unreachable()}): {model.name_or_path} is planned from its "
+                             "published config.json values")
+            return build_init_config(dict(PUBLISHED[model.name_or_path][0]), tokenizer)
     try:
         config = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision,
                                             trust_remote_code=model.trust_remote_code)

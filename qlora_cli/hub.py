@@ -1,0 +1,85 @@
+"""The Hugging Face Hub: whether it can be reached now, and the published architectures of the
+checkpoints the shipped recipes name, so that `qlora plan` answers before anything is downloaded.
+
+Offline, huggingface_hub retries each request for about a minute (two dozen lines of retries)
+before transformers gives up; a hub that cannot be reached turns this process offline instead:
+what is cached still loads, anything else fails at once, and the error says why.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from urllib.parse import urlparse
+
+PROBE_SECONDS = 3.0
+_found: dict[str, str | None] = {}
+
+# The checkpoints the shipped recipes name -> their config.json's architecture values and the
+# mistral-common tokenizer of the same vocabulary (bench/family_plans.py plans from the same values).
+_TEXT_24B = {"model_type": "mistral", "hidden_size": 5120, "intermediate_size": 32768, "num_hidden_layers": 40,
+             "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+             "max_position_embeddings": 131072, "rope_theta": 1.0e9, "sliding_window": None}
+_PIXTRAL = {"model_type": "pixtral", "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+            "num_attention_heads": 16, "head_dim": 64, "patch_size": 14, "image_size": 1540, "hidden_act": "silu"}
+_MISTRAL_7B = {"model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+               "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 32768,
+               "rope_theta": 10000.0, "sliding_window": 4096, "vocab_size": 32000, "rms_norm_eps": 1e-5,
+               "tie_word_embeddings": False}
+PUBLISHED: dict[str, tuple[dict, str]] = {
+    "mistralai/Mistral-7B-Instruct-v0.1": (_MISTRAL_7B, "mistral-common:v1"),
+    "mistralai/Mixtral-8x7B-Instruct-v0.1": (
+        {"model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+         "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+         "num_experts_per_tok": 2, "max_position_embeddings": 32768, "rope_theta": 1.0e6}, "mistral-common:v1"),
+    "mistralai/Mistral-Nemo-Instruct-2407": (
+        {"model_type": "mistral", "hidden_size": 5120, "intermediate_size": 14336, "num_hidden_layers": 40,
+         "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 1024000,
+         "rope_theta": 1.0e6, "sliding_window": None}, "mistral-common:tekken_240718"),
+    "mistralai/Mistral-Small-3.2-24B-Instruct-2506": (
+        {"model_type": "mistral3", "text_config": _TEXT_24B, "vision_config": _PIXTRAL},
+        "mistral-common:tekken_240911"),
+}
+
+
+def unreachable() -> str | None:
+    """Why the hub cannot be asked now (HF_HUB_OFFLINE, or no connection to its host within a few
+    seconds), or None. Found unreachable, this process goes offline (see the module's docstring).
+    Asked once per process."""
+    if "reason" not in _found:
+        _found["reason"] = _probe()
+        if _found["reason"] and not _offline_set():
+            _go_offline()
+    return _found["reason"]
+
+
+def _offline_set() -> bool:
+    return any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")
+               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _probe() -> str | None:
+    if _offline_set():
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=PROBE_SECONDS).close()
+    except OSError as err:
+        return f"{host} cannot be reached ({err.strerror or err})"
+    return None
+
+
+def _go_offline() -> None:
+    import huggingface_hub.constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"  # for the processes this one starts (--nproc workers)
+    huggingface_hub.constants.HF_HUB_OFFLINE = True  # read at import; huggingface_hub asks this one
+
+
+def is_hub_id(name: str | None) -> bool:
+    """`name` names a hub repository (not a local path, not a mistral-common tokenizer)."""
+    from pathlib import Path
+
+    return bool(name) and not name.startswith("mistral-common:") and not Path(name).expanduser().exists() \
+        and name.count("/") <= 1 and not name.startswith((".", "/", "~"))
