@@ -332,7 +332,11 @@ def lock_output_file(output: Path, command: str):
     """Hold the file `output` as `lock_folder` holds a folder (its lock file `.NAME.qlora.lock`
     lies beside it, and is gone once `release_folder` lets go): two commands writing one output
     would interleave their lines."""
-    return _lock(output, output.parent / f".{output.name}{LOCK_FILE}", command, None, "file")
+    path = output.parent / f".{output.name}{LOCK_FILE}"
+    try:
+        return _lock(output, path, command, None, "file")
+    except OSError as err:  # a full disk: the lock's line cannot be written
+        raise write_failure(err, path, 256, where="--output") from None
 
 
 def _lock(target: Path, path: Path, command: str, key: str | None, what: str = "folder"):
@@ -344,7 +348,11 @@ def _lock(target: Path, path: Path, command: str, key: str | None, what: str = "
     except Timeout:
         raise _in_use(target, path, command, key, what) from None
     # filelock (>= 4) leaves what a holder wrote in place while others try: this is what they read.
-    path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command}) + "\n")
+    try:
+        path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command}) + "\n")
+    except OSError:
+        release_folder(lock)
+        raise
     return lock
 
 
