@@ -119,13 +119,14 @@ def config_explain(args: list[str] = RECIPE_ARGS) -> None:
 
     Example: qlora config explain recipes/mistral7b.yaml training.learning_rate=1e-4
     """
-    from rich.table import Table
+    from rich.table import Column, Table
 
     from qlora_cli.recipe.explain import explain_recipe
     from qlora_cli.recipe.load import load_recipe
 
     recipes, overrides = split_arguments(args)
-    table = Table("key", "value", "origin", box=None, pad_edge=False)
+    # On a narrow terminal a long key, value or file:line wraps: cut to "…", the line number is lost.
+    table = Table(*(Column(name, overflow="fold") for name in ("key", "value", "origin")), box=None, pad_edge=False)
     for key, value, origin in explain_recipe(load_recipe(recipes, overrides)):
         style = "dim" if origin.startswith("default") else None
         table.add_row(key, repr(value) if isinstance(value, str) and not value else str(value), origin, style=style)

@@ -410,3 +410,26 @@ def test_activation_offloading_gives_the_same_loss_and_gradients(tiny_model):
     assert plain_grads.keys() == offloaded_grads.keys()
     for name, grad in plain_grads.items():
         assert torch.equal(offloaded_grads[name], grad), name
+
+
+def test_the_progress_bar_keeps_its_step_count_and_times_on_80_columns():
+    import io
+    import re
+
+    from rich.console import Console
+
+    from qlora_cli.terminal.progress import TrainingProgress
+
+    console = Console(width=80, force_terminal=True, file=io.StringIO())
+    progress = TrainingProgress(console, lambda: 0)
+
+    class State:
+        is_world_process_zero, global_step, max_steps, epoch = True, 12, 80, 3.0
+
+    progress.on_train_begin(None, State(), None)
+    progress.progress.update(progress.task, info="epoch 3.00  loss 1.2345  lr 5.00e-03  12,345 tok/s")
+    progress.progress.refresh()
+    progress.progress.stop()
+    shown = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", console.file.getvalue())
+    assert "12/80 0:00:00 < -:--:--" in shown and "…" not in shown, shown
+    assert "12,345 tok/s" in shown, shown

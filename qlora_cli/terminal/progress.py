@@ -12,6 +12,7 @@ import time
 from typing import Callable
 
 from rich.console import Console
+from rich.table import Column
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerCallback
 
@@ -36,9 +37,13 @@ class TrainingProgress(TrainerCallback):
             return
         self.started, self.tokens_at_start = time.monotonic(), self.tokens_seen()
         if self.live:
+            # Bar, steps and times never shrink (on 80 columns the times were cut to "…"); the line of
+            # loss, rate and speed after them wraps instead.
+            whole = {"table_column": Column(no_wrap=True)}
             self.progress = Progress(
-                TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                TimeElapsedColumn(), TextColumn("<"), TimeRemainingColumn(), console=self.console,
+                TextColumn("[bold]train[/]", **whole), BarColumn(bar_width=None if self.console.width >= 120 else 16),
+                MofNCompleteColumn(**whole), TimeElapsedColumn(**whole), TextColumn("<", **whole),
+                TimeRemainingColumn(**whole), TextColumn("{task.fields[info]}"), console=self.console,
             )
             self.progress.start()
             self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, info="")
