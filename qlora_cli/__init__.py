@@ -14,7 +14,7 @@ in a cycle (tests/test_imports.py holds the code to this map):
     model/                     the 4-bit base (4-bit experts) with LoRA, an adapter on its base; the loss
     plan/                      what is checked, and what will fit, before a weight loads
     training/                  the Trainer (TRL's for dpo/kto/grpo), stop and resume, --nproc: `qlora train`
-    export/                    base + adapter -> merged model; prompts -> answers
+    export/                    base + adapter -> merged model; prompts -> answers; GGUF / Ollama / adapter, engine-checked
     eval/                      base, adapter and merged scored side by side: `qlora eval`
     terminal/                  what a person sees: examples, plans, training and eval progress
     cli, __main__              the command line: parse, call one function, render

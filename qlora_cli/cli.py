@@ -355,6 +355,67 @@ def generate(
                 release_folder(lock)
 
 
+@app.command("export")
+@user_command
+def export(
+    args: list[str] = RECIPE_ARGS,
+    to: str = typer.Option(..., "--to", help="gguf (llama.cpp, LM Studio), ollama (GGUF + Modelfile) or adapter "
+                                             "(the LoRA alone, for vLLM / TGI / LoRAX)."),
+    quant: str = typer.Option("f16", "--quant", help="GGUF types, comma-separated: f16, bf16, q8_0, q4_k_m, q5_k_m, "
+                                                      "q6_k, ... (an unknown one lists them all)."),
+    llama_cpp: str = typer.Option(None, "--llama-cpp", help="A llama.cpp checkout whose converter to run "
+                                                             "(default: $QLORA_LLAMA_CPP, else the installed one's)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing <run>/export."),
+) -> None:
+    """Write what an engine serves into <run>/export/, checked in that engine where it runs here.
+
+    Example: qlora export runs/tiny-mistral --to gguf --quant q8_0,q4_k_m
+    """
+    from qlora_cli.recipe.load import load_recipe
+
+    recipes, overrides = split_arguments(args)
+    recipe = load_recipe(recipes, overrides)
+    targets = ("gguf", "ollama", "adapter")
+    if to not in targets:
+        raise UserError(f"unknown export target {to!r}", key="--to", fix=f"use one of {', '.join(targets)}")
+    with locating(recipe.origins):
+        if to == "adapter":
+            from qlora_cli.export.adapter import export_adapter
+
+            result = export_adapter(recipe, overwrite=overwrite)
+            for line in result.notes:
+                console.print(line, highlight=False)
+            console.print(f"[green]done[/]: {result.folder}", highlight=False)
+            return
+        from qlora_cli.export.gguf import export_gguf
+        from qlora_cli.export.llama_cpp import ConversionFailed
+
+        try:
+            result = export_gguf(recipe, quant.split(","), ollama=to == "ollama", llama_cpp_dir=llama_cpp,
+                                 overwrite=overwrite)
+        except ConversionFailed as err:
+            err_console.print(f"[bold red]export failed:[/] {escape(str(err))}", highlight=False)
+            raise typer.Exit(1) from None
+    _print_export(result)
+
+
+def _print_export(result) -> None:
+    from rich.table import Table
+
+    if result.merged_now:
+        console.print("merged the adapter first (the run had no merged model)", highlight=False)
+    console.print(f"engine check passed in llama.cpp on {len(result.report.probes)} prompts from the run's data: "
+                  "tokens of the GGUF's chat template = the trained ids; f16 answers = transformers'", highlight=False)
+    table = Table("type", "same greedy tokens as f16", "mean KL vs f16 (nats/token)", box=None, pad_edge=False)
+    for row in result.report.types:
+        same = "reference" if row.same_tokens is None else f"{row.same_tokens:.0%}"
+        table.add_row(row.name, same, "" if row.mean_kl is None else f"{row.mean_kl:.2e}")
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    for path in result.files:
+        console.print(f"  {path}", highlight=False)
+    console.print(f"[green]done[/]: {result.folder}", highlight=False)
+
+
 @app.command("eval")
 @user_command
 def eval_command(

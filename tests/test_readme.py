@@ -8,6 +8,7 @@ is listed in SKIPPED or SETUP with the reason, so that a new command is either r
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shlex
@@ -61,7 +62,12 @@ SKIPPED = {
     "qlora plan recipes/mixtral-8x7b.yaml --gpu-memory 80": _HUB_PLAN,
     "qlora eval runs/tiny-mistral --tasks hellaswag,arc_easy --limit 100": "lm-eval downloads these tasks' datasets",
     "qlora eval runs/tiny-mistral --tasks my-tasks/ --model other/merged": "the user's own task folder and model",
+    "python -m llama_cpp.server --model runs/tiny-mistral/export/tiny-mistral-q8_0.gguf --host 127.0.0.1 --port 8000":
+        "serves until stopped; tests/test_export.py serves an export and asks it through the openai client",
+    "ollama create tiny-mistral -f runs/tiny-mistral/export/Modelfile": "needs Ollama, which no test installs",
 }
+# Commands that need llama.cpp (the gguf extra, which the test extra installs): skipped where it is absent.
+NEEDS_LLAMA_CPP = ("qlora export runs/tiny-mistral --to gguf", "qlora export runs/tiny-mistral --to ollama")
 
 # Files the commands read that a user brings (the pages say what they hold): written into the copy.
 _QUESTIONS = [line for line in SAMPLE_DATA.read_text(encoding="utf-8").splitlines()[:12]]
@@ -101,6 +107,8 @@ def text_of(words: list[str]) -> str:
 def reason_to_skip(words: list[str]) -> str | None:
     command = text_of(words)
     setup = next((reason for start, reason in SETUP.items() if command.startswith(start)), None)
+    if command.startswith(NEEDS_LLAMA_CPP) and importlib.util.find_spec("llama_cpp") is None:
+        setup = "needs the gguf extra (llama-cpp-python), which is not installed here"
     return setup or SKIPPED.get(command)
 
 
