@@ -524,6 +524,8 @@ def test_a_tiled_mlp_saves_only_its_input_for_the_whole_row(tiny):
     from qlora_cli.plan.memory import mlp_slice_bytes
 
     _, model, shape, settings = tiny
+    if settings.model_dtype != "float32":
+        pytest.skip("the fp32 variant is enough: the slicing does not depend on the dtype (and runs fastest)")
     seq = 1100  # two slices of max(64, 1024) tokens
     ids = torch.randint(0, shape.vocab, (1, seq))
     whole = saved_activation_bytes(model, ids)
