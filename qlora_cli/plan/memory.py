@@ -13,7 +13,10 @@ really allocates, checked against the tensors of a loaded tiny model in tests/te
 - activations are the tensors autograd saves per token (derived from Mistral's forward, see
   `layer_activation_bytes`; in MoE layers the routed experts' loop and MLA attention), the
   logits cost 12 bytes per token per vocabulary entry at the start of the backward pass (fp32
-  log-probabilities saved by cross-entropy, their gradient and the gradient of the logits).
+  log-probabilities saved by cross-entropy, their gradient and the gradient of the logits);
+- `model.tiled_mlp` leaves a dense MLP's input per token and one slice's activations
+  (qlora_cli.model.tiling); `training.activation_offloading` moves what autograd saves outside the
+  checkpointed layers to CPU memory (`offloaded_bytes`), a few tensors in flight staying on the GPU.
 """
 
 from __future__ import annotations
