@@ -13,6 +13,19 @@ from dataclasses import dataclass, field
 
 from qlora_cli.errors import UserError, did_you_mean
 
+
+MISTRAL_COMMON_PREFIX = "mistral-common:"  # `model.tokenizer: mistral-common:v1`
+# The SentencePiece files that mistral-common ships in mistral_common/data/, by the name a recipe uses.
+MISTRAL_COMMON_FILES = {
+    "v1": "tokenizer.model.v1",
+    "v2": "mistral_instruct_tokenizer_240216.model.v2",
+    "v3": "mistral_instruct_tokenizer_240323.model.v3",
+    "v7": "mistral_instruct_tokenizer_241114.model.v7",
+    # tekken (tiktoken-style BPE, 131k vocabulary): Mistral Nemo's, and its 2409 successor's.
+    "tekken_240718": "tekken_240718.json",
+    "tekken_240911": "tekken_240911.json",
+}
+
 CAUSAL_LM = "AutoModelForCausalLM"
 IMAGE_TEXT_TO_TEXT = "AutoModelForImageTextToText"
 # The language-model types a vision-language config may nest under its text_config.

@@ -242,7 +242,7 @@ def test_our_own_generate_keys_are_type_checked_by_validate(workdir, override, m
     ("data.val_size=-1", "`data.val_size` is -1; it must be a fraction in [0, 1)"),
     ("data.val_size=1.5", "`data.val_size` is 1.5; it must be a fraction in [0, 1)"),
     ("~model.init_from_config.model_type", "`model.init_from_config` needs `model_type`"),
-    ("data.sources.0.limit=-1", "override: `data.sources.0.limit` is -1; it must be 0 or more"),
+    ("data.sources.0.limit=-1", "override: `data.sources.0.limit` is -1; it must be 1 or more"),
     ("data.sources.0.weight=-0.5", "override: `data.sources.0.weight` is -0.5; it must be 0 or more"),
     ("data.validation_sources=[{path: v.jsonl, weight: -1}]", "`data.validation_sources.0.weight` is -1"),
     ("data.template=mistrall", "`data.template` is 'mistrall' (did you mean `mistral`?): neither a template name"),
@@ -408,6 +408,8 @@ UNUSABLE = [
     ("tiny-mistral", "generate.top_p=1.5", "generate.top_p"),
     ("tiny-mistral", "lora.r=1e8", "lora.r"),
     ("tiny-mistral", "lora.r=100000000", "lora.r"),
+    ("tiny-mistral", "data.sources.0.limit=0", "data.sources.0.limit"),
+    ("tiny-mistral", "model.tokenizer=mistral-common:v9", "model.tokenizer"),
     ("tiny-mistral", "training.report_to=carrier_pigeon", "training.report_to"),
     ("tiny-mistral", "quantization.bnb_4bit_quant_type=nf3", "quantization.bnb_4bit_quant_type"),
     (DPO, "training.loss_type=bogus", "training.loss_type"),
@@ -427,6 +429,19 @@ def test_unusable_values_in_one_recipe_file_are_all_reported_at_their_lines(work
     stderr = refused_by_validate("mine.yaml")
     for line, key in ((3, "lora.lora_dropout"), (5, "training.max_steps"), (6, "training.max_grad_norm")):
         assert f"mine.yaml:{line}: `{key}` is" in stderr, stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.sources=[]", "the recipe has no data: `data.sources` is empty"),
+    ("data.sources.0.weight=0", "every source of `data.sources` has weight 0"),
+])
+def test_data_that_would_leave_no_training_example_exits_2_at_validate(workdir, override, message):
+    assert message in " ".join(refused_by_validate("tiny-mistral", override).split())
+
+
+@pytest.mark.parametrize("override", ["lora..r=5", "lora.r.=5", ".lora.r=5"])
+def test_a_key_with_an_empty_part_is_named_as_such(workdir, override):
+    assert "has an empty part" in " ".join(refused_by_validate("tiny-mistral", override).split())
 
 
 def test_a_nan_is_said_once_and_no_library_objects_to_it_again(workdir):

@@ -11,12 +11,11 @@ from typing import TYPE_CHECKING
 
 from qlora_cli.atomic import atomic_folder, cache_root
 from qlora_cli.errors import UserError
+from qlora_cli.families import MISTRAL_COMMON_FILES, MISTRAL_COMMON_PREFIX
 from qlora_cli.hub import is_hub_id, unreachable
 
 if TYPE_CHECKING:
     from qlora_cli.recipe.load import Recipe
-
-MISTRAL_COMMON_PREFIX = "mistral-common:"
 
 # Where a tekken tokenizer's mistral-common version is kept: in its init kwargs, which
 # save_pretrained writes to tokenizer_config.json, so the tokenizer saved with an adapter or a
@@ -25,18 +24,6 @@ VERSION_KEY = "mistral_common_version"
 # And its image settings (tekken.json's `image` section), kept the same way; data/images.py reads them.
 IMAGE_KEY = "mistral_common_image"
 TEKKEN_FILE = "tekken.json"
-
-# The SentencePiece files that mistral-common ships in mistral_common/data/, by the name a recipe uses.
-MISTRAL_COMMON_FILES = {
-    "v1": "tokenizer.model.v1",
-    "v2": "mistral_instruct_tokenizer_240216.model.v2",
-    "v3": "mistral_instruct_tokenizer_240323.model.v3",
-    "v7": "mistral_instruct_tokenizer_241114.model.v7",
-    # tekken (tiktoken-style BPE, 131k vocabulary): Mistral Nemo's, and its 2409 successor's.
-    "tekken_240718": "tekken_240718.json",
-    "tekken_240911": "tekken_240911.json",
-}
-
 
 def load_tokenizer(spec: str, *, revision: str | None = None, trust_remote_code: bool = False):
     """Return the fast (tokenizers-backed) tokenizer that `spec` names, with a pad token set."""

@@ -289,6 +289,9 @@ def _apply_override(raw: RawRecipe, override: str) -> None:
     key, sep, _ = override.partition("=")
     if not sep or not key.strip():
         raise UserError(f"override `{override}` is not KEY=VALUE", where=OVERRIDE, fix="write e.g. lora.r=8")
+    if "" in key.strip().split("."):  # `lora..r`: OmegaConf reads it as a key named `lora.`
+        raise UserError(f"override `{override}`: the key `{key.strip()}` has an empty part (a dot too many or at "
+                        "an end)", where=OVERRIDE, fix="write each part once, e.g. lora.r=8")
     try:
         layer = OmegaConf.from_dotlist([override])
     except (OmegaConfBaseException, yaml.YAMLError) as err:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from qlora_cli.errors import UserError, combined, did_you_mean
-from qlora_cli.families import init_config_errors
+from qlora_cli.families import MISTRAL_COMMON_FILES, MISTRAL_COMMON_PREFIX, init_config_errors
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
@@ -395,6 +395,7 @@ def _check_model_source(model) -> list[UserError]:
                                 fix="add model_type: mistral"))
     if model.init_from_config is not None:
         errors += init_config_errors(model.init_from_config)
+    errors += _check_mistral_common_name(model.tokenizer)
     try:
         if not to_dtype(model.dtype, "model.dtype").is_floating_point:
             errors.append(UserError(f"`model.dtype` is {model.dtype!r}: the weights that stay unquantized (and "
@@ -442,17 +443,38 @@ def _check_jinja(template: str) -> list[UserError]:
     return []
 
 
+def _check_mistral_common_name(tokenizer: str | None) -> list[UserError]:
+    """`mistral-common:NAME` names one of the tokenizers mistral-common ships (prepare refused a typo)."""
+    if not isinstance(tokenizer, str) or not tokenizer.startswith(MISTRAL_COMMON_PREFIX):
+        return []
+    name = tokenizer[len(MISTRAL_COMMON_PREFIX):]
+    if name in MISTRAL_COMMON_FILES:
+        return []
+    return [UserError(f"`model.tokenizer` is {tokenizer!r}{suggest(name, MISTRAL_COMMON_FILES)}: mistral-common "
+                      "ships no tokenizer of that name", key="model.tokenizer",
+                      fix=f"use one of {', '.join(MISTRAL_COMMON_PREFIX + n for n in MISTRAL_COMMON_FILES)}")]
+
+
 def _check_source_amounts(data) -> list[UserError]:
-    """A negative `limit` would slice rows off the end and a negative `weight` drop the source,
-    both silently; neither can mean what was intended."""
+    """No training source, a `limit` that reads no row, or weights that keep nothing: prepare would
+    refuse them after reading the data. A negative `limit` would slice rows off the end and a
+    negative `weight` drop the source, both silently; neither can mean what was intended."""
     errors = []
+    if not data.sources:
+        errors.append(UserError("the recipe has no data: `data.sources` is empty", key="data.sources",
+                                fix="add - {path: my.jsonl, format: chat}"))
+    elif all(source.weight == 0 for source in data.sources):
+        errors.append(UserError("every source of `data.sources` has weight 0: no training example is left",
+                                key="data.sources",
+                                fix="give at least one source a weight above 0 (2 repeats it, 0.5 keeps half)"))
     for key in ("sources", "validation_sources"):
         for index, source in enumerate(getattr(data, key)):
-            for name, fix in (("limit", "give the number of rows to read, or remove it to read them all"),
-                              ("weight", "use 1 to keep the source as is, 2 to repeat it, 0.5 to keep half")):
+            for name, least, fix in (
+                    ("limit", 1, "give the number of rows to read (at least 1), or remove it to read them all"),
+                    ("weight", 0, "use 1 to keep the source as is, 2 to repeat it, 0.5 to keep half")):
                 value, dotted = getattr(source, name), f"data.{key}.{index}.{name}"
-                if value is not None and value < 0:
-                    errors.append(UserError(f"`{dotted}` is {value}; it must be 0 or more",
+                if value is not None and value < least:
+                    errors.append(UserError(f"`{dotted}` is {value}; it must be {least} or more",
                                             key=dotted, fix=fix))
     return errors
 
