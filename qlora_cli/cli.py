@@ -213,6 +213,9 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="Start over in an existing run folder: "
                                    "remove what qlora wrote there (checkpoints, adapter, logs), keep anything else."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Train on N local processes (DDP through torchrun), e.g. one per GPU."),
+    nnodes: int = typer.Option(1, "--nnodes", min=1, help="Machines in the job; run the same command on each."),
+    node_rank: int = typer.Option(0, "--node-rank", min=0, help="This machine's place in the job, 0 to nnodes-1."),
+    rdzv: str = typer.Option(None, "--rdzv", metavar="HOST:PORT", help="Node 0's address and a free port on it."),
     force: bool = typer.Option(False, "--force", metavar="",
                                help="Train even when `qlora plan` says the run will not fit in GPU memory or on disk."),
 ) -> None:
@@ -236,11 +239,12 @@ def train(
             _warn(evaluation.warnings)
         flags = [flag for flag, on in (("--resume", resume), ("--overwrite", overwrite), ("--force", force)) if on]
         reporter = TrainReporter(console)
-        if nproc > 1 and "LOCAL_RANK" not in os.environ:
-            prepared = plan_for_processes(recipe, resume=resume, overwrite=overwrite, force=force, gpus=nproc,
-                                          reporter=reporter)
-            code = launch_processes(nproc, ["train", *args, *flags], prepared, _debug_flag())
-            if code == 0 and evaluation is not None:
+        if (nproc > 1 or nnodes > 1) and "LOCAL_RANK" not in os.environ:
+            nodes = job_nodes(nnodes, node_rank, rdzv)
+            prepared = plan_for_processes(recipe, resume=resume, overwrite=overwrite, force=force,
+                                          gpus=nproc * nnodes, reporter=reporter)
+            code = launch_processes(nproc, ["train", *args, *flags], prepared, _debug_flag(), nodes)
+            if code == 0 and evaluation is not None and node_rank == 0:
                 code = _call_qlora(["eval", *args])
             raise typer.Exit(code)
 
@@ -264,6 +268,20 @@ def train(
                       f"           qlora generate {run.recipe} --prompt \"...\"", highlight=False)
         if evaluation is not None:  # the tokenizer and prepared data the run loaded, not loaded again
             _evaluate_run(recipe, evaluation, tokenizer=result.tokenizer, prepared=result.prepared)
+
+
+def job_nodes(nnodes: int, node_rank: int, rdzv: str | None):
+    """`--nnodes/--node-rank/--rdzv` checked: None for one machine, else (nnodes, node_rank, host, port)."""
+    if nnodes == 1 and rdzv is None and node_rank == 0:
+        return None
+    host, _, port = (rdzv or "").rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--rdzv {rdzv or '(missing)'} is not HOST:PORT", where="--rdzv",
+                        fix="give node 0's address and a free port on it, the same on every node: --rdzv 10.0.0.1:29500")
+    if node_rank >= nnodes:
+        raise UserError(f"--node-rank {node_rank} is not below --nnodes {nnodes}", where="--node-rank",
+                        fix=f"number the machines 0 to {nnodes - 1}")
+    return nnodes, node_rank, host, int(port)
 
 
 def evaluates_here() -> bool:

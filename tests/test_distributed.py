@@ -281,3 +281,25 @@ def test_a_parallelism_this_machine_cannot_give_exits_2_before_loading(shared_fo
     assert "quantization.bnb_4bit_quant_storage: FSDP shards the 4-bit weights only when" in output
     assert "Traceback" not in output and "quantization:" not in output  # refused before the model loaded
     assert not (shared_folder / "refused").exists()
+
+
+@pytest.mark.slow
+def test_two_one_process_nodes_on_loopback_train_the_adapter_of_two_processes_on_one_node(shared_folder,
+                                                                                          fsdp_resumed_run):
+    import socket
+
+    with socket.socket() as probe:  # a free port for node 0's rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = _command(shared_folder, "nodes", 2, 1, *FSDP)
+    nodes = [subprocess.Popen([*command, "--nnodes=2", f"--node-rank={rank}", f"--rdzv=127.0.0.1:{port}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "distributed: FSDP2 over 2 processes, 2 nodes (gloo)" in outputs[0]
+    assert "step " not in outputs[1]  # node 1's rank is no rank 0: it shows nothing
+    record = json.loads((shared_folder / "nodes" / "run.json").read_text())
+    assert record["distributed"]["nodes"] == 2 and record["distributed"]["processes"] == 2
+    one_node, two_nodes = _adapter(fsdp_resumed_run[0]), _adapter(shared_folder / "nodes")
+    assert one_node.keys() == two_nodes.keys()
+    assert max((one_node[k] - two_nodes[k]).abs().max().item() for k in one_node) < 1e-4

@@ -34,13 +34,15 @@ HANDOVER = "launcher.json"
 EXPECTED_EXITS = (2, 130, 143)  # a user's mistake, a stop by SIGINT or SIGTERM: not a crash
 
 
-def launch_processes(nproc: int, command: list[str], prepared: Path, qlora_options: list[str] = ()) -> int:
+def launch_processes(nproc: int, command: list[str], prepared: Path, qlora_options: list[str] = (),
+                     nodes: tuple[int, int, str, int] | None = None) -> int:
     """Run `python -m qlora_cli [OPTIONS] COMMAND` on `nproc` local processes, which load the
-    `prepared` data folder (the launcher planned the run and prepared it once); their exit code."""
+    `prepared` data folder (the launcher planned the run and prepared it once); their exit code.
+    `nodes`, (nnodes, node_rank, host, port) of a job over several machines, each running this."""
     status = Path(tempfile.mkdtemp(prefix="qlora-ranks-"))
     handover = {"command": sys.argv, "prepared": str(prepared)}
     (status / HANDOVER).write_text(json.dumps(handover), encoding="utf-8")
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    launcher = [sys.executable, "-m", "torch.distributed.run", *_rendezvous(nodes), f"--nproc_per_node={nproc}",
                 "-m", "qlora_cli", *qlora_options, *command]
     env = {**os.environ, STATUS_VARIABLE: str(status),
            # `-m qlora_cli` would import a source checkout in the current folder before the installed package.
@@ -65,6 +67,16 @@ def launch_processes(nproc: int, command: list[str], prepared: Path, qlora_optio
         exits = _recorded(status, "exit")
         shutil.rmtree(status, ignore_errors=True)
     return combined_exit(code, list(exits.values()), forwarded)
+
+
+def _rendezvous(nodes: tuple[int, int, str, int] | None) -> list[str]:
+    """torchrun's options: one machine on its own, or this node of several. Their static rendezvous
+    (node 0's address, a fixed node rank) numbers the ranks node by node, so each rank reads the
+    same rows on every run of the job."""
+    if nodes is None:
+        return ["--standalone"]
+    nnodes, node_rank, host, port = nodes
+    return [f"--nnodes={nnodes}", f"--node_rank={node_rank}", f"--master_addr={host}", f"--master_port={port}"]
 
 
 def combined_exit(torchrun_code: int, worker_codes: list[int], forwarded: list[int]) -> int:
