@@ -40,7 +40,8 @@ def check_before_training(recipe: Recipe, processes: int | None = None) -> None:
 def check_parallelism(recipe: Recipe, processes: int) -> None:
     """Refuse a sharding this job cannot give, instead of training another way without a word:
     FSDP on one process, FSDP1 without GPUs (FSDP2 runs on CPU processes: training.distributed),
-    4-bit weights FSDP would leave whole on every rank, more local processes than GPUs."""
+    4-bit weights FSDP would leave whole on every rank, more local processes than GPUs (a
+    `training.deepspeed` without its package is refused when the recipe loads)."""
     import torch
 
     training, errors = recipe.written("training"), []
