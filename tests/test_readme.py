@@ -56,6 +56,9 @@ SKIPPED = {
     "qlora train recipes/mistral7b.yaml --nproc 4 training.deepspeed=recipes/deepspeed-zero2.json "
     "training.optim=adamw_torch training.output_dir=runs/mistral7b-zero2": _GPU + "s, and deepspeed",
     "torchrun --nproc_per_node 4 -m qlora_cli train recipes/mistral7b.yaml": _GPU + "s",
+    "qlora train recipes/mistral7b-fsdp.yaml --nproc 8 --nnodes 2 --node-rank '$NODE_RANK' --rdzv 10.0.0.1:29500 "
+    "training.output_dir=/shared/runs/mistral7b-fsdp": _GPU + "s on two machines; tests/test_distributed.py joins "
+    "two nodes on 127.0.0.1",
     "accelerate launch -m qlora_cli train recipes/mistral7b.yaml": _GPU + "s, and an accelerate config",
     "qlora plan recipes/mistral7b.yaml --gpu-memory 24": _HUB_PLAN,
     "qlora plan recipes/mistral7b.yaml training.per_device_train_batch_size=8 --gpus 4": _HUB_PLAN,
