@@ -253,9 +253,7 @@ def train(
             raise typer.Exit(result.exit_code)
         run = result.run
         if result.stopped_by:
-            processes = int(os.environ.get("WORLD_SIZE", "1"))
-            nproc_flag = [f"--nproc={processes}"] if processes > 1 else []
-            again = shlex.join(["qlora", "train", *args, "--resume", *nproc_flag])
+            again = shlex.join(["qlora", "train", *args, "--resume", *_job_flags()])
             console.print(f"[yellow]stopped[/] at a checkpoint in {run.checkpoints}; loss plot: {run.plot}\n"
                           f"resume with: {again}", highlight=False)
             raise typer.Exit(result.exit_code)
@@ -268,6 +266,17 @@ def train(
                       f"           qlora generate {run.recipe} --prompt \"...\"", highlight=False)
         if evaluation is not None:  # the tokenizer and prepared data the run loaded, not loaded again
             _evaluate_run(recipe, evaluation, tokenizer=result.tokenizer, prepared=result.prepared)
+
+
+def _job_flags() -> list[str]:
+    """The `--nproc` (and, over several machines, node) flags that start this job again."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    flags = [f"--nproc={local}"] if local > 1 else []
+    if world > local:  # this machine's rank; each machine runs it with its own
+        flags += [f"--nnodes={world // local}", f"--node-rank={os.environ.get('GROUP_RANK', '0')}",
+                  f"--rdzv={os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"]
+    return flags
 
 
 def job_nodes(nnodes: int, node_rank: int, rdzv: str | None):

@@ -79,7 +79,7 @@ def _sharded(model) -> dict:
     for param in model.parameters():
         where = "sharded" if isinstance(param, DTensor) else "whole"
         counts[f"{where}_{'trainable' if param.requires_grad else 'frozen'}"] += param.numel()
-    # 4-bit weights count as stored: two weights per byte of their storage dtype's words.
+    # Elements as stored: a float32 word of a 4-bit weight holds 8 of them, a uint8 expert code 2.
     return {"units": units, "parameter_elements": counts}
 
 
