@@ -229,3 +229,17 @@ def test_naming_the_projector_or_vision_tower_gives_its_linear_layers_lora_and_q
     assert outside and sorted(outside) == sorted(linear)  # every Linear inside the named part
     assert sorted(language) == sorted(f"model.language_model.layers.{layer}.self_attn.{proj}"
                                       for layer in range(2) for proj in ("q_proj", "v_proj"))
+
+
+@pytest.mark.slow  # converts the tekken vocabulary (the session's vision run has done it already)
+def test_dpo_on_image_pairs_exits_2_before_the_model_loads_as_the_pixels_would_not_reach_it(tmp_path):
+    (tmp_path / "imgs").symlink_to(IMAGES / "imgs")
+    question = [{"type": "image", "path": "imgs/train-000.png"}, {"type": "text", "text": "What colour is the shape?"}]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": [{"role": "user", "content": question}],
+                                 "chosen": [{"role": "assistant", "content": "red"}],
+                                 "rejected": [{"role": "assistant", "content": "blue"}]}) + "\n")
+    result = qlora("train", "tiny-mistral3-vision", "method=dpo", f"data.sources=[{{path: {pairs}, format: preference}}]",
+                   f"data.prepared_dir={tmp_path / 'prepared'}", f"training.output_dir={tmp_path / 'run'}")
+    assert_user_error(result, "method: dpo", "does not train on images yet")
+    assert not (tmp_path / "run" / "adapter").exists()

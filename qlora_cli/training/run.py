@@ -83,6 +83,7 @@ def plan_for_processes(recipe: Recipe, *, resume: bool, overwrite: bool, force: 
     tokenizer = load_recipe_tokenizer(recipe)
     prepared = prepare_dataset(recipe, tokenizer)
     check_prepared_data(recipe, prepared)
+    refuse_images_outside_sft(recipe, prepared)
     plan_run(recipe, tokenizer, prepared, force, gpus, reporter)
     return prepared.path
 
@@ -99,6 +100,7 @@ def train_in_folder(recipe: Recipe, run: RunFolder, args, state, *, force: bool,
     prepared = prepared_data(recipe, tokenizer, args, handed_over)
     if not handed_over:
         check_prepared_data(recipe, prepared)
+        refuse_images_outside_sft(recipe, prepared)
         if state.is_main_process:
             plan_run(recipe, tokenizer, prepared, force, state.num_processes, reporter)
     started = now()
@@ -158,6 +160,16 @@ def prepared_data(recipe: Recipe, tokenizer, args, handed_over: Path | None):
         return load_prepared(handed_over)
     with args.main_process_first(local=False, desc="prepare data"):
         return prepare_dataset(recipe, tokenizer)
+
+
+def refuse_images_outside_sft(recipe: Recipe, prepared) -> None:
+    """DPO and KTO feed TRL's trainers our ids only: their rows' images would never reach the model
+    (its [IMG] tokens trained on as text), so such data exits 2 before the model loads."""
+    if recipe.method == "sft":
+        return
+    if any("images" in split.column_names for split in prepared.dataset.values()):
+        raise UserError(f"`method: {recipe.method}` does not train on images yet: the pixels would not reach the "
+                        "model", key="method", fix="train on image data with method: sft, or remove the images")
 
 
 def plan_run(recipe: Recipe, tokenizer, prepared, force: bool, gpus: int, reporter=None) -> None:
