@@ -180,7 +180,7 @@ def prepare(
 @user_command
 def plan(
     args: list[str] = RECIPE_ARGS,
-    gpu_memory: float = typer.Option(None, "--gpu-memory", metavar="GiB", min=0.1,
+    gpu_memory: float = typer.Option(None, "--gpu-memory", metavar="GiB", min=0.1, max=1e6,
                                      help="Memory of one GPU, for planning on a machine without it."),
     gpus: int = typer.Option(1, "--gpus", metavar="N", min=1,
                              help="GPUs: in data parallel each holds the whole model; FSDP recipes shard it."),

@@ -444,6 +444,18 @@ def test_a_key_with_an_empty_part_is_named_as_such(workdir, override):
     assert "has an empty part" in " ".join(refused_by_validate("tiny-mistral", override).split())
 
 
+def test_yaml_nested_thousands_deep_exits_2_naming_the_file(workdir):
+    (workdir / "deep.yaml").write_text("extends: tiny-mistral\nx: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert "nests too deep" in refused_by_validate("deep.yaml")
+
+
+@pytest.mark.parametrize("memory", ["inf", "nan", "1e308"])
+def test_a_gpu_memory_no_gpu_has_exits_2_naming_the_option(workdir, memory):
+    result = qlora("plan", "tiny-mistral", "--gpu-memory", memory)
+    assert result.exit_code == 2 and "--gpu-memory" in result.output, result.output
+    assert "internal error" not in result.output
+
+
 def test_a_nan_is_said_once_and_no_library_objects_to_it_again(workdir):
     stderr = refused_by_validate("tiny-mistral", "generate.temperature=.nan")
     assert stderr.count("generate.temperature") == 1 and "GenerationConfig" not in stderr, stderr

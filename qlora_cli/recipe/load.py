@@ -187,6 +187,9 @@ def _parse_yaml(text: str, path: Path) -> tuple[DictConfig, dict[str, int]]:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise UserError(f"not valid YAML: {getattr(err, 'problem', err)}", where=where) from None
+    except RecursionError:  # lists or mappings nested thousands deep: no recipe is
+        raise UserError("the YAML nests too deep to be a recipe", where=str(path),
+                        fix="write sections of keys and values (model:, lora:, ...)") from None
     except OmegaConfBaseException as err:  # e.g. an unclosed `${`, which OmegaConf parses on load
         lines = _lines_of(node)
         raise UserError(f"`{err.full_key}` cannot be parsed: {_reason(err)}", where=_where(path, lines, err.full_key or ""),
