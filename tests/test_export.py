@@ -116,16 +116,18 @@ def _wait_until_up(client, server, seconds: float = 90) -> None:
 
 @needs_llama_cpp
 @pytest.mark.slow
-@pytest.mark.parametrize("version", ["v1", "v3", "v7", "tekken_240911"])
+@pytest.mark.parametrize("version", ["v3", "v7", "tekken_240911"])
 def test_gguf_embedded_template_gives_qlora_ids(version, tmp_path):
     """A vocabulary-only GGUF written by llama.cpp's converter from a folder qlora saved: the chat
-    as its embedded template formats it, tokenized by llama.cpp, is what qlora trains on."""
+    as its embedded template formats it, tokenized by llama.cpp, is what qlora trains on. (v1 is
+    the tiny recipe's: every export of it runs this same check, `exported` among them.)"""
     import llama_cpp
     from transformers import MistralConfig
 
     from qlora_cli.data.chat_template import chat_template
     from qlora_cli.data.tokenizer import load_tokenizer
     from qlora_cli.export import engine_check
+    from qlora_cli.export.gguf import sentencepiece_file
     from qlora_cli.export.llama_cpp import convert, converter_dir
 
     tokenizer = load_tokenizer(f"mistral-common:{version}")
@@ -136,11 +138,14 @@ def test_gguf_embedded_template_gives_qlora_ids(version, tmp_path):
                            num_attention_heads=4, num_key_value_heads=2)
     config.architectures = ["MistralForCausalLM"]
     config.save_pretrained(folder)
+    sentencepiece = sentencepiece_file(f"mistral-common:{version}")  # as `qlora export` hands it over
+    if sentencepiece:
+        shutil.copy(sentencepiece, folder / "tokenizer.model")
     convert(folder, tmp_path / "vocab.gguf", "f16", converter_dir(), vocab_only=True)
     llm = llama_cpp.Llama(model_path=str(tmp_path / "vocab.gguf"), vocab_only=True, verbose=False)
-    system = [{"role": "system", "content": "Be brief."}] if version != "tekken_240911" else []
     conversations = [
-        [*system, {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+         {"role": "assistant", "content": "Jupiter is the largest planet in the solar system. Buenos días."}],
         [{"role": "user", "content": "Überall 日本語 🙂"}, {"role": "assistant", "content": "ok.\nnext line"},
          {"role": "user", "content": "and (x = 1;)?"}, {"role": "assistant", "content": "**bold** done."}],
     ]

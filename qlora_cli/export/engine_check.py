@@ -47,12 +47,23 @@ def probe_conversations(recipe: Recipe, count: int = PROBES) -> list[list[dict]]
     found = []
     for source in recipe.data.sources:
         for example in read_source(source):
-            messages = example.messages or _messages_of_text(example.text or "")
+            messages = _text_only(example.messages) if example.messages else _messages_of_text(example.text or "")
             if messages and messages[-1]["role"] == "assistant":
                 found.append(messages)
             if len(found) == count:
                 return found
     return found
+
+
+def _text_only(messages: list[dict]) -> list[dict]:
+    """The conversation with its images left out: the GGUF is checked on text (the projector is
+    loaded, not run; llama-cpp-python's chat API takes images through a separate handler)."""
+    def text(content) -> str:
+        if isinstance(content, str):
+            return content
+        return " ".join(part.get("text", "") for part in content if part.get("type") == "text").strip()
+
+    return [{"role": m["role"], "content": text(m["content"])} for m in messages]
 
 
 def _messages_of_text(text: str) -> list[dict] | None:

@@ -150,17 +150,23 @@ def sentencepiece_model(recipe: Recipe) -> Path | None:
     tokenizer merges by; from tokenizer.json alone it writes other scores, and llama.cpp then
     splits words otherwise ("▁Ju pite r" for "▁J upiter"): the engine check refuses such a GGUF.
     """
+    from qlora_cli.data.tokenizer import tokenizer_spec
+
+    return sentencepiece_file(tokenizer_spec(recipe.model), recipe.model.revision)
+
+
+def sentencepiece_file(spec: str, revision: str | None = None) -> Path | None:
+    """tokenizer.model of the tokenizer `spec` names (a mistral-common name, a folder, a hub id)."""
     from transformers.utils import cached_file
 
-    from qlora_cli.data.tokenizer import MISTRAL_COMMON_FILES, MISTRAL_COMMON_PREFIX, tokenizer_spec
+    from qlora_cli.data.tokenizer import MISTRAL_COMMON_FILES, MISTRAL_COMMON_PREFIX
 
-    spec = tokenizer_spec(recipe.model)
     if spec.startswith(MISTRAL_COMMON_PREFIX):
         import mistral_common
 
         name = MISTRAL_COMMON_FILES.get(spec[len(MISTRAL_COMMON_PREFIX):], "")
         return Path(mistral_common.__file__).parent / "data" / name if name and ".model" in name else None
-    found = cached_file(spec, SENTENCEPIECE, revision=recipe.model.revision,
+    found = cached_file(spec, SENTENCEPIECE, revision=revision,
                         _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
     return Path(found) if found else None
 
