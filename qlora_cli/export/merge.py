@@ -184,8 +184,10 @@ def probe_inputs(model, tokenizer) -> dict:
     image (its tokens and pixels as training makes them) before it."""
     from qlora_cli.export.generate import image_settings_of
 
+    from qlora_cli.data.images import image_token_ids
+
     settings = image_settings_of(model, tokenizer)
-    if settings is None:
+    if settings is None or image_token_ids(tokenizer) is None:  # trained on text with a tokenizer without [IMG]
         return {"input_ids": tokenizer(PROBE_TEXT, return_tensors="pt").input_ids}
     import torch
 
