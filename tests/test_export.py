@@ -205,3 +205,23 @@ def test_too_little_disk_says_the_space_needed(exported, answering_run, small_di
     result = qlora("export", run, f"merge.output_dir={merged}", "training.output_dir=" + str(run), "--to", "gguf")
     assert_user_error(result, "GiB free", "need about", wrapped=True)
     assert not (run / "export").exists()
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_a_vision_tower_too_shallow_for_llama_cpps_projector_map_is_refused_before_converting(layers, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from qlora_cli.errors import UserError
+    from qlora_cli.export.gguf import _check_vision_tower
+
+    (tmp_path / "config.json").write_text(json.dumps({"vision_config": {"num_hidden_layers": layers}}))
+    save_file({f"model.multi_modal_projector.linear_{n}.weight": torch.zeros(2, 2) for n in (1, 2)},
+              tmp_path / "model.safetensors")
+    if layers == 3:
+        _check_vision_tower(tmp_path)  # the shipped tiny-mistral3-vision's tower: converted
+        return
+    with pytest.raises(UserError) as refused:
+        _check_vision_tower(tmp_path)
+    assert "linear_2" in str(refused.value) and refused.value.key.endswith("vision_config.num_hidden_layers")
+    assert "3 layers or more" in refused.value.fix

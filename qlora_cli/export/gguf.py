@@ -51,6 +51,7 @@ def export_gguf(recipe: Recipe, types: list[str], *, ollama: bool = False, llama
     converter = llama_cpp.converter_dir(llama_cpp_dir)
     merged, merged_now = _merged_model(recipe)
     _check_disk(target, merged, types)
+    _check_vision_tower(merged)
     remove_stale_temporaries(target.parent, target.name)
     name = Path(recipe.run_dir).name
     with atomic_folder(target, replace=overwrite) as work:
@@ -85,6 +86,30 @@ def _merged_model(recipe: Recipe) -> tuple[Path, bool]:
     return merge(recipe).output, True
 
 
+def _check_vision_tower(merged: Path) -> None:
+    """llama.cpp's converter names the projector's `linear_N` only for N below the vision tower's
+    layer count (its tensor map is built per block): a tower too shallow for its projector cannot
+    be converted, which a tiny test tower can be (real Pixtral towers have 24 layers)."""
+    import re
+
+    from safetensors import safe_open
+
+    vision = json.loads((merged / "config.json").read_text()).get("vision_config")
+    if not vision:
+        return
+    linear = re.compile(r"multi_modal_projector\.linear_(\d+)\.")
+    linears = set()
+    for part in merged.glob("model*.safetensors"):
+        with safe_open(part, framework="pt") as weights:
+            linears |= {int(m[1]) for name in weights.keys() if (m := linear.search(name))}
+    layers, top = vision.get("num_hidden_layers", 0), max(linears, default=-1)
+    if top >= layers:
+        raise UserError(f"llama.cpp's converter cannot write the mmproj of a vision tower of {layers} layer(s): "
+                        f"it maps the projector's linear_{top} only when the tower has more than {top} layers",
+                        key="model.init_from_config.vision_config.num_hidden_layers",
+                        fix=f"train with a tower of {top + 1} layers or more (tiny-mistral3-vision has 3)")
+
+
 def _check_disk(target: Path, merged: Path, types: list[str]) -> None:
     """Refuse before converting when the GGUFs cannot fit (weights counted from the merged shards)."""
     from qlora_cli.atomic import folder_size
@@ -112,7 +137,8 @@ def _write_ggufs(recipe: Recipe, merged: Path, converter: Path, work: Path, name
         llama_cpp.quantize(written[BASE_TYPE], written[quant], quant)
     if "vision_config" in json.loads((merged / "config.json").read_text()):  # a vision-language model
         written[MMPROJ] = work / f"{name}-mmproj-f16.gguf"
-        llama_cpp.convert(source, written[MMPROJ], "f16", converter, mmproj=True)
+        llama_cpp.convert(_mmproj_input(source, work), written[MMPROJ], "f16", converter, mmproj=True)
+        shutil.rmtree(work / MMPROJ_INPUT)
     shutil.rmtree(source)
     return written
 
@@ -138,6 +164,47 @@ def _converter_input(recipe: Recipe, merged: Path, work: Path) -> Path:
     if sentencepiece and not (source / SENTENCEPIECE).exists():
         (source / SENTENCEPIECE).symlink_to(sentencepiece.resolve())
     return source
+
+
+MMPROJ_INPUT = ".mmproj-input"
+EMBEDDING = "embed_tokens.weight"
+EMBEDDING_FILE = "model-mmproj-embed_tokens.safetensors"  # the converter reads every model*.safetensors
+
+
+def _mmproj_input(source: Path, work: Path) -> Path:
+    """The converter's input for its `--mmproj` pass: `source`'s files plus the language model's
+    token embedding under a name without "language_model.".
+
+    The pass drops every tensor named `*language_model.*` before it looks for `embed_tokens.weight`
+    to copy the [IMG_BREAK] row from (llama.cpp's MmprojModel.filter_tensors, then
+    LlavaVisionModel.modify_tensors); transformers keeps Mistral3's embedding at
+    `model.language_model.embed_tokens.weight`, so without this copy the projector lacks
+    `v.token_embd.img_break` and llama.cpp's mtmd refuses it.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder = work / MMPROJ_INPUT
+    folder.mkdir()
+    for file in source.iterdir():
+        (folder / file.name).symlink_to(file.resolve() if file.is_symlink() else file)
+    index_file = folder / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text(encoding="utf-8")) if index_file.exists() else None
+    parts = sorted(set(index["weight_map"].values())) if index else sorted(
+        f.name for f in source.iterdir() if f.name.startswith("model") and f.name.endswith(".safetensors"))
+    for part in parts:
+        with safe_open(source / part, framework="pt") as weights:
+            names = [n for n in weights.keys() if n.endswith(EMBEDDING) and "language_model." in n]
+            if names:
+                save_file({EMBEDDING: weights.get_tensor(names[0])}, folder / EMBEDDING_FILE)
+                break
+    else:
+        return folder  # no language-model embedding to copy: the converter says what it misses
+    if index:
+        index["weight_map"][EMBEDDING] = EMBEDDING_FILE
+        index_file.unlink()  # a link to the merged model's own index: write a new file, not through it
+        index_file.write_text(json.dumps(index, indent=2), encoding="utf-8")
+    return folder
 
 
 SENTENCEPIECE = "tokenizer.model"
