@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import json
 
-TEXT_24B = {"model_type": "mistral", "hidden_size": 5120, "intermediate_size": 32768, "num_hidden_layers": 40,
-            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 131072,
-            "rope_theta": 1.0e9, "sliding_window": None}
-PIXTRAL = {"model_type": "pixtral", "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-           "num_attention_heads": 16, "head_dim": 64, "patch_size": 14, "image_size": 1540, "hidden_act": "silu"}
+from qlora_cli.hub import PUBLISHED as HUB  # the checkpoints `qlora plan` knows offline
+
+SMALL_3_2 = HUB["mistralai/Mistral-Small-3.2-24B-Instruct-2506"][0]
+TEXT_24B, PIXTRAL = SMALL_3_2["text_config"], SMALL_3_2["vision_config"]
 TEXT_MINISTRAL_3_8B = {"model_type": "ministral3", "hidden_size": 4096, "intermediate_size": 14336,
                        "num_hidden_layers": 34, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128}
 PUBLISHED = {  # recipe -> its checkpoint's architecture (config.json values)
-    "mistral-nemo-12b": {"model_type": "mistral", "hidden_size": 5120, "intermediate_size": 14336,
-                         "num_hidden_layers": 40, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-                         "max_position_embeddings": 1024000, "rope_theta": 1.0e6, "sliding_window": None},
+    "mistral-nemo-12b": HUB["mistralai/Mistral-Nemo-Instruct-2407"][0],
     "mistral-small-3.2-24b": {"model_type": "mistral3", "text_config": TEXT_24B, "vision_config": PIXTRAL},
     "ministral-3-8b": {"model_type": "mistral3", "text_config": TEXT_MINISTRAL_3_8B, "vision_config": PIXTRAL},
     "mistral-small-3.2-24b-vision": {"model_type": "mistral3", "text_config": TEXT_24B, "vision_config": PIXTRAL},
@@ -41,14 +38,12 @@ def image_row(size=IMAGE) -> dict:
     return {"image_tokens": rows * (cols + 1), "patches": rows * cols * settings.spatial_merge_size ** 2}
 
 # Mixture-of-experts rows: (recipe, config values, overrides, GPUs). Mixtral's values are its
-# checkpoints' config.json as remembered (8x22B: v0.1's vocabulary of 32,000), not read from the
-# hub; Mistral Small 4 and Large 4 are transformers' own config classes (Mistral4Config,
-# MistralLarge4Config), whose defaults are those checkpoints (their docstrings name
+# checkpoints' config.json as remembered (8x7B's are qlora_cli/hub.py's; 8x22B: v0.1's vocabulary
+# of 32,000), not read from the hub; Mistral Small 4 and Large 4 are transformers' own config
+# classes (Mistral4Config, MistralLarge4Config), whose defaults are those checkpoints (their docstrings name
 # mistralai/Mistral-Small-4-119B-2603 and mistralai/Mistral-Large-4-1T-A52B). Vocabulary sizes are
 # the configs' (no tokenizer for them here). With GPUs > 1 the row is FSDP across them.
-MIXTRAL_8X7B = {"model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
-                "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8,
-                "num_experts_per_tok": 2, "max_position_embeddings": 32768, "rope_theta": 1.0e6}
+MIXTRAL_8X7B = HUB["mistralai/Mixtral-8x7B-Instruct-v0.1"][0]
 MIXTRAL_8X22B = {**MIXTRAL_8X7B, "hidden_size": 6144, "intermediate_size": 16384, "num_hidden_layers": 56,
                  "num_attention_heads": 48, "max_position_embeddings": 65536}
 FSDP = ["training.fsdp=true", "training.fsdp_config={activation_checkpointing: true}",

@@ -24,46 +24,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers import TrainerCallback
 
-
-
-def quant_state_tensors(holder) -> list:
-    """The tensors of a 4-bit weight's quantization state (on its Params4bit, or on its Linear4bit
-    once FSDP has made the weight a shard)."""
-    state = getattr(holder, "quant_state", None)
-    if state is None:
-        return []
-    nested = getattr(state, "state2", None)
-    found = [getattr(state, "absmax", None), getattr(state, "code", None), getattr(state, "offset", None)]
-    found += [nested.absmax, nested.code] if nested is not None else []
-    return [t for t in found if isinstance(t, torch.Tensor)]
-
-
-def expert_quant_state_tensors(model) -> list:
-    from qlora_cli.model.experts import is_quantized, quantized_tensors
-
-    return [t for m in model.modules() for p in getattr(m, "parametrizations", {}) if is_quantized(m, p)
-            for t in quantized_tensors(m, p)]
-
-
-class StorageBytes(TorchDispatchMode):
-    """The peak, over the aten ops run inside it, of the bytes the storages they made hold."""
-
-    def __init__(self, existing: set[int]):
-        super().__init__()
-        self.existing, self.live, self.peak = existing, {}, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu" and not tensor.is_meta:
-                storage = tensor.untyped_storage()
-                key = _pointer(storage)
-                known = self.live.get(key)
-                if key and key not in self.existing and (known is None or _size(known()) == 0):
-                    self.live[key] = weakref.ref(storage)  # a new storage, maybe where a freed one was
-        current = sum(_size(ref()) for ref in self.live.values())
-        self.peak = max(self.peak, current)
-        return out
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from quant_state import expert_quant_state_tensors, quant_state_tensors  # noqa: E402  (tests/quant_state.py)
 
 
 def _pointer(storage) -> int:

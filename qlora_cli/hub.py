@@ -16,7 +16,7 @@ PROBE_SECONDS = 3.0
 _found: dict[str, str | None] = {}
 
 # The checkpoints the shipped recipes name -> their config.json's architecture values and the
-# mistral-common tokenizer of the same vocabulary (bench/family_plans.py plans from the same values).
+# mistral-common tokenizer of the same vocabulary (bench/family_plans.py reads them from here).
 _TEXT_24B = {"model_type": "mistral", "hidden_size": 5120, "intermediate_size": 32768, "num_hidden_layers": 40,
              "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
              "max_position_embeddings": 131072, "rope_theta": 1.0e9, "sliding_window": None}

@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from qlora_cli.model.loss import loss_in_chunks
+from quant_state import expert_quant_state_tensors, quant_state_tensors
 from qlora_cli.plan.estimate import (
     detect_device, load_model_config, lora_targets, peak_tflops, plan_recipe, recipe_settings, visible_gpu,
 )
@@ -72,16 +73,6 @@ def estimate(shape, settings, batch=1, seq=64) -> dict[str, int]:
 
 def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def quant_state_tensors(param) -> list:
-    state = getattr(param, "quant_state", None)
-    if state is None:
-        return []
-    nested = getattr(state, "state2", None)
-    found = [getattr(state, "absmax", None), getattr(state, "code", None), getattr(state, "offset", None)]
-    found += [nested.absmax, nested.code] if nested is not None else []
-    return [t for t in found if isinstance(t, torch.Tensor)]
 
 
 @pytest.mark.slow
@@ -211,14 +202,6 @@ def measured_step_peak(model, ids, chunked_loss: bool) -> int:
     with LiveBytes({t.untyped_storage().data_ptr() for t in before}) as tracker:
         step()
     return static + tracker.peak
-
-
-def expert_quant_state_tensors(model) -> list:
-    """The quantization state of every 4-bit expert tensor (qlora_cli.model.experts keeps it on the parametrization)."""
-    from qlora_cli.model.experts import is_quantized, quantized_tensors
-
-    return [t for m in model.modules() for p in getattr(m, "parametrizations", {}) if is_quantized(m, p)
-            for t in quantized_tensors(m, p)]
 
 
 def estimated_total(shape, settings, batch: int, seq: int) -> int:
