@@ -217,7 +217,7 @@ def test_a_wrong_merge_fails_verification_in_bf16(mistake, deep_adapter):
 
     model = copy.deepcopy(deep_adapter[0])
     tokenizer = load_recipe_tokenizer(load_recipe(["tiny-mistral"]))
-    probe = tokenizer("[INST] What is 7 times 8? [/INST] 56", return_tensors="pt").input_ids
+    probe = {"input_ids": tokenizer("[INST] What is 7 times 8? [/INST] 56", return_tensors="pt").input_ids}
     unmerged = _logits(model, probe)
     tolerance = rounding_tolerance(model, probe, unmerged)
     check_merged(copy.deepcopy(model).merge_and_unload(), probe, unmerged, tolerance, "bfloat16")  # the right one
