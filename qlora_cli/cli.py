@@ -392,7 +392,7 @@ def export(
                                                       "q6_k, ... (an unknown one lists them all)."),
     llama_cpp: str = typer.Option(None, "--llama-cpp", help="A llama.cpp checkout whose converter to run "
                                                              "(default: $QLORA_LLAMA_CPP, else the installed one's)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing <run>/export."),
+    overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="Replace an existing <run>/export."),
 ) -> None:
     """Write what an engine serves into <run>/export/, checked in that engine where it runs here.
 
