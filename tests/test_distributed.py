@@ -10,18 +10,23 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, stop_at_first_step
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _command(tmp_path: Path, name: str, batch: int, nproc: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "qlora_cli", "train", *_train_args(tmp_path, name, batch, nproc, *extra)]
+
+
+def _train_args(tmp_path: Path, name: str, batch: int, nproc: int, *extra: str) -> list[str]:
+    """The arguments of `qlora train` for a run of `name` under tmp_path (see _command)."""
     data = tmp_path / "data.jsonl"
     if not data.exists():
         data.write_text("".join((ROOT / "sample_data.jsonl").read_text().splitlines(keepends=True)[:32]))
     run = tmp_path / name
     command = [
-        sys.executable, "-m", "qlora_cli", "train", "tiny-mistral", *TINY_OVERRIDES,
+        "tiny-mistral", *TINY_OVERRIDES,
         f"data.sources=[{{path: {data}, format: text}}]", "data.packing=false",
         f"data.prepared_dir={tmp_path / 'prepared'}", f"training.output_dir={run}",
         "training.num_train_epochs=1", f"training.per_device_train_batch_size={batch}",
@@ -272,21 +277,12 @@ def test_grpo_trains_on_two_processes(tmp_path):
 @pytest.fixture(scope="module")
 def fsdp_resumed_run(shared_folder):
     """Two processes under FSDP2, stopped by SIGTERM after their first step, then resumed."""
-    import signal
-
-    command = _command(shared_folder, "fsdp", 2, 2, *FSDP)
-    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in launcher.stdout:
-        lines.append(line)
-        if line.startswith("step 1/"):
-            launcher.send_signal(signal.SIGTERM)
-            break
-    stopped = "".join(lines) + launcher.stdout.read()
-    assert launcher.wait(timeout=300) == 143, stopped[-3000:]
+    returncode, stopped = stop_at_first_step(_train_args(shared_folder, "fsdp", 2, 2, *FSDP))
+    assert returncode == 143, stopped[-3000:]
     checkpoint = next((shared_folder / "fsdp" / "checkpoints").glob("checkpoint-*"))
     shards = sorted(p.name for p in checkpoint.rglob("*.distcp"))
-    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run([*_command(shared_folder, "fsdp", 2, 2, *FSDP), "--resume"], capture_output=True,
+                             text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     return shared_folder / "fsdp", stopped + resumed.stdout, shards
 
