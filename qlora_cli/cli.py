@@ -322,10 +322,7 @@ def merge(
     except MergeVerificationFailed as err:
         err_console.print(f"[bold red]merge failed verification:[/] {err}", highlight=False)
         raise typer.Exit(1) from None
-    console.print(f"merged into {result.base}; logits vs base + adapter: {result.merged_vs_unmerged}",
-                  highlight=False)
-    if result.merged_vs_quantized:
-        console.print(f"logits vs the 4-bit base + adapter as trained: {result.merged_vs_quantized}", highlight=False)
+    console.print(f"merged into {result.base}; {_logits_check(result)}", highlight=False)
     for difference in result.lora_differences:
         err_console.print(f"[yellow]warning:[/] {escape(difference)}: merged as the adapter was trained (its "
                           "adapter_config.json)", highlight=False)
@@ -336,6 +333,17 @@ def merge(
                           highlight=False)
     again = shlex.join(["qlora", "generate", *args, "--model", str(result.output), "--prompt", "..."])
     console.print(f"[green]done[/]: {result.output}\nnext: {again}", highlight=False)
+
+
+def _logits_check(result) -> str:
+    """The merge's verification in one phrase: against base + adapter unmerged and, for a 4-bit
+    run, against the 4-bit model as trained (merged into the dequantized base, the two agree)."""
+    unmerged, trained = str(result.merged_vs_unmerged), result.merged_vs_quantized
+    if trained is None:
+        return f"logits vs base + adapter: {unmerged}"
+    if str(trained) == unmerged:
+        return f"logits vs base + adapter (as trained in 4 bits): {unmerged}"
+    return f"logits vs base + adapter: {unmerged}; as trained in 4 bits: {trained}"
 
 
 @app.command("generate")

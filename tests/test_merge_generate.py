@@ -136,6 +136,9 @@ def test_merge_into_the_original_weights_also_works_and_is_further_from_training
     assert result.exit_code == 0, result.output
     card = (output / "README.md").read_text()
     assert "merge.base: original" in card and "original unquantized base weights" in card
+    # One line says both checks: against base + adapter unmerged, and against the 4-bit model trained
+    checks = [line for line in result.output.splitlines() if "logits vs" in line]
+    assert len(checks) == 1 and "; as trained in 4 bits: max " in checks[0], result.output
     # The adapter was trained on the 4-bit weights: merged into them (dequantized) it reproduces the
     # trained model to rounding; merged into the original weights it does not.
     dequantized = logit_distance((merged_small / "README.md").read_text())
@@ -151,6 +154,8 @@ def test_a_dequantized_merge_keeps_the_layers_training_kept_in_16_bits(trained_r
                    f"merge.output_dir={output}")
     assert result.exit_code == 0, result.output
     assert logit_distance((output / "README.md").read_text()) < 1e-3
+    # merged into what training saw, the two checks agree: said once
+    assert result.output.count("logits vs") == 1 and "logits vs base + adapter (as trained in 4 bits): max" in result.output
 
 
 @pytest.mark.slow
