@@ -185,7 +185,9 @@ def _log_prob_function():
 
 def output_head(model):
     """The causal LM under PEFT/DDP wrappers, and its lm_head when it is a plain bias-free Linear
-    (a LoRA-wrapped or quantized head is left to the ordinary loss)."""
+    (a LoRA-wrapped or quantized head is left to the ordinary loss). FSDP2 turns the head into an
+    `FSDPLinear` with Linear's own forward: still plain (its weight is whole while the loss runs,
+    accelerate keeps the output unit gathered from its forward through its backward)."""
     import torch
 
     inner = model
@@ -194,7 +196,7 @@ def output_head(model):
     if hasattr(inner, "get_base_model"):  # PEFT
         inner = inner.get_base_model()
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    plain = type(head) is torch.nn.Linear and head.bias is None
+    plain = isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward and head.bias is None
     return inner, (head if plain else None)
 
 
