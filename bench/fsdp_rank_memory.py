@@ -3,7 +3,9 @@
     torchrun --standalone --nproc_per_node 2 bench/fsdp_rank_memory.py OUT_DIR RECIPE [KEY=VALUE...]
 
 runs `qlora train` as its workers run it, with each rank's memory measured at its second training
-step; rank R writes OUT_DIR/rank-R.json (bench/RESULTS.md has the figures and the command).
+step; rank R writes OUT_DIR/rank-R.json: the bytes and the step's [rows, tokens], at which
+`qlora plan`'s arithmetic gives the figure to hold it against (tests/test_distributed.py does;
+bench/RESULTS.md has the figures and the command).
 
 A CPU has no allocator statistics, so this counts tensor storages, as tests/test_plan.py does for
 one process: what exists when the step begins (this rank's shards of the weights and LoRA, the
@@ -26,6 +28,30 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from quant_state import expert_quant_state_tensors, quant_state_tensors  # noqa: E402  (tests/quant_state.py)
+
+
+class StorageBytes(TorchDispatchMode):
+    """The peak, over the aten ops run inside it, of the bytes the storages they made hold; and
+    the (rows, tokens) of the step's input ids (the first embedding lookup's)."""
+
+    def __init__(self, existing: set[int]):
+        super().__init__()
+        self.existing, self.live, self.peak, self.rows = existing, {}, 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.embedding.default and self.rows is None:
+            self.rows = list(args[1].shape)
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu" and not tensor.is_meta:
+                storage = tensor.untyped_storage()
+                key = _pointer(storage)
+                known = self.live.get(key)
+                if key and key not in self.existing and (known is None or _size(known()) == 0):
+                    self.live[key] = weakref.ref(storage)  # a new storage, maybe where a freed one was
+        current = sum(_size(ref()) for ref in self.live.values())
+        self.peak = max(self.peak, current)
+        return out
 
 
 def _pointer(storage) -> int:
@@ -60,7 +86,8 @@ class MeasureStep(TrainerCallback):
                   *(t for m in model.modules() for t in quant_state_tensors(m)),  # a sharded Linear4bit keeps it
                   *expert_quant_state_tensors(model),
                   *(local(t) for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor))]
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in before if t is not None}
+        storages = {_pointer(t.untyped_storage()): _size(t.untyped_storage()) for t in before if t is not None}
+        storages.pop(0, None)  # storages FSDP has freed (an unsharded parameter between steps)
         self.static = sum(storages.values())
         self.mode = StorageBytes(set(storages))
         self.mode.__enter__()
@@ -70,7 +97,8 @@ class MeasureStep(TrainerCallback):
             return
         self.mode.__exit__(None, None, None)
         rank = int(os.environ.get("RANK", "0"))
-        record = {"static": self.static, "step_peak": self.mode.peak, "total": self.static + self.mode.peak}
+        record = {"static": self.static, "step_peak": self.mode.peak, "total": self.static + self.mode.peak,
+                  "input_ids": self.mode.rows}
         (self.out / f"rank-{rank}.json").write_text(json.dumps(record))
         self.mode = None
 

@@ -109,8 +109,31 @@ FSDP = ["training.fsdp=true", "quantization.bnb_4bit_quant_storage=float32",
         "transformer_layer_cls_to_wrap: [MistralDecoderLayer], state_dict_type: SHARDED_STATE_DICT}"]
 
 # A tiny Mixtral, 4 experts of which each token uses 2, its experts in 4 bits with LoRA on them.
+# Every token carries a loss (see _measured_fsdp_run).
 MIXTRAL = ["model.init_from_config.model_type=mixtral", "model.init_from_config.num_local_experts=4",
-           "model.init_from_config.num_experts_per_tok=2"]
+           "model.init_from_config.num_experts_per_tok=2", "data.train_on=all"]
+
+
+def _measured_fsdp_run(tmp_path: Path, name: str, *extra: str) -> tuple[Path, list[dict], list[str]]:
+    """Two FSDP processes of `qlora train` as torchrun starts its workers (the documented launch
+    line), 2 rows each, every rank's memory measured at its second step by
+    bench/fsdp_rank_memory.py: the run folder, each rank's record and the run's recipe arguments.
+
+    The runs train on every token (`data.train_on=all`), as the plan's one chunk of the loss
+    assumes: on a GPU a micro-batch has more labelled tokens than a chunk holds (524 of a 32k
+    vocabulary), here fewer, and the chunk is only the labelled ones."""
+    memory = tmp_path / f"{name}-memory"
+    memory.mkdir()
+    args = _train_args(tmp_path, name, 2, 1, *extra)  # one process each: torchrun starts two
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "bench" / "fsdp_rank_memory.py"), str(memory), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return tmp_path / name, [json.loads((memory / f"rank-{rank}.json").read_text()) for rank in (0, 1)], args
+
+
+def _fsdp(layer: str) -> list[str]:
+    return [*FSDP[:2], FSDP[2].replace("MistralDecoderLayer", layer)]
 
 
 @pytest.fixture(scope="module")
@@ -125,15 +148,19 @@ def test_a_mixtral_with_4bit_expert_lora_trains_on_two_processes_as_on_one(share
     assert one.keys() == two.keys()
     experts_b = [k for k in one if ".experts." in k and "lora_B" in k]
     assert len(experts_b) == 2 * 2 and all(two[k].abs().max() > 0.01 for k in experts_b)  # trained, both tensors
-    # Measured: 1.0e-7 apart, lora_B weights up to 0.28 (expert ones 0.02-0.15).
+    # Measured (on the responses only): 1.0e-7 apart, lora_B weights up to 0.28 (expert ones 0.02-0.15).
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-4
 
 
+@pytest.fixture(scope="module")
+def mixtral_fsdp_run(shared_folder):
+    return _measured_fsdp_run(shared_folder, "mixtral-fsdp", *MIXTRAL, *_fsdp("MixtralDecoderLayer"))
+
+
 @pytest.mark.slow
-def test_fsdp_shards_a_mixtrals_4bit_experts_and_trains_their_lora_as_one_process(shared_folder,
-                                                                                  mixtral_one_process_run):
-    fsdp = [*FSDP[:2], FSDP[2].replace("MistralDecoderLayer", "MixtralDecoderLayer")]
-    run = _train(shared_folder, "mixtral-fsdp", 2, 2, *MIXTRAL, *fsdp)
+def test_fsdp_shards_a_mixtrals_4bit_experts_and_trains_their_lora_as_one_process(mixtral_one_process_run,
+                                                                                  mixtral_fsdp_run):
+    run = mixtral_fsdp_run[0]
     distributed = json.loads((run / "run.json").read_text())["distributed"]
     # Every weight is a shard: the experts' 4-bit codes (uint8, under their parametrization) as well.
     assert distributed["units"]["MixtralDecoderLayer"] == 2
@@ -142,7 +169,7 @@ def test_fsdp_shards_a_mixtrals_4bit_experts_and_trains_their_lora_as_one_proces
     assert one.keys() == two.keys()
     experts_b = [k for k in one if ".experts." in k and "lora_B" in k]
     assert len(experts_b) == 2 * 2 and all(two[k].abs().max() > 0.01 for k in experts_b)
-    # Measured: 1.3e-7 apart (expert lora_B weights 0.02-0.15).
+    # Measured (on the responses only): 1.3e-7 apart (expert lora_B weights 0.02-0.15).
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-4
 
 
@@ -150,22 +177,58 @@ def test_fsdp_shards_a_mixtrals_4bit_experts_and_trains_their_lora_as_one_proces
 MISTRAL4 = ["model.init_from_config={model_type: mistral4, hidden_size: 64, intermediate_size: 128, "
             "moe_intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 4, "
             "num_local_experts: 4, num_experts_per_tok: 2, n_group: 1, topk_group: 1, q_lora_rank: 32, "
-            "kv_lora_rank: 16, qk_rope_head_dim: 8, qk_nope_head_dim: 8, v_head_dim: 16}"]
+            "kv_lora_rank: 16, qk_rope_head_dim: 8, qk_nope_head_dim: 8, v_head_dim: 16}", "training.max_steps=4",
+            "data.train_on=all"]
+
+
+@pytest.fixture(scope="module")
+def mistral4_fsdp_run(shared_folder):
+    return _measured_fsdp_run(shared_folder, "mistral4-fsdp", *MISTRAL4, *_fsdp("Mistral4DecoderLayer"))
 
 
 @pytest.mark.slow
-def test_fsdp_shards_a_mistral4_and_trains_its_expert_lora_as_one_process(shared_folder):
-    fsdp = [*FSDP[:2], FSDP[2].replace("MistralDecoderLayer", "Mistral4DecoderLayer")]
-    one = _adapter(_train(shared_folder, "mistral4-one", 4, 1, *MISTRAL4, "training.max_steps=4"))
-    run = _train(shared_folder, "mistral4-fsdp", 2, 2, *MISTRAL4, *fsdp, "training.max_steps=4")
+def test_fsdp_shards_a_mistral4_and_trains_its_expert_lora_as_one_process(shared_folder, mistral4_fsdp_run):
+    one = _adapter(_train(shared_folder, "mistral4-one", 4, 1, *MISTRAL4))
+    run = mistral4_fsdp_run[0]
     distributed = json.loads((run / "run.json").read_text())["distributed"]
     assert distributed["units"]["Mistral4DecoderLayer"] == 2 and distributed["parameter_elements"]["whole_frozen"] == 0
     two = _adapter(run)
     assert one.keys() == two.keys()
     experts_b = [k for k in one if ".experts." in k and "lora_B" in k]
     assert len(experts_b) == 2 * 2 and all(two[k].abs().max() > 1e-3 for k in experts_b)
-    # Measured over 8 steps: 3.7e-8 apart (expert lora_B weights 0.005-0.014).
+    # Measured over 8 steps on the responses only: 3.7e-8 apart (expert lora_B weights 0.005-0.014).
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny_fsdp_run(shared_folder):
+    return _measured_fsdp_run(shared_folder, "tiny-fsdp", "data.train_on=all", "training.max_steps=2", *FSDP)
+
+
+def _planned_per_rank(args: list[str], rows: list[int]) -> int:
+    """What `qlora plan --gpus 2` counts on each GPU for a micro-batch of `rows` ([rows, tokens]),
+    less the CUDA context a CPU process does not have."""
+    from qlora_cli.data.tokenizer import load_recipe_tokenizer
+    from qlora_cli.plan.estimate import load_model_config, recipe_settings
+    from qlora_cli.plan.memory import memory_items, model_shape
+    from qlora_cli.recipe.load import load_recipe
+
+    recipe = load_recipe([args[0]], args[1:])
+    shape = model_shape(load_model_config(recipe, load_recipe_tokenizer(recipe)))
+    return sum(item.bytes for item in memory_items(shape, recipe_settings(recipe, shape, on_gpu=False, gpus=2), *rows))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny_fsdp_run", "mixtral_fsdp_run", "mistral4_fsdp_run"])
+def test_the_plans_memory_per_gpu_under_fsdp_is_within_a_tenth_of_each_ranks_peak(model, request):
+    _, ranks, args = request.getfixturevalue(model)
+    for rank, measured in enumerate(ranks):
+        planned = _planned_per_rank(args, measured["input_ids"])
+        # Each rank at its own rows: the shards, the output unit gathered with its all-gather buffer,
+        # one chunk of the loss. Measured rank 0 / rank 1: tiny Mistral 33.6 / 30.9 MB, planned 34.1 / 31.6;
+        # Mixtral 34.9 / 32.1, planned 35.7 / 33.1; mistral4 34.5 / 31.6, planned 35.1 / 32.5 (1-5% over).
+        # Before the chunked loss reached FSDP's lm_head, full logits made tiny Mistral's 43.2 / 37.9 MB.
+        assert abs(planned - measured["total"]) <= 0.10 * measured["total"], (rank, measured, planned)
 
 
 def _launcher_command(tmp_path: Path, run: Path, *extra: str) -> list[str]:

@@ -331,7 +331,11 @@ def test_fsdp_shards_weights_over_the_gpus_and_counts_its_own_checkpointing(tiny
     assert item(one, "activations").bytes < item(plain, "activations").bytes
     assert item(two, "base weights").bytes == pytest.approx(item(one, "base weights").bytes / 2, abs=1)
     assert item(two, "optimizer state").bytes == pytest.approx(item(one, "optimizer state").bytes / 2, abs=1)
-    assert item(two, "FSDP gathered weights").bytes > 0 and two.total < one.total
+    # What FSDP gathers: here the lm_head (32,000 x 64) and final norm in fp32, and their all-gather
+    # buffer, more than sharding saves (tests/test_distributed.py measures it per rank).
+    gathered = item(two, "FSDP gathered weights")
+    assert gathered.bytes == 2 * 4 * (32000 + 1) * 64 and "lm_head" in gathered.how
+    assert two.total - gathered.bytes < one.total
     tight = plan_recipe(fsdp, gpu_memory=0.5, gpus=2)
     assert tight.changes and not any("paged" in change for change in tight.changes)  # they do not shard
     assert two.faster[0].startswith("training.fsdp_config.activation_checkpointing=false also fits")

@@ -487,7 +487,7 @@ def _vision_trained(shape: ModelShape, s: Settings) -> bool:
 
 def _activations_how(shape: ModelShape, s: Settings, batch: int, seq: int) -> str:
     how = f"{batch} x {seq:,} tokens, checkpointing {'on' if s.checkpointing else 'off'}"
-    if mlp_slice_tokens(shape, s, 1, seq) < seq:
+    if 0 < mlp_slice_tokens(shape, s, 1, seq) < seq:  # 0: untiled
         how += f", MLP in slices of {mlp_slice_tokens(shape, s, 1, seq):,} tokens"
     if s.offloading:
         how += f", {offloaded_bytes(shape, s, batch, seq) / GiB:.1f} GiB offloaded to CPU memory"
@@ -504,17 +504,30 @@ def sampling_kv_item(shape: ModelShape, s: Settings, sequences: int, seq: int) -
 
 
 def _sharded(items: list[MemoryItem], shape: ModelShape, s: Settings) -> list[MemoryItem]:
-    """FSDP keeps 1/shards of every weight, gradient and optimizer state on each GPU. It gathers
-    a decoder layer whole while computing it (two at a time, with the one it prefetches) and keeps
-    the root's weights (embeddings, lm_head, final norm) gathered through the step."""
+    """FSDP2 (torch's `fully_shard` in the units accelerate makes) keeps 1/shards of every weight,
+    gradient and optimizer state on each GPU, and gathers a unit whole while it computes:
+
+    - the output unit (final norm, lm_head) from its forward through its backward (accelerate
+      gives it reshard_after_forward=False), and until the model's forward returns, through the
+      loss, its all-gather buffer too: a second whole copy (torch frees a forward all-gather's
+      buffer at the next unit's gather, and there is none after the last);
+    - in the backward, two decoder layers (the one computing and the one prefetched), after that
+      buffer is freed: the larger of the two counts;
+    - the embeddings while they run, at the start of the forward: no more than the output unit's
+      two copies later, so not counted.
+
+    Measured on two CPU ranks (tests/test_distributed.py, bench/fsdp_rank_memory.py)."""
     weights = sum(item.bytes for item in items[:-3])  # weight_items: base and unquantized
     lm_head = next((i * o for n, i, o in shape.linears if n == shape.output_linear), 0)
     root = (sum(shape.other_params.values()) + lm_head) * s.residual_bytes  # (and the layers' norms: small)
     per_layer = (weights - root) / max(shape.layers, 1)
+    output_unit = (lm_head + shape.hidden) * s.residual_bytes
     kept = [MemoryItem(item.name, math.ceil(item.bytes / s.shards), f"{item.how}; 1/{s.shards} per GPU (FSDP)")
             for item in items]
-    gathered = 2 * per_layer + root * (1 - 1 / s.shards)
-    return kept + [MemoryItem("FSDP gathered weights", math.ceil(gathered), "2 decoder layers and the root whole")]
+    gathered = output_unit + max(output_unit, 2 * per_layer)
+    what = "its all-gather buffer" if output_unit >= 2 * per_layer else "2 decoder layers"
+    return kept + [MemoryItem("FSDP gathered weights", math.ceil(gathered),
+                              f"lm_head and final norm whole through the step, + {what} (the larger)")]
 
 
 def _optim_how(optim: str) -> str:
