@@ -505,29 +505,30 @@ def sampling_kv_item(shape: ModelShape, s: Settings, sequences: int, seq: int) -
 
 def _sharded(items: list[MemoryItem], shape: ModelShape, s: Settings) -> list[MemoryItem]:
     """FSDP2 (torch's `fully_shard` in the units accelerate makes) keeps 1/shards of every weight,
-    gradient and optimizer state on each GPU, and gathers a unit whole while it computes:
+    gradient and optimizer state on each GPU, and gathers a unit whole while it computes. torch
+    keeps a unit's all-gather buffer (a second whole copy) until the next unit's gather in the
+    forward, or until the model's forward returns; in the backward it frees it at once and gathers
+    the next unit ahead. What is whole at once is the most of:
 
-    - the output unit (final norm, lm_head) from its forward through its backward (accelerate
-      gives it reshard_after_forward=False), and until the model's forward returns, through the
-      loss, its all-gather buffer too: a second whole copy (torch frees a forward all-gather's
-      buffer at the next unit's gather, and there is none after the last);
-    - in the backward, two decoder layers (the one computing and the one prefetched), after that
-      buffer is freed: the larger of the two counts;
-    - the embeddings while they run, at the start of the forward: no more than the output unit's
-      two copies later, so not counted.
+    - at the loss: the output unit (final norm, lm_head; accelerate gives it
+      reshard_after_forward=False, so it stays from its forward through its backward) and its buffer;
+    - in the lm_head's backward: the output unit and the last decoder layer, gathered ahead;
+    - in a decoder layer: two layers (itself and its buffer forward, or the next one backward).
 
+    The embeddings are whole only while they run, at the start of the forward: counted in none.
     Measured on two CPU ranks (tests/test_distributed.py, bench/fsdp_rank_memory.py)."""
     weights = sum(item.bytes for item in items[:-3])  # weight_items: base and unquantized
     lm_head = next((i * o for n, i, o in shape.linears if n == shape.output_linear), 0)
     root = (sum(shape.other_params.values()) + lm_head) * s.residual_bytes  # (and the layers' norms: small)
-    per_layer = (weights - root) / max(shape.layers, 1)
+    layer = (weights - root) / max(shape.layers, 1)
     output_unit = (lm_head + shape.hidden) * s.residual_bytes
     kept = [MemoryItem(item.name, math.ceil(item.bytes / s.shards), f"{item.how}; 1/{s.shards} per GPU (FSDP)")
             for item in items]
-    gathered = output_unit + max(output_unit, 2 * per_layer)
-    what = "its all-gather buffer" if output_unit >= 2 * per_layer else "2 decoder layers"
-    return kept + [MemoryItem("FSDP gathered weights", math.ceil(gathered),
-                              f"lm_head and final norm whole through the step, + {what} (the larger)")]
+    gathered = max(2 * output_unit, output_unit + layer, 2 * layer)
+    what = "lm_head and final norm twice (whole and its all-gather buffer, at the loss)" \
+        if gathered == 2 * output_unit else "2 decoder layers whole" if gathered == 2 * layer \
+        else "lm_head, final norm and a decoder layer whole"
+    return kept + [MemoryItem("FSDP gathered weights", math.ceil(gathered), f"{what}: the most FSDP holds at once")]
 
 
 def _optim_how(optim: str) -> str:
