@@ -20,10 +20,9 @@ in a cycle (tests/test_imports.py holds the code to this map):
     cli, __main__              the command line: parse, call one function, render
 """
 
-import logging
+from qlora_cli.hub import keep_hub_kernels_off
 
 __version__ = "0.1.0"
 
-# bitsandbytes warns on every CPU import that an optional hub kernel (which needs the network)
-# is missing; it falls back to its own kernel, so the message only alarms users.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# before anything imports bitsandbytes: its CPU backend would fetch and run a kernel from the hub
+keep_hub_kernels_off()

@@ -25,14 +25,33 @@ from qlora_cli.training.launch import STATUS_VARIABLE, launch_processes, run_ran
 if TYPE_CHECKING:
     from qlora_cli.recipe.load import Recipe
 
+class _FlagsWithoutType:
+    """A flag takes no value: no `<bool>` after `--help` or `--install-completion` (typer adds those)."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class Command(_FlagsWithoutType, typer.core.TyperCommand):
+    pass
+
+
+class Group(_FlagsWithoutType, typer.core.TyperGroup):
+    pass
+
+
 app = typer.Typer(
-    name="qlora",
+    name="qlora", cls=Group,
     help="Fine-tune Mistral-family models with QLoRA, driven by layered YAML recipes.\n\n"
          "Example: qlora train recipes/tiny-mistral.yaml training.learning_rate=1e-4",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-config_app = typer.Typer(help="Show, explain or validate a resolved recipe.", no_args_is_help=True)
+config_app = typer.Typer(help="Show, explain or validate a resolved recipe.", no_args_is_help=True, cls=Group)
 app.add_typer(config_app, name="config")
 
 # soft_wrap: long lines (paths, the commands we print to copy) are never broken by rich.
@@ -93,7 +112,7 @@ def main(debug: bool = typer.Option(False, "--debug", metavar="", help="Show tra
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
-@config_app.command("show")
+@config_app.command("show", cls=Command)
 @user_command
 def config_show(args: list[str] = RECIPE_ARGS) -> None:
     """Print the resolved recipe as YAML (a valid recipe again).
@@ -112,7 +131,7 @@ def config_show(args: list[str] = RECIPE_ARGS) -> None:
         sys.stdout.write(text)
 
 
-@config_app.command("explain")
+@config_app.command("explain", cls=Command)
 @user_command
 def config_explain(args: list[str] = RECIPE_ARGS) -> None:
     """Print every setting with its value and where it comes from (file:line, override, default).
@@ -133,7 +152,7 @@ def config_explain(args: list[str] = RECIPE_ARGS) -> None:
     Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
-@config_app.command("validate")
+@config_app.command("validate", cls=Command)
 @user_command
 def config_validate(args: list[str] = RECIPE_ARGS) -> None:
     """Check a recipe (keys, types, library objections) without loading anything; exit 0 or 2.
@@ -150,7 +169,7 @@ def config_validate(args: list[str] = RECIPE_ARGS) -> None:
     console.print(f"[green]ok[/]: {escape(files)} is a valid recipe", highlight=False, soft_wrap=True)
 
 
-@app.command("prepare")
+@app.command("prepare", cls=Command)
 @user_command
 def prepare(
     args: list[str] = RECIPE_ARGS,
@@ -176,7 +195,7 @@ def prepare(
             render.show_examples(console, prepared.dataset["train"], tokenizer, show)
 
 
-@app.command("plan")
+@app.command("plan", cls=Command)
 @user_command
 def plan(
     args: list[str] = RECIPE_ARGS,
@@ -204,7 +223,7 @@ def plan(
         raise typer.Exit(2)
 
 
-@app.command("train")
+@app.command("train", cls=Command)
 @user_command
 def train(
     args: list[str] = RECIPE_ARGS,
@@ -300,7 +319,7 @@ def evaluates_here() -> bool:
     return not os.environ.get(STATUS_VARIABLE) and os.environ.get("RANK", "0") == "0"
 
 
-@app.command("merge")
+@app.command("merge", cls=Command)
 @user_command
 def merge(
     args: list[str] = RECIPE_ARGS,
@@ -346,7 +365,7 @@ def _logits_check(result) -> str:
     return f"logits vs base + adapter: {unmerged}; as trained in 4 bits: {trained}"
 
 
-@app.command("generate")
+@app.command("generate", cls=Command)
 @user_command
 def generate(
     args: list[str] = RECIPE_ARGS,
@@ -390,7 +409,7 @@ def generate(
                 release_folder(lock)
 
 
-@app.command("export")
+@app.command("export", cls=Command)
 @user_command
 def export(
     args: list[str] = RECIPE_ARGS,
@@ -451,7 +470,7 @@ def _print_export(result) -> None:
     console.print(f"[green]done[/]: {result.folder}", highlight=False)
 
 
-@app.command("eval")
+@app.command("eval", cls=Command)
 @user_command
 def eval_command(
     args: list[str] = RECIPE_ARGS,

@@ -83,3 +83,35 @@ def is_hub_id(name: str | None) -> bool:
 
     return bool(name) and not name.startswith("mistral-common:") and not Path(name).expanduser().exists() \
         and name.count("/") <= 1 and not name.startswith((".", "/", "~"))
+
+
+HUB_KERNELS = "QLORA_HUB_KERNELS"  # =1: let bitsandbytes fetch its CPU kernel from the hub
+
+
+def keep_hub_kernels_off() -> None:
+    """Unless QLORA_HUB_KERNELS=1, bitsandbytes cannot import the `kernels` package.
+
+    bitsandbytes' CPU backend, when it is imported on a CPU with AVX512-BF16 and `kernels` is
+    installed, downloads kernels-community/quantization-bitsandbytes from the hub and runs it,
+    whatever `model.trust_remote_code` says (offline it prints "Skipping publisher trust check").
+    With its `from kernels import ...` failing, it keeps its own kernel, and its warning about the
+    fallback is silenced. Only imports made by bitsandbytes' modules are refused: transformers'
+    hub kernels (`model.attn_implementation: kernels-community/...`) are the user's choice.
+    """
+    import builtins
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    if os.environ.get(HUB_KERNELS, "") == "1" or getattr(builtins.__import__, "keeps_hub_kernels_off", False):
+        return
+    original = builtins.__import__
+
+    def guarded_import(name, globals=None, locals=None, fromlist=(), level=0):
+        if level == 0 and name.split(".")[0] == "kernels" and globals is not None \
+                and str(globals.get("__name__", "")).split(".")[0] == "bitsandbytes":
+            raise ImportError(f"qlora keeps bitsandbytes off hub kernels ({HUB_KERNELS}=1 lets it fetch them)",
+                              name=name)
+        return original(name, globals, locals, fromlist, level)
+
+    guarded_import.keeps_hub_kernels_off = True
+    builtins.__import__ = guarded_import

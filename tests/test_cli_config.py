@@ -329,7 +329,7 @@ REFUSED_VALUES = {
     "training.save_steps=0": ("training.save_steps", "more than 0"),
     "model.dtype=int8": ("model.dtype", "floating point"),
     "model.attn_implementation=bogus": ("model.attn_implementation", "sdpa"),
-    "model.init_from_config.hidden_size=-1": ("model.init_from_config.hidden_size", "negative dimension"),
+    "model.init_from_config.hidden_size=-1": ("model.init_from_config.hidden_size", "a model needs at least 1"),
     "model.init_from_config.num_attention_heads=3": ("model.init_from_config", "RoPE"),
     "model.init_from_config.num_key_value_heads=3": ("model.init_from_config.num_key_value_heads", "multiple"),
     "generate.num_beams=0": ("generate.num_beams", "at least 1"),
@@ -414,6 +414,13 @@ UNUSABLE = [
     ("tiny-mistral", "quantization.bnb_4bit_quant_type=nf3", "quantization.bnb_4bit_quant_type"),
     (DPO, "training.loss_type=bogus", "training.loss_type"),
     (DPO, "training.loss_type=[sigmoid,bogus]", "training.loss_type"),
+    ("tiny-mistral", "model.init_from_config.num_hidden_layers=0", "model.init_from_config.num_hidden_layers"),
+    ("tiny-mistral", "model.init_from_config.vocab_size=0", "model.init_from_config.vocab_size"),
+    ("tiny-mistral", "model.init_from_config.intermediate_size=0", "model.init_from_config.intermediate_size"),
+    ("tiny-mistral", "model.init_from_config.head_dim=0", "model.init_from_config.head_dim"),
+    ("tiny-mistral", "model.init_from_config.max_position_embeddings=0",
+     "model.init_from_config.max_position_embeddings"),
+    ("tiny-mistral", "model.init_from_config.hiden_size=512", "model.init_from_config.hiden_size"),
 ]
 
 
@@ -429,6 +436,33 @@ def test_unusable_values_in_one_recipe_file_are_all_reported_at_their_lines(work
     stderr = refused_by_validate("mine.yaml")
     for line, key in ((3, "lora.lora_dropout"), (5, "training.max_steps"), (6, "training.max_grad_norm")):
         assert f"mine.yaml:{line}: `{key}` is" in stderr, stderr
+
+
+def test_a_mistral3_s_language_model_size_written_at_the_top_is_refused_pointing_at_text_config(workdir):
+    """Mistral3Config keeps a top-level hidden_size as a loose attribute no layer reads: the run would
+    train the tower and language model of the defaults (a 0.4B vision tower, 2.2 GB) instead."""
+    stderr = " ".join(refused_by_validate(str(RECIPES / "tiny-mistral3-vision.yaml"), "model.init_from_config.hidden_size=512",
+                                          "model.init_from_config.initializer_range=0.1").split())
+    for key in ("hidden_size", "initializer_range"):
+        assert (f"`model.init_from_config.{key}` is not a setting of Mistral3Config, and would be ignored "
+                f"(did you mean `text_config.{key}`?)") in stderr, stderr
+
+
+def test_a_value_transformers_derives_itself_is_a_known_key(workdir):
+    # PixtralVisionConfig derives head_dim (a config.json key) from hidden_size / heads
+    result = qlora("config", "validate", str(RECIPES / "tiny-mistral3-vision.yaml"),
+                   "model.init_from_config.vision_config.head_dim=32")
+    assert result.exit_code == 0, result.output
+    # and a key transformers still reads and moves (rope_theta -> rope_parameters)
+    assert qlora("config", "validate", "tiny-mistral", "model.init_from_config.rope_theta=1e6").exit_code == 0
+
+
+@pytest.mark.parametrize("command", [[], ["config"], ["config", "validate"], ["prepare"], ["plan"], ["train"],
+                                     ["merge"], ["generate"], ["eval"], ["export"]])
+def test_help_shows_no_value_type_after_a_flag(command):
+    result = qlora(*command, "--help")
+    assert result.exit_code == 0 and "--help" in result.output, result.output
+    assert "<bool>" not in result.output, result.output  # --help, --install-completion take no value
 
 
 @pytest.mark.parametrize("override, message", [

@@ -637,3 +637,84 @@ def test_a_hub_that_cannot_be_reached_turns_the_process_offline_within_seconds(m
     assert "127.0.0.1 cannot be reached" in hub.unreachable()
     assert time.monotonic() - start < hub.PROBE_SECONDS + 1
     assert huggingface_hub.constants.HF_HUB_OFFLINE is True and os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+# ---------------------------------------------------------------- what only the model's layers tell (issue 33)
+
+
+@pytest.mark.parametrize("recipe, rank, layer", [
+    ("tiny-mistral", 200, "k_proj rank 200, above its narrower side (128: it is 128 x 256)"),
+    (str(Path(__file__).resolve().parent.parent / "recipes" / "mistral7b.yaml"), 2048,
+     "k_proj rank 2,048, above its narrower side (1,024: it is 1,024 x 4,096)"),
+], ids=["tiny-mistral", "mistral7b"])
+def test_a_lora_rank_above_a_targeted_layer_s_narrower_side_exits_2_at_plan(recipe, rank, layer, unreachable_hub,
+                                                                             tmp_path):
+    """B @ A can have no rank above the narrower side of its layer: a larger r only takes memory.
+    The tiny model's k_proj is 2 heads x 64 wide; Mistral 7B's, 8 x 128 (its published config)."""
+    from conftest import assert_user_error, qlora
+
+    result = qlora("plan", recipe, f"lora.r={rank}", "--gpu-memory", "80", f"training.output_dir={tmp_path}/run",
+                   f"data.prepared_dir={tmp_path}/prepared")
+    assert_user_error(result, "override: `lora.r` gives model.layers.0.self_attn.", layer, "at most", wrapped=True)
+
+
+def test_a_lora_rank_as_wide_as_the_narrowest_layer_plans(tiny_plan_recipe):
+    assert plan_recipe(tiny_plan_recipe("lora.r=32"), gpu_memory=8).ok  # k_proj of TINY_OVERRIDES: 2 heads x 16
+
+
+def test_a_starting_adapter_that_does_not_exist_is_a_plan_problem(tiny_plan_recipe):
+    plan = plan_recipe(tiny_plan_recipe("model.adapter=no/such/adapter"), gpu_memory=8)
+    assert not plan.ok and any("`model.adapter`" in p or "model.adapter" in p for p in plan.problems), plan.problems
+    assert any("no/such/adapter does not exist" in p for p in plan.problems), plan.problems
+
+
+# ---------------------------------------------------------------- bitsandbytes and the hub's kernels
+
+
+@pytest.fixture
+def stand_in_kernels(tmp_path, monkeypatch):
+    """A `kernels` package on sys.path whose get_kernel records that it ran (the real one would
+    download kernels-community/quantization-bitsandbytes and run it)."""
+    import sys
+
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text(
+        "ran = []\ndef get_kernel(repo, **kwargs):\n    ran.append(repo)\n    return object()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "kernels", raising=False)
+    return tmp_path
+
+
+def test_bitsandbytes_cannot_import_hub_kernels_and_everything_else_can(stand_in_kernels):
+    import qlora_cli  # noqa: F401 - installs the guard, as every qlora command does
+
+    as_bitsandbytes = {"__name__": "bitsandbytes.backends.cpu.ops"}
+    with pytest.raises(ImportError, match="QLORA_HUB_KERNELS=1"):
+        exec("from kernels import get_kernel", as_bitsandbytes)
+    import kernels  # transformers' hub kernels (attn_implementation: kernels-community/...) are the user's choice
+
+    assert kernels.__file__.startswith(str(stand_in_kernels))
+    with pytest.raises(ImportError):  # imported once by someone else, still not for bitsandbytes
+        exec("from kernels import get_kernel", as_bitsandbytes)
+    assert kernels.ran == []
+
+
+@pytest.mark.slow
+def test_bitsandbytes_cpu_backend_fetches_no_hub_kernel_once_qlora_is_imported(stand_in_kernels):
+    """bitsandbytes' own CPU ops module, imported as on a CPU with AVX512-BF16 (its capability probe
+    answers yes; this machine has none): alone it calls get_kernel, after `import qlora_cli` it does not."""
+    import subprocess
+    import sys
+
+    probe = ("import importlib, sys\nimport bitsandbytes.functional, kernels\n"
+             "bitsandbytes.functional.has_avx512bf16 = lambda: True\n"
+             "def import_ops():\n    sys.modules.pop('bitsandbytes.backends.cpu.ops')\n"
+             "    importlib.import_module('bitsandbytes.backends.cpu.ops')\n"
+             "import_ops()\nprint('alone:', kernels.ran)\n"
+             "import qlora_cli\nkernels.ran.clear()\nimport_ops()\nprint('with qlora:', kernels.ran)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stand_in_kernels), *sys.path])}
+    env.pop("QLORA_HUB_KERNELS", None)
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "alone: ['kernels-community/quantization-bitsandbytes']" in result.stdout, result.stdout + result.stderr
+    assert "with qlora: []" in result.stdout, result.stdout + result.stderr

@@ -397,7 +397,9 @@ def test_prepare_command_prints_the_summary_and_show_prints_the_example(data_rec
     result = CliRunner().invoke(app, ["prepare", str(recipe), "--show", "1"])
     assert result.exit_code == 0, result.output
     output = result.stdout
-    assert "What is the capital of France? [/INST] Paris.</s>" in " ".join(output.split())
+    # not a terminal: the trained tokens are marked in plain text, not by colour alone
+    assert "What is the capital of France? [/INST]{+ Paris.</s>+}" in " ".join(output.split())
+    assert "trained tokens are shown between {+ and +}" in output
     assert "example 1" in output and "example 2" not in output
     assert "data prepared" in output and "train: 1 examples in 1 rows" in output
     assert re.search(r"\s2\s+1\s+0\s+1\s", output), output  # read, kept, truncated, dropped
@@ -539,6 +541,25 @@ BAD_TEMPLATES = {
     "escapes the sandbox": ("{% for m in messages %}{{ m.content.__class__.__mro__ }}{% endfor %}",
                             "data.jsonl:1", "sandbox"),
 }
+# Issue 33: templates that asked for gigabytes, recursed without end, or read what the sandbox
+# forbids as empty text. Each exits 2 at once, within a few hundred MB (Jinja's sandbox with bounds).
+ANSWERS = "{% for m in messages %}{{ m.content }}{% endfor %}"
+BAD_TEMPLATES.update({
+    "a string 10**12 long": ("{{ 'a' * 10**12 }}" + ANSWERS, "data.jsonl:1", "repeated 1,000,000,000,000 times"),
+    "a power of 10**10 digits": ("{{ 10 ** (10 ** 10) }}" + ANSWERS, "data.jsonl:1", "bits"),
+    "a macro that calls itself": ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}" + ANSWERS, "data.jsonl:1",
+                                  "calls itself without end"),
+    "a macro that doubles its calls": ("{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"
+                                       "{{ f(40) }}" + ANSWERS, "data.jsonl:1", "calls in one render"),
+    "a string doubled in a loop": ("{% set ns = namespace(s='a') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}"
+                                   "{% endfor %}" + ANSWERS, "data.jsonl:1", "more than a chat template may make"),
+    "a string doubled by a macro": ("{% macro f(s, n) %}{% if n %}{{ f(s ~ s, n - 1) }}{% endif %}{% endmacro %}"
+                                    "{{ f('a', 60) }}" + ANSWERS, "data.jsonl:1", "more than a chat template may make"),
+    "a width of 10**12": ("{{ 'a'|center(10**12) }}" + ANSWERS, "data.jsonl:1", "wider than a chat template may make"),
+    "reads messages.__class__": ("{{ messages.__class__ }}" + ANSWERS, "data.jsonl:1", "'__class__' of a list"),
+    "reads a global's __globals__": ("{{ raise_exception.__globals__ }}" + ANSWERS, "data.jsonl:1", "'__globals__'"),
+    "reads a namespace's __init__": ("{{ namespace.__init__ }}" + ANSWERS, "data.jsonl:1", "'__init__'"),
+})
 
 
 @pytest.mark.parametrize("template, where, problem", BAD_TEMPLATES.values(), ids=BAD_TEMPLATES)

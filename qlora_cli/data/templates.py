@@ -27,6 +27,7 @@ from functools import lru_cache
 
 from qlora_cli.errors import UserError
 from qlora_cli.recipe.sections import is_jinja
+from qlora_cli.data.template_sandbox import bound_chat_templates
 from qlora_cli.data.tokenizer import TEKKEN_FILE, VERSION_KEY
 
 IGNORE_INDEX = -100  # the label that the loss skips
@@ -485,15 +486,20 @@ def _jinja(template: str, tokenizer) -> str | None:
 def _render(tokenizer, messages: list[dict], chat_template: str | None, *, generation_prompt: bool) -> str:
     import jinja2
 
+    bound_chat_templates()
     try:
         return tokenizer.apply_chat_template(
             messages, chat_template=chat_template, tokenize=False, add_generation_prompt=generation_prompt
         )
     except jinja2.exceptions.SecurityError as err:
         raise UserError(f"the chat template ({_template_key(chat_template)}) did something Jinja's sandbox forbids: "
-                        f"{err}", fix="templates may read the messages, not Python attributes") from None
+                        f"{err}", fix="templates may read the messages, not Python attributes, and make nothing huge") from None
     except (jinja2.TemplateError, TypeError, ArithmeticError) as err:  # raise_exception(...), {{ 1 / 0 }}, ...
         raise UserError(f"the chat template ({_template_key(chat_template)}) failed on this conversation: {err}",
+                        fix="fix the template, or use template: mistral") from None
+    except (RecursionError, MemoryError) as err:  # a macro that calls itself; what the sandbox's bounds let by
+        why = "calls itself without end" if isinstance(err, RecursionError) else "ran out of memory"
+        raise UserError(f"the chat template ({_template_key(chat_template)}) {why} on this conversation",
                         fix="fix the template, or use template: mistral") from None
 
 

@@ -182,7 +182,34 @@ def planned_targets(recipe: Recipe, skeleton, family: Family) -> LoraTargets:
     # 100,000,000 asked for 100 GB
     with refused_by_peft(config), torch.device("meta"):
         inject_adapter_in_model(config, skeleton, low_cpu_mem_usage=True)
-    return wrapped_targets(skeleton)
+    targets = wrapped_targets(skeleton)
+    check_ranks(targets, [(name, module.r["default"], module.in_features, module.out_features)
+                          for name, module in _lora_layers(skeleton)], config.r)
+    return targets
+
+
+def _lora_layers(model):
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import ParamWrapper
+
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, LoraLayer) and not isinstance(module, ParamWrapper)]
+
+
+def check_ranks(targets: LoraTargets, layers: list[tuple[str, int, int, int]], rank: int) -> None:
+    """A LoRA rank above the narrower side of a layer it reaches: B @ A can have no higher rank there,
+    so the extra rank only takes memory. `layers`: (name, rank, in, out) of each LoRA-wrapped Linear."""
+    sides = [(min(into, out), name, r, f"{out:,} x {into:,}") for name, r, into, out in layers]
+    sides += [(min(out, into), name, r, f"{out:,} x {into:,} per expert") for name, _, out, into, r in targets.tensors]
+    over = [side for side in sides if side[2] > side[0]]
+    if not over:
+        return
+    width, name, r, shape = min(over)
+    key = "lora.r" if r == rank else "lora.rank_pattern"
+    raise UserError(f"`{key}` gives {name} rank {r:,}, above its narrower side ({width:,}: it is {shape}); "
+                    f"{len(over)} of the {len(sides)} layers LoRA reaches are narrower than the rank",
+                    key=key, fix=f"use a rank of at most {width:,} (8-64 is usual), or leave the narrow layers out "
+                                 "of lora.target_modules")
 
 
 def wrapped_targets(model, adapter: str = "default") -> LoraTargets:

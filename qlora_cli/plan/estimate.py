@@ -338,9 +338,10 @@ def lora_targets(recipe: Recipe, shape: ModelShape) -> LoraTargets:
 
 def _check_training_data(recipe: Recipe, prepared, plan: Plan) -> None:
     """The pre-flight's problems with the recipe and the data, each at the file:line of its key."""
-    from qlora_cli.plan.preflight import check_prepared_data, check_trainable
+    from qlora_cli.plan.preflight import check_prepared_data, check_starting_adapter, check_trainable
 
-    for check in (lambda: check_trainable(recipe), lambda: check_prepared_data(recipe, prepared)):
+    for check in (lambda: check_trainable(recipe), lambda: check_starting_adapter(recipe),
+                  lambda: check_prepared_data(recipe, prepared)):
         try:
             check()
         except UserError as err:

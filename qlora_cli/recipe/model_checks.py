@@ -43,8 +43,10 @@ def _init_model_errors(init_from_config: dict) -> list[UserError]:
 
     try:
         config = build_init_config(init_from_config)
-        if family_of(config.model_type).is_vision_language:
-            return []  # its towers are built by another auto class, which judges them when it loads
+        written = {k: v for k, v in init_from_config.items() if k not in ("seed", "model_type")}
+        errors = config_key_errors(config, written, "model.init_from_config")
+        if errors or family_of(config.model_type).is_vision_language:
+            return errors  # a vision-language model's towers are built by another auto class, which judges them
     except UserError:
         return []  # an unsupported model_type, which sections reports
     except Exception as err:  # noqa: BLE001 - every value is the user's, and the config class judges them
@@ -66,6 +68,49 @@ def _init_model_errors(init_from_config: dict) -> list[UserError]:
     named = blamed_key(message, {k: v for k, v in init_from_config.items() if k != "model_type"}, objection)
     key = f"model.init_from_config.{named}" if named else "model.init_from_config"
     return [UserError(f"transformers cannot build a {config.model_type} model from `{key}`: {message}", key=key)]
+
+
+def config_key_errors(config, written: dict, prefix: str) -> list[UserError]:
+    """The keys of `written` (what the recipe set, nested dicts for sub-configs) that `config`'s class
+    has no field for (transformers keeps them as loose attributes, which no layer reads), and sizes
+    and counts below 1 (no layers, a vocabulary of 0): a model that builds and cannot train."""
+    import dataclasses
+
+    from qlora_cli.recipe.sections import suggest
+
+    if not dataclasses.is_dataclass(config):
+        return []
+    fields = {field.name for field in dataclasses.fields(config)}
+    fields |= {name for name in vars(type(config)()) if not name.startswith("_")}  # what the class derives (head_dim)
+    errors = []
+    for name, value in written.items():
+        key = f"{prefix}.{name}"
+        if name == "model_type":
+            continue
+        if name not in fields and name in vars(config):
+            errors.append(UserError(f"`{key}` is not a setting of {type(config).__name__}, and would be ignored"
+                                    f"{suggest(name, fields) or _sub_config_hint(config, name)}", key=key,
+                                    fix="write a field of the model's config (its config.json's keys)"))
+        elif isinstance(value, dict) and dataclasses.is_dataclass(getattr(config, name, None)):
+            errors += config_key_errors(getattr(config, name), value, key)
+        elif _is_size(name) and isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            errors.append(UserError(f"`{key}` is {value}; a model needs at least 1", key=key))
+    return errors
+
+
+def _is_size(name: str) -> bool:
+    """A count or size of which a model needs at least one (layers, heads, a vocabulary, positions)."""
+    return name.startswith("num_") or name.endswith(("_size", "_dim")) or name == "max_position_embeddings"
+
+
+def _sub_config_hint(config, name: str) -> str:
+    import dataclasses
+
+    holders = [field.name for field in dataclasses.fields(config)
+               if dataclasses.is_dataclass(sub := getattr(config, field.name, None))
+               and name in {inner.name for inner in dataclasses.fields(sub)}]
+    holders.sort(key=lambda holder: "text" not in holder)  # the language model's first: what a user trains
+    return f" (did you mean `{holders[0]}.{name}`?)" if holders else ""
 
 
 def _init_model_objection(config) -> str | None:

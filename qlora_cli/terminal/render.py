@@ -42,12 +42,33 @@ def prepare_summary(console: Console, prepared) -> None:
 
 
 SHOWN_TOKENS = 1024  # `prepare --show`: an example longer than this shows its first and last halves
+TRAINED = "bold green"
+PLAIN_MARKS = ("{+", "+}")  # around trained tokens where the output has no colour (piped, TERM=dumb)
+
+
+def print_example(console: Console, text: Text) -> None:
+    """An example from highlight_trained: trained tokens bright, or between {+ and +} without colour."""
+    if console.color_system is not None:
+        console.print(text)
+        return
+    plain, pieces, at = text.plain, [], 0
+    for span in sorted(span for span in text.spans if span.style == TRAINED):
+        pieces += [plain[at:span.start], PLAIN_MARKS[0], plain[span.start:span.end], PLAIN_MARKS[1]]
+        at = span.end
+    console.print("".join(pieces) + plain[at:], markup=False, highlight=False)
+
+
+def _say_marks(console: Console) -> None:
+    if console.color_system is None:
+        console.print(f"(no colour here: trained tokens are shown between {PLAIN_MARKS[0]} and {PLAIN_MARKS[1]})",
+                      markup=False, highlight=False)
 
 
 def show_examples(console: Console, dataset, tokenizer, count: int) -> None:
     """The first `count` training examples: tokens without loss dimmed, trained tokens bright."""
     if "prompt_ids" in dataset.column_names:
         return show_preference_examples(console, dataset, tokenizer, count)
+    _say_marks(console)
     shown = 0
     token_ids = image_token_ids(tokenizer) if "images" in dataset.column_names else None
     for row in dataset:
@@ -62,9 +83,9 @@ def show_examples(console: Console, dataset, tokenizer, count: int) -> None:
             console.rule(f"example {shown + 1} ({length} tokens, {sum(l != IGNORE_INDEX for l in labels[1:])} "
                          f"trained{pictures})")
             if spans or length <= SHOWN_TOKENS:
-                console.print(highlight_with_images(ids, labels, tokenizer, spans, images[:len(spans)]))
+                print_example(console, highlight_with_images(ids, labels, tokenizer, spans, images[:len(spans)]))
             else:  # a long row (64K tokens of a contract) would fill the scrollback
-                console.print(highlight_elided(ids, labels, tokenizer))
+                print_example(console, highlight_elided(ids, labels, tokenizer))
             images = images[len(spans):]
             start += length
             shown += 1
@@ -94,11 +115,12 @@ def highlight_with_images(ids: list[int], labels: list[int], tokenizer, spans: l
 
 def show_preference_examples(console: Console, dataset, tokenizer, count: int) -> None:
     """Each pair as its two whole sequences (or a signed example as one): prompt dim, answers bright."""
+    _say_marks(console)
     for number, row in enumerate(dataset.select(range(min(count, len(dataset)))), start=1):
         names = [name for name in ("chosen", "rejected", "completion") if f"{name}_ids" in row]
         if not names:  # GRPO's prompts: the model writes the answers, the other columns go to the rewards
             console.rule(f"example {number} prompt ({len(row['prompt_ids'])} tokens)")
-            console.print(highlight_trained(row["prompt_ids"], [IGNORE_INDEX] * len(row["prompt_ids"]), tokenizer))
+            print_example(console, highlight_trained(row["prompt_ids"], [IGNORE_INDEX] * len(row["prompt_ids"]), tokenizer))
             columns = {key: value for key, value in row.items() if key not in ("prompt", "prompt_ids")}
             if columns:
                 console.print(f"columns for the rewards: {columns}", highlight=False, markup=False)
@@ -110,7 +132,7 @@ def show_preference_examples(console: Console, dataset, tokenizer, count: int) -
             console.rule(f"example {number} {title} ({len(ids)} tokens, {sum(row[f'{name}_mask'])} trained)")
             images = row.get("images") or []
             spans = image_spans(ids, image_token_ids(tokenizer)) if images else []
-            console.print(highlight_with_images(ids, labels, tokenizer, spans, images))
+            print_example(console, highlight_with_images(ids, labels, tokenizer, spans, images))
 
 
 def highlight_trained(ids: list[int], labels: list[int], tokenizer) -> Text:
@@ -125,7 +147,7 @@ def highlight_trained(ids: list[int], labels: list[int], tokenizer) -> Text:
             # Decode the prefix and take the difference: decoding a span alone would lose the
             # leading space SentencePiece folds into its first token.
             decoded = tokenizer.decode(ids[:end], skip_special_tokens=False)
-            text.append(decoded[len(decoded_before):], style="bold green" if trained else "dim")
+            text.append(decoded[len(decoded_before):], style=TRAINED if trained else "dim")
             decoded_before = decoded
     return text
 
