@@ -441,7 +441,8 @@ def test_unusable_values_in_one_recipe_file_are_all_reported_at_their_lines(work
 def test_a_mistral3_s_language_model_size_written_at_the_top_is_refused_pointing_at_text_config(workdir):
     """Mistral3Config keeps a top-level hidden_size as a loose attribute no layer reads: the run would
     train the tower and language model of the defaults (a 0.4B vision tower, 2.2 GB) instead."""
-    stderr = " ".join(refused_by_validate(str(RECIPES / "tiny-mistral3-vision.yaml"), "model.init_from_config.hidden_size=512",
+    stderr = " ".join(refused_by_validate(str(RECIPES / "tiny-mistral3-vision.yaml"),
+                                          "model.init_from_config.hidden_size=512",
                                           "model.init_from_config.initializer_range=0.1").split())
     for key in ("hidden_size", "initializer_range"):
         assert (f"`model.init_from_config.{key}` is not a setting of Mistral3Config, and would be ignored "

@@ -493,7 +493,8 @@ def _render(tokenizer, messages: list[dict], chat_template: str | None, *, gener
         )
     except jinja2.exceptions.SecurityError as err:
         raise UserError(f"the chat template ({_template_key(chat_template)}) did something Jinja's sandbox forbids: "
-                        f"{err}", fix="templates may read the messages, not Python attributes, and make nothing huge") from None
+                        f"{err}", fix="templates may read the messages, not Python attributes, and make nothing huge"
+                        ) from None
     except (jinja2.TemplateError, TypeError, ArithmeticError) as err:  # raise_exception(...), {{ 1 / 0 }}, ...
         raise UserError(f"the chat template ({_template_key(chat_template)}) failed on this conversation: {err}",
                         fix="fix the template, or use template: mistral") from None

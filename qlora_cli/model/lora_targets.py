@@ -183,12 +183,12 @@ def planned_targets(recipe: Recipe, skeleton, family: Family) -> LoraTargets:
     with refused_by_peft(config), torch.device("meta"):
         inject_adapter_in_model(config, skeleton, low_cpu_mem_usage=True)
     targets = wrapped_targets(skeleton)
-    check_ranks(targets, [(name, module.r["default"], module.in_features, module.out_features)
-                          for name, module in _lora_layers(skeleton)], config.r)
+    check_ranks([(name, module.r["default"], module.in_features, module.out_features)
+                 for name, module in _lora_linears(skeleton)], config.r)
     return targets
 
 
-def _lora_layers(model):
+def _lora_linears(model):
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.layer import ParamWrapper
 
@@ -196,18 +196,19 @@ def _lora_layers(model):
             if isinstance(module, LoraLayer) and not isinstance(module, ParamWrapper)]
 
 
-def check_ranks(targets: LoraTargets, layers: list[tuple[str, int, int, int]], rank: int) -> None:
-    """A LoRA rank above the narrower side of a layer it reaches: B @ A can have no higher rank there,
-    so the extra rank only takes memory. `layers`: (name, rank, in, out) of each LoRA-wrapped Linear."""
-    sides = [(min(into, out), name, r, f"{out:,} x {into:,}") for name, r, into, out in layers]
-    sides += [(min(out, into), name, r, f"{out:,} x {into:,} per expert") for name, _, out, into, r in targets.tensors]
-    over = [side for side in sides if side[2] > side[0]]
+def check_ranks(layers: list[tuple[str, int, int, int]], rank: int) -> None:
+    """A LoRA rank above the narrower side of a Linear layer it reaches (`layers`: name, rank, in,
+    out): B @ A can have no higher rank there, so the extra rank only takes memory. Tensors outside
+    a Linear are left alone: a router is as narrow as its count of experts (Mixtral's 8) and
+    all-linear gives it the recipe's rank, as peft decides."""
+    over = sorted((min(into, out), name, r, f"{out:,} x {into:,}") for name, r, into, out in layers
+                  if r > min(into, out))
     if not over:
         return
-    width, name, r, shape = min(over)
+    width, name, r, shape = over[0]
     key = "lora.r" if r == rank else "lora.rank_pattern"
     raise UserError(f"`{key}` gives {name} rank {r:,}, above its narrower side ({width:,}: it is {shape}); "
-                    f"{len(over)} of the {len(sides)} layers LoRA reaches are narrower than the rank",
+                    f"{len(over)} of the {len(layers)} layers LoRA reaches are narrower than the rank",
                     key=key, fix=f"use a rank of at most {width:,} (8-64 is usual), or leave the narrow layers out "
                                  "of lora.target_modules")
 

@@ -120,7 +120,8 @@ def show_preference_examples(console: Console, dataset, tokenizer, count: int) -
         names = [name for name in ("chosen", "rejected", "completion") if f"{name}_ids" in row]
         if not names:  # GRPO's prompts: the model writes the answers, the other columns go to the rewards
             console.rule(f"example {number} prompt ({len(row['prompt_ids'])} tokens)")
-            print_example(console, highlight_trained(row["prompt_ids"], [IGNORE_INDEX] * len(row["prompt_ids"]), tokenizer))
+            prompt = row["prompt_ids"]
+            print_example(console, highlight_trained(prompt, [IGNORE_INDEX] * len(prompt), tokenizer))
             columns = {key: value for key, value in row.items() if key not in ("prompt", "prompt_ids")}
             if columns:
                 console.print(f"columns for the rewards: {columns}", highlight=False, markup=False)
