@@ -12,6 +12,8 @@ import os
 import socket
 from urllib.parse import urlparse
 
+from qlora_cli.atomic import hub_id
+
 PROBE_SECONDS = 3.0
 _found: dict[str, str | None] = {}
 
@@ -53,21 +55,37 @@ def unreachable() -> str | None:
     return _found["reason"]
 
 
-def _offline_set() -> bool:
-    return any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")
-               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+def _offline_set() -> str | None:
+    """The variable that says offline, if one does."""
+    return next((name for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+                 if os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")), None)
 
 
 def _probe() -> str | None:
     if _offline_set():
-        return "HF_HUB_OFFLINE is set"
+        return f"{_offline_set()} is set"
     endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    via = _proxy(endpoint.scheme, host)  # behind a proxy, the hub is reached through it, not directly
+    if via:
+        host, port = via.hostname or host, via.port or (443 if via.scheme == "https" else 80)
     try:
         socket.create_connection((host, port), timeout=PROBE_SECONDS).close()
     except OSError as err:
-        return f"{host} cannot be reached ({err.strerror or err})"
+        return f"{host} {'(the proxy) ' if via else ''}cannot be reached ({err.strerror or err})"
     return None
+
+
+def _proxy(scheme: str, host: str):
+    """The proxy the environment names for `scheme` (as requests reads HTTPS_PROXY, ALL_PROXY,
+    NO_PROXY), parsed, or None."""
+    from urllib.request import getproxies, proxy_bypass
+
+    proxies = getproxies()
+    proxy = proxies.get(scheme) or proxies.get("all")
+    if not proxy or proxy_bypass(host):
+        return None
+    return urlparse(proxy if "://" in proxy else f"http://{proxy}")
 
 
 def _go_offline() -> None:
@@ -78,11 +96,11 @@ def _go_offline() -> None:
 
 
 def is_hub_id(name: str | None) -> bool:
-    """`name` names a hub repository (not a local path, not a mistral-common tokenizer)."""
+    """`name` names a hub repository: not a local path, not a mistral-common tokenizer (":" is no
+    repo id's), and a repo id by huggingface_hub's own rules (`atomic.hub_id`, the one rule)."""
     from pathlib import Path
 
-    return bool(name) and not name.startswith("mistral-common:") and not Path(name).expanduser().exists() \
-        and name.count("/") <= 1 and not name.startswith((".", "/", "~"))
+    return bool(name) and not Path(name).expanduser().exists() and hub_id(name) is not None
 
 
 HUB_KERNELS = "QLORA_HUB_KERNELS"  # =1: let bitsandbytes fetch its CPU kernel from the hub

@@ -173,3 +173,13 @@ def test_mistral_small_4s_fp8_layout_loads_with_4_bit_experts(tmp_path):
         assert torch.equal(codes.flatten(), module.weight.data.flatten()), name
     experts = expert_parameters(model, ("mlp.experts",))
     assert len(experts) == 2 * 2 and all(is_quantized(m, p) for _, m, p in experts)
+
+
+def test_a_cut_shard_in_a_model_folder_is_named_before_loading(tmp_path):
+    folder = tmp_path / "Ministral-fp8"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "mistral", "quantization_config": {
+        "quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}}))
+    (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")  # cut in its header
+    result = qlora("train", "tiny-mistral", "~model.init_from_config", f"model.name_or_path={folder}")
+    assert_user_error(result, "model.safetensors", "cut short or corrupt", "download or copy", wrapped=True)

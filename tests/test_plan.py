@@ -718,3 +718,23 @@ def test_bitsandbytes_cpu_backend_fetches_no_hub_kernel_once_qlora_is_imported(s
     assert result.returncode == 0, result.stderr
     assert "alone: ['kernels-community/quantization-bitsandbytes']" in result.stdout, result.stdout + result.stderr
     assert "with qlora: []" in result.stdout, result.stdout + result.stderr
+
+
+def test_behind_a_proxy_the_hub_is_probed_through_the_proxy_not_directly(monkeypatch):
+    """On a cluster that reaches the hub only through HTTPS_PROXY, a direct connection fails: that
+    must not turn the process offline while the proxy answers."""
+    import socket
+
+    from qlora_cli import hub
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "NO_PROXY", "no_proxy",
+                 "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with socket.socket() as proxy:  # listening: the proxy answers
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen()
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.getsockname()[1]}")
+        monkeypatch.setattr(hub, "_found", {})
+        assert hub._probe() is None
+    monkeypatch.setattr(hub, "_found", {})  # closed now: the proxy is what cannot be reached
+    assert "127.0.0.1 (the proxy) cannot be reached" in hub._probe()

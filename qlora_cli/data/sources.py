@@ -213,7 +213,7 @@ _FILE_SUFFIXES = {".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt
 
 
 def _looks_like_hub_id(name: str) -> bool:
-    from qlora_cli.data.tokenizer import is_hub_id
+    from qlora_cli.hub import is_hub_id
 
     return name.count("/") == 1 and is_hub_id(name) and Path(name).suffix.lower() not in _FILE_SUFFIXES
 

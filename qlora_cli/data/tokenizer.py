@@ -147,17 +147,6 @@ def _check_local_path(spec: str) -> None:
         )
 
 
-def is_hub_id(name: str) -> bool:
-    """Whether `name` can be a hub repo id ("name" or "owner/name"), by huggingface_hub's own rules."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
-
-
 def _valid_names() -> list[str]:
     return [MISTRAL_COMMON_PREFIX + name for name in MISTRAL_COMMON_FILES]
 

@@ -48,7 +48,9 @@ def without_fp8_quantization(config):
 
 def bf16_repo(name_or_path: str | None) -> str:
     """Where the same weights are published in 16 bits: Mistral's `<repo>-BF16` beside each FP8 repo."""
-    if name_or_path and not Path(name_or_path).exists() and name_or_path.count("/") == 1:
+    from qlora_cli.hub import is_hub_id
+
+    if is_hub_id(name_or_path) and "/" in name_or_path:
         return f"`{name_or_path.removesuffix('-FP8')}-BF16`"
     return "the checkpoint's BF16 release (Mistral publishes `<repo>-BF16` beside each FP8 repo)"
 
@@ -108,11 +110,16 @@ def checkpoint_dtypes(path: str, revision: str | None) -> dict[str, str] | None:
 
 
 def _header_dtypes(shard: Path) -> dict[str, str]:
-    """A safetensors file's tensor dtypes from its JSON header (8-byte length, then the header)."""
-    with open(shard, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(length))
-    return {name: info["dtype"] for name, info in header.items() if name != "__metadata__"}
+    """A safetensors file's tensor dtypes, read by safetensors from its header (no weights); a file
+    it cannot read is named, with what to do, before transformers meets it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(shard), "pt") as weights:
+            return {name: str(weights.get_slice(name).get_dtype()) for name in weights.keys()}
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{shard} is cut short or corrupt ({err})", where=str(shard),
+                        fix="download or copy the model again") from None
 
 
 def dequantized_fp8(fp8: dict):
