@@ -138,11 +138,6 @@ def _model_config(model):
         return None
 
 
-def set_image_settings(tokenizer, settings: ImageSettings) -> None:
-    """Record settings on a tokenizer (kept by save_pretrained), for a tokenizer whose files lack them."""
-    tokenizer.init_kwargs[IMAGE_KEY] = settings.as_dict()
-
-
 def image_token_ids(tokenizer) -> tuple[int, int, int] | None:
     """The ids of [IMG], [IMG_BREAK], [IMG_END] in the tokenizer, or None where it lacks one."""
     backend = tokenizer.backend_tokenizer
@@ -335,20 +330,6 @@ def images_of(messages: list[dict]) -> list[ImageFile]:
     """The images of a conversation, in order of appearance."""
     return [part["image"] for message in messages if isinstance(message.get("content"), list)
             for part in message["content"] if part["type"] == "image"]
-
-
-def has_images(messages: list[dict] | None) -> bool:
-    return bool(messages) and any(isinstance(m.get("content"), list) for m in messages)
-
-
-def example_image_sizes(example) -> list[tuple[int, int]]:
-    """(width, height) of each image of an Example (data.sources), in order: what plan counts."""
-    return [(image.width, image.height) for image in images_of(example.messages or [])]
-
-
-def example_image_tokens(example, settings: ImageSettings) -> list[int]:
-    """How many tokens each image of an Example takes for these settings (plan's data summary)."""
-    return [image_token_count(w, h, settings) for w, h in example_image_sizes(example)]
 
 
 def check_all_images_used(row_images: list, where: str) -> None:

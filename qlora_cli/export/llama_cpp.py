@@ -75,10 +75,10 @@ def converter_dir(checkout: str | Path | None = None) -> Path:
     named = checkout or os.environ.get(ENVIRONMENT)
     if named:
         folder = Path(named).expanduser()
-        missing = [part for part in CONVERTER_PARTS[:1] if not (folder / part).exists()]
+        missing = [part for part in (CONVERTER, "gguf-py") if not (folder / part).exists()]  # older trees lack conversion/
         if missing:
             source = "--llama-cpp" if checkout else f"${ENVIRONMENT}"
-            raise UserError(f"{source} names {folder}, which has no {CONVERTER}", key=source,
+            raise UserError(f"{source} names {folder}, which has no {', '.join(missing)}", key=source,
                             fix="name a llama.cpp checkout (git clone https://github.com/ggml-org/llama.cpp)")
         return folder
     version = engine().__version__
