@@ -256,12 +256,35 @@ def _card_tags(path: Path) -> list[str]:
 CHECKSUMS = "qlora_checksums.json"  # beside the weights of a folder qlora wrote: each file's size and sha256
 
 
-def write_checksums(folder: Path) -> None:
+def write_checksums(folder: Path, *, made_from: Path | None = None) -> None:
     """Record the size and sha256 of each weights file in `folder` (before it is renamed into
-    place), so a later load can tell bytes changed on disk from the weights that were written."""
+    place), so a later load can tell bytes changed on disk from the weights that were written;
+    `made_from`: the folder whose weights these were made from (a merge's adapter), by digest."""
     files = {path.name: {"bytes": path.stat().st_size, "sha256": _sha256(path)}
              for path in sorted(folder.glob("*.safetensors"))}
-    (folder / CHECKSUMS).write_text(json.dumps({"files": files}, indent=1) + "\n")
+    record = {"files": files} | ({"made_from": weights_digest(made_from)} if made_from else {})
+    (folder / CHECKSUMS).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def weights_digest(folder: Path) -> str:
+    """One sha256 over the weights files of `folder` (their recorded sha256s where recorded)."""
+    import hashlib
+
+    recorded = _recorded_checksums(folder)
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        digest.update(f"{path.name}:{recorded.get(path.name, {}).get('sha256') or _sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def made_from(folder: Path, source: Path) -> bool:
+    """Whether the weights in `folder` were made from `source`'s weights as they are now (a merged
+    model from the adapter it is asked for, not from one an earlier run or `merge.adapter` left)."""
+    try:
+        recorded = json.loads((folder / CHECKSUMS).read_text()).get("made_from")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return source.is_dir() and recorded == weights_digest(source)
 
 
 def weights_damage(folder: Path, required: tuple[str, ...] = (), *, contents: bool = True) -> str | None:

@@ -415,8 +415,8 @@ def export(
     args: list[str] = RECIPE_ARGS,
     to: str = typer.Option(..., "--to", help="gguf (llama.cpp, LM Studio), ollama (GGUF + Modelfile) or adapter "
                                              "(the LoRA alone, for vLLM / TGI / LoRAX)."),
-    quant: str = typer.Option("f16", "--quant", help="GGUF types, comma-separated: f16, bf16, q8_0, q4_k_m, q5_k_m, "
-                                                      "q6_k, ... (an unknown one lists them all)."),
+    quant: str = typer.Option(None, "--quant", help="GGUF types, comma-separated: f16 (the default), bf16, q8_0, "
+                                                     "q4_k_m, q5_k_m, q6_k, ... (an unknown one lists them all)."),
     llama_cpp: str = typer.Option(None, "--llama-cpp", help="A llama.cpp checkout whose converter to run "
                                                              "(default: $QLORA_LLAMA_CPP, else the installed one's)."),
     overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="Replace an existing <run>/export."),
@@ -436,6 +436,11 @@ def export(
         if to == "adapter":
             from qlora_cli.export.adapter import export_adapter
 
+            for flag, value in (("--quant", quant), ("--llama-cpp", llama_cpp)):
+                if value is not None:
+                    raise UserError(f"{flag} is for GGUF files; --to adapter copies the LoRA weights as trained",
+                                    key=flag, fix=f"leave out {flag}, or export with --to gguf or --to ollama")
+
             result = export_adapter(recipe, overwrite=overwrite)
             for line in result.notes:
                 console.print(line, highlight=False)
@@ -445,7 +450,7 @@ def export(
         from qlora_cli.export.llama_cpp import ConversionFailed
 
         try:
-            result = export_gguf(recipe, quant.split(","), ollama=to == "ollama", llama_cpp_dir=llama_cpp,
+            result = export_gguf(recipe, (quant or "f16").split(","), ollama=to == "ollama", llama_cpp_dir=llama_cpp,
                                  overwrite=overwrite)
         except ConversionFailed as err:
             err_console.print(f"[bold red]export failed:[/] {escape(str(err))}", highlight=False)
@@ -457,9 +462,11 @@ def _print_export(result) -> None:
     from rich.table import Table
 
     if result.merged_now:
-        console.print("merged the adapter first (the run had no merged model)", highlight=False)
+        console.print("merged the adapter first (the run had no merged model of this adapter)", highlight=False)
+    close = max((t.kl_vs_transformers or 0.0 for t in result.report.types), default=0.0)
     console.print(f"engine check passed in llama.cpp on {len(result.report.probes)} prompts from the run's data: "
-                  "tokens of the GGUF's chat template = the trained ids; f16 answers = transformers'", highlight=False)
+                  "tokens of the GGUF's chat template = the trained ids; 16-bit answers within "
+                  f"{close:.1e} nats/token of transformers'", highlight=False)
     table = Table("type", "same greedy tokens as f16", "mean KL vs f16 (nats/token)", box=None, pad_edge=False)
     for row in result.report.types:
         same = "reference" if row.same_tokens is None else f"{row.same_tokens:.0%}"

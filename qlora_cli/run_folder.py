@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora_cli.atomic import (
-    CARD, LOCK_FILE, check_not_in_use, has_marker, lock_folder, marker, model_card, release_folder, weights_damage,
+    CARD, LOCK_FILE, check_not_in_use, has_marker, lock_folder, made_from, marker, model_card, release_folder,
+    weights_damage,
 )
 from qlora_cli.errors import UserError
 
@@ -435,3 +436,10 @@ def merge_output_dir(recipe: Recipe) -> Path:
 def is_merged_model(folder: Path) -> bool:
     """Whether `qlora merge` wrote `folder`: a model (config.json) whose card carries the marker."""
     return (folder / "config.json").is_file() and has_marker(folder / CARD, MERGED)
+
+
+def is_current_merge(recipe: Recipe) -> bool:
+    """Whether the recipe's merged folder holds the merge of the adapter it names, as that adapter is
+    now (not one a retrained run, `--overwrite` or another `merge.adapter` left behind)."""
+    folder = merge_output_dir(recipe)
+    return is_merged_model(folder) and made_from(folder, merge_adapter_dir(recipe))

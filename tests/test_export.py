@@ -51,6 +51,8 @@ def test_export_writes_each_type_checked_in_llama_cpp(exported, answering_run):
     report = json.loads((folder / "export.json").read_text())
     rows = {row["type"]: row for row in report["types"]}
     assert rows["f16"]["same_greedy_tokens_as_f16"] is None  # the reference
+    assert 0 <= rows["f16"]["mean_kl_vs_transformers"] < 1e-3  # the limit is 0.02: f16 is far inside it
+    assert rows["q8_0"]["mean_kl_vs_transformers"] is None  # quantized types are measured against f16
     assert rows["q8_0"]["same_greedy_tokens_as_f16"] >= 0.9 and rows["q8_0"]["mean_kl_vs_f16"] < 0.05
     assert 0 <= rows["q4_k_m"]["same_greedy_tokens_as_f16"] <= 1 and rows["q4_k_m"]["mean_kl_vs_f16"] >= 0
     for type_name in ("q8_0", "q4_k_m"):
@@ -189,6 +191,38 @@ def test_missing_llama_cpp_names_the_extra(trained_run, monkeypatch):
 def test_run_without_adapter_says_to_train_first(tmp_path):
     result = qlora("export", "tiny-mistral", f"training.output_dir={tmp_path / 'run'}", "--to", "gguf")
     assert_user_error(result, "does not exist", "train first")
+
+
+def test_gguf_flags_with_the_adapter_target_are_refused(tmp_path):
+    result = qlora("export", "tiny-mistral", f"training.output_dir={tmp_path / 'run'}", "--to", "adapter",
+                   "--quant", "q8_0")
+    assert_user_error(result, "--quant is for GGUF files", "--to gguf")
+
+
+@pytest.mark.parametrize("recipe, last_role", [("tiny-mistral", "assistant"), ("tiny-mistral-dpo", "assistant"),
+                                               ("tiny-mistral-kto", "assistant"), ("tiny-mistral-grpo", "user")])
+def test_every_kind_of_run_has_probes_taken_before_anything_is_merged(recipe, last_role):
+    """Chats end with their answer, preference pairs with the chosen one, GRPO prompts with the
+    question (no answer to format): each kind of run can be exported and checked."""
+    from qlora_cli.data.sources import read_rows
+    from qlora_cli.export.gguf import probe_conversations
+    from qlora_cli.recipe.load import load_recipe
+
+    loaded = load_recipe([recipe], [])
+    probes = probe_conversations(loaded)
+    assert len(probes) == 4 and {p[-1]["role"] for p in probes} == {last_role}
+    if recipe == "tiny-mistral-dpo":
+        first = read_rows(loaded.data.sources[0])[0][1]
+        assert probes[0][-1]["content"] == first["chosen"] if isinstance(first["chosen"], str) \
+            else first["chosen"][-1]["content"]
+
+
+def test_a_vision_models_modelfile_names_its_projector_as_a_second_from(tmp_path):
+    from qlora_cli.export.ollama import write_modelfile
+    from qlora_cli.recipe.load import load_recipe
+
+    modelfile = write_modelfile(load_recipe(["tiny-mistral3-vision"], []), tmp_path, "v-f16.gguf", "v-mmproj-f16.gguf")
+    assert modelfile.read_text().splitlines()[:2] == ["FROM ./v-f16.gguf", "FROM ./v-mmproj-f16.gguf"]
 
 
 def test_unknown_target_lists_the_targets(tmp_path):

@@ -825,3 +825,27 @@ def test_a_hostile_prompts_file_exits_2_at_its_line_before_any_model_loads(tmp_p
 def test_a_prompt_the_shell_could_not_decode_exits_2():
     # bytes that are not UTF-8 reach Python's argv as lone surrogates
     assert_user_error(qlora("generate", "tiny-mistral", "--prompt", "caf\udce9"), "--prompt", "not UTF-8 text")
+
+
+@pytest.mark.slow
+def test_a_merge_of_another_adapter_is_not_taken_for_the_runs_merged_model(merged_small, trained_run, tmp_path):
+    """Export and eval reuse the run's merged model only when it was merged from the adapter they
+    are asked for, as it is now: a retrained run or another `merge.adapter` must not serve old weights."""
+    from safetensors.torch import load_file, save_file
+
+    from qlora_cli.atomic import write_checksums
+    from qlora_cli.plan.preflight import existing_merged_model
+    from qlora_cli.recipe.load import load_recipe
+    from qlora_cli.run_folder import is_current_merge
+
+    recipe = load_recipe([str(trained_run.root)], [f"merge.output_dir={merged_small}"])
+    assert is_current_merge(recipe) and existing_merged_model(recipe) == str(merged_small)
+    other = tmp_path / "adapter"
+    shutil.copytree(trained_run.root / "adapter", other)
+    weights = load_file(other / "adapter_model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] * 2
+    save_file(weights, other / "adapter_model.safetensors")
+    write_checksums(other)
+    retrained = load_recipe([str(trained_run.root)], [f"merge.output_dir={merged_small}", f"merge.adapter={other}"])
+    assert not is_current_merge(retrained) and existing_merged_model(retrained) is None

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qlora_cli.atomic import atomic_folder
+from qlora_cli.atomic import atomic_folder, hub_id
 from qlora_cli.errors import UserError
 from qlora_cli.run_folder import merge_adapter_dir
 
@@ -50,12 +50,16 @@ def export_adapter(recipe: Recipe, *, overwrite: bool = False) -> AdapterExport:
     config = json.loads((adapter / "adapter_config.json").read_text())
     with safe_open(str(adapter / WEIGHTS), "pt") as weights:
         modules = sorted({key.split(".lora_")[0] for key in weights.keys() if ".lora_" in key})
-    base = recipe.model.name_or_path or config.get("base_model_name_or_path")
-    notes = [f"rank {config.get('r')}, alpha {config.get('lora_alpha')}, base model {base}",
+    # The hub id engines download the base by; a local folder's path would only show this machine's.
+    base = hub_id(recipe.model.name_or_path or config.get("base_model_name_or_path"))
+    notes = [f"rank {config.get('r')}, alpha {config.get('lora_alpha')}, base model "
+             + (base or "a local model (set base_model_name_or_path in adapter_config.json to where the engine finds it)"),
              f"{len(modules)} LoRA modules, e.g. {modules[0] if modules else 'none'}",
              "loads in: " + "; ".join(ENGINES),
-             "checked here: the files and names; not checked offline: that vLLM, TGI or LoRAX apply it "
-             "(run one request against the engine and compare with `qlora generate`)"]
+             *_beyond_lora(config),
+             "checked here: the adapter's files against the sha256 recorded when it was saved; not checked "
+             "offline: that vLLM, TGI or LoRAX apply it (run one request against the engine and compare with "
+             "`qlora generate`)"]
     with atomic_folder(target, replace=overwrite) as work:
         for file in adapter.iterdir():
             if file.is_file():
@@ -65,3 +69,15 @@ def export_adapter(recipe: Recipe, *, overwrite: bool = False) -> AdapterExport:
         (work / "EXPORT.md").write_text("# LoRA adapter export\n\n" + "\n".join(f"- {n}" for n in notes)
                                         + "\n\nModules:\n\n" + "\n".join(f"    {m}" for m in modules) + "\n")
     return AdapterExport(target, notes)
+
+
+def _beyond_lora(config: dict) -> list[str]:
+    """What the adapter holds besides LoRA on Linear modules, which the serving engines load."""
+    notes = []
+    if config.get("modules_to_save"):
+        notes.append(f"it also holds whole trained modules ({', '.join(config['modules_to_save'])}): vLLM and TGI "
+                     "load LoRA weights only and would leave those out")
+    if config.get("target_parameters"):
+        notes.append("it holds LoRA on expert parameters (`target_parameters`), which vLLM, TGI and LoRAX may not "
+                     "load: check the engine, or export the merged model with --to gguf")
+    return notes

@@ -2,9 +2,12 @@
 
 1. The tokens llama.cpp gives the chat, formatted by the template embedded in the GGUF exactly as
    llama-cpp-python's chat API formats it, equal the ids qlora trained on (prompt and whole chat).
-2. Greedy answers: the 16-bit GGUFs must give transformers' tokens on the merged model; each
-   quantized type is measured against f16: the share of identical greedy tokens, and the mean
-   KL divergence of its next-token distribution from f16's along f16's answer.
+2. Answers: along transformers' greedy answers on the merged model, each 16-bit GGUF's
+   next-token distribution must stay within `ENGINE_KL_LIMIT` of transformers' (a converter that
+   maps a tensor wrongly is far above it; bf16 weights computed in f16 on another engine are far
+   below it, and an exact-token rule would refuse a near-tie there). Each quantized type is
+   measured against f16: the share of identical greedy tokens, and the mean KL divergence of its
+   next-token distribution from f16's along f16's answer.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ if TYPE_CHECKING:
 PROBES = 4  # conversations taken from the run's data
 MAX_NEW_TOKENS = 24
 EXACT_TYPES = ("f32", "f16", "bf16")  # must answer as transformers does
+ENGINE_KL_LIMIT = 0.02  # nats per token, a 16-bit GGUF against transformers along its answers
 
 
 @dataclass
@@ -30,6 +34,7 @@ class TypeReport:
 
     name: str
     answers: list[list[int]]
+    kl_vs_transformers: float | None = None  # 16-bit types: nats per token along transformers' answers
     same_tokens: float | None = None  # share of f16's greedy tokens this type repeats
     mean_kl: float | None = None  # nats per token, against f16 along f16's answers
 
@@ -38,21 +43,38 @@ class TypeReport:
 class CheckReport:
     probes: list[list[dict]]
     reference: list[list[int]]  # transformers' greedy answers on the merged model
+    reference_log_probs: list = field(default_factory=list)  # transformers' log-softmax along them
     types: list[TypeReport] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # what refuses the export
 
 
 def probe_conversations(recipe: Recipe, count: int = PROBES) -> list[list[dict]]:
-    """The first conversations of the run's training data, as chat messages."""
+    """The first conversations of the run's training data, as chat messages: a chat ends with its
+    answer (a preference row with its chosen answer); a prompt row (GRPO) has none."""
+    from qlora_cli.data.sources import read_rows, to_example
+
     found = []
     for source in recipe.data.sources:
-        for example in read_source(source):
-            messages = _text_only(example.messages) if example.messages else _messages_of_text(example.text or "")
-            if messages and messages[-1]["role"] == "assistant":
+        for where, row in read_rows(source):
+            messages = _text_only(_messages_of(to_example(row, where, source)))
+            if messages and messages[-1]["role"] in ("assistant", "user"):
                 found.append(messages)
             if len(found) == count:
                 return found
     return found
+
+
+def _messages_of(example) -> list[dict]:
+    if hasattr(example, "chosen"):  # a preference pair or a signed example
+        return [*example.prompt, *example.chosen]
+    if getattr(example, "messages", None):  # a chat, or a prompt row
+        return example.messages
+    return _messages_of_text(getattr(example, "text", None) or "") or []
+
+
+def prompt_of(messages: list[dict]) -> list[dict]:
+    """What the model is asked: the conversation without its answer."""
+    return messages[:-1] if messages[-1]["role"] == "assistant" else messages
 
 
 def _text_only(messages: list[dict]) -> list[dict]:
@@ -98,7 +120,9 @@ def template_problems(llm, probes: list[list[dict]], tokenizer, template: str) -
                                         bos_token=llm._model.token_get_text(bos), add_generation_prompt=generation_prompt,
                                         stop_token_ids=[eos])
         for messages in probes:
-            chat = messages[:-1] if generation_prompt else messages
+            if not generation_prompt and messages[-1]["role"] != "assistant":
+                continue  # a prompt row: no answer to format
+            chat = prompt_of(messages) if generation_prompt else messages
             formatted = formatter(messages=chat)
             # As llama-cpp-python's chat completion tokenizes the formatted prompt.
             got = llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True)
@@ -141,44 +165,63 @@ def log_probs_along(llm, prompt: list[int], answer: list[int]):
     return logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
 
 
-def transformers_answers(model_dir: Path, prompts: list[list[int]], eos: int) -> list[list[int]]:
-    """Greedy answers of the merged model in transformers, the same way `greedy` takes them."""
+def transformers_answers(model_dir: Path, prompts: list[list[int]], eos: int) -> tuple[list[list[int]], list]:
+    """Greedy answers of the merged model in transformers, the same way `greedy` takes them, and the
+    log-softmax of each next-token distribution that chose an answer token (as `log_probs_along`)."""
     import torch
 
     from qlora_cli.export.generate import _load_plain_model
 
     model = _load_plain_model(str(model_dir)).eval()
-    answers = []
+    answers, log_probs = [], []
     with torch.no_grad():
         for prompt in prompts:
-            ids, answer = list(prompt), []
+            ids, answer, steps = list(prompt), [], []
             for _ in range(MAX_NEW_TOKENS):
-                token = int(model(input_ids=torch.tensor([ids], device=model.device)).logits[0, -1].float().argmax())
+                logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0, -1].double()
+                token = int(logits.argmax())
                 if token == eos:
                     break
                 answer.append(token)
+                steps.append(torch.log_softmax(logits, dim=-1).cpu().numpy())
                 ids.append(token)
             answers.append(answer)
-    return answers
+            log_probs.append(steps)
+    return answers, log_probs
+
+
+def mean_kl(reference_log_probs: list, log_probs: list) -> float | None:
+    """Mean KL(reference || other) per answer token, over every probe (nats)."""
+    import numpy as np
+
+    total, count = 0.0, 0
+    for reference, other in zip(reference_log_probs, log_probs):
+        if len(reference):
+            reference = np.asarray(reference)
+            total += float((np.exp(reference) * (reference - other)).sum())
+            count += len(reference)
+    return total / count if count else None
+
+
+def against_transformers(report: TypeReport, check: CheckReport, llm, prompts) -> list[str]:
+    """A 16-bit GGUF's distance from transformers along transformers' answers; a problem past the limit."""
+    along = [log_probs_along(llm, p, a) if a else [] for p, a in zip(prompts, check.reference)]
+    report.kl_vs_transformers = mean_kl(check.reference_log_probs, along)
+    if report.kl_vs_transformers is not None and report.kl_vs_transformers > ENGINE_KL_LIMIT:
+        return [f"{report.name}: llama.cpp's next-token distribution is {report.kl_vs_transformers:.3g} nats per token "
+                f"from transformers' on the merged model (the limit is {ENGINE_KL_LIMIT})"]
+    return []
 
 
 def compare(name: str, answers: list[list[int]], f16: TypeReport | None, f16_log_probs, llm, prompts) -> TypeReport:
     """The share of f16's greedy tokens `answers` repeat (position by position), and the mean KL."""
-    import numpy as np
-
     report = TypeReport(name, answers)
     if f16 is None:
         return report
     total = sum(max(len(a), len(b)) for a, b in zip(answers, f16.answers)) or 1
     report.same_tokens = sum(x == y for a, b in zip(answers, f16.answers) for x, y in zip(a, b)) / total
-    kls, count = 0.0, 0
-    for prompt, reference, reference_log_probs in zip(prompts, f16.answers, f16_log_probs):
-        if not reference:
-            continue
-        log_probs = log_probs_along(llm, prompt, reference)
-        kls += float((np.exp(reference_log_probs) * (reference_log_probs - log_probs)).sum())
-        count += len(reference)
-    report.mean_kl = kls / count if count else None
+    along = [log_probs_along(llm, p, a) if a else [] for p, a in zip(prompts, f16.answers)]
+    report.mean_kl = mean_kl(f16_log_probs, along)
     return report
 
 

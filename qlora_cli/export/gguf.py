@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from qlora_cli.atomic import atomic_folder, remove_stale_temporaries
 from qlora_cli.errors import UserError
 from qlora_cli.export import engine_check, llama_cpp
-from qlora_cli.run_folder import is_merged_model, merge_adapter_dir, merge_output_dir
+from qlora_cli.run_folder import is_current_merge, is_merged_model, merge_adapter_dir, merge_output_dir
 
 if TYPE_CHECKING:
     from qlora_cli.recipe.load import Recipe
@@ -49,6 +49,7 @@ def export_gguf(recipe: Recipe, types: list[str], *, ollama: bool = False, llama
     _check_target(target, overwrite)
     types = llama_cpp.check_types(types or DEFAULT_TYPES)
     converter = llama_cpp.converter_dir(llama_cpp_dir)
+    probes = probe_conversations(recipe)
     merged, merged_now = _merged_model(recipe)
     _check_disk(target, merged, types)
     _check_vision_tower(merged)
@@ -56,17 +57,20 @@ def export_gguf(recipe: Recipe, types: list[str], *, ollama: bool = False, llama
     name = Path(recipe.run_dir).name
     with atomic_folder(target, replace=overwrite) as work:
         written = _write_ggufs(recipe, merged, converter, work, name, types)
-        report = check_in_engine(recipe, merged, written)
+        report = check_in_engine(recipe, merged, written, probes)
         for outtype in set(written) - {*types, MMPROJ}:  # f16 made only to quantize from and to measure against
             written.pop(outtype).unlink()
         files = list(written.values())
-        if report.problems:
-            raise UserError("the export was refused, nothing was written:\n  " + "\n  ".join(report.problems),
-                            fix="report this with the run's recipe.yaml: the engine disagrees with what was trained")
+        if report.problems:  # llama.cpp and what was trained disagree: a bug, not the user's (exit 1)
+            raise llama_cpp.ConversionFailed(
+                "llama.cpp disagrees with what was trained, so nothing was written:\n  " + "\n  ".join(report.problems)
+                + "\n  please report this with the run's recipe.yaml and export.json's probes")
         if ollama:
             from qlora_cli.export.ollama import write_modelfile
 
-            write_modelfile(recipe, work, [p for t, p in written.items() if t != MMPROJ][-1].name)
+            projector = written.get(MMPROJ)
+            write_modelfile(recipe, work, [p for t, p in written.items() if t != MMPROJ][-1].name,
+                            projector.name if projector else None)
         (work / "export.json").write_text(json.dumps(_summary(report, files), indent=2) + "\n")
     return ExportResult(target, [target / f.name for f in files], report, merged_now)
 
@@ -77,13 +81,14 @@ def _check_target(target: Path, overwrite: bool) -> None:
 
 
 def _merged_model(recipe: Recipe) -> tuple[Path, bool]:
-    """The run's merged model, merged now (verified, as `qlora merge` does) when there is none."""
-    folder = merge_output_dir(recipe)
-    if is_merged_model(folder):
-        return folder, False
+    """The run's merged model, merged now (verified, as `qlora merge` does) when there is none, or
+    when the one there was merged from another adapter (or the run's adapter before it was trained
+    again): qlora wrote that folder, and exporting it would serve weights that were not asked for."""
     from qlora_cli.export.merge import merge
 
-    return merge(recipe).output, True
+    if is_current_merge(recipe):
+        return merge_output_dir(recipe), False
+    return merge(recipe, overwrite=is_merged_model(merge_output_dir(recipe))).output, True
 
 
 def _check_vision_tower(merged: Path) -> None:
@@ -238,49 +243,53 @@ def sentencepiece_file(spec: str, revision: str | None = None) -> Path | None:
     return Path(found) if found else None
 
 
-def check_in_engine(recipe: Recipe, merged: Path, written: dict[str, Path]) -> engine_check.CheckReport:
+def probe_conversations(recipe: Recipe) -> list[list[dict]]:
+    """The conversations the engine check asks, taken before anything is merged or converted."""
+    system = recipe.generate.options.system_prompt
+    probes = [engine_check.with_system_prompt(m, system) for m in engine_check.probe_conversations(recipe)]
+    if not probes:
+        raise UserError("the run's data has no conversation or prompt to probe the export with",
+                        key="data.sources", fix="export a run whose first source holds chats, text, prompts or pairs")
+    return probes
+
+
+def check_in_engine(recipe: Recipe, merged: Path, written: dict[str, Path],
+                    probes: list[list[dict]]) -> engine_check.CheckReport:
     """The engine check on every GGUF written (see engine_check)."""
     from qlora_cli.data.tokenizer import load_tokenizer
 
     llama = llama_cpp.engine()
     tokenizer = load_tokenizer(str(merged))
-    system = recipe.generate.options.system_prompt
-    probes = [engine_check.with_system_prompt(m, system) for m in engine_check.probe_conversations(recipe)]
-    if not probes:
-        raise UserError("the run's data has no conversation ending with an answer to probe the export with",
-                        key="data.sources", fix="export a run trained on chat, text or alpaca data")
     template = recipe.data.template
-    prompts = [engine_check.encode_prompt(m[:-1], tokenizer, template) for m in probes]
-    report = engine_check.CheckReport(probes, engine_check.transformers_answers(merged, prompts, tokenizer.eos_token_id))
+    prompts = [engine_check.encode_prompt(engine_check.prompt_of(m), tokenizer, template) for m in probes]
+    report = engine_check.CheckReport(probes, *engine_check.transformers_answers(merged, prompts, tokenizer.eos_token_id))
+    context = max(1024, max(map(len, prompts)) + engine_check.MAX_NEW_TOKENS + 1)  # the longest probe and its answer
     f16, f16_log_probs = None, []
     mmproj = written.get(MMPROJ)
     for name, path in [(t, p) for t, p in written.items() if t != MMPROJ]:  # f16 first
-        llm = llama.Llama(model_path=str(path), n_ctx=1024, logits_all=True, verbose=False, seed=0)
-        report.problems += [f"{name}: {p}" for p in engine_check.template_problems(llm, probes, tokenizer, template)]
-        if mmproj and name == BASE_TYPE:
-            report.problems += engine_check.mmproj_problems(llm, mmproj)
-        answers = [engine_check.greedy(llm, prompt) for prompt in prompts]
-        if name in engine_check.EXACT_TYPES and answers != report.reference:
-            report.problems.append(f"{name}: llama.cpp answers {_texts(tokenizer, answers)} where transformers answers "
-                                   f"{_texts(tokenizer, report.reference)} on the merged model")
-        type_report = engine_check.compare(name, answers, f16, f16_log_probs, llm, prompts)
-        if name == BASE_TYPE:
-            f16 = type_report
-            f16_log_probs = [engine_check.log_probs_along(llm, p, a) for p, a in zip(prompts, answers)]
-        report.types.append(type_report)
-        llm.close()
+        llm = llama.Llama(model_path=str(path), n_ctx=context, logits_all=True, verbose=False, seed=0)
+        try:
+            report.problems += [f"{name}: {p}" for p in engine_check.template_problems(llm, probes, tokenizer, template)]
+            if mmproj and name == BASE_TYPE:
+                report.problems += engine_check.mmproj_problems(llm, mmproj)
+            answers = [engine_check.greedy(llm, prompt) for prompt in prompts]
+            type_report = engine_check.compare(name, answers, f16, f16_log_probs, llm, prompts)
+            if name in engine_check.EXACT_TYPES:
+                report.problems += engine_check.against_transformers(type_report, report, llm, prompts)
+            if name == BASE_TYPE:
+                f16 = type_report
+                f16_log_probs = [engine_check.log_probs_along(llm, p, a) for p, a in zip(prompts, answers)]
+            report.types.append(type_report)
+        finally:
+            llm.close()
     return report
-
-
-def _texts(tokenizer, answers: list[list[int]]) -> list[str]:
-    return [tokenizer.decode(a) for a in answers]
 
 
 def _summary(report: engine_check.CheckReport, files: list[Path]) -> dict:
     return {
         "files": [f.name for f in files],
-        "probes": [m[:-1] for m in report.probes],
+        "probes": [engine_check.prompt_of(m) for m in report.probes],
         "transformers_answers": report.reference,
-        "types": [{"type": t.name, "same_greedy_tokens_as_f16": t.same_tokens, "mean_kl_vs_f16": t.mean_kl}
-                  for t in report.types],
+        "types": [{"type": t.name, "same_greedy_tokens_as_f16": t.same_tokens, "mean_kl_vs_f16": t.mean_kl,
+                   "mean_kl_vs_transformers": t.kl_vs_transformers} for t in report.types],
     }

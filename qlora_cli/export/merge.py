@@ -95,7 +95,7 @@ def merge(recipe: Recipe, *, overwrite: bool = False) -> MergeResult:
         save_tokenizer(tokenizer, tmp, recipe.data.template)  # with the chat template it trained on
         save_image_processor(tmp, merged, tokenizer)
         _model_card(recipe, adapter, difference, quantized, type(merged).__name__).save(tmp / CARD)
-        write_checksums(tmp)
+        write_checksums(tmp, made_from=adapter)
     return MergeResult(output, describe_base(recipe), difference, quantized, effect, tolerance, differences)
 
 

@@ -18,12 +18,13 @@ if TYPE_CHECKING:
     from qlora_cli.recipe.load import Recipe
 
 
-def write_modelfile(recipe: Recipe, folder: Path, gguf_name: str) -> Path:
-    """`folder/Modelfile` for the GGUF `gguf_name` beside it."""
+def write_modelfile(recipe: Recipe, folder: Path, gguf_name: str, projector: str | None = None) -> Path:
+    """`folder/Modelfile` for the GGUF `gguf_name` beside it, and a vision model's `projector`
+    GGUF as a second FROM (Ollama files a clip-architecture GGUF as the model's projector)."""
     from qlora_cli.data.tokenizer import load_recipe_tokenizer
 
     tokenizer = load_recipe_tokenizer(recipe)
-    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{ollama_template(tokenizer)}"""',
+    lines = [f"FROM ./{gguf_name}", *([f"FROM ./{projector}"] if projector else []), f'TEMPLATE """{ollama_template(tokenizer)}"""',
              *(f'PARAMETER stop "{stop}"' for stop in stop_words(tokenizer))]
     system = recipe.generate.options.system_prompt
     if system:

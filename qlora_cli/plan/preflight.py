@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from qlora_cli.atomic import can_create_in, hub_id, nearest_existing, weights_damage
 from qlora_cli.errors import UserError, combined
-from qlora_cli.run_folder import RunFolder, is_merged_model, merge_adapter_dir, merge_output_dir
+from qlora_cli.run_folder import RunFolder, is_current_merge, is_merged_model, merge_adapter_dir, merge_output_dir
 
 if TYPE_CHECKING:
     from qlora_cli.recipe.load import Recipe
@@ -217,9 +217,9 @@ def check_before_eval(recipe: Recipe, *, model_path: str | None, measures: bool,
 
 
 def existing_merged_model(recipe: Recipe) -> str | None:
-    """The run's merged folder, when `qlora merge` wrote one (eval scores it as `merged`)."""
-    merged = merge_output_dir(recipe)
-    return str(merged) if is_merged_model(merged) else None
+    """The run's merged folder, when `qlora merge` wrote it from the adapter as it is now (eval
+    scores it as `merged`; a merge of an earlier adapter would score other weights)."""
+    return str(merge_output_dir(recipe)) if is_current_merge(recipe) else None
 
 
 def has_held_out_loss(recipe: Recipe) -> bool:
