@@ -38,7 +38,10 @@ VISION_CONFIGS = {
     # Mistral Small 4 with its vision tower: a mistral3 whose text model is a mistral4
     "mistral3-mistral4": {"model_type": "mistral3", "text_config": {"model_type": "mistral4", **TINY_MOE},
                           "vision_config": TINY_VISION},
-    "mistral_large4": {"model_type": "mistral_large4", "text_config": {**TINY_MOE, "first_k_dense_replace": 1},
+    # Large 4 compresses no queries: its config has no q_lora_rank (config validate refuses one)
+    "mistral_large4": {"model_type": "mistral_large4",
+                       "text_config": {**{k: v for k, v in TINY_MOE.items() if k != "q_lora_rank"},
+                                       "first_k_dense_replace": 1},
                        "vision_config": TINY_VISION},
 }
 
