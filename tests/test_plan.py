@@ -668,6 +668,20 @@ def test_a_starting_adapter_that_does_not_exist_is_a_plan_problem(tiny_plan_reci
     assert any("no/such/adapter does not exist" in p for p in plan.problems), plan.problems
 
 
+def test_a_model_folder_with_its_own_code_is_refused_naming_trust_remote_code(tmp_path):
+    """transformers, told not to run a model's code, says it does not know the model type instead."""
+    from conftest import assert_user_error, qlora
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "my_own_lm", "auto_map": {
+        "AutoConfig": "configuration_mine.MyConfig", "AutoModelForCausalLM": "modeling_mine.MyModel"}}))
+    result = qlora("plan", "tiny-mistral", "~model.init_from_config", f"model.name_or_path={folder}",
+                   f"data.prepared_dir={tmp_path}/prepared")
+    assert_user_error(result, "model.trust_remote_code", "ships custom code", "set model.trust_remote_code: true",
+                      wrapped=True)
+
+
 # ---------------------------------------------------------------- bitsandbytes and the hub's kernels
 
 

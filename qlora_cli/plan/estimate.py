@@ -226,7 +226,9 @@ def load_model_config(recipe: Recipe, tokenizer, notes: list[str] | None = None)
         config = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision,
                                             trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError) as err:
-        if "trust_remote_code" in str(err):  # transformers refuses to run a model's own code unless told to
+        # transformers refuses to run a model's own code unless told to; told not to, it reports a
+        # model type it does not know instead of the code it did not run
+        if "trust_remote_code" in str(err) or (not model.trust_remote_code and _ships_own_code(model)):
             raise UserError(f"model `{model.name_or_path}` ships custom code, which qlora does not run unless the "
                             "recipe allows it", key="model.trust_remote_code",
                             fix="read that code, then set model.trust_remote_code: true") from None
@@ -234,6 +236,17 @@ def load_model_config(recipe: Recipe, tokenizer, notes: list[str] | None = None)
                         fix="give a local folder with config.json, or a hub id (needs network)") from None
     checkpoint_family(config, trust_remote_code=model.trust_remote_code)  # a type qlora does not train: exit 2
     return config
+
+
+def _ships_own_code(model) -> bool:
+    """Whether the config.json of `model.name_or_path` maps the auto classes to its own Python code."""
+    from transformers import PretrainedConfig
+
+    try:
+        values, _ = PretrainedConfig.get_config_dict(model.name_or_path, revision=model.revision)
+    except (OSError, ValueError):
+        return False
+    return "auto_map" in values
 
 
 def detect_device(gpu_memory: float | None) -> tuple[str, int | None, float | None]:
