@@ -421,6 +421,9 @@ UNUSABLE = [
     ("tiny-mistral", "model.init_from_config.max_position_embeddings=0",
      "model.init_from_config.max_position_embeddings"),
     ("tiny-mistral", "model.init_from_config.hiden_size=512", "model.init_from_config.hiden_size"),
+    ("tiny-mistral", "model.init_from_config.num_attention_heads=0", "model.init_from_config.num_attention_heads"),
+    (str(RECIPES / "tiny-mistral3-vision.yaml"), "model.init_from_config.text_config.num_hidden_layers=0",
+     "model.init_from_config.text_config.num_hidden_layers"),
 ]
 
 

@@ -41,10 +41,13 @@ def check_init_model(init_from_config: dict) -> list[UserError]:
 def _init_model_errors(init_from_config: dict) -> list[UserError]:
     from qlora_cli.families import build_init_config, family_of
 
+    written = {k: v for k, v in init_from_config.items() if k not in ("seed", "model_type")}
+    errors = size_errors(written, "model.init_from_config")  # before the config class divides by them
+    if errors:
+        return errors
     try:
         config = build_init_config(init_from_config)
-        written = {k: v for k, v in init_from_config.items() if k not in ("seed", "model_type")}
-        errors = config_key_errors(config, written, "model.init_from_config")
+        errors = unknown_key_errors(config, written, "model.init_from_config")
         if errors or family_of(config.model_type).is_vision_language:
             return errors  # a vision-language model's towers are built by another auto class, which judges them
     except UserError:
@@ -70,10 +73,22 @@ def _init_model_errors(init_from_config: dict) -> list[UserError]:
     return [UserError(f"transformers cannot build a {config.model_type} model from `{key}`: {message}", key=key)]
 
 
-def config_key_errors(config, written: dict, prefix: str) -> list[UserError]:
+def size_errors(written: dict, prefix: str) -> list[UserError]:
+    """Counts and sizes below 1 in `written` (nested dicts for sub-configs): no layers, a vocabulary
+    of 0, no heads. Such a model builds, or the config class divides by zero; none can train."""
+    errors = []
+    for name, value in written.items():
+        key = f"{prefix}.{name}"
+        if isinstance(value, dict):
+            errors += size_errors(value, key)
+        elif _is_size(name) and isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            errors.append(UserError(f"`{key}` is {value}; a model needs at least 1", key=key))
+    return errors
+
+
+def unknown_key_errors(config, written: dict, prefix: str) -> list[UserError]:
     """The keys of `written` (what the recipe set, nested dicts for sub-configs) that `config`'s class
-    has no field for (transformers keeps them as loose attributes, which no layer reads), and sizes
-    and counts below 1 (no layers, a vocabulary of 0): a model that builds and cannot train."""
+    has no field for: transformers keeps them as loose attributes, which no layer reads."""
     import dataclasses
 
     from qlora_cli.recipe.sections import suggest
@@ -92,9 +107,7 @@ def config_key_errors(config, written: dict, prefix: str) -> list[UserError]:
                                     f"{suggest(name, fields) or _sub_config_hint(config, name)}", key=key,
                                     fix="write a field of the model's config (its config.json's keys)"))
         elif isinstance(value, dict) and dataclasses.is_dataclass(getattr(config, name, None)):
-            errors += config_key_errors(getattr(config, name), value, key)
-        elif _is_size(name) and isinstance(value, int) and not isinstance(value, bool) and value < 1:
-            errors.append(UserError(f"`{key}` is {value}; a model needs at least 1", key=key))
+            errors += unknown_key_errors(getattr(config, name), value, key)
     return errors
 
 
