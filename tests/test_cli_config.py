@@ -4,6 +4,7 @@ tracebacks, output that is a recipe again, and origins for every value."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -480,6 +481,20 @@ def test_data_that_would_leave_no_training_example_exits_2_at_validate(workdir, 
 @pytest.mark.parametrize("override", ["lora..r=5", "lora.r.=5", ".lora.r=5"])
 def test_a_key_with_an_empty_part_is_named_as_such(workdir, override):
     assert "has an empty part" in " ".join(refused_by_validate("tiny-mistral", override).split())
+
+
+def test_validate_compiles_a_template_holding_a_huge_constant_at_once(workdir, monkeypatch):
+    """Jinja computes constant expressions while it compiles: in transformers' sandbox alone,
+    10 ** (10 ** 10) ran for hours. qlora's bounds hold from the first compile of the process."""
+    import jinja2.sandbox
+    from transformers.utils import chat_template_utils
+
+    monkeypatch.setattr(chat_template_utils, "ImmutableSandboxedEnvironment", jinja2.sandbox.ImmutableSandboxedEnvironment)
+    chat_template_utils._compile_jinja_template.cache_clear()
+    template = "{{ 10 ** (10 ** 10) }}{% for m in messages %}{{ m.content }}{% endfor %}"
+    (workdir / "mine.yaml").write_text(f"extends: tiny-mistral\ndata:\n  template: {json.dumps(template)}\n")
+    result = qlora("config", "validate", "mine.yaml")  # the power is refused when prepare renders (test_prepare)
+    assert result.exit_code == 0, result.output
 
 
 def test_yaml_nested_thousands_deep_exits_2_naming_the_file(workdir):

@@ -27,7 +27,7 @@ from functools import lru_cache
 
 from qlora_cli.errors import UserError
 from qlora_cli.recipe.sections import is_jinja
-from qlora_cli.data.template_sandbox import bound_chat_templates
+from qlora_cli.recipe.template_sandbox import bound_chat_templates
 from qlora_cli.data.tokenizer import TEKKEN_FILE, VERSION_KEY
 
 IGNORE_INDEX = -100  # the label that the loss skips

@@ -431,10 +431,14 @@ def _check_template(template: str) -> list[UserError]:
 
 
 def _check_jinja(template: str) -> list[UserError]:
-    """Compile the template in transformers' own sandboxed environment, as apply_chat_template will."""
+    """Compile the template in transformers' own sandboxed environment, as apply_chat_template will
+    (with qlora's bounds: Jinja computes constant expressions as it compiles, and 10 ** (10 ** 10) took hours)."""
     import jinja2
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
+    from qlora_cli.recipe.template_sandbox import bound_chat_templates
+
+    bound_chat_templates()
     try:
         _compile_jinja_template(template)
     except jinja2.TemplateSyntaxError as err:
