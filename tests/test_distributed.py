@@ -288,7 +288,7 @@ def _train_dpo(tmp_path: Path, name: str, batch: int, nproc: int) -> Path:
     """Two SGD steps of the shipped tiny DPO recipe, pairs in the prepared order (as `_train`)."""
     run = tmp_path / name
     command = [
-        sys.executable, "-m", "qlora_cli", "train", "tiny-mistral-dpo", *TINY_OVERRIDES,
+        sys.executable, "-m", "qlora_cli", "train", "tiny-mistral-dpo", *TINY_OVERRIDES, "model.adapter=null",
         f"data.prepared_dir={tmp_path / 'prepared'}", f"training.output_dir={run}", "training.max_steps=2",
         f"training.per_device_train_batch_size={batch}", "training.train_sampling_strategy=sequential",
         "training.eval_strategy=no", "training.save_strategy=no", "training.logging_steps=1",

@@ -195,7 +195,7 @@ def test_kto_refuses_what_its_kl_term_cannot_do_at_validate_time():
 
 
 def test_plan_counts_two_sequences_per_pair_and_the_reference_forward(tmp_path):
-    result = qlora("plan", "tiny-mistral-dpo", f"data.prepared_dir={tmp_path}")
+    result = qlora("plan", "tiny-mistral-dpo", "model.adapter=null", f"data.prepared_dir={tmp_path}")
     assert result.exit_code == 0, result.output
     assert "8 examples per step run as 16 sequences" in result.output
     assert "reference forward with the adapter off" in result.output and "16 x 51 tokens" in result.output

@@ -37,11 +37,8 @@ _VISION = "reads the vision run above; tests/test_vision.py runs it on its own t
 _HUB_PLAN = "reads the checkpoint's config and tokenizer from the hub"
 SKIPPED = {
     "qlora train recipes/tiny-mistral.yaml training.learning_rate=1e-3 training.output_dir=runs/tiny-lr1e-3": _TRAINS,
-    "qlora train recipes/tiny-mistral-dpo.yaml": _TRAINS,
     "qlora train recipes/tiny-mistral-kto.yaml": _TRAINS,
     "qlora train recipes/tiny-mistral-grpo.yaml": _TRAINS + "; tests/test_grpo.py trains it from an SFT adapter",
-    "qlora train recipes/tiny-mistral-dpo.yaml model.adapter=runs/tiny-mistral/adapter training.learning_rate=1e-3 "
-    "training.output_dir=runs/tiny-sft-dpo": _TRAINS,
     "qlora train tiny-mistral model.init_from_config.model_type=mixtral model.init_from_config.num_local_experts=4 "
     "training.output_dir=runs/tiny-mixtral": _TRAINS,
     "qlora train recipes/tiny-mistral3-vision.yaml": _TRAINS + "; tests/test_vision.py trains it once",
@@ -236,11 +233,16 @@ def test_the_commands_shown_run_as_written(tmp_path, monkeypatch):
     for name, text in USER_FILES.items():
         (tmp_path / name).write_text(text, encoding="utf-8")
     monkeypatch.chdir(tmp_path)
-    done = set()
+    done = {}
     for page, words in every_command():
         if reason_to_skip(words) is None and text_of(words) not in done:
-            _run(words)
-            done.add(text_of(words))
+            done[text_of(words)] = _run(words)
     assert "qlora train recipes/tiny-mistral.yaml" in done
+    # The DPO demo trains on the quick start's adapter, as its recipe says, and still answers as SFT
+    # taught it (from a fresh LoRA it wrote noise; after 10 of its 30 steps, too)
+    assert json.loads((tmp_path / "runs" / "tiny-mistral-dpo" / "run.json").read_text())["metrics"][
+        "eval_rewards/accuracies"] == 1.0
+    dpo_answer = done["qlora generate runs/tiny-mistral-dpo --prompt 'What is the capital of France?'"]
+    assert "The capital of France is Paris." in dpo_answer, dpo_answer
     assert (tmp_path / "runs" / "tiny-mistral" / "merged" / "config.json").exists()
     assert json.loads((tmp_path / "runs" / "tiny-mistral" / "eval" / "results.json").read_text())["adapter"]
