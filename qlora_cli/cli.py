@@ -276,7 +276,8 @@ def train(
             console.print(f"[yellow]stopped[/] at a checkpoint in {run.checkpoints}; loss plot: {run.plot}\n"
                           f"resume with: {again}", highlight=False)
             raise typer.Exit(result.exit_code)
-        shown = {k: round(v, 4) for k, v in result.metrics.items()
+        # four significant digits: a saturated preference loss (KTO's 2.5e-05) is not rounded to 0.0
+        shown = {k: float(f"{v:.4g}") for k, v in result.metrics.items()
                  if k in ("final_train_loss", "eval_loss", "eval_perplexity", "eval_rewards/accuracies",
                           "eval_rewards/margins")}
         console.print(f"[green]done[/]: {shown}\n"

@@ -226,7 +226,10 @@ class QloraKTOTrainer(_PreferenceTrainer, KTOTrainer):
         """Share of examples whose implied reward (log-ratio to the reference) has the sign of its label."""
         import torch
 
-        reference, _ = self.compute_ref_log_probs(model, inputs)
+        if "ref_logps" in inputs:  # training.precompute_ref_log_probs: TRL scored the reference once, before training
+            reference = inputs["ref_logps"]
+        else:
+            reference, _ = self.compute_ref_log_probs(model, inputs)
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         with torch.no_grad():
             per_token = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
