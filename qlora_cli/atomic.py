@@ -146,10 +146,13 @@ def disk_full(err: BaseException, path: Path, needed: int, *, where: str | None 
     if not needed:  # nothing to measure the write by
         return UserError(f"no space left to write {path}: {folder} has {_size(free)} free", where=where, key=key,
                          fix="free space there, or write to another disk")
-    short = needed - free if free < needed else needed
+    if free >= needed:  # the write filled the disk anyway, then its partial file was removed
+        return UserError(f"no space left to write {path}: the disk filled while writing it, which takes more than "
+                         f"the {_size(needed)} estimated ({folder} has {_size(free)} free again)", where=where, key=key,
+                         fix=f"free more than {_size(needed)} there, or write to another disk")
     return UserError(f"no space left to write {path}: it needs about {_size(needed)}, and {folder} has "
                      f"{_size(free)} free", where=where, key=key,
-                     fix=f"free at least {_size(short)} there, or write to another disk")
+                     fix=f"free at least {_size(needed - free)} there, or write to another disk")
 
 
 def _says_disk_full(err: BaseException) -> bool:

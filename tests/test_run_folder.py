@@ -262,3 +262,20 @@ def test_a_model_card_names_its_base_in_the_front_matter_only_when_it_is_a_hub_i
     card = str(model_card("adapter", base, "# Adapter\n", library_name="peft"))
     assert ModelCard(card).data.base_model == written
     assert "/home/someone" not in card and "local-model" not in card
+
+
+@pytest.mark.parametrize("needed_kib, said", [(4096, "it needs about 4.0 MiB"),
+                                              (16, "the disk filled while writing it, which takes more than the "
+                                                   "16.0 KiB estimated")])
+def test_a_full_disk_says_what_the_write_needs_or_that_it_needed_more_than_estimated(small_disk, needed_kib, said):
+    """ENOSPC where the estimate fits in what is free (the partial file already removed): the message
+    says the estimate was short instead of 'needs 994.6 KiB, 1004.0 KiB free' (issue 33's audit)."""
+    import errno
+
+    from qlora_cli.atomic import disk_full
+
+    disk = small_disk(1024)
+    error = disk_full(OSError(errno.ENOSPC, "No space left on device"), disk / "checkpoint-1" / "model.safetensors",
+                      needed_kib * 1024, key="training.output_dir")
+    assert error is not None and error.key == "training.output_dir"
+    assert said in error.message and "free" in error.fix, (error.message, error.fix)
