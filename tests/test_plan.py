@@ -752,3 +752,15 @@ def test_behind_a_proxy_the_hub_is_probed_through_the_proxy_not_directly(monkeyp
         assert hub._probe() is None
     monkeypatch.setattr(hub, "_found", {})  # closed now: the proxy is what cannot be reached
     assert "127.0.0.1 (the proxy) cannot be reached" in hub._probe()
+
+
+def test_the_dpo_demo_before_the_quick_start_says_to_train_the_sft_run_first(tmp_path, monkeypatch):
+    """The DPO demo starts from the quick start's adapter, as a user would: without it, exit 2
+    naming the run to train, not only the missing folder."""
+    from conftest import assert_user_error, qlora
+
+    monkeypatch.chdir(tmp_path)  # no runs/tiny-mistral here
+    result = qlora("train", "tiny-mistral-dpo", f"data.prepared_dir={tmp_path}/prepared")
+    assert_user_error(result, "runs/tiny-mistral/adapter does not exist", "training.output_dir is runs/tiny-mistral",
+                      wrapped=True)
+    assert not (tmp_path / "runs").exists()

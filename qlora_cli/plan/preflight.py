@@ -166,8 +166,11 @@ def check_starting_adapter(recipe: Recipe) -> None:
     the recipe's base model."""
     adapter = recipe.model.adapter
     if adapter and not Path(adapter).expanduser().exists() and not hub_id(adapter):
+        run = Path(adapter).parent if Path(adapter).name == "adapter" else None  # <run>/adapter: a run not trained yet
         raise UserError(f"adapter folder {adapter} does not exist (and it is no hub id)", key="model.adapter",
-                        fix="give a folder with adapter_config.json and adapter_model.safetensors (e.g. runs/sft/adapter)")
+                        fix=(f"train the run that writes it first (the one whose training.output_dir is {run}), or "
+                             if run and str(run) != "." else "")
+                        + "give a folder with adapter_config.json and adapter_model.safetensors (e.g. runs/sft/adapter)")
     if not adapter or not Path(adapter).expanduser().is_dir():
         return
     try:
