@@ -667,6 +667,25 @@ def test_resume_drops_a_last_line_cut_short_by_a_kill_and_answers_it_again(tmp_p
     assert [row["id"] for row in rows] == [0, 1, 2, 3] and rows[0]["response"] == "before"
 
 
+
+def test_resume_keeps_a_cut_line_of_prompts_that_have_a_response_column(tmp_path):
+    """A prompts file with its own `response` column (a reference, an old answer): the answer
+    takes that key's place in the line, and a line cut there is still recognised as the next answer."""
+    from qlora_cli.export.generate import answer_file, read_prompts
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": q, "response": "old", "id": i}) + "\n"
+                               for i, (q, _) in enumerate(PAIRS[:3])))
+    records = read_prompts(prompts)
+    output = tmp_path / "answers.jsonl"
+    whole = json.dumps({**records[0].record, "response": "before"}, ensure_ascii=False) + "\n"
+    cut = json.dumps({**records[1].record, "response": "a new answer"}, ensure_ascii=False).encode()[:-20]
+    output.write_bytes(whole.encode() + cut)
+    assert answer_file(_EchoGenerator(), records, output, batch_size=2, resume=True) == 2
+    rows = read_jsonl(output)
+    assert [row["id"] for row in rows] == [0, 1, 2] and rows[0]["response"] == "before"
+    assert rows[1]["response"] == PAIRS[1][0]  # answered again (the echo), in the record's `response` place
+
 NOT_ANSWERS = {
     "notes": "my notes\nsecond line\n",
     "one line without a newline": "hello",

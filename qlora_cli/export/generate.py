@@ -443,9 +443,15 @@ def answered_lines(path: Path, records: list[PromptRecord]) -> tuple[int, int]:
 
 def _begins_answer(cut: bytes, prompt: PromptRecord) -> bool:
     """Whether `cut` is the start of the line `answer_file` writes for `prompt`: the record's own
-    fields, in its order, then the answer."""
-    head = json.dumps(prompt.record, ensure_ascii=False)[:-1].encode()  # without its closing brace
-    return head.startswith(cut) or cut.startswith(head)
+    fields, in its order, with the answer where the record has one (a `response` column of the
+    user's keeps its place) or after them, up to the answer's text."""
+    for key in ANSWER_KEYS:
+        line = json.dumps({**prompt.record, key: None}, ensure_ascii=False)
+        marker = json.dumps(key) + ": "  # a key, as json.dumps writes it; inside a value it is escaped
+        head = line[:line.index(marker) + len(marker)].encode()
+        if head.startswith(cut) or cut.startswith(head):
+            return True
+    return False
 
 
 def _check_answer(path: Path, number: int, line: bytes, prompt: PromptRecord) -> None:
