@@ -113,6 +113,11 @@ def nearest_existing(path: Path) -> Path:
     return next(p for p in [path, *path.parents] if p.exists())
 
 
+def free_bytes(path: Path) -> int:
+    """Free space on the disk that holds `path` (or its nearest existing parent)."""
+    return shutil.disk_usage(nearest_existing(path)).free
+
+
 def can_create_in(folder: Path) -> bool:
     """Whether a new entry can be made in `folder`: tried, not guessed from mode bits (root,
     read-only mounts and /proc all answer differently than the bits say)."""

@@ -62,8 +62,9 @@ def _offline_set() -> str | None:
 
 
 def _probe() -> str | None:
-    if _offline_set():
-        return f"{_offline_set()} is set"
+    said = _offline_set()
+    if said:
+        return f"{said} is set"
     endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
     via = _proxy(endpoint.scheme, host)  # behind a proxy, the hub is reached through it, not directly

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora_cli.atomic import atomic_folder, hub_id
-from qlora_cli.errors import UserError
 from qlora_cli.run_folder import merge_adapter_dir
 
 if TYPE_CHECKING:
@@ -40,14 +39,15 @@ def export_adapter(recipe: Recipe, *, overwrite: bool = False) -> AdapterExport:
     """Copy the run's adapter (weights, config, tokenizer with its chat template) and describe it."""
     from safetensors import safe_open
 
+    from qlora_cli.export.gguf import check_target
+    from qlora_cli.model.load import adapter_config
     from qlora_cli.plan.preflight import check_adapter
 
     adapter = merge_adapter_dir(recipe)
     check_adapter(adapter, recipe)
     target = Path(recipe.run_dir) / "export-adapter"
-    if target.exists() and not overwrite:
-        raise UserError(f"{target} exists", fix="pass --overwrite to replace it, or move it away")
-    config = json.loads((adapter / "adapter_config.json").read_text())
+    check_target(target, overwrite)
+    config = adapter_config(adapter)
     with safe_open(str(adapter / WEIGHTS), "pt") as weights:
         modules = sorted({key.split(".lora_")[0] for key in weights.keys() if ".lora_" in key})
     # The hub id engines download the base by; a local folder's path would only show this machine's.

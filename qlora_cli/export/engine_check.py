@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qlora_cli.data.sources import read_source
 from qlora_cli.data.templates import _parse_turns, encode_chat, encode_prompt
 
 if TYPE_CHECKING:

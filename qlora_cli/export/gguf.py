@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qlora_cli.atomic import atomic_folder, remove_stale_temporaries
+from qlora_cli.atomic import atomic_folder, free_bytes, remove_stale_temporaries
 from qlora_cli.errors import UserError
 from qlora_cli.export import engine_check, llama_cpp
 from qlora_cli.run_folder import is_current_merge, is_merged_model, merge_adapter_dir, merge_output_dir
@@ -46,7 +46,7 @@ def export_gguf(recipe: Recipe, types: list[str], *, ollama: bool = False, llama
 
     check_adapter(merge_adapter_dir(recipe), recipe)
     target = Path(recipe.run_dir) / "export"
-    _check_target(target, overwrite)
+    check_target(target, overwrite)
     types = llama_cpp.check_types(types or DEFAULT_TYPES)
     converter = llama_cpp.converter_dir(llama_cpp_dir)
     probes = probe_conversations(recipe)
@@ -55,9 +55,12 @@ def export_gguf(recipe: Recipe, types: list[str], *, ollama: bool = False, llama
     _check_vision_tower(merged)
     remove_stale_temporaries(target.parent, target.name)
     name = Path(recipe.run_dir).name
+    from qlora_cli.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(merged))  # the converter's chat template and the engine check's ids
     with atomic_folder(target, replace=overwrite) as work:
-        written = _write_ggufs(recipe, merged, converter, work, name, types)
-        report = check_in_engine(recipe, merged, written, probes)
+        written = _write_ggufs(recipe, merged, tokenizer, converter, work, name, types)
+        report = check_in_engine(recipe, merged, tokenizer, written, probes)
         for outtype in set(written) - {*types, MMPROJ}:  # f16 made only to quantize from and to measure against
             written.pop(outtype).unlink()
         files = list(written.values())
@@ -75,7 +78,8 @@ def export_gguf(recipe: Recipe, types: list[str], *, ollama: bool = False, llama
     return ExportResult(target, [target / f.name for f in files], report, merged_now)
 
 
-def _check_target(target: Path, overwrite: bool) -> None:
+def check_target(target: Path, overwrite: bool) -> None:
+    """An export folder is replaced only with --overwrite (gguf, ollama and adapter alike)."""
     if target.exists() and not overwrite:
         raise UserError(f"{target} exists", fix="pass --overwrite to replace it, or move it away")
 
@@ -123,16 +127,16 @@ def _check_disk(target: Path, merged: Path, types: list[str]) -> None:
     width = {"float32": 4, "float16": 2, "bfloat16": 2}.get(str(config.get("torch_dtype") or config.get("dtype")), 2)
     weights = folder_size(merged) / width
     need = int(sum(weights * BITS.get(t, 16) / 8 for t in {BASE_TYPE, *types}) * 1.05)
-    free = llama_cpp.free_bytes(target.parent)
+    free = free_bytes(target.parent)
     if need > free:
         raise UserError(f"the GGUF files need about {need / 2**30:.2f} GiB ({', '.join(types)}) but "
                         f"{target.parent} has {free / 2**30:.2f} GiB free", fix="free space, or ask for fewer types")
 
 
-def _write_ggufs(recipe: Recipe, merged: Path, converter: Path, work: Path, name: str,
+def _write_ggufs(recipe: Recipe, merged: Path, tokenizer, converter: Path, work: Path, name: str,
                  types: list[str]) -> dict[str, Path]:
     """The converter's types first (f16 always: the quantizer starts from it), then the quantizer's."""
-    source = _converter_input(recipe, merged, work)
+    source = _converter_input(recipe, merged, tokenizer, work)
     written = {}
     for outtype in dict.fromkeys([BASE_TYPE] + [t for t in types if t in llama_cpp.CONVERTER_TYPES]):
         written[outtype] = work / f"{name}-{outtype}.gguf"
@@ -148,10 +152,9 @@ def _write_ggufs(recipe: Recipe, merged: Path, converter: Path, work: Path, name
     return written
 
 
-def _converter_input(recipe: Recipe, merged: Path, work: Path) -> Path:
+def _converter_input(recipe: Recipe, merged: Path, tokenizer, work: Path) -> Path:
     """The merged folder as the converter reads it, its chat template written for llama.cpp's tokenizer."""
     from qlora_cli.data.chat_template import chat_template
-    from qlora_cli.data.tokenizer import load_tokenizer
 
     source = work / ".converter-input"
     source.mkdir()
@@ -160,7 +163,7 @@ def _converter_input(recipe: Recipe, merged: Path, work: Path) -> Path:
     config_file = source / "tokenizer_config.json"
     config = json.loads(config_file.read_text(encoding="utf-8"))
     config_file.unlink()
-    template = chat_template(load_tokenizer(str(merged)), recipe.data.template, engine="llama.cpp")
+    template = chat_template(tokenizer, recipe.data.template, engine="llama.cpp")
     if template:
         config["chat_template"] = template
     config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -253,13 +256,10 @@ def probe_conversations(recipe: Recipe) -> list[list[dict]]:
     return probes
 
 
-def check_in_engine(recipe: Recipe, merged: Path, written: dict[str, Path],
+def check_in_engine(recipe: Recipe, merged: Path, tokenizer, written: dict[str, Path],
                     probes: list[list[dict]]) -> engine_check.CheckReport:
     """The engine check on every GGUF written (see engine_check)."""
-    from qlora_cli.data.tokenizer import load_tokenizer
-
     llama = llama_cpp.engine()
-    tokenizer = load_tokenizer(str(merged))
     template = recipe.data.template
     prompts = [engine_check.encode_prompt(engine_check.prompt_of(m), tokenizer, template) for m in probes]
     report = engine_check.CheckReport(probes, *engine_check.transformers_answers(merged, prompts, tokenizer.eos_token_id))

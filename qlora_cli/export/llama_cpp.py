@@ -16,7 +16,6 @@ writes is one the engine that checks it was built to read.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -137,10 +136,3 @@ def quantize(source: Path, target: Path, name: str, threads: int | None = None) 
         status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
     if status != 0:
         raise ConversionFailed(f"llama.cpp's quantizer failed to write {name} from {source.name}")
-
-
-def free_bytes(folder: Path) -> int:
-    """Free space on the disk that holds `folder` (or its nearest existing parent)."""
-    while not folder.exists():
-        folder = folder.parent
-    return shutil.disk_usage(folder).free

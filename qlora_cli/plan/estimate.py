@@ -10,12 +10,11 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qlora_cli.atomic import size_text
+from qlora_cli.atomic import free_bytes, size_text
 from qlora_cli.errors import UserError, locate
 from qlora_cli.hub import PUBLISHED, is_hub_id, unreachable
 from qlora_cli.families import Family
@@ -494,7 +493,7 @@ def _plan_disk(plan: Plan, shape: ModelShape, s: Settings, recipe: Recipe, token
                             "(adapter + optimizer state + rng)"),
                  MemoryItem("adapter", adapter, f"{sum(tensors):,} params ({s.lora_bytes} bytes each) + tokenizer"),
                  MemoryItem("merged model", merged, f"{shape.total_params:,} params in {recipe.merge.dtype}")]
-    run_free, merged_free = _free_bytes(recipe.run_dir), _free_bytes(merged_dir)
+    run_free, merged_free = free_bytes(Path(recipe.run_dir)), free_bytes(merged_dir)
     plan.disk_free = {str(recipe.run_dir): run_free, str(merged_dir): merged_free}
     if kept * checkpoint + adapter > run_free:
         plan.disk_short = (f"the run needs {size_text(kept * checkpoint + adapter)} on disk; "
@@ -503,12 +502,6 @@ def _plan_disk(plan: Plan, shape: ModelShape, s: Settings, recipe: Recipe, token
     if merged > merged_free:
         plan.warnings.append(f"`qlora merge` will need {size_text(merged)}; {size_text(merged_free)} free "
                              f"under {merged_dir}")
-
-
-def _free_bytes(path: Path) -> int:
-    from qlora_cli.atomic import nearest_existing
-
-    return shutil.disk_usage(nearest_existing(path)).free
 
 
 def describe_resume(recipe: Recipe) -> list[str]:

@@ -13,8 +13,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qlora_cli.atomic import can_create_in, hub_id, nearest_existing, weights_damage
+from qlora_cli.atomic import can_create_in, nearest_existing, weights_damage
 from qlora_cli.errors import UserError, combined
+from qlora_cli.hub import is_hub_id
 from qlora_cli.run_folder import RunFolder, is_current_merge, is_merged_model, merge_adapter_dir, merge_output_dir
 
 if TYPE_CHECKING:
@@ -165,7 +166,7 @@ def check_starting_adapter(recipe: Recipe) -> None:
     """`model.adapter`, when it is a folder (else a hub id, which peft fetches), is an adapter of
     the recipe's base model."""
     adapter = recipe.model.adapter
-    if adapter and not Path(adapter).expanduser().exists() and not hub_id(adapter):
+    if adapter and not is_hub_id(adapter) and not Path(adapter).expanduser().exists():
         run = Path(adapter).parent if Path(adapter).name == "adapter" else None  # <run>/adapter: a run not trained yet
         raise UserError(f"adapter folder {adapter} does not exist (and it is no hub id)", key="model.adapter",
                         fix=(f"train the run that writes it first (the one whose training.output_dir is {run}), or "
